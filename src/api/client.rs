@@ -1,0 +1,177 @@
+//! A small HTTP/1.1 client over the unix socket, shared by the CLI and the tests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use crate::proto::Envelope;
+
+/// Client failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot connect to the agent at {path}: {source} (is procagentd running? set --socket or PROCAGENT_SOCKET)"
+    )]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP error talking to the agent: {0}")]
+    Http(String),
+    #[error("the agent answered {status} with a body that is not the API envelope: {body}")]
+    Decode { status: u16, body: String },
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A client bound to one socket path.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    pub fn new(socket: impl AsRef<Path>) -> Client {
+        Client {
+            socket: socket.as_ref().to_path_buf(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.socket.display().to_string(),
+                source,
+            })?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// Send one request; returns the status and the whole body.
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        let fut = async {
+            let mut sender = self.connect().await?;
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "procagent")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?
+                .to_bytes();
+            Ok((status, bytes.to_vec()))
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout(self.timeout))?
+    }
+
+    fn decode(status: u16, body: &[u8]) -> Result<Envelope<Value>, ClientError> {
+        serde_json::from_slice(body).map_err(|_| ClientError::Decode {
+            status,
+            body: String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
+        })
+    }
+
+    /// `POST /v1/<api>` with a JSON body.
+    pub async fn call(&self, api: &str, body: &Value) -> Result<Envelope<Value>, ClientError> {
+        let (status, bytes) = self
+            .raw(
+                "POST",
+                &format!("/v1/{api}"),
+                Some(serde_json::to_vec(body).unwrap_or_default()),
+            )
+            .await?;
+        Self::decode(status, &bytes)
+    }
+
+    /// `GET path`, decoded as the envelope.
+    pub async fn get(&self, path: &str) -> Result<Envelope<Value>, ClientError> {
+        let (status, bytes) = self.raw("GET", path, None).await?;
+        Self::decode(status, &bytes)
+    }
+
+    /// `GET path` and hand each line of the streamed body to `on_line` until it returns
+    /// false or the stream ends.
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), ClientError> {
+        let mut sender = self.connect().await?;
+        let req = hyper::Request::builder()
+            .method("GET")
+            .uri(path)
+            .header("host", "procagent")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Http(e.to_string()))?;
+            if let Some(data) = frame.data_ref() {
+                buf.extend_from_slice(data);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    if status != 200 {
+                        return Err(ClientError::Decode {
+                            status,
+                            body: String::from_utf8_lossy(&line).into_owned(),
+                        });
+                    }
+                    if !on_line(&line[..line.len() - 1]) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if !buf.is_empty() && status == 200 {
+            on_line(&buf);
+        } else if status != 200 {
+            return Err(ClientError::Decode {
+                status,
+                body: String::from_utf8_lossy(&buf).into_owned(),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,943 @@
+//! One function per API, behind [`call`].
+//!
+//! Request decoding names the failing field (`meta.name: missing field`); the body is parsed
+//! once into the request type, validated, authorized, and only then acted upon. Bad input
+//! never changes anything stored.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::auth::{self, Access};
+use super::{ApiError, AppState, Peer, ok};
+use crate::proto::{
+    HostWire, KeyResult, MetaHostsReq, OpType, OperateProcReq, ProcInfos, ProcsQuery, RegisterReq,
+    SpecWire, SyncProcStatusReq, TaskQuery, codes,
+};
+use crate::spec::{Labels, ProcKey, ProcSpec, validate_key};
+use crate::store::{TaskItemRecord, TaskRecord};
+use crate::supervisor::Engine;
+use crate::supervisor::defs::{self, PutMode};
+use crate::supervisor::ops;
+
+/// Decode a JSON body into `T`, naming the failing field.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::bad(
+            "the request body is empty; a JSON object is required",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = if inner.is_syntax() || inner.is_eof() {
+                format!("malformed JSON: {inner}")
+            } else if path == "." || path.is_empty() {
+                format!("invalid request: {inner}")
+            } else {
+                format!("invalid request: {path}: {inner}")
+            };
+            Err(ApiError::bad(msg))
+        }
+    }
+}
+
+/// `bk_username` of the ESB common args, for the audit trail (`bk_app_secret` and
+/// `bk_token` are accepted and never stored or logged).
+fn username(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Common {
+        #[serde(default, deserialize_with = "crate::proto::de_str")]
+        bk_username: String,
+    }
+    serde_json::from_slice::<Common>(body)
+        .map(|c| c.bk_username.chars().take(128).collect())
+        .unwrap_or_default()
+}
+
+/// Dispatch an API call by name.
+pub async fn call(
+    engine: &Arc<Engine>,
+    api: &str,
+    body: &[u8],
+    peer: Option<Peer>,
+) -> Result<Value, ApiError> {
+    let access = auth::authorize(engine, peer)?;
+    match api {
+        "operate_proc" | "operate_proc_v2" => {
+            operate_proc(engine, body, &access, api, KeyStyle::V1).await
+        }
+        "operate_proc_multi" => operate_proc_multi(engine, body, &access).await,
+        "get_proc_operate_result" | "get_proc_operate_result_v2" => get_result(engine, body),
+        "get_proc_status" => get_proc_status(engine, body, KeyStyle::V1),
+        "get_proc_status_v2" => get_proc_status(engine, body, KeyStyle::V2),
+        "sync_proc_status" => sync_proc_status(engine, body),
+        "register_proc_info" => register(engine, body, &access, PutMode::Register, api).await,
+        "update_proc_info" => register(engine, body, &access, PutMode::Upsert, api).await,
+        "unregister_proc_info" => unregister(engine, body, &access).await,
+        "procs" => procs(engine, body),
+        "tasks" => tasks(engine, body),
+        other => Err(ApiError {
+            http: axum::http::StatusCode::NOT_FOUND,
+            code: codes::NOT_FOUND,
+            message: format!("unknown API {other:?}"),
+        }),
+    }
+}
+
+/// How per-host result keys are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStyle {
+    /// `cloud:supplier:ip:ns:name` (v1 documents).
+    V1,
+    /// `cloud:ip:ns:name` (v2 and operate_proc_multi).
+    V2,
+}
+
+/// A host named by a request.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Host(HostWire),
+    Agent(String),
+}
+
+/// The hosts of a request: `agent_id_list` when given (then `hosts` is ignored), else `hosts`.
+pub fn targets(hosts: &[HostWire], agent_ids: &[String]) -> Result<Vec<Target>, ApiError> {
+    let t: Vec<Target> = if !agent_ids.is_empty() {
+        agent_ids.iter().map(|a| Target::Agent(a.clone())).collect()
+    } else {
+        hosts.iter().cloned().map(Target::Host).collect()
+    };
+    if t.is_empty() {
+        return Err(ApiError::bad(
+            "hosts: at least one host (or an agent_id_list) is required",
+        ));
+    }
+    for (i, x) in t.iter().enumerate() {
+        match x {
+            Target::Host(h) if h.ip.trim().is_empty() => {
+                return Err(ApiError::bad(format!("hosts[{i}].ip: is required")));
+            }
+            Target::Agent(a) if a.trim().is_empty() => {
+                return Err(ApiError::bad(format!(
+                    "agent_id_list[{i}]: must not be empty"
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(t)
+}
+
+/// The result key of a target and process.
+pub fn result_key(t: &Target, style: KeyStyle, key: &ProcKey) -> String {
+    match (t, style) {
+        (Target::Agent(a), _) => format!("{}:{}:{}", a.trim(), key.namespace, key.name),
+        (Target::Host(h), KeyStyle::V1) => format!(
+            "{}:{}:{}:{}:{}",
+            h.bk_cloud_id.unwrap_or(0),
+            h.bk_supplier_id.unwrap_or(0),
+            h.ip.trim(),
+            key.namespace,
+            key.name
+        ),
+        (Target::Host(h), KeyStyle::V2) => {
+            format!(
+                "{}:{}:{}:{}",
+                h.bk_cloud_id.unwrap_or(0),
+                h.ip.trim(),
+                key.namespace,
+                key.name
+            )
+        }
+    }
+}
+
+/// Does the target name this agent?
+pub fn is_me(engine: &Engine, t: &Target) -> bool {
+    match t {
+        Target::Host(h) => engine.host.is_me(h),
+        Target::Agent(a) => engine.host.is_my_agent_id(a),
+    }
+}
+
+/// The per-key error for a target that is not this agent.
+pub fn not_me(engine: &Engine, t: &Target) -> KeyResult {
+    let what = match t {
+        Target::Host(h) => format!(
+            "host {} (bk_cloud_id {}{})",
+            h.ip.trim(),
+            h.bk_cloud_id.unwrap_or(0),
+            h.bk_supplier_id
+                .map(|s| format!(", bk_supplier_id {s}"))
+                .unwrap_or_default()
+        ),
+        Target::Agent(a) => format!("agent {a:?}"),
+    };
+    KeyResult::err(
+        codes::AGENT_NOT_FOUND,
+        format!(
+            "{what} is not served by this agent (this agent is {} bk_cloud_id {} bk_supplier_id {}, agent id {})",
+            engine.host.ip,
+            engine.host.bk_cloud_id,
+            engine.host.bk_supplier_id,
+            engine.host.agent_id_or_fallback()
+        ),
+    )
+}
+
+fn host_json(engine: &Engine, t: &Target, style: KeyStyle) -> Value {
+    match (t, style) {
+        (Target::Host(h), KeyStyle::V1) => json!({
+            "ip": h.ip.trim(), "bk_cloud_id": h.bk_cloud_id.unwrap_or(0), "bk_supplier_id": h.bk_supplier_id.unwrap_or(0)
+        }),
+        (Target::Host(h), KeyStyle::V2) => {
+            json!({"ip": h.ip.trim(), "bk_cloud_id": h.bk_cloud_id.unwrap_or(0)})
+        }
+        (Target::Agent(_), _) => {
+            json!({"ip": engine.host.ip, "bk_cloud_id": engine.host.bk_cloud_id})
+        }
+    }
+}
+
+fn check_key(key: &ProcKey) -> Result<(), ApiError> {
+    let errs = validate_key(key);
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::bad(
+            errs.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ))
+    }
+}
+
+fn spec_errors(errs: &[crate::spec::FieldError]) -> String {
+    errs.iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One item of an operate task.
+pub struct Plan {
+    pub result_key: String,
+    pub key: Option<ProcKey>,
+    pub op: OpType,
+    /// `None`: run the op; `Some`: answered at once.
+    pub immediate: Option<KeyResult>,
+    pub inline: Option<(ProcSpec, Labels)>,
+}
+
+/// Record a task (committed before the id is returned) and run its items in the background.
+pub async fn submit(
+    engine: &Arc<Engine>,
+    api: &str,
+    op_code: i64,
+    plans: Vec<Plan>,
+    access: &Access,
+    user: String,
+) -> Result<String, ApiError> {
+    let task_id = engine.tasks.next_id();
+    let rec = TaskRecord {
+        task_id: task_id.clone(),
+        created_ms: crate::util::unix_millis(),
+        finished_ms: None,
+        api: api.to_string(),
+        op_type: op_code,
+        peer_uid: access.peer.map(|p| p.uid),
+        peer_pid: access.peer.and_then(|p| p.pid),
+        username: user,
+        items: plans
+            .iter()
+            .map(|p| TaskItemRecord {
+                result_key: p.result_key.clone(),
+                key: p.key.clone(),
+                op_type: p.op.code(),
+                result: p.immediate.clone(),
+            })
+            .collect(),
+    };
+    let all_done = rec.items.iter().all(|i| i.result.is_some());
+    engine
+        .tasks
+        .create(rec)
+        .await
+        .map_err(|e| ApiError::new(codes::UNAVAILABLE, format!("cannot record the task: {e}")))?;
+    if all_done {
+        engine.tasks.finish_item(
+            &task_id,
+            0,
+            plans[0]
+                .immediate
+                .clone()
+                .unwrap_or_else(KeyResult::running),
+        );
+    }
+    for (idx, p) in plans.into_iter().enumerate() {
+        if p.immediate.is_some() {
+            continue;
+        }
+        let Some(key) = p.key else { continue };
+        let engine = engine.clone();
+        let tid = task_id.clone();
+        tokio::spawn(async move {
+            let r = run_item(&engine, key, p.op, p.inline).await;
+            engine.tasks.finish_item(&tid, idx, r);
+        });
+    }
+    Ok(task_id)
+}
+
+/// Run one item: store its inline spec first (when given), then the operation.
+pub async fn run_item(
+    engine: &Arc<Engine>,
+    key: ProcKey,
+    op: OpType,
+    inline: Option<(ProcSpec, Labels)>,
+) -> KeyResult {
+    if let Some((spec, labels)) = inline {
+        let r = defs::put_definition(engine, &key, labels, spec, PutMode::Upsert).await;
+        if r.error_code != codes::SUCCESS {
+            return r;
+        }
+    }
+    ops::run_op(engine.clone(), key, op).await
+}
+
+/// Check the caller may run `op` on `key` (registered spec or the inline one).
+fn check_op_access(
+    engine: &Engine,
+    access: &Access,
+    op: OpType,
+    key: &ProcKey,
+    inline: Option<&ProcSpec>,
+) -> Result<(), ApiError> {
+    if !op.mutating() {
+        return Ok(());
+    }
+    if !access.can_write() {
+        return Err(ApiError::new(
+            codes::FORBIDDEN,
+            "read-only group members may not operate processes",
+        ));
+    }
+    let account = match inline {
+        Some(s) => Some(s.account.clone()),
+        None => engine.reg().get(key).map(|e| e.def.spec.account.clone()),
+    };
+    match account {
+        Some(a) => access.may_use_account(&a),
+        None => Ok(()),
+    }
+}
+
+async fn operate_proc(
+    engine: &Arc<Engine>,
+    body: &[u8],
+    access: &Access,
+    api: &str,
+    style: KeyStyle,
+) -> Result<Value, ApiError> {
+    let req: OperateProcReq = parse(body)?;
+    let Some(code) = req.op_type else {
+        return Err(ApiError::bad("op_type: is required"));
+    };
+    let op = OpType::from_code(code).ok_or_else(|| {
+        ApiError::new(
+            codes::UNKNOWN_OP_TYPE,
+            format!("op_type: {code} is not a valid operation (0 start, 1 stop, 2 status, 3 register managed, 4 unregister managed, 7 restart, 8 reload, 9 kill)"),
+        )
+    })?;
+    let key = req.meta.key();
+    check_key(&key)?;
+    let tg = targets(&req.hosts, &req.agent_id_list)?;
+    let inline = match &req.spec {
+        Some(w) => Some((
+            w.to_spec().map_err(|e| ApiError::bad(spec_errors(&e)))?,
+            req.meta.labels.clone(),
+        )),
+        None => None,
+    };
+    check_op_access(engine, access, op, &key, inline.as_ref().map(|(s, _)| s))?;
+    let style = if req.agent_id_list.is_empty() {
+        style
+    } else {
+        KeyStyle::V2
+    };
+    let plans = plan_items(engine, &tg, style, &key, op, inline);
+    let task_id = submit(engine, api, code, plans, access, username(body)).await?;
+    Ok(json!({ "task_id": task_id }))
+}
+
+/// Build the items of one (meta, hosts) pair, deduplicated by result key.
+pub fn plan_items(
+    engine: &Engine,
+    tg: &[Target],
+    style: KeyStyle,
+    key: &ProcKey,
+    op: OpType,
+    inline: Option<(ProcSpec, Labels)>,
+) -> Vec<Plan> {
+    let mut plans: Vec<Plan> = Vec::new();
+    for t in tg {
+        let rk = result_key(t, style, key);
+        if plans.iter().any(|p| p.result_key == rk) {
+            continue;
+        }
+        let me = is_me(engine, t);
+        plans.push(Plan {
+            result_key: rk,
+            key: Some(key.clone()),
+            op,
+            immediate: if me { None } else { Some(not_me(engine, t)) },
+            inline: if me { inline.clone() } else { None },
+        });
+    }
+    plans
+}
+
+async fn operate_proc_multi(
+    engine: &Arc<Engine>,
+    body: &[u8],
+    access: &Access,
+) -> Result<Value, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Multi {
+        proc_operate_req: Vec<Value>,
+    }
+    let req: Multi = parse(body)?;
+    if req.proc_operate_req.is_empty() {
+        return Err(ApiError::bad(
+            "proc_operate_req: at least one item is required",
+        ));
+    }
+    if req.proc_operate_req.len() > 5000 {
+        return Err(ApiError::bad(
+            "proc_operate_req: at most 5000 items per call",
+        ));
+    }
+    let mut plans: Vec<Plan> = Vec::new();
+    let mut first_op = None;
+    for (i, item) in req.proc_operate_req.iter().enumerate() {
+        let bytes = serde_json::to_vec(item).unwrap_or_default();
+        let r: OperateProcReq = parse(&bytes)
+            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}]: {}", e.message)))?;
+        let key = r.meta.key();
+        check_key(&key)
+            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}]: {}", e.message)))?;
+        let code = r
+            .op_type
+            .ok_or_else(|| ApiError::bad(format!("proc_operate_req[{i}].op_type: is required")))?;
+        let Some(op) = OpType::from_code(code) else {
+            return Err(ApiError::new(
+                codes::UNKNOWN_OP_TYPE,
+                format!("proc_operate_req[{i}].op_type: {code} is not a valid operation"),
+            ));
+        };
+        first_op.get_or_insert(code);
+        let tg = targets(&r.hosts, &r.agent_id_list)
+            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}].{}", e.message)))?;
+        let style = KeyStyle::V2;
+        match r.spec.as_ref().map(SpecWire::to_spec) {
+            Some(Err(errs)) => {
+                // A bad spec fails its own keys, not the whole batch.
+                for t in &tg {
+                    let rk = result_key(t, style, &key);
+                    if plans.iter().any(|p| p.result_key == rk) {
+                        continue;
+                    }
+                    plans.push(Plan {
+                        result_key: rk,
+                        key: Some(key.clone()),
+                        op,
+                        immediate: Some(KeyResult::err(codes::SPEC_INVALID, spec_errors(&errs))),
+                        inline: None,
+                    });
+                }
+            }
+            other => {
+                let inline = other
+                    .and_then(|r| r.ok())
+                    .map(|s| (s, r.meta.labels.clone()));
+                check_op_access(engine, access, op, &key, inline.as_ref().map(|(s, _)| s))?;
+                for p in plan_items(engine, &tg, style, &key, op, inline) {
+                    if !plans.iter().any(|q| q.result_key == p.result_key) {
+                        plans.push(p);
+                    }
+                }
+            }
+        }
+    }
+    let task_id = submit(
+        engine,
+        "operate_proc_multi",
+        first_op.unwrap_or(-1),
+        plans,
+        access,
+        username(body),
+    )
+    .await?;
+    Ok(json!({ "task_id": task_id }))
+}
+
+fn get_result(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
+    let q: TaskQuery = parse(body)?;
+    if q.task_id.trim().is_empty() {
+        return Err(ApiError::bad("task_id: is required"));
+    }
+    let Some(t) = engine.tasks.get(q.task_id.trim()) else {
+        return Err(ApiError::new(
+            codes::NOT_FOUND,
+            format!("task {:?} does not exist", q.task_id),
+        ));
+    };
+    let mut m = serde_json::Map::new();
+    for it in t.items {
+        let r = it.result.unwrap_or_else(KeyResult::running);
+        m.insert(
+            it.result_key,
+            serde_json::to_value(r).unwrap_or(Value::Null),
+        );
+    }
+    Ok(Value::Object(m))
+}
+
+fn get_proc_status(engine: &Engine, body: &[u8], style: KeyStyle) -> Result<Value, ApiError> {
+    let req: MetaHostsReq = parse(body)?;
+    let key = req.meta.key();
+    check_key(&key)?;
+    let tg = targets(&req.hosts, &req.agent_id_list)?;
+    let mut infos = Vec::new();
+    for t in &tg {
+        let agent = match t {
+            Target::Agent(a) => Some(a.trim().to_string()),
+            _ => None,
+        };
+        let host = host_json(engine, t, style);
+        if is_me(engine, t) {
+            infos.push(engine.proc_info(&key, &req.meta.labels, host, agent));
+        } else {
+            let mut pi = engine.proc_info(&ProcKey::new("", ""), &req.meta.labels, host, agent);
+            pi.meta.namespace = key.namespace.clone();
+            pi.meta.name = key.name.clone();
+            pi.message = not_me(engine, t).error_msg;
+            infos.push(pi);
+        }
+    }
+    serde_json::to_value(ProcInfos {
+        count: None,
+        proc_infos: infos,
+    })
+    .map_err(|e| ApiError::new(codes::INTERNAL, e.to_string()))
+}
+
+fn sync_proc_status(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
+    let req: SyncProcStatusReq = parse(body)?;
+    if req.meta.namespace.trim().is_empty() {
+        return Err(ApiError::bad("meta.namespace: is required"));
+    }
+    let start = req.page.start.unwrap_or(0);
+    let Some(limit) = req.page.limit else {
+        return Err(ApiError::bad("page.limit: is required (1..1000)"));
+    };
+    if start < 0 {
+        return Err(ApiError::bad(format!(
+            "page.start: must not be negative, got {start}"
+        )));
+    }
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad(format!(
+            "page.limit: must be between 1 and 1000, got {limit}"
+        )));
+    }
+    let keys: Vec<ProcKey> = engine
+        .reg()
+        .entries
+        .keys()
+        .filter(|k| k.namespace == req.meta.namespace)
+        .cloned()
+        .collect();
+    let host = json!({"ip": engine.host.ip, "bk_cloud_id": engine.host.bk_cloud_id, "bk_supplier_id": engine.host.bk_supplier_id});
+    let agent = if engine.host.agent_id.is_empty() {
+        None
+    } else {
+        Some(engine.host.agent_id.clone())
+    };
+    let infos = keys
+        .iter()
+        .skip(start as usize)
+        .take(limit as usize)
+        .map(|k| engine.proc_info(k, &Labels::new(), host.clone(), agent.clone()))
+        .collect();
+    serde_json::to_value(ProcInfos {
+        count: Some(keys.len() as u64),
+        proc_infos: infos,
+    })
+    .map_err(|e| ApiError::new(codes::INTERNAL, e.to_string()))
+}
+
+/// Record a synchronous mutating request (register, unregister) in the task history.
+async fn audit(
+    engine: &Engine,
+    api: &str,
+    results: &[(String, Option<ProcKey>, KeyResult)],
+    access: &Access,
+    user: String,
+) {
+    let now = crate::util::unix_millis();
+    let rec = TaskRecord {
+        task_id: engine.tasks.next_id(),
+        created_ms: now,
+        finished_ms: Some(now),
+        api: api.to_string(),
+        op_type: -1,
+        peer_uid: access.peer.map(|p| p.uid),
+        peer_pid: access.peer.and_then(|p| p.pid),
+        username: user,
+        items: results
+            .iter()
+            .map(|(rk, k, r)| TaskItemRecord {
+                result_key: rk.clone(),
+                key: k.clone(),
+                op_type: -1,
+                result: Some(r.clone()),
+            })
+            .collect(),
+    };
+    if let Err(e) = engine.tasks.create(rec).await {
+        tracing::error!(error = %e, api, "cannot record the request in the task history");
+    }
+}
+
+async fn register(
+    engine: &Arc<Engine>,
+    body: &[u8],
+    access: &Access,
+    mode: PutMode,
+    api: &str,
+) -> Result<Value, ApiError> {
+    if !access.can_write() {
+        return Err(ApiError::new(
+            codes::FORBIDDEN,
+            "read-only group members may not register processes",
+        ));
+    }
+    let req: RegisterReq = parse(body)?;
+    let key = req.meta.key();
+    check_key(&key)?;
+    let tg = targets(&req.hosts, &req.agent_id_list)?;
+    let spec = req
+        .spec
+        .to_spec()
+        .map_err(|e| ApiError::bad(spec_errors(&e)))?;
+    access.may_use_account(&spec.account)?;
+    if let Some(existing) = engine.reg().get(&key).map(|e| e.def.spec.account.clone()) {
+        access.may_use_account(&existing)?;
+    }
+    let style = if req.agent_id_list.is_empty() {
+        if req.hosts.iter().all(|h| h.bk_supplier_id.is_none()) {
+            KeyStyle::V2
+        } else {
+            KeyStyle::V1
+        }
+    } else {
+        KeyStyle::V2
+    };
+    let mut results = Vec::new();
+    let mut done_local = false;
+    for t in &tg {
+        let rk = result_key(t, style, &key);
+        if results
+            .iter()
+            .any(|(k, _, _): &(String, Option<ProcKey>, KeyResult)| k == &rk)
+        {
+            continue;
+        }
+        let r = if is_me(engine, t) {
+            if done_local {
+                KeyResult::ok("")
+            } else {
+                done_local = true;
+                defs::put_definition(engine, &key, req.meta.labels.clone(), spec.clone(), mode)
+                    .await
+            }
+        } else {
+            not_me(engine, t)
+        };
+        results.push((rk, Some(key.clone()), r));
+    }
+    audit(engine, api, &results, access, username(body)).await;
+    Ok(keyed(results))
+}
+
+fn keyed(results: Vec<(String, Option<ProcKey>, KeyResult)>) -> Value {
+    let mut m = serde_json::Map::new();
+    for (k, _, r) in results {
+        m.insert(k, serde_json::to_value(r).unwrap_or(Value::Null));
+    }
+    Value::Object(m)
+}
+
+async fn unregister(engine: &Arc<Engine>, body: &[u8], access: &Access) -> Result<Value, ApiError> {
+    if !access.can_write() {
+        return Err(ApiError::new(
+            codes::FORBIDDEN,
+            "read-only group members may not unregister processes",
+        ));
+    }
+    let req: MetaHostsReq = parse(body)?;
+    let key = req.meta.key();
+    check_key(&key)?;
+    let tg = targets(&req.hosts, &req.agent_id_list)?;
+    if let Some(existing) = engine.reg().get(&key).map(|e| e.def.spec.account.clone()) {
+        access.may_use_account(&existing)?;
+    }
+    let style =
+        if req.agent_id_list.is_empty() && req.hosts.iter().any(|h| h.bk_supplier_id.is_some()) {
+            KeyStyle::V1
+        } else {
+            KeyStyle::V2
+        };
+    let mut results = Vec::new();
+    let mut done_local = false;
+    for t in &tg {
+        let rk = result_key(t, style, &key);
+        if results
+            .iter()
+            .any(|(k, _, _): &(String, Option<ProcKey>, KeyResult)| k == &rk)
+        {
+            continue;
+        }
+        let r = if is_me(engine, t) {
+            if done_local {
+                KeyResult::ok("")
+            } else {
+                done_local = true;
+                defs::remove_definition(engine, &key).await
+            }
+        } else {
+            not_me(engine, t)
+        };
+        results.push((rk, Some(key.clone()), r));
+    }
+    audit(
+        engine,
+        "unregister_proc_info",
+        &results,
+        access,
+        username(body),
+    )
+    .await;
+    Ok(keyed(results))
+}
+
+fn procs(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
+    let q: ProcsQuery = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        ProcsQuery::default()
+    } else {
+        parse(body)?
+    };
+    let mut selectors = Vec::new();
+    for s in &q.labels {
+        match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => selectors.push((k.to_string(), v.to_string())),
+            _ => return Err(ApiError::bad(format!("labels: {s:?} must be KEY=VALUE"))),
+        }
+    }
+    let reg = engine.reg();
+    let list: Vec<crate::proto::ProcDetail> = reg
+        .entries
+        .values()
+        .filter(|e| q.namespace.is_empty() || e.def.key.namespace == q.namespace)
+        .filter(|e| q.name.is_empty() || e.def.key.name == q.name)
+        .filter(|e| {
+            selectors
+                .iter()
+                .all(|(k, v)| label_matches(&e.def.labels, k, v))
+        })
+        .map(|e| engine.detail(e))
+        .collect();
+    Ok(json!({ "count": list.len(), "list": list }))
+}
+
+/// A label selector `k=v` matches a string value equal to `v`, or a non-string value whose
+/// JSON text is `v`.
+pub fn label_matches(labels: &Labels, k: &str, v: &str) -> bool {
+    match labels.get(k) {
+        Some(Value::String(s)) => s == v,
+        Some(other) => *other == v,
+        None => false,
+    }
+}
+
+fn tasks(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
+    #[derive(serde::Deserialize, Default)]
+    struct Q {
+        #[serde(default, deserialize_with = "crate::proto::de_opt_i64")]
+        limit: Option<i64>,
+    }
+    let q: Q = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        Q::default()
+    } else {
+        parse(body)?
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000) as usize;
+    let list: Vec<Value> = engine
+        .tasks
+        .recent(limit)
+        .into_iter()
+        .map(|t| {
+            json!({
+                "task_id": t.task_id, "api": t.api, "op_type": t.op_type,
+                "created_ms": t.created_ms, "finished_ms": t.finished_ms,
+                "peer_uid": t.peer_uid, "peer_pid": t.peer_pid, "username": t.username,
+                "items": t.items.iter().map(|i| json!({
+                    "key": i.result_key,
+                    "result": i.result.clone().unwrap_or_else(KeyResult::running),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(json!({ "list": list }))
+}
+
+/// `GET /v1/healthz`.
+pub async fn healthz(State(st): State<AppState>) -> Response {
+    let e = &st.engine;
+    let (n, managed, running) = {
+        let reg = e.reg();
+        let n = reg.entries.len() as u64;
+        let m = reg.entries.values().filter(|x| x.state.managed).count() as u64;
+        let r = reg
+            .entries
+            .values()
+            .filter(|x| !x.state.instances.is_empty())
+            .count() as u64;
+        (n, m, r)
+    };
+    let h = crate::proto::Health {
+        status: if e.store.writable() {
+            "ok".into()
+        } else {
+            "degraded: state store not writable".into()
+        },
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id() as i64,
+        uptime_secs: e.started.elapsed().as_secs() as i64,
+        exit_detection: e.detection.name().into(),
+        subreaper: e.subreaper,
+        store: e.store.path().display().to_string(),
+        store_writable: e.store.writable(),
+        processes: n,
+        managed,
+        running,
+        host: crate::proto::HostIdentityView {
+            ip: e.host.ip.clone(),
+            bk_cloud_id: e.host.bk_cloud_id,
+            bk_supplier_id: e.host.bk_supplier_id,
+            agent_id: e.host.agent_id_or_fallback(),
+        },
+    };
+    ok(serde_json::to_value(h).unwrap_or(Value::Null))
+}
+
+/// Query of `GET /v1/events`.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct EventsQuery {
+    /// Only events newer than this id.
+    #[serde(default)]
+    pub after: Option<u64>,
+    /// Only events at or after this unix time in milliseconds.
+    #[serde(default)]
+    pub since_ms: Option<i64>,
+    /// Only this process (`namespace/name`).
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Keep the response open and stream new events as NDJSON.
+    #[serde(default)]
+    pub follow: Option<String>,
+}
+
+/// `GET /v1/events`: the history as JSON, or with `follow=1` a newline-delimited JSON stream
+/// (backlog first, then live events).
+pub async fn events(State(st): State<AppState>, req: axum::extract::Request) -> Response {
+    let peer = req.extensions().get::<Peer>().copied();
+    if let Err(e) = auth::authorize(&st.engine, peer) {
+        return e.into_response();
+    }
+    let q: EventsQuery = match Query::<EventsQuery>::try_from_uri(req.uri()) {
+        Ok(Query(q)) => q,
+        Err(e) => return ApiError::bad(format!("invalid query: {e}")).into_response(),
+    };
+    let limit = q.limit.unwrap_or(1000).clamp(1, 100_000);
+    let follow = q
+        .follow
+        .as_deref()
+        .is_some_and(|f| f != "0" && f != "false");
+    let key = q.key.clone().filter(|k| !k.is_empty());
+    if !follow {
+        let list = st.engine.events.list(
+            q.after.unwrap_or(0),
+            q.since_ms.unwrap_or(i64::MIN),
+            key.as_deref(),
+            limit,
+        );
+        return ok(json!({ "events": list }));
+    }
+    let rx = st.engine.events.subscribe();
+    let backlog = st.engine.events.list(
+        q.after.unwrap_or(0),
+        q.since_ms.unwrap_or(i64::MIN),
+        key.as_deref(),
+        limit,
+    );
+    let last = backlog.last().map(|e| e.id).unwrap_or(q.after.unwrap_or(0));
+    let lines: Vec<Result<Vec<u8>, std::convert::Infallible>> =
+        backlog.into_iter().map(|e| Ok(line(&e))).collect();
+    let head = futures_util::stream::iter(lines);
+    let live = futures_util::stream::unfold((rx, last, key), |(mut rx, last, key)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) if e.id > last && key.as_deref().is_none_or(|k| e.key == k) => {
+                    let l = line(&e);
+                    return Some((Ok(l), (rx, e.id, key)));
+                }
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let note = json!({"kind": "lagged", "message": format!("{n} events were dropped for this slow reader")});
+                    let mut l = note.to_string().into_bytes();
+                    l.push(b'\n');
+                    return Some((Ok(l), (rx, last, key)));
+                }
+                Err(_) => return None,
+            }
+        }
+    });
+    use futures_util::StreamExt;
+    let body = axum::body::Body::from_stream(head.chain(live));
+    (
+        [
+            ("content-type", "application/x-ndjson"),
+            ("cache-control", "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn line(e: &crate::proto::Event) -> Vec<u8> {
+    let mut v = serde_json::to_vec(e).unwrap_or_default();
+    v.push(b'\n');
+    v
+}

@@ -1,0 +1,970 @@
+//! The agent's TOML configuration: loading, defaults and validation.
+//!
+//! Every key is documented, with its default, in `agent.toml.example`. Loading is strict: an
+//! unknown key or a bad value anywhere (main file or `conf.d/*.toml`) is an error, and every
+//! error is collected and reported together as `FILE: section.key: message`, so an operator
+//! fixes a config in one pass. Relative paths are resolved against the directory the agent
+//! was started in and stored absolute.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::spec::{AutoType, Definition, Labels, ProcKey, ProcSpec, Source};
+
+/// How exits of managed processes are noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectMode {
+    /// pidfd when the kernel has it, polling otherwise.
+    Auto,
+    /// pidfd only (start fails when unavailable).
+    Pidfd,
+    /// Poll /proc every `poll_interval`.
+    Poll,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Host identity used to decide whether a request's `hosts` entry is this agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    /// `auto` picks the address of the default route at start.
+    pub ip: String,
+    pub bk_cloud_id: i64,
+    pub bk_supplier_id: i64,
+    /// GSE 2.0 agent id (empty: only the `"{bk_cloud_id}:{ip}"` form names this host).
+    pub agent_id: String,
+}
+
+/// Supervision tuning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupervisorConfig {
+    pub exit_detection: DetectMode,
+    /// Poll period in `poll` mode (and the pid-file discovery sweep).
+    pub poll_interval: Duration,
+    /// Period of the reaper sweep and of the supervisor's housekeeping tick.
+    pub sweep_interval: Duration,
+    /// First delay of the restart backoff (the very first restart after a healthy run is
+    /// immediate).
+    pub backoff_initial: Duration,
+    /// Cap of the restart backoff.
+    pub backoff_max: Duration,
+    /// A process that stayed up this long has its failure count reset.
+    pub backoff_reset: Duration,
+    /// Random spread applied to each backoff delay, as a fraction (0.1 = ±10 %).
+    pub backoff_jitter: f64,
+    /// Operations run at once (API items and restarts).
+    pub max_parallel_ops: usize,
+    /// How often a `health_cmd` runs.
+    pub health_interval: Duration,
+    /// Failed health checks in a row that count as a liveness failure.
+    pub health_failures: u32,
+    /// Umask of spawned commands.
+    pub umask: u32,
+}
+
+/// Socket API limits and roles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiConfig {
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub request_timeout: Duration,
+    pub header_timeout: Duration,
+    /// Members may do everything (register/update limited to their own account).
+    pub admin_group: Option<String>,
+    /// Members may only read.
+    pub readonly_group: Option<String>,
+    /// Group that owns the socket (so the admin/read-only groups can connect).
+    pub socket_group: Option<String>,
+}
+
+/// Sampling and limit enforcement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    pub sample_interval: Duration,
+    /// Consecutive samples over a limit before the agent acts.
+    pub limit_samples: u32,
+    /// Optional loopback TCP address also serving `GET /metrics`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// History retention.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    pub task_retention: Duration,
+    pub max_tasks: u64,
+    pub max_events: u64,
+    /// Bytes of a command's output kept in a task result.
+    pub max_output_bytes: usize,
+}
+
+/// A process declared in a config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessConfig {
+    pub definition: Definition,
+    /// Start and manage it the first time the agent sees it (later, the operator's last
+    /// intent, stored durably, wins).
+    pub autostart: bool,
+}
+
+/// The whole resolved configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub file: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub conf_dir: Option<PathBuf>,
+    pub watch_conf_dir: bool,
+    pub host: HostConfig,
+    pub supervisor: SupervisorConfig,
+    pub api: ApiConfig,
+    pub metrics: MetricsConfig,
+    pub store: StoreConfig,
+    pub processes: Vec<ProcessConfig>,
+}
+
+/// Every error found in a config, one line each.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+type Errs = RefCell<Vec<String>>;
+
+/// A TOML table being read: tracks which keys were consumed so the rest are reported unknown.
+struct Section<'a> {
+    file: &'a str,
+    prefix: String,
+    table: &'a toml::Table,
+    seen: HashSet<String>,
+    errs: &'a Errs,
+}
+
+impl<'a> Section<'a> {
+    fn new(file: &'a str, prefix: &str, table: &'a toml::Table, errs: &'a Errs) -> Section<'a> {
+        Section {
+            file,
+            prefix: prefix.to_string(),
+            table,
+            seen: HashSet::new(),
+            errs,
+        }
+    }
+
+    fn path(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{}", self.prefix, key)
+        }
+    }
+
+    fn err(&self, key: &str, msg: impl AsRef<str>) {
+        self.errs.borrow_mut().push(format!(
+            "{}: {}: {}",
+            self.file,
+            self.path(key),
+            msg.as_ref()
+        ));
+    }
+
+    fn get(&mut self, key: &str) -> Option<&'a toml::Value> {
+        self.seen.insert(key.to_string());
+        self.table.get(key)
+    }
+
+    fn string(&mut self, key: &str, default: &str) -> String {
+        self.opt_string(key).unwrap_or_else(|| default.to_string())
+    }
+
+    fn opt_string(&mut self, key: &str) -> Option<String> {
+        match self.get(key) {
+            None => None,
+            Some(toml::Value::String(s)) => {
+                if s.contains('\0') {
+                    self.err(key, "must not contain NUL bytes");
+                    None
+                } else {
+                    Some(s.clone())
+                }
+            }
+            Some(v) => {
+                self.err(key, format!("expected a string, got {}", v.type_str()));
+                None
+            }
+        }
+    }
+
+    fn int(&mut self, key: &str, default: i64, min: i64, max: i64) -> i64 {
+        match self.get(key) {
+            None => default,
+            Some(toml::Value::Integer(i)) if (min..=max).contains(i) => *i,
+            Some(toml::Value::Integer(i)) => {
+                self.err(key, format!("{i} is out of range {min}..={max}"));
+                default
+            }
+            Some(v) => {
+                self.err(key, format!("expected an integer, got {}", v.type_str()));
+                default
+            }
+        }
+    }
+
+    fn opt_int(&mut self, key: &str, min: i64, max: i64) -> Option<i64> {
+        self.table.get(key)?;
+        Some(self.int(key, min, min, max))
+    }
+
+    fn float(&mut self, key: &str, default: f64, min: f64, max: f64) -> f64 {
+        let v = match self.get(key) {
+            None => return default,
+            Some(toml::Value::Float(f)) => *f,
+            Some(toml::Value::Integer(i)) => *i as f64,
+            Some(v) => {
+                self.err(key, format!("expected a number, got {}", v.type_str()));
+                return default;
+            }
+        };
+        if v.is_nan() || v < min || v > max {
+            self.err(key, format!("{v} is out of range {min}..={max}"));
+            return default;
+        }
+        v
+    }
+
+    fn boolean(&mut self, key: &str, default: bool) -> bool {
+        match self.get(key) {
+            None => default,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(v) => {
+                self.err(key, format!("expected true or false, got {}", v.type_str()));
+                default
+            }
+        }
+    }
+
+    /// A duration: a string such as "500ms", "2s", "1m", or an integer number of seconds.
+    fn duration(&mut self, key: &str, default: Duration, min: Duration, max: Duration) -> Duration {
+        let d = match self.get(key) {
+            None => return default,
+            Some(toml::Value::Integer(i)) if *i >= 0 => Duration::from_secs(*i as u64),
+            Some(toml::Value::String(s)) => match humantime::parse_duration(s) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.err(
+                        key,
+                        format!(
+                            "{s:?} is not a duration ({e}); use e.g. \"500ms\", \"5s\", \"1m\""
+                        ),
+                    );
+                    return default;
+                }
+            },
+            Some(v) => {
+                self.err(
+                    key,
+                    format!(
+                        "expected a duration string or seconds, got {}",
+                        v.type_str()
+                    ),
+                );
+                return default;
+            }
+        };
+        if d < min || d > max {
+            self.err(
+                key,
+                format!(
+                    "{} is out of range {}..={}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            );
+            return default;
+        }
+        d
+    }
+
+    fn table(&mut self, key: &str) -> Option<&'a toml::Table> {
+        match self.get(key) {
+            None => None,
+            Some(toml::Value::Table(t)) => Some(t),
+            Some(v) => {
+                self.err(key, format!("expected a table, got {}", v.type_str()));
+                None
+            }
+        }
+    }
+
+    fn finish(self) {
+        let mut unknown: Vec<&String> = self
+            .table
+            .keys()
+            .filter(|k| !self.seen.contains(*k))
+            .collect();
+        unknown.sort();
+        for k in unknown {
+            self.err(k, "unknown key");
+        }
+    }
+}
+
+fn absolutize(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn secs(d: Duration) -> Duration {
+    d
+}
+
+/// Load and validate a config file (and its `conf_dir`), relative paths resolved against the
+/// current directory.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let cwd = std::env::current_dir()
+        .map_err(|e| ConfigErrors(vec![format!("cannot read the current directory: {e}")]))?;
+    load_with_base(path, &cwd)
+}
+
+/// Load a config with relative paths resolved against `base`.
+pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> {
+    let file = absolutize(base, &path.to_string_lossy());
+    let fname = file.display().to_string();
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| ConfigErrors(vec![format!("{fname}: cannot read: {e}")]))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        ConfigErrors(vec![format!("{fname}: {}", e.to_string().trim())])
+    })?;
+    let errs: Errs = RefCell::new(Vec::new());
+    let mut root = Section::new(&fname, "", &table, &errs);
+
+    let empty = toml::Table::new();
+    let agent_t = root.table("agent").unwrap_or(&empty);
+    let mut agent = Section::new(&fname, "agent", agent_t, &errs);
+    let socket = absolutize(
+        base,
+        &agent.string("socket", "/run/procagent/procagent.sock"),
+    );
+    let state_dir = absolutize(base, &agent.string("state_dir", "/var/lib/procagent"));
+    let log_level = agent.string("log_level", "info");
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        agent.err(
+            "log_level",
+            format!("{log_level:?} is not a level or filter (error, warn, info, debug, trace)"),
+        );
+    }
+    let log_format = match agent.string("log_format", "text").as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            agent.err(
+                "log_format",
+                format!("{other:?} must be \"text\" or \"json\""),
+            );
+            LogFormat::Text
+        }
+    };
+    let conf_dir = agent
+        .opt_string("conf_dir")
+        .filter(|s| !s.is_empty())
+        .map(|s| absolutize(base, &s));
+    let watch_conf_dir = agent.boolean("watch_conf_dir", false);
+    agent.finish();
+
+    let host_t = root.table("host").unwrap_or(&empty);
+    let mut h = Section::new(&fname, "host", host_t, &errs);
+    let ip = h.string("ip", "auto");
+    if ip != "auto" && ip.parse::<std::net::IpAddr>().is_err() {
+        h.err(
+            "ip",
+            format!("{ip:?} is neither \"auto\" nor an IP address"),
+        );
+    }
+    let host = HostConfig {
+        ip,
+        bk_cloud_id: h.int("bk_cloud_id", 0, 0, i64::from(i32::MAX)),
+        bk_supplier_id: h.int("bk_supplier_id", 0, 0, i64::from(i32::MAX)),
+        agent_id: h.string("agent_id", ""),
+    };
+    h.finish();
+
+    let sup_t = root.table("supervisor").unwrap_or(&empty);
+    let mut s = Section::new(&fname, "supervisor", sup_t, &errs);
+    let exit_detection = match s.string("exit_detection", "auto").as_str() {
+        "auto" => DetectMode::Auto,
+        "pidfd" => DetectMode::Pidfd,
+        "poll" => DetectMode::Poll,
+        other => {
+            s.err(
+                "exit_detection",
+                format!("{other:?} must be \"auto\", \"pidfd\" or \"poll\""),
+            );
+            DetectMode::Auto
+        }
+    };
+    let ms = Duration::from_millis;
+    let supervisor = SupervisorConfig {
+        exit_detection,
+        poll_interval: s.duration(
+            "poll_interval",
+            ms(200),
+            ms(10),
+            secs(Duration::from_secs(60)),
+        ),
+        sweep_interval: s.duration("sweep_interval", ms(1000), ms(50), Duration::from_secs(60)),
+        backoff_initial: s.duration(
+            "backoff_initial",
+            Duration::from_secs(1),
+            ms(10),
+            Duration::from_secs(3600),
+        ),
+        backoff_max: s.duration(
+            "backoff_max",
+            Duration::from_secs(60),
+            ms(10),
+            Duration::from_secs(86_400),
+        ),
+        backoff_reset: s.duration(
+            "backoff_reset",
+            Duration::from_secs(30),
+            ms(0),
+            Duration::from_secs(86_400),
+        ),
+        backoff_jitter: s.float("backoff_jitter", 0.1, 0.0, 0.5),
+        max_parallel_ops: s.int("max_parallel_ops", 64, 1, 4096) as usize,
+        health_interval: s.duration(
+            "health_interval",
+            Duration::from_secs(10),
+            ms(100),
+            Duration::from_secs(86_400),
+        ),
+        health_failures: s.int("health_failures", 3, 1, 1000) as u32,
+        umask: s.int("umask", 0o022, 0, 0o777) as u32,
+    };
+    if supervisor.backoff_max < supervisor.backoff_initial {
+        s.err("backoff_max", "must not be smaller than backoff_initial");
+    }
+    s.finish();
+
+    let api_t = root.table("api").unwrap_or(&empty);
+    let mut a = Section::new(&fname, "api", api_t, &errs);
+    let api = ApiConfig {
+        max_body_bytes: a.int("max_body_bytes", 4 << 20, 1024, 256 << 20) as usize,
+        max_connections: a.int("max_connections", 256, 1, 65_536) as usize,
+        request_timeout: a.duration(
+            "request_timeout",
+            Duration::from_secs(30),
+            ms(100),
+            Duration::from_secs(3600),
+        ),
+        header_timeout: a.duration(
+            "header_timeout",
+            Duration::from_secs(5),
+            ms(100),
+            Duration::from_secs(600),
+        ),
+        admin_group: a.opt_string("admin_group").filter(|s| !s.is_empty()),
+        readonly_group: a.opt_string("readonly_group").filter(|s| !s.is_empty()),
+        socket_group: a.opt_string("socket_group").filter(|s| !s.is_empty()),
+    };
+    a.finish();
+
+    let m_t = root.table("metrics").unwrap_or(&empty);
+    let mut m = Section::new(&fname, "metrics", m_t, &errs);
+    let listen = match m.opt_string("listen").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => match s.parse::<SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(addr),
+            Ok(_) => {
+                m.err(
+                    "listen",
+                    format!("{s:?} is not a loopback address; /metrics is only served on loopback"),
+                );
+                None
+            }
+            Err(_) => {
+                m.err(
+                    "listen",
+                    format!("{s:?} is not an address such as \"127.0.0.1:9464\""),
+                );
+                None
+            }
+        },
+    };
+    let metrics = MetricsConfig {
+        sample_interval: m.duration(
+            "sample_interval",
+            Duration::from_secs(3),
+            ms(100),
+            Duration::from_secs(3600),
+        ),
+        limit_samples: m.int("limit_samples", 3, 1, 1000) as u32,
+        listen,
+    };
+    m.finish();
+
+    let st_t = root.table("store").unwrap_or(&empty);
+    let mut st = Section::new(&fname, "store", st_t, &errs);
+    let store = StoreConfig {
+        task_retention: st.duration(
+            "task_retention",
+            Duration::from_secs(7 * 86_400),
+            Duration::from_secs(60),
+            Duration::from_secs(3650 * 86_400),
+        ),
+        max_tasks: st.int("max_tasks", 100_000, 10, 10_000_000) as u64,
+        max_events: st.int("max_events", 50_000, 10, 10_000_000) as u64,
+        max_output_bytes: st.int("max_output_bytes", 16 * 1024, 256, 1 << 20) as usize,
+    };
+    st.finish();
+
+    let mut processes = Vec::new();
+    read_processes(&mut root, &fname, base, &errs, &mut processes);
+    root.finish();
+
+    if let Some(dir) = &conf_dir {
+        read_conf_dir(dir, base, &errs, &mut processes);
+    }
+    check_duplicates(&processes, &errs);
+
+    let errs = errs.into_inner();
+    if !errs.is_empty() {
+        return Err(ConfigErrors(errs));
+    }
+    Ok(Config {
+        file,
+        socket,
+        state_dir,
+        log_level,
+        log_format,
+        conf_dir,
+        watch_conf_dir,
+        host,
+        supervisor,
+        api,
+        metrics,
+        store,
+        processes,
+    })
+}
+
+/// Load only the `[[process]]` tables of a config and its conf_dir (for reload).
+pub fn load_processes(cfg: &Config) -> Result<Vec<ProcessConfig>, ConfigErrors> {
+    let base = cfg
+        .file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    // Relative paths were resolved against the start directory; a reload uses the same
+    // base by re-reading with the directory the agent started in.
+    let start_dir = std::env::current_dir().unwrap_or(base);
+    load_with_base(&cfg.file, &start_dir).map(|c| c.processes)
+}
+
+fn read_conf_dir(dir: &Path, base: &Path, errs: &Errs, out: &mut Vec<ProcessConfig>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            errs.borrow_mut()
+                .push(format!("{}: cannot read directory: {e}", dir.display()));
+            return;
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    for f in files {
+        let fname = f.display().to_string();
+        let text = match std::fs::read_to_string(&f) {
+            Ok(t) => t,
+            Err(e) => {
+                errs.borrow_mut().push(format!("{fname}: cannot read: {e}"));
+                continue;
+            }
+        };
+        let table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                errs.borrow_mut()
+                    .push(format!("{fname}: {}", e.to_string().trim()));
+                continue;
+            }
+        };
+        let mut root = Section::new(&fname, "", &table, errs);
+        read_processes(&mut root, &fname, base, errs, out);
+        root.finish();
+    }
+}
+
+fn check_duplicates(processes: &[ProcessConfig], errs: &Errs) {
+    let mut seen: BTreeMap<&ProcKey, &Source> = BTreeMap::new();
+    for p in processes {
+        if let Some(prev) = seen.insert(&p.definition.key, &p.definition.source) {
+            let prev_file = match prev {
+                Source::Config { file } => file.as_str(),
+                Source::Api => "",
+            };
+            let file = match &p.definition.source {
+                Source::Config { file } => file.as_str(),
+                Source::Api => "",
+            };
+            errs.borrow_mut().push(format!(
+                "{file}: process {}: already declared in {prev_file}",
+                p.definition.key
+            ));
+        }
+    }
+}
+
+fn read_processes(
+    root: &mut Section<'_>,
+    fname: &str,
+    base: &Path,
+    errs: &Errs,
+    out: &mut Vec<ProcessConfig>,
+) {
+    let list = match root.get("process") {
+        None => return,
+        Some(toml::Value::Array(a)) => a,
+        Some(_) => {
+            root.err("process", "expected [[process]] tables");
+            return;
+        }
+    };
+    for (i, v) in list.iter().enumerate() {
+        let prefix = format!("process[{i}]");
+        let Some(t) = v.as_table() else {
+            errs.borrow_mut()
+                .push(format!("{fname}: {prefix}: expected a table"));
+            continue;
+        };
+        if let Some(p) = read_process(fname, &prefix, t, base, errs) {
+            out.push(p);
+        }
+    }
+}
+
+fn read_process(
+    fname: &str,
+    prefix: &str,
+    t: &toml::Table,
+    base: &Path,
+    errs: &Errs,
+) -> Option<ProcessConfig> {
+    let before = errs.borrow().len();
+    let mut s = Section::new(fname, prefix, t, errs);
+    let namespace = s.string("namespace", "");
+    let name = s.string("name", "");
+    let prefix_named = if name.is_empty() {
+        prefix.to_string()
+    } else {
+        format!("{prefix} ({namespace}/{name})")
+    };
+    s.prefix = prefix_named;
+    let key = ProcKey::new(namespace, name);
+    for e in crate::spec::validate_key(&key) {
+        s.err(e.field.trim_start_matches("meta."), e.message);
+    }
+    let labels: Labels = match s.table("labels") {
+        None => Labels::new(),
+        Some(lt) => {
+            let mut m = Labels::new();
+            for (k, v) in lt {
+                match toml_to_json(v) {
+                    Some(j) => {
+                        m.insert(k.clone(), j);
+                    }
+                    None => s.err(
+                        &format!("labels.{k}"),
+                        "label values must be strings, numbers or booleans",
+                    ),
+                }
+            }
+            m
+        }
+    };
+    let path_field = |s: &mut Section<'_>, key: &str| -> String {
+        match s.opt_string(key) {
+            Some(p) if !p.is_empty() => absolutize(base, &p).display().to_string(),
+            _ => String::new(),
+        }
+    };
+    let setup_path = path_field(&mut s, "setup_path");
+    let pid_path = path_field(&mut s, "pid_path");
+    let config_path = path_field(&mut s, "config_path");
+    let log_path = path_field(&mut s, "log_path");
+    let account = match (s.opt_string("account"), s.opt_string("user")) {
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => String::new(),
+        (Some(a), Some(_)) => {
+            s.err("user", "give either account or user, not both");
+            a
+        }
+    };
+    let auto_type = match s.get("auto_type") {
+        None => AutoType::Resident,
+        Some(toml::Value::Integer(i)) => AutoType::from_code(*i).unwrap_or_else(|| {
+            s.err(
+                "auto_type",
+                format!("{i} must be 0 (periodic), 1 (resident) or 2 (single-run)"),
+            );
+            AutoType::Resident
+        }),
+        Some(toml::Value::String(v)) => match v.as_str() {
+            "periodic" => AutoType::Periodic,
+            "resident" => AutoType::Resident,
+            "single" | "single-run" | "oneshot" => AutoType::SingleRun,
+            other => {
+                s.err(
+                    "auto_type",
+                    format!("{other:?} must be \"resident\", \"periodic\" or \"single-run\""),
+                );
+                AutoType::Resident
+            }
+        },
+        Some(v) => {
+            s.err(
+                "auto_type",
+                format!("expected an integer or a name, got {}", v.type_str()),
+            );
+            AutoType::Resident
+        }
+    };
+    let env = match s.table("env") {
+        None => BTreeMap::new(),
+        Some(et) => {
+            let mut m = BTreeMap::new();
+            for (k, v) in et {
+                match v.as_str() {
+                    Some(v) => {
+                        m.insert(k.clone(), v.to_string());
+                    }
+                    None => s.err(&format!("env.{k}"), "environment values must be strings"),
+                }
+            }
+            m
+        }
+    };
+    let spec = ProcSpec {
+        setup_path,
+        proc_name: s.string("proc_name", ""),
+        pid_path,
+        config_path,
+        log_path,
+        account,
+        contact: s.string("contact", ""),
+        func_id: s.string("func_id", ""),
+        instance_id: s.string("instance_id", ""),
+        value_key: s.string("value_key", ""),
+        start_cmd: s.string("start_cmd", ""),
+        stop_cmd: s.string("stop_cmd", ""),
+        restart_cmd: s.string("restart_cmd", ""),
+        reload_cmd: s.string("reload_cmd", ""),
+        kill_cmd: s.string("kill_cmd", ""),
+        version_cmd: s.string("version_cmd", ""),
+        health_cmd: s.string("health_cmd", ""),
+        cpu_lmt: s.float("cpu_lmt", 0.0, 0.0, 100.0),
+        mem_lmt: s.float("mem_lmt", 0.0, 0.0, 100.0),
+        auto_type,
+        start_check_secs: s.int(
+            "start_check_secs",
+            crate::spec::DEFAULT_START_CHECK_SECS as i64,
+            0,
+            3600,
+        ) as u64,
+        start_check_begin_time: s
+            .opt_int("start_check_begin_time", 0, 3600)
+            .map(|v| v as u64),
+        start_check_end_time: s.opt_int("start_check_end_time", 0, 3600).map(|v| v as u64),
+        stop_check_secs: s.int(
+            "stop_check_secs",
+            crate::spec::DEFAULT_STOP_CHECK_SECS as i64,
+            0,
+            3600,
+        ) as u64,
+        op_timeout: s.int(
+            "op_timeout",
+            crate::spec::DEFAULT_OP_TIMEOUT as i64,
+            1,
+            86_400,
+        ) as u64,
+        cycle_time: s.int("cycle_time", 0, 0, 31_536_000) as u64,
+        instance_num: s.int("instance_num", 1, 1, 256) as u32,
+        start_retries: s.opt_int("start_retries", 0, 100).map(|v| v as u32),
+        start_interval: s.opt_int("start_interval", 0, 3600).map(|v| v as u64),
+        cmd_shell_ext: s.string("cmd_shell_ext", ""),
+        env,
+    };
+    let autostart = s.boolean("autostart", true);
+    for e in spec.validate() {
+        s.err(&e.field, e.message);
+    }
+    s.finish();
+    if errs.borrow().len() > before {
+        return None;
+    }
+    let now = crate::util::unix_now();
+    Some(ProcessConfig {
+        definition: Definition {
+            key,
+            labels,
+            spec,
+            source: Source::Config {
+                file: fname.to_string(),
+            },
+            register_time: now,
+            updated_time: now,
+        },
+        autostart,
+    })
+}
+
+fn toml_to_json(v: &toml::Value) -> Option<serde_json::Value> {
+    match v {
+        toml::Value::String(s) => Some(serde_json::Value::String(s.clone())),
+        toml::Value::Integer(i) => Some(serde_json::Value::from(*i)),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f).map(serde_json::Value::Number),
+        toml::Value::Boolean(b) => Some(serde_json::Value::Bool(*b)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config, ConfigErrors> {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agent.toml");
+        std::fs::write(&f, text).unwrap();
+        load_with_base(&f, dir.path())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load_text("").unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/procagent/procagent.sock"));
+        assert_eq!(c.host.ip, "auto");
+        assert_eq!(c.supervisor.backoff_initial, Duration::from_secs(1));
+        assert_eq!(c.supervisor.backoff_max, Duration::from_secs(60));
+        assert_eq!(c.api.max_body_bytes, 4 << 20);
+        assert!(c.processes.is_empty());
+    }
+
+    #[test]
+    fn every_error_is_listed_with_file_and_key() {
+        let err = load_text(
+            r#"
+[agent]
+socket = 5
+bogus = 1
+log_format = "xml"
+[host]
+ip = "not-an-ip"
+[supervisor]
+backoff_initial = "soon"
+[[process]]
+namespace = "demo"
+name = "a"
+proc_name = "a"
+setup_path = "/tmp"
+op_timeout = 0
+colour = "red"
+"#,
+        )
+        .unwrap_err();
+        let all = err.0.join("\n");
+        for needle in [
+            "agent.socket: expected a string",
+            "agent.bogus: unknown key",
+            "agent.log_format",
+            "host.ip",
+            "supervisor.backoff_initial",
+            "op_timeout",
+            "colour: unknown key",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(
+            err.0.iter().all(|l| l.contains("agent.toml")),
+            "file named: {all}"
+        );
+        assert!(err.0.len() >= 7);
+    }
+
+    #[test]
+    fn process_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agent.toml");
+        std::fs::write(
+            &f,
+            r#"
+[agent]
+state_dir = "state"
+[[process]]
+namespace = "demo"
+name = "web"
+labels = { app = "web", tier = 2 }
+setup_path = "app"
+proc_name = "web"
+pid_path = "run/web.pid"
+start_cmd = "./web"
+auto_type = "resident"
+"#,
+        )
+        .unwrap();
+        let c = load_with_base(&f, dir.path()).unwrap();
+        assert_eq!(c.state_dir, dir.path().join("state"));
+        let p = &c.processes[0];
+        assert_eq!(p.definition.key, ProcKey::new("demo", "web"));
+        assert_eq!(
+            p.definition.spec.setup_path,
+            dir.path().join("app").display().to_string()
+        );
+        assert_eq!(p.definition.labels["tier"], serde_json::json!(2));
+        assert!(p.autostart);
+    }
+
+    #[test]
+    fn conf_dir_and_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        std::fs::write(
+            dir.path().join("conf.d/a.toml"),
+            "[[process]]\nnamespace='n'\nname='x'\nproc_name='x'\nsetup_path='/tmp'\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("conf.d/b.toml"),
+            "[[process]]\nnamespace='n'\nname='x'\nproc_name='x'\nsetup_path='/tmp'\n",
+        )
+        .unwrap();
+        let f = dir.path().join("agent.toml");
+        std::fs::write(&f, "[agent]\nconf_dir = 'conf.d'\n").unwrap();
+        let err = load_with_base(&f, dir.path()).unwrap_err();
+        assert!(
+            err.0.iter().any(|e| e.contains("already declared")),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join("conf.d/b.toml")).unwrap();
+        let c = load_with_base(&f, dir.path()).unwrap();
+        assert_eq!(c.processes.len(), 1);
+    }
+}

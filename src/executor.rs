@@ -1,0 +1,396 @@
+//! Running control commands: `sh -c CMD` in `setup_path`, as the configured account, in its
+//! own session, with a clean environment, its output appended to the process's output file.
+//!
+//! * Identity: the account is resolved in the parent (uid, gid, supplementary groups from
+//!   `getgrouplist`, HOME and SHELL from passwd); the child only makes syscalls
+//!   ([`crate::sys::install_pre_exec`]). `HOME`, `USER`, `LOGNAME`, `SHELL` and a fixed `PATH`
+//!   are set for the account, never inherited from root.
+//! * Output: stdout and stderr go to `STATE/output/<key>.log` (append), never to a pipe: a
+//!   daemon started by the command inherits them and would hold a pipe open forever. The part
+//!   a command wrote is read back, bounded, once its shell exits.
+//! * Waiting: the reaper reports the shell's exit; on `op_timeout` the command's whole process
+//!   group (its session) is killed with SIGKILL.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::reaper::Reaper;
+use crate::spec::ProcKey;
+use crate::sys::{self, ExitInfo, SpawnIdentity};
+
+/// Failures to run a command at all (as opposed to a command that ran and failed).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("account {0:?} does not exist")]
+    NoSuchAccount(String),
+    #[error(
+        "the agent runs as uid {agent_uid} and cannot run commands as account {account:?} (only root can switch accounts)"
+    )]
+    CannotSwitch { agent_uid: u32, account: String },
+    #[error("setup_path {0} does not exist or is not a directory")]
+    NoSetupPath(String),
+    #[error("cannot open the output file {path}: {source}")]
+    Output {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the command: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// A resolved account.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: String,
+    pub shell: String,
+}
+
+/// Resolve `name` (empty: the agent's own account).
+pub fn resolve_account(name: &str) -> Result<Account, ExecError> {
+    let user = if name.is_empty() {
+        nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+    } else {
+        nix::unistd::User::from_name(name).ok().flatten()
+    };
+    let Some(u) = user else {
+        if name.is_empty() {
+            // No passwd entry for our own uid (containers): run as we are.
+            let uid = nix::unistd::getuid().as_raw();
+            let gid = nix::unistd::getgid().as_raw();
+            return Ok(Account {
+                name: uid.to_string(),
+                uid,
+                gid,
+                groups: vec![gid],
+                home: "/".into(),
+                shell: "/bin/sh".into(),
+            });
+        }
+        return Err(ExecError::NoSuchAccount(name.to_string()));
+    };
+    let groups = CString::new(u.name.clone())
+        .ok()
+        .and_then(|c| nix::unistd::getgrouplist(&c, u.gid).ok())
+        .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|| vec![u.gid.as_raw()]);
+    Ok(Account {
+        name: u.name,
+        uid: u.uid.as_raw(),
+        gid: u.gid.as_raw(),
+        groups,
+        home: u.dir.display().to_string(),
+        shell: u.shell.display().to_string(),
+    })
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct CommandRequest {
+    pub key: ProcKey,
+    /// `start_cmd`, `stop_cmd`, ... (written in the output file's header line).
+    pub label: String,
+    pub command: String,
+    pub cwd: PathBuf,
+    pub account: String,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Duration,
+}
+
+/// A command that was started.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The shell's pid (also its process group and session id).
+    pub pid: i32,
+    /// Resolves when the reaper collects the shell.
+    pub exit: tokio::sync::oneshot::Receiver<ExitInfo>,
+    /// Where its output goes and the offset it started at.
+    pub output: PathBuf,
+    pub output_start: u64,
+    /// Boot-clock ticks just before the spawn: every process it forks starts at or after this.
+    pub spawned_ticks: u64,
+}
+
+/// How a command finished.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub exit: ExitInfo,
+    pub timed_out: bool,
+    /// Its output, bounded.
+    pub output: String,
+}
+
+impl Finished {
+    pub fn success(&self) -> bool {
+        !self.timed_out && self.exit.success()
+    }
+}
+
+/// Runs commands; cheap to clone.
+#[derive(Clone)]
+pub struct Executor {
+    reaper: Reaper,
+    output_dir: PathBuf,
+    max_output: usize,
+    umask: u32,
+    agent_uid: u32,
+}
+
+/// Output files larger than this are trimmed (copy-truncate keeps the newest half).
+const MAX_OUTPUT_FILE: u64 = 16 << 20;
+
+impl Executor {
+    pub fn new(reaper: Reaper, output_dir: PathBuf, max_output: usize, umask: u32) -> Executor {
+        Executor {
+            reaper,
+            output_dir,
+            max_output,
+            umask,
+            agent_uid: nix::unistd::getuid().as_raw(),
+        }
+    }
+
+    /// The output file of a process.
+    pub fn output_path(&self, key: &ProcKey) -> PathBuf {
+        self.output_dir.join(format!(
+            "{}.log",
+            crate::util::safe_file_stem(&key.namespace, &key.name)
+        ))
+    }
+
+    fn open_output(&self, key: &ProcKey) -> Result<(File, PathBuf), ExecError> {
+        let path = self.output_path(key);
+        let err = |source| ExecError::Output {
+            path: path.display().to_string(),
+            source,
+        };
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(err)?;
+        if let Ok(m) = f.metadata()
+            && m.len() > MAX_OUTPUT_FILE
+        {
+            trim_file(&path, MAX_OUTPUT_FILE / 2);
+        }
+        Ok((f, path))
+    }
+
+    /// Resolve the identity a command runs with.
+    fn identity(&self, account: &str) -> Result<(SpawnIdentity, Account), ExecError> {
+        let acct = resolve_account(account)?;
+        let switch_to = if acct.uid == self.agent_uid {
+            None
+        } else if self.agent_uid == 0 {
+            Some((acct.uid, acct.gid, acct.groups.clone()))
+        } else {
+            return Err(ExecError::CannotSwitch {
+                agent_uid: self.agent_uid,
+                account: account.to_string(),
+            });
+        };
+        Ok((
+            SpawnIdentity {
+                switch_to,
+                umask: self.umask,
+            },
+            acct,
+        ))
+    }
+
+    /// Start `sh -c CMD` and return at once.
+    pub fn spawn(&self, req: &CommandRequest) -> Result<Spawned, ExecError> {
+        if !req.cwd.is_dir() {
+            return Err(ExecError::NoSetupPath(req.cwd.display().to_string()));
+        }
+        let (ident, acct) = self.identity(&req.account)?;
+        let (mut out, path) = self.open_output(&req.key)?;
+        let _ = writeln!(
+            out,
+            "--- {} {} as {}: {}",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+            req.label,
+            acct.name,
+            req.command
+        );
+        let start = out.seek(SeekFrom::End(0)).unwrap_or(0);
+        let err_out = out.try_clone().map_err(ExecError::Spawn)?;
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(&req.command)
+            .current_dir(&req.cwd)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("HOME", &acct.home)
+            .env("USER", &acct.name)
+            .env("LOGNAME", &acct.name)
+            .env(
+                "SHELL",
+                if acct.shell.is_empty() {
+                    "/bin/sh"
+                } else {
+                    &acct.shell
+                },
+            )
+            .env("PROCAGENT_NAMESPACE", &req.key.namespace)
+            .env("PROCAGENT_NAME", &req.key.name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err_out));
+        for var in ["LANG", "LC_ALL", "TZ"] {
+            if let Ok(v) = std::env::var(var) {
+                cmd.env(var, v);
+            }
+        }
+        for (k, v) in &req.env {
+            cmd.env(k, v);
+        }
+        sys::install_pre_exec(&mut cmd, ident);
+        let spawned_ticks = crate::procinfo::now_ticks_floor();
+        let child = cmd.spawn().map_err(ExecError::Spawn)?;
+        let pid = child.id() as i32;
+        // Never wait on the Child: the reaper collects it.
+        drop(child);
+        let exit = self.reaper.wait_for(pid);
+        Ok(Spawned {
+            pid,
+            exit,
+            output: path,
+            output_start: start,
+            spawned_ticks,
+        })
+    }
+
+    /// Kill a command's whole process group (its session), if the shell is not reaped yet.
+    pub fn kill_group(&self, pid: i32) {
+        self.reaper.with_unreaped(pid, || {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        });
+    }
+
+    /// The bounded output a spawned command has written so far.
+    pub fn read_output(&self, sp: &Spawned) -> String {
+        read_span(&sp.output, sp.output_start, self.max_output)
+    }
+
+    /// Run a command to completion (or until its timeout, when its group is killed).
+    pub async fn run(&self, req: &CommandRequest) -> Result<Finished, ExecError> {
+        let mut sp = self.spawn(req)?;
+        self.wait(&mut sp, req.timeout).await
+    }
+
+    /// Wait for a spawned command, killing its group at `timeout`.
+    pub async fn wait(&self, sp: &mut Spawned, timeout: Duration) -> Result<Finished, ExecError> {
+        let (exit, timed_out) = match tokio::time::timeout(timeout, &mut sp.exit).await {
+            Ok(Ok(exit)) => (exit, false),
+            Ok(Err(_)) => (ExitInfo::Unknown, false),
+            Err(_) => {
+                self.kill_group(sp.pid);
+                let exit = tokio::time::timeout(Duration::from_secs(5), &mut sp.exit)
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .unwrap_or(ExitInfo::Unknown);
+                (exit, true)
+            }
+        };
+        Ok(Finished {
+            exit,
+            timed_out,
+            output: self.read_output(sp),
+        })
+    }
+}
+
+/// Read `[start, end)` of a file, keeping at most `max` bytes from the end.
+pub fn read_span(path: &Path, start: u64, max: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let end = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if end <= start {
+        return String::new();
+    }
+    let from = start.max(end.saturating_sub(max as u64));
+    if f.seek(SeekFrom::Start(from)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::with_capacity((end - from) as usize);
+    let _ = f.take(end - from).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    if from > start {
+        format!("[... {} bytes cut ...]\n{}", from - start, text)
+    } else {
+        text
+    }
+}
+
+/// Keep only the last `keep` bytes of a file, in place (writers with O_APPEND keep working).
+fn trim_file(path: &Path, keep: u64) {
+    let Ok(mut f) = OpenOptions::new().read(true).write(true).open(path) else {
+        return;
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len <= keep {
+        return;
+    }
+    let mut tail = Vec::new();
+    if f.seek(SeekFrom::Start(len - keep)).is_err()
+        || (&mut f).take(keep).read_to_end(&mut tail).is_err()
+    {
+        return;
+    }
+    let rotated = path.with_extension("log.1");
+    let _ = std::fs::copy(path, &rotated);
+    if f.set_len(0).is_ok() && f.seek(SeekFrom::Start(0)).is_ok() {
+        let _ = f.write_all(b"[... older output moved to .log.1 ...]\n");
+        let _ = f.write_all(&tail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_span_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("o.log");
+        std::fs::write(&p, "headerHELLO WORLD").unwrap();
+        assert_eq!(read_span(&p, 6, 100), "HELLO WORLD");
+        let t = read_span(&p, 6, 5);
+        assert!(t.ends_with("WORLD") && t.contains("6 bytes cut"), "{t}");
+        assert_eq!(read_span(&p, 100, 5), "");
+    }
+
+    #[test]
+    fn own_account_resolves() {
+        let a = resolve_account("").unwrap();
+        assert_eq!(a.uid, nix::unistd::getuid().as_raw());
+        assert!(matches!(
+            resolve_account("no-such-user-xyz"),
+            Err(ExecError::NoSuchAccount(_))
+        ));
+    }
+}

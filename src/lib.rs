@@ -1,0 +1,38 @@
+//! procagent: a host-side process supervisor that speaks Tencent BlueKing GSE's process APIs
+//! over a local unix socket.
+//!
+//! # Layout
+//! * [`config`]: the TOML config, strict, every error reported at once.
+//! * [`spec`]: process definitions (key + GSE spec) and their validation.
+//! * [`proto`]: the API's request/response types, shared by server, CLI and tests.
+//! * [`registry`]: definitions with their durable and runtime state.
+//! * [`store`]: SQLite persistence (one writer thread, WAL, group commit).
+//! * [`supervisor`]: the engine: operations, exit handling, restart policy ([`supervisor::policy`] is pure).
+//! * [`executor`]: running control commands as an account, in their own session, output captured.
+//! * [`reaper`]: the one `waitpid` reaper (the agent is a child subreaper).
+//! * [`procinfo`]: `/proc` identity reads and the pid-file parser.
+//! * [`probe`]: resource sampling and metrics.
+//! * [`api`]: the HTTP/1.1 + JSON socket server, authorization, and the client.
+//! * [`cli`]: the `procagent` command.
+//! * [`daemon`]: [`daemon::run`], the entry point the binary and the tests share.
+//! * [`sys`]: the only module with `unsafe` (pidfds, pre_exec, subreaper).
+#![deny(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod executor;
+pub mod host;
+pub mod probe;
+pub mod procinfo;
+pub mod proto;
+pub mod reaper;
+pub mod registry;
+pub mod spec;
+pub mod store;
+pub mod supervisor;
+pub mod sys;
+pub mod tasks;
+pub mod util;

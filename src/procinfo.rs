@@ -1,0 +1,360 @@
+//! Reading what the kernel says about a process: identity (pid + start time + boot id),
+//! state, process group, parent, name, and the pid-file parser.
+//!
+//! A process is identified by `(pid, starttime, boot_id)`: `starttime` is field 22 of
+//! `/proc/PID/stat` (clock ticks since boot, immune to pid reuse) and `boot_id` comes from
+//! `/proc/sys/kernel/random/boot_id` (so a record from before a reboot never matches).
+//! Parsing of `stat` is done by the `procfs` crate, which splits at the last `)` so a `comm`
+//! with spaces or parentheses is read correctly.
+
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use procfs::FromRead;
+
+/// The fields of `/proc/PID/stat` the agent uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: i32,
+    pub comm: String,
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    pub session: i32,
+    pub utime: u64,
+    pub stime: u64,
+    pub starttime: u64,
+    pub rss_pages: u64,
+}
+
+impl ProcStat {
+    /// A zombie or dead task: it has exited, only its entry remains.
+    pub fn is_exited(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+
+    fn from_procfs(s: procfs::process::Stat) -> ProcStat {
+        ProcStat {
+            pid: s.pid,
+            comm: s.comm,
+            state: s.state,
+            ppid: s.ppid,
+            pgrp: s.pgrp,
+            session: s.session,
+            utime: s.utime,
+            stime: s.stime,
+            starttime: s.starttime,
+            rss_pages: s.rss,
+        }
+    }
+}
+
+/// Parse the text of a `/proc/PID/stat` file (used by the sampler and by fixture tests).
+pub fn parse_stat(text: &[u8]) -> Option<ProcStat> {
+    procfs::process::Stat::from_read(text)
+        .ok()
+        .map(ProcStat::from_procfs)
+}
+
+/// Read `/proc/PID/stat`; `None` when the process does not exist (or cannot be read).
+pub fn read_stat(pid: i32) -> Option<ProcStat> {
+    if pid <= 0 {
+        return None;
+    }
+    let mut buf = Vec::with_capacity(512);
+    let mut f = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    f.read_to_end(&mut buf).ok()?;
+    parse_stat(&buf)
+}
+
+/// The kernel's boot id; empty when unreadable (then boot checks are skipped).
+pub fn boot_id() -> &'static str {
+    static BOOT_ID: OnceLock<String> = OnceLock::new();
+    BOOT_ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of start times and cpu times.
+pub fn ticks_per_second() -> u64 {
+    static TCK: OnceLock<u64> = OnceLock::new();
+    *TCK.get_or_init(|| procfs::ticks_per_second().max(1))
+}
+
+/// Page size in bytes.
+pub fn page_size() -> u64 {
+    static PS: OnceLock<u64> = OnceLock::new();
+    *PS.get_or_init(|| procfs::page_size().max(1))
+}
+
+/// The current boot-time clock in start-time ticks, rounded down and minus one tick of margin:
+/// any process forked after this call has `starttime >=` the returned value.
+pub fn now_ticks_floor() -> u64 {
+    let ns = crate::sys::boottime_nanos();
+    let ticks = (ns as u128 * ticks_per_second() as u128 / 1_000_000_000u128) as u64;
+    ticks.saturating_sub(1)
+}
+
+/// The process's argv, split on NUL; empty when unreadable (kernel threads, gone).
+pub fn cmdline(pid: i32) -> Vec<String> {
+    let Ok(bytes) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return Vec::new();
+    };
+    bytes
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+/// The process's executable path, with a " (deleted)" suffix removed (a binary replaced on
+/// upgrade is still the same program).
+pub fn exe(pid: i32) -> Option<String> {
+    let p = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let s = p.to_string_lossy().into_owned();
+    Some(s.strip_suffix(" (deleted)").unwrap_or(&s).to_string())
+}
+
+fn basename(s: &str) -> &str {
+    s.rsplit('/').next().unwrap_or(s)
+}
+
+/// Does the process look like `proc_name`? True when the executable's file name, `comm`
+/// (which the kernel truncates to 15 bytes), or the file name of `argv[0]` or `argv[1]`
+/// (an interpreter running a script: `sh ./daemon.sh`, `python3 app.py`) equals it.
+pub fn matches_proc_name(pid: i32, comm: &str, proc_name: &str) -> bool {
+    let want = basename(proc_name.trim());
+    if want.is_empty() {
+        return true;
+    }
+    if comm == want || (comm.len() >= 15 && want.starts_with(comm)) {
+        return true;
+    }
+    if let Some(exe) = exe(pid)
+        && basename(&exe) == want
+    {
+        return true;
+    }
+    let argv = cmdline(pid);
+    argv.iter().take(2).any(|a| {
+        // argv[0] may carry arguments when a daemon rewrites its title ("nginx: master").
+        let first = a.split_whitespace().next().unwrap_or("");
+        basename(first) == want || basename(first).trim_end_matches(':') == want
+    })
+}
+
+/// Every pid whose process group is `pgid` (scan of /proc).
+pub fn pids_in_group(pgid: i32) -> Vec<i32> {
+    all_stats()
+        .into_iter()
+        .filter(|s| s.pgrp == pgid && !s.is_exited())
+        .map(|s| s.pid)
+        .collect()
+}
+
+/// `pid` and all its living descendants (by parent links at the time of the scan).
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let stats = all_stats();
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        for s in &stats {
+            if s.ppid == parent && !s.is_exited() && !out.contains(&s.pid) {
+                out.push(s.pid);
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The stat of every process on the host.
+pub fn all_stats() -> Vec<ProcStat> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter_map(read_stat)
+        .collect()
+}
+
+/// The kernel's maximum pid.
+pub fn pid_max() -> i64 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4_194_304)
+}
+
+/// Why a pid file was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PidFileError {
+    #[error("pid file {0} does not exist")]
+    Missing(String),
+    #[error("pid file {path} is a symlink or not a regular file")]
+    NotRegular { path: String },
+    #[error("pid file {path} could not be read: {reason}")]
+    Unreadable { path: String, reason: String },
+    #[error("pid file {path} does not hold a pid: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
+/// Largest pid file we read; anything longer is not a pid file.
+const PID_FILE_MAX: u64 = 128;
+
+/// Parse pid-file text strictly: optional surrounding whitespace, then decimal digits only,
+/// within `2..=pid_max`, and not `own_pid` (the agent itself). Pid 1 (init) is never a
+/// managed process.
+pub fn parse_pid_text(text: &str, pid_max: i64, own_pid: i32) -> Result<i32, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Err("empty".into());
+    }
+    if !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("not a decimal number: {:?}", truncate(t, 32)));
+    }
+    if t.len() > 10 {
+        return Err("number too large".into());
+    }
+    let n: i64 = t.parse().map_err(|_| "number too large".to_string())?;
+    if n <= 1 {
+        return Err(format!("pid {n} is not a manageable process"));
+    }
+    if n > pid_max {
+        return Err(format!("pid {n} is above pid_max {pid_max}"));
+    }
+    if n == own_pid as i64 {
+        return Err(format!("pid {n} is the agent itself"));
+    }
+    Ok(n as i32)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// Read and validate a pid file. The final path component must not be a symlink (opened with
+/// O_NOFOLLOW) and must be a regular file of at most 128 bytes.
+pub fn read_pid_file(path: &Path) -> Result<i32, PidFileError> {
+    let disp = path.display().to_string();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path);
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(PidFileError::Missing(disp));
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(PidFileError::NotRegular { path: disp });
+        }
+        Err(e) => {
+            return Err(PidFileError::Unreadable {
+                path: disp,
+                reason: e.to_string(),
+            });
+        }
+    };
+    match file.metadata() {
+        Ok(m) if m.is_file() => {}
+        _ => return Err(PidFileError::NotRegular { path: disp }),
+    }
+    let mut buf = Vec::new();
+    (&mut file)
+        .take(PID_FILE_MAX + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| PidFileError::Unreadable {
+            path: disp.clone(),
+            reason: e.to_string(),
+        })?;
+    if buf.len() as u64 > PID_FILE_MAX {
+        return Err(PidFileError::Invalid {
+            path: disp,
+            reason: format!("longer than {PID_FILE_MAX} bytes"),
+        });
+    }
+    let text = String::from_utf8_lossy(&buf);
+    parse_pid_text(&text, pid_max(), std::process::id() as i32)
+        .map_err(|reason| PidFileError::Invalid { path: disp, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_spaces_and_parens_in_comm() {
+        let line = b"4242 (my (odd) proc) S 1 4242 4242 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 1 0 123456 10000000 250 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
+        let s = parse_stat(line).expect("parses");
+        assert_eq!(s.pid, 4242);
+        assert_eq!(s.comm, "my (odd) proc");
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.ppid, 1);
+        assert_eq!(s.utime, 7);
+        assert_eq!(s.stime, 3);
+        assert_eq!(s.starttime, 123456);
+        assert_eq!(s.rss_pages, 250);
+    }
+
+    #[test]
+    fn pid_text_table() {
+        let cases: &[(&str, Result<i32, ()>)] = &[
+            ("1234\n", Ok(1234)),
+            ("  77  ", Ok(77)),
+            ("", Err(())),
+            ("abc", Err(())),
+            ("-5", Err(())),
+            ("12 34", Err(())),
+            ("1", Err(())),
+            ("0", Err(())),
+            ("99999999999999999999", Err(())),
+            ("5000000", Err(())),
+            ("4242", Err(())), // own pid
+            ("0x10", Err(())),
+        ];
+        for (text, want) in cases {
+            let got = parse_pid_text(text, 4_194_304, 4242).map_err(|_| ());
+            assert_eq!(&got, want, "input {text:?}");
+        }
+    }
+
+    #[test]
+    fn pid_file_symlink_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.pid");
+        std::fs::write(&real, "1234\n").unwrap();
+        let link = dir.path().join("link.pid");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(matches!(
+            read_pid_file(&link),
+            Err(PidFileError::NotRegular { .. })
+        ));
+        assert_eq!(read_pid_file(&real), Ok(1234));
+        assert!(matches!(
+            read_pid_file(&dir.path().join("none.pid")),
+            Err(PidFileError::Missing(_))
+        ));
+        let big = dir.path().join("big.pid");
+        std::fs::write(&big, "1".repeat(500)).unwrap();
+        assert!(matches!(
+            read_pid_file(&big),
+            Err(PidFileError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn own_process_is_readable() {
+        let me = std::process::id() as i32;
+        let s = read_stat(me).expect("own stat");
+        assert_eq!(s.pid, me);
+        assert!(s.starttime > 0);
+        assert!(!boot_id().is_empty());
+    }
+}

@@ -1,0 +1,748 @@
+//! Request and response types of the socket API, shared by the server, the CLI and the tests.
+//!
+//! The shapes follow GSE's API documents (`shared/seeds/*.md`) field for field, plus what the
+//! real callers (GSEKit, bk-nodeman) send: unknown keys are ignored at every level, numbers
+//! may arrive as strings, `null` means "absent", and hosts come as `{ip, bk_cloud_id,
+//! bk_supplier_id}`, `{ip, bk_cloud_id}` or GSE 2.0 `agent_id_list` strings.
+//!
+//! Every response is the envelope `{result, code, message, data, request_id}`.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::spec::{AutoType, FieldError, Labels, ProcKey, ProcSpec};
+
+/// GSE result codes (per key in `data`, or top-level `code`).
+pub mod codes {
+    pub const SUCCESS: i64 = 0;
+    /// Per key: still running, poll again.
+    pub const RUNNING: i64 = 115;
+    /// Per key: the host named is not this agent.
+    pub const AGENT_NOT_FOUND: i64 = 117;
+    /// Per key: start asked but the right process is already running.
+    pub const PROC_RUNNING: i64 = 828;
+    /// Per key: stop asked but the process is not running; also unregister of an unknown key.
+    pub const PROC_NOT_RUNNING: i64 = 829;
+    /// procagent: the spec is invalid or lacks the command the operation needs.
+    pub const SPEC_INVALID: i64 = 830;
+    /// Request: op_type is not one of 0,1,2,3,4,7,8,9.
+    pub const UNKNOWN_OP_TYPE: i64 = 832;
+    /// Per key: the post-check failed (not running after start; "stop..." still running).
+    pub const POST_CHECK_ERROR: i64 = 836;
+    /// Per key: already registered.
+    pub const ALREADY_REGISTERED: i64 = 850;
+    /// procagent: the process is not registered and no spec was given inline.
+    pub const NOT_REGISTERED: i64 = 851;
+    /// Per key: a command failed; `error_msg` carries its bounded output.
+    pub const OP_FAILED: i64 = 65535;
+    /// Top level: task queued, not visible yet (reserved; this agent registers tasks before
+    /// answering, so it never needs it).
+    pub const TASK_QUEUED: i64 = 1_000_115;
+    /// Request: malformed JSON, wrong types, missing or invalid fields.
+    pub const BAD_REQUEST: i64 = 1_000_400;
+    /// Request: the peer may not do this.
+    pub const FORBIDDEN: i64 = 1_000_403;
+    /// Request: unknown endpoint or unknown task id.
+    pub const NOT_FOUND: i64 = 1_000_404;
+    /// Request: wrong HTTP method.
+    pub const METHOD_NOT_ALLOWED: i64 = 1_000_405;
+    /// Request: took too long.
+    pub const TIMEOUT: i64 = 1_000_408;
+    /// Request: body over the limit.
+    pub const TOO_LARGE: i64 = 1_000_413;
+    /// Request: internal failure (the state store refused a write, ...).
+    pub const INTERNAL: i64 = 1_000_500;
+    /// Request: temporarily unable (store not writable, shutting down).
+    pub const UNAVAILABLE: i64 = 1_000_503;
+}
+
+/// The response envelope.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub result: bool,
+    pub code: i64,
+    pub message: String,
+    pub data: Option<T>,
+    #[serde(default)]
+    pub request_id: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Lenient scalar decoding
+
+/// An integer that may arrive as a number, a numeric string, or null/absent.
+pub fn de_opt_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    match &v {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Ok(Some(i))
+            } else if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15) {
+                Ok(Some(f as i64))
+            } else {
+                Err(serde::de::Error::custom(format!(
+                    "expected an integer, got {n}"
+                )))
+            }
+        }
+        serde_json::Value::String(s) if s.trim().is_empty() => Ok(None),
+        serde_json::Value::String(s) => s
+            .trim()
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("expected an integer, got {s:?}"))),
+        other => Err(serde::de::Error::custom(format!(
+            "expected an integer, got {}",
+            kind(other)
+        ))),
+    }
+}
+
+/// A number that may arrive as a number, a numeric string, or null/absent.
+pub fn de_opt_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    match &v {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::Number(n) => Ok(n.as_f64()),
+        serde_json::Value::String(s) if s.trim().is_empty() => Ok(None),
+        serde_json::Value::String(s) => s
+            .trim()
+            .parse::<f64>()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("expected a number, got {s:?}"))),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a number, got {}",
+            kind(other)
+        ))),
+    }
+}
+
+/// A string that may be null/absent (→ empty). Numbers are accepted and rendered.
+pub fn de_str<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    match v {
+        serde_json::Value::Null => Ok(String::new()),
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a string, got {}",
+            kind(&other)
+        ))),
+    }
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+fn de_labels<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+    let v = Option::<Labels>::deserialize(d)?;
+    Ok(v.unwrap_or_default())
+}
+
+fn de_vec<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
+// ---------------------------------------------------------------------------------------
+// Request pieces
+
+/// GSE `meta`: `namespace` + `name` identify the process; `labels` are free-form.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Meta {
+    #[serde(default, deserialize_with = "de_str")]
+    pub namespace: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub name: String,
+    #[serde(default, deserialize_with = "de_labels")]
+    pub labels: Labels,
+}
+
+impl Meta {
+    pub fn key(&self) -> ProcKey {
+        ProcKey::new(self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// A host as callers send it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HostWire {
+    #[serde(default, deserialize_with = "de_str", alias = "bk_host_innerip")]
+    pub ip: String,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub bk_cloud_id: Option<i64>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_i64",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub bk_supplier_id: Option<i64>,
+}
+
+/// GSE `spec.identity`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IdentityWire {
+    #[serde(default, deserialize_with = "de_str")]
+    pub proc_name: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub setup_path: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub pid_path: String,
+    #[serde(default, deserialize_with = "de_str", alias = "cfg_path")]
+    pub config_path: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub log_path: String,
+    #[serde(default, deserialize_with = "de_str", alias = "account")]
+    pub user: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub value_key: String,
+}
+
+/// GSE `spec.control`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ControlWire {
+    #[serde(default, deserialize_with = "de_str")]
+    pub start_cmd: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub stop_cmd: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub restart_cmd: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub reload_cmd: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub kill_cmd: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub version_cmd: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub health_cmd: String,
+}
+
+/// GSE `spec.resource` (percentages; fd/disk/net are reserved and ignored).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ResourceWire {
+    #[serde(default, deserialize_with = "de_opt_f64")]
+    pub cpu: Option<f64>,
+    #[serde(default, deserialize_with = "de_opt_f64")]
+    pub mem: Option<f64>,
+}
+
+/// GSE `spec.monitor_policy` / `spec.alive_monitor_policy`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PolicyWire {
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub auto_type: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub start_check_secs: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub stop_check_secs: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub start_retries: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub start_interval: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub op_timeout: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub cycle_time: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub instance_num: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub start_check_begin_time: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub start_check_end_time: Option<i64>,
+    #[serde(default, deserialize_with = "de_str")]
+    pub cmd_shell_ext: String,
+}
+
+/// GSE `spec`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SpecWire {
+    #[serde(default)]
+    pub identity: Option<IdentityWire>,
+    #[serde(default)]
+    pub control: Option<ControlWire>,
+    #[serde(default)]
+    pub resource: Option<ResourceWire>,
+    #[serde(default)]
+    pub monitor_policy: Option<PolicyWire>,
+    #[serde(default)]
+    pub alive_monitor_policy: Option<PolicyWire>,
+}
+
+fn nonneg(field: &str, v: Option<i64>, errs: &mut Vec<FieldError>) -> Option<u64> {
+    match v {
+        Some(i) if i < 0 => {
+            errs.push(FieldError {
+                field: field.to_string(),
+                message: format!("must not be negative, got {i}"),
+            });
+            None
+        }
+        Some(i) => Some(i as u64),
+        None => None,
+    }
+}
+
+impl SpecWire {
+    /// Turn a wire spec into a [`ProcSpec`], defaults filled in (`op_timeout` 60 s,
+    /// `start_check_secs` 5 s when absent or null). Field names in errors are the wire
+    /// paths (`spec.identity.setup_path`).
+    pub fn to_spec(&self) -> Result<ProcSpec, Vec<FieldError>> {
+        let mut errs = Vec::new();
+        let id = self.identity.clone().unwrap_or_default();
+        let ctl = self.control.clone().unwrap_or_default();
+        let res = self.resource.clone().unwrap_or_default();
+        let pol = self
+            .monitor_policy
+            .clone()
+            .or_else(|| self.alive_monitor_policy.clone())
+            .unwrap_or_default();
+        let auto_type = match pol.auto_type {
+            None => AutoType::Resident,
+            Some(c) => AutoType::from_code(c).unwrap_or_else(|| {
+                errs.push(FieldError {
+                    field: "spec.monitor_policy.auto_type".into(),
+                    message: format!(
+                        "must be 0 (periodic), 1 (resident) or 2 (single-run), got {c}"
+                    ),
+                });
+                AutoType::Resident
+            }),
+        };
+        let p = "spec.monitor_policy.";
+        let spec = ProcSpec {
+            setup_path: id.setup_path,
+            proc_name: id.proc_name,
+            pid_path: id.pid_path,
+            config_path: id.config_path,
+            log_path: id.log_path,
+            account: id.user,
+            value_key: id.value_key,
+            start_cmd: ctl.start_cmd,
+            stop_cmd: ctl.stop_cmd,
+            restart_cmd: ctl.restart_cmd,
+            reload_cmd: ctl.reload_cmd,
+            kill_cmd: ctl.kill_cmd,
+            version_cmd: ctl.version_cmd,
+            health_cmd: ctl.health_cmd,
+            cpu_lmt: res.cpu.unwrap_or(0.0),
+            mem_lmt: res.mem.unwrap_or(0.0),
+            auto_type,
+            start_check_secs: nonneg(
+                &format!("{p}start_check_secs"),
+                pol.start_check_secs,
+                &mut errs,
+            )
+            .unwrap_or(crate::spec::DEFAULT_START_CHECK_SECS),
+            start_check_begin_time: nonneg(
+                &format!("{p}start_check_begin_time"),
+                pol.start_check_begin_time,
+                &mut errs,
+            ),
+            start_check_end_time: nonneg(
+                &format!("{p}start_check_end_time"),
+                pol.start_check_end_time,
+                &mut errs,
+            ),
+            stop_check_secs: nonneg(
+                &format!("{p}stop_check_secs"),
+                pol.stop_check_secs,
+                &mut errs,
+            )
+            .unwrap_or(crate::spec::DEFAULT_STOP_CHECK_SECS),
+            op_timeout: nonneg(&format!("{p}op_timeout"), pol.op_timeout, &mut errs)
+                .unwrap_or(crate::spec::DEFAULT_OP_TIMEOUT),
+            cycle_time: nonneg(&format!("{p}cycle_time"), pol.cycle_time, &mut errs).unwrap_or(0),
+            instance_num: nonneg(&format!("{p}instance_num"), pol.instance_num, &mut errs)
+                .map(|v| v.min(u32::MAX as u64) as u32)
+                .unwrap_or(1),
+            start_retries: nonneg(&format!("{p}start_retries"), pol.start_retries, &mut errs)
+                .map(|v| v.min(u32::MAX as u64) as u32),
+            start_interval: nonneg(&format!("{p}start_interval"), pol.start_interval, &mut errs),
+            cmd_shell_ext: pol.cmd_shell_ext,
+            ..ProcSpec::default()
+        };
+        for e in spec.validate() {
+            errs.push(FieldError {
+                field: wire_field(&e.field),
+                message: e.message,
+            });
+        }
+        if errs.is_empty() { Ok(spec) } else { Err(errs) }
+    }
+}
+
+/// The wire path of a [`ProcSpec`] field, for error messages.
+pub fn wire_field(field: &str) -> String {
+    let section = match field {
+        "setup_path" | "proc_name" | "pid_path" | "config_path" | "log_path" | "value_key" => {
+            "identity"
+        }
+        "account" => return "spec.identity.user".into(),
+        "start_cmd" | "stop_cmd" | "restart_cmd" | "reload_cmd" | "kill_cmd" | "version_cmd"
+        | "health_cmd" => "control",
+        "cpu_lmt" => return "spec.resource.cpu".into(),
+        "mem_lmt" => return "spec.resource.mem".into(),
+        _ => "monitor_policy",
+    };
+    format!("spec.{section}.{field}")
+}
+
+/// `operate_proc` (v1 seed, plus an optional inline `spec` and GSE 2.0 `agent_id_list`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OperateProcReq {
+    pub meta: Meta,
+    #[serde(default, deserialize_with = "de_vec")]
+    pub hosts: Vec<HostWire>,
+    #[serde(default, deserialize_with = "de_vec")]
+    pub agent_id_list: Vec<String>,
+    #[serde(deserialize_with = "de_opt_i64")]
+    pub op_type: Option<i64>,
+    #[serde(default)]
+    pub spec: Option<SpecWire>,
+}
+
+/// `register_proc_info` / `update_proc_info`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RegisterReq {
+    pub meta: Meta,
+    #[serde(default, deserialize_with = "de_vec")]
+    pub hosts: Vec<HostWire>,
+    #[serde(default, deserialize_with = "de_vec")]
+    pub agent_id_list: Vec<String>,
+    pub spec: SpecWire,
+}
+
+/// `unregister_proc_info` and `get_proc_status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MetaHostsReq {
+    pub meta: Meta,
+    #[serde(default, deserialize_with = "de_vec")]
+    pub hosts: Vec<HostWire>,
+    #[serde(default, deserialize_with = "de_vec")]
+    pub agent_id_list: Vec<String>,
+}
+
+/// `sync_proc_status` paging.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Page {
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub start: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub limit: Option<i64>,
+    #[serde(default)]
+    pub return_total: Option<bool>,
+}
+
+/// `sync_proc_status` meta: only the namespace.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NamespaceMeta {
+    #[serde(default, deserialize_with = "de_str")]
+    pub namespace: String,
+}
+
+/// `sync_proc_status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SyncProcStatusReq {
+    pub meta: NamespaceMeta,
+    pub page: Page,
+}
+
+/// `get_proc_operate_result`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TaskQuery {
+    #[serde(deserialize_with = "de_str")]
+    pub task_id: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Responses
+
+/// One entry of a keyed result map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyResult {
+    pub error_code: i64,
+    pub error_msg: String,
+    pub content: String,
+}
+
+impl KeyResult {
+    pub fn ok(content: impl Into<String>) -> KeyResult {
+        KeyResult {
+            error_code: codes::SUCCESS,
+            error_msg: "success".into(),
+            content: content.into(),
+        }
+    }
+    pub fn err(code: i64, msg: impl Into<String>) -> KeyResult {
+        KeyResult {
+            error_code: code,
+            error_msg: msg.into(),
+            content: String::new(),
+        }
+    }
+    pub fn running() -> KeyResult {
+        KeyResult {
+            error_code: codes::RUNNING,
+            error_msg: "processing, query again later".into(),
+            content: String::new(),
+        }
+    }
+}
+
+/// `data` of operate_proc.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskIdData {
+    pub task_id: String,
+}
+
+/// One entry of get_proc_status / sync_proc_status `proc_infos`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProcInfo {
+    pub meta: Meta,
+    pub host: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bk_agent_id: Option<String>,
+    /// Expected state: 0 unregistered, 1 running, 2 stopped.
+    pub flag: i64,
+    /// Real state: 0 unregistered, 1 running, 2 stopped. Always exactly one of those.
+    pub status: i64,
+    /// Whether the agent keeps it alive (托管).
+    pub isauto: bool,
+    pub message: String,
+    pub pid: i64,
+    pub version: String,
+    pub register_time: i64,
+    pub last_start_time: i64,
+    pub report_time: i64,
+    pub cpu_usage: f64,
+    pub mem_usage: f64,
+    pub fd: i64,
+    pub disk: i64,
+    pub net: i64,
+}
+
+impl PartialEq for Meta {
+    fn eq(&self, other: &Self) -> bool {
+        self.namespace == other.namespace && self.name == other.name && self.labels == other.labels
+    }
+}
+
+/// `data` of get_proc_status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcInfos {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    pub proc_infos: Vec<ProcInfo>,
+}
+
+/// The agent's own detailed view of one process (`POST /v1/procs`, the CLI's status).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcDetail {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub source: String,
+    pub auto_type: i64,
+    /// Expected state (GSE flag).
+    pub flag: i64,
+    /// Real state (GSE status).
+    pub status: i64,
+    pub managed: bool,
+    /// Finer-grained state: running, stopped, starting, stopping, backoff, exited, ...
+    pub state: String,
+    pub pids: Vec<i64>,
+    pub instance_num: u32,
+    pub restarts: u64,
+    pub consecutive_failures: u32,
+    /// Seconds until the next restart attempt, when one is scheduled.
+    pub next_restart_in: Option<f64>,
+    pub last_exit: Option<String>,
+    pub last_exit_time: i64,
+    pub message: String,
+    pub version: String,
+    pub register_time: i64,
+    pub last_start_time: i64,
+    pub uptime_secs: Option<i64>,
+    pub cpu_usage: f64,
+    pub mem_usage: f64,
+    pub rss_bytes: u64,
+    pub fd: i64,
+    pub disk: i64,
+    pub net: i64,
+    pub health: Option<String>,
+    pub busy: Option<String>,
+    pub spec: ProcSpec,
+}
+
+/// `POST /v1/procs` filter.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProcsQuery {
+    #[serde(default, deserialize_with = "de_str")]
+    pub namespace: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub name: String,
+    /// `key=value` selectors, all must match.
+    #[serde(default, deserialize_with = "de_vec")]
+    pub labels: Vec<String>,
+}
+
+/// `GET /v1/healthz` data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub pid: i64,
+    pub uptime_secs: i64,
+    /// "pidfd" or "poll".
+    pub exit_detection: String,
+    pub subreaper: bool,
+    pub store: String,
+    pub store_writable: bool,
+    pub processes: u64,
+    pub managed: u64,
+    pub running: u64,
+    pub host: HostIdentityView,
+}
+
+/// This agent's identity as reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostIdentityView {
+    pub ip: String,
+    pub bk_cloud_id: i64,
+    pub bk_supplier_id: i64,
+    pub agent_id: String,
+}
+
+/// The operation types of operate_proc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum OpType {
+    Start,
+    Stop,
+    Status,
+    Delegate,
+    Undelegate,
+    Restart,
+    Reload,
+    Kill,
+}
+
+impl OpType {
+    pub fn from_code(c: i64) -> Option<OpType> {
+        Some(match c {
+            0 => OpType::Start,
+            1 => OpType::Stop,
+            2 => OpType::Status,
+            3 => OpType::Delegate,
+            4 => OpType::Undelegate,
+            7 => OpType::Restart,
+            8 => OpType::Reload,
+            9 => OpType::Kill,
+            _ => return None,
+        })
+    }
+    pub fn code(self) -> i64 {
+        match self {
+            OpType::Start => 0,
+            OpType::Stop => 1,
+            OpType::Status => 2,
+            OpType::Delegate => 3,
+            OpType::Undelegate => 4,
+            OpType::Restart => 7,
+            OpType::Reload => 8,
+            OpType::Kill => 9,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            OpType::Start => "start",
+            OpType::Stop => "stop",
+            OpType::Status => "status",
+            OpType::Delegate => "manage",
+            OpType::Undelegate => "unmanage",
+            OpType::Restart => "restart",
+            OpType::Reload => "reload",
+            OpType::Kill => "kill",
+        }
+    }
+    /// Does this operation change anything (as opposed to a status query)?
+    pub fn mutating(self) -> bool {
+        self != OpType::Status
+    }
+}
+
+/// An event of the supervision history (`GET /v1/events`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    pub id: u64,
+    /// Unix milliseconds.
+    pub ts_ms: i64,
+    /// `namespace/name`, empty for agent-wide events.
+    pub key: String,
+    /// started, exited, restarting, backoff, adopted, stopped, limit_exceeded, operator, ...
+    pub kind: String,
+    pub message: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lenient_numbers_and_nulls() {
+        let r: OperateProcReq = serde_json::from_str(
+            r#"{"meta":{"namespace":"n","name":"x","labels":{"bk_process_id":46}},
+                "op_type":"0","hosts":[{"ip":"1.2.3.4","bk_cloud_id":"0"}],
+                "spec":{"alive_monitor_policy":{"auto_type":1,"op_timeout":null,"start_check_secs":null}},
+                "no_request":true,"bk_app_secret":"s"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.op_type, Some(0));
+        assert_eq!(r.hosts[0].bk_cloud_id, Some(0));
+        assert_eq!(r.hosts[0].bk_supplier_id, None);
+        assert_eq!(r.meta.labels["bk_process_id"], serde_json::json!(46));
+        let spec = SpecWire {
+            identity: Some(IdentityWire {
+                proc_name: "p".into(),
+                setup_path: "/opt".into(),
+                ..Default::default()
+            }),
+            ..r.spec.unwrap()
+        };
+        let s = spec.to_spec().unwrap();
+        assert_eq!(s.op_timeout, 60);
+        assert_eq!(s.start_check_secs, 5);
+    }
+
+    #[test]
+    fn spec_errors_use_wire_paths() {
+        let w: SpecWire = serde_json::from_str(
+            r#"{"identity":{"proc_name":"","setup_path":"rel"},"resource":{"cpu":300}}"#,
+        )
+        .unwrap();
+        let errs = w.to_spec().unwrap_err();
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"spec.identity.proc_name"), "{fields:?}");
+        assert!(fields.contains(&"spec.identity.setup_path"), "{fields:?}");
+        assert!(fields.contains(&"spec.resource.cpu"), "{fields:?}");
+    }
+
+    #[test]
+    fn op_types() {
+        for c in [0, 1, 2, 3, 4, 7, 8, 9] {
+            assert_eq!(OpType::from_code(c).unwrap().code(), c);
+        }
+        for c in [-1, 5, 6, 10] {
+            assert!(OpType::from_code(c).is_none());
+        }
+    }
+}

@@ -1,0 +1,785 @@
+//! Durable state in SQLite: definitions, per-process state, task history and events.
+//!
+//! One writer thread owns the write connection (WAL, `synchronous=FULL`): callers send data
+//! operations over a channel; the writer drains everything queued, applies it in one
+//! transaction and commits (group commit), then answers each caller that waits. A change is
+//! acknowledged only after its commit, so `kill -9` at any moment loses nothing that was
+//! acknowledged.
+//!
+//! When a commit fails (disk full, read-only state dir, I/O error), callers that wait get the
+//! error (the API answers with it and applies nothing), while background operations (process
+//! state, task results, events) are kept and retried every second until the disk accepts
+//! them again; [`Store::writable`] reports the condition for the health endpoint.
+//!
+//! A database that is not a valid SQLite file, or fails `PRAGMA quick_check`, refuses to open
+//! with its path in the error: the agent never silently resets its registry.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, params};
+use tokio::sync::oneshot;
+
+use crate::proto::{Event, KeyResult};
+use crate::spec::ProcKey;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "state database {path} is corrupted ({detail}); refusing to start. Restore it from a backup or move it away to start with an empty registry"
+    )]
+    Corrupt { path: String, detail: String },
+    #[error("state database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state database write failed: {0}")]
+    Write(String),
+    #[error("state store is shut down")]
+    Closed,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub task_id: String,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// Which API created it (operate_proc, operate_proc_multi, ...).
+    pub api: String,
+    pub op_type: i64,
+    pub peer_uid: Option<u32>,
+    pub peer_pid: Option<i32>,
+    pub username: String,
+    pub items: Vec<TaskItemRecord>,
+}
+
+/// One (host, process) item of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskItemRecord {
+    pub result_key: String,
+    pub key: Option<ProcKey>,
+    pub op_type: i64,
+    /// `None` while the item runs.
+    pub result: Option<KeyResult>,
+}
+
+/// Data operations the writer applies.
+#[derive(Debug, Clone)]
+enum Op {
+    PutDefinition(ProcKey, String),
+    DeleteDefinition(ProcKey),
+    PutState(ProcKey, String),
+    DeleteState(ProcKey),
+    InsertTask(TaskRecord),
+    FinishItem {
+        task_id: String,
+        idx: usize,
+        result: KeyResult,
+    },
+    FinishTask {
+        task_id: String,
+        finished_ms: i64,
+    },
+    InsertEvent(Event),
+    Prune {
+        before_ms: i64,
+        max_tasks: u64,
+        max_events: u64,
+    },
+}
+
+struct Msg {
+    op: Op,
+    reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// Everything loaded at start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// JSON of each stored definition.
+    pub definitions: Vec<String>,
+    /// JSON of each stored process state.
+    pub states: Vec<(ProcKey, String)>,
+    /// The most recent tasks, newest last.
+    pub tasks: Vec<TaskRecord>,
+    /// The most recent events, oldest first.
+    pub events: Vec<Event>,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::Sender<Msg>,
+    reader: Arc<Mutex<Connection>>,
+    writable: Arc<AtomicBool>,
+    path: PathBuf,
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if v < 1 {
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE IF NOT EXISTS definitions (
+                 namespace TEXT NOT NULL, name TEXT NOT NULL, def TEXT NOT NULL,
+                 PRIMARY KEY (namespace, name));
+             CREATE TABLE IF NOT EXISTS proc_state (
+                 namespace TEXT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL,
+                 PRIMARY KEY (namespace, name));
+             CREATE TABLE IF NOT EXISTS tasks (
+                 task_id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, finished_ms INTEGER,
+                 api TEXT NOT NULL, op_type INTEGER NOT NULL, peer_uid INTEGER, peer_pid INTEGER,
+                 username TEXT NOT NULL DEFAULT '');
+             CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_ms);
+             CREATE TABLE IF NOT EXISTS task_items (
+                 task_id TEXT NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
+                 idx INTEGER NOT NULL, result_key TEXT NOT NULL, namespace TEXT, name TEXT,
+                 op_type INTEGER NOT NULL, done INTEGER NOT NULL DEFAULT 0,
+                 error_code INTEGER, error_msg TEXT, content TEXT,
+                 PRIMARY KEY (task_id, idx));
+             CREATE TABLE IF NOT EXISTS events (
+                 id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, key TEXT NOT NULL,
+                 kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL);
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Open (creating if needed) the database at `path`, check it, migrate it, load what the
+    /// agent needs at start, and start the writer thread.
+    pub fn open(
+        path: &Path,
+        recent_tasks: usize,
+        recent_events: usize,
+    ) -> Result<(Store, Loaded), StoreError> {
+        let pstr = path.display().to_string();
+        let open_err = |e: rusqlite::Error| classify_open_error(&pstr, e);
+        let conn = Connection::open(path).map_err(open_err)?;
+        configure(&conn).map_err(open_err)?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if check != "ok" {
+            return Err(StoreError::Corrupt {
+                path: pstr,
+                detail: check,
+            });
+        }
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(open_err)?;
+        if v > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt {
+                path: pstr,
+                detail: format!(
+                    "schema version {v} is newer than this agent understands ({SCHEMA_VERSION})"
+                ),
+            });
+        }
+        migrate(&conn).map_err(open_err)?;
+        let loaded = load_all(&conn, recent_tasks, recent_events).map_err(open_err)?;
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        reader
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let writable = Arc::new(AtomicBool::new(true));
+        let w = writable.clone();
+        std::thread::Builder::new()
+            .name("procagent-store".into())
+            .spawn(move || writer_loop(conn, rx, w))
+            .map_err(|e| StoreError::Write(format!("cannot start the store thread: {e}")))?;
+        Ok((
+            Store {
+                tx,
+                reader: Arc::new(Mutex::new(reader)),
+                writable,
+                path: path.to_path_buf(),
+            },
+            loaded,
+        ))
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// False while commits are failing (disk full, read-only); background writes are queued.
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Relaxed)
+    }
+
+    async fn send_wait(&self, op: Op) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg {
+                op,
+                reply: Some(tx),
+            })
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn send_bg(&self, op: Op) {
+        if self.tx.send(Msg { op, reply: None }).is_err() {
+            tracing::error!("state store is closed; a background write was dropped");
+        }
+    }
+
+    /// Store a definition (JSON) and wait for the commit.
+    pub async fn put_definition(&self, key: &ProcKey, json: String) -> Result<(), StoreError> {
+        self.send_wait(Op::PutDefinition(key.clone(), json)).await
+    }
+
+    /// Delete a definition and its state, and wait for the commit.
+    pub async fn delete_definition(&self, key: &ProcKey) -> Result<(), StoreError> {
+        self.send_wait(Op::DeleteDefinition(key.clone())).await
+    }
+
+    /// Store a process state (JSON) and wait for the commit.
+    pub async fn put_state(&self, key: &ProcKey, json: String) -> Result<(), StoreError> {
+        self.send_wait(Op::PutState(key.clone(), json)).await
+    }
+
+    /// Store a process state in the background (retried while the disk refuses).
+    pub fn put_state_bg(&self, key: &ProcKey, json: String) {
+        self.send_bg(Op::PutState(key.clone(), json));
+    }
+
+    /// Forget a process state in the background.
+    pub fn delete_state_bg(&self, key: &ProcKey) {
+        self.send_bg(Op::DeleteState(key.clone()));
+    }
+
+    /// Record a new task (all items pending) and wait for the commit.
+    pub async fn insert_task(&self, task: TaskRecord) -> Result<(), StoreError> {
+        self.send_wait(Op::InsertTask(task)).await
+    }
+
+    /// Record one item's result (background).
+    pub fn finish_item(&self, task_id: &str, idx: usize, result: KeyResult) {
+        self.send_bg(Op::FinishItem {
+            task_id: task_id.to_string(),
+            idx,
+            result,
+        });
+    }
+
+    /// Mark a task finished (background).
+    pub fn finish_task(&self, task_id: &str, finished_ms: i64) {
+        self.send_bg(Op::FinishTask {
+            task_id: task_id.to_string(),
+            finished_ms,
+        });
+    }
+
+    /// Append an event (background).
+    pub fn insert_event(&self, ev: Event) {
+        self.send_bg(Op::InsertEvent(ev));
+    }
+
+    /// Drop tasks older than `before_ms` and keep at most the given numbers of rows.
+    pub fn prune(&self, before_ms: i64, max_tasks: u64, max_events: u64) {
+        self.send_bg(Op::Prune {
+            before_ms,
+            max_tasks,
+            max_events,
+        });
+    }
+
+    /// Wait until everything sent so far is committed (or failed).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.send_wait(Op::Prune {
+            before_ms: i64::MIN,
+            max_tasks: u64::MAX,
+            max_events: u64::MAX,
+        })
+        .await
+    }
+
+    /// Look a task up in the database (for tasks no longer held in memory).
+    pub fn read_task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        read_task(&conn, task_id).map_err(|e| StoreError::Write(e.to_string()))
+    }
+
+    /// Events with id greater than `after_id` (at most `limit`), oldest first.
+    pub fn read_events(
+        &self,
+        after_id: u64,
+        since_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        read_events(&conn, after_id, since_ms, limit).map_err(|e| StoreError::Write(e.to_string()))
+    }
+}
+
+fn classify_open_error(path: &str, e: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(f, ref msg) = e
+        && matches!(
+            f.code,
+            rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+        )
+    {
+        return StoreError::Corrupt {
+            path: path.to_string(),
+            detail: msg.clone().unwrap_or_else(|| f.to_string()),
+        };
+    }
+    StoreError::Open {
+        path: path.to_string(),
+        source: e,
+    }
+}
+
+fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
+    match op {
+        Op::PutDefinition(k, json) => {
+            conn.execute(
+                "INSERT INTO definitions (namespace, name, def) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (namespace, name) DO UPDATE SET def = excluded.def",
+                params![k.namespace, k.name, json],
+            )?;
+        }
+        Op::DeleteDefinition(k) => {
+            conn.execute(
+                "DELETE FROM definitions WHERE namespace = ?1 AND name = ?2",
+                params![k.namespace, k.name],
+            )?;
+            conn.execute(
+                "DELETE FROM proc_state WHERE namespace = ?1 AND name = ?2",
+                params![k.namespace, k.name],
+            )?;
+        }
+        Op::PutState(k, json) => {
+            conn.execute(
+                "INSERT INTO proc_state (namespace, name, state) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (namespace, name) DO UPDATE SET state = excluded.state",
+                params![k.namespace, k.name, json],
+            )?;
+        }
+        Op::DeleteState(k) => {
+            conn.execute(
+                "DELETE FROM proc_state WHERE namespace = ?1 AND name = ?2",
+                params![k.namespace, k.name],
+            )?;
+        }
+        Op::InsertTask(t) => {
+            conn.execute(
+                "INSERT OR REPLACE INTO tasks (task_id, created_ms, finished_ms, api, op_type, peer_uid, peer_pid, username)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![t.task_id, t.created_ms, t.finished_ms, t.api, t.op_type, t.peer_uid, t.peer_pid, t.username],
+            )?;
+            let mut stmt = conn.prepare_cached(
+                "INSERT OR REPLACE INTO task_items (task_id, idx, result_key, namespace, name, op_type, done, error_code, error_msg, content)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            for (i, it) in t.items.iter().enumerate() {
+                let (done, code, msg, content) = match &it.result {
+                    Some(r) => (
+                        1,
+                        Some(r.error_code),
+                        Some(r.error_msg.as_str()),
+                        Some(r.content.as_str()),
+                    ),
+                    None => (0, None, None, None),
+                };
+                stmt.execute(params![
+                    t.task_id,
+                    i as i64,
+                    it.result_key,
+                    it.key.as_ref().map(|k| k.namespace.as_str()),
+                    it.key.as_ref().map(|k| k.name.as_str()),
+                    it.op_type,
+                    done,
+                    code,
+                    msg,
+                    content
+                ])?;
+            }
+        }
+        Op::FinishItem {
+            task_id,
+            idx,
+            result,
+        } => {
+            conn.execute(
+                "UPDATE task_items SET done = 1, error_code = ?3, error_msg = ?4, content = ?5
+                 WHERE task_id = ?1 AND idx = ?2",
+                params![
+                    task_id,
+                    *idx as i64,
+                    result.error_code,
+                    result.error_msg,
+                    result.content
+                ],
+            )?;
+        }
+        Op::FinishTask {
+            task_id,
+            finished_ms,
+        } => {
+            conn.execute(
+                "UPDATE tasks SET finished_ms = ?2 WHERE task_id = ?1",
+                params![task_id, finished_ms],
+            )?;
+        }
+        Op::InsertEvent(ev) => {
+            conn.execute(
+                "INSERT OR REPLACE INTO events (id, ts_ms, key, kind, message, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![ev.id as i64, ev.ts_ms, ev.key, ev.kind, ev.message, ev.data.to_string()],
+            )?;
+        }
+        Op::Prune {
+            before_ms,
+            max_tasks,
+            max_events,
+        } => {
+            if *before_ms != i64::MIN {
+                conn.execute(
+                    "DELETE FROM tasks WHERE created_ms < ?1",
+                    params![before_ms],
+                )?;
+            }
+            if *max_tasks != u64::MAX {
+                conn.execute(
+                    "DELETE FROM tasks WHERE task_id IN (SELECT task_id FROM tasks ORDER BY created_ms DESC LIMIT -1 OFFSET ?1)",
+                    params![*max_tasks as i64],
+                )?;
+            }
+            if *max_events != u64::MAX {
+                conn.execute(
+                    "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?1",
+                    params![*max_events as i64],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn commit_batch(conn: &mut Connection, ops: &[&Op]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for op in ops {
+        apply(&tx, op)?;
+    }
+    tx.commit()
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>, writable: Arc<AtomicBool>) {
+    // Background operations that could not be committed yet, oldest first.
+    let mut retry: Vec<Op> = Vec::new();
+    loop {
+        let first = if retry.is_empty() {
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => break,
+            }
+        } else {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Last chance for what is pending.
+                    let ops: Vec<&Op> = retry.iter().collect();
+                    if let Err(e) = commit_batch(&mut conn, &ops) {
+                        tracing::error!(error = %e, pending = retry.len(), "state store closing with uncommitted background writes");
+                    }
+                    break;
+                }
+            }
+        };
+        let mut batch: Vec<Msg> = first.into_iter().collect();
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        // Retry queue first (it is older), then the new batch.
+        let mut ops: Vec<&Op> = retry.iter().collect();
+        ops.extend(batch.iter().map(|m| &m.op));
+        match commit_batch(&mut conn, &ops) {
+            Ok(()) => {
+                if !writable.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        flushed = retry.len(),
+                        "state store writable again; queued writes committed"
+                    );
+                }
+                retry.clear();
+                for m in batch {
+                    if let Some(r) = m.reply {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+            }
+            Err(e) => {
+                if writable.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "state store write failed; background writes are queued and retried every second");
+                }
+                // Waiting callers learn of the failure and apply nothing; background
+                // operations are kept for the retry.
+                let msg = e.to_string();
+                let mut keep = Vec::new();
+                for m in batch {
+                    match m.reply {
+                        Some(r) => {
+                            let _ = r.send(Err(StoreError::Write(msg.clone())));
+                        }
+                        None => keep.push(m.op),
+                    }
+                }
+                retry.extend(keep);
+                // Bound the queue: events are the least important, drop the oldest first.
+                if retry.len() > 100_000 {
+                    let excess = retry.len() - 100_000;
+                    let mut dropped = 0;
+                    retry.retain(|op| {
+                        if dropped < excess && matches!(op, Op::InsertEvent(_)) {
+                            dropped += 1;
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn load_all(
+    conn: &Connection,
+    recent_tasks: usize,
+    recent_events: usize,
+) -> rusqlite::Result<Loaded> {
+    let mut out = Loaded::default();
+    let mut stmt = conn.prepare("SELECT def FROM definitions ORDER BY namespace, name")?;
+    out.definitions = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    let mut stmt = conn.prepare("SELECT namespace, name, state FROM proc_state")?;
+    out.states = stmt
+        .query_map([], |r| {
+            Ok((
+                ProcKey::new(r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                r.get::<_, String>(2)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut stmt =
+        conn.prepare("SELECT task_id FROM tasks ORDER BY created_ms DESC, task_id DESC LIMIT ?1")?;
+    let ids: Vec<String> = stmt
+        .query_map(params![recent_tasks as i64], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in ids.iter().rev() {
+        if let Some(t) = read_task(conn, id)? {
+            out.tasks.push(t);
+        }
+    }
+    let mut evs = read_events_desc(conn, recent_events)?;
+    evs.reverse();
+    out.events = evs;
+    Ok(out)
+}
+
+fn read_task(conn: &Connection, task_id: &str) -> rusqlite::Result<Option<TaskRecord>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT task_id, created_ms, finished_ms, api, op_type, peer_uid, peer_pid, username FROM tasks WHERE task_id = ?1",
+    )?;
+    let mut rows = stmt.query(params![task_id])?;
+    let Some(r) = rows.next()? else {
+        return Ok(None);
+    };
+    let mut t = TaskRecord {
+        task_id: r.get(0)?,
+        created_ms: r.get(1)?,
+        finished_ms: r.get(2)?,
+        api: r.get(3)?,
+        op_type: r.get(4)?,
+        peer_uid: r.get(5)?,
+        peer_pid: r.get(6)?,
+        username: r.get(7)?,
+        items: Vec::new(),
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT result_key, namespace, name, op_type, done, error_code, error_msg, content
+         FROM task_items WHERE task_id = ?1 ORDER BY idx",
+    )?;
+    t.items = stmt
+        .query_map(params![task_id], |r| {
+            let ns: Option<String> = r.get(1)?;
+            let name: Option<String> = r.get(2)?;
+            let done: i64 = r.get(4)?;
+            Ok(TaskItemRecord {
+                result_key: r.get(0)?,
+                key: match (ns, name) {
+                    (Some(a), Some(b)) => Some(ProcKey::new(a, b)),
+                    _ => None,
+                },
+                op_type: r.get(3)?,
+                result: if done != 0 {
+                    Some(KeyResult {
+                        error_code: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+                        error_msg: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                        content: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                    })
+                } else {
+                    None
+                },
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(Some(t))
+}
+
+fn row_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    let data: String = r.get(5)?;
+    Ok(Event {
+        id: r.get::<_, i64>(0)? as u64,
+        ts_ms: r.get(1)?,
+        key: r.get(2)?,
+        kind: r.get(3)?,
+        message: r.get(4)?,
+        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+    })
+}
+
+fn read_events_desc(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Event>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, ts_ms, key, kind, message, data FROM events ORDER BY id DESC LIMIT ?1",
+    )?;
+    stmt.query_map(params![limit as i64], row_event)?.collect()
+}
+
+fn read_events(
+    conn: &Connection,
+    after_id: u64,
+    since_ms: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<Event>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, ts_ms, key, kind, message, data FROM events WHERE id > ?1 AND ts_ms >= ?2 ORDER BY id LIMIT ?3",
+    )?;
+    stmt.query_map(params![after_id as i64, since_ms, limit as i64], row_event)?
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str) -> TaskRecord {
+        TaskRecord {
+            task_id: id.into(),
+            created_ms: 1000,
+            finished_ms: None,
+            api: "operate_proc".into(),
+            op_type: 0,
+            peer_uid: Some(0),
+            peer_pid: Some(42),
+            username: "admin".into(),
+            items: vec![TaskItemRecord {
+                result_key: "0:0:1.2.3.4:ns:a".into(),
+                key: Some(ProcKey::new("ns", "a")),
+                op_type: 0,
+                result: None,
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        {
+            let (s, loaded) = Store::open(&db, 100, 100).unwrap();
+            assert!(loaded.definitions.is_empty());
+            let k = ProcKey::new("ns", "a");
+            s.put_definition(&k, "{\"x\":1}".into()).await.unwrap();
+            s.put_state(&k, "{\"flag\":1}".into()).await.unwrap();
+            s.insert_task(task("GSETASK:1")).await.unwrap();
+            s.finish_item("GSETASK:1", 0, KeyResult::ok("done"));
+            s.insert_event(Event {
+                id: 7,
+                ts_ms: 5,
+                key: "ns/a".into(),
+                kind: "started".into(),
+                message: "m".into(),
+                data: serde_json::json!({"pid": 3}),
+            });
+            s.flush().await.unwrap();
+        }
+        let (s, loaded) = Store::open(&db, 100, 100).unwrap();
+        assert_eq!(loaded.definitions, vec!["{\"x\":1}".to_string()]);
+        assert_eq!(loaded.states.len(), 1);
+        assert_eq!(loaded.tasks.len(), 1);
+        assert_eq!(loaded.tasks[0].items[0].result, Some(KeyResult::ok("done")));
+        assert_eq!(loaded.events[0].id, 7);
+        assert!(s.read_task("GSETASK:1").unwrap().is_some());
+        assert!(s.read_task("nope").unwrap().is_none());
+        s.delete_definition(&ProcKey::new("ns", "a")).await.unwrap();
+        drop(s);
+        let (_s, loaded) = Store::open(&db, 100, 100).unwrap();
+        assert!(loaded.definitions.is_empty());
+        assert!(loaded.states.is_empty());
+    }
+
+    #[test]
+    fn corrupt_file_is_refused_with_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        std::fs::write(&db, vec![0x42u8; 8192]).unwrap();
+        match Store::open(&db, 10, 10) {
+            Err(StoreError::Corrupt { path, .. }) => assert!(path.contains("state.db")),
+            Err(e) => panic!("wrong error {e}"),
+            Ok(_) => panic!("opened a corrupt database"),
+        }
+        // Untouched: never reset.
+        assert_eq!(std::fs::read(&db).unwrap(), vec![0x42u8; 8192]);
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&dir.path().join("s.db"), 10, 10).unwrap();
+        for i in 0..20 {
+            let mut t = task(&format!("T{i}"));
+            t.created_ms = i;
+            s.insert_task(t).await.unwrap();
+        }
+        s.prune(5, 10, 10);
+        s.flush().await.unwrap();
+        assert!(s.read_task("T4").unwrap().is_none());
+        assert!(s.read_task("T19").unwrap().is_some());
+        assert!(s.read_task("T9").unwrap().is_none());
+        assert!(s.read_task("T10").unwrap().is_some());
+    }
+}

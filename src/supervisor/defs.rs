@@ -1,0 +1,342 @@
+//! Registering, updating and unregistering definitions (API and config), and the config diff
+//! used at start and on reload.
+
+use std::sync::Arc;
+
+use super::Engine;
+use crate::config::ProcessConfig;
+use crate::proto::{KeyResult, codes};
+use crate::registry::{Entry, FLAG_RUNNING, ProcState};
+use crate::spec::{Definition, Labels, ProcKey, ProcSpec, Source};
+
+/// How a definition write treats an existing key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// register_proc_info: an existing key answers 850 and nothing changes.
+    Register,
+    /// update_proc_info and inline specs: create or replace.
+    Upsert,
+}
+
+/// Create or update a definition from the API. Commits to the store before changing memory.
+pub async fn put_definition(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    labels: Labels,
+    spec: ProcSpec,
+    mode: PutMode,
+) -> KeyResult {
+    let lock = engine.op_lock(key);
+    let _g = lock.lock().await;
+    put_definition_locked(engine, key, labels, spec, mode).await
+}
+
+/// As [`put_definition`], for a caller that holds the operation lock.
+pub async fn put_definition_locked(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    labels: Labels,
+    spec: ProcSpec,
+    mode: PutMode,
+) -> KeyResult {
+    let now = crate::util::unix_now();
+    let existing = engine
+        .reg()
+        .get(key)
+        .map(|e| (e.def.clone(), e.def.spec == spec));
+    if let Some((old, _)) = &existing {
+        if mode == PutMode::Register {
+            return KeyResult::err(
+                codes::ALREADY_REGISTERED,
+                format!("process {key} is already registered; use update_proc_info to change it"),
+            );
+        }
+        if let Source::Config { file } = &old.source {
+            return KeyResult::err(
+                codes::SPEC_INVALID,
+                format!(
+                    "process {key} is declared in the config file {file}; change it there and reload"
+                ),
+            );
+        }
+    }
+    if !spec.value_key.is_empty() {
+        let other = engine
+            .reg()
+            .find_by_identity(&spec.setup_path, &spec.proc_name, &spec.value_key)
+            .filter(|k| k != key);
+        if let Some(other) = other {
+            return KeyResult::err(
+                codes::SPEC_INVALID,
+                format!(
+                    "value_key {:?} is already used by process {other}",
+                    spec.value_key
+                ),
+            );
+        }
+    }
+    let labels = match (&existing, labels.is_empty()) {
+        (Some((old, _)), true) => old.labels.clone(),
+        _ => labels,
+    };
+    let def = Definition {
+        key: key.clone(),
+        labels,
+        spec,
+        source: Source::Api,
+        register_time: existing
+            .as_ref()
+            .map(|(d, _)| d.register_time)
+            .unwrap_or(now),
+        updated_time: now,
+    };
+    let json = match serde_json::to_string(&def) {
+        Ok(j) => j,
+        Err(e) => {
+            return KeyResult::err(
+                codes::OP_FAILED,
+                format!("cannot encode the definition: {e}"),
+            );
+        }
+    };
+    if let Err(e) = engine.store.put_definition(key, json).await {
+        return KeyResult::err(
+            codes::OP_FAILED,
+            format!("the state store refused the change: {e}"),
+        );
+    }
+    let created = {
+        let mut reg = engine.reg();
+        match reg.get_mut(key) {
+            Some(e) => {
+                e.def = def;
+                false
+            }
+            None => {
+                reg.entries
+                    .insert(key.clone(), Entry::new(def, ProcState::default()));
+                true
+            }
+        }
+    };
+    if created {
+        engine.persist_bg(key);
+        engine.events.emit(
+            Some(key),
+            "registered",
+            "definition registered",
+            serde_json::Value::Null,
+        );
+        engine.discover(key);
+    } else if !existing.as_ref().is_some_and(|(_, same)| *same) {
+        engine.events.emit(
+            Some(key),
+            "updated",
+            "definition updated",
+            serde_json::Value::Null,
+        );
+    }
+    engine.reconcile(key);
+    KeyResult::ok("")
+}
+
+/// Remove a definition. The process, if running, is left running and no longer watched.
+pub async fn remove_definition(engine: &Arc<Engine>, key: &ProcKey) -> KeyResult {
+    let lock = engine.op_lock(key);
+    let _g = lock.lock().await;
+    let source = engine.reg().get(key).map(|e| e.def.source.clone());
+    match source {
+        None => KeyResult::err(
+            codes::PROC_NOT_RUNNING,
+            format!("process {key} is not registered"),
+        ),
+        Some(Source::Config { file }) => KeyResult::err(
+            codes::SPEC_INVALID,
+            format!(
+                "process {key} is declared in the config file {file}; remove it there and reload"
+            ),
+        ),
+        Some(Source::Api) => {
+            if let Err(e) = engine.store.delete_definition(key).await {
+                return KeyResult::err(
+                    codes::OP_FAILED,
+                    format!("the state store refused the change: {e}"),
+                );
+            }
+            forget(engine, key);
+            engine.events.emit(
+                Some(key),
+                "unregistered",
+                "definition removed; the process is no longer watched",
+                serde_json::Value::Null,
+            );
+            KeyResult::ok("")
+        }
+    }
+}
+
+fn forget(engine: &Engine, key: &ProcKey) {
+    let mut reg = engine.reg();
+    if let Some(e) = reg.entries.remove(key) {
+        for (_, h) in e.rt.watchers {
+            h.abort();
+        }
+    }
+}
+
+/// What a config (re)load would change.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ConfigDiff {
+    pub added: Vec<String>,
+    /// Key and the fields that changed.
+    pub changed: Vec<(String, Vec<String>)>,
+    pub removed: Vec<String>,
+    /// Running processes whose change needs a restart to take effect.
+    pub restart: Vec<String>,
+}
+
+/// Fields whose change only takes effect when the process restarts.
+const RESTART_FIELDS: &[&str] = &[
+    "setup_path",
+    "proc_name",
+    "pid_path",
+    "account",
+    "start_cmd",
+    "env",
+    "instance_num",
+];
+
+/// The fields that differ between two specs (and labels).
+pub fn changed_fields(a: &Definition, b: &Definition) -> Vec<String> {
+    let mut out = Vec::new();
+    if a.labels != b.labels {
+        out.push("labels".to_string());
+    }
+    let ja = serde_json::to_value(&a.spec).unwrap_or_default();
+    let jb = serde_json::to_value(&b.spec).unwrap_or_default();
+    if let (Some(ma), Some(mb)) = (ja.as_object(), jb.as_object()) {
+        for (k, va) in ma {
+            if mb.get(k) != Some(va) {
+                out.push(k.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Compare the registry's config-declared definitions with a new list.
+pub fn diff(engine: &Engine, new: &[ProcessConfig]) -> ConfigDiff {
+    let reg = engine.reg();
+    let mut d = ConfigDiff::default();
+    for p in new {
+        let k = &p.definition.key;
+        match reg.get(k) {
+            None => d.added.push(k.to_string()),
+            Some(e) => {
+                let fields = changed_fields(&e.def, &p.definition);
+                let moved = matches!(e.def.source, Source::Api);
+                if !fields.is_empty() || moved {
+                    let mut f = fields;
+                    if moved {
+                        f.insert(0, "source (api → config)".into());
+                    }
+                    if !e.state.instances.is_empty()
+                        && f.iter().any(|x| RESTART_FIELDS.contains(&x.as_str()))
+                    {
+                        d.restart.push(k.to_string());
+                    }
+                    d.changed.push((k.to_string(), f));
+                }
+            }
+        }
+    }
+    for e in reg.entries.values() {
+        if matches!(e.def.source, Source::Config { .. })
+            && !new.iter().any(|p| p.definition.key == e.def.key)
+        {
+            d.removed.push(e.def.key.to_string());
+        }
+    }
+    d
+}
+
+/// Make the registry match the config's processes: add new ones (managed and expected
+/// running when `autostart`), update changed ones (keeping their state), remove config
+/// entries no longer declared (their processes are left running, unwatched).
+/// Returns the diff applied.
+pub async fn apply_config(
+    engine: &Arc<Engine>,
+    new: &[ProcessConfig],
+) -> Result<ConfigDiff, crate::store::StoreError> {
+    let d = diff(engine, new);
+    for p in new {
+        let k = &p.definition.key;
+        let lock = engine.op_lock(k);
+        let _g = lock.lock().await;
+        let existing = engine.reg().get(k).map(|e| e.def.clone());
+        let mut def = p.definition.clone();
+        if let Some(old) = &existing {
+            def.register_time = old.register_time;
+            if changed_fields(old, &def).is_empty() && old.source == def.source {
+                continue;
+            }
+        }
+        let json = serde_json::to_string(&def)
+            .map_err(|e| crate::store::StoreError::Write(e.to_string()))?;
+        engine.store.put_definition(k, json).await?;
+        let created = {
+            let mut reg = engine.reg();
+            match reg.get_mut(k) {
+                Some(e) => {
+                    e.def = def;
+                    false
+                }
+                None => {
+                    let st = if p.autostart {
+                        ProcState {
+                            flag: FLAG_RUNNING,
+                            managed: true,
+                            ..ProcState::default()
+                        }
+                    } else {
+                        ProcState::default()
+                    };
+                    reg.entries.insert(k.clone(), Entry::new(def, st));
+                    true
+                }
+            }
+        };
+        if created {
+            engine.persist(k).await?;
+            engine.events.emit(
+                Some(k),
+                "registered",
+                "declared in the config",
+                serde_json::Value::Null,
+            );
+        } else {
+            engine.events.emit(
+                Some(k),
+                "updated",
+                "definition updated from the config",
+                serde_json::Value::Null,
+            );
+        }
+        engine.reconcile(k);
+    }
+    for k in &d.removed {
+        if let Ok(key) = k.parse::<ProcKey>() {
+            let lock = engine.op_lock(&key);
+            let _g = lock.lock().await;
+            engine.store.delete_definition(&key).await?;
+            forget(engine, &key);
+            engine.events.emit(
+                Some(&key),
+                "unregistered",
+                "no longer declared in the config; left as it is",
+                serde_json::Value::Null,
+            );
+        }
+    }
+    Ok(d)
+}

@@ -1,0 +1,1001 @@
+//! Operations on one process: start, stop, status, manage, unmanage, restart, reload, kill,
+//! and the supervisor's own restarts. Each runs under the process's operation lock.
+//!
+//! Outcomes use GSE's per-key codes: 0 success, 828 already running (start), 829 not running
+//! (stop/kill), 836 post-check failed (not running after start; still running after stop —
+//! the message then starts with "stop"), 65535 a command failed (message = its output),
+//! 830 the spec lacks the command the operation needs, 851 not registered.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::watch::{self, Expect};
+use super::{Detection, Engine};
+use crate::proto::{KeyResult, OpType, codes};
+use crate::registry::{FLAG_RUNNING, FLAG_STOPPED, Instance, Phase};
+use crate::spec::{AutoType, CommandKind, ProcKey, ProcSpec};
+use crate::sys::ExitInfo;
+
+/// A failed operation step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpFail {
+    pub code: i64,
+    pub msg: String,
+}
+
+impl OpFail {
+    fn new(code: i64, msg: impl Into<String>) -> OpFail {
+        OpFail {
+            code,
+            msg: msg.into(),
+        }
+    }
+}
+
+impl From<OpFail> for KeyResult {
+    fn from(f: OpFail) -> KeyResult {
+        KeyResult::err(f.code, f.msg)
+    }
+}
+
+/// Marks the entry busy for the life of an operation; clears it and asks for a reconcile
+/// when dropped.
+struct Busy<'a> {
+    engine: &'a Arc<Engine>,
+    key: ProcKey,
+}
+
+impl<'a> Busy<'a> {
+    fn set(engine: &'a Arc<Engine>, key: &ProcKey, what: &str) -> Busy<'a> {
+        if let Some(e) = engine.reg().get_mut(key) {
+            e.rt.busy = Some(what.to_string());
+        }
+        Busy {
+            engine,
+            key: key.clone(),
+        }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.engine.reg().get_mut(&self.key) {
+            e.rt.busy = None;
+            if e.rt.phase == Phase::Starting || e.rt.phase == Phase::Stopping {
+                e.rt.phase = if e.state.instances.is_empty() {
+                    Phase::Stopped
+                } else {
+                    Phase::Running
+                };
+            }
+        }
+        self.engine.reconcile(&self.key);
+    }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// Why a start is happening.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Operator,
+    Supervisor,
+    Periodic,
+}
+
+/// Run one operation on a registered process (the caller holds no lock).
+pub async fn run_op(engine: Arc<Engine>, key: ProcKey, op: OpType) -> KeyResult {
+    let _permit = engine.ops_sem.clone().acquire_owned().await;
+    let lock = engine.op_lock(&key);
+    let _guard = lock.lock().await;
+    let Some(spec) = engine.spec_of(&key) else {
+        return match op {
+            OpType::Status => KeyResult {
+                error_code: codes::NOT_REGISTERED,
+                error_msg: format!("process {key} is not registered"),
+                content: status_content(&engine, &key),
+            },
+            _ => KeyResult::err(
+                codes::NOT_REGISTERED,
+                format!("process {key} is not registered; register it or send its spec inline"),
+            ),
+        };
+    };
+    if op != OpType::Status {
+        engine.events.emit(
+            Some(&key),
+            "operator",
+            format!("operation {} requested", op.name()),
+            serde_json::json!({"op_type": op.code()}),
+        );
+    }
+    match op {
+        OpType::Status => {
+            engine.discover(&key);
+            KeyResult::ok(status_content(&engine, &key))
+        }
+        OpType::Start => op_start(&engine, &key, &spec).await,
+        OpType::Stop => op_stop(&engine, &key, &spec, false).await,
+        OpType::Kill => op_stop(&engine, &key, &spec, true).await,
+        OpType::Delegate => op_delegate(&engine, &key, &spec, true).await,
+        OpType::Undelegate => op_delegate(&engine, &key, &spec, false).await,
+        OpType::Restart => op_restart(&engine, &key, &spec).await,
+        OpType::Reload => op_reload(&engine, &key, &spec).await,
+    }
+}
+
+async fn commit_intent(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    flag: Option<i64>,
+    managed: Option<bool>,
+) -> Result<(), OpFail> {
+    {
+        let mut reg = engine.reg();
+        let Some(e) = reg.get_mut(key) else {
+            return Err(OpFail::new(
+                codes::NOT_REGISTERED,
+                format!("process {key} was unregistered"),
+            ));
+        };
+        let f = flag.unwrap_or(e.state.flag);
+        let m = managed.unwrap_or(e.state.managed);
+        Engine::set_intent_locked(e, f, m);
+        if managed == Some(true) || flag == Some(FLAG_RUNNING) {
+            e.rt.failures = 0;
+            e.rt.next_attempt = None;
+        }
+    }
+    engine.persist(key).await.map_err(|e| {
+        OpFail::new(
+            codes::UNAVAILABLE,
+            format!("the state store refused the change: {e}"),
+        )
+    })
+}
+
+fn alive_pids(engine: &Engine, key: &ProcKey) -> Vec<i32> {
+    engine
+        .reg()
+        .get(key)
+        .map(|e| e.state.instances.iter().map(|i| i.pid).collect())
+        .unwrap_or_default()
+}
+
+async fn op_start(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec) -> KeyResult {
+    let running = engine.discover(key);
+    if running > 0 {
+        let pids = alive_pids(engine, key);
+        return KeyResult::err(
+            codes::PROC_RUNNING,
+            format!(
+                "process is already running (pid {}); no need to start",
+                join_pids(&pids)
+            ),
+        );
+    }
+    if spec.command(CommandKind::Start).is_none() {
+        return missing(CommandKind::Start);
+    }
+    let _busy = Busy::set(engine, key, "start");
+    if let Some(e) = engine.reg().get_mut(key) {
+        e.state.completed = false;
+        e.rt.last_cycle = Some(Instant::now());
+    }
+    let n = spec.instance_num.max(1);
+    let mut pids = Vec::new();
+    for _ in 0..n {
+        match start_instance(engine, key, spec, CommandKind::Start, Purpose::Operator).await {
+            Ok(pid) => pids.push(pid),
+            Err(f) => return f.into(),
+        }
+    }
+    if let Err(f) = commit_intent(engine, key, Some(FLAG_RUNNING), Some(true)).await {
+        return f.into();
+    }
+    KeyResult::ok(control_content(engine, key, spec))
+}
+
+fn missing(which: CommandKind) -> KeyResult {
+    KeyResult::err(
+        codes::SPEC_INVALID,
+        format!(
+            "{} is empty: this process has no command for that operation",
+            which.field()
+        ),
+    )
+}
+
+fn join_pids(p: &[i32]) -> String {
+    p.iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Start one instance: run the start (or restart) command, find the process (pid file, or the
+/// command itself when it stays in the foreground), then hold it through the start check.
+/// Returns the pid.
+pub async fn start_instance(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    spec: &ProcSpec,
+    which: CommandKind,
+    purpose: Purpose,
+) -> Result<i32, OpFail> {
+    let cmd = spec
+        .command(which)
+        .ok_or_else(|| OpFail::new(codes::SPEC_INVALID, format!("{} is empty", which.field())))?;
+    let req = engine.command_request(key, spec, which.field(), cmd);
+    if let Some(e) = engine.reg().get_mut(key) {
+        e.rt.phase = Phase::Starting;
+    }
+    let mut sp = engine
+        .exec
+        .spawn(&req)
+        .map_err(|e| OpFail::new(codes::OP_FAILED, format!("{}: {e}", which.field())))?;
+    let t0 = Instant::now();
+    let want_fd = engine.detection == Detection::Pidfd;
+    let before: Vec<Instance> = engine
+        .reg()
+        .get(key)
+        .map(|e| e.state.instances.clone())
+        .unwrap_or_default();
+    let (begin, end) = if purpose == Purpose::Periodic {
+        (0, 0)
+    } else {
+        spec.start_check_window()
+    };
+    let begin_at = t0 + secs(begin);
+    let end_at = t0 + secs(end.max(begin));
+    let op_deadline = t0 + secs(spec.op_timeout.max(1));
+    let mut shell_exit: Option<ExitInfo> = None;
+    let mut found: Option<i32> = None;
+    let mut poll = Duration::from_millis(2);
+    loop {
+        if found.is_none() && !spec.pid_path.is_empty() {
+            found = find_fresh(engine, key, spec, sp.spawned_ticks, want_fd, &before);
+        }
+        let now = Instant::now();
+        let shell_alive = shell_exit.is_none();
+        if found.is_none()
+            && shell_alive
+            && (spec.pid_path.is_empty() || purpose == Purpose::Periodic || now >= begin_at)
+        {
+            // Foreground: the command itself is the process.
+            match watch::attach(sp.pid, Expect::Child, want_fd) {
+                Ok(att) => {
+                    if engine.track(key, att, true) {
+                        found = Some(sp.pid);
+                    }
+                }
+                Err(_) => {
+                    // It exited between the checks; the reaper will tell.
+                }
+            }
+        }
+        if found.is_none()
+            && let Some(ex) = shell_exit
+        {
+            if !ex.success() {
+                let out = engine.exec.read_output(&sp);
+                return Err(OpFail::new(
+                    codes::OP_FAILED,
+                    format!("{} failed ({ex}): {}", which.field(), out.trim()),
+                ));
+            }
+            if now >= begin_at {
+                if which == CommandKind::Restart && !before.is_empty() {
+                    let still: Vec<i32> = alive_pids(engine, key);
+                    if let Some(p) = still.first() {
+                        // A graceful restart that kept its pid.
+                        return finish_start(engine, key, *p, purpose).await;
+                    }
+                }
+                let out = engine.exec.read_output(&sp);
+                let where_ = if spec.pid_path.is_empty() {
+                    "the command exited at once".to_string()
+                } else {
+                    format!(
+                        "no live {:?} process found through pid file {}",
+                        spec.proc_name, spec.pid_path
+                    )
+                };
+                return Err(OpFail::new(
+                    codes::POST_CHECK_ERROR,
+                    format!(
+                        "start check failed after {}s: {where_} ({} {ex}){}",
+                        begin,
+                        which.field(),
+                        if out.trim().is_empty() {
+                            String::new()
+                        } else {
+                            format!("; output: {}", out.trim())
+                        }
+                    ),
+                ));
+            }
+        }
+        if found.is_some() && now >= begin_at {
+            break;
+        }
+        if now >= op_deadline && found.is_none() {
+            engine.exec.kill_group(sp.pid);
+            return Err(OpFail::new(
+                codes::OP_FAILED,
+                format!(
+                    "{} did not finish within op_timeout {}s",
+                    which.field(),
+                    spec.op_timeout
+                ),
+            ));
+        }
+        let wait = if found.is_some() {
+            begin_at
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1))
+        } else {
+            poll
+        };
+        tokio::select! {
+            r = &mut sp.exit, if shell_exit.is_none() => {
+                shell_exit = Some(r.unwrap_or(ExitInfo::Unknown));
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        poll = (poll * 2).min(Duration::from_millis(25));
+    }
+    let Some(pid) = found else {
+        return Err(OpFail::new(
+            codes::POST_CHECK_ERROR,
+            "start check failed: no process",
+        ));
+    };
+    // Hold through the start check window.
+    loop {
+        let (tracked, last_exit) = {
+            let reg = engine.reg();
+            match reg.get(key) {
+                Some(e) => (
+                    e.state.instances.iter().any(|i| i.pid == pid),
+                    e.state.last_exit.clone().filter(|x| x.pid == pid),
+                ),
+                None => (false, None),
+            }
+        };
+        let starttime = engine.reg().get(key).and_then(|e| {
+            e.state
+                .instances
+                .iter()
+                .find(|i| i.pid == pid)
+                .map(|i| i.starttime)
+        });
+        let alive = tracked && starttime.is_some_and(|t| watch::alive(pid, t));
+        if !alive && purpose != Purpose::Periodic {
+            let out = engine.exec.read_output(&sp);
+            let how = last_exit
+                .map(|x| x.exit.to_string())
+                .unwrap_or_else(|| "exit status unknown".into());
+            return Err(OpFail::new(
+                codes::POST_CHECK_ERROR,
+                format!(
+                    "start check failed: pid {pid} exited within {}s of the start ({how}){}",
+                    end.max(begin),
+                    if out.trim().is_empty() {
+                        String::new()
+                    } else {
+                        format!("; output: {}", out.trim())
+                    }
+                ),
+            ));
+        }
+        let now = Instant::now();
+        if now >= end_at || purpose == Purpose::Periodic {
+            break;
+        }
+        tokio::time::sleep((end_at - now).min(Duration::from_millis(100))).await;
+    }
+    finish_start(engine, key, pid, purpose).await
+}
+
+async fn finish_start(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    pid: i32,
+    purpose: Purpose,
+) -> Result<i32, OpFail> {
+    let restarted = engine
+        .reg()
+        .get(key)
+        .is_some_and(|e| e.state.last_exit.as_ref().is_some_and(|x| !x.by_operator));
+    {
+        let mut reg = engine.reg();
+        if let Some(e) = reg.get_mut(key) {
+            e.state.last_start_time = crate::util::unix_now();
+            e.rt.phase = Phase::Running;
+            e.rt.message.clear();
+        }
+    }
+    engine.persist_bg(key);
+    let what = match purpose {
+        Purpose::Operator => "started",
+        Purpose::Supervisor if restarted => "restarted",
+        Purpose::Supervisor => "started",
+        Purpose::Periodic => "cycle_started",
+    };
+    engine.events.emit(
+        Some(key),
+        what,
+        format!("{what} (pid {pid})"),
+        serde_json::json!({"pid": pid}),
+    );
+    engine.refresh_version(key);
+    Ok(pid)
+}
+
+/// A process started by our command: the pid file names a live process that started after the
+/// command and is named like `proc_name`, and is not one we already track.
+fn find_fresh(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    spec: &ProcSpec,
+    min_ticks: u64,
+    want_fd: bool,
+    before: &[Instance],
+) -> Option<i32> {
+    let pid = crate::procinfo::read_pid_file(std::path::Path::new(&spec.pid_path)).ok()?;
+    if before.iter().any(|i| i.pid == pid) {
+        return None;
+    }
+    if engine.reg().key_of_pid(pid).is_some_and(|k| &k != key) {
+        return None;
+    }
+    let att = watch::attach(
+        pid,
+        Expect::Fresh {
+            min_ticks,
+            proc_name: &spec.proc_name,
+        },
+        want_fd,
+    )
+    .ok()?;
+    if engine.track(key, att, true) {
+        Some(pid)
+    } else {
+        None
+    }
+}
+
+/// The pids and groups a stop must end, with the process groups whose members must be gone.
+struct Targets {
+    instances: Vec<Instance>,
+    groups: Vec<i32>,
+}
+
+fn targets(engine: &Engine, key: &ProcKey) -> Targets {
+    let instances: Vec<Instance> = engine
+        .reg()
+        .get(key)
+        .map(|e| e.state.instances.clone())
+        .unwrap_or_default();
+    let own_pgid = nix::unistd::getpgrp().as_raw();
+    let mut groups = Vec::new();
+    for i in &instances {
+        // Whole-group kills only for groups the process leads or that our command created:
+        // never the agent's own group, never init's.
+        if i.pgid > 1
+            && i.pgid != own_pgid
+            && (i.pgid == i.pid || i.started_by_agent)
+            && !groups.contains(&i.pgid)
+        {
+            groups.push(i.pgid);
+        }
+    }
+    Targets { instances, groups }
+}
+
+/// Is anything of the targets still alive?
+fn remaining(t: &Targets) -> Vec<i32> {
+    let mut left: Vec<i32> = t
+        .instances
+        .iter()
+        .filter(|i| watch::alive(i.pid, i.starttime))
+        .map(|i| i.pid)
+        .collect();
+    let me = std::process::id() as i32;
+    for g in &t.groups {
+        for p in crate::procinfo::pids_in_group(*g) {
+            if p != me && !left.contains(&p) {
+                left.push(p);
+            }
+        }
+    }
+    left
+}
+
+fn signal_all(engine: &Engine, key: &ProcKey, t: &Targets, sig: Signal) {
+    let fds: std::collections::HashMap<i32, Arc<std::os::fd::OwnedFd>> = engine
+        .reg()
+        .get(key)
+        .map(|e| e.rt.pidfds.clone())
+        .unwrap_or_default();
+    for i in &t.instances {
+        watch::signal_checked(i.pid, fds.get(&i.pid), Some(i.starttime), None, sig);
+        for d in crate::procinfo::descendants(i.pid).into_iter().skip(1) {
+            watch::signal_checked(d, None, None, None, sig);
+        }
+    }
+    let me = std::process::id() as i32;
+    for g in &t.groups {
+        for p in crate::procinfo::pids_in_group(*g) {
+            if p != me {
+                watch::signal_checked(p, None, None, Some(*g), sig);
+            }
+        }
+    }
+}
+
+async fn wait_gone(t: &Targets, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    let mut step = Duration::from_millis(5);
+    loop {
+        if remaining(t).is_empty() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(step).await;
+        step = (step * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Stop (or kill) every instance and its process group. Returns which step ended it.
+pub async fn stop_all(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    spec: &ProcSpec,
+    kill: bool,
+) -> Result<String, OpFail> {
+    let t = targets(engine, key);
+    let which = if kill {
+        CommandKind::Kill
+    } else {
+        CommandKind::Stop
+    };
+    let mut notes = Vec::new();
+    if let Some(cmd) = spec.command(which) {
+        let req = engine.command_request(key, spec, which.field(), cmd);
+        match engine.exec.run(&req).await {
+            Ok(fin) => {
+                if !fin.success() {
+                    let why = if fin.timed_out {
+                        format!("timed out after {}s", spec.op_timeout)
+                    } else {
+                        fin.exit.to_string()
+                    };
+                    notes.push(format!("{} {why}: {}", which.field(), fin.output.trim()));
+                }
+            }
+            Err(e) => notes.push(format!("{}: {e}", which.field())),
+        }
+        let grace = if kill {
+            secs(2)
+        } else {
+            secs(spec.stop_check_secs.max(1))
+        };
+        if wait_gone(&t, grace).await {
+            return Ok(format!("ended by {}", which.field()));
+        }
+    }
+    if !kill {
+        signal_all(engine, key, &t, Signal::SIGTERM);
+        if wait_gone(&t, secs(spec.op_timeout.max(1))).await {
+            return Ok("ended by SIGTERM to its process group".into());
+        }
+    }
+    signal_all(engine, key, &t, Signal::SIGKILL);
+    if wait_gone(&t, secs(5)).await {
+        return Ok(if kill {
+            "killed with SIGKILL".into()
+        } else {
+            format!("killed with SIGKILL after op_timeout {}s", spec.op_timeout)
+        });
+    }
+    let left = remaining(&t);
+    Err(OpFail::new(
+        codes::POST_CHECK_ERROR,
+        format!(
+            "stop check failed: still running after SIGKILL: pid {}{}",
+            join_pids(&left),
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", notes.join("; "))
+            }
+        ),
+    ))
+}
+
+async fn op_stop(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, kill: bool) -> KeyResult {
+    let running = engine.discover(key);
+    if running == 0 {
+        // Nothing to stop; still, the operator's intent is "stopped": cancel supervision.
+        if let Err(f) = commit_intent(engine, key, Some(FLAG_STOPPED), Some(false)).await {
+            return f.into();
+        }
+        if let Some(e) = engine.reg().get_mut(key) {
+            e.rt.phase = Phase::Stopped;
+            e.rt.next_attempt = None;
+        }
+        return KeyResult::err(
+            codes::PROC_NOT_RUNNING,
+            "process is not running; no need to stop",
+        );
+    }
+    let _busy = Busy::set(engine, key, if kill { "kill" } else { "stop" });
+    if let Some(e) = engine.reg().get_mut(key) {
+        e.rt.phase = Phase::Stopping;
+    }
+    match stop_all(engine, key, spec, kill).await {
+        Ok(step) => {
+            if let Err(f) = commit_intent(engine, key, Some(FLAG_STOPPED), Some(false)).await {
+                return f.into();
+            }
+            // The watchers may not have reported yet: drop what is gone now.
+            settle_exits(engine, key);
+            if let Some(e) = engine.reg().get_mut(key) {
+                e.rt.phase = Phase::Stopped;
+                e.rt.message.clear();
+            }
+            engine.events.emit(
+                Some(key),
+                if kill { "killed" } else { "stopped" },
+                step.clone(),
+                serde_json::Value::Null,
+            );
+            let mut r = KeyResult::ok(control_content(engine, key, spec));
+            r.error_msg = format!("success: {step}");
+            r
+        }
+        Err(f) => {
+            engine.events.emit(
+                Some(key),
+                "stop_failed",
+                f.msg.clone(),
+                serde_json::Value::Null,
+            );
+            f.into()
+        }
+    }
+}
+
+/// Remove instances that are gone (their exit may still be in flight to the loop).
+fn settle_exits(engine: &Arc<Engine>, key: &ProcKey) {
+    let mut reg = engine.reg();
+    if let Some(e) = reg.get_mut(key) {
+        let gone: Vec<i32> = e
+            .state
+            .instances
+            .iter()
+            .filter(|i| !watch::alive(i.pid, i.starttime))
+            .map(|i| i.pid)
+            .collect();
+        for pid in gone {
+            let exit = watch::collect_exit(
+                pid,
+                e.rt.pidfds.get(&pid).map(|f| f.as_ref()),
+                &engine.reaper,
+            );
+            e.state.last_exit = Some(crate::registry::LastExit {
+                pid,
+                at: crate::util::unix_now(),
+                exit,
+                by_operator: true,
+            });
+            e.state.instances.retain(|i| i.pid != pid);
+            if let Some(h) = e.rt.watchers.remove(&pid) {
+                h.abort();
+            }
+            e.rt.pidfds.remove(&pid);
+            e.rt.attached_at.remove(&pid);
+        }
+    }
+    drop(reg);
+    engine.persist_bg(key);
+}
+
+async fn op_delegate(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    spec: &ProcSpec,
+    manage: bool,
+) -> KeyResult {
+    if manage {
+        if spec.command(CommandKind::Start).is_none() {
+            return missing(CommandKind::Start);
+        }
+        engine.discover(key);
+        if let Some(e) = engine.reg().get_mut(key) {
+            e.state.completed = false;
+        }
+        if let Err(f) = commit_intent(engine, key, Some(FLAG_RUNNING), Some(true)).await {
+            return f.into();
+        }
+        engine.events.emit(
+            Some(key),
+            "managed",
+            "now managed: kept running by the agent",
+            serde_json::Value::Null,
+        );
+    } else {
+        if let Err(f) = commit_intent(engine, key, None, Some(false)).await {
+            return f.into();
+        }
+        if let Some(e) = engine.reg().get_mut(key) {
+            e.rt.next_attempt = None;
+            if e.state.instances.is_empty() && e.rt.phase == Phase::Backoff {
+                e.rt.phase = Phase::Stopped;
+            }
+        }
+        engine.events.emit(
+            Some(key),
+            "unmanaged",
+            "no longer managed: left as it is",
+            serde_json::Value::Null,
+        );
+    }
+    KeyResult::ok(control_content(engine, key, spec))
+}
+
+async fn op_restart(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec) -> KeyResult {
+    if spec.command(CommandKind::Restart).is_none() {
+        return missing(CommandKind::Restart);
+    }
+    engine.discover(key);
+    let _busy = Busy::set(engine, key, "restart");
+    if let Some(e) = engine.reg().get_mut(key) {
+        e.state.completed = false;
+        e.rt.last_cycle = Some(Instant::now());
+    }
+    match start_instance(engine, key, spec, CommandKind::Restart, Purpose::Operator).await {
+        Ok(_) => {
+            settle_exits(engine, key);
+            if let Err(f) = commit_intent(engine, key, Some(FLAG_RUNNING), Some(true)).await {
+                return f.into();
+            }
+            KeyResult::ok(control_content(engine, key, spec))
+        }
+        Err(f) => {
+            settle_exits(engine, key);
+            f.into()
+        }
+    }
+}
+
+async fn op_reload(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec) -> KeyResult {
+    let Some(cmd) = spec.command(CommandKind::Reload) else {
+        return missing(CommandKind::Reload);
+    };
+    engine.discover(key);
+    let _busy = Busy::set(engine, key, "reload");
+    let req = engine.command_request(key, spec, "reload_cmd", cmd);
+    match engine.exec.run(&req).await {
+        Ok(fin) if fin.success() => {
+            engine.events.emit(
+                Some(key),
+                "reloaded",
+                "reload_cmd succeeded",
+                serde_json::Value::Null,
+            );
+            engine.refresh_version(key);
+            KeyResult::ok(control_content(engine, key, spec))
+        }
+        Ok(fin) => {
+            let why = if fin.timed_out {
+                format!(
+                    "timed out after op_timeout {}s (its process group was killed)",
+                    spec.op_timeout
+                )
+            } else {
+                fin.exit.to_string()
+            };
+            KeyResult::err(
+                codes::OP_FAILED,
+                format!("reload_cmd failed ({why}): {}", fin.output.trim()),
+            )
+        }
+        Err(e) => KeyResult::err(codes::OP_FAILED, format!("reload_cmd: {e}")),
+    }
+}
+
+/// A supervisor start of `n` instances (restart after a crash, first start of a managed
+/// process, a periodic cycle).
+pub async fn supervise_start(engine: Arc<Engine>, key: ProcKey, n: u32) {
+    let _permit = engine.ops_sem.clone().acquire_owned().await;
+    let lock = engine.op_lock(&key);
+    let guard = lock.lock().await;
+    let (spec, go, is_restart) = {
+        let mut reg = engine.reg();
+        match reg.get_mut(&key) {
+            Some(e) => {
+                e.rt.start_pending = false;
+                let alive = e.state.instances.len() as u32;
+                let go = e.wants_running()
+                    && e.rt.busy.is_none()
+                    && match e.def.spec.auto_type {
+                        AutoType::Resident => alive < e.def.spec.instance_num.max(1),
+                        AutoType::SingleRun => !e.state.completed && alive == 0,
+                        AutoType::Periodic => alive == 0,
+                    };
+                (
+                    e.def.spec.clone(),
+                    go,
+                    e.state.last_exit.is_some() && e.def.spec.auto_type == AutoType::Resident,
+                )
+            }
+            None => return,
+        }
+    };
+    if !go {
+        drop(guard);
+        engine.reconcile(&key);
+        return;
+    }
+    let purpose = if spec.auto_type == AutoType::Periodic {
+        Purpose::Periodic
+    } else {
+        Purpose::Supervisor
+    };
+    let _busy = Busy::set(&engine, &key, "supervise");
+    let mut started = 0;
+    for _ in 0..n {
+        let retries = if purpose == Purpose::Supervisor {
+            spec.start_retries.unwrap_or(0)
+        } else {
+            0
+        };
+        let mut attempt = 0;
+        loop {
+            match start_instance(&engine, &key, &spec, CommandKind::Start, purpose).await {
+                Ok(_) => {
+                    started += 1;
+                    if is_restart && let Some(e) = engine.reg().get_mut(&key) {
+                        e.state.restarts += 1;
+                    }
+                    break;
+                }
+                Err(f) => {
+                    let (failures, delay) = {
+                        let mut reg = engine.reg();
+                        let Some(e) = reg.get_mut(&key) else { return };
+                        e.rt.failures = e.rt.failures.saturating_add(1);
+                        let d = engine
+                            .backoff
+                            .delay(e.rt.failures.max(2), crate::util::random_unit());
+                        e.rt.next_attempt = Some(Instant::now() + d);
+                        e.rt.phase = if spec.auto_type == AutoType::SingleRun {
+                            Phase::Completed
+                        } else {
+                            Phase::Backoff
+                        };
+                        if spec.auto_type == AutoType::SingleRun {
+                            e.state.completed = true;
+                        }
+                        e.rt.message = f.msg.clone();
+                        (e.rt.failures, d)
+                    };
+                    engine.events.emit(
+                        Some(&key),
+                        "start_failed",
+                        f.msg.clone(),
+                        serde_json::json!({"code": f.code, "failures": failures}),
+                    );
+                    if attempt < retries {
+                        attempt += 1;
+                        tokio::time::sleep(secs(spec.start_interval.unwrap_or(10))).await;
+                        continue;
+                    }
+                    if spec.auto_type != AutoType::SingleRun && spec.auto_type != AutoType::Periodic
+                    {
+                        engine.events.emit(
+                            Some(&key),
+                            "backoff",
+                            format!("next start attempt in {:.1}s (failure {failures} in a row)", delay.as_secs_f64()),
+                            serde_json::json!({"delay_secs": delay.as_secs_f64(), "failures": failures}),
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    if started > 0 {
+        engine.persist_bg(&key);
+    }
+}
+
+/// `content` of a status query: GSE's `{"process":[{"procname", "instance":[{...}]}]}` with
+/// `pid` -1 when not running.
+pub fn status_content(engine: &Engine, key: &ProcKey) -> String {
+    let reg = engine.reg();
+    let agent = engine.host.agent_id_or_fallback();
+    let utctime = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let v = match reg.get(key) {
+        None => serde_json::json!({
+            "process": [{"procname": key.name, "instance": [{"pid": -1, "isAuto": false, "processName": key.name}]}],
+            "bk_agent_id": agent, "utctime": utctime, "timezone": 0
+        }),
+        Some(e) => {
+            let s = e.rt.sample.clone().unwrap_or_default();
+            let pids: Vec<i64> = if e.state.instances.is_empty() {
+                vec![-1]
+            } else {
+                e.state.instances.iter().map(|i| i.pid as i64).collect()
+            };
+            let instances: Vec<serde_json::Value> = pids
+                .iter()
+                .map(|pid| {
+                    serde_json::json!({
+                        "pid": pid,
+                        "isAuto": e.state.managed,
+                        "processName": e.def.spec.proc_name,
+                        "setupPath": e.def.spec.setup_path,
+                        "version": e.rt.version,
+                        "cpuUsage": s.cpu_usage,
+                        "phyMemUsage": s.mem_usage,
+                        "usePhyMem": s.rss_bytes,
+                        "diskSize": s.disk,
+                        "fd": s.fd,
+                        "health": e.rt.health.clone().unwrap_or_default(),
+                        "startTime": e.state.last_start_time,
+                        "register_time": e.def.register_time,
+                        "last_start_time": e.state.last_start_time,
+                        "report_time": crate::util::unix_now(),
+                        "stat": if *pid > 0 { "running" } else { "stopped" },
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "process": [{"procname": e.def.spec.proc_name, "instance": instances}],
+                "bk_agent_id": agent, "utctime": utctime, "timezone": 0
+            })
+        }
+    };
+    v.to_string()
+}
+
+/// `content` of a control operation: `{"value":[{"procName", "setupPath", "result", "isAuto", ...}]}`.
+pub fn control_content(engine: &Engine, key: &ProcKey, spec: &ProcSpec) -> String {
+    let (managed, pids) = engine
+        .reg()
+        .get(key)
+        .map(|e| {
+            (
+                e.state.managed,
+                e.state
+                    .instances
+                    .iter()
+                    .map(|i| i.pid as i64)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .unwrap_or((false, Vec::new()));
+    serde_json::json!({
+        "value": [{
+            "procName": spec.proc_name,
+            "setupPath": spec.setup_path,
+            "funcID": spec.func_id,
+            "instanceID": spec.instance_id,
+            "result": "success",
+            "isAuto": managed,
+            "pid": pids.first().copied().unwrap_or(-1),
+            "bk_agent_id": engine.host.agent_id_or_fallback(),
+        }]
+    })
+    .to_string()
+}

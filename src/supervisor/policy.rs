@@ -1,0 +1,334 @@
+//! Pure supervision decisions: restart backoff, failure counting and what to do next for one
+//! process. Nothing here does I/O or reads a clock: `now` and randomness are parameters, so
+//! every rule is table-tested below.
+//!
+//! Backoff: the first failure after a healthy run restarts at once (delay 0, the fast path
+//! that makes restarts take milliseconds); each further consecutive failure doubles the delay
+//! from `initial` up to `max`, with ±`jitter` spread. A process that stays up `reset_after`
+//! has its failure count reset. A crash-looping process is retried forever at the capped
+//! delay: never a fork storm, never silently given up.
+
+use std::time::{Duration, Instant};
+
+use crate::spec::AutoType;
+
+/// Restart backoff settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub reset_after: Duration,
+    /// Fraction of spread: 0.1 means each delay is scaled by a factor in [0.9, 1.1].
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            reset_after: Duration::from_secs(30),
+            jitter: 0.1,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt after `failures` consecutive failures (counting the
+    /// one that just happened). `unit` is a random number in [0, 1).
+    pub fn delay(&self, failures: u32, unit: f64) -> Duration {
+        if failures <= 1 {
+            return Duration::ZERO;
+        }
+        let exp = (failures - 2).min(30);
+        let base = self.initial.saturating_mul(1u32 << exp).min(self.max);
+        let factor = 1.0 + self.jitter * (2.0 * unit.clamp(0.0, 1.0) - 1.0);
+        base.mul_f64(factor.max(0.0)).min(self.max)
+    }
+
+    /// The failure count after an instance died having run for `uptime` (`None` when it never
+    /// passed its start check).
+    pub fn failures_after_exit(&self, failures: u32, uptime: Option<Duration>) -> u32 {
+        match uptime {
+            Some(u) if u >= self.reset_after => 1,
+            _ => failures.saturating_add(1),
+        }
+    }
+}
+
+/// What supervision knows about one process when deciding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct View {
+    /// Managed and expected to run.
+    pub wants_running: bool,
+    pub auto_type: AutoType,
+    pub instance_num: u32,
+    /// Instances alive now.
+    pub alive: u32,
+    /// An operation or a supervisor start holds the process.
+    pub busy: bool,
+    /// A single-run process already ran.
+    pub completed: bool,
+    pub next_attempt: Option<Instant>,
+    pub cycle_time: Duration,
+    pub last_cycle: Option<Instant>,
+}
+
+/// What to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing now, nothing scheduled.
+    Nothing,
+    /// Start this many instances now.
+    Start(u32),
+    /// Come back at this time.
+    WaitUntil(Instant),
+    /// A periodic cycle is due but the previous run is still alive: skip it.
+    SkipCycle,
+}
+
+/// Decide for one process at `now`.
+pub fn decide(v: &View, now: Instant) -> Decision {
+    if !v.wants_running || v.busy {
+        return Decision::Nothing;
+    }
+    match v.auto_type {
+        AutoType::Resident => {
+            if v.alive >= v.instance_num {
+                return Decision::Nothing;
+            }
+            match v.next_attempt {
+                Some(t) if t > now => Decision::WaitUntil(t),
+                _ => Decision::Start(v.instance_num - v.alive),
+            }
+        }
+        AutoType::SingleRun => {
+            if v.completed || v.alive > 0 {
+                Decision::Nothing
+            } else {
+                Decision::Start(v.instance_num)
+            }
+        }
+        AutoType::Periodic => {
+            let due = match v.last_cycle {
+                None => now,
+                Some(t) => t + v.cycle_time,
+            };
+            if due > now {
+                Decision::WaitUntil(due)
+            } else if v.alive > 0 {
+                Decision::SkipCycle
+            } else {
+                Decision::Start(1)
+            }
+        }
+    }
+}
+
+/// When a periodic cycle that was due at `due` starts at `now`: keep the schedule aligned
+/// (no drift) unless we are more than one cycle late.
+pub fn cycle_start(last_cycle: Option<Instant>, cycle_time: Duration, now: Instant) -> Instant {
+    match last_cycle {
+        Some(t) => {
+            let due = t + cycle_time;
+            if now >= due && now.duration_since(due) < cycle_time {
+                due
+            } else {
+                now
+            }
+        }
+        None => now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(x: u64) -> Duration {
+        Duration::from_secs(x)
+    }
+
+    #[test]
+    fn backoff_table() {
+        let b = Backoff {
+            jitter: 0.0,
+            ..Backoff::default()
+        };
+        let cases = [
+            (0, 0),
+            (1, 0),
+            (2, 1),
+            (3, 2),
+            (4, 4),
+            (5, 8),
+            (6, 16),
+            (7, 32),
+            (8, 60),
+            (9, 60),
+            (100, 60),
+        ];
+        for (failures, want) in cases {
+            assert_eq!(b.delay(failures, 0.5), s(want), "failures={failures}");
+        }
+    }
+
+    #[test]
+    fn backoff_jitter_stays_in_band_and_under_cap() {
+        let b = Backoff::default();
+        for u in [0.0, 0.25, 0.5, 0.75, 0.999] {
+            let d = b.delay(3, u); // base 2 s
+            assert!(
+                d >= Duration::from_millis(1800) && d <= Duration::from_millis(2200),
+                "{d:?}"
+            );
+            assert!(b.delay(50, u) <= s(60));
+        }
+        assert_ne!(b.delay(3, 0.0), b.delay(3, 0.99));
+    }
+
+    #[test]
+    fn failure_counting() {
+        let b = Backoff::default();
+        let cases = [
+            (0, Some(s(100)), 1),
+            (5, Some(s(100)), 1),
+            (5, Some(s(29)), 6),
+            (0, None, 1),
+            (3, None, 4),
+            (u32::MAX, None, u32::MAX),
+        ];
+        for (failures, uptime, want) in cases {
+            assert_eq!(b.failures_after_exit(failures, uptime), want);
+        }
+    }
+
+    fn view() -> View {
+        View {
+            wants_running: true,
+            auto_type: AutoType::Resident,
+            instance_num: 1,
+            alive: 0,
+            busy: false,
+            completed: false,
+            next_attempt: None,
+            cycle_time: s(10),
+            last_cycle: None,
+        }
+    }
+
+    #[test]
+    fn decide_table() {
+        let now = Instant::now();
+        let later = now + s(5);
+        let cases: Vec<(View, Decision)> = vec![
+            (view(), Decision::Start(1)),
+            (
+                View {
+                    wants_running: false,
+                    ..view()
+                },
+                Decision::Nothing,
+            ),
+            (
+                View {
+                    busy: true,
+                    ..view()
+                },
+                Decision::Nothing,
+            ),
+            (View { alive: 1, ..view() }, Decision::Nothing),
+            (
+                View {
+                    instance_num: 3,
+                    alive: 1,
+                    ..view()
+                },
+                Decision::Start(2),
+            ),
+            (
+                View {
+                    next_attempt: Some(later),
+                    ..view()
+                },
+                Decision::WaitUntil(later),
+            ),
+            (
+                View {
+                    next_attempt: Some(now),
+                    ..view()
+                },
+                Decision::Start(1),
+            ),
+            (
+                View {
+                    auto_type: AutoType::SingleRun,
+                    ..view()
+                },
+                Decision::Start(1),
+            ),
+            (
+                View {
+                    auto_type: AutoType::SingleRun,
+                    completed: true,
+                    ..view()
+                },
+                Decision::Nothing,
+            ),
+            (
+                View {
+                    auto_type: AutoType::SingleRun,
+                    alive: 1,
+                    ..view()
+                },
+                Decision::Nothing,
+            ),
+            (
+                View {
+                    auto_type: AutoType::Periodic,
+                    ..view()
+                },
+                Decision::Start(1),
+            ),
+            (
+                View {
+                    auto_type: AutoType::Periodic,
+                    last_cycle: Some(now),
+                    ..view()
+                },
+                Decision::WaitUntil(now + s(10)),
+            ),
+            (
+                View {
+                    auto_type: AutoType::Periodic,
+                    last_cycle: Some(now - s(10)),
+                    alive: 1,
+                    ..view()
+                },
+                Decision::SkipCycle,
+            ),
+            (
+                View {
+                    auto_type: AutoType::Periodic,
+                    last_cycle: Some(now - s(11)),
+                    ..view()
+                },
+                Decision::Start(1),
+            ),
+        ];
+        for (i, (v, want)) in cases.into_iter().enumerate() {
+            assert_eq!(decide(&v, now), want, "case {i}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn cycles_do_not_drift() {
+        let t0 = Instant::now();
+        assert_eq!(cycle_start(None, s(10), t0), t0);
+        assert_eq!(
+            cycle_start(Some(t0), s(10), t0 + s(10) + Duration::from_millis(30)),
+            t0 + s(10)
+        );
+        assert_eq!(cycle_start(Some(t0), s(10), t0 + s(35)), t0 + s(35));
+    }
+}

@@ -1,0 +1,251 @@
+//! The one module that talks to the kernel below the safe crates.
+//!
+//! Everything that needs `unsafe`, or a raw syscall that the rest of the agent must not call
+//! directly, lives here behind small safe functions:
+//!
+//! * pidfds: open, signal, reap (`waitid(P_PIDFD)`), exit info (`PIDFD_GET_INFO`, Linux 6.15+),
+//!   and registration with tokio's reactor;
+//! * the child-subreaper flag and the global `waitpid(-1, WNOHANG)` used by the reaper;
+//! * the `pre_exec` hook that puts a command in its own session and switches its identity
+//!   (setgroups, setgid, setuid, umask), async-signal-safe because every id was resolved in
+//!   the parent;
+//! * the boot-time clock, to compare with `/proc/PID/stat` start times.
+//!
+//! Every `unsafe` block carries a `// SAFETY:` note. The crate root denies `unsafe_code`; this
+//! module alone allows it.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::Arc;
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// How a process ended, as far as the agent could learn it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+pub enum ExitInfo {
+    /// Exited normally with this code.
+    Code(i32),
+    /// Killed by this signal number.
+    Signal(i32),
+    /// Not our child and the kernel gave no exit information (before Linux 6.15, or the
+    /// parent had not reaped it yet).
+    Unknown,
+}
+
+impl ExitInfo {
+    /// Decode a raw `wait(2)` status word.
+    pub fn from_raw_wait_status(status: i32) -> ExitInfo {
+        if libc::WIFEXITED(status) {
+            ExitInfo::Code(libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            ExitInfo::Signal(libc::WTERMSIG(status))
+        } else {
+            ExitInfo::Unknown
+        }
+    }
+
+    /// True for a clean `exit(0)`.
+    pub fn success(&self) -> bool {
+        matches!(self, ExitInfo::Code(0))
+    }
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitInfo::Code(c) => write!(f, "exit code {c}"),
+            ExitInfo::Signal(s) => write!(f, "signal {s} ({})", signal_name(*s)),
+            ExitInfo::Unknown => write!(f, "exit status unknown"),
+        }
+    }
+}
+
+/// A short name for a signal number (SIGKILL, SIGTERM, ...).
+pub fn signal_name(sig: i32) -> &'static str {
+    match nix::sys::signal::Signal::try_from(sig) {
+        Ok(s) => s.as_str(),
+        Err(_) => "unknown",
+    }
+}
+
+/// Open a non-blocking pidfd for `pid`. `ESRCH` means the process is gone.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pid must be positive"))?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK).map_err(io::Error::from)
+}
+
+/// Send `sig` through a pidfd. Cannot hit a recycled pid. `ESRCH` means it already exited.
+pub fn pidfd_signal(fd: BorrowedFd<'_>, sig: nix::sys::signal::Signal) -> io::Result<()> {
+    let sig = rustix::process::Signal::from_named_raw(sig as i32)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unsupported signal"))?;
+    rustix::process::pidfd_send_signal(fd, sig).map_err(io::Error::from)
+}
+
+/// If the process behind `fd` is our child and has exited, reap it now and return how it
+/// ended. `Ok(None)` when it is still running; `Err(ECHILD)` when it is not our child (or
+/// was reaped already by someone else).
+pub fn pidfd_try_reap(fd: BorrowedFd<'_>) -> io::Result<Option<ExitInfo>> {
+    use rustix::process::{WaitId, WaitIdOptions, waitid};
+    let status = waitid(
+        WaitId::PidFd(fd),
+        WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+    )
+    .map_err(io::Error::from)?;
+    Ok(status.map(|s| {
+        if let Some(code) = s.exit_status()
+            && s.exited()
+        {
+            return ExitInfo::Code(code);
+        }
+        match s.terminating_signal() {
+            Some(sig) => ExitInfo::Signal(sig),
+            None => ExitInfo::Unknown,
+        }
+    }))
+}
+
+/// Layout of `struct pidfd_info` up to `exit_code` (include/uapi/linux/pidfd.h, Linux 6.15).
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    pid: u32,
+    tgid: u32,
+    ppid: u32,
+    ruid: u32,
+    rgid: u32,
+    euid: u32,
+    egid: u32,
+    suid: u32,
+    sgid: u32,
+    fsuid: u32,
+    fsgid: u32,
+    exit_code: i32,
+}
+
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+/// `_IOWR(0xFF, 11, struct pidfd_info)` with the 64-byte layout above.
+const PIDFD_GET_INFO: libc::c_ulong =
+    (3 << 30) | ((std::mem::size_of::<PidfdInfo>() as libc::c_ulong) << 16) | (0xFF << 8) | 11;
+
+/// The exit status the kernel kept for a reaped process (Linux 6.15+, after EPOLLHUP).
+/// `None` when the kernel is older, the process is not reaped yet, or the info is missing.
+pub fn pidfd_exit_info(fd: BorrowedFd<'_>) -> Option<ExitInfo> {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: `fd` is a valid open pidfd for the duration of the call, and `info` is a live,
+    // properly aligned `#[repr(C)]` buffer whose size is encoded in the request number, so the
+    // kernel writes at most `size_of::<PidfdInfo>()` bytes into it. Kernels that do not know
+    // the request return ENOTTY/EINVAL and write nothing.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            PIDFD_GET_INFO as _,
+            &mut info as *mut PidfdInfo,
+        )
+    };
+    if rc != 0 || info.mask & PIDFD_INFO_EXIT == 0 {
+        return None;
+    }
+    Some(ExitInfo::from_raw_wait_status(info.exit_code))
+}
+
+/// Register a pidfd with tokio's reactor so that `readable()` resolves when the process exits.
+pub fn async_pidfd(fd: Arc<OwnedFd>) -> io::Result<AsyncFd<Arc<OwnedFd>>> {
+    // SAFETY: the `AsyncFd` holds a strong reference to the `OwnedFd` until it is dropped, and
+    // an `OwnedFd` is only closed when its last reference goes, so the raw fd stays open and
+    // refers to the same pidfd for the `AsyncFd`'s whole lifetime.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
+}
+
+/// Make the agent a child subreaper: orphans of the processes it starts (double-forking
+/// daemons) are reparented to the agent, so their exit statuses reach our reaper.
+pub fn set_child_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// One non-blocking `waitpid(-1, WNOHANG)`: `Ok(Some((pid, exit)))` for a reaped child,
+/// `Ok(None)` when no child has exited, `Err(ECHILD)` when we have no children at all.
+pub fn reap_one() -> io::Result<Option<(i32, ExitInfo)>> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(pid, code)) => Ok(Some((pid.as_raw(), ExitInfo::Code(code)))),
+        Ok(WaitStatus::Signaled(pid, sig, _)) => {
+            Ok(Some((pid.as_raw(), ExitInfo::Signal(sig as i32))))
+        }
+        Ok(WaitStatus::StillAlive) => Ok(None),
+        // Stopped/continued children are reported only with WUNTRACED/WCONTINUED, which we
+        // do not ask for; treat anything else as "nothing to reap right now".
+        Ok(_) => Ok(None),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
+/// The identity a spawned command switches to, resolved in the parent (no NSS lookups may
+/// happen after fork in a multi-threaded process).
+#[derive(Debug, Clone)]
+pub struct SpawnIdentity {
+    /// `Some` when the command must switch accounts (the agent runs as root and the account
+    /// differs from the agent's own); `None` keeps the agent's identity.
+    pub switch_to: Option<(u32, u32, Vec<u32>)>,
+    /// The umask the command starts with.
+    pub umask: u32,
+}
+
+/// Install the `pre_exec` hook: own session (so the agent can signal the whole tree and no
+/// terminal signal reaches it), umask, then supplementary groups, gid, uid in that order.
+pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
+    let groups: Vec<nix::unistd::Gid> = ident
+        .switch_to
+        .as_ref()
+        .map(|(_, _, g)| g.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect())
+        .unwrap_or_default();
+    let ids = ident.switch_to.as_ref().map(|(u, g, _)| {
+        (
+            nix::unistd::Uid::from_raw(*u),
+            nix::unistd::Gid::from_raw(*g),
+        )
+    });
+    let mask = nix::sys::stat::Mode::from_bits_truncate(ident.umask as libc::mode_t);
+    let hook = move || -> io::Result<()> {
+        nix::unistd::setsid().map_err(io::Error::from)?;
+        nix::sys::stat::umask(mask);
+        if let Some((uid, gid)) = ids {
+            nix::unistd::setgroups(&groups).map_err(io::Error::from)?;
+            nix::unistd::setgid(gid).map_err(io::Error::from)?;
+            nix::unistd::setuid(uid).map_err(io::Error::from)?;
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs in the forked child before exec. It only makes direct syscalls
+    // (setsid, umask, setgroups, setgid, setuid) on values computed before the fork; it does
+    // not allocate (the group vector was built in the parent and is only borrowed), take
+    // locks, or touch state shared with other threads, so it is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Nanoseconds of `CLOCK_BOOTTIME`: the clock `/proc/PID/stat` start times are counted in.
+pub fn boottime_nanos() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
+        Ok(ts) => (ts.tv_sec() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(ts.tv_nsec() as u64),
+        Err(_) => 0,
+    }
+}
+
+/// Whether this kernel lets us open and poll pidfds (5.3+, non-blocking 5.10+).
+pub fn pidfd_supported() -> bool {
+    pidfd_open(std::process::id() as i32).is_ok()
+}

@@ -1,0 +1,137 @@
+//! Operation tasks: ids, per-item results, and their history.
+//!
+//! An operate request becomes one task with one item per (host, process) key. The task is
+//! committed to the store, with every item pending, before its id is returned, so a caller
+//! that got a task id can always query it, even after an agent crash. Items then finish one
+//! by one; a pending item reads as 115 ("processing"). Items still pending when the agent
+//! (re)starts are closed with an error saying the agent restarted during the operation.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use crate::proto::{KeyResult, codes};
+use crate::store::{Store, StoreError, TaskRecord};
+
+struct Book {
+    tasks: HashMap<String, TaskRecord>,
+    order: VecDeque<String>,
+    seq: u64,
+}
+
+/// In-memory index of recent tasks, backed by the store.
+pub struct TaskBook {
+    book: Mutex<Book>,
+    cap: usize,
+    store: Store,
+}
+
+/// The error given to items that were running when the agent stopped.
+pub const INTERRUPTED: &str = "the agent restarted while this operation ran; its outcome is unknown, query the process status";
+
+impl TaskBook {
+    /// Build from the tasks loaded at start; pending items are closed as interrupted.
+    pub fn new(store: Store, cap: usize, loaded: Vec<TaskRecord>) -> TaskBook {
+        let mut tasks = HashMap::new();
+        let mut order = VecDeque::new();
+        let mut seq = 0;
+        for mut t in loaded {
+            let mut changed = false;
+            for (i, it) in t.items.iter_mut().enumerate() {
+                if it.result.is_none() {
+                    let r = KeyResult::err(codes::OP_FAILED, INTERRUPTED);
+                    store.finish_item(&t.task_id, i, r.clone());
+                    it.result = Some(r);
+                    changed = true;
+                }
+            }
+            if changed || t.finished_ms.is_none() {
+                let now = crate::util::unix_millis();
+                store.finish_task(&t.task_id, now);
+                t.finished_ms = Some(now);
+            }
+            if let Some(n) = t
+                .task_id
+                .rsplit(':')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                seq = seq.max(n);
+            }
+            order.push_back(t.task_id.clone());
+            tasks.insert(t.task_id.clone(), t);
+        }
+        TaskBook {
+            book: Mutex::new(Book { tasks, order, seq }),
+            cap,
+            store,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new task id: `GSETASK:YYYYMMDDHHMMSS:N`.
+    pub fn next_id(&self) -> String {
+        let n = {
+            let mut b = self.lock();
+            b.seq = b.seq.max(999) + 1;
+            b.seq
+        };
+        let stamp: String = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            .to_string()
+            .chars()
+            .filter(|c| c.is_ascii_digit())
+            .collect();
+        format!("GSETASK:{stamp}:{n}")
+    }
+
+    /// Record a task durably, then index it.
+    pub async fn create(&self, task: TaskRecord) -> Result<(), StoreError> {
+        self.store.insert_task(task.clone()).await?;
+        let mut b = self.lock();
+        b.order.push_back(task.task_id.clone());
+        b.tasks.insert(task.task_id.clone(), task);
+        while b.order.len() > self.cap {
+            if let Some(old) = b.order.pop_front() {
+                b.tasks.remove(&old);
+            }
+        }
+        Ok(())
+    }
+
+    /// Set an item's result; finish the task when it was the last.
+    pub fn finish_item(&self, task_id: &str, idx: usize, result: KeyResult) {
+        self.store.finish_item(task_id, idx, result.clone());
+        let mut b = self.lock();
+        if let Some(t) = b.tasks.get_mut(task_id) {
+            if let Some(it) = t.items.get_mut(idx) {
+                it.result = Some(result);
+            }
+            if t.finished_ms.is_none() && t.items.iter().all(|i| i.result.is_some()) {
+                let now = crate::util::unix_millis();
+                t.finished_ms = Some(now);
+                self.store.finish_task(task_id, now);
+            }
+        }
+    }
+
+    /// Look a task up (memory first, then the store).
+    pub fn get(&self, task_id: &str) -> Option<TaskRecord> {
+        if let Some(t) = self.lock().tasks.get(task_id) {
+            return Some(t.clone());
+        }
+        self.store.read_task(task_id).ok().flatten()
+    }
+
+    /// The most recent tasks, newest first.
+    pub fn recent(&self, limit: usize) -> Vec<TaskRecord> {
+        let b = self.lock();
+        b.order
+            .iter()
+            .rev()
+            .take(limit)
+            .filter_map(|id| b.tasks.get(id).cloned())
+            .collect()
+    }
+}

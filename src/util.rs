@@ -1,0 +1,141 @@
+//! Small helpers shared across modules: wall-clock time, random numbers, file-name-safe keys.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Unix time in seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Unix time in milliseconds.
+pub fn unix_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+static RNG: Mutex<u64> = Mutex::new(0);
+
+fn seed() -> u64 {
+    let mut buf = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .is_ok()
+    {
+        let s = u64::from_le_bytes(buf);
+        if s != 0 {
+            return s;
+        }
+    }
+    (unix_millis() as u64) ^ ((std::process::id() as u64) << 32) | 1
+}
+
+/// A pseudo-random u64 (xorshift64*, seeded from /dev/urandom). Not for secrets: used for
+/// backoff jitter and request ids.
+pub fn random_u64() -> u64 {
+    let mut g = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    if *g == 0 {
+        *g = seed();
+    }
+    let mut x = *g;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *g = x;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// A uniform float in [0, 1).
+pub fn random_unit() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+static REQ: AtomicU64 = AtomicU64::new(0);
+
+/// A request id: 32 hex digits, unique within the process and random across processes.
+pub fn request_id() -> String {
+    let n = REQ.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{:016x}{:016x}",
+        random_u64(),
+        n ^ random_u64().rotate_left(17)
+    )
+}
+
+/// A file-name-safe rendering of a `namespace/name` pair: safe characters kept, others
+/// replaced, and a hash of the exact key appended so distinct keys never collide.
+pub fn safe_file_stem(namespace: &str, name: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(64)
+            .collect()
+    };
+    // FNV-1a over the exact bytes, separated by NUL (which no key contains).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in namespace
+        .bytes()
+        .chain(std::iter::once(0))
+        .chain(name.bytes())
+    {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{}__{}.{:08x}", clean(namespace), clean(name), h as u32)
+}
+
+/// Keep at most `max` bytes of `text`, from its end, on a char boundary, marking the cut.
+pub fn tail_bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("[... {} bytes cut ...]\n{}", start, &text[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stems_are_distinct_and_safe() {
+        let a = safe_file_stem("ns", "a/b");
+        let b = safe_file_stem("ns", "a_b");
+        assert_ne!(a, b);
+        assert!(!a.contains('/'));
+        assert!(safe_file_stem("命名", "x y").is_ascii());
+    }
+
+    #[test]
+    fn tail_keeps_end() {
+        assert_eq!(tail_bounded("hello", 10), "hello");
+        let t = tail_bounded("abcdefghij", 3);
+        assert!(t.ends_with("hij"));
+        assert!(t.contains("7 bytes cut"));
+        let u = tail_bounded("ééé", 3); // cut lands mid-char
+        assert!(u.ends_with('é'));
+    }
+
+    #[test]
+    fn random_spread() {
+        let v: Vec<f64> = (0..1000).map(|_| random_unit()).collect();
+        assert!(v.iter().all(|x| (0.0..1.0).contains(x)));
+        assert!(v.iter().any(|x| *x < 0.1) && v.iter().any(|x| *x > 0.9));
+        assert_ne!(request_id(), request_id());
+    }
+}
