@@ -65,14 +65,14 @@ pub fn zombies_of(parent: i32) -> Vec<i32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            if let Some((_, rest)) = s.rsplit_once(')') {
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                if f.first() == Some(&"Z")
-                    && f.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(parent)
-                {
-                    out.push(pid);
-                }
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            && let Some((_, rest)) = s.rsplit_once(')')
+        {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            if f.first() == Some(&"Z")
+                && f.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(parent)
+            {
+                out.push(pid);
             }
         }
     }
@@ -237,10 +237,10 @@ impl Daemon {
         let mut d = d;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(v) = d.try_get("/v1/healthz") {
-                if v["result"] == json!(true) {
-                    break;
-                }
+            if let Ok(v) = d.try_get("/v1/healthz")
+                && v["result"] == json!(true)
+            {
+                break;
             }
             if let Some(Ok(Some(st))) = d.child.as_mut().map(|c| c.try_wait()) {
                 panic!(
@@ -458,12 +458,11 @@ pub fn http(
     );
     s.write_all(head.as_bytes())?;
     // A server may answer (413) and close before reading a large body: still read the answer.
-    if let Err(e) = s.write_all(body) {
-        if e.kind() != std::io::ErrorKind::BrokenPipe
-            && e.kind() != std::io::ErrorKind::ConnectionReset
-        {
-            return Err(e);
-        }
+    if let Err(e) = s.write_all(body)
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+        && e.kind() != std::io::ErrorKind::ConnectionReset
+    {
+        return Err(e);
     }
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
