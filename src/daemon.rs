@@ -153,7 +153,23 @@ pub async fn run(
     );
     let loop_task = tokio::spawn(engine.clone().run_loop(rx, stop_rx.clone()));
     let sampler = tokio::spawn(crate::probe::run_sampler(engine.clone(), stop_rx.clone()));
-    if let Some(g) = &engine.config.api.socket_group
+    // The socket (and its directory) belong to socket_group, else to the admin group.
+    let api_cfg = &engine.config.api;
+    for (what, g) in [
+        ("admin_group", &api_cfg.admin_group),
+        ("readonly_group", &api_cfg.readonly_group),
+        ("socket_group", &api_cfg.socket_group),
+    ] {
+        if let Some(g) = g
+            && !matches!(nix::unistd::Group::from_name(g), Ok(Some(_)))
+        {
+            tracing::warn!(group = %g, "api.{what} names a group that does not exist; nobody gets its access");
+        }
+    }
+    if let Some(g) = api_cfg
+        .socket_group
+        .as_ref()
+        .or(api_cfg.admin_group.as_ref())
         && let Err(e) = crate::api::chown_socket(&engine.config.socket, g)
     {
         tracing::warn!(error = %e, group = %g, "cannot give the socket to its group");

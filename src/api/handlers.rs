@@ -15,7 +15,7 @@ use super::auth::{self, Access};
 use super::{ApiError, AppState, Peer, ok};
 use crate::proto::{
     HostWire, KeyResult, MetaHostsReq, OpType, OperateProcReq, ProcInfos, ProcsQuery, RegisterReq,
-    SpecWire, SyncProcStatusReq, TaskQuery, codes,
+    SyncProcStatusReq, TaskQuery, codes,
 };
 use crate::spec::{Labels, ProcKey, ProcSpec, validate_key};
 use crate::store::{TaskItemRecord, TaskRecord};
@@ -69,19 +69,29 @@ pub async fn call(
     peer: Option<Peer>,
 ) -> Result<Value, ApiError> {
     let access = auth::authorize(engine, peer)?;
+    call_authorized(engine, api, body, &access).await
+}
+
+/// Dispatch an API call by name for a caller already authorized (see [`auth::authorize`]).
+pub async fn call_authorized(
+    engine: &Arc<Engine>,
+    api: &str,
+    body: &[u8],
+    access: &Access,
+) -> Result<Value, ApiError> {
     match api {
         "operate_proc" | "operate_proc_v2" => {
-            operate_proc(engine, body, &access, api, KeyStyle::V1).await
+            operate_proc(engine, body, access, api, KeyStyle::V1).await
         }
-        "operate_proc_multi" => operate_proc_multi(engine, body, &access).await,
+        "operate_proc_multi" => operate_proc_multi(engine, body, access).await,
         "get_proc_operate_result" | "get_proc_operate_result_v2" => get_result(engine, body),
         "get_proc_status" => get_proc_status(engine, body, KeyStyle::V1),
         "get_proc_status_v2" => get_proc_status(engine, body, KeyStyle::V2),
         "sync_proc_status" => sync_proc_status(engine, body),
-        "register_proc_info" => register(engine, body, &access, PutMode::Register, api).await,
-        "update_proc_info" => register(engine, body, &access, PutMode::Upsert, api).await,
-        "unregister_proc_info" => unregister(engine, body, &access).await,
-        "procs" => procs(engine, body),
+        "register_proc_info" => register(engine, body, access, PutMode::Register, api).await,
+        "update_proc_info" => register(engine, body, access, PutMode::Upsert, api).await,
+        "unregister_proc_info" => unregister(engine, body, access).await,
+        "procs" => procs(engine, body, access),
         "tasks" => tasks(engine, body),
         other => Err(ApiError {
             http: axum::http::StatusCode::NOT_FOUND,
@@ -330,12 +340,13 @@ fn check_op_access(
             "read-only group members may not operate processes",
         ));
     }
-    let account = match inline {
-        Some(s) => Some(s.account.clone()),
-        None => engine.reg().get(key).map(|e| e.def.spec.account.clone()),
-    };
-    match account {
-        Some(a) => access.may_use_account(&a),
+    // Both the registered definition (the process acted on) and an inline spec (which
+    // replaces that definition before the operation runs) must be the caller's to use.
+    if let Some(a) = engine.reg().get(key).map(|e| e.def.spec.account.clone()) {
+        access.may_use_account(&a)?;
+    }
+    match inline {
+        Some(s) => access.may_use_account(&s.account),
         None => Ok(()),
     }
 }
@@ -347,19 +358,51 @@ async fn operate_proc(
     api: &str,
     style: KeyStyle,
 ) -> Result<Value, ApiError> {
-    let req: OperateProcReq = parse(body)?;
-    let Some(code) = req.op_type else {
-        return Err(ApiError::bad("op_type: is required"));
+    let d = decode_operate(body)?;
+    check_op_access(
+        engine,
+        access,
+        d.op,
+        &d.key,
+        d.inline.as_ref().map(|(s, _)| s),
+    )?;
+    let style = if d.agent_ids { KeyStyle::V2 } else { style };
+    let plans = plan_items(engine, &d.targets, style, &d.key, d.op, d.inline);
+    let task_id = submit(engine, api, d.code, plans, access, username(body)).await?;
+    Ok(json!({ "task_id": task_id }))
+}
+
+/// A decoded and validated `operate_proc` request.
+pub struct OperateDecoded {
+    pub code: i64,
+    pub op: OpType,
+    pub key: ProcKey,
+    pub targets: Vec<Target>,
+    /// The request named hosts by `agent_id_list` (results use the v2 key style).
+    pub agent_ids: bool,
+    pub inline: Option<(ProcSpec, Labels)>,
+}
+
+fn op_type_of(code: Option<i64>, field: &str) -> Result<(i64, OpType), ApiError> {
+    let Some(code) = code else {
+        return Err(ApiError::bad(format!("{field}: is required")));
     };
     let op = OpType::from_code(code).ok_or_else(|| {
         ApiError::new(
             codes::UNKNOWN_OP_TYPE,
-            format!("op_type: {code} is not a valid operation (0 start, 1 stop, 2 status, 3 register managed, 4 unregister managed, 7 restart, 8 reload, 9 kill)"),
+            format!("{field}: {code} is not a valid operation (0 start, 1 stop, 2 status, 3 register managed, 4 unregister managed, 7 restart, 8 reload, 9 kill)"),
         )
     })?;
+    Ok((code, op))
+}
+
+/// Decode and validate an `operate_proc` body (no side effects).
+pub fn decode_operate(body: &[u8]) -> Result<OperateDecoded, ApiError> {
+    let req: OperateProcReq = parse(body)?;
+    let (code, op) = op_type_of(req.op_type, "op_type")?;
     let key = req.meta.key();
     check_key(&key)?;
-    let tg = targets(&req.hosts, &req.agent_id_list)?;
+    let targets = targets(&req.hosts, &req.agent_id_list)?;
     let inline = match &req.spec {
         Some(w) => Some((
             w.to_spec().map_err(|e| ApiError::bad(spec_errors(&e)))?,
@@ -367,15 +410,232 @@ async fn operate_proc(
         )),
         None => None,
     };
-    check_op_access(engine, access, op, &key, inline.as_ref().map(|(s, _)| s))?;
-    let style = if req.agent_id_list.is_empty() {
-        style
-    } else {
-        KeyStyle::V2
+    Ok(OperateDecoded {
+        code,
+        op,
+        key,
+        targets,
+        agent_ids: !req.agent_id_list.is_empty(),
+        inline,
+    })
+}
+
+/// One decoded item of `operate_proc_multi`.
+pub struct MultiItem {
+    pub code: i64,
+    pub op: OpType,
+    pub key: ProcKey,
+    pub targets: Vec<Target>,
+    /// The inline spec: `Some(Err)` fails this item's keys only, not the batch.
+    pub spec: Option<Result<ProcSpec, String>>,
+    pub labels: Labels,
+}
+
+/// Decode and validate an `operate_proc_multi` body (no side effects).
+pub fn decode_multi(body: &[u8]) -> Result<Vec<MultiItem>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Multi {
+        proc_operate_req: Vec<Value>,
+    }
+    let req: Multi = parse(body)?;
+    if req.proc_operate_req.is_empty() {
+        return Err(ApiError::bad(
+            "proc_operate_req: at least one item is required",
+        ));
+    }
+    if req.proc_operate_req.len() > 5000 {
+        return Err(ApiError::bad(
+            "proc_operate_req: at most 5000 items per call",
+        ));
+    }
+    let mut out = Vec::with_capacity(req.proc_operate_req.len());
+    for (i, item) in req.proc_operate_req.iter().enumerate() {
+        let bytes = serde_json::to_vec(item).unwrap_or_default();
+        let r: OperateProcReq = parse(&bytes)
+            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}]: {}", e.message)))?;
+        let key = r.meta.key();
+        check_key(&key)
+            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}]: {}", e.message)))?;
+        let (code, op) = op_type_of(r.op_type, &format!("proc_operate_req[{i}].op_type"))?;
+        let targets = targets(&r.hosts, &r.agent_id_list)
+            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}].{}", e.message)))?;
+        out.push(MultiItem {
+            code,
+            op,
+            key,
+            targets,
+            spec: r
+                .spec
+                .as_ref()
+                .map(|w| w.to_spec().map_err(|e| spec_errors(&e))),
+            labels: r.meta.labels.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Decode and validate a `register_proc_info` / `update_proc_info` body (no side effects).
+pub fn decode_register(
+    body: &[u8],
+) -> Result<(RegisterReq, ProcKey, Vec<Target>, ProcSpec), ApiError> {
+    let req: RegisterReq = parse(body)?;
+    let key = req.meta.key();
+    check_key(&key)?;
+    let tg = targets(&req.hosts, &req.agent_id_list)?;
+    let spec = req
+        .spec
+        .to_spec()
+        .map_err(|e| ApiError::bad(spec_errors(&e)))?;
+    Ok((req, key, tg, spec))
+}
+
+/// Decode and validate a body naming one process and hosts (`get_proc_status`,
+/// `unregister_proc_info`; no side effects).
+pub fn decode_meta_hosts(body: &[u8]) -> Result<(MetaHostsReq, ProcKey, Vec<Target>), ApiError> {
+    let req: MetaHostsReq = parse(body)?;
+    let key = req.meta.key();
+    check_key(&key)?;
+    let tg = targets(&req.hosts, &req.agent_id_list)?;
+    Ok((req, key, tg))
+}
+
+/// Decode and validate a `sync_proc_status` body: (namespace, start, limit).
+pub fn decode_sync(body: &[u8]) -> Result<(String, usize, usize), ApiError> {
+    let req: SyncProcStatusReq = parse(body)?;
+    if req.meta.namespace.trim().is_empty() {
+        return Err(ApiError::bad("meta.namespace: is required"));
+    }
+    let start = req.page.start.unwrap_or(0);
+    let Some(limit) = req.page.limit else {
+        return Err(ApiError::bad("page.limit: is required (1..1000)"));
     };
-    let plans = plan_items(engine, &tg, style, &key, op, inline);
-    let task_id = submit(engine, api, code, plans, access, username(body)).await?;
-    Ok(json!({ "task_id": task_id }))
+    if start < 0 {
+        return Err(ApiError::bad(format!(
+            "page.start: must not be negative, got {start}"
+        )));
+    }
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad(format!(
+            "page.limit: must be between 1 and 1000, got {limit}"
+        )));
+    }
+    let start = usize::try_from(start).unwrap_or(usize::MAX);
+    Ok((req.meta.namespace, start, limit as usize))
+}
+
+/// Decode a `get_proc_operate_result` body: the task id.
+pub fn decode_task_query(body: &[u8]) -> Result<String, ApiError> {
+    let q: TaskQuery = parse(body)?;
+    if q.task_id.trim().is_empty() {
+        return Err(ApiError::bad("task_id: is required"));
+    }
+    Ok(q.task_id.trim().to_string())
+}
+
+/// Decode a `procs` body: the filter and its `key=value` label selectors.
+pub fn decode_procs(body: &[u8]) -> Result<(ProcsQuery, Vec<(String, String)>), ApiError> {
+    let q: ProcsQuery = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        ProcsQuery::default()
+    } else {
+        parse(body)?
+    };
+    let mut selectors = Vec::new();
+    for s in &q.labels {
+        match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => selectors.push((k.to_string(), v.to_string())),
+            _ => return Err(ApiError::bad(format!("labels: {s:?} must be KEY=VALUE"))),
+        }
+    }
+    Ok((q, selectors))
+}
+
+/// Decode a `tasks` body: how many recent tasks to list.
+pub fn decode_tasks(body: &[u8]) -> Result<usize, ApiError> {
+    #[derive(serde::Deserialize, Default)]
+    struct Q {
+        #[serde(default, deserialize_with = "crate::proto::de_opt_i64")]
+        limit: Option<i64>,
+    }
+    let q: Q = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        Q::default()
+    } else {
+        parse(body)?
+    };
+    Ok(q.limit.unwrap_or(50).clamp(1, 1000) as usize)
+}
+
+/// The API names the fuzz target chooses from (by the input's first byte).
+pub const FUZZ_APIS: &[&str] = &[
+    "operate_proc",
+    "operate_proc_multi",
+    "get_proc_operate_result",
+    "get_proc_status",
+    "get_proc_status_v2",
+    "sync_proc_status",
+    "register_proc_info",
+    "update_proc_info",
+    "unregister_proc_info",
+    "procs",
+    "tasks",
+];
+
+/// One fuzz input: the first byte picks the API from [`FUZZ_APIS`], the rest is the body.
+/// Checks what must hold for every input: decoding never panics, and a refusal carries a
+/// non-zero code and a message.
+pub fn fuzz_one(data: &[u8]) {
+    let Some((sel, body)) = data.split_first() else {
+        return;
+    };
+    let api = FUZZ_APIS[*sel as usize % FUZZ_APIS.len()];
+    if let Err(e) = fuzz_decode(api, body) {
+        assert_ne!(e.code, codes::SUCCESS, "{api}: an error answered code 0");
+        assert!(!e.message.is_empty(), "{api}: an error without a message");
+    }
+}
+
+/// Decode and validate a request body exactly as [`call`] does for `api`, without touching
+/// any state: the entry point of the fuzz target and of its corpus replay test. Also derives
+/// what the handlers derive from a valid request (result keys, the audit user name) and
+/// renders the error envelope, so every decoder path a request can reach runs.
+pub fn fuzz_decode(api: &str, body: &[u8]) -> Result<(), ApiError> {
+    let _ = username(body);
+    let keys = |tg: &[Target], key: &ProcKey| {
+        for t in tg {
+            let _ = result_key(t, KeyStyle::V1, key);
+            let _ = result_key(t, KeyStyle::V2, key);
+        }
+    };
+    let r = match api {
+        "operate_proc" | "operate_proc_v2" => {
+            decode_operate(body).map(|d| keys(&d.targets, &d.key))
+        }
+        "operate_proc_multi" => decode_multi(body).map(|items| {
+            for it in &items {
+                keys(&it.targets, &it.key);
+            }
+        }),
+        "get_proc_operate_result" | "get_proc_operate_result_v2" => {
+            decode_task_query(body).map(|_| ())
+        }
+        "get_proc_status" | "get_proc_status_v2" | "unregister_proc_info" => {
+            decode_meta_hosts(body).map(|(_, k, tg)| keys(&tg, &k))
+        }
+        "sync_proc_status" => decode_sync(body).map(|_| ()),
+        "register_proc_info" | "update_proc_info" => {
+            decode_register(body).map(|(_, k, tg, _)| keys(&tg, &k))
+        }
+        "procs" => decode_procs(body).map(|_| ()),
+        "tasks" => decode_tasks(body).map(|_| ()),
+        other => Err(ApiError {
+            http: axum::http::StatusCode::NOT_FOUND,
+            code: codes::NOT_FOUND,
+            message: format!("unknown API {other:?}"),
+        }),
+    };
+    if let Err(e) = &r {
+        let _ = super::envelope(false, e.code, &e.message, None, e.http);
+    }
+    r
 }
 
 /// Build the items of one (meta, hosts) pair, deduplicated by result key.
@@ -410,66 +670,38 @@ async fn operate_proc_multi(
     body: &[u8],
     access: &Access,
 ) -> Result<Value, ApiError> {
-    #[derive(serde::Deserialize)]
-    struct Multi {
-        proc_operate_req: Vec<Value>,
-    }
-    let req: Multi = parse(body)?;
-    if req.proc_operate_req.is_empty() {
-        return Err(ApiError::bad(
-            "proc_operate_req: at least one item is required",
-        ));
-    }
-    if req.proc_operate_req.len() > 5000 {
-        return Err(ApiError::bad(
-            "proc_operate_req: at most 5000 items per call",
-        ));
-    }
+    let items = decode_multi(body)?;
     let mut plans: Vec<Plan> = Vec::new();
-    let mut first_op = None;
-    for (i, item) in req.proc_operate_req.iter().enumerate() {
-        let bytes = serde_json::to_vec(item).unwrap_or_default();
-        let r: OperateProcReq = parse(&bytes)
-            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}]: {}", e.message)))?;
-        let key = r.meta.key();
-        check_key(&key)
-            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}]: {}", e.message)))?;
-        let code = r
-            .op_type
-            .ok_or_else(|| ApiError::bad(format!("proc_operate_req[{i}].op_type: is required")))?;
-        let Some(op) = OpType::from_code(code) else {
-            return Err(ApiError::new(
-                codes::UNKNOWN_OP_TYPE,
-                format!("proc_operate_req[{i}].op_type: {code} is not a valid operation"),
-            ));
-        };
-        first_op.get_or_insert(code);
-        let tg = targets(&r.hosts, &r.agent_id_list)
-            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}].{}", e.message)))?;
-        let style = KeyStyle::V2;
-        match r.spec.as_ref().map(SpecWire::to_spec) {
+    let first_op = items.first().map(|i| i.code);
+    let style = KeyStyle::V2;
+    for it in items {
+        match it.spec {
             Some(Err(errs)) => {
                 // A bad spec fails its own keys, not the whole batch.
-                for t in &tg {
-                    let rk = result_key(t, style, &key);
+                for t in &it.targets {
+                    let rk = result_key(t, style, &it.key);
                     if plans.iter().any(|p| p.result_key == rk) {
                         continue;
                     }
                     plans.push(Plan {
                         result_key: rk,
-                        key: Some(key.clone()),
-                        op,
-                        immediate: Some(KeyResult::err(codes::SPEC_INVALID, spec_errors(&errs))),
+                        key: Some(it.key.clone()),
+                        op: it.op,
+                        immediate: Some(KeyResult::err(codes::SPEC_INVALID, errs.clone())),
                         inline: None,
                     });
                 }
             }
             other => {
-                let inline = other
-                    .and_then(|r| r.ok())
-                    .map(|s| (s, r.meta.labels.clone()));
-                check_op_access(engine, access, op, &key, inline.as_ref().map(|(s, _)| s))?;
-                for p in plan_items(engine, &tg, style, &key, op, inline) {
+                let inline = other.and_then(|r| r.ok()).map(|s| (s, it.labels.clone()));
+                check_op_access(
+                    engine,
+                    access,
+                    it.op,
+                    &it.key,
+                    inline.as_ref().map(|(s, _)| s),
+                )?;
+                for p in plan_items(engine, &it.targets, style, &it.key, it.op, inline) {
                     if !plans.iter().any(|q| q.result_key == p.result_key) {
                         plans.push(p);
                     }
@@ -490,14 +722,11 @@ async fn operate_proc_multi(
 }
 
 fn get_result(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
-    let q: TaskQuery = parse(body)?;
-    if q.task_id.trim().is_empty() {
-        return Err(ApiError::bad("task_id: is required"));
-    }
-    let Some(t) = engine.tasks.get(q.task_id.trim()) else {
+    let task_id = decode_task_query(body)?;
+    let Some(t) = engine.tasks.get(&task_id) else {
         return Err(ApiError::new(
             codes::NOT_FOUND,
-            format!("task {:?} does not exist", q.task_id),
+            format!("task {task_id:?} does not exist"),
         ));
     };
     let mut m = serde_json::Map::new();
@@ -512,10 +741,7 @@ fn get_result(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
 }
 
 fn get_proc_status(engine: &Engine, body: &[u8], style: KeyStyle) -> Result<Value, ApiError> {
-    let req: MetaHostsReq = parse(body)?;
-    let key = req.meta.key();
-    check_key(&key)?;
-    let tg = targets(&req.hosts, &req.agent_id_list)?;
+    let (req, key, tg) = decode_meta_hosts(body)?;
     let mut infos = Vec::new();
     for t in &tg {
         let agent = match t {
@@ -541,29 +767,12 @@ fn get_proc_status(engine: &Engine, body: &[u8], style: KeyStyle) -> Result<Valu
 }
 
 fn sync_proc_status(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
-    let req: SyncProcStatusReq = parse(body)?;
-    if req.meta.namespace.trim().is_empty() {
-        return Err(ApiError::bad("meta.namespace: is required"));
-    }
-    let start = req.page.start.unwrap_or(0);
-    let Some(limit) = req.page.limit else {
-        return Err(ApiError::bad("page.limit: is required (1..1000)"));
-    };
-    if start < 0 {
-        return Err(ApiError::bad(format!(
-            "page.start: must not be negative, got {start}"
-        )));
-    }
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad(format!(
-            "page.limit: must be between 1 and 1000, got {limit}"
-        )));
-    }
+    let (namespace, start, limit) = decode_sync(body)?;
     let keys: Vec<ProcKey> = engine
         .reg()
         .entries
         .keys()
-        .filter(|k| k.namespace == req.meta.namespace)
+        .filter(|k| k.namespace == namespace)
         .cloned()
         .collect();
     let host = json!({"ip": engine.host.ip, "bk_cloud_id": engine.host.bk_cloud_id, "bk_supplier_id": engine.host.bk_supplier_id});
@@ -574,8 +783,8 @@ fn sync_proc_status(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
     };
     let infos = keys
         .iter()
-        .skip(start as usize)
-        .take(limit as usize)
+        .skip(start)
+        .take(limit)
         .map(|k| engine.proc_info(k, &Labels::new(), host.clone(), agent.clone()))
         .collect();
     serde_json::to_value(ProcInfos {
@@ -631,14 +840,7 @@ async fn register(
             "read-only group members may not register processes",
         ));
     }
-    let req: RegisterReq = parse(body)?;
-    let key = req.meta.key();
-    check_key(&key)?;
-    let tg = targets(&req.hosts, &req.agent_id_list)?;
-    let spec = req
-        .spec
-        .to_spec()
-        .map_err(|e| ApiError::bad(spec_errors(&e)))?;
+    let (req, key, tg, spec) = decode_register(body)?;
     access.may_use_account(&spec.account)?;
     if let Some(existing) = engine.reg().get(&key).map(|e| e.def.spec.account.clone()) {
         access.may_use_account(&existing)?;
@@ -694,10 +896,7 @@ async fn unregister(engine: &Arc<Engine>, body: &[u8], access: &Access) -> Resul
             "read-only group members may not unregister processes",
         ));
     }
-    let req: MetaHostsReq = parse(body)?;
-    let key = req.meta.key();
-    check_key(&key)?;
-    let tg = targets(&req.hosts, &req.agent_id_list)?;
+    let (req, key, tg) = decode_meta_hosts(body)?;
     if let Some(existing) = engine.reg().get(&key).map(|e| e.def.spec.account.clone()) {
         access.may_use_account(&existing)?;
     }
@@ -740,19 +939,11 @@ async fn unregister(engine: &Arc<Engine>, body: &[u8], access: &Access) -> Resul
     Ok(keyed(results))
 }
 
-fn procs(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
-    let q: ProcsQuery = if body.iter().all(|b| b.is_ascii_whitespace()) {
-        ProcsQuery::default()
-    } else {
-        parse(body)?
-    };
-    let mut selectors = Vec::new();
-    for s in &q.labels {
-        match s.split_once('=') {
-            Some((k, v)) if !k.is_empty() => selectors.push((k.to_string(), v.to_string())),
-            _ => return Err(ApiError::bad(format!("labels: {s:?} must be KEY=VALUE"))),
-        }
-    }
+/// What a process's `env` shows to a caller who may not change that process.
+pub const HIDDEN_ENV_VALUE: &str = "(hidden)";
+
+fn procs(engine: &Engine, body: &[u8], access: &Access) -> Result<Value, ApiError> {
+    let (q, selectors) = decode_procs(body)?;
     let reg = engine.reg();
     let list: Vec<crate::proto::ProcDetail> = reg
         .entries
@@ -764,7 +955,17 @@ fn procs(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
                 .iter()
                 .all(|(k, v)| label_matches(&e.def.labels, k, v))
         })
-        .map(|e| engine.detail(e))
+        .map(|e| {
+            let mut d = engine.detail(e);
+            // Environment values often carry credentials: only a caller who may change
+            // the process sees them; others see the names.
+            if access.may_use_account(&d.spec.account).is_err() {
+                for v in d.spec.env.values_mut() {
+                    *v = HIDDEN_ENV_VALUE.to_string();
+                }
+            }
+            d
+        })
         .collect();
     Ok(json!({ "count": list.len(), "list": list }))
 }
@@ -780,17 +981,7 @@ pub fn label_matches(labels: &Labels, k: &str, v: &str) -> bool {
 }
 
 fn tasks(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
-    #[derive(serde::Deserialize, Default)]
-    struct Q {
-        #[serde(default, deserialize_with = "crate::proto::de_opt_i64")]
-        limit: Option<i64>,
-    }
-    let q: Q = if body.iter().all(|b| b.is_ascii_whitespace()) {
-        Q::default()
-    } else {
-        parse(body)?
-    };
-    let limit = q.limit.unwrap_or(50).clamp(1, 1000) as usize;
+    let limit = decode_tasks(body)?;
     let list: Vec<Value> = engine
         .tasks
         .recent(limit)
@@ -811,7 +1002,11 @@ fn tasks(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
 }
 
 /// `GET /v1/healthz`.
-pub async fn healthz(State(st): State<AppState>) -> Response {
+pub async fn healthz(State(st): State<AppState>, req: axum::extract::Request) -> Response {
+    let peer = req.extensions().get::<Peer>().copied();
+    if let Err(e) = auth::authorize(&st.engine, peer) {
+        return e.into_response();
+    }
     let e = &st.engine;
     let (n, managed, running) = {
         let reg = e.reg();

@@ -221,7 +221,7 @@ async fn dispatch(
     st.engine.counters.api_request(&api);
     if req.method() != axum::http::Method::POST {
         if req.method() == axum::http::Method::GET && api == "healthz" {
-            return handlers::healthz(State(st)).await;
+            return handlers::healthz(State(st), req).await;
         }
         return ApiError {
             http: StatusCode::METHOD_NOT_ALLOWED,
@@ -231,12 +231,17 @@ async fn dispatch(
         .into_response();
     }
     let peer = req.extensions().get::<Peer>().copied();
+    // Refuse an unauthorized peer before reading (and buffering) its body.
+    let access = match auth::authorize(&st.engine, peer) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
     let limit = st.engine.config.api.max_body_bytes;
     let body = match read_body(req.into_body(), limit).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    match handlers::call(&st.engine, &api, &body, peer).await {
+    match handlers::call_authorized(&st.engine, &api, &body, &access).await {
         Ok(data) => ok(data),
         Err(e) => e.into_response(),
     }
@@ -260,6 +265,55 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
                 Err(ApiError::bad(format!("cannot read the request body: {e}")))
             }
         }
+    }
+}
+
+/// An answer after which the connection is closed (its request body may be unread).
+fn closing(e: ApiError) -> Response {
+    let mut r = e.into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    r
+}
+
+/// One request: authorize the peer before anything else, read the body (bounded, within
+/// the request's time), then run the router as a task of its own: a request that times out
+/// is answered 408 but never cancelled halfway through a change (a registration whose
+/// commit landed still reaches memory).
+async fn handle(
+    engine: Arc<Engine>,
+    app: Router,
+    req: hyper::Request<hyper::body::Incoming>,
+    peer: Option<Peer>,
+    timeout: Duration,
+    body_limit: usize,
+) -> Response {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let too_slow = || ApiError {
+        http: StatusCode::REQUEST_TIMEOUT,
+        code: codes::TIMEOUT,
+        message: format!("the request took longer than {}s", timeout.as_secs_f64()),
+    };
+    if let Err(e) = auth::authorize(&engine, peer) {
+        return closing(e);
+    }
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout_at(deadline, read_body(Body::new(body), body_limit)).await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return closing(e),
+        Err(_) => return closing(too_slow()),
+    };
+    let req = Request::from_parts(parts, Body::from(body));
+    let work = tokio::spawn(tower::ServiceExt::oneshot(app, req));
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(Ok(Ok(r))) => r,
+        Ok(Ok(Err(e))) => match e {},
+        Ok(Err(e)) => ApiError::new(codes::INTERNAL, format!("the request handler failed: {e}"))
+            .into_response(),
+        Err(_) => too_slow().into_response(),
     }
 }
 
@@ -294,8 +348,10 @@ pub async fn serve(
             pid: c.pid(),
         });
         let app = app.clone();
+        let engine = engine.clone();
         let timeout = api.request_timeout;
         let header_timeout = api.header_timeout;
+        let body_limit = api.max_body_bytes;
         let mut sd = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -305,22 +361,11 @@ pub async fn serve(
                         req.extensions_mut().insert(p);
                     }
                     let app = app.clone();
+                    let engine = engine.clone();
                     async move {
-                        let req = req.map(Body::new);
-                        let fut = tower::ServiceExt::oneshot(app, req);
-                        match tokio::time::timeout(timeout, fut).await {
-                            Ok(Ok(r)) => Ok::<_, std::convert::Infallible>(r),
-                            Ok(Err(e)) => match e {},
-                            Err(_) => Ok(ApiError {
-                                http: StatusCode::REQUEST_TIMEOUT,
-                                code: codes::TIMEOUT,
-                                message: format!(
-                                    "the request took longer than {}s",
-                                    timeout.as_secs_f64()
-                                ),
-                            }
-                            .into_response()),
-                        }
+                        Ok::<_, std::convert::Infallible>(
+                            handle(engine, app, req, peer, timeout, body_limit).await,
+                        )
                     }
                 },
             );

@@ -105,6 +105,13 @@ pub enum Command {
         #[arg(short = 'n', long, default_value_t = 100)]
         limit: usize,
     },
+    /// Send one raw API request (POST /v1/API with BODY, JSON text; `-` reads it from
+    /// stdin) and print the answer's envelope as JSON.
+    Call {
+        api: String,
+        #[arg(default_value = "{}")]
+        body: String,
+    },
 }
 
 /// An error with its exit code.
@@ -239,7 +246,28 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             )
             .await
         }
+        Command::Call { api, body } => call_raw(&client, api, body).await,
     }
+}
+
+async fn call_raw(client: &Client, api: &str, body: &str) -> Result<u8, CliError> {
+    let text = if body == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| CliError::new(exit::USAGE, format!("cannot read stdin: {e}")))?;
+        s
+    } else {
+        body.to_string()
+    };
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| CliError::new(exit::USAGE, format!("BODY is not JSON: {e}")))?;
+    let env = client.call(api, &v).await?;
+    println!("{}", serde_json::to_string(&env).unwrap_or_default());
+    Ok(if env.result {
+        exit::OK
+    } else {
+        api_error(&env).code
+    })
 }
 
 async fn status(

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod sec;
+
 use serde_json::{Value, json};
 
 pub const DAEMON: &str = env!("CARGO_BIN_EXE_procagentd");
