@@ -148,8 +148,13 @@ pub struct Executor {
     agent_uid: u32,
 }
 
-/// Output files larger than this are trimmed (copy-truncate keeps the newest half).
-const MAX_OUTPUT_FILE: u64 = 16 << 20;
+/// Output files larger than this are trimmed: the newest half stays, the half before it
+/// moves to `<stem>.log.1`, so a process's output never takes more than twice this on disk
+/// (plus what it writes between two checks).
+pub const MAX_OUTPUT_FILE: u64 = 16 << 20;
+
+/// How often a running command's output size is checked.
+const OUTPUT_CHECK: Duration = Duration::from_millis(100);
 
 impl Executor {
     pub fn new(reaper: Reaper, output_dir: PathBuf, max_output: usize, umask: u32) -> Executor {
@@ -183,11 +188,7 @@ impl Executor {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(err)?;
-        if let Ok(m) = f.metadata()
-            && m.len() > MAX_OUTPUT_FILE
-        {
-            trim_file(&path, MAX_OUTPUT_FILE / 2);
-        }
+        trim_if_large(&path);
         Ok((f, path))
     }
 
@@ -219,7 +220,23 @@ impl Executor {
             return Err(ExecError::NoSetupPath(req.cwd.display().to_string()));
         }
         let (ident, acct) = self.identity(&req.account)?;
-        let (mut out, path) = self.open_output(&req.key)?;
+        // A state directory that is full or read-only must not stop supervision: without an
+        // output file the command still runs, its output discarded.
+        let (mut out, path) = match self.open_output(&req.key) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(process = %req.key, error = %e, "running {} without capturing its output", req.label);
+                let null = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open("/dev/null")
+                    .map_err(|source| ExecError::Output {
+                        path: "/dev/null".into(),
+                        source,
+                    })?;
+                (null, PathBuf::from("/dev/null"))
+            }
+        };
         let _ = writeln!(
             out,
             "--- {} {} as {}: {}",
@@ -289,6 +306,28 @@ impl Executor {
         });
     }
 
+    /// Trim a running command's output file when it is over the bound; its output then
+    /// starts where the kept part begins.
+    fn bound_output(&self, sp: &mut Spawned) {
+        if let Some(kept_from) = trim_if_large(&sp.output) {
+            sp.output_start = kept_from;
+        }
+    }
+
+    /// Trim every output file that is over the bound (daemons keep writing to the output
+    /// file they inherited from their start command; called from housekeeping).
+    pub fn bound_outputs(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.output_dir) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                trim_if_large(&p);
+            }
+        }
+    }
+
     /// The bounded output a spawned command has written so far.
     pub fn read_output(&self, sp: &Spawned) -> String {
         read_span(&sp.output, sp.output_start, self.max_output)
@@ -300,21 +339,28 @@ impl Executor {
         self.wait(&mut sp, req.timeout).await
     }
 
-    /// Wait for a spawned command, killing its group at `timeout`.
+    /// Wait for a spawned command, killing its group at `timeout`. While it runs, its output
+    /// file is kept under the size bound (a command flooding its output cannot fill the disk).
     pub async fn wait(&self, sp: &mut Spawned, timeout: Duration) -> Result<Finished, ExecError> {
-        let (exit, timed_out) = match tokio::time::timeout(timeout, &mut sp.exit).await {
-            Ok(Ok(exit)) => (exit, false),
-            Ok(Err(_)) => (ExitInfo::Unknown, false),
-            Err(_) => {
-                self.kill_group(sp.pid);
-                let exit = tokio::time::timeout(Duration::from_secs(5), &mut sp.exit)
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok())
-                    .unwrap_or(ExitInfo::Unknown);
-                (exit, true)
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut check = tokio::time::interval(OUTPUT_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (exit, timed_out) = loop {
+            tokio::select! {
+                r = &mut sp.exit => break (r.unwrap_or(ExitInfo::Unknown), false),
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.kill_group(sp.pid);
+                    let exit = tokio::time::timeout(Duration::from_secs(5), &mut sp.exit)
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .unwrap_or(ExitInfo::Unknown);
+                    break (exit, true);
+                }
+                _ = check.tick() => self.bound_output(sp),
             }
         };
+        self.bound_output(sp);
         Ok(Finished {
             exit,
             timed_out,
@@ -346,27 +392,56 @@ pub fn read_span(path: &Path, start: u64, max: usize) -> String {
     }
 }
 
-/// Keep only the last `keep` bytes of a file, in place (writers with O_APPEND keep working).
-fn trim_file(path: &Path, keep: u64) {
-    let Ok(mut f) = OpenOptions::new().read(true).write(true).open(path) else {
-        return;
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+/// Trim `path` when it is over [`MAX_OUTPUT_FILE`]; returns the offset where the kept
+/// output starts.
+fn trim_if_large(path: &Path) -> Option<u64> {
+    let len = std::fs::symlink_metadata(path).ok()?.len();
+    if len <= MAX_OUTPUT_FILE {
+        return None;
+    }
+    trim_file(path, MAX_OUTPUT_FILE / 2)
+}
+
+/// Keep only the last `keep` bytes of a file, in place (writers with O_APPEND keep working);
+/// the `keep` bytes before them go to `<file>.1`, replacing it. Returns the offset where the
+/// kept bytes start in the trimmed file.
+fn trim_file(path: &Path, keep: u64) -> Option<u64> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    let len = f.metadata().ok()?.len();
     if len <= keep {
-        return;
+        return None;
     }
+    let older_from = len.saturating_sub(keep.saturating_mul(2));
+    let mut older = Vec::new();
+    f.seek(SeekFrom::Start(older_from)).ok()?;
+    (&mut f)
+        .take(len - keep - older_from)
+        .read_to_end(&mut older)
+        .ok()?;
     let mut tail = Vec::new();
-    if f.seek(SeekFrom::Start(len - keep)).is_err()
-        || (&mut f).take(keep).read_to_end(&mut tail).is_err()
-    {
-        return;
-    }
+    (&mut f).take(keep).read_to_end(&mut tail).ok()?;
     let rotated = path.with_extension("log.1");
-    let _ = std::fs::copy(path, &rotated);
-    if f.set_len(0).is_ok() && f.seek(SeekFrom::Start(0)).is_ok() {
-        let _ = f.write_all(b"[... older output moved to .log.1 ...]\n");
-        let _ = f.write_all(&tail);
+    let _ = std::fs::remove_file(&rotated);
+    if let Ok(mut r) = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&rotated)
+    {
+        let _ = r.write_all(&older);
     }
+    const NOTE: &[u8] = b"[... older output moved to .log.1 ...]\n";
+    f.set_len(0).ok()?;
+    f.seek(SeekFrom::Start(0)).ok()?;
+    f.write_all(NOTE).ok()?;
+    f.write_all(&tail).ok()?;
+    Some(NOTE.len() as u64)
 }
 
 #[cfg(test)]

@@ -266,6 +266,30 @@ impl Store {
         self.send_wait(Op::PutState(key.clone(), json)).await
     }
 
+    /// Queue a process state now and return a future that resolves at its commit: the order
+    /// of writes is fixed when this returns, so a caller can take the snapshot and queue it
+    /// under the lock that guards the state.
+    pub fn put_state_queued(
+        &self,
+        key: &ProcKey,
+        json: String,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let sent = self
+            .tx
+            .send(Msg {
+                op: Op::PutState(key.clone(), json),
+                reply: Some(tx),
+            })
+            .is_ok();
+        async move {
+            if !sent {
+                return Err(StoreError::Closed);
+            }
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
+    }
+
     /// Store a process state in the background (retried while the disk refuses).
     pub fn put_state_bg(&self, key: &ProcKey, json: String) {
         self.send_bg(Op::PutState(key.clone(), json));
@@ -378,8 +402,13 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
             )?;
         }
         Op::PutState(k, json) => {
+            // Only for a defined process: a state write queued just before the definition's
+            // removal must not bring back a row that a later registration of the same key
+            // would inherit (managed, expected running) after a restart.
             conn.execute(
-                "INSERT INTO proc_state (namespace, name, state) VALUES (?1, ?2, ?3)
+                "INSERT INTO proc_state (namespace, name, state)
+                 SELECT ?1, ?2, ?3 WHERE EXISTS
+                     (SELECT 1 FROM definitions WHERE namespace = ?1 AND name = ?2)
                  ON CONFLICT (namespace, name) DO UPDATE SET state = excluded.state",
                 params![k.namespace, k.name, json],
             )?;
@@ -750,6 +779,23 @@ mod tests {
         let (_s, loaded) = Store::open(&db, 100, 100).unwrap();
         assert!(loaded.definitions.is_empty());
         assert!(loaded.states.is_empty());
+    }
+
+    #[tokio::test]
+    async fn state_without_a_definition_is_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let k = ProcKey::new("ns", "gone");
+        {
+            let (s, _) = Store::open(&db, 10, 10).unwrap();
+            s.put_definition(&k, "{}".into()).await.unwrap();
+            s.delete_definition(&k).await.unwrap();
+            // A late background write for the removed process.
+            s.put_state_bg(&k, "{\"managed\":true}".into());
+            s.flush().await.unwrap();
+        }
+        let (_s, loaded) = Store::open(&db, 10, 10).unwrap();
+        assert!(loaded.states.is_empty(), "{:?}", loaded.states);
     }
 
     #[test]

@@ -195,21 +195,26 @@ impl Engine {
         let _ = self.tx.send(msg);
     }
 
-    /// Persist a process's state in the background.
+    /// Persist a process's state in the background. The snapshot is queued under the
+    /// registry lock, so writes reach the store in the order the state changed (an older
+    /// snapshot queued late would overwrite a newer, committed intent).
     pub fn persist_bg(&self, key: &ProcKey) {
-        let json = self.reg().get(key).map(|e| e.state_json());
-        if let Some(json) = json {
-            self.store.put_state_bg(key, json);
+        let reg = self.reg();
+        if let Some(e) = reg.get(key) {
+            self.store.put_state_bg(key, e.state_json());
         }
     }
 
-    /// Persist a process's state and wait for the commit.
+    /// Persist a process's state and wait for the commit (queued as [`Self::persist_bg`]).
     pub async fn persist(&self, key: &ProcKey) -> Result<(), crate::store::StoreError> {
-        let json = self.reg().get(key).map(|e| e.state_json());
-        match json {
-            Some(json) => self.store.put_state(key, json).await,
-            None => Ok(()),
-        }
+        let pending = {
+            let reg = self.reg();
+            match reg.get(key) {
+                Some(e) => self.store.put_state_queued(key, e.state_json()),
+                None => return Ok(()),
+            }
+        };
+        pending.await
     }
 
     /// A copy of a process's spec.
@@ -687,6 +692,8 @@ impl Engine {
         if self.detection == Detection::Poll {
             self.poll_exits();
         }
+        // Daemons write to the output file they inherited: keep it bounded.
+        self.exec.bound_outputs();
         let now = Instant::now();
         for key in &keys {
             self.reconcile_now(key, now);

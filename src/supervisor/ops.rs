@@ -257,8 +257,12 @@ pub async fn start_instance(
     let mut found: Option<i32> = None;
     let mut poll = Duration::from_millis(2);
     loop {
+        // The pid file may already name the new process while it is still on its way to
+        // exec the program (`setsid prog &` writes `$!` before the exec): wait for it.
+        let mut exec_pending = false;
         if found.is_none() && !spec.pid_path.is_empty() {
             found = find_fresh(engine, key, spec, sp.spawned_ticks, want_fd, &before);
+            exec_pending = found.is_none() && fresh_in_pid_file(spec, sp.spawned_ticks);
         }
         let now = Instant::now();
         let shell_alive = shell_exit.is_none();
@@ -266,8 +270,18 @@ pub async fn start_instance(
             && shell_alive
             && (spec.pid_path.is_empty() || purpose == Purpose::Periodic || now >= begin_at)
         {
-            // Foreground: the command itself is the process.
-            match watch::attach(sp.pid, Expect::Child, want_fd) {
+            // Foreground: the command itself is the process. With a pid file, only when it
+            // is the program (`exec prog`): a shell that is still busy daemonizing is not
+            // the process (taking it made the daemon it then started a duplicate, found by
+            // the crash-safety test with start_check_secs = 0).
+            let expect = if spec.pid_path.is_empty() {
+                Expect::Child
+            } else {
+                Expect::Named {
+                    proc_name: &spec.proc_name,
+                }
+            };
+            match watch::attach(sp.pid, expect, want_fd) {
                 Ok(att) => {
                     if engine.track(key, att, true) {
                         found = Some(sp.pid);
@@ -288,7 +302,7 @@ pub async fn start_instance(
                     format!("{} failed ({ex}): {}", which.field(), out.trim()),
                 ));
             }
-            if now >= begin_at {
+            if now >= begin_at && !exec_pending {
                 if which == CommandKind::Restart && !before.is_empty() {
                     let still: Vec<i32> = alive_pids(engine, key);
                     if let Some(p) = still.first() {
@@ -322,6 +336,15 @@ pub async fn start_instance(
         }
         if found.is_some() && now >= begin_at {
             break;
+        }
+        if now >= op_deadline && found.is_none() && shell_exit.is_some() {
+            return Err(OpFail::new(
+                codes::POST_CHECK_ERROR,
+                format!(
+                    "start check failed: the process in pid file {} never became {:?} within op_timeout {}s",
+                    spec.pid_path, spec.proc_name, spec.op_timeout
+                ),
+            ));
         }
         if now >= op_deadline && found.is_none() {
             engine.exec.kill_group(sp.pid);
@@ -435,6 +458,16 @@ async fn finish_start(
     );
     engine.refresh_version(key);
     Ok(pid)
+}
+
+/// Does the pid file name a live process that started after the command (one that
+/// [`find_fresh`] did not take: a fork that has not exec'd the program yet, or exec'd it just
+/// after the check)? The caller looks again instead of failing the start.
+fn fresh_in_pid_file(spec: &ProcSpec, min_ticks: u64) -> bool {
+    let Ok(pid) = crate::procinfo::read_pid_file(std::path::Path::new(&spec.pid_path)) else {
+        return false;
+    };
+    crate::procinfo::read_stat(pid).is_some_and(|st| !st.is_exited() && st.starttime >= min_ticks)
 }
 
 /// A process started by our command: the pid file names a live process that started after the
