@@ -512,7 +512,10 @@ impl Engine {
                 return;
             }
             let uptime = Self::untrack_locked(e, pid);
-            let by_operator = e.rt.busy.is_some();
+            // While an operation or a supervisor start holds the process, it owns the outcome;
+            // only operator operations make the exit "by operator" (not a crash).
+            let held = e.rt.busy.is_some();
+            let by_operator = e.rt.busy.as_deref().is_some_and(|b| b != ops::SUPERVISE);
             e.state.last_exit = Some(LastExit {
                 pid,
                 at: crate::util::unix_now(),
@@ -526,10 +529,15 @@ impl Engine {
             if e.def.spec.auto_type == AutoType::SingleRun && e.state.instances.is_empty() {
                 e.state.completed = true;
             }
-            if by_operator {
+            if held {
                 // The running operation owns the outcome.
             } else {
-                notes.push(("exited", format!("pid {pid} exited ({exit}){up}"), data));
+                let kind = if e.def.spec.auto_type == AutoType::Periodic {
+                    "cycle_finished"
+                } else {
+                    "exited"
+                };
+                notes.push((kind, format!("pid {pid} exited ({exit}){up}"), data));
                 let alive = e.state.instances.len();
                 match e.def.spec.auto_type {
                     AutoType::Resident if e.wants_running() => {

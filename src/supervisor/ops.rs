@@ -79,12 +79,19 @@ fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
+/// The `busy` marker of a supervisor start (exits during it are not operator actions).
+pub const SUPERVISE: &str = "supervise";
+
 /// Why a start is happening.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
+    /// An operator's start/restart: full start check.
     Operator,
+    /// Keeping a resident process running: full start check.
     Supervisor,
-    Periodic,
+    /// A periodic cycle or a single run under supervision: the command itself is the job,
+    /// tracked from the moment it starts; no start check (a job may legitimately finish fast).
+    Job,
 }
 
 /// Run one operation on a registered process (the caller holds no lock).
@@ -245,7 +252,7 @@ pub async fn start_instance(
         .get(key)
         .map(|e| e.state.instances.clone())
         .unwrap_or_default();
-    let (begin, end) = if purpose == Purpose::Periodic {
+    let (begin, end) = if purpose == Purpose::Job {
         (0, 0)
     } else {
         spec.start_check_window()
@@ -264,7 +271,7 @@ pub async fn start_instance(
         let shell_alive = shell_exit.is_none();
         if found.is_none()
             && shell_alive
-            && (spec.pid_path.is_empty() || purpose == Purpose::Periodic || now >= begin_at)
+            && (spec.pid_path.is_empty() || purpose == Purpose::Job || now >= begin_at)
         {
             // Foreground: the command itself is the process.
             match watch::attach(sp.pid, Expect::Child, want_fd) {
@@ -277,6 +284,22 @@ pub async fn start_instance(
                     // It exited between the checks; the reaper will tell.
                 }
             }
+        }
+        if found.is_none()
+            && purpose == Purpose::Job
+            && let Some(ex) = shell_exit
+        {
+            // A job that finished before we could even attach to it.
+            let out = engine.exec.read_output(&sp);
+            job_finished(engine, key, sp.pid, ex);
+            return if ex.success() {
+                Ok(sp.pid)
+            } else {
+                Err(OpFail::new(
+                    codes::OP_FAILED,
+                    format!("{} failed ({ex}): {}", which.field(), out.trim()),
+                ))
+            };
         }
         if found.is_none()
             && let Some(ex) = shell_exit
@@ -375,7 +398,7 @@ pub async fn start_instance(
                 .map(|i| i.starttime)
         });
         let alive = tracked && starttime.is_some_and(|t| watch::alive(pid, t));
-        if !alive && purpose != Purpose::Periodic {
+        if !alive && purpose != Purpose::Job {
             let out = engine.exec.read_output(&sp);
             let how = last_exit
                 .map(|x| x.exit.to_string())
@@ -394,7 +417,7 @@ pub async fn start_instance(
             ));
         }
         let now = Instant::now();
-        if now >= end_at || purpose == Purpose::Periodic {
+        if now >= end_at || purpose == Purpose::Job {
             break;
         }
         tokio::time::sleep((end_at - now).min(Duration::from_millis(100))).await;
@@ -425,7 +448,7 @@ async fn finish_start(
         Purpose::Operator => "started",
         Purpose::Supervisor if restarted => "restarted",
         Purpose::Supervisor => "started",
-        Purpose::Periodic => "cycle_started",
+        Purpose::Job => "job_started",
     };
     engine.events.emit(
         Some(key),
@@ -435,6 +458,35 @@ async fn finish_start(
     );
     engine.refresh_version(key);
     Ok(pid)
+}
+
+/// Record a job (periodic cycle or single run) that ended before it was tracked.
+fn job_finished(engine: &Arc<Engine>, key: &ProcKey, pid: i32, exit: ExitInfo) {
+    let kind = {
+        let mut reg = engine.reg();
+        let Some(e) = reg.get_mut(key) else { return };
+        e.state.last_exit = Some(crate::registry::LastExit {
+            pid,
+            at: crate::util::unix_now(),
+            exit,
+            by_operator: false,
+        });
+        if e.def.spec.auto_type == AutoType::SingleRun {
+            e.state.completed = true;
+            e.rt.phase = Phase::Completed;
+            "exited"
+        } else {
+            e.rt.phase = Phase::Stopped;
+            "cycle_finished"
+        }
+    };
+    engine.events.emit(
+        Some(key),
+        kind,
+        format!("pid {pid} exited ({exit})"),
+        serde_json::json!({"pid": pid, "exit": exit}),
+    );
+    engine.persist_bg(key);
 }
 
 /// A process started by our command: the pid file names a live process that started after the
@@ -846,13 +898,12 @@ pub async fn supervise_start(engine: Arc<Engine>, key: ProcKey, n: u32) {
         engine.reconcile(&key);
         return;
     }
-    let purpose = if spec.auto_type == AutoType::Periodic {
-        Purpose::Periodic
-    } else {
+    let purpose = if spec.auto_type == AutoType::Resident {
         Purpose::Supervisor
+    } else {
+        Purpose::Job
     };
-    let _busy = Busy::set(&engine, &key, "supervise");
-    let mut started = 0;
+    let _busy = Busy::set(&engine, &key, SUPERVISE);
     for _ in 0..n {
         let retries = if purpose == Purpose::Supervisor {
             spec.start_retries.unwrap_or(0)
@@ -861,14 +912,21 @@ pub async fn supervise_start(engine: Arc<Engine>, key: ProcKey, n: u32) {
         };
         let mut attempt = 0;
         loop {
+            // Every attempt after a crash counts, successful or not, so a crash loop shows.
+            if is_restart {
+                let n = engine.reg().get_mut(&key).map(|e| {
+                    e.state.restarts += 1;
+                    e.state.restarts
+                });
+                engine.events.emit(
+                    Some(&key),
+                    "restarting",
+                    format!("restart attempt (restart {})", n.unwrap_or(0)),
+                    serde_json::json!({"restarts": n}),
+                );
+            }
             match start_instance(&engine, &key, &spec, CommandKind::Start, purpose).await {
-                Ok(_) => {
-                    started += 1;
-                    if is_restart && let Some(e) = engine.reg().get_mut(&key) {
-                        e.state.restarts += 1;
-                    }
-                    break;
-                }
+                Ok(_) => break,
                 Err(f) => {
                     let (failures, delay) = {
                         let mut reg = engine.reg();
@@ -914,9 +972,7 @@ pub async fn supervise_start(engine: Arc<Engine>, key: ProcKey, n: u32) {
             }
         }
     }
-    if started > 0 {
-        engine.persist_bg(&key);
-    }
+    engine.persist_bg(&key);
 }
 
 /// `content` of a status query: GSE's `{"process":[{"procname", "instance":[{...}]}]}` with
