@@ -259,6 +259,14 @@ pub async fn start_instance(
     };
     let begin_at = t0 + secs(begin);
     let end_at = t0 + secs(end.max(begin));
+    // When the process is found through its pid file, give the file at least a second to
+    // appear (a daemon often writes it after its start command has returned) before deciding
+    // that the command itself, still running, is the process, or that nothing started.
+    let settle_at = if spec.pid_path.is_empty() || purpose == Purpose::Job {
+        t0
+    } else {
+        begin_at.max(t0 + Duration::from_secs(1))
+    };
     let op_deadline = t0 + secs(spec.op_timeout.max(1));
     let mut shell_exit: Option<ExitInfo> = None;
     let mut found: Option<i32> = None;
@@ -269,10 +277,7 @@ pub async fn start_instance(
         }
         let now = Instant::now();
         let shell_alive = shell_exit.is_none();
-        if found.is_none()
-            && shell_alive
-            && (spec.pid_path.is_empty() || purpose == Purpose::Job || now >= begin_at)
-        {
+        if found.is_none() && shell_alive && now >= settle_at {
             // Foreground: the command itself is the process.
             match watch::attach(sp.pid, Expect::Child, want_fd) {
                 Ok(att) => {
@@ -311,7 +316,7 @@ pub async fn start_instance(
                     format!("{} failed ({ex}): {}", which.field(), out.trim()),
                 ));
             }
-            if now >= begin_at {
+            if now >= settle_at {
                 if which == CommandKind::Restart && !before.is_empty() {
                     let still: Vec<i32> = alive_pids(engine, key);
                     if let Some(p) = still.first() {
