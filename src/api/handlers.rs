@@ -348,34 +348,64 @@ async fn operate_proc(
     style: KeyStyle,
 ) -> Result<Value, ApiError> {
     let req: OperateProcReq = parse(body)?;
+    let (code, plans) = plan_request(engine, access, &req, style, "")?;
+    let task_id = submit(engine, api, code, plans, access, username(body)).await?;
+    Ok(json!({ "task_id": task_id }))
+}
+
+/// Validate one operate request (`operate_proc`, or one item of `operate_proc_multi` whose
+/// field paths start with `at`) and plan its items. Request-level problems (op_type, meta,
+/// hosts, permissions) are errors; an invalid inline spec fails its own keys (per-key 830,
+/// message naming the field) so the rest of a batch still runs.
+fn plan_request(
+    engine: &Engine,
+    access: &Access,
+    req: &OperateProcReq,
+    style: KeyStyle,
+    at: &str,
+) -> Result<(i64, Vec<Plan>), ApiError> {
     let Some(code) = req.op_type else {
-        return Err(ApiError::bad("op_type: is required"));
+        return Err(ApiError::bad(format!("{at}op_type: is required")));
     };
     let op = OpType::from_code(code).ok_or_else(|| {
         ApiError::new(
             codes::UNKNOWN_OP_TYPE,
-            format!("op_type: {code} is not a valid operation (0 start, 1 stop, 2 status, 3 register managed, 4 unregister managed, 7 restart, 8 reload, 9 kill)"),
+            format!("{at}op_type: {code} is not a valid operation (0 start, 1 stop, 2 status, 3 register managed, 4 unregister managed, 7 restart, 8 reload, 9 kill)"),
         )
     })?;
     let key = req.meta.key();
-    check_key(&key)?;
-    let tg = targets(&req.hosts, &req.agent_id_list)?;
-    let inline = match &req.spec {
-        Some(w) => Some((
-            w.to_spec().map_err(|e| ApiError::bad(spec_errors(&e)))?,
-            req.meta.labels.clone(),
-        )),
-        None => None,
+    check_key(&key).map_err(|e| ApiError::bad(format!("{at}{}", e.message)))?;
+    let tg = targets(&req.hosts, &req.agent_id_list).map_err(|e| ApiError::bad(format!("{at}{}", e.message)))?;
+    let style = if req.agent_id_list.is_empty() { style } else { KeyStyle::V2 };
+    let plans = match req.spec.as_ref().map(SpecWire::to_spec) {
+        Some(Err(errs)) => {
+            let mut plans: Vec<Plan> = Vec::new();
+            for t in &tg {
+                let rk = result_key(t, style, &key);
+                if plans.iter().any(|p| p.result_key == rk) {
+                    continue;
+                }
+                plans.push(Plan {
+                    result_key: rk,
+                    key: Some(key.clone()),
+                    op,
+                    immediate: Some(if is_me(engine, t) {
+                        KeyResult::err(codes::SPEC_INVALID, format!("invalid spec: {}", spec_errors(&errs)))
+                    } else {
+                        not_me(engine, t)
+                    }),
+                    inline: None,
+                });
+            }
+            plans
+        }
+        other => {
+            let inline = other.and_then(|r| r.ok()).map(|s| (s, req.meta.labels.clone()));
+            check_op_access(engine, access, op, &key, inline.as_ref().map(|(s, _)| s))?;
+            plan_items(engine, &tg, style, &key, op, inline)
+        }
     };
-    check_op_access(engine, access, op, &key, inline.as_ref().map(|(s, _)| s))?;
-    let style = if req.agent_id_list.is_empty() {
-        style
-    } else {
-        KeyStyle::V2
-    };
-    let plans = plan_items(engine, &tg, style, &key, op, inline);
-    let task_id = submit(engine, api, code, plans, access, username(body)).await?;
-    Ok(json!({ "task_id": task_id }))
+    Ok((code, plans))
 }
 
 /// Build the items of one (meta, hosts) pair, deduplicated by result key.
@@ -405,87 +435,40 @@ pub fn plan_items(
     plans
 }
 
-async fn operate_proc_multi(
-    engine: &Arc<Engine>,
-    body: &[u8],
-    access: &Access,
-) -> Result<Value, ApiError> {
+async fn operate_proc_multi(engine: &Arc<Engine>, body: &[u8], access: &Access) -> Result<Value, ApiError> {
     #[derive(serde::Deserialize)]
     struct Multi {
         proc_operate_req: Vec<Value>,
     }
     let req: Multi = parse(body)?;
     if req.proc_operate_req.is_empty() {
-        return Err(ApiError::bad(
-            "proc_operate_req: at least one item is required",
-        ));
+        return Err(ApiError::bad("proc_operate_req: at least one item is required"));
     }
     if req.proc_operate_req.len() > 5000 {
-        return Err(ApiError::bad(
-            "proc_operate_req: at most 5000 items per call",
-        ));
+        return Err(ApiError::bad("proc_operate_req: at most 5000 items per call"));
     }
     let mut plans: Vec<Plan> = Vec::new();
     let mut first_op = None;
     for (i, item) in req.proc_operate_req.iter().enumerate() {
-        let bytes = serde_json::to_vec(item).unwrap_or_default();
-        let r: OperateProcReq = parse(&bytes)
-            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}]: {}", e.message)))?;
-        let key = r.meta.key();
-        check_key(&key)
-            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}]: {}", e.message)))?;
-        let code = r
-            .op_type
-            .ok_or_else(|| ApiError::bad(format!("proc_operate_req[{i}].op_type: is required")))?;
-        let Some(op) = OpType::from_code(code) else {
-            return Err(ApiError::new(
-                codes::UNKNOWN_OP_TYPE,
-                format!("proc_operate_req[{i}].op_type: {code} is not a valid operation"),
-            ));
-        };
-        first_op.get_or_insert(code);
-        let tg = targets(&r.hosts, &r.agent_id_list)
-            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}].{}", e.message)))?;
-        let style = KeyStyle::V2;
-        match r.spec.as_ref().map(SpecWire::to_spec) {
-            Some(Err(errs)) => {
-                // A bad spec fails its own keys, not the whole batch.
-                for t in &tg {
-                    let rk = result_key(t, style, &key);
-                    if plans.iter().any(|p| p.result_key == rk) {
-                        continue;
-                    }
-                    plans.push(Plan {
-                        result_key: rk,
-                        key: Some(key.clone()),
-                        op,
-                        immediate: Some(KeyResult::err(codes::SPEC_INVALID, spec_errors(&errs))),
-                        inline: None,
-                    });
-                }
+        let at = format!("proc_operate_req[{i}].");
+        let r: OperateProcReq = serde_path_to_error::deserialize(item.clone()).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                ApiError::bad(format!("proc_operate_req[{i}]: {inner}"))
+            } else {
+                ApiError::bad(format!("{at}{path}: {inner}"))
             }
-            other => {
-                let inline = other
-                    .and_then(|r| r.ok())
-                    .map(|s| (s, r.meta.labels.clone()));
-                check_op_access(engine, access, op, &key, inline.as_ref().map(|(s, _)| s))?;
-                for p in plan_items(engine, &tg, style, &key, op, inline) {
-                    if !plans.iter().any(|q| q.result_key == p.result_key) {
-                        plans.push(p);
-                    }
-                }
+        })?;
+        let (code, item_plans) = plan_request(engine, access, &r, KeyStyle::V2, &at)?;
+        first_op.get_or_insert(code);
+        for p in item_plans {
+            if !plans.iter().any(|q| q.result_key == p.result_key) {
+                plans.push(p);
             }
         }
     }
-    let task_id = submit(
-        engine,
-        "operate_proc_multi",
-        first_op.unwrap_or(-1),
-        plans,
-        access,
-        username(body),
-    )
-    .await?;
+    let task_id = submit(engine, "operate_proc_multi", first_op.unwrap_or(-1), plans, access, username(body)).await?;
     Ok(json!({ "task_id": task_id }))
 }
 

@@ -695,6 +695,7 @@ impl Engine {
         if self.detection == Detection::Poll {
             self.poll_exits();
         }
+        self.schedule_health_checks();
         let now = Instant::now();
         for key in &keys {
             self.reconcile_now(key, now);
@@ -703,6 +704,36 @@ impl Engine {
             let st = &self.config.store;
             let before = crate::util::unix_millis() - st.task_retention.as_millis() as i64;
             self.store.prune(before, st.max_tasks, st.max_events);
+        }
+    }
+
+    /// Start the health checks that are due (`health_cmd` of running, idle processes).
+    fn schedule_health_checks(self: &Arc<Self>) {
+        let interval = self.config.supervisor.health_interval;
+        let now = Instant::now();
+        let due: Vec<ProcKey> = {
+            let mut reg = self.reg();
+            reg.entries
+                .values_mut()
+                .filter(|e| {
+                    policy::health_due(
+                        !e.def.spec.health_cmd.trim().is_empty(),
+                        !e.state.instances.is_empty(),
+                        e.rt.busy.is_some() || e.rt.health_running,
+                        e.rt.last_health,
+                        interval,
+                        now,
+                    )
+                })
+                .map(|e| {
+                    e.rt.health_running = true;
+                    e.rt.last_health = Some(now);
+                    e.def.key.clone()
+                })
+                .collect()
+        };
+        for key in due {
+            tokio::spawn(ops::health_check(self.clone(), key));
         }
     }
 
