@@ -174,7 +174,7 @@ impl Meta {
 /// A host as callers send it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HostWire {
-    #[serde(default, deserialize_with = "de_str", alias = "bk_host_innerip")]
+    #[serde(default, deserialize_with = "de_str")]
     pub ip: String,
     #[serde(default, deserialize_with = "de_opt_i64")]
     pub bk_cloud_id: Option<i64>,

@@ -375,8 +375,13 @@ fn plan_request(
     })?;
     let key = req.meta.key();
     check_key(&key).map_err(|e| ApiError::bad(format!("{at}{}", e.message)))?;
-    let tg = targets(&req.hosts, &req.agent_id_list).map_err(|e| ApiError::bad(format!("{at}{}", e.message)))?;
-    let style = if req.agent_id_list.is_empty() { style } else { KeyStyle::V2 };
+    let tg = targets(&req.hosts, &req.agent_id_list)
+        .map_err(|e| ApiError::bad(format!("{at}{}", e.message)))?;
+    let style = if req.agent_id_list.is_empty() {
+        style
+    } else {
+        KeyStyle::V2
+    };
     let plans = match req.spec.as_ref().map(SpecWire::to_spec) {
         Some(Err(errs)) => {
             let mut plans: Vec<Plan> = Vec::new();
@@ -390,7 +395,10 @@ fn plan_request(
                     key: Some(key.clone()),
                     op,
                     immediate: Some(if is_me(engine, t) {
-                        KeyResult::err(codes::SPEC_INVALID, format!("invalid spec: {}", spec_errors(&errs)))
+                        KeyResult::err(
+                            codes::SPEC_INVALID,
+                            format!("invalid spec: {}", spec_errors(&errs)),
+                        )
                     } else {
                         not_me(engine, t)
                     }),
@@ -400,7 +408,9 @@ fn plan_request(
             plans
         }
         other => {
-            let inline = other.and_then(|r| r.ok()).map(|s| (s, req.meta.labels.clone()));
+            let inline = other
+                .and_then(|r| r.ok())
+                .map(|s| (s, req.meta.labels.clone()));
             check_op_access(engine, access, op, &key, inline.as_ref().map(|(s, _)| s))?;
             plan_items(engine, &tg, style, &key, op, inline)
         }
@@ -435,17 +445,25 @@ pub fn plan_items(
     plans
 }
 
-async fn operate_proc_multi(engine: &Arc<Engine>, body: &[u8], access: &Access) -> Result<Value, ApiError> {
+async fn operate_proc_multi(
+    engine: &Arc<Engine>,
+    body: &[u8],
+    access: &Access,
+) -> Result<Value, ApiError> {
     #[derive(serde::Deserialize)]
     struct Multi {
         proc_operate_req: Vec<Value>,
     }
     let req: Multi = parse(body)?;
     if req.proc_operate_req.is_empty() {
-        return Err(ApiError::bad("proc_operate_req: at least one item is required"));
+        return Err(ApiError::bad(
+            "proc_operate_req: at least one item is required",
+        ));
     }
     if req.proc_operate_req.len() > 5000 {
-        return Err(ApiError::bad("proc_operate_req: at most 5000 items per call"));
+        return Err(ApiError::bad(
+            "proc_operate_req: at most 5000 items per call",
+        ));
     }
     let mut plans: Vec<Plan> = Vec::new();
     let mut first_op = None;
@@ -468,7 +486,15 @@ async fn operate_proc_multi(engine: &Arc<Engine>, body: &[u8], access: &Access) 
             }
         }
     }
-    let task_id = submit(engine, "operate_proc_multi", first_op.unwrap_or(-1), plans, access, username(body)).await?;
+    let task_id = submit(
+        engine,
+        "operate_proc_multi",
+        first_op.unwrap_or(-1),
+        plans,
+        access,
+        username(body),
+    )
+    .await?;
     Ok(json!({ "task_id": task_id }))
 }
 

@@ -929,12 +929,10 @@ impl Engine {
             version: e.rt.version.clone(),
             register_time: e.def.register_time,
             last_start_time: e.state.last_start_time,
-            uptime_secs: e.rt.attached_at.values().min_by_key(|t| **t).map(|_| {
-                e.state
-                    .instances
-                    .first()
-                    .map(|i| crate::util::unix_now() - i.since)
-                    .unwrap_or(0)
+            uptime_secs: e.state.instances.first().map(|i| {
+                // From the kernel's start time, so an adopted process shows its real age.
+                let now_ticks = crate::procinfo::now_ticks_floor() + 1;
+                (now_ticks.saturating_sub(i.starttime) / crate::procinfo::ticks_per_second()) as i64
             }),
             cpu_usage: s.cpu_usage,
             mem_usage: s.mem_usage,

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::watch::{self, Expect};
 use super::policy;
+use super::watch::{self, Expect};
 use super::{Detection, Engine};
 use crate::proto::{KeyResult, OpType, codes};
 use crate::registry::{FLAG_RUNNING, FLAG_STOPPED, Instance, Phase};
@@ -945,7 +945,12 @@ pub async fn supervise_start(engine: Arc<Engine>, key: ProcKey, n: u32) {
 
 /// Record a failed start: one more consecutive failure, the next attempt pushed out by the
 /// backoff policy, a `start_failed` event. Returns (failures, delay).
-fn note_start_failure(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, f: &OpFail) -> (u32, Duration) {
+fn note_start_failure(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    spec: &ProcSpec,
+    f: &OpFail,
+) -> (u32, Duration) {
     let (failures, delay) = {
         let mut reg = engine.reg();
         let Some(e) = reg.get_mut(key) else {
@@ -953,13 +958,19 @@ fn note_start_failure(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, f: &
         };
         e.rt.failures = e.rt.failures.saturating_add(1);
         // A failed start is never followed by an immediate retry.
-        let d = engine.backoff.delay(e.rt.failures.max(2), crate::util::random_unit());
+        let d = engine
+            .backoff
+            .delay(e.rt.failures.max(2), crate::util::random_unit());
         e.rt.next_attempt = Some(Instant::now() + d);
         if spec.auto_type == AutoType::SingleRun {
             e.state.completed = true;
             e.rt.phase = Phase::Completed;
         } else if e.state.instances.is_empty() {
-            e.rt.phase = if e.wants_running() { Phase::Backoff } else { Phase::Stopped };
+            e.rt.phase = if e.wants_running() {
+                Phase::Backoff
+            } else {
+                Phase::Stopped
+            };
         }
         e.rt.message = f.msg.clone();
         (e.rt.failures, d)
@@ -976,7 +987,12 @@ fn note_start_failure(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, f: &
 /// An operator start or restart: try once, plus `start_retries` more times `start_interval`
 /// seconds apart when the spec says so. The last failure is the answer (836 or 65535); if the
 /// process is managed, supervision goes on under the backoff policy afterwards.
-async fn start_with_retries(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, which: CommandKind) -> Result<i32, OpFail> {
+async fn start_with_retries(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    spec: &ProcSpec,
+    which: CommandKind,
+) -> Result<i32, OpFail> {
     let retries = spec.start_retries.unwrap_or(0);
     let mut attempt = 0;
     loop {
@@ -1085,7 +1101,9 @@ pub fn control_content(engine: &Engine, key: &ProcKey, spec: &ProcSpec) -> Strin
 /// (stopped, then restarted under the backoff policy).
 pub async fn health_check(engine: Arc<Engine>, key: ProcKey) {
     let spec = engine.spec_of(&key);
-    let cmd = spec.as_ref().and_then(|s| s.command(CommandKind::Health).map(str::to_string));
+    let cmd = spec
+        .as_ref()
+        .and_then(|s| s.command(CommandKind::Health).map(str::to_string));
     let (Some(spec), Some(cmd)) = (spec, cmd) else {
         if let Some(e) = engine.reg().get_mut(&key) {
             e.rt.health_running = false;
@@ -1095,8 +1113,18 @@ pub async fn health_check(engine: Arc<Engine>, key: ProcKey) {
     let req = engine.command_request(&key, &spec, "health_cmd", &cmd);
     let (passed, text) = match engine.exec.run(&req).await {
         Ok(fin) if fin.success() => (true, "ok".to_string()),
-        Ok(fin) if fin.timed_out => (false, format!("timed out after op_timeout {}s", spec.op_timeout)),
-        Ok(fin) => (false, format!("{}: {}", fin.exit, crate::util::tail_bounded(fin.output.trim(), 512))),
+        Ok(fin) if fin.timed_out => (
+            false,
+            format!("timed out after op_timeout {}s", spec.op_timeout),
+        ),
+        Ok(fin) => (
+            false,
+            format!(
+                "{}: {}",
+                fin.exit,
+                crate::util::tail_bounded(fin.output.trim(), 512)
+            ),
+        ),
         Err(e) => (false, e.to_string()),
     };
     let threshold = engine.config.supervisor.health_failures;
@@ -1140,7 +1168,9 @@ pub async fn health_check(engine: Arc<Engine>, key: ProcKey) {
 pub async fn liveness_restart(engine: &Arc<Engine>, key: &ProcKey, kind: &str, message: String) {
     let lock = engine.op_lock(key);
     let _guard = lock.lock().await;
-    let Some(spec) = engine.spec_of(key) else { return };
+    let Some(spec) = engine.spec_of(key) else {
+        return;
+    };
     let proceed = engine
         .reg()
         .get(key)
@@ -1148,7 +1178,9 @@ pub async fn liveness_restart(engine: &Arc<Engine>, key: &ProcKey, kind: &str, m
     if !proceed {
         return;
     }
-    engine.events.emit(Some(key), kind, message, serde_json::Value::Null);
+    engine
+        .events
+        .emit(Some(key), kind, message, serde_json::Value::Null);
     let _busy = Busy::set(engine, key, SUPERVISE);
     if let Some(e) = engine.reg().get_mut(key) {
         e.rt.phase = Phase::Stopping;
@@ -1160,7 +1192,9 @@ pub async fn liveness_restart(engine: &Arc<Engine>, key: &ProcKey, kind: &str, m
         let Some(e) = reg.get_mut(key) else { return };
         e.rt.failures = e.rt.failures.saturating_add(1);
         e.rt.health_failures = 0;
-        let d = engine.backoff.delay(e.rt.failures, crate::util::random_unit());
+        let d = engine
+            .backoff
+            .delay(e.rt.failures, crate::util::random_unit());
         e.rt.next_attempt = Some(Instant::now() + d);
         e.rt.phase = Phase::Backoff;
         (e.rt.failures, d)
@@ -1169,9 +1203,14 @@ pub async fn liveness_restart(engine: &Arc<Engine>, key: &ProcKey, kind: &str, m
         Ok(step) => engine.events.emit(
             Some(key),
             "stopped",
-            format!("{step}; restart in {:.1}s (failure {failures} in a row)", delay.as_secs_f64()),
+            format!(
+                "{step}; restart in {:.1}s (failure {failures} in a row)",
+                delay.as_secs_f64()
+            ),
             serde_json::json!({"delay_secs": delay.as_secs_f64(), "failures": failures}),
         ),
-        Err(f) => engine.events.emit(Some(key), "stop_failed", f.msg, serde_json::Value::Null),
+        Err(f) => engine
+            .events
+            .emit(Some(key), "stop_failed", f.msg, serde_json::Value::Null),
     }
 }

@@ -358,7 +358,11 @@ mod tests {
             (true, true, false, Some(now - s(10)), true),
         ];
         for (cmd, running, busy, last, want) in cases {
-            assert_eq!(health_due(cmd, running, busy, last, i, now), want, "{cmd} {running} {busy} {last:?}");
+            assert_eq!(
+                health_due(cmd, running, busy, last, i, now),
+                want,
+                "{cmd} {running} {busy} {last:?}"
+            );
         }
         assert_eq!(health_verdict(0, true, 3), (0, false));
         assert_eq!(health_verdict(2, true, 3), (0, false));
