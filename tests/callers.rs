@@ -1,6 +1,8 @@
 //! Replays of what GSEKit and bk-nodeman really send (shared/notes/gse-callers.md), checked
 //! the way those callers read the answers.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

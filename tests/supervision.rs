@@ -1,6 +1,8 @@
 //! Supervision: managed processes stay alive, exits are noticed at once, operator intent wins,
 //! the agent's own restarts and crashes re-adopt instead of restarting, stops end whole trees.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
