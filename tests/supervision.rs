@@ -595,3 +595,41 @@ fn events_stream_as_ndjson() {
     assert!(kinds.contains(&"started".to_string()), "{kinds:?}");
     d.op(NS, "ev1", 1);
 }
+
+#[test]
+fn a_config_process_already_running_is_adopted_not_duplicated() {
+    let env = TestEnv::new();
+    let pidfile = env.p("pre.pid");
+    let start = env.daemon_start_cmd("pre", &pidfile);
+    // Started by hand before the agent exists.
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&start)
+        .status()
+        .unwrap();
+    let pid = wait_for("pre-started", Duration::from_secs(5), || {
+        read_pid(&pidfile).filter(|p| alive(*p))
+    });
+    let extra = format!(
+        "[[process]]\nnamespace = \"{NS}\"\nname = \"pre\"\nsetup_path = \"{}\"\nproc_name = \"pre\"\npid_path = \"{pidfile}\"\nstart_cmd = \"{}\"\nstart_check_secs = 1\n",
+        env.path().display(),
+        start.replace('"', "\\\"")
+    );
+    let d = Daemon::start(&env, &extra);
+    wait_for("adopted", Duration::from_secs(10), || {
+        (d.status(NS, "pre")["pid"] == json!(pid)).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.status(NS, "pre")["pid"], json!(pid));
+    assert_eq!(
+        d.status(NS, "pre")["isauto"],
+        json!(true),
+        "autostart manages it"
+    );
+    let n = env
+        .processes()
+        .into_iter()
+        .filter(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|x| x.ends_with("pre")))
+        .count();
+    assert_eq!(n, 1, "no duplicate started");
+}

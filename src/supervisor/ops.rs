@@ -877,6 +877,8 @@ pub async fn supervise_start(engine: Arc<Engine>, key: ProcKey, n: u32) {
     let _permit = engine.ops_sem.clone().acquire_owned().await;
     let lock = engine.op_lock(&key);
     let guard = lock.lock().await;
+    // Never start a duplicate: a live, right process named by the pid file is adopted instead.
+    engine.discover(&key);
     let (spec, go, is_restart) = {
         let mut reg = engine.reg();
         match reg.get_mut(&key) {
