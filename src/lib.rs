@@ -10,6 +10,7 @@
 //! * [`supervisor`]: the engine: operations, exit handling, restart policy ([`supervisor::policy`] is pure).
 //! * [`executor`]: running control commands as an account, in their own session, output captured.
 //! * [`reaper`]: the one `waitpid` reaper (the agent is a child subreaper).
+//! * [`expr`]: GSEKit expression_scope expressions.
 //! * [`procinfo`]: `/proc` identity reads and the pid-file parser.
 //! * [`probe`]: resource sampling and metrics.
 //! * [`api`]: the HTTP/1.1 + JSON socket server, authorization, and the client.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod executor;
+pub mod expr;
 pub mod host;
 pub mod probe;
 pub mod procinfo;

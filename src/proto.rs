@@ -174,7 +174,7 @@ impl Meta {
 /// A host as callers send it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HostWire {
-    #[serde(default, deserialize_with = "de_str", alias = "bk_host_innerip")]
+    #[serde(default, deserialize_with = "de_str")]
     pub ip: String,
     #[serde(default, deserialize_with = "de_opt_i64")]
     pub bk_cloud_id: Option<i64>,
@@ -222,6 +222,8 @@ pub struct ControlWire {
     pub version_cmd: String,
     #[serde(default, deserialize_with = "de_str")]
     pub health_cmd: String,
+    #[serde(default, deserialize_with = "de_str")]
+    pub cmd_shell_ext: String,
 }
 
 /// GSE `spec.resource` (percentages; fd/disk/net are reserved and ignored).
@@ -273,6 +275,10 @@ pub struct SpecWire {
     pub monitor_policy: Option<PolicyWire>,
     #[serde(default)]
     pub alive_monitor_policy: Option<PolicyWire>,
+    /// Shell for the commands (GSE 2.0); only "sh" is supported. Also accepted inside
+    /// `control` and the monitor policy.
+    #[serde(default, deserialize_with = "de_str")]
+    pub cmd_shell_ext: String,
 }
 
 fn nonneg(field: &str, v: Option<i64>, errs: &mut Vec<FieldError>) -> Option<u64> {
@@ -365,7 +371,11 @@ impl SpecWire {
             start_retries: nonneg(&format!("{p}start_retries"), pol.start_retries, &mut errs)
                 .map(|v| v.min(u32::MAX as u64) as u32),
             start_interval: nonneg(&format!("{p}start_interval"), pol.start_interval, &mut errs),
-            cmd_shell_ext: pol.cmd_shell_ext,
+            cmd_shell_ext: [&self.cmd_shell_ext, &ctl.cmd_shell_ext, &pol.cmd_shell_ext]
+                .into_iter()
+                .find(|s| !s.trim().is_empty())
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
             ..ProcSpec::default()
         };
         for e in spec.validate() {

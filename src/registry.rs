@@ -151,6 +151,8 @@ pub struct Runtime {
     pub health_failures: u32,
     pub health: Option<String>,
     pub last_health: Option<Instant>,
+    /// A health check is running now.
+    pub health_running: bool,
 }
 
 impl Default for Runtime {
@@ -172,6 +174,7 @@ impl Default for Runtime {
             health_failures: 0,
             health: None,
             last_health: None,
+            health_running: false,
         }
     }
 }

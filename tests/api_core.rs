@@ -1,5 +1,7 @@
 //! Agent core, end to end: the real daemon on a temp dir, driven through its socket and CLI.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

@@ -359,20 +359,13 @@ async fn operate_proc(
     style: KeyStyle,
 ) -> Result<Value, ApiError> {
     let d = decode_operate(body)?;
-    check_op_access(
-        engine,
-        access,
-        d.op,
-        &d.key,
-        d.inline.as_ref().map(|(s, _)| s),
-    )?;
-    let style = if d.agent_ids { KeyStyle::V2 } else { style };
-    let plans = plan_items(engine, &d.targets, style, &d.key, d.op, d.inline);
-    let task_id = submit(engine, api, d.code, plans, access, username(body)).await?;
+    let (code, plans) = plan_request(engine, access, d, style)?;
+    let task_id = submit(engine, api, code, plans, access, username(body)).await?;
     Ok(json!({ "task_id": task_id }))
 }
 
-/// A decoded and validated `operate_proc` request.
+/// A decoded and validated operate request (`operate_proc`, or one item of
+/// `operate_proc_multi`).
 pub struct OperateDecoded {
     pub code: i64,
     pub op: OpType,
@@ -380,59 +373,50 @@ pub struct OperateDecoded {
     pub targets: Vec<Target>,
     /// The request named hosts by `agent_id_list` (results use the v2 key style).
     pub agent_ids: bool,
-    pub inline: Option<(ProcSpec, Labels)>,
+    /// The inline spec: `Some(Err(message))` fails this request's keys only (per-key 830),
+    /// so the rest of a batch still runs.
+    pub spec: Option<Result<ProcSpec, String>>,
+    pub labels: Labels,
 }
 
-fn op_type_of(code: Option<i64>, field: &str) -> Result<(i64, OpType), ApiError> {
-    let Some(code) = code else {
-        return Err(ApiError::bad(format!("{field}: is required")));
+/// Validate one operate request whose field paths start with `at` (no side effects).
+/// Request-level problems (op_type, meta, hosts) are errors.
+pub fn validate_operate(req: &OperateProcReq, at: &str) -> Result<OperateDecoded, ApiError> {
+    let Some(code) = req.op_type else {
+        return Err(ApiError::bad(format!("{at}op_type: is required")));
     };
     let op = OpType::from_code(code).ok_or_else(|| {
         ApiError::new(
             codes::UNKNOWN_OP_TYPE,
-            format!("{field}: {code} is not a valid operation (0 start, 1 stop, 2 status, 3 register managed, 4 unregister managed, 7 restart, 8 reload, 9 kill)"),
+            format!("{at}op_type: {code} is not a valid operation (0 start, 1 stop, 2 status, 3 register managed, 4 unregister managed, 7 restart, 8 reload, 9 kill)"),
         )
     })?;
-    Ok((code, op))
-}
-
-/// Decode and validate an `operate_proc` body (no side effects).
-pub fn decode_operate(body: &[u8]) -> Result<OperateDecoded, ApiError> {
-    let req: OperateProcReq = parse(body)?;
-    let (code, op) = op_type_of(req.op_type, "op_type")?;
     let key = req.meta.key();
-    check_key(&key)?;
-    let targets = targets(&req.hosts, &req.agent_id_list)?;
-    let inline = match &req.spec {
-        Some(w) => Some((
-            w.to_spec().map_err(|e| ApiError::bad(spec_errors(&e)))?,
-            req.meta.labels.clone(),
-        )),
-        None => None,
-    };
+    check_key(&key).map_err(|e| ApiError::bad(format!("{at}{}", e.message)))?;
+    let targets = targets(&req.hosts, &req.agent_id_list)
+        .map_err(|e| ApiError::bad(format!("{at}{}", e.message)))?;
     Ok(OperateDecoded {
         code,
         op,
         key,
         targets,
         agent_ids: !req.agent_id_list.is_empty(),
-        inline,
+        spec: req
+            .spec
+            .as_ref()
+            .map(|w| w.to_spec().map_err(|e| spec_errors(&e))),
+        labels: req.meta.labels.clone(),
     })
 }
 
-/// One decoded item of `operate_proc_multi`.
-pub struct MultiItem {
-    pub code: i64,
-    pub op: OpType,
-    pub key: ProcKey,
-    pub targets: Vec<Target>,
-    /// The inline spec: `Some(Err)` fails this item's keys only, not the batch.
-    pub spec: Option<Result<ProcSpec, String>>,
-    pub labels: Labels,
+/// Decode and validate an `operate_proc` body (no side effects).
+pub fn decode_operate(body: &[u8]) -> Result<OperateDecoded, ApiError> {
+    let req: OperateProcReq = parse(body)?;
+    validate_operate(&req, "")
 }
 
 /// Decode and validate an `operate_proc_multi` body (no side effects).
-pub fn decode_multi(body: &[u8]) -> Result<Vec<MultiItem>, ApiError> {
+pub fn decode_multi(body: &[u8]) -> Result<Vec<OperateDecoded>, ApiError> {
     #[derive(serde::Deserialize)]
     struct Multi {
         proc_operate_req: Vec<Value>,
@@ -450,28 +434,60 @@ pub fn decode_multi(body: &[u8]) -> Result<Vec<MultiItem>, ApiError> {
     }
     let mut out = Vec::with_capacity(req.proc_operate_req.len());
     for (i, item) in req.proc_operate_req.iter().enumerate() {
-        let bytes = serde_json::to_vec(item).unwrap_or_default();
-        let r: OperateProcReq = parse(&bytes)
-            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}]: {}", e.message)))?;
-        let key = r.meta.key();
-        check_key(&key)
-            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}]: {}", e.message)))?;
-        let (code, op) = op_type_of(r.op_type, &format!("proc_operate_req[{i}].op_type"))?;
-        let targets = targets(&r.hosts, &r.agent_id_list)
-            .map_err(|e| ApiError::bad(format!("proc_operate_req[{i}].{}", e.message)))?;
-        out.push(MultiItem {
-            code,
-            op,
-            key,
-            targets,
-            spec: r
-                .spec
-                .as_ref()
-                .map(|w| w.to_spec().map_err(|e| spec_errors(&e))),
-            labels: r.meta.labels.clone(),
-        });
+        let at = format!("proc_operate_req[{i}].");
+        let r: OperateProcReq = serde_path_to_error::deserialize(item.clone()).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                ApiError::bad(format!("proc_operate_req[{i}]: {inner}"))
+            } else {
+                ApiError::bad(format!("{at}{path}: {inner}"))
+            }
+        })?;
+        out.push(validate_operate(&r, &at)?);
     }
     Ok(out)
+}
+
+/// Check the caller's rights on a validated operate request and plan its items. An invalid
+/// inline spec fails its own keys (per-key 830, message naming the field).
+fn plan_request(
+    engine: &Engine,
+    access: &Access,
+    d: OperateDecoded,
+    style: KeyStyle,
+) -> Result<(i64, Vec<Plan>), ApiError> {
+    let style = if d.agent_ids { KeyStyle::V2 } else { style };
+    let (key, op, tg) = (&d.key, d.op, &d.targets);
+    let plans = match d.spec {
+        Some(Err(errs)) => {
+            let mut plans: Vec<Plan> = Vec::new();
+            for t in tg {
+                let rk = result_key(t, style, key);
+                if plans.iter().any(|p| p.result_key == rk) {
+                    continue;
+                }
+                plans.push(Plan {
+                    result_key: rk,
+                    key: Some(key.clone()),
+                    op,
+                    immediate: Some(if is_me(engine, t) {
+                        KeyResult::err(codes::SPEC_INVALID, format!("invalid spec: {errs}"))
+                    } else {
+                        not_me(engine, t)
+                    }),
+                    inline: None,
+                });
+            }
+            plans
+        }
+        other => {
+            let inline = other.and_then(|r| r.ok()).map(|s| (s, d.labels));
+            check_op_access(engine, access, op, key, inline.as_ref().map(|(s, _)| s))?;
+            plan_items(engine, tg, style, key, op, inline)
+        }
+    };
+    Ok((d.code, plans))
 }
 
 /// Decode and validate a `register_proc_info` / `update_proc_info` body (no side effects).
@@ -672,40 +688,13 @@ async fn operate_proc_multi(
 ) -> Result<Value, ApiError> {
     let items = decode_multi(body)?;
     let mut plans: Vec<Plan> = Vec::new();
-    let first_op = items.first().map(|i| i.code);
-    let style = KeyStyle::V2;
-    for it in items {
-        match it.spec {
-            Some(Err(errs)) => {
-                // A bad spec fails its own keys, not the whole batch.
-                for t in &it.targets {
-                    let rk = result_key(t, style, &it.key);
-                    if plans.iter().any(|p| p.result_key == rk) {
-                        continue;
-                    }
-                    plans.push(Plan {
-                        result_key: rk,
-                        key: Some(it.key.clone()),
-                        op: it.op,
-                        immediate: Some(KeyResult::err(codes::SPEC_INVALID, errs.clone())),
-                        inline: None,
-                    });
-                }
-            }
-            other => {
-                let inline = other.and_then(|r| r.ok()).map(|s| (s, it.labels.clone()));
-                check_op_access(
-                    engine,
-                    access,
-                    it.op,
-                    &it.key,
-                    inline.as_ref().map(|(s, _)| s),
-                )?;
-                for p in plan_items(engine, &it.targets, style, &it.key, it.op, inline) {
-                    if !plans.iter().any(|q| q.result_key == p.result_key) {
-                        plans.push(p);
-                    }
-                }
+    let mut first_op = None;
+    for d in items {
+        let (code, item_plans) = plan_request(engine, access, d, KeyStyle::V2)?;
+        first_op.get_or_insert(code);
+        for p in item_plans {
+            if !plans.iter().any(|q| q.result_key == p.result_key) {
+                plans.push(p);
             }
         }
     }

@@ -307,6 +307,7 @@ pub async fn apply_config(
             }
         };
         if created {
+            engine.discover(k);
             engine.persist(k).await?;
             engine.events.emit(
                 Some(k),

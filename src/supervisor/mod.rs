@@ -517,7 +517,10 @@ impl Engine {
                 return;
             }
             let uptime = Self::untrack_locked(e, pid);
-            let by_operator = e.rt.busy.is_some();
+            // While an operation or a supervisor start holds the process, it owns the outcome;
+            // only operator operations make the exit "by operator" (not a crash).
+            let held = e.rt.busy.is_some();
+            let by_operator = e.rt.busy.as_deref().is_some_and(|b| b != ops::SUPERVISE);
             e.state.last_exit = Some(LastExit {
                 pid,
                 at: crate::util::unix_now(),
@@ -531,10 +534,15 @@ impl Engine {
             if e.def.spec.auto_type == AutoType::SingleRun && e.state.instances.is_empty() {
                 e.state.completed = true;
             }
-            if by_operator {
+            if held {
                 // The running operation owns the outcome.
             } else {
-                notes.push(("exited", format!("pid {pid} exited ({exit}){up}"), data));
+                let kind = if e.def.spec.auto_type == AutoType::Periodic {
+                    "cycle_finished"
+                } else {
+                    "exited"
+                };
+                notes.push((kind, format!("pid {pid} exited ({exit}){up}"), data));
                 let alive = e.state.instances.len();
                 match e.def.spec.auto_type {
                     AutoType::Resident if e.wants_running() => {
@@ -694,6 +702,7 @@ impl Engine {
         }
         // Daemons write to the output file they inherited: keep it bounded.
         self.exec.bound_outputs();
+        self.schedule_health_checks();
         let now = Instant::now();
         for key in &keys {
             self.reconcile_now(key, now);
@@ -702,6 +711,36 @@ impl Engine {
             let st = &self.config.store;
             let before = crate::util::unix_millis() - st.task_retention.as_millis() as i64;
             self.store.prune(before, st.max_tasks, st.max_events);
+        }
+    }
+
+    /// Start the health checks that are due (`health_cmd` of running, idle processes).
+    fn schedule_health_checks(self: &Arc<Self>) {
+        let interval = self.config.supervisor.health_interval;
+        let now = Instant::now();
+        let due: Vec<ProcKey> = {
+            let mut reg = self.reg();
+            reg.entries
+                .values_mut()
+                .filter(|e| {
+                    policy::health_due(
+                        !e.def.spec.health_cmd.trim().is_empty(),
+                        !e.state.instances.is_empty(),
+                        e.rt.busy.is_some() || e.rt.health_running,
+                        e.rt.last_health,
+                        interval,
+                        now,
+                    )
+                })
+                .map(|e| {
+                    e.rt.health_running = true;
+                    e.rt.last_health = Some(now);
+                    e.def.key.clone()
+                })
+                .collect()
+        };
+        for key in due {
+            tokio::spawn(ops::health_check(self.clone(), key));
         }
     }
 
@@ -897,12 +936,10 @@ impl Engine {
             version: e.rt.version.clone(),
             register_time: e.def.register_time,
             last_start_time: e.state.last_start_time,
-            uptime_secs: e.rt.attached_at.values().min_by_key(|t| **t).map(|_| {
-                e.state
-                    .instances
-                    .first()
-                    .map(|i| crate::util::unix_now() - i.since)
-                    .unwrap_or(0)
+            uptime_secs: e.state.instances.first().map(|i| {
+                // From the kernel's start time, so an adopted process shows its real age.
+                let now_ticks = crate::procinfo::now_ticks_floor() + 1;
+                (now_ticks.saturating_sub(i.starttime) / crate::procinfo::ticks_per_second()) as i64
             }),
             cpu_usage: s.cpu_usage,
             mem_usage: s.mem_usage,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use super::policy;
 use super::watch::{self, Expect};
 use super::{Detection, Engine};
 use crate::proto::{KeyResult, OpType, codes};
@@ -79,12 +80,19 @@ fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
+/// The `busy` marker of a supervisor start (exits during it are not operator actions).
+pub const SUPERVISE: &str = "supervise";
+
 /// Why a start is happening.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
+    /// An operator's start/restart: full start check.
     Operator,
+    /// Keeping a resident process running: full start check.
     Supervisor,
-    Periodic,
+    /// A periodic cycle or a single run under supervision: the command itself is the job,
+    /// tracked from the moment it starts; no start check (a job may legitimately finish fast).
+    Job,
 }
 
 /// Run one operation on a registered process (the caller holds no lock).
@@ -189,7 +197,7 @@ async fn op_start(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec) -> KeyRe
     let n = spec.instance_num.max(1);
     let mut pids = Vec::new();
     for _ in 0..n {
-        match start_instance(engine, key, spec, CommandKind::Start, Purpose::Operator).await {
+        match start_with_retries(engine, key, spec, CommandKind::Start).await {
             Ok(pid) => pids.push(pid),
             Err(f) => return f.into(),
         }
@@ -245,13 +253,21 @@ pub async fn start_instance(
         .get(key)
         .map(|e| e.state.instances.clone())
         .unwrap_or_default();
-    let (begin, end) = if purpose == Purpose::Periodic {
+    let (begin, end) = if purpose == Purpose::Job {
         (0, 0)
     } else {
         spec.start_check_window()
     };
     let begin_at = t0 + secs(begin);
     let end_at = t0 + secs(end.max(begin));
+    // When the process is found through its pid file, give the file at least a second to
+    // appear (a daemon often writes it after its start command has returned) before deciding
+    // that the command itself, still running, is the process, or that nothing started.
+    let settle_at = if spec.pid_path.is_empty() || purpose == Purpose::Job {
+        t0
+    } else {
+        begin_at.max(t0 + Duration::from_secs(1))
+    };
     let op_deadline = t0 + secs(spec.op_timeout.max(1));
     let mut shell_exit: Option<ExitInfo> = None;
     let mut found: Option<i32> = None;
@@ -266,15 +282,12 @@ pub async fn start_instance(
         }
         let now = Instant::now();
         let shell_alive = shell_exit.is_none();
-        if found.is_none()
-            && shell_alive
-            && (spec.pid_path.is_empty() || purpose == Purpose::Periodic || now >= begin_at)
-        {
+        if found.is_none() && shell_alive && now >= settle_at {
             // Foreground: the command itself is the process. With a pid file, only when it
             // is the program (`exec prog`): a shell that is still busy daemonizing is not
             // the process (taking it made the daemon it then started a duplicate, found by
-            // the crash-safety test with start_check_secs = 0).
-            let expect = if spec.pid_path.is_empty() {
+            // the crash-safety test).
+            let expect = if spec.pid_path.is_empty() || purpose == Purpose::Job {
                 Expect::Child
             } else {
                 Expect::Named {
@@ -293,6 +306,22 @@ pub async fn start_instance(
             }
         }
         if found.is_none()
+            && purpose == Purpose::Job
+            && let Some(ex) = shell_exit
+        {
+            // A job that finished before we could even attach to it.
+            let out = engine.exec.read_output(&sp);
+            job_finished(engine, key, sp.pid, ex);
+            return if ex.success() {
+                Ok(sp.pid)
+            } else {
+                Err(OpFail::new(
+                    codes::OP_FAILED,
+                    format!("{} failed ({ex}): {}", which.field(), out.trim()),
+                ))
+            };
+        }
+        if found.is_none()
             && let Some(ex) = shell_exit
         {
             if !ex.success() {
@@ -302,7 +331,7 @@ pub async fn start_instance(
                     format!("{} failed ({ex}): {}", which.field(), out.trim()),
                 ));
             }
-            if now >= begin_at && !exec_pending {
+            if now >= settle_at && !exec_pending {
                 if which == CommandKind::Restart && !before.is_empty() {
                     let still: Vec<i32> = alive_pids(engine, key);
                     if let Some(p) = still.first() {
@@ -398,7 +427,7 @@ pub async fn start_instance(
                 .map(|i| i.starttime)
         });
         let alive = tracked && starttime.is_some_and(|t| watch::alive(pid, t));
-        if !alive && purpose != Purpose::Periodic {
+        if !alive && purpose != Purpose::Job {
             let out = engine.exec.read_output(&sp);
             let how = last_exit
                 .map(|x| x.exit.to_string())
@@ -417,7 +446,7 @@ pub async fn start_instance(
             ));
         }
         let now = Instant::now();
-        if now >= end_at || purpose == Purpose::Periodic {
+        if now >= end_at || purpose == Purpose::Job {
             break;
         }
         tokio::time::sleep((end_at - now).min(Duration::from_millis(100))).await;
@@ -448,7 +477,7 @@ async fn finish_start(
         Purpose::Operator => "started",
         Purpose::Supervisor if restarted => "restarted",
         Purpose::Supervisor => "started",
-        Purpose::Periodic => "cycle_started",
+        Purpose::Job => "job_started",
     };
     engine.events.emit(
         Some(key),
@@ -468,6 +497,35 @@ fn fresh_in_pid_file(spec: &ProcSpec, min_ticks: u64) -> bool {
         return false;
     };
     crate::procinfo::read_stat(pid).is_some_and(|st| !st.is_exited() && st.starttime >= min_ticks)
+}
+
+/// Record a job (periodic cycle or single run) that ended before it was tracked.
+fn job_finished(engine: &Arc<Engine>, key: &ProcKey, pid: i32, exit: ExitInfo) {
+    let kind = {
+        let mut reg = engine.reg();
+        let Some(e) = reg.get_mut(key) else { return };
+        e.state.last_exit = Some(crate::registry::LastExit {
+            pid,
+            at: crate::util::unix_now(),
+            exit,
+            by_operator: false,
+        });
+        if e.def.spec.auto_type == AutoType::SingleRun {
+            e.state.completed = true;
+            e.rt.phase = Phase::Completed;
+            "exited"
+        } else {
+            e.rt.phase = Phase::Stopped;
+            "cycle_finished"
+        }
+    };
+    engine.events.emit(
+        Some(key),
+        kind,
+        format!("pid {pid} exited ({exit})"),
+        serde_json::json!({"pid": pid, "exit": exit}),
+    );
+    engine.persist_bg(key);
 }
 
 /// A process started by our command: the pid file names a live process that started after the
@@ -680,7 +738,7 @@ async fn op_stop(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, kill: boo
                 return f.into();
             }
             // The watchers may not have reported yet: drop what is gone now.
-            settle_exits(engine, key);
+            settle_exits(engine, key, true);
             if let Some(e) = engine.reg().get_mut(key) {
                 e.rt.phase = Phase::Stopped;
                 e.rt.message.clear();
@@ -708,7 +766,7 @@ async fn op_stop(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, kill: boo
 }
 
 /// Remove instances that are gone (their exit may still be in flight to the loop).
-fn settle_exits(engine: &Arc<Engine>, key: &ProcKey) {
+fn settle_exits(engine: &Arc<Engine>, key: &ProcKey, by_operator: bool) {
     let mut reg = engine.reg();
     if let Some(e) = reg.get_mut(key) {
         let gone: Vec<i32> = e
@@ -728,7 +786,7 @@ fn settle_exits(engine: &Arc<Engine>, key: &ProcKey) {
                 pid,
                 at: crate::util::unix_now(),
                 exit,
-                by_operator: true,
+                by_operator,
             });
             e.state.instances.retain(|i| i.pid != pid);
             if let Some(h) = e.rt.watchers.remove(&pid) {
@@ -795,16 +853,16 @@ async fn op_restart(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec) -> Key
         e.state.completed = false;
         e.rt.last_cycle = Some(Instant::now());
     }
-    match start_instance(engine, key, spec, CommandKind::Restart, Purpose::Operator).await {
+    match start_with_retries(engine, key, spec, CommandKind::Restart).await {
         Ok(_) => {
-            settle_exits(engine, key);
+            settle_exits(engine, key, true);
             if let Err(f) = commit_intent(engine, key, Some(FLAG_RUNNING), Some(true)).await {
                 return f.into();
             }
             KeyResult::ok(control_content(engine, key, spec))
         }
         Err(f) => {
-            settle_exits(engine, key);
+            settle_exits(engine, key, true);
             f.into()
         }
     }
@@ -852,6 +910,8 @@ pub async fn supervise_start(engine: Arc<Engine>, key: ProcKey, n: u32) {
     let _permit = engine.ops_sem.clone().acquire_owned().await;
     let lock = engine.op_lock(&key);
     let guard = lock.lock().await;
+    // Never start a duplicate: a live, right process named by the pid file is adopted instead.
+    engine.discover(&key);
     let (spec, go, is_restart) = {
         let mut reg = engine.reg();
         match reg.get_mut(&key) {
@@ -879,76 +939,114 @@ pub async fn supervise_start(engine: Arc<Engine>, key: ProcKey, n: u32) {
         engine.reconcile(&key);
         return;
     }
-    let purpose = if spec.auto_type == AutoType::Periodic {
-        Purpose::Periodic
-    } else {
+    let purpose = if spec.auto_type == AutoType::Resident {
         Purpose::Supervisor
+    } else {
+        Purpose::Job
     };
-    let _busy = Busy::set(&engine, &key, "supervise");
-    let mut started = 0;
+    let _busy = Busy::set(&engine, &key, SUPERVISE);
     for _ in 0..n {
-        let retries = if purpose == Purpose::Supervisor {
-            spec.start_retries.unwrap_or(0)
-        } else {
-            0
-        };
-        let mut attempt = 0;
-        loop {
-            match start_instance(&engine, &key, &spec, CommandKind::Start, purpose).await {
-                Ok(_) => {
-                    started += 1;
-                    if is_restart && let Some(e) = engine.reg().get_mut(&key) {
-                        e.state.restarts += 1;
-                    }
-                    break;
-                }
-                Err(f) => {
-                    let (failures, delay) = {
-                        let mut reg = engine.reg();
-                        let Some(e) = reg.get_mut(&key) else { return };
-                        e.rt.failures = e.rt.failures.saturating_add(1);
-                        let d = engine
-                            .backoff
-                            .delay(e.rt.failures.max(2), crate::util::random_unit());
-                        e.rt.next_attempt = Some(Instant::now() + d);
-                        e.rt.phase = if spec.auto_type == AutoType::SingleRun {
-                            Phase::Completed
-                        } else {
-                            Phase::Backoff
-                        };
-                        if spec.auto_type == AutoType::SingleRun {
-                            e.state.completed = true;
-                        }
-                        e.rt.message = f.msg.clone();
-                        (e.rt.failures, d)
-                    };
-                    engine.events.emit(
-                        Some(&key),
-                        "start_failed",
-                        f.msg.clone(),
-                        serde_json::json!({"code": f.code, "failures": failures}),
-                    );
-                    if attempt < retries {
-                        attempt += 1;
-                        tokio::time::sleep(secs(spec.start_interval.unwrap_or(10))).await;
-                        continue;
-                    }
-                    if spec.auto_type != AutoType::SingleRun && spec.auto_type != AutoType::Periodic
-                    {
-                        engine.events.emit(
-                            Some(&key),
-                            "backoff",
-                            format!("next start attempt in {:.1}s (failure {failures} in a row)", delay.as_secs_f64()),
-                            serde_json::json!({"delay_secs": delay.as_secs_f64(), "failures": failures}),
-                        );
-                    }
-                    break;
-                }
+        // Every attempt after a crash counts, successful or not, so a crash loop shows.
+        if is_restart {
+            let n = engine.reg().get_mut(&key).map(|e| {
+                e.state.restarts += 1;
+                e.state.restarts
+            });
+            engine.events.emit(
+                Some(&key),
+                "restarting",
+                format!("restart attempt (restart {})", n.unwrap_or(0)),
+                serde_json::json!({"restarts": n}),
+            );
+        }
+        if let Err(f) = start_instance(&engine, &key, &spec, CommandKind::Start, purpose).await {
+            let (failures, delay) = note_start_failure(&engine, &key, &spec, &f);
+            if spec.auto_type == AutoType::Resident {
+                engine.events.emit(
+                    Some(&key),
+                    "backoff",
+                    format!(
+                        "next start attempt in {:.1}s (failure {failures} in a row)",
+                        delay.as_secs_f64()
+                    ),
+                    serde_json::json!({"delay_secs": delay.as_secs_f64(), "failures": failures}),
+                );
             }
+            break;
         }
     }
-    if started > 0 {
-        engine.persist_bg(&key);
+    engine.persist_bg(&key);
+}
+
+/// Record a failed start: one more consecutive failure, the next attempt pushed out by the
+/// backoff policy, a `start_failed` event. Returns (failures, delay).
+fn note_start_failure(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    spec: &ProcSpec,
+    f: &OpFail,
+) -> (u32, Duration) {
+    let (failures, delay) = {
+        let mut reg = engine.reg();
+        let Some(e) = reg.get_mut(key) else {
+            return (0, Duration::ZERO);
+        };
+        e.rt.failures = e.rt.failures.saturating_add(1);
+        // A failed start is never followed by an immediate retry.
+        let d = engine
+            .backoff
+            .delay(e.rt.failures.max(2), crate::util::random_unit());
+        e.rt.next_attempt = Some(Instant::now() + d);
+        if spec.auto_type == AutoType::SingleRun {
+            e.state.completed = true;
+            e.rt.phase = Phase::Completed;
+        } else if e.state.instances.is_empty() {
+            e.rt.phase = if e.wants_running() {
+                Phase::Backoff
+            } else {
+                Phase::Stopped
+            };
+        }
+        e.rt.message = f.msg.clone();
+        (e.rt.failures, d)
+    };
+    engine.events.emit(
+        Some(key),
+        "start_failed",
+        f.msg.clone(),
+        serde_json::json!({"code": f.code, "failures": failures}),
+    );
+    (failures, delay)
+}
+
+/// An operator start or restart: try once, plus `start_retries` more times `start_interval`
+/// seconds apart when the spec says so. The last failure is the answer (836 or 65535); if the
+/// process is managed, supervision goes on under the backoff policy afterwards.
+async fn start_with_retries(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    spec: &ProcSpec,
+    which: CommandKind,
+) -> Result<i32, OpFail> {
+    let retries = spec.start_retries.unwrap_or(0);
+    let mut attempt = 0;
+    loop {
+        match start_instance(engine, key, spec, which, Purpose::Operator).await {
+            Ok(pid) => return Ok(pid),
+            Err(f) => {
+                note_start_failure(engine, key, spec, &f);
+                if attempt >= retries {
+                    let msg = if retries > 0 {
+                        format!("{} (after {} attempts)", f.msg, retries + 1)
+                    } else {
+                        f.msg
+                    };
+                    return Err(OpFail { code: f.code, msg });
+                }
+                attempt += 1;
+                tokio::time::sleep(secs(spec.start_interval.unwrap_or(10))).await;
+            }
+        }
     }
 }
 
@@ -1031,4 +1129,123 @@ pub fn control_content(engine: &Engine, key: &ProcKey, spec: &ProcSpec) -> Strin
         }]
     })
     .to_string()
+}
+
+/// Run a process's `health_cmd` once and act on the verdict: after
+/// `supervisor.health_failures` failures in a row a managed process is treated as dead
+/// (stopped, then restarted under the backoff policy).
+pub async fn health_check(engine: Arc<Engine>, key: ProcKey) {
+    let spec = engine.spec_of(&key);
+    let cmd = spec
+        .as_ref()
+        .and_then(|s| s.command(CommandKind::Health).map(str::to_string));
+    let (Some(spec), Some(cmd)) = (spec, cmd) else {
+        if let Some(e) = engine.reg().get_mut(&key) {
+            e.rt.health_running = false;
+        }
+        return;
+    };
+    let req = engine.command_request(&key, &spec, "health_cmd", &cmd);
+    let (passed, text) = match engine.exec.run(&req).await {
+        Ok(fin) if fin.success() => (true, "ok".to_string()),
+        Ok(fin) if fin.timed_out => (
+            false,
+            format!("timed out after op_timeout {}s", spec.op_timeout),
+        ),
+        Ok(fin) => (
+            false,
+            format!(
+                "{}: {}",
+                fin.exit,
+                crate::util::tail_bounded(fin.output.trim(), 512)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    };
+    let threshold = engine.config.supervisor.health_failures;
+    let (failures, dead, managed) = {
+        let mut reg = engine.reg();
+        let Some(e) = reg.get_mut(&key) else { return };
+        e.rt.health_running = false;
+        let (n, dead) = policy::health_verdict(e.rt.health_failures, passed, threshold);
+        e.rt.health_failures = n;
+        let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        e.rt.health = Some(if passed {
+            format!("ok at {when}")
+        } else {
+            format!("failed {n}/{threshold} at {when}: {text}")
+        });
+        (n, dead, e.wants_running())
+    };
+    if passed {
+        return;
+    }
+    engine.events.emit(
+        Some(&key),
+        "health_check_failed",
+        format!("health_cmd failed ({failures} of {threshold} in a row): {text}"),
+        serde_json::json!({"failures": failures, "threshold": threshold}),
+    );
+    if dead && managed {
+        liveness_restart(
+            &engine,
+            &key,
+            "health_failed",
+            format!("health_cmd failed {failures} times in a row; restarting"),
+        )
+        .await;
+    }
+}
+
+/// Treat a running, managed process as dead (failed health checks, limit exceeded): stop it
+/// like an operator stop would, but keep it managed and let the supervisor restart it under
+/// the backoff policy, counting a failure.
+pub async fn liveness_restart(engine: &Arc<Engine>, key: &ProcKey, kind: &str, message: String) {
+    let lock = engine.op_lock(key);
+    let _guard = lock.lock().await;
+    let Some(spec) = engine.spec_of(key) else {
+        return;
+    };
+    let proceed = engine
+        .reg()
+        .get(key)
+        .is_some_and(|e| e.wants_running() && !e.state.instances.is_empty());
+    if !proceed {
+        return;
+    }
+    engine
+        .events
+        .emit(Some(key), kind, message, serde_json::Value::Null);
+    let _busy = Busy::set(engine, key, SUPERVISE);
+    if let Some(e) = engine.reg().get_mut(key) {
+        e.rt.phase = Phase::Stopping;
+    }
+    let outcome = stop_all(engine, key, &spec, false).await;
+    settle_exits(engine, key, false);
+    let (failures, delay) = {
+        let mut reg = engine.reg();
+        let Some(e) = reg.get_mut(key) else { return };
+        e.rt.failures = e.rt.failures.saturating_add(1);
+        e.rt.health_failures = 0;
+        let d = engine
+            .backoff
+            .delay(e.rt.failures, crate::util::random_unit());
+        e.rt.next_attempt = Some(Instant::now() + d);
+        e.rt.phase = Phase::Backoff;
+        (e.rt.failures, d)
+    };
+    match outcome {
+        Ok(step) => engine.events.emit(
+            Some(key),
+            "stopped",
+            format!(
+                "{step}; restart in {:.1}s (failure {failures} in a row)",
+                delay.as_secs_f64()
+            ),
+            serde_json::json!({"delay_secs": delay.as_secs_f64(), "failures": failures}),
+        ),
+        Err(f) => engine
+            .events
+            .emit(Some(key), "stop_failed", f.msg, serde_json::Value::Null),
+    }
 }

@@ -141,6 +141,30 @@ pub fn cycle_start(last_cycle: Option<Instant>, cycle_time: Duration, now: Insta
     }
 }
 
+/// Is a health check due? Only for a process with a `health_cmd` that runs, is not held by
+/// an operation, and has no check running, once per `interval`.
+pub fn health_due(
+    has_cmd: bool,
+    running: bool,
+    busy: bool,
+    last: Option<Instant>,
+    interval: Duration,
+    now: Instant,
+) -> bool {
+    has_cmd && running && !busy && last.is_none_or(|t| now.duration_since(t) >= interval)
+}
+
+/// After a health check: the new count of consecutive failures, and whether the process is
+/// to be treated as dead (the count reached `threshold`).
+pub fn health_verdict(failures: u32, passed: bool, threshold: u32) -> (u32, bool) {
+    if passed {
+        (0, false)
+    } else {
+        let n = failures.saturating_add(1);
+        (n, n >= threshold.max(1))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +343,33 @@ mod tests {
         for (i, (v, want)) in cases.into_iter().enumerate() {
             assert_eq!(decide(&v, now), want, "case {i}: {v:?}");
         }
+    }
+
+    #[test]
+    fn health_table() {
+        let now = Instant::now();
+        let i = s(10);
+        let cases = [
+            (true, true, false, None, true),
+            (false, true, false, None, false),
+            (true, false, false, None, false),
+            (true, true, true, None, false),
+            (true, true, false, Some(now - s(5)), false),
+            (true, true, false, Some(now - s(10)), true),
+        ];
+        for (cmd, running, busy, last, want) in cases {
+            assert_eq!(
+                health_due(cmd, running, busy, last, i, now),
+                want,
+                "{cmd} {running} {busy} {last:?}"
+            );
+        }
+        assert_eq!(health_verdict(0, true, 3), (0, false));
+        assert_eq!(health_verdict(2, true, 3), (0, false));
+        assert_eq!(health_verdict(0, false, 3), (1, false));
+        assert_eq!(health_verdict(2, false, 3), (3, true));
+        assert_eq!(health_verdict(5, false, 3), (6, true));
+        assert_eq!(health_verdict(0, false, 0), (1, true));
     }
 
     #[test]

@@ -1,0 +1,490 @@
+//! Replays of what GSEKit and bk-nodeman really send (shared/notes/gse-callers.md), checked
+//! the way those callers read the answers.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// A start.sh in the style of a GSE plugin package: `./start.sh NAME` daemonizes NAME (a
+/// renamed sleep) and writes `run/NAME.pid` under the setup path.
+fn plugin_dir(env: &TestEnv) -> String {
+    std::fs::create_dir_all(env.path().join("plugins/run")).unwrap();
+    let dir = env.path().join("plugins");
+    let prog = env.program("bkbeat");
+    std::fs::copy(&prog, dir.join("bkbeat")).unwrap();
+    std::fs::write(
+        dir.join("start.sh"),
+        "#!/bin/sh\nsetsid ./$1 100000 </dev/null >/dev/null 2>&1 &\necho $! > run/$1.pid\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("stop.sh"),
+        "#!/bin/sh\n[ -f run/$1.pid ] && kill $(cat run/$1.pid)\nexit 0\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("restart.sh"),
+        "#!/bin/sh\n./stop.sh $1; sleep 0.2; ./start.sh $1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("reload.sh"),
+        "#!/bin/sh\necho reload >> run/$1.reloads\n",
+    )
+    .unwrap();
+    for f in ["start.sh", "stop.sh", "restart.sh", "reload.sh"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    dir.display().to_string()
+}
+
+fn user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .unwrap()
+        .unwrap()
+        .name
+}
+
+/// Poll get_proc_operate_result_v2 the way GSEKit does (raw envelope, code first).
+fn poll_v2(d: &Daemon, task: &str, keys: &[String]) -> Value {
+    let mut first = true;
+    wait_for(&format!("task {task}"), Duration::from_secs(60), || {
+        let r = d.call_raw(
+            "/api/v2/proc/get_proc_operate_result_v2/",
+            json!({"task_id": task, "bk_app_code": "x"})
+                .to_string()
+                .as_bytes(),
+        );
+        assert_eq!(r["result"], json!(true), "{r}");
+        assert_eq!(r["code"], json!(0));
+        let data = r["data"].as_object().unwrap();
+        assert_eq!(
+            data.len(),
+            keys.len(),
+            "data holds exactly the task's keys: {r}"
+        );
+        for k in keys {
+            assert!(
+                data.contains_key(k),
+                "key {k} present from the first poll: {r}"
+            );
+        }
+        let pending = data.values().any(|v| v["error_code"] == json!(115));
+        if first {
+            first = false;
+        }
+        (!pending).then(|| r["data"].clone())
+    })
+}
+
+#[test]
+fn gsekit_operate_proc_multi_start_stop_status() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let pidfile = env.p("gse_agent.pid");
+    let prog = env.program("gse_agent");
+    let item = |op: i64| {
+        json!({
+            "meta": {"namespace": "GSEKIT_BIZ_2", "name": "gse_agent_1",
+                     "labels": {"bk_process_name": "gse_agent", "bk_process_id": 46}},
+            "op_type": op,
+            "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}],
+            "spec": {
+                "identity": {"index_key": "", "proc_name": "gse_agent", "setup_path": env.path().display().to_string(),
+                             "pid_path": pidfile, "user": user()},
+                "control": {"start_cmd": format!("setsid {prog} 100000 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}"),
+                            "stop_cmd": format!("kill $(cat {pidfile})"), "restart_cmd": "", "reload_cmd": "", "kill_cmd": ""},
+                "alive_monitor_policy": {"auto_type": 1, "start_check_secs": 1, "op_timeout": 60}
+            }
+        })
+    };
+    let key = "0:127.0.0.1:GSEKIT_BIZ_2:gse_agent_1".to_string();
+    let multi = |op: i64| {
+        let body = json!({"proc_operate_req": [item(op)], "bk_app_code": "bk_gsekit", "bk_app_secret": "s3cr3t",
+                          "bk_username": "admin", "no_request": true});
+        let r = d.call_raw(
+            "/api/v2/proc/operate_proc_multi/",
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(r["result"], json!(true), "{r}");
+        let task = r["data"]["task_id"].as_str().unwrap().to_string();
+        // First poll at once: the key is there, pending.
+        let first = d.call("get_proc_operate_result_v2", &json!({ "task_id": task }));
+        assert!(first["data"][&key].is_object(), "{first}");
+        poll_v2(&d, &task, std::slice::from_ref(&key))[&key].clone()
+    };
+    // start → 0, a second start → 828
+    assert_eq!(multi(0)["error_code"], json!(0));
+    let pid = read_pid(&pidfile).unwrap();
+    assert_eq!(multi(0)["error_code"], json!(828));
+    // status content: process[0].instance[0].{pid,isAuto}
+    let st = multi(2);
+    let c: Value = serde_json::from_str(st["content"].as_str().unwrap()).unwrap();
+    assert_eq!(c["process"][0]["instance"][0]["pid"], json!(pid), "{c}");
+    assert_eq!(c["process"][0]["instance"][0]["isAuto"], json!(true));
+    // labels returned as given (int bk_process_id)
+    let s = d.call(
+        "get_proc_status_v2",
+        &json!({"meta": {"namespace": "GSEKIT_BIZ_2", "name": "gse_agent_1"}, "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}]}),
+    );
+    assert_eq!(
+        s["data"]["proc_infos"][0]["meta"]["labels"]["bk_process_id"],
+        json!(46),
+        "{s}"
+    );
+    assert_eq!(
+        s["data"]["proc_infos"][0]["host"],
+        json!({"ip": "127.0.0.1", "bk_cloud_id": 0})
+    );
+    assert_eq!(s["data"]["proc_infos"][0]["isauto"], json!(true));
+    // stop → 0 (control content), stop again → 829, status → pid -1
+    let r = multi(1);
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    let c: Value = serde_json::from_str(r["content"].as_str().unwrap()).unwrap();
+    assert_eq!(c["value"][0]["procName"], json!("gse_agent"));
+    assert_eq!(multi(1)["error_code"], json!(829));
+    let c: Value = serde_json::from_str(multi(2)["content"].as_str().unwrap()).unwrap();
+    assert_eq!(c["process"][0]["instance"][0]["pid"], json!(-1));
+    assert_eq!(c["process"][0]["instance"][0]["isAuto"], json!(false));
+    assert!(!alive(pid));
+    // The secret was never written to the log.
+    assert!(!d.log_text().contains("s3cr3t"));
+}
+
+#[test]
+fn nodeman_install_sequence_and_config_push() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let setup = plugin_dir(&env);
+    let spec = |auto_type: i64| {
+        json!({
+            "identity": {"index_key": "", "proc_name": "bkbeat", "setup_path": setup, "pid_path": format!("{setup}/run/bkbeat.pid"), "user": user()},
+            "control": {"start_cmd": "./start.sh bkbeat", "stop_cmd": "./stop.sh bkbeat", "restart_cmd": "./restart.sh bkbeat",
+                        "reload_cmd": "./reload.sh bkbeat", "kill_cmd": "./stop.sh bkbeat", "version_cmd": "echo 7.1.0", "health_cmd": ""},
+            "resource": {"cpu": 10, "mem": 10},
+            "alive_monitor_policy": {"auto_type": auto_type, "start_check_secs": 1}
+        })
+    };
+    let op = |name: &str, op: i64, auto_type: i64| -> Value {
+        let body = json!({"proc_operate_req": [{
+            "meta": {"namespace": "nodeman", "name": name},
+            "op_type": op,
+            "nodeman_spec": {"process_status_id": 1, "subscription_instance_id": 2},
+            "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}],
+            "spec": spec(auto_type)
+        }], "no_request": true});
+        let r = d.call("operate_proc_multi", &body);
+        assert_eq!(r["result"], json!(true), "{r}");
+        let task = r["data"]["task_id"].as_str().unwrap().to_string();
+        let key = format!("0:127.0.0.1:nodeman:{name}");
+        poll_v2(&d, &task, std::slice::from_ref(&key))[&key].clone()
+    };
+    // Install: RESTART on a key never seen, relative ./start.sh → registered and running.
+    let r = op("bkbeat", 7, 1);
+    assert_eq!(r["error_code"], json!(0), "op 7 on a never-seen key: {r}");
+    let pid = read_pid(&format!("{setup}/run/bkbeat.pid")).unwrap();
+    assert!(alive(pid));
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .unwrap()
+            .display()
+            .to_string(),
+        setup,
+        "cwd = setup_path"
+    );
+    // Config push: RELOAD then DELEGATE on a running process → both 0 (never 828).
+    assert_eq!(op("bkbeat", 8, 1)["error_code"], json!(0));
+    assert!(
+        std::fs::read_to_string(format!("{setup}/run/bkbeat.reloads"))
+            .unwrap()
+            .contains("reload")
+    );
+    assert_eq!(op("bkbeat", 3, 1)["error_code"], json!(0));
+    // status via get_proc_status_v2 as NM reads it: status, isauto, version, meta.name, host
+    let s = d.call_raw(
+        "/api/v2/proc/get_proc_status_v2",
+        json!({"meta": {"namespace": "nodeman", "name": "bkbeat", "labels": {"proc_name": "bkbeat"}},
+               "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}]})
+        .to_string()
+        .as_bytes(),
+    );
+    let e = &s["data"]["proc_infos"][0];
+    assert_eq!(
+        (
+            e["status"].clone(),
+            e["isauto"].clone(),
+            e["meta"]["name"].clone()
+        ),
+        (json!(1), json!(true), json!("bkbeat")),
+        "{s}"
+    );
+    wait_for("version", Duration::from_secs(10), || {
+        let s = d.call("get_proc_status_v2", &json!({"meta": {"namespace": "nodeman", "name": "bkbeat"}, "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}]}));
+        (s["data"]["proc_infos"][0]["version"] == json!("7.1.0")).then_some(())
+    });
+    // A one-shot plugin: RESTART then UNDELEGATE.
+    let r = op("oneshot", 7, 2);
+    assert!(
+        r["error_code"] == json!(0) || r["error_code"] == json!(836),
+        "{r}"
+    );
+    assert_eq!(op("oneshot", 4, 2)["error_code"], json!(0));
+    // Uninstall: STOP
+    assert_eq!(op("bkbeat", 1, 1)["error_code"], json!(0));
+    assert!(!alive(pid));
+    // unregister of an unknown key: 829
+    let r = d.call(
+        "unregister_proc_info",
+        &json!({"meta": {"namespace": "nodeman", "name": "never"}, "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0, "bk_supplier_id": 0}]}),
+    );
+    assert_eq!(
+        r["data"]["0:0:127.0.0.1:nodeman:never"]["error_code"],
+        json!(829),
+        "{r}"
+    );
+    // legacy NM: update_proc_info as an upsert, synchronous keyed answer
+    let r = d.call_raw(
+        "/v1/update_proc_info",
+        json!({"meta": {"labels": {"proc_name": "legacy"}, "namespace": "nodeman", "name": "legacy"},
+               "hosts": [{"ip": "127.0.0.1", "bk_supplier_id": 0, "bk_cloud_id": 0}],
+               "spec": {"control": {"start_cmd": "./start.sh legacy"}, "monitor_policy": {"auto_type": 1},
+                        "resource": {"mem": 10, "cpu": 10},
+                        "identity": {"user": user(), "proc_name": "legacy", "setup_path": setup, "pid_path": format!("{setup}/run/legacy.pid")}}})
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(
+        r["data"]["0:0:127.0.0.1:nodeman:legacy"],
+        json!({"error_code": 0, "error_msg": "success", "content": ""}),
+        "{r}"
+    );
+}
+
+#[test]
+fn gse2_agent_id_list_including_another_agent() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let spec = daemon_spec(&env, "aid", json!({}));
+    let body = json!({"proc_operate_req": [{
+        "meta": {"namespace": "GSEKIT_BIZ_3", "name": "aid_1"},
+        "op_type": 0,
+        "agent_id_list": ["agent-under-test", "0:127.0.0.1", "020000000242010a00002f17521298676503"],
+        "spec": spec
+    }]});
+    let r = d.call("operate_proc_multi", &body);
+    let task = r["data"]["task_id"].as_str().unwrap().to_string();
+    let keys: Vec<String> = [
+        "agent-under-test",
+        "0:127.0.0.1",
+        "020000000242010a00002f17521298676503",
+    ]
+    .iter()
+    .map(|a| format!("{a}:GSEKIT_BIZ_3:aid_1"))
+    .collect();
+    let data = poll_v2(&d, &task, &keys);
+    assert_eq!(data[&keys[2]]["error_code"], json!(117), "{data}");
+    let mine: Vec<i64> = keys[..2]
+        .iter()
+        .map(|k| data[k]["error_code"].as_i64().unwrap())
+        .collect();
+    assert!(mine.contains(&0), "{data}");
+    assert!(mine.iter().all(|c| *c == 0 || *c == 828), "{data}");
+    // status by agent id carries bk_agent_id
+    let s = d.call(
+        "get_proc_status_v2",
+        &json!({"meta": {"namespace": "GSEKIT_BIZ_3", "name": "aid_1"}, "agent_id_list": ["agent-under-test"]}),
+    );
+    assert_eq!(
+        s["data"]["proc_infos"][0]["bk_agent_id"],
+        json!("agent-under-test"),
+        "{s}"
+    );
+    assert_eq!(s["data"]["proc_infos"][0]["status"], json!(1));
+}
+
+#[test]
+fn sync_proc_status_with_isauto_and_return_total() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    d.register("GSEKIT_BIZ_2", "p_1", daemon_spec(&env, "p1", json!({})));
+    d.register("GSEKIT_BIZ_2", "p_2", daemon_spec(&env, "p2", json!({})));
+    assert_eq!(d.op("GSEKIT_BIZ_2", "p_1", 0)["error_code"], json!(0));
+    let r = d.call(
+        "sync_proc_status",
+        &json!({"meta": {"namespace": "GSEKIT_BIZ_2"}, "page": {"start": 0, "limit": 500, "return_total": true}}),
+    );
+    assert_eq!(r["data"]["count"], json!(2));
+    for e in r["data"]["proc_infos"].as_array().unwrap() {
+        assert!(e["isauto"].is_boolean(), "{e}");
+        assert!([0, 1, 2].contains(&e["status"].as_i64().unwrap()));
+        let name = e["meta"]["name"].as_str().unwrap();
+        let (proc, inst) = name.rsplit_once('_').unwrap();
+        assert_eq!(proc, "p");
+        let want = if inst == "1" { (1, true) } else { (2, false) };
+        assert_eq!(
+            (
+                e["status"].as_i64().unwrap(),
+                e["isauto"].as_bool().unwrap()
+            ),
+            want,
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_failing_health_cmd_restarts_the_process() {
+    let env = TestEnv::new();
+    let d = Daemon::start(
+        &env,
+        "[supervisor]\nhealth_interval = \"200ms\"\nhealth_failures = 2\n",
+    );
+    let flag = env.p("unhealthy");
+    let spec = daemon_spec(
+        &env,
+        "hc",
+        json!({"health_cmd": format!("test ! -e {flag}")}),
+    );
+    d.register("health", "hc", spec);
+    assert_eq!(d.op("health", "hc", 0)["error_code"], json!(0));
+    let pid = read_pid(&env.p("hc.pid")).unwrap();
+    wait_for(
+        "a passing health check shows",
+        Duration::from_secs(10),
+        || {
+            d.detail("health", "hc")["health"]
+                .as_str()
+                .filter(|h| h.starts_with("ok"))
+                .map(|_| ())
+        },
+    );
+    std::fs::write(&flag, "").unwrap();
+    let new = wait_for(
+        "restarted after failing health checks",
+        Duration::from_secs(20),
+        || read_pid(&env.p("hc.pid")).filter(|p| *p != pid && alive(*p)),
+    );
+    std::fs::remove_file(&flag).unwrap();
+    assert!(!alive(pid));
+    let kinds: Vec<String> = d
+        .events("health/hc")
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        kinds.contains(&"health_check_failed".to_string()),
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&"health_failed".to_string()), "{kinds:?}");
+    wait_for("status shows the new pid", Duration::from_secs(10), || {
+        (d.status("health", "hc")["pid"] == json!(new)).then_some(())
+    });
+    assert!(d.detail("health", "hc")["restarts"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn start_retries_exhausted_answers_836() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let prog = env.program("dies");
+    let pidfile = env.p("dies.pid");
+    let body = json!({"proc_operate_req": [{
+        "meta": {"namespace": "retry", "name": "dies"},
+        "op_type": 0,
+        "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}],
+        "spec": {
+            "identity": {"proc_name": "dies", "setup_path": env.path().display().to_string(), "pid_path": pidfile},
+            "control": {"start_cmd": format!("setsid {prog} 0.05 & echo $! > {pidfile}")},
+            "monitor_policy": {"auto_type": 1, "start_check_secs": 1, "start_retries": 2, "start_interval": 1, "stop_check_secs": 2}
+        }
+    }]});
+    let r = d.call("operate_proc_multi", &body);
+    let task = r["data"]["task_id"].as_str().unwrap().to_string();
+    let key = "0:127.0.0.1:retry:dies".to_string();
+    let res = poll_v2(&d, &task, std::slice::from_ref(&key))[&key].clone();
+    assert_eq!(res["error_code"], json!(836), "{res}");
+    assert!(
+        res["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("after 3 attempts"),
+        "{res}"
+    );
+    let fails = d
+        .events("retry/dies")
+        .iter()
+        .filter(|e| e["kind"] == json!("start_failed"))
+        .count();
+    assert_eq!(fails, 3);
+}
+
+#[test]
+fn unknown_keys_null_policy_fields_and_bad_shell() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let mut spec = daemon_spec(&env, "nul", json!({"future_cmd": "x"}));
+    spec["identity"]["index_key"] = json!("");
+    spec["identity"]["whatever"] = json!({"deep": [1, 2]});
+    spec["monitor_policy"] = json!({"auto_type": 1, "start_check_secs": null, "op_timeout": null, "crotab_rule": "", "unknown": 1});
+    spec["warn_report_policy"] = json!({"report_id": 3});
+    spec["configmap"] = json!([{"path": "/x", "md5": "y"}]);
+    let body = json!({"proc_operate_req": [{
+        "meta": {"namespace": "lenient", "name": "nul", "labels": {"n": 1, "b": true, "s": "x"}, "extra": 1},
+        "op_type": 0, "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": "0", "bk_host_innerip": "10.1.1.1"}],
+        "spec": spec, "nodeman_spec": {}
+    }, {
+        "meta": {"namespace": "lenient", "name": "badshell"},
+        "op_type": 0, "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}],
+        "spec": {"identity": {"proc_name": "x", "setup_path": "/tmp", "pid_path": "/tmp/x.pid"},
+                 "control": {"start_cmd": "true", "cmd_shell_ext": "bat"}}
+    }], "bk_app_secret": "x", "no_request": true, "some_future_field": [1]});
+    let r = d.call("operate_proc_multi", &body);
+    assert_eq!(r["result"], json!(true), "{r}");
+    let task = r["data"]["task_id"].as_str().unwrap().to_string();
+    let keys = vec![
+        "0:127.0.0.1:lenient:nul".to_string(),
+        "0:127.0.0.1:lenient:badshell".to_string(),
+    ];
+    let data = poll_v2(&d, &task, &keys);
+    assert_eq!(data[&keys[0]]["error_code"], json!(0), "{data}");
+    assert_eq!(data[&keys[1]]["error_code"], json!(830), "{data}");
+    assert!(
+        data[&keys[1]]["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("cmd_shell_ext"),
+        "{data}"
+    );
+    // defaults applied: op_timeout 60, start_check_secs 5
+    let det = d.detail("lenient", "nul");
+    assert_eq!(
+        (
+            det["spec"]["op_timeout"].clone(),
+            det["spec"]["start_check_secs"].clone()
+        ),
+        (json!(60), json!(5)),
+        "{det}"
+    );
+    assert_eq!(det["labels"], json!({"n": 1, "b": true, "s": "x"}));
+    // empty-string command → per-key error naming it
+    let r = d.call(
+        "operate_proc",
+        &json!({"meta": {"namespace": "lenient", "name": "nul"}, "op_type": 8, "hosts": [Daemon::host()]}),
+    );
+    let t = r["data"]["task_id"].as_str().unwrap().to_string();
+    let res = d.wait_task(&t, &Daemon::key("lenient", "nul"));
+    assert_eq!(res["error_code"], json!(830));
+    assert!(res["error_msg"].as_str().unwrap().contains("reload_cmd"));
+    // unknown task id: result false
+    let r = d.call(
+        "get_proc_operate_result_v2",
+        &json!({"task_id": "GSETASK:20200101000000:1"}),
+    );
+    assert_eq!(r["result"], json!(false));
+}
