@@ -369,8 +369,17 @@ impl Executor {
     }
 }
 
+/// Trims and reads of output files take turns: a read in the middle of a trim (between
+/// its truncation and its rewrite) would see an empty file.
+static OUTPUT_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn output_turn() -> std::sync::MutexGuard<'static, ()> {
+    OUTPUT_TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Read `[start, end)` of a file, keeping at most `max` bytes from the end.
 pub fn read_span(path: &Path, start: u64, max: usize) -> String {
+    let _turn = output_turn();
     let Ok(mut f) = File::open(path) else {
         return String::new();
     };
@@ -406,6 +415,7 @@ fn trim_if_large(path: &Path) -> Option<u64> {
 /// the `keep` bytes before them go to `<file>.1`, replacing it. Returns the offset where the
 /// kept bytes start in the trimmed file.
 fn trim_file(path: &Path, keep: u64) -> Option<u64> {
+    let _turn = output_turn();
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)

@@ -282,6 +282,12 @@ fn corrupted_database_is_refused_with_its_path_and_left_alone() {
     }
     d.terminate();
     let db = env.path().join("state/state.db");
+    // Move everything into the main file, then damage it.
+    {
+        let c = rusqlite::Connection::open(&db).expect("open");
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .expect("checkpoint");
+    }
     let _ = std::fs::remove_file(env.path().join("state/state.db-wal"));
     let _ = std::fs::remove_file(env.path().join("state/state.db-shm"));
     let mut bytes = std::fs::read(&db).unwrap();
