@@ -53,6 +53,15 @@ impl ProcStat {
 
 /// Parse the text of a `/proc/PID/stat` file (used by the sampler and by fixture tests).
 pub fn parse_stat(text: &[u8]) -> Option<ProcStat> {
+    // procfs slices around the parentheses without checking the bounds (it panics on
+    // "1 (x)" or "(x) S", found by fuzzing): check the shape "PID (COMM) REST" first.
+    let line = String::from_utf8_lossy(text);
+    let t = line.trim();
+    let open = t.find('(')?;
+    let close = t.rfind(')')?;
+    if open < 2 || close < open || !t[..open].ends_with(' ') || !t[close + 1..].starts_with(' ') {
+        return None;
+    }
     procfs::process::Stat::from_read(text)
         .ok()
         .map(ProcStat::from_procfs)
@@ -232,7 +241,9 @@ pub fn parse_pid_text(text: &str, pid_max: i64, own_pid: i32) -> Result<i32, Str
     if n == own_pid as i64 {
         return Err(format!("pid {n} is the agent itself"));
     }
-    Ok(n as i32)
+    // Never truncate: a pid_max above i32 (a corrupt read) must not wrap to another pid
+    // (found by fuzzing).
+    i32::try_from(n).map_err(|_| format!("pid {n} does not fit a pid"))
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -283,6 +294,25 @@ pub fn read_pid_file(path: &Path) -> Result<i32, PidFileError> {
     let text = String::from_utf8_lossy(&buf);
     parse_pid_text(&text, pid_max(), std::process::id() as i32)
         .map_err(|reason| PidFileError::Invalid { path: disp, reason })
+}
+
+/// One fuzz input for the /proc and pid-file parsers: must never panic, and a pid the
+/// pid-file parser accepts is always a decimal number in `2..=pid_max` that is not our own.
+pub fn fuzz_one(data: &[u8]) {
+    let _ = parse_stat(data);
+    let text = String::from_utf8_lossy(data);
+    for (pid_max, own) in [(4_194_304, 4242), (32_768, 2), (i64::MAX, i32::MAX)] {
+        if let Ok(pid) = parse_pid_text(&text, pid_max, own) {
+            assert!(
+                pid >= 2 && i64::from(pid) <= pid_max && pid != own,
+                "{text:?} -> {pid}"
+            );
+            assert!(
+                text.trim().bytes().all(|b| b.is_ascii_digit()),
+                "{text:?} -> {pid}"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -347,6 +377,107 @@ mod tests {
             read_pid_file(&big),
             Err(PidFileError::Invalid { .. })
         ));
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        const PID_MAX: i64 = 4_194_304;
+        const OWN: i32 = 4242;
+
+        fn ws() -> impl Strategy<Value = String> {
+            proptest::string::string_regex("[ \t\r\n]{0,3}").expect("regex")
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Whatever the text, an accepted pid is the decimal number written, within
+            /// 2..=pid_max, and not the agent's own.
+            #[test]
+            fn accepted_pids_are_exactly_what_was_written(text in ".{0,40}") {
+                if let Ok(pid) = parse_pid_text(&text, PID_MAX, OWN) {
+                    let t = text.trim();
+                    prop_assert!(t.bytes().all(|b| b.is_ascii_digit()), "{:?}", text);
+                    prop_assert_eq!(t.parse::<i64>().ok(), Some(i64::from(pid)));
+                    prop_assert!(pid >= 2 && i64::from(pid) <= PID_MAX && pid != OWN);
+                }
+            }
+
+            /// Every valid pid, with any surrounding whitespace, is read back.
+            #[test]
+            fn valid_pids_round_trip(pid in 2i32..=PID_MAX as i32, a in ws(), b in ws()) {
+                prop_assume!(pid != OWN);
+                prop_assert_eq!(parse_pid_text(&format!("{a}{pid}{b}"), PID_MAX, OWN), Ok(pid));
+            }
+
+            /// Negative numbers, signs, pid 0 and 1, numbers above pid_max (however large),
+            /// the agent's own pid, and anything after the number are refused.
+            #[test]
+            fn bad_pids_are_refused(n in any::<u64>(), junk in "[^0-9 \t\r\n][ -~]{0,8}") {
+                let neg = parse_pid_text(&format!("-{n}"), PID_MAX, OWN);
+                let plus = parse_pid_text(&format!("+{n}"), PID_MAX, OWN);
+                let trailing = parse_pid_text(&format!("{n}{junk}"), PID_MAX, OWN);
+                prop_assert!(neg.is_err() && plus.is_err() && trailing.is_err());
+                if n <= 1 || n as u128 > PID_MAX as u128 || n == OWN as u64 {
+                    prop_assert!(parse_pid_text(&n.to_string(), PID_MAX, OWN).is_err());
+                }
+                let huge = format!("{n}{n}{n}");
+                if huge.trim_start_matches('0').len() > 7 {
+                    prop_assert!(parse_pid_text(&huge, PID_MAX, OWN).is_err());
+                }
+            }
+
+            /// A pid file that is a symlink is refused whatever it points at; a regular file
+            /// with the same text gives the text parser's answer.
+            #[test]
+            fn pid_file_symlinks_are_refused(pid in 2i32..100_000) {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let real = dir.path().join("real.pid");
+                std::fs::write(&real, format!("{pid}\n")).expect("write");
+                let link = dir.path().join("link.pid");
+                std::os::unix::fs::symlink(&real, &link).expect("symlink");
+                let refused = matches!(read_pid_file(&link), Err(PidFileError::NotRegular { .. }));
+                prop_assert!(refused);
+                let want = parse_pid_text(&format!("{pid}\n"), pid_max(), std::process::id() as i32);
+                prop_assert_eq!(read_pid_file(&real).ok(), want.ok());
+            }
+
+            /// /proc/PID/stat lines: whatever the command name (spaces, parentheses,
+            /// digits), the fields after it are read correctly.
+            #[test]
+            fn stat_lines_parse_whatever_the_comm(
+                pid in 1i32..=PID_MAX as i32,
+                comm in "[ -~]{0,15}",
+                state in prop::sample::select(vec!['R', 'S', 'D', 'Z', 'T', 'I', 'X']),
+                ppid in 0i32..=PID_MAX as i32,
+                pgrp in 0i32..=PID_MAX as i32,
+                utime in any::<u32>(),
+                starttime in any::<u64>(),
+                rss in any::<u32>(),
+            ) {
+                let line = format!(
+                    "{pid} ({comm}) {state} {ppid} {pgrp} {pgrp} 0 -1 4194560 100 0 0 0 {utime} 3 0 0 20 0 1 0 {starttime} 10000000 {rss} 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+                );
+                let s = parse_stat(line.as_bytes());
+                prop_assert!(s.is_some(), "{}", line);
+                let s = s.expect("checked");
+                prop_assert_eq!(s.pid, pid);
+                prop_assert_eq!(&s.comm, &comm);
+                prop_assert_eq!(s.state, state);
+                prop_assert_eq!((s.ppid, s.pgrp), (ppid, pgrp));
+                prop_assert_eq!(s.utime, u64::from(utime));
+                prop_assert_eq!(s.starttime, starttime);
+                prop_assert_eq!(s.rss_pages, u64::from(rss));
+            }
+
+            /// Arbitrary bytes never make the parsers panic.
+            #[test]
+            fn parsers_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+                fuzz_one(&data);
+            }
+        }
     }
 
     #[test]
