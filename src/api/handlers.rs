@@ -50,7 +50,7 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 /// `bk_username` of the ESB common args, for the audit trail (`bk_app_secret` and
 /// `bk_token` are accepted and never stored or logged).
-fn username(body: &[u8]) -> String {
+pub fn username(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Common {
         #[serde(default, deserialize_with = "crate::proto::de_str")]
@@ -93,6 +93,8 @@ pub async fn call_authorized(
         "unregister_proc_info" => unregister(engine, body, access).await,
         "procs" => procs(engine, body, access),
         "tasks" => tasks(engine, body),
+        "operate_process" => super::gsekit::operate_process(engine, body, &access).await,
+        "process_status" => super::gsekit::process_status(engine, body),
         other => Err(ApiError {
             http: axum::http::StatusCode::NOT_FOUND,
             code: codes::NOT_FOUND,
@@ -324,7 +326,7 @@ pub async fn run_item(
 }
 
 /// Check the caller may run `op` on `key` (registered spec or the inline one).
-fn check_op_access(
+pub fn check_op_access(
     engine: &Engine,
     access: &Access,
     op: OpType,

@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod gsekit;
 pub mod handlers;
 
 use std::io;

@@ -5,6 +5,7 @@
 //! arguments; 3 (status) not running; 4 insufficient privilege; 5 not registered; 69 the
 //! agent is unreachable.
 
+pub mod ps;
 pub mod render;
 
 use std::path::PathBuf;
@@ -91,6 +92,9 @@ pub enum Command {
     },
     /// Show the agent's health.
     Health,
+    /// GSEKit's process status list: processes with their topology (set, module, service
+    /// instance, process), filtered by GSEKit expressions.
+    Ps(Box<ps::PsArgs>),
     /// Show the supervision event history.
     Events {
         /// Keep following new events.
@@ -221,6 +225,7 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             }
             Ok(exit::OK)
         }
+        Command::Ps(a) => ps::ps(&client, cli.json, a).await,
         Command::Health => {
             let d = data(client.get("/v1/healthz").await?)?;
             if cli.json {

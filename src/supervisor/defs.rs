@@ -66,10 +66,15 @@ pub async fn put_definition_locked(
             .find_by_identity(&spec.setup_path, &spec.proc_name, &spec.value_key)
             .filter(|k| k != key);
         if let Some(other) = other {
+            let (sp, pn) = engine
+                .reg()
+                .get(&other)
+                .map(|e| (e.def.spec.setup_path.clone(), e.def.spec.proc_name.clone()))
+                .unwrap_or_default();
             return KeyResult::err(
                 codes::SPEC_INVALID,
                 format!(
-                    "value_key {:?} is already used by process {other}",
+                    "value_key {:?} is already used by process {other} (setup_path {sp:?}, proc_name {pn:?}); a value_key names one process, so two processes with the same setup_path and proc_name need distinct value_keys",
                     spec.value_key
                 ),
             );

@@ -1,0 +1,1810 @@
+//! `operate_process` (the flat v2 operation API) and GSEKit's `process_status` list.
+//!
+//! # operate_process: two identity schemes, one registry
+//!
+//! A v2 process has no `meta`: GSE names it by `value_key` when one is given, else by
+//! `setup_path` + `proc_name` (compared exactly as written). Each `process_infos` entry is
+//! mapped onto a registry [`ProcKey`]:
+//!
+//! 1. a definition with that identity already exists (registered through `meta` by
+//!    register_proc_info / operate_proc_multi, or by an earlier v2 call): its key is used, so
+//!    a process is never defined twice;
+//! 2. otherwise a new definition is keyed `operate_process/{value_key}`, or
+//!    `operate_process/{proc_name}@{setup_path}` without a value_key ([`V2_NAMESPACE`]), and
+//!    labelled `bk_biz_id`.
+//!
+//! The identity of a definition is its spec's `value_key` when not empty, else its
+//! `setup_path` + `proc_name`. Collisions are request errors that say what collides: two
+//! entries of one request with the same identity but different specs ("two processes with
+//! the same setup_path and proc_name need distinct value_keys"), an identity that several
+//! registered definitions share, and a synthetic key already taken by another identity.
+//!
+//! The request's fields overwrite those of an existing definition; fields the request leaves
+//! out keep their registered values (a new definition gets the defaults). Every operation
+//! but 2 (status) and 4 (unmanage) stores the resulting spec first (creating the definition
+//! when it is new); 4 updates an existing definition but never creates one; 2 changes
+//! nothing. Result keys are `{bk_cloud_id}:{ip}:{namespace}:{name}` for every `ip_list`
+//! member × process, present from the first poll of get_proc_operate_result (115 while
+//! pending); members that are not this host get a per-host 117.
+//!
+//! # process_status: topology from labels
+//!
+//! GSEKit lists "processes" (one CMDB process on one host) each with its instances. Here an
+//! instance is a definition; definitions with the same `bk_process_id` label (and business)
+//! are the instances of one process, as GSEKit registers each instance as its own `meta`
+//! (`GSEKIT_BIZ_{bk_biz_id}` / `{bk_process_name}_{local_inst_id}`). A definition without a
+//! `bk_process_id` label is a process of its own. The topology comes from the labels listed
+//! in [`LABEL_KEYS`] (docs/api.md says what each defaults to).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
+
+use super::ApiError;
+use super::auth::Access;
+use super::handlers::{self, KeyStyle, Plan, Target};
+use crate::expr::Expression;
+use crate::proto::{HostWire, KeyResult, OpType, codes, de_opt_f64, de_opt_i64};
+use crate::registry::{FLAG_RUNNING, FLAG_STOPPED, Registry};
+use crate::spec::{AutoType, FieldError, Labels, ProcKey, ProcSpec, Source, validate_key};
+use crate::supervisor::Engine;
+
+/// Namespace of definitions created by operate_process.
+pub const V2_NAMESPACE: &str = "operate_process";
+/// GSEKit's separator of the five expression fields (`constants.EXPRESSION_SPLITTER`).
+pub const EXPRESSION_SPLITTER: &str = "<-GSEKIT->";
+/// Largest `pagesize` of process_status.
+pub const MAX_PAGESIZE: i64 = 1000;
+/// Most `process_infos` entries in one operate_process call.
+pub const MAX_PROCESS_INFOS: usize = 5000;
+/// The label keys process_status reads.
+pub const LABEL_KEYS: &[&str] = &[
+    "id",
+    "bk_biz_id",
+    "bk_set_env",
+    "bk_set_id",
+    "bk_set_name",
+    "bk_module_id",
+    "bk_module_name",
+    "service_instance_id",
+    "service_instance_name",
+    "bk_service_name",
+    "service_template_id",
+    "process_template_id",
+    "bk_process_name",
+    "bk_process_id",
+    "local_inst_id",
+    "inst_id",
+    "bk_cloud_name",
+    "config_templates",
+];
+
+// ---------------------------------------------------------------------------------------
+// Lenient wire pieces
+
+/// A text that may be absent/null (None), a string or a number.
+fn de_opt_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a string, got {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+/// A boolean that may also arrive as `"true"`/`"false"`/`"1"`/`"0"` or 0/1.
+fn de_opt_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    let v = Value::deserialize(d)?;
+    bool_of(&v).map_err(serde::de::Error::custom)
+}
+
+fn bool_of(v: &Value) -> Result<Option<bool>, String> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        Value::Number(n) if n.as_i64() == Some(0) => Ok(Some(false)),
+        Value::Number(n) if n.as_i64() == Some(1) => Ok(Some(true)),
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "" => Ok(None),
+            "true" | "1" => Ok(Some(true)),
+            "false" | "0" => Ok(Some(false)),
+            _ => Err(format!("expected true or false, got {s:?}")),
+        },
+        other => Err(format!("expected true or false, got {}", json_kind(other))),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// An integer list element (a number or a numeric string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Int(i64);
+
+impl<'de> Deserialize<'de> for Int {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match de_opt_i64(d)? {
+            Some(v) => Ok(Int(v)),
+            None => Err(serde::de::Error::custom(
+                "expected an integer, got null or an empty string",
+            )),
+        }
+    }
+}
+
+/// A text list element (a string or a number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Text(de_opt_text(d)?.unwrap_or_default()))
+    }
+}
+
+/// A boolean list element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bool(bool);
+
+impl<'de> Deserialize<'de> for Bool {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match de_opt_bool(d)? {
+            Some(b) => Ok(Bool(b)),
+            None => Err(serde::de::Error::custom("expected true or false, got null")),
+        }
+    }
+}
+
+fn ints(v: &Option<Vec<Int>>) -> Vec<i64> {
+    v.iter().flatten().map(|i| i.0).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// operate_process
+
+/// `operate_process` request.
+#[derive(Debug, Deserialize)]
+struct OperateProcessReq {
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    bk_biz_id: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    op_type: Option<i64>,
+    #[serde(default)]
+    process_infos: Option<Vec<ProcessInfoWire>>,
+}
+
+/// One `process_infos` entry: the flat v2 spec plus its hosts.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct ProcessInfoWire {
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub setup_path: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub proc_name: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub pid_path: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub cfg_path: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub log_path: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub contact: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub start_cmd: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub stop_cmd: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub restart_cmd: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub reload_cmd: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub kill_cmd: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub func_id: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub instance_id: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub value_key: Option<String>,
+    /// v2 `type`: 0 periodic, 1 resident, 2 single run.
+    #[serde(default, rename = "type", deserialize_with = "de_opt_i64")]
+    pub auto_type: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub cycle_time: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub instance_num: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub start_check_begin_time: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub start_check_end_time: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub op_timeout: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    pub account: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_f64")]
+    pub cpu_lmt: Option<f64>,
+    #[serde(default, deserialize_with = "de_opt_f64")]
+    pub mem_lmt: Option<f64>,
+    #[serde(default)]
+    pub ip_list: Option<Vec<HostWire>>,
+}
+
+/// How operate_process names a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    ValueKey(String),
+    Path {
+        setup_path: String,
+        proc_name: String,
+    },
+}
+
+impl Identity {
+    /// The identity of a registered spec.
+    pub fn of_spec(spec: &ProcSpec) -> Identity {
+        if spec.value_key.is_empty() {
+            Identity::Path {
+                setup_path: spec.setup_path.clone(),
+                proc_name: spec.proc_name.clone(),
+            }
+        } else {
+            Identity::ValueKey(spec.value_key.clone())
+        }
+    }
+
+    /// The key a new definition with this identity gets.
+    pub fn synthetic_key(&self) -> ProcKey {
+        match self {
+            Identity::ValueKey(v) => ProcKey::new(V2_NAMESPACE, v.clone()),
+            Identity::Path {
+                setup_path,
+                proc_name,
+            } => ProcKey::new(V2_NAMESPACE, format!("{proc_name}@{setup_path}")),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Identity::ValueKey(v) => format!("value_key {v:?}"),
+            Identity::Path {
+                setup_path,
+                proc_name,
+            } => format!("setup_path {setup_path:?} and proc_name {proc_name:?}"),
+        }
+    }
+}
+
+/// Every registered definition with this identity, in key order.
+pub fn find_identity(reg: &Registry, id: &Identity) -> Vec<ProcKey> {
+    reg.entries
+        .values()
+        .filter(|e| Identity::of_spec(&e.def.spec) == *id)
+        .map(|e| e.def.key.clone())
+        .collect()
+}
+
+/// A [`ProcSpec`] field's name in a v2 `process_infos` entry.
+fn v2_field(field: &str) -> &str {
+    match field {
+        "config_path" => "cfg_path",
+        "auto_type" => "type",
+        "start_check_secs" => "start_check_begin_time",
+        other => other,
+    }
+}
+
+/// Lay the request's fields over `base` (the registered spec, or the defaults) and
+/// validate the result. Errors name the v2 fields (`process_infos[0].cpu_lmt`).
+pub fn merge_spec(
+    mut base: ProcSpec,
+    w: &ProcessInfoWire,
+    prefix: &str,
+) -> Result<ProcSpec, Vec<FieldError>> {
+    let mut errs = Vec::new();
+    let texts: [(&Option<String>, &mut String); 15] = [
+        (&w.setup_path, &mut base.setup_path),
+        (&w.proc_name, &mut base.proc_name),
+        (&w.pid_path, &mut base.pid_path),
+        (&w.cfg_path, &mut base.config_path),
+        (&w.log_path, &mut base.log_path),
+        (&w.contact, &mut base.contact),
+        (&w.start_cmd, &mut base.start_cmd),
+        (&w.stop_cmd, &mut base.stop_cmd),
+        (&w.restart_cmd, &mut base.restart_cmd),
+        (&w.reload_cmd, &mut base.reload_cmd),
+        (&w.kill_cmd, &mut base.kill_cmd),
+        (&w.func_id, &mut base.func_id),
+        (&w.instance_id, &mut base.instance_id),
+        (&w.value_key, &mut base.value_key),
+        (&w.account, &mut base.account),
+    ];
+    for (from, to) in texts {
+        if let Some(v) = from {
+            *to = v.clone();
+        }
+    }
+    base.value_key = base.value_key.trim().to_string();
+    let mut nonneg = |field: &str, v: Option<i64>| -> Option<u64> {
+        match v {
+            Some(i) if i < 0 => {
+                errs.push(FieldError {
+                    field: format!("{prefix}.{field}"),
+                    message: format!("must not be negative, got {i}"),
+                });
+                None
+            }
+            other => other.map(|i| i as u64),
+        }
+    };
+    if let Some(v) = nonneg("cycle_time", w.cycle_time) {
+        base.cycle_time = v;
+    }
+    if let Some(v) = nonneg("instance_num", w.instance_num) {
+        base.instance_num = v.min(u32::MAX as u64) as u32;
+    }
+    if let Some(v) = nonneg("start_check_begin_time", w.start_check_begin_time) {
+        base.start_check_begin_time = Some(v);
+    }
+    if let Some(v) = nonneg("start_check_end_time", w.start_check_end_time) {
+        base.start_check_end_time = Some(v);
+    }
+    if let Some(v) = nonneg("op_timeout", w.op_timeout) {
+        base.op_timeout = v;
+    }
+    if let Some(v) = w.cpu_lmt {
+        base.cpu_lmt = v;
+    }
+    if let Some(v) = w.mem_lmt {
+        base.mem_lmt = v;
+    }
+    if let Some(t) = w.auto_type {
+        match AutoType::from_code(t) {
+            Some(a) => base.auto_type = a,
+            None => errs.push(FieldError {
+                field: format!("{prefix}.type"),
+                message: format!("must be 0 (periodic), 1 (resident) or 2 (single run), got {t}"),
+            }),
+        }
+    }
+    for e in base.validate() {
+        errs.push(FieldError {
+            field: format!("{prefix}.{}", v2_field(&e.field)),
+            message: e.message,
+        });
+    }
+    if errs.is_empty() { Ok(base) } else { Err(errs) }
+}
+
+fn required_text(v: &Option<String>, prefix: &str, field: &str) -> Result<String, ApiError> {
+    match v {
+        Some(s) if !s.trim().is_empty() => Ok(s.clone()),
+        _ => Err(ApiError::bad(format!("{prefix}.{field}: is required"))),
+    }
+}
+
+/// One process_infos entry, resolved against the registry.
+struct Resolved {
+    index: usize,
+    identity: Identity,
+    key: ProcKey,
+    /// The registered definition's spec, source and account, when there is one.
+    existing: Option<(ProcSpec, Source)>,
+    spec: Result<ProcSpec, Vec<FieldError>>,
+    hosts: Vec<HostWire>,
+}
+
+fn resolve(engine: &Engine, i: usize, w: &ProcessInfoWire) -> Result<Resolved, ApiError> {
+    let prefix = format!("process_infos[{i}]");
+    let setup_path = required_text(&w.setup_path, &prefix, "setup_path")?;
+    let proc_name = required_text(&w.proc_name, &prefix, "proc_name")?;
+    required_text(&w.pid_path, &prefix, "pid_path")?;
+    let hosts = w.ip_list.clone().unwrap_or_default();
+    if hosts.is_empty() {
+        return Err(ApiError::bad(format!(
+            "{prefix}.ip_list: at least one host is required"
+        )));
+    }
+    for (j, h) in hosts.iter().enumerate() {
+        if h.ip.trim().is_empty() {
+            return Err(ApiError::bad(format!(
+                "{prefix}.ip_list[{j}].ip: is required"
+            )));
+        }
+    }
+    let value_key = w.value_key.as_deref().unwrap_or("").trim().to_string();
+    let identity = if value_key.is_empty() {
+        Identity::Path {
+            setup_path,
+            proc_name,
+        }
+    } else {
+        Identity::ValueKey(value_key)
+    };
+    let reg = engine.reg();
+    let found = find_identity(&reg, &identity);
+    let (key, existing) = match found.as_slice() {
+        [] => {
+            let key = identity.synthetic_key();
+            let errs = validate_key(&key);
+            if !errs.is_empty() {
+                return Err(ApiError::bad(format!(
+                    "{prefix}: the process would be named {key}, which is not a valid name ({}); give it a shorter value_key",
+                    errs.iter()
+                        .map(|e| e.message.clone())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )));
+            }
+            if let Some(e) = reg.get(&key) {
+                return Err(ApiError::bad(format!(
+                    "{prefix}: the process with {} would be named {key}, but that name belongs to the process with {}; give it a distinct value_key",
+                    identity.describe(),
+                    Identity::of_spec(&e.def.spec).describe()
+                )));
+            }
+            (key, None)
+        }
+        [one] => {
+            let e = reg
+                .get(one)
+                .ok_or_else(|| ApiError::new(codes::INTERNAL, format!("process {one} vanished")))?;
+            (
+                one.clone(),
+                Some((e.def.spec.clone(), e.def.source.clone())),
+            )
+        }
+        many => {
+            return Err(ApiError::bad(format!(
+                "{prefix}: {} identifies {} registered processes ({}); two processes with the same setup_path and proc_name need distinct value_keys: give each its own value_key, or operate them by meta with operate_proc",
+                identity.describe(),
+                many.len(),
+                many.iter()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    };
+    drop(reg);
+    let base = existing
+        .as_ref()
+        .map(|(s, _)| s.clone())
+        .unwrap_or_default();
+    let spec = merge_spec(base, w, &prefix);
+    Ok(Resolved {
+        index: i,
+        identity,
+        key,
+        existing,
+        spec,
+        hosts,
+    })
+}
+
+fn field_errors(errs: &[FieldError]) -> String {
+    errs.iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `POST /v1/operate_process`.
+pub async fn operate_process(
+    engine: &Arc<Engine>,
+    body: &[u8],
+    access: &Access,
+) -> Result<Value, ApiError> {
+    let req: OperateProcessReq = handlers::parse(body)?;
+    let Some(biz) = req.bk_biz_id else {
+        return Err(ApiError::bad("bk_biz_id: is required"));
+    };
+    let Some(code) = req.op_type else {
+        return Err(ApiError::bad("op_type: is required"));
+    };
+    let op = OpType::from_code(code).ok_or_else(|| {
+        ApiError::new(
+            codes::UNKNOWN_OP_TYPE,
+            format!("op_type: {code} is not a valid operation (0 start, 1 stop, 2 status, 3 register managed, 4 unregister managed, 7 restart, 8 reload, 9 kill)"),
+        )
+    })?;
+    let infos = req.process_infos.unwrap_or_default();
+    if infos.is_empty() {
+        return Err(ApiError::bad(
+            "process_infos: at least one process is required",
+        ));
+    }
+    if infos.len() > MAX_PROCESS_INFOS {
+        return Err(ApiError::bad(format!(
+            "process_infos: at most {MAX_PROCESS_INFOS} processes per call, got {}",
+            infos.len()
+        )));
+    }
+    let mut resolved: Vec<Resolved> = Vec::with_capacity(infos.len());
+    for (i, w) in infos.iter().enumerate() {
+        let r = resolve(engine, i, w)?;
+        if let Some(prev) = resolved.iter().find(|p| p.identity == r.identity) {
+            if prev.spec != r.spec {
+                let why = match &r.identity {
+                    Identity::Path { .. } => format!(
+                        "process_infos[{}] and process_infos[{}] are two different processes with the same {}; two processes with the same setup_path and proc_name need distinct value_keys",
+                        prev.index,
+                        i,
+                        r.identity.describe()
+                    ),
+                    Identity::ValueKey(_) => format!(
+                        "process_infos[{}] and process_infos[{}] give different specs for the same {}; a value_key names one process",
+                        prev.index,
+                        i,
+                        r.identity.describe()
+                    ),
+                };
+                return Err(ApiError::bad(why));
+            }
+        } else if let Some(prev) = resolved.iter().find(|p| p.key == r.key) {
+            return Err(ApiError::bad(format!(
+                "process_infos[{}] ({}) and process_infos[{}] ({}) would both be named {}; give them distinct value_keys",
+                prev.index,
+                prev.identity.describe(),
+                i,
+                r.identity.describe(),
+                r.key
+            )));
+        }
+        resolved.push(r);
+    }
+
+    let mut plans: Vec<Plan> = Vec::new();
+    let push = |p: Plan, plans: &mut Vec<Plan>| {
+        if !plans.iter().any(|q| q.result_key == p.result_key) {
+            plans.push(p);
+        }
+    };
+    for r in &resolved {
+        let tg: Vec<Target> = r.hosts.iter().cloned().map(Target::Host).collect();
+        match &r.spec {
+            Err(errs) => {
+                let msg = field_errors(errs);
+                for t in &tg {
+                    let immediate = if handlers::is_me(engine, t) {
+                        KeyResult::err(codes::SPEC_INVALID, msg.clone())
+                    } else {
+                        handlers::not_me(engine, t)
+                    };
+                    push(
+                        Plan {
+                            result_key: handlers::result_key(t, KeyStyle::V2, &r.key),
+                            key: Some(r.key.clone()),
+                            op,
+                            immediate: Some(immediate),
+                            inline: None,
+                        },
+                        &mut plans,
+                    );
+                }
+            }
+            Ok(spec) => {
+                handlers::check_op_access(engine, access, op, &r.key, Some(spec))?;
+                if op.mutating()
+                    && let Some((old, _)) = &r.existing
+                {
+                    access.may_use_account(&old.account)?;
+                }
+                let unchanged = r.existing.as_ref().is_some_and(|(old, _)| old == spec);
+                let never_registered = op == OpType::Undelegate && r.existing.is_none();
+                let inline = if op == OpType::Status || unchanged || never_registered {
+                    None
+                } else {
+                    let labels = if r.existing.is_some() {
+                        Labels::new()
+                    } else {
+                        let mut l = Labels::new();
+                        l.insert("bk_biz_id".into(), json!(biz));
+                        l
+                    };
+                    Some((spec.clone(), labels))
+                };
+                for mut p in handlers::plan_items(engine, &tg, KeyStyle::V2, &r.key, op, inline) {
+                    if never_registered && p.immediate.is_none() {
+                        p.immediate = Some(KeyResult::err(
+                            codes::NOT_REGISTERED,
+                            format!(
+                                "no process with {} is registered; nothing to unmanage (op_type 4 never registers a process)",
+                                r.identity.describe()
+                            ),
+                        ));
+                    }
+                    push(p, &mut plans);
+                }
+            }
+        }
+    }
+    let task_id = handlers::submit(
+        engine,
+        "operate_process",
+        code,
+        plans,
+        access,
+        handlers::username(body),
+    )
+    .await?;
+    Ok(json!({ "bk_gse_taskid": task_id }))
+}
+
+// ---------------------------------------------------------------------------------------
+// process_status: request
+
+#[derive(Debug, Default, Deserialize)]
+struct StatusReq {
+    #[serde(default)]
+    bk_biz_id: Option<Value>,
+    #[serde(default)]
+    scope: Option<ScopeWire>,
+    #[serde(default)]
+    expression_scope: Option<ExprScopeWire>,
+    #[serde(default)]
+    bk_cloud_ids: Option<Vec<Int>>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    process_status: Option<i64>,
+    #[serde(default)]
+    process_status_list: Option<Vec<Int>>,
+    #[serde(default, deserialize_with = "de_opt_bool")]
+    is_auto: Option<bool>,
+    #[serde(default)]
+    is_auto_list: Option<Vec<Bool>>,
+    #[serde(default)]
+    bk_host_innerips: Option<Vec<Text>>,
+    #[serde(default)]
+    searches: Option<Vec<Text>>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    page: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pagesize: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    ordering: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ScopeWire {
+    #[serde(default)]
+    bk_set_env: Option<Value>,
+    #[serde(default)]
+    bk_set_ids: Option<Vec<Int>>,
+    #[serde(default)]
+    bk_module_ids: Option<Vec<Int>>,
+    #[serde(default)]
+    bk_service_ids: Option<Vec<Int>>,
+    #[serde(default)]
+    bk_process_names: Option<Vec<Text>>,
+    #[serde(default)]
+    bk_process_ids: Option<Vec<Int>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ExprScopeWire {
+    #[serde(default)]
+    bk_set_env: Option<Value>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    bk_set_name: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    bk_module_name: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    service_instance_name: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    bk_process_name: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_text")]
+    bk_process_id: Option<String>,
+}
+
+/// Which businesses are listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BizFilter {
+    /// `"*"`: every process, with or without a business.
+    All,
+    Id(i64),
+}
+
+/// Which set environments are listed (`"1"`, `"2"`, `"3"`, or `"*"` for any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvFilter {
+    Any,
+    Is(String),
+}
+
+impl EnvFilter {
+    fn matches(&self, env: &str) -> bool {
+        match self {
+            EnvFilter::Any => true,
+            EnvFilter::Is(e) => e == env,
+        }
+    }
+}
+
+/// `scope`: id lists; an empty list selects everything.
+#[derive(Debug, Clone, Default)]
+pub struct IdScope {
+    pub set_ids: Vec<i64>,
+    pub module_ids: Vec<i64>,
+    pub service_ids: Vec<i64>,
+    pub process_names: Vec<String>,
+    pub process_ids: Vec<i64>,
+}
+
+/// `expression_scope`, parsed: the five field expressions and an optional slice of
+/// `bk_process_id`.
+#[derive(Debug, Clone)]
+pub struct ExprScope {
+    /// bk_set_name, bk_module_name, service_instance_name, bk_process_name, bk_process_id.
+    pub fields: [Expression; 5],
+    pub slice: Option<Slice>,
+}
+
+/// The selection part of a process_status request.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// Neither `scope` nor `expression_scope`: everything.
+    All,
+    Ids(EnvFilter, IdScope),
+    Expr(EnvFilter, Box<ExprScope>),
+}
+
+/// One `ordering` term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderField {
+    Id,
+    SetId,
+    ModuleId,
+    ProcessName,
+    ProcessId,
+    HostInnerip,
+}
+
+/// A validated process_status request.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub biz: BizFilter,
+    pub selection: Selection,
+    pub cloud_ids: Vec<i64>,
+    pub innerips: Vec<String>,
+    pub status: Option<i64>,
+    pub status_list: Vec<i64>,
+    pub is_auto: Option<bool>,
+    pub is_auto_list: Vec<bool>,
+    pub searches: Vec<String>,
+    pub ordering: Vec<(OrderField, bool)>,
+    pub page: usize,
+    pub pagesize: usize,
+}
+
+fn parse_biz(v: Option<&Value>) -> Result<BizFilter, ApiError> {
+    let req = || {
+        ApiError::bad(
+            "bk_biz_id: is required (a business id, or \"*\" for every process whatever its business)",
+        )
+    };
+    match v {
+        None | Some(Value::Null) => Err(req()),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .map(BizFilter::Id)
+            .ok_or_else(|| ApiError::bad(format!("bk_biz_id: expected an integer, got {n}"))),
+        Some(Value::String(s)) if s.trim() == "*" => Ok(BizFilter::All),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(req()),
+        Some(Value::String(s)) => s.trim().parse::<i64>().map(BizFilter::Id).map_err(|_| {
+            ApiError::bad(format!(
+                "bk_biz_id: expected an integer or \"*\", got {s:?}"
+            ))
+        }),
+        Some(other) => Err(ApiError::bad(format!(
+            "bk_biz_id: expected an integer, got {}",
+            json_kind(other)
+        ))),
+    }
+}
+
+fn parse_env(v: Option<&Value>, field: &str, default: Option<&str>) -> Result<EnvFilter, ApiError> {
+    let text = match v {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Value::String(s)) if s.trim().is_empty() => None,
+        Some(Value::String(s)) => Some(s.trim().to_string()),
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "{field}: expected \"1\", \"2\", \"3\" or \"*\", got {}",
+                json_kind(other)
+            )));
+        }
+    };
+    let Some(text) = text.or_else(|| default.map(str::to_string)) else {
+        return Err(ApiError::bad(format!(
+            "{field}: is required (\"1\" testing, \"2\" experience, \"3\" formal, or \"*\" for any)"
+        )));
+    };
+    match text.as_str() {
+        "*" => Ok(EnvFilter::Any),
+        "1" | "2" | "3" => Ok(EnvFilter::Is(text)),
+        _ => Err(ApiError::bad(format!(
+            "{field}: must be \"1\" (testing), \"2\" (experience), \"3\" (formal) or \"*\", got {text:?}"
+        ))),
+    }
+}
+
+/// A Python-style slice `[begin:end]` of the list of matched processes, GSEKit's
+/// `bk_process_id` slice syntax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slice {
+    pub begin: Option<i64>,
+    pub end: Option<i64>,
+}
+
+impl Slice {
+    /// Recognise a slice the way GSEKit does (`match.py` `SLICE_PATTERN`, anchored at the
+    /// start): `[`, an optional signed integer, at most one whitespace, `:`, at most one
+    /// whitespace, an optional signed integer, `]`. `Ok(None)`: the text does not start
+    /// with a slice (it is an ordinary expression). A slice followed by more text is an
+    /// error here (GSEKit would silently slice by the first one).
+    pub fn parse(text: &str) -> Result<Option<Slice>, String> {
+        let chars: Vec<char> = text.chars().collect();
+        let mut i = 0;
+        if chars.first() != Some(&'[') {
+            return Ok(None);
+        }
+        i += 1;
+        let num = |i: &mut usize| -> Option<i64> {
+            let start = *i;
+            if matches!(chars.get(*i), Some('+') | Some('-')) {
+                *i += 1;
+            }
+            let digits_start = *i;
+            while chars.get(*i).is_some_and(|c| c.is_ascii_digit()) {
+                *i += 1;
+            }
+            if *i == digits_start {
+                *i = start;
+                return None;
+            }
+            let s: String = chars[start..*i].iter().collect();
+            let neg = s.starts_with('-');
+            Some(
+                s.parse::<i64>()
+                    .unwrap_or(if neg { i64::MIN } else { i64::MAX }),
+            )
+        };
+        let begin = num(&mut i);
+        if chars.get(i).is_some_and(|c| c.is_whitespace()) {
+            i += 1;
+        }
+        if chars.get(i) != Some(&':') {
+            return Ok(None);
+        }
+        i += 1;
+        if chars.get(i).is_some_and(|c| c.is_whitespace()) {
+            i += 1;
+        }
+        let end = num(&mut i);
+        if chars.get(i) != Some(&']') {
+            return Ok(None);
+        }
+        i += 1;
+        if i != chars.len() {
+            return Err(format!(
+                "{text:?} starts with the slice {:?} but goes on; a slice must be the whole expression, like [0:10]",
+                chars[..i].iter().collect::<String>()
+            ));
+        }
+        Ok(Some(Slice { begin, end }))
+    }
+
+    /// Python's `list[begin:end]`.
+    pub fn apply<T>(&self, v: Vec<T>) -> Vec<T> {
+        let n = v.len() as i64;
+        let norm = |x: Option<i64>, default: i64| match x {
+            None => default,
+            Some(x) if x < 0 => n.saturating_add(x).max(0),
+            Some(x) => x.min(n),
+        };
+        let b = norm(self.begin, 0) as usize;
+        let e = norm(self.end, n) as usize;
+        if b >= e {
+            return Vec::new();
+        }
+        v.into_iter().skip(b).take(e - b).collect()
+    }
+}
+
+fn parse_expr_scope(w: &ExprScopeWire) -> Result<(EnvFilter, ExprScope), ApiError> {
+    let env = parse_env(w.bk_set_env.as_ref(), "expression_scope.bk_set_env", None)?;
+    let field = |name: &str, v: &Option<String>| -> Result<Expression, ApiError> {
+        Expression::parse_scope_field(v.as_deref().unwrap_or(""))
+            .map_err(|e| ApiError::bad(format!("expression_scope.{name}: {e}")))
+    };
+    let pid_text = w.bk_process_id.as_deref().unwrap_or("").trim().to_string();
+    let slice = Slice::parse(&pid_text)
+        .map_err(|e| ApiError::bad(format!("expression_scope.bk_process_id: {e}")))?;
+    let pid_expr = if slice.is_some() {
+        field("bk_process_id", &None)?
+    } else {
+        field("bk_process_id", &w.bk_process_id)?
+    };
+    Ok((
+        env,
+        ExprScope {
+            fields: [
+                field("bk_set_name", &w.bk_set_name)?,
+                field("bk_module_name", &w.bk_module_name)?,
+                field("service_instance_name", &w.service_instance_name)?,
+                field("bk_process_name", &w.bk_process_name)?,
+                pid_expr,
+            ],
+            slice,
+        },
+    ))
+}
+
+fn parse_ordering(text: &str) -> Result<Vec<(OrderField, bool)>, ApiError> {
+    let mut out = Vec::new();
+    for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let (name, desc) = match term.strip_prefix('-') {
+            Some(n) => (n, true),
+            None => (term, false),
+        };
+        let f = match name {
+            "id" => OrderField::Id,
+            "bk_set_id" => OrderField::SetId,
+            "bk_module_id" => OrderField::ModuleId,
+            "bk_process_name" => OrderField::ProcessName,
+            "bk_process_id" => OrderField::ProcessId,
+            "bk_host_innerip" => OrderField::HostInnerip,
+            other => {
+                return Err(ApiError::bad(format!(
+                    "ordering: cannot order by {other:?}; use id, bk_set_id, bk_module_id, bk_process_name, bk_process_id or bk_host_innerip, with - for descending"
+                )));
+            }
+        };
+        out.push((f, desc));
+    }
+    Ok(out)
+}
+
+fn parse_query(body: &[u8]) -> Result<Query, ApiError> {
+    let req: StatusReq = handlers::parse(body)?;
+    let biz = parse_biz(req.bk_biz_id.as_ref())?;
+    let page = req
+        .page
+        .ok_or_else(|| ApiError::bad("page: is required (1 for the first page)"))?;
+    if page < 1 {
+        return Err(ApiError::bad(format!(
+            "page: must be 1 or more (pages count from 1), got {page}"
+        )));
+    }
+    let pagesize = req
+        .pagesize
+        .ok_or_else(|| ApiError::bad(format!("pagesize: is required (1 to {MAX_PAGESIZE})")))?;
+    if !(1..=MAX_PAGESIZE).contains(&pagesize) {
+        return Err(ApiError::bad(format!(
+            "pagesize: must be between 1 and {MAX_PAGESIZE}, got {pagesize}"
+        )));
+    }
+    // `scope` wins when both are given (the expression is then not even parsed).
+    let selection = match (&req.scope, &req.expression_scope) {
+        (Some(s), _) => Selection::Ids(
+            parse_env(s.bk_set_env.as_ref(), "scope.bk_set_env", Some("3"))?,
+            IdScope {
+                set_ids: ints(&s.bk_set_ids),
+                module_ids: ints(&s.bk_module_ids),
+                service_ids: ints(&s.bk_service_ids),
+                process_names: s
+                    .bk_process_names
+                    .iter()
+                    .flatten()
+                    .map(|t| t.0.clone())
+                    .collect(),
+                process_ids: ints(&s.bk_process_ids),
+            },
+        ),
+        (None, Some(e)) => {
+            let (env, x) = parse_expr_scope(e)?;
+            Selection::Expr(env, Box::new(x))
+        }
+        (None, None) => Selection::All,
+    };
+    let status_list = ints(&req.process_status_list);
+    for s in req.process_status.iter().chain(status_list.iter()) {
+        if !(0..=2).contains(s) {
+            return Err(ApiError::bad(format!(
+                "process_status: must be 0 (unregistered), 1 (running) or 2 (terminated), got {s}"
+            )));
+        }
+    }
+    Ok(Query {
+        biz,
+        selection,
+        cloud_ids: ints(&req.bk_cloud_ids),
+        innerips: req
+            .bk_host_innerips
+            .iter()
+            .flatten()
+            .map(|t| t.0.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect(),
+        status: req.process_status,
+        status_list,
+        is_auto: req.is_auto,
+        is_auto_list: req.is_auto_list.iter().flatten().map(|b| b.0).collect(),
+        searches: req
+            .searches
+            .iter()
+            .flatten()
+            .map(|t| t.0.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect(),
+        ordering: parse_ordering(req.ordering.as_deref().unwrap_or(""))?,
+        page: page as usize,
+        pagesize: pagesize as usize,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// process_status: the rows
+
+/// What process_status needs of one definition.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub key: ProcKey,
+    pub labels: Labels,
+    pub proc_name: String,
+    /// 1 running, 2 not running.
+    pub status: i64,
+    pub managed: bool,
+    pub pid: i64,
+}
+
+/// One instance of a row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstRow {
+    pub key: ProcKey,
+    pub local_inst_id: i64,
+    pub inst_id: i64,
+    pub status: i64,
+    pub is_auto: bool,
+    pub pid: i64,
+}
+
+/// One process of the list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub id: i64,
+    pub bk_biz_id: Option<i64>,
+    pub bk_host_innerip: String,
+    pub bk_cloud_id: i64,
+    pub bk_cloud_name: String,
+    pub bk_set_env: String,
+    pub bk_set_id: i64,
+    pub bk_set_name: String,
+    pub bk_module_id: i64,
+    pub bk_module_name: String,
+    pub service_template_id: i64,
+    pub service_instance_id: i64,
+    pub service_instance_name: String,
+    pub process_template_id: i64,
+    pub bk_process_name: String,
+    pub bk_process_id: i64,
+    pub config_templates: Value,
+    pub process_status: i64,
+    pub is_auto: bool,
+    pub insts: Vec<InstRow>,
+}
+
+/// This host, as rows report it.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub ip: String,
+    pub bk_cloud_id: i64,
+}
+
+fn label_str(l: &Labels, k: &str) -> Option<String> {
+    match l.get(k)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn label_int(l: &Labels, k: &str) -> Option<i64> {
+    match l.get(k)? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// The business of a definition: its `bk_biz_id` label, else the `N` of a
+/// `GSEKIT_BIZ_N` namespace (GSEKit's own naming).
+pub fn biz_of(key: &ProcKey, labels: &Labels) -> Option<i64> {
+    label_int(labels, "bk_biz_id").or_else(|| {
+        key.namespace
+            .strip_prefix("GSEKIT_BIZ_")
+            .and_then(|n| n.parse().ok())
+    })
+}
+
+/// `config_templates` label: a JSON array, or a string holding one.
+fn config_templates(l: &Labels) -> Value {
+    match l.get("config_templates") {
+        Some(Value::Array(a)) => Value::Array(a.clone()),
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+            Ok(Value::Array(a)) => Value::Array(a),
+            _ => json!([]),
+        },
+        _ => json!([]),
+    }
+}
+
+/// FNV-1a of the key, cut to 53 bits (exact in JSON doubles), never 0.
+fn stable_id(key: &ProcKey) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key
+        .namespace
+        .bytes()
+        .chain(std::iter::once(0))
+        .chain(key.name.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    ((h & ((1 << 53) - 1)) as i64).max(1)
+}
+
+/// Group definitions into rows: definitions with the same business and non-zero
+/// `bk_process_id` label are the instances of one process; others are one row each.
+/// Rows come in GSEKit's order: by `bk_process_id`, then by key.
+pub fn build_rows(snaps: Vec<Snapshot>, host: &HostView) -> Vec<Row> {
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    enum Group {
+        Process(i64, Option<i64>),
+        Single(ProcKey),
+    }
+    let mut groups: BTreeMap<Group, Vec<Snapshot>> = BTreeMap::new();
+    for s in snaps {
+        let g = match label_int(&s.labels, "bk_process_id") {
+            Some(p) if p != 0 => Group::Process(p, biz_of(&s.key, &s.labels)),
+            _ => Group::Single(s.key.clone()),
+        };
+        groups.entry(g).or_default().push(s);
+    }
+    let mut rows: Vec<Row> = groups
+        .into_values()
+        .filter_map(|g| row_of(g, host))
+        .collect();
+    rows.sort_by(|a, b| {
+        a.bk_process_id.cmp(&b.bk_process_id).then_with(|| {
+            a.insts
+                .first()
+                .map(|i| &i.key)
+                .cmp(&b.insts.first().map(|i| &i.key))
+        })
+    });
+    rows
+}
+
+fn row_of(mut group: Vec<Snapshot>, host: &HostView) -> Option<Row> {
+    group.sort_by(|a, b| a.key.cmp(&b.key));
+    let process_name_of = |s: &Snapshot| {
+        label_str(&s.labels, "bk_process_name").unwrap_or_else(|| s.proc_name.clone())
+    };
+    // local_inst_id: label, else GSEKit's meta name `{bk_process_name}_{local_inst_id}`,
+    // else the position in the group.
+    let mut insts: Vec<(InstRow, Snapshot)> = group
+        .into_iter()
+        .enumerate()
+        .map(|(pos, s)| {
+            let from_name = s
+                .key
+                .name
+                .strip_prefix(&format!("{}_", process_name_of(&s)))
+                .and_then(|n| n.parse::<i64>().ok());
+            let local = label_int(&s.labels, "local_inst_id")
+                .or(from_name)
+                .unwrap_or(pos as i64 + 1);
+            let inst = InstRow {
+                key: s.key.clone(),
+                local_inst_id: local,
+                inst_id: label_int(&s.labels, "inst_id").unwrap_or(local),
+                status: s.status,
+                is_auto: s.managed,
+                pid: s.pid,
+            };
+            (inst, s)
+        })
+        .collect();
+    insts.sort_by(|a, b| {
+        a.0.local_inst_id
+            .cmp(&b.0.local_inst_id)
+            .then_with(|| a.0.key.cmp(&b.0.key))
+    });
+    let (_, first) = insts.first()?;
+    let l = &first.labels;
+    let bk_process_id = label_int(l, "bk_process_id").unwrap_or(0);
+    let bk_cloud_name = label_str(l, "bk_cloud_name").unwrap_or_else(|| {
+        if host.bk_cloud_id == 0 {
+            "default area".to_string()
+        } else {
+            String::new()
+        }
+    });
+    let id = label_int(l, "id")
+        .or((bk_process_id != 0).then_some(bk_process_id))
+        .unwrap_or_else(|| stable_id(&first.key));
+    // GSEKit's summary: terminated when any instance is; managed when every instance is.
+    let process_status = if insts.iter().all(|(i, _)| i.status == FLAG_RUNNING) {
+        FLAG_RUNNING
+    } else {
+        FLAG_STOPPED
+    };
+    let is_auto = insts.iter().all(|(i, _)| i.is_auto);
+    let row = Row {
+        id,
+        bk_biz_id: biz_of(&first.key, l),
+        bk_host_innerip: host.ip.clone(),
+        bk_cloud_id: host.bk_cloud_id,
+        bk_cloud_name,
+        bk_set_env: label_str(l, "bk_set_env").unwrap_or_else(|| "3".to_string()),
+        bk_set_id: label_int(l, "bk_set_id").unwrap_or(0),
+        bk_set_name: label_str(l, "bk_set_name").unwrap_or_default(),
+        bk_module_id: label_int(l, "bk_module_id").unwrap_or(0),
+        bk_module_name: label_str(l, "bk_module_name").unwrap_or_default(),
+        service_template_id: label_int(l, "service_template_id").unwrap_or(0),
+        service_instance_id: label_int(l, "service_instance_id").unwrap_or(0),
+        service_instance_name: label_str(l, "service_instance_name")
+            .or_else(|| label_str(l, "bk_service_name"))
+            .unwrap_or_default(),
+        process_template_id: label_int(l, "process_template_id").unwrap_or(0),
+        bk_process_name: process_name_of(first),
+        bk_process_id,
+        config_templates: config_templates(l),
+        process_status,
+        is_auto,
+        insts: insts.into_iter().map(|(i, _)| i).collect(),
+    };
+    Some(row)
+}
+
+impl Row {
+    /// The five expression fields.
+    pub fn expression_fields(&self) -> [String; 5] {
+        [
+            self.bk_set_name.clone(),
+            self.bk_module_name.clone(),
+            self.service_instance_name.clone(),
+            self.bk_process_name.clone(),
+            self.bk_process_id.to_string(),
+        ]
+    }
+
+    /// GSEKit's `expression`: the five fields joined with [`EXPRESSION_SPLITTER`].
+    pub fn expression(&self) -> String {
+        self.expression_fields().join(EXPRESSION_SPLITTER)
+    }
+
+    /// The row as process_status answers it.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "bk_biz_id": self.bk_biz_id.unwrap_or(0),
+            "expression": self.expression(),
+            "bk_host_innerip": self.bk_host_innerip,
+            "bk_cloud_id": self.bk_cloud_id,
+            "bk_set_env": self.bk_set_env,
+            "bk_set_id": self.bk_set_id,
+            "bk_module_id": self.bk_module_id,
+            "service_template_id": self.service_template_id,
+            "service_instance_id": self.service_instance_id,
+            "bk_process_name": self.bk_process_name,
+            "bk_process_id": self.bk_process_id,
+            "process_template_id": self.process_template_id,
+            "process_status": self.process_status,
+            "is_auto": self.is_auto,
+            "bk_set_name": self.bk_set_name,
+            "bk_module_name": self.bk_module_name,
+            "bk_service_name": self.service_instance_name,
+            "bk_cloud_name": self.bk_cloud_name,
+            "config_templates": self.config_templates,
+            "proc_inst_infos": self.insts.iter().map(|i| json!({
+                "bk_process_id": self.bk_process_id,
+                "local_inst_id": i.local_inst_id,
+                "inst_id": i.inst_id,
+                "process_status": i.status,
+                "is_auto": i.is_auto,
+                "namespace": i.key.namespace,
+                "name": i.key.name,
+                "pid": i.pid,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl IdScope {
+    fn matches(&self, r: &Row) -> bool {
+        (self.set_ids.is_empty() || self.set_ids.contains(&r.bk_set_id))
+            && (self.module_ids.is_empty() || self.module_ids.contains(&r.bk_module_id))
+            && (self.service_ids.is_empty() || self.service_ids.contains(&r.service_instance_id))
+            && (self.process_names.is_empty() || self.process_names.contains(&r.bk_process_name))
+            && (self.process_ids.is_empty() || self.process_ids.contains(&r.bk_process_id))
+    }
+}
+
+impl ExprScope {
+    fn matches(&self, r: &Row) -> bool {
+        let values = r.expression_fields();
+        self.fields
+            .iter()
+            .zip(values.iter())
+            .all(|(e, v)| e.matches(v))
+    }
+}
+
+/// Apply the selection and filters of `q` to rows in GSEKit's order, then `q`'s ordering.
+/// As in GSEKit, a `bk_process_id` slice cuts the list matched by the expressions, before
+/// the other filters.
+pub fn select(rows: Vec<Row>, q: &Query) -> Vec<Row> {
+    let mut rows: Vec<Row> = rows
+        .into_iter()
+        .filter(|r| match q.biz {
+            BizFilter::All => true,
+            BizFilter::Id(b) => r.bk_biz_id == Some(b),
+        })
+        .collect();
+    match &q.selection {
+        Selection::All => {}
+        Selection::Ids(env, s) => rows.retain(|r| env.matches(&r.bk_set_env) && s.matches(r)),
+        Selection::Expr(env, x) => {
+            rows.retain(|r| env.matches(&r.bk_set_env) && x.matches(r));
+            if let Some(sl) = x.slice {
+                rows = sl.apply(rows);
+            }
+        }
+    }
+    rows.retain(|r| {
+        (q.cloud_ids.is_empty() || q.cloud_ids.contains(&r.bk_cloud_id))
+            && (q.innerips.is_empty() || q.innerips.contains(&r.bk_host_innerip))
+            && q.status.is_none_or(|s| s == r.process_status)
+            && (q.status_list.is_empty() || q.status_list.contains(&r.process_status))
+            && q.is_auto.is_none_or(|a| a == r.is_auto)
+            && (q.is_auto_list.is_empty() || q.is_auto_list.contains(&r.is_auto))
+            && q.searches.iter().all(|s| {
+                r.bk_host_innerip.contains(s.as_str()) || r.bk_cloud_name.contains(s.as_str())
+            })
+    });
+    if !q.ordering.is_empty() {
+        rows.sort_by(|a, b| {
+            for (f, desc) in &q.ordering {
+                let o = match f {
+                    OrderField::Id => a.id.cmp(&b.id),
+                    OrderField::SetId => a.bk_set_id.cmp(&b.bk_set_id),
+                    OrderField::ModuleId => a.bk_module_id.cmp(&b.bk_module_id),
+                    OrderField::ProcessName => a.bk_process_name.cmp(&b.bk_process_name),
+                    OrderField::ProcessId => a.bk_process_id.cmp(&b.bk_process_id),
+                    OrderField::HostInnerip => a.bk_host_innerip.cmp(&b.bk_host_innerip),
+                };
+                let o = if *desc { o.reverse() } else { o };
+                if o != std::cmp::Ordering::Equal {
+                    return o;
+                }
+            }
+            std::cmp::Ordering::Equal
+        });
+    }
+    rows
+}
+
+/// Page `page` (1-based) of `pagesize` rows; past the end: empty.
+pub fn page_of<T>(v: Vec<T>, page: usize, pagesize: usize) -> Vec<T> {
+    let start = page.saturating_sub(1).saturating_mul(pagesize);
+    v.into_iter().skip(start).take(pagesize).collect()
+}
+
+/// `POST /v1/process_status` and `/v2/gsekit/api/process/process_status/`.
+pub fn process_status(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
+    let q = parse_query(body)?;
+    let snaps: Vec<Snapshot> = {
+        let reg = engine.reg();
+        reg.entries
+            .values()
+            .map(|e| Snapshot {
+                key: e.def.key.clone(),
+                labels: e.def.labels.clone(),
+                proc_name: e.def.spec.proc_name.clone(),
+                status: e.status(),
+                managed: e.state.managed,
+                pid: e.main_pid() as i64,
+            })
+            .collect()
+    };
+    let host = HostView {
+        ip: engine.host.ip.clone(),
+        bk_cloud_id: engine.host.bk_cloud_id,
+    };
+    let rows = select(build_rows(snaps, &host), &q);
+    let count = rows.len();
+    let list: Vec<Value> = page_of(rows, q.page, q.pagesize)
+        .iter()
+        .map(Row::to_json)
+        .collect();
+    Ok(json!({ "count": count, "list": list }))
+}
+
+/// Split a whole five-field expression (for the CLI's `--expr`): on
+/// [`EXPRESSION_SPLITTER`] when it holds one, else on the dots outside `[...]` groups the way
+/// GSEKit's older `.`-joined expressions were read (first two fields, last two fields, the
+/// service instance name in between, so service names may contain dots).
+pub fn split_expression(text: &str) -> Result<[String; 5], String> {
+    let parts: Vec<String> = if text.contains(EXPRESSION_SPLITTER) {
+        let p: Vec<String> = text
+            .split(EXPRESSION_SPLITTER)
+            .map(str::to_string)
+            .collect();
+        if p.len() != 5 {
+            return Err(format!(
+                "{text:?} has {} fields separated by {EXPRESSION_SPLITTER}; 5 are needed (set, module, service instance, process name, process id)",
+                p.len()
+            ));
+        }
+        p
+    } else {
+        let mut fields = Vec::new();
+        let mut cur = String::new();
+        let mut in_group = false;
+        for c in text.chars() {
+            match c {
+                '[' if !in_group => {
+                    in_group = true;
+                    cur.push(c);
+                }
+                ']' if in_group => {
+                    in_group = false;
+                    cur.push(c);
+                }
+                '.' if !in_group => fields.push(std::mem::take(&mut cur)),
+                _ => cur.push(c),
+            }
+        }
+        fields.push(cur);
+        if fields.len() < 5 {
+            return Err(format!(
+                "{text:?} has {} dot-separated fields; 5 are needed (set.module.service_instance.process_name.process_id)",
+                fields.len()
+            ));
+        }
+        let n = fields.len();
+        vec![
+            fields[0].clone(),
+            fields[1].clone(),
+            fields[2..n - 2].join("."),
+            fields[n - 2].clone(),
+            fields[n - 1].clone(),
+        ]
+    };
+    let mut out: [String; 5] = Default::default();
+    for (o, p) in out.iter_mut().zip(parts) {
+        *o = p;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(ns: &str, name: &str, labels: Value, status: i64, managed: bool) -> Snapshot {
+        Snapshot {
+            key: ProcKey::new(ns, name),
+            labels: labels.as_object().cloned().unwrap_or_default(),
+            proc_name: format!("{name}-bin"),
+            status,
+            managed,
+            pid: if status == 1 { 100 } else { -1 },
+        }
+    }
+
+    fn host() -> HostView {
+        HostView {
+            ip: "10.0.0.1".into(),
+            bk_cloud_id: 0,
+        }
+    }
+
+    #[test]
+    fn slice_parse_table() {
+        let sl = |begin, end| Ok(Some(Slice { begin, end }));
+        let cases: Vec<(&str, Result<Option<Slice>, ()>)> = vec![
+            ("[0:2]", sl(Some(0), Some(2))),
+            ("[:2]", sl(None, Some(2))),
+            ("[1:]", sl(Some(1), None)),
+            ("[:]", sl(None, None)),
+            ("[-2:]", sl(Some(-2), None)),
+            ("[+1 : -1]", sl(Some(1), Some(-1))),
+            ("[1  :2]", Ok(None)),
+            ("[a:b]", Ok(None)),
+            ("46", Ok(None)),
+            ("4[6, 8]", Ok(None)),
+            ("[1-3]", Ok(None)),
+            ("*", Ok(None)),
+            ("[0:2]x", Err(())),
+            ("[0:2][3:4]", Err(())),
+        ];
+        for (text, want) in cases {
+            let got = Slice::parse(text).map_err(|_| ());
+            assert_eq!(got, want, "{text}");
+        }
+        let big = Slice::parse("[-99999999999999999999999:99999999999999999999]")
+            .unwrap()
+            .unwrap();
+        assert_eq!(big.begin, Some(i64::MIN));
+        assert_eq!(big.end, Some(i64::MAX));
+    }
+
+    #[test]
+    fn slice_apply_is_python_slicing() {
+        let v: Vec<i32> = (0..5).collect();
+        let cases: Vec<(Option<i64>, Option<i64>, Vec<i32>)> = vec![
+            (Some(0), Some(2), vec![0, 1]),
+            (None, Some(2), vec![0, 1]),
+            (Some(3), None, vec![3, 4]),
+            (Some(-2), None, vec![3, 4]),
+            (None, Some(-1), vec![0, 1, 2, 3]),
+            (Some(4), Some(2), vec![]),
+            (Some(10), None, vec![]),
+            (Some(-10), Some(1), vec![0]),
+            (Some(i64::MIN), Some(i64::MAX), vec![0, 1, 2, 3, 4]),
+            (None, None, vec![0, 1, 2, 3, 4]),
+        ];
+        for (b, e, want) in cases {
+            assert_eq!(
+                Slice { begin: b, end: e }.apply(v.clone()),
+                want,
+                "[{b:?}:{e:?}]"
+            );
+        }
+    }
+
+    #[test]
+    fn paging() {
+        let v: Vec<i32> = (1..=25).collect();
+        assert_eq!(page_of(v.clone(), 1, 10), (1..=10).collect::<Vec<_>>());
+        assert_eq!(page_of(v.clone(), 3, 10), (21..=25).collect::<Vec<_>>());
+        assert!(page_of(v.clone(), 4, 10).is_empty());
+        assert_eq!(page_of(v.clone(), 1, 1000).len(), 25);
+        assert!(page_of(v, usize::MAX, 1000).is_empty());
+    }
+
+    #[test]
+    fn rows_group_instances_by_process_id_and_summarise() {
+        let snaps = vec![
+            snap(
+                "GSEKIT_BIZ_2",
+                "gse_agent_2",
+                json!({"bk_process_name": "gse_agent", "bk_process_id": 46}),
+                2,
+                true,
+            ),
+            snap(
+                "GSEKIT_BIZ_2",
+                "gse_agent_1",
+                json!({"bk_process_name": "gse_agent", "bk_process_id": 46, "bk_set_name": "管控平台"}),
+                1,
+                true,
+            ),
+            snap("nodeman", "bkmonitorbeat", json!({}), 1, false),
+        ];
+        let rows = build_rows(snaps, &host());
+        assert_eq!(rows.len(), 2);
+        // Unlabelled first (bk_process_id 0), then process 46.
+        let plain = &rows[0];
+        assert_eq!(plain.bk_process_id, 0);
+        assert_eq!(plain.bk_process_name, "bkmonitorbeat-bin");
+        assert_eq!(plain.bk_biz_id, None);
+        assert_eq!(plain.bk_set_env, "3");
+        assert_eq!(plain.bk_cloud_name, "default area");
+        assert_eq!(
+            plain.id,
+            stable_id(&ProcKey::new("nodeman", "bkmonitorbeat"))
+        );
+        let p = &rows[1];
+        assert_eq!(p.bk_biz_id, Some(2), "from the GSEKIT_BIZ_2 namespace");
+        assert_eq!(p.id, 46);
+        assert_eq!(
+            p.insts.iter().map(|i| i.local_inst_id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(p.bk_set_name, "管控平台", "topology of the first instance");
+        assert_eq!(p.process_status, 2, "terminated when any instance is");
+        assert!(p.is_auto);
+        assert_eq!(
+            p.expression(),
+            "管控平台<-GSEKIT-><-GSEKIT-><-GSEKIT->gse_agent<-GSEKIT->46"
+        );
+        let j = p.to_json();
+        for f in [
+            "id",
+            "bk_biz_id",
+            "expression",
+            "bk_host_innerip",
+            "bk_cloud_id",
+            "bk_set_env",
+            "bk_set_id",
+            "bk_module_id",
+            "service_template_id",
+            "service_instance_id",
+            "bk_process_name",
+            "bk_process_id",
+            "process_template_id",
+            "process_status",
+            "is_auto",
+            "bk_set_name",
+            "bk_module_name",
+            "bk_service_name",
+            "bk_cloud_name",
+            "config_templates",
+            "proc_inst_infos",
+        ] {
+            assert!(j.get(f).is_some(), "missing {f}");
+        }
+        for f in [
+            "bk_process_id",
+            "local_inst_id",
+            "inst_id",
+            "process_status",
+            "is_auto",
+        ] {
+            assert!(j["proc_inst_infos"][0].get(f).is_some(), "missing {f}");
+        }
+    }
+
+    #[test]
+    fn labels_may_be_strings_or_numbers() {
+        let rows = build_rows(
+            vec![snap(
+                "n",
+                "x",
+                json!({"bk_process_id": "7", "bk_set_env": 1, "bk_set_id": "5",
+                       "config_templates": "[{\"config_template_id\": 1}]",
+                       "local_inst_id": 3, "inst_id": "9", "id": "70"}),
+                1,
+                false,
+            )],
+            &host(),
+        );
+        let r = &rows[0];
+        assert_eq!(
+            (r.bk_process_id, r.bk_set_env.as_str(), r.bk_set_id, r.id),
+            (7, "1", 5, 70)
+        );
+        assert_eq!(r.config_templates, json!([{"config_template_id": 1}]));
+        assert_eq!((r.insts[0].local_inst_id, r.insts[0].inst_id), (3, 9));
+    }
+
+    #[test]
+    fn split_expression_both_forms() {
+        let want = |a: [&str; 5]| Ok(a.map(str::to_string));
+        assert_eq!(
+            split_expression("a<-GSEKIT->b<-GSEKIT->c.d<-GSEKIT->e<-GSEKIT->4[6, 8]"),
+            want(["a", "b", "c.d", "e", "4[6, 8]"])
+        );
+        assert_eq!(
+            split_expression("管控平台.gse_agent.127.0.0.1_gse_agent.gse_agent.46"),
+            want([
+                "管控平台",
+                "gse_agent",
+                "127.0.0.1_gse_agent",
+                "gse_agent",
+                "46"
+            ])
+        );
+        assert_eq!(
+            split_expression("[a.b, c].*.*.*.[1.5, 2]"),
+            want(["[a.b, c]", "*", "*", "*", "[1.5, 2]"])
+        );
+        assert!(split_expression("a.b.c").is_err());
+        assert!(split_expression("a<-GSEKIT->b").is_err());
+    }
+
+    #[test]
+    fn merge_keeps_registered_fields_the_request_leaves_out() {
+        let base = ProcSpec {
+            setup_path: "/opt/a".into(),
+            proc_name: "a".into(),
+            pid_path: "/opt/a/a.pid".into(),
+            health_cmd: "true".into(),
+            stop_cmd: "./stop".into(),
+            cpu_lmt: 10.0,
+            ..ProcSpec::default()
+        };
+        let w = ProcessInfoWire {
+            start_cmd: Some("./start".into()),
+            stop_cmd: Some(String::new()),
+            auto_type: Some(2),
+            cfg_path: Some("/etc/a".into()),
+            ..Default::default()
+        };
+        let s = merge_spec(base, &w, "process_infos[0]").unwrap();
+        assert_eq!(s.start_cmd, "./start");
+        assert_eq!(s.stop_cmd, "", "an explicit empty string clears");
+        assert_eq!(s.health_cmd, "true", "kept");
+        assert_eq!(s.cpu_lmt, 10.0, "kept");
+        assert_eq!(s.config_path, "/etc/a");
+        assert_eq!(s.auto_type, AutoType::SingleRun);
+        let bad = ProcessInfoWire {
+            auto_type: Some(0),
+            cpu_lmt: Some(300.0),
+            op_timeout: Some(-1),
+            cfg_path: Some("rel".into()),
+            ..Default::default()
+        };
+        let errs = merge_spec(ProcSpec::default(), &bad, "process_infos[3]").unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "process_infos[3].cycle_time",
+            "process_infos[3].cpu_lmt",
+            "process_infos[3].op_timeout",
+            "process_infos[3].cfg_path",
+            "process_infos[3].setup_path",
+        ] {
+            assert!(fields.contains(&f), "{f} not in {fields:?}");
+        }
+    }
+
+    #[test]
+    fn identities_and_their_keys() {
+        let p = Identity::Path {
+            setup_path: "/opt/a".into(),
+            proc_name: "a".into(),
+        };
+        assert_eq!(p.synthetic_key(), ProcKey::new(V2_NAMESPACE, "a@/opt/a"));
+        let v = Identity::ValueKey("k1".into());
+        assert_eq!(v.synthetic_key(), ProcKey::new(V2_NAMESPACE, "k1"));
+        let spec = ProcSpec {
+            setup_path: "/opt/a".into(),
+            proc_name: "a".into(),
+            ..ProcSpec::default()
+        };
+        assert_eq!(Identity::of_spec(&spec), p);
+        let spec = ProcSpec {
+            value_key: "k1".into(),
+            ..spec
+        };
+        assert_eq!(Identity::of_spec(&spec), v);
+    }
+
+    #[test]
+    fn env_and_biz_values() {
+        assert_eq!(
+            parse_env(Some(&json!(3)), "f", None),
+            Ok(EnvFilter::Is("3".into()))
+        );
+        assert_eq!(
+            parse_env(Some(&json!("2")), "f", None),
+            Ok(EnvFilter::Is("2".into()))
+        );
+        assert_eq!(
+            parse_env(None, "f", Some("3")),
+            Ok(EnvFilter::Is("3".into()))
+        );
+        assert_eq!(parse_env(Some(&json!("*")), "f", None), Ok(EnvFilter::Any));
+        assert!(parse_env(None, "f", None).is_err());
+        assert!(parse_env(Some(&json!("4")), "f", None).is_err());
+        assert_eq!(parse_biz(Some(&json!("2"))), Ok(BizFilter::Id(2)));
+        assert_eq!(parse_biz(Some(&json!("*"))), Ok(BizFilter::All));
+        assert!(parse_biz(None).is_err());
+        assert!(parse_biz(Some(&json!("two"))).is_err());
+    }
+}
