@@ -93,7 +93,7 @@ pub async fn call_authorized(
         "unregister_proc_info" => unregister(engine, body, access).await,
         "procs" => procs(engine, body, access),
         "tasks" => tasks(engine, body),
-        "operate_process" => super::gsekit::operate_process(engine, body, &access).await,
+        "operate_process" => super::gsekit::operate_process(engine, body, access).await,
         "process_status" => super::gsekit::process_status(engine, body),
         other => Err(ApiError {
             http: axum::http::StatusCode::NOT_FOUND,
