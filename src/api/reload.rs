@@ -5,8 +5,9 @@
 //! error is listed and nothing changes. A valid one is compared with the registry's
 //! config-declared definitions ([`defs::diff`]): definitions are added, changed (field by
 //! field) or removed, and running processes whose change needs a restart (a change of
-//! `start_cmd`, `env`, `account`, ...) are restarted through the normal operation path, as
-//! one task of restart items (its id is in the answer). Only `[[process]]` definitions are
+//! `start_cmd`, `env`, `account`, ...) are stopped and started again through the normal
+//! operations, as one recorded task (its id is in the answer; its items are restarts,
+//! op_type 7). Only `[[process]]` definitions are
 //! reloaded; the other sections (`[agent]`, `[api]`, ...) are read at start only, and a
 //! reload that finds them changed says so (`restart_required`).
 //!
@@ -19,13 +20,15 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::auth::{self, Access, Role};
-use super::handlers::{Plan, Target, is_me, result_key, submit};
+use super::handlers::{KeyStyle, Target, result_key};
 use super::{ApiError, AppState, Peer, envelope, ok};
 use crate::config::{Config, ConfigErrors};
-use crate::proto::{HostWire, OpType, codes};
+use crate::proto::{HostWire, KeyResult, OpType, codes};
 use crate::spec::ProcKey;
+use crate::store::{TaskItemRecord, TaskRecord};
 use crate::supervisor::Engine;
 use crate::supervisor::defs::{self, ConfigDiff};
+use crate::supervisor::ops;
 
 /// What a reload found and did.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -173,7 +176,11 @@ pub async fn reload(
     Ok(report)
 }
 
-/// Submit one task restarting `keys` (as `operate_proc_multi` would).
+/// Record one task (committed before its id is returned, like every operation task) whose
+/// items replace the running processes `keys`: each is stopped and started again with its
+/// new definition (stop_cmd, then the new start_cmd with its full start check), and left
+/// unmanaged again if it was unmanaged. `restart_cmd` is not used: it is the program's own
+/// restart and would not pick up a changed start_cmd, env or account.
 async fn restart_task(
     engine: &Arc<Engine>,
     keys: &[String],
@@ -184,34 +191,79 @@ async fn restart_task(
         bk_cloud_id: Some(engine.host.bk_cloud_id),
         bk_supplier_id: None,
     });
-    let plans: Vec<Plan> = keys
-        .iter()
-        .filter_map(|k| k.parse::<ProcKey>().ok())
-        .map(|key| Plan {
-            result_key: result_key(&me, super::handlers::KeyStyle::V2, &key),
-            key: Some(key),
-            op: OpType::Restart,
-            immediate: if is_me(engine, &me) {
-                None
-            } else {
-                Some(super::handlers::not_me(engine, &me))
-            },
-            inline: None,
-        })
-        .collect();
-    if plans.is_empty() {
-        return Err(ReloadError::Apply("no valid key to restart".into()));
+    let keys: Vec<ProcKey> = keys.iter().filter_map(|k| k.parse().ok()).collect();
+    let task_id = engine.tasks.next_id();
+    let now = crate::util::unix_millis();
+    let rec = TaskRecord {
+        task_id: task_id.clone(),
+        created_ms: now,
+        finished_ms: None,
+        api: "reload".into(),
+        op_type: OpType::Restart.code(),
+        peer_uid: access.peer.map(|p| p.uid),
+        peer_pid: access.peer.and_then(|p| p.pid),
+        username: String::new(),
+        items: keys
+            .iter()
+            .map(|k| TaskItemRecord {
+                result_key: result_key(&me, KeyStyle::V2, k),
+                key: Some(k.clone()),
+                op_type: OpType::Restart.code(),
+                result: None,
+            })
+            .collect(),
+    };
+    engine
+        .tasks
+        .create(rec)
+        .await
+        .map_err(|e| ReloadError::Apply(format!("cannot record the restart task: {e}")))?;
+    for (idx, key) in keys.into_iter().enumerate() {
+        let engine = engine.clone();
+        let tid = task_id.clone();
+        tokio::spawn(async move {
+            let r = replace_process(&engine, key).await;
+            engine.tasks.finish_item(&tid, idx, r);
+        });
     }
-    submit(
-        engine,
-        "reload",
-        OpType::Restart.code(),
-        plans,
-        access,
-        String::new(),
-    )
-    .await
-    .map_err(|e| ReloadError::Apply(e.message))
+    Ok(task_id)
+}
+
+/// Stop a process and start it with its current definition, keeping its managed state.
+pub async fn replace_process(engine: &Arc<Engine>, key: ProcKey) -> KeyResult {
+    let managed = engine
+        .reg()
+        .get(&key)
+        .map(|e| e.state.managed)
+        .unwrap_or(false);
+    let stop = ops::run_op(engine.clone(), key.clone(), OpType::Stop).await;
+    if stop.error_code != codes::SUCCESS && stop.error_code != codes::PROC_NOT_RUNNING {
+        return KeyResult::err(
+            stop.error_code,
+            format!("stopping before the restart failed: {}", stop.error_msg),
+        );
+    }
+    let start = ops::run_op(engine.clone(), key.clone(), OpType::Start).await;
+    if start.error_code != codes::SUCCESS {
+        return KeyResult::err(
+            start.error_code,
+            format!(
+                "stopped, but starting with the new definition failed: {}",
+                start.error_msg
+            ),
+        );
+    }
+    if !managed {
+        let r = ops::run_op(engine.clone(), key.clone(), OpType::Undelegate).await;
+        if r.error_code != codes::SUCCESS {
+            tracing::warn!(process = %key, "restarted but could not be left unmanaged: {}", r.error_msg);
+        }
+    }
+    KeyResult {
+        error_code: codes::SUCCESS,
+        error_msg: "stopped and started again with the new definition".into(),
+        content: start.content,
+    }
 }
 
 /// The access of a reload the daemon triggers itself (SIGHUP, conf_dir).

@@ -182,8 +182,15 @@ pub enum Command {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff).
-    Man,
+    /// Print the man page (roff): procagent(1), or a subcommand's page; with --dir, write
+    /// every page (procagent.1, procagent-logs.1, ...) into a directory.
+    Man {
+        /// A subcommand whose page to print (e.g. logs).
+        subcommand: Option<String>,
+        /// Write all pages into this directory instead.
+        #[arg(long, conflicts_with = "subcommand")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// An error with its exit code.
@@ -297,14 +304,7 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             out(&String::from_utf8_lossy(&buf));
             return Ok(exit::OK);
         }
-        Command::Man => {
-            let mut buf = Vec::new();
-            clap_mangen::Man::new(Cli::command())
-                .render(&mut buf)
-                .map_err(|e| CliError::new(exit::FAILED, e.to_string()))?;
-            out(&String::from_utf8_lossy(&buf));
-            return Ok(exit::OK);
-        }
+        Command::Man { subcommand, dir } => return man(subcommand.as_deref(), dir.as_deref()),
         _ => {}
     }
     let client = Client::new(socket_path(cli)?);
@@ -395,8 +395,31 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             lines,
             source,
         } => logs(&client, json_out, process, *follow, *lines, source).await,
-        Command::Completions { .. } | Command::Man => Ok(exit::OK),
+        Command::Completions { .. } | Command::Man { .. } => Ok(exit::OK),
     }
+}
+
+/// `procagent man`.
+fn man(subcommand: Option<&str>, dir: Option<&std::path::Path>) -> Result<u8, CliError> {
+    let fail = |e: std::io::Error| CliError::new(exit::FAILED, e.to_string());
+    if let Some(dir) = dir {
+        clap_mangen::generate_to(Cli::command(), dir).map_err(fail)?;
+        outln(&format!("man pages written to {}", dir.display()));
+        return Ok(exit::OK);
+    }
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let page = match subcommand {
+        None => cmd,
+        Some(name) => cmd
+            .find_subcommand(name)
+            .cloned()
+            .ok_or_else(|| CliError::new(exit::USAGE, format!("no subcommand {name:?}")))?,
+    };
+    let mut buf = Vec::new();
+    clap_mangen::Man::new(page).render(&mut buf).map_err(fail)?;
+    out(&String::from_utf8_lossy(&buf));
+    Ok(exit::OK)
 }
 
 /// A parsed `--expr`: GSEKit expressions for the namespace and the name.
