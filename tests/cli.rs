@@ -647,6 +647,21 @@ fn json_output_of_every_read_command_parses() {
         let v = parse_json(l, "logs line");
         assert!(v["line"].is_string() || v["notice"].is_string(), "{v}");
     }
+    // Wrong methods on the GET endpoints still answer the envelope.
+    for path in ["/v1/logs?key=ops%2Fjs", "/v1/events", "/v1/healthz"] {
+        let (status, body) = d.http("POST", path, b"{}").unwrap();
+        assert_eq!(status, 405, "{path}");
+        let v = parse_json(&String::from_utf8_lossy(&body), path);
+        assert_eq!(v["result"], json!(false));
+        assert_eq!(v["code"], json!(1000405));
+    }
+    // Bad queries of the logs endpoint name the parameter.
+    let v = d.get("/v1/logs?key=noslash");
+    assert_eq!(v["code"], json!(1000400), "{v}");
+    let v = d.get("/v1/logs?key=ops%2Fjs&source=bogus");
+    assert!(v["message"].as_str().unwrap().contains("source"), "{v}");
+    let v = d.get("/v1/logs?key=ops%2Fjs&lines=100000");
+    assert!(v["message"].as_str().unwrap().contains("lines"), "{v}");
     // Human output is not JSON, and has no colour codes when not on a terminal.
     let (_, out, _) = d.cli(&["status"]);
     assert!(serde_json::from_str::<Value>(&out).is_err());

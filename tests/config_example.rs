@@ -43,7 +43,7 @@ fn example_loads_and_states_the_defaults() {
 
 /// The key names the loader reads: the string argument of each Section accessor call.
 fn loader_keys() -> Vec<String> {
-    let src = std::fs::read_to_string(LOADER).unwrap();
+    let src = std::fs::read_to_string(LOADER).expect("read src/config.rs");
     let mut keys = Vec::new();
     for acc in [
         ".string(\"",

@@ -189,10 +189,19 @@ pub fn chown_socket(path: &Path, group: &str) -> io::Result<()> {
 pub fn router(engine: Arc<Engine>) -> Router {
     let state = AppState { engine };
     Router::new()
-        .route("/v1/healthz", get(handlers::healthz))
-        .route("/healthz", get(handlers::healthz))
-        .route("/v1/events", get(handlers::events))
-        .route("/v1/logs", get(logs::handler))
+        .route(
+            "/v1/healthz",
+            get(handlers::healthz).fallback(method_not_allowed),
+        )
+        .route(
+            "/healthz",
+            get(handlers::healthz).fallback(method_not_allowed),
+        )
+        .route(
+            "/v1/events",
+            get(handlers::events).fallback(method_not_allowed),
+        )
+        .route("/v1/logs", get(logs::handler).fallback(method_not_allowed))
         .route("/v1/reload", any(reload::handler))
         .route("/v1/{api}", any(dispatch))
         .route("/v1/{api}/", any(dispatch))
@@ -202,6 +211,20 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v2/gsekit/api/process/process_status/", any(gsekit_status))
         .fallback(not_found)
         .with_state(state)
+}
+
+/// A GET endpoint asked with another method: the envelope, 405.
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError {
+        http: StatusCode::METHOD_NOT_ALLOWED,
+        code: codes::METHOD_NOT_ALLOWED,
+        message: format!(
+            "{} {} is not served; use GET",
+            req.method(),
+            req.uri().path()
+        ),
+    }
+    .into_response()
 }
 
 async fn not_found(req: Request) -> Response {
