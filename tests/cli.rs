@@ -62,6 +62,14 @@ impl Follower {
         })
     }
 
+    /// Wait for the CLI to exit; its exit code.
+    fn wait_exit(&mut self) -> Option<i32> {
+        wait_for("the follower to exit", Duration::from_secs(30), || {
+            self.child.try_wait().ok().flatten()
+        })
+        .code()
+    }
+
     fn still_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -245,7 +253,7 @@ fn logs_of_a_log_directory_and_what_an_account_may_not_read() {
 #[test]
 fn events_follow_human_and_json() {
     let env = TestEnv::new();
-    let d = Daemon::start(&env, "");
+    let mut d = Daemon::start(&env, "");
     let (code, out, _) = d.cli(&["events"]);
     assert_eq!(code, 0);
     assert!(out.contains("agent_started"), "{out}");
@@ -270,6 +278,10 @@ fn events_follow_human_and_json() {
     assert!(v["events"].as_array().is_some_and(|a| !a.is_empty()), "{v}");
     let (code, _, err) = d.cli(&["events", "--since", "soon"]);
     assert_eq!(code, 2, "{err}");
+    // The agent going away ends a follow with 69 (unavailable).
+    let mut human = human;
+    d.terminate();
+    assert_eq!(human.wait_exit(), Some(69));
 }
 
 fn write_config(env: &TestEnv, extra: &str) {

@@ -920,7 +920,7 @@ async fn events(
     if follow {
         path.push_str("&follow=1");
         let mut open = true;
-        client
+        let res = client
             .stream_lines(&path, |line| {
                 let Ok(ev) = serde_json::from_slice::<Value>(line) else {
                     return true; // keep-alive
@@ -932,8 +932,8 @@ async fn events(
                 };
                 open
             })
-            .await?;
-        return Ok(stream_end(open));
+            .await;
+        return stream_end(res, open);
     }
     let d = data(client.get(&path).await?)?;
     if json_out {
@@ -948,13 +948,20 @@ async fn events(
     Ok(exit::OK)
 }
 
-/// Exit code when a followed stream ends: the reader left (0), or the agent closed it (69).
-fn stream_end(reader_open: bool) -> u8 {
-    if reader_open {
-        eprintln!("procagent: the agent closed the stream");
-        exit::UNAVAILABLE
-    } else {
-        exit::OK
+/// Exit code when a followed stream ends: the reader left (0), or the agent closed it or
+/// went away (69, said on stderr). Errors before the stream started keep their own code.
+fn stream_end(res: Result<(), ClientError>, reader_open: bool) -> Result<u8, CliError> {
+    match res {
+        Ok(()) if !reader_open => Ok(exit::OK),
+        Ok(()) => Err(CliError::new(
+            exit::UNAVAILABLE,
+            "the agent closed the stream",
+        )),
+        Err(ClientError::Http(e)) => Err(CliError::new(
+            exit::UNAVAILABLE,
+            format!("the agent closed the stream ({e})"),
+        )),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -975,7 +982,7 @@ async fn logs(
     let mut printer = render::LogPrinter::new(json_out);
     if follow {
         let mut open = true;
-        client
+        let res = client
             .stream_lines(&path, |line| {
                 let Ok(v) = serde_json::from_slice::<Value>(line) else {
                     return true; // keep-alive
@@ -983,8 +990,8 @@ async fn logs(
                 open = printer.print(&v);
                 open
             })
-            .await?;
-        return Ok(stream_end(open));
+            .await;
+        return stream_end(res, open);
     }
     let d = data(client.get(&path).await?)?;
     for v in d["lines"].as_array().cloned().unwrap_or_default() {
