@@ -238,6 +238,18 @@ fn logs_of_a_log_directory_and_what_an_account_may_not_read() {
         err.contains("not readable by the process's account nobody"),
         "{err}"
     );
+    // Its own captured output (the agent's file) is shown all the same.
+    let (code, out, err) = d.cli(&["logs", "--source", "output", "ops/sneaky"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.is_empty() && err.is_empty(),
+        "nothing ran yet: {out}{err}"
+    );
+    let _ = d.op(NS, "sneaky", 0);
+    let (code, out, err) = d.cli(&["logs", "--source", "output", "ops/sneaky"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("start_cmd as nobody"), "{out}{err}");
+    assert!(!err.contains("not readable"), "{err}");
     // Through a symlink it is the same file: still refused.
     let link = env.path().join("innocent.log");
     std::os::unix::fs::symlink(&secret, &link).unwrap();

@@ -266,6 +266,9 @@ struct Tracked {
     noticed: Option<String>,
     /// Part of a directory (dropped when it leaves the newest files).
     in_dir: bool,
+    /// The agent's own output file: no account check (the agent names and writes it), and
+    /// no notice while it does not exist (no command has run yet).
+    agent_file: bool,
 }
 
 impl Tracked {
@@ -279,6 +282,14 @@ impl Tracked {
             partial: Vec::new(),
             noticed: None,
             in_dir,
+            agent_file: false,
+        }
+    }
+
+    fn agent_output(path: PathBuf) -> Tracked {
+        Tracked {
+            agent_file: true,
+            ..Tracked::new("output", path, false)
         }
     }
 
@@ -291,6 +302,11 @@ impl Tracked {
 
     /// Open the file (when not open); `tail` initial lines, or from `start_at_end`.
     fn open(&mut self, acct: Option<&Account>, tail: Option<usize>, out: &mut Vec<Value>) {
+        let acct = if self.agent_file { None } else { acct };
+        let missing = self.agent_file && !self.path.exists();
+        if missing {
+            return;
+        }
         match open_checked(&self.path, acct) {
             Ok(Opened {
                 file: Some(mut f),
@@ -434,7 +450,7 @@ impl Sources {
         let mut files = Vec::new();
         let mut dir = None;
         if which == "all" || which == "output" {
-            files.push(Tracked::new("output", engine.exec.output_path(key), false));
+            files.push(Tracked::agent_output(engine.exec.output_path(key)));
         }
         if (which == "all" || which == "log") && !spec.log_path.is_empty() {
             let lp = PathBuf::from(&spec.log_path);
