@@ -196,14 +196,15 @@ fn sd_notify_ready_watchdog_and_stopping() {
     let start = Instant::now();
     let mut pings = 0;
     let mut buf = [0u8; 4096];
-    while start.elapsed() < Duration::from_millis(1500) {
+    while start.elapsed() < Duration::from_secs(2) {
         if let Ok(n) = sock.recv(&mut buf)
             && String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1")
         {
             pings += 1;
         }
     }
-    assert!(pings >= 4, "only {pings} watchdog pings in 1.5 s");
+    // About ten are due (every 200 ms); a loop ticking at its usual 1 s would send two.
+    assert!(pings >= 4, "only {pings} watchdog pings in 2 s");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -392,3 +392,63 @@ pub async fn apply_config(
     }
     Ok(d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn def(f: impl FnOnce(&mut Definition)) -> Definition {
+        let mut d = Definition {
+            key: ProcKey::new("n", "x"),
+            labels: Labels::new(),
+            spec: ProcSpec {
+                setup_path: "/opt/x".into(),
+                proc_name: "x".into(),
+                start_cmd: "./x".into(),
+                ..ProcSpec::default()
+            },
+            source: Source::Api,
+            register_time: 1,
+            updated_time: 1,
+        };
+        f(&mut d);
+        d
+    }
+
+    #[test]
+    fn field_changes_name_each_field_with_both_values() {
+        let a = def(|_| {});
+        // (change, expected fields)
+        let table: Vec<(Definition, Vec<&str>)> = vec![
+            (def(|_| {}), vec![]),
+            (def(|d| d.updated_time = 99), vec![]),
+            (
+                def(|d| d.spec.start_cmd = "./x --new".into()),
+                vec!["start_cmd"],
+            ),
+            (
+                def(|d| {
+                    d.spec.stop_cmd = "kill".into();
+                    d.labels.insert("app".into(), json!("x"));
+                }),
+                vec!["labels", "stop_cmd"],
+            ),
+            (
+                def(|d| {
+                    d.spec.env.insert("A".into(), "1".into());
+                }),
+                vec!["env"],
+            ),
+        ];
+        for (b, want) in table {
+            let got = field_changes(&a, &b);
+            let names: Vec<&str> = got.iter().map(|c| c.field.as_str()).collect();
+            assert_eq!(names, want);
+        }
+        let c = field_changes(&a, &def(|d| d.spec.start_cmd = "./x --new".into()));
+        assert_eq!(c[0].old, json!("./x"));
+        assert_eq!(c[0].new, json!("./x --new"));
+        assert!(RESTART_FIELDS.contains(&"start_cmd") && !RESTART_FIELDS.contains(&"stop_cmd"));
+    }
+}
