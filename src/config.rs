@@ -32,6 +32,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the daemon's own log goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// journald when stderr is connected to the journal (`$JOURNAL_STREAM`, as systemd sets
+    /// it for a service) and the journal socket exists; stderr otherwise.
+    Auto,
+    /// journald (stderr when the journal socket is missing).
+    Journald,
+    /// stderr, in `log_format`.
+    Stderr,
+}
+
 /// Host identity used to decide whether a request's `hosts` entry is this agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostConfig {
@@ -122,6 +134,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub log_level: String,
     pub log_format: LogFormat,
+    pub log_target: LogTarget,
     pub conf_dir: Option<PathBuf>,
     pub watch_conf_dir: bool,
     pub host: HostConfig,
@@ -377,6 +390,18 @@ pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> 
             LogFormat::Text
         }
     };
+    let log_target = match agent.string("log_target", "auto").as_str() {
+        "auto" => LogTarget::Auto,
+        "journald" => LogTarget::Journald,
+        "stderr" => LogTarget::Stderr,
+        other => {
+            agent.err(
+                "log_target",
+                format!("{other:?} must be \"auto\", \"journald\" or \"stderr\""),
+            );
+            LogTarget::Auto
+        }
+    };
     let conf_dir = agent
         .opt_string("conf_dir")
         .filter(|s| !s.is_empty())
@@ -550,6 +575,7 @@ pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> 
         state_dir,
         log_level,
         log_format,
+        log_target,
         conf_dir,
         watch_conf_dir,
         host,

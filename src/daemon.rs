@@ -5,8 +5,17 @@
 //! Start order: state directory and its lock (a second daemon on the same state dir refuses
 //! to start) → subreaper → store (refuses a corrupted database) → engine (registry loaded) →
 //! config processes applied → re-adoption of every recorded process → supervisor loop →
-//! API → READY to systemd. Stop order (SIGTERM): stop accepting, stop the loop, flush the
-//! store; managed processes keep running.
+//! API → READY to systemd. Stop order (SIGTERM): STOPPING to systemd, stop accepting, stop
+//! the loop, flush the store; managed processes keep running.
+//!
+//! SIGHUP reloads the config's `[[process]]` definitions (see [`crate::api::reload`]); with
+//! `agent.watch_conf_dir = true`, a change of a `*.toml` file in `agent.conf_dir` does the
+//! same after 500 ms without further changes (several saves in a row reload once).
+//!
+//! systemd (`Type=notify`): READY=1 is sent once the socket is bound (by the caller, before
+//! [`run`]), every recorded process is re-adopted and the API is serving. WATCHDOG=1 comes
+//! from the supervisor loop's tick, so a wedged loop stops the pings; the tick is at most
+//! half of `$WATCHDOG_USEC` ([`watchdog_interval`]).
 
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -87,6 +96,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let _lock = lock_state_dir(&config)?;
+    // Take SIGHUP over before anything slow, so a reload signal never kills a starting agent.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| tracing::warn!(error = %e, "cannot handle SIGHUP; reload through the API"))
+        .ok();
     let subreaper = match crate::sys::set_child_subreaper() {
         Ok(()) => true,
         Err(e) => {
@@ -174,12 +187,25 @@ pub async fn run(
     {
         tracing::warn!(error = %e, group = %g, "cannot give the socket to its group");
     }
-    notify_ready();
     let server = tokio::spawn(crate::api::serve(engine.clone(), listener, stop_rx.clone()));
+    let hup_task = hangup.map(|h| tokio::spawn(on_hangup(engine.clone(), h, stop_rx.clone())));
+    let conf_watch = if engine.config.watch_conf_dir {
+        watch_conf_dir(engine.clone(), stop_rx.clone())
+    } else {
+        None
+    };
+    notify_ready();
     shutdown.await;
+    sd_notify_send("STOPPING=1");
     tracing::info!("shutting down; managed processes keep running");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(t) = hup_task {
+        let _ = t.await;
+    }
+    if let Some(t) = conf_watch {
+        let _ = t.await;
+    }
     let _ = loop_task.await;
     let _ = sampler.await;
     let _ = reaper_task.await;
@@ -198,15 +224,132 @@ pub async fn run(
     Ok(())
 }
 
+/// Reload the config on every SIGHUP until shutdown.
+async fn on_hangup(
+    engine: std::sync::Arc<Engine>,
+    mut hup: tokio::signal::unix::Signal,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = hup.recv() => {
+                if r.is_none() { break; }
+                tracing::info!("SIGHUP: reloading the config");
+                crate::api::reload::reload_logged(&engine, "SIGHUP").await;
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// How long the conf_dir watcher waits for changes to settle before it reloads.
+pub const CONF_DIR_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Watch `conf_dir` for changes of `*.toml` files and reload, debounced. Returns None (after
+/// logging why) when there is nothing to watch or the watch cannot be set up.
+fn watch_conf_dir(
+    engine: std::sync::Arc<Engine>,
+    mut stop: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use notify::Watcher;
+    let Some(dir) = engine.config.conf_dir.clone() else {
+        tracing::warn!("agent.watch_conf_dir is set but agent.conf_dir is not; nothing to watch");
+        return None;
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let handler = move |res: notify::Result<notify::Event>| match res {
+        Ok(ev) => {
+            let relevant = !matches!(ev.kind, notify::EventKind::Access(_))
+                && ev
+                    .paths
+                    .iter()
+                    .any(|p| p.extension().is_some_and(|x| x == "toml"));
+            if relevant {
+                let _ = tx.send(());
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "conf_dir watch error"),
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch conf_dir; reload with SIGHUP or `procagent reload`");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch conf_dir; reload with SIGHUP or `procagent reload`");
+        return None;
+    }
+    tracing::info!(dir = %dir.display(), "watching conf_dir for changes");
+    Some(tokio::spawn(async move {
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                r = rx.recv() => if r.is_none() { break },
+                _ = stop.changed() => break,
+            }
+            // Debounce: wait until no change arrived for CONF_DIR_DEBOUNCE.
+            loop {
+                tokio::select! {
+                    r = tokio::time::timeout(CONF_DIR_DEBOUNCE, rx.recv()) => match r {
+                        Ok(Some(())) => continue,
+                        Ok(None) => return,
+                        Err(_) => break,
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
+            tracing::info!(dir = %dir.display(), "conf_dir changed: reloading the config");
+            crate::api::reload::reload_logged(&engine, "conf_dir").await;
+        }
+    }))
+}
+
 /// Tell systemd we are ready (no-op without NOTIFY_SOCKET).
 fn notify_ready() {
     sd_notify_send("READY=1\nSTATUS=supervising");
 }
 
+/// Set the status line `systemctl status` shows (no-op without NOTIFY_SOCKET).
+pub fn sd_status(status: &str) {
+    sd_notify_send(&format!("STATUS={status}"));
+}
+
+/// How often the watchdog wants a ping: half of `$WATCHDOG_USEC`, when systemd set it for
+/// this process (`$WATCHDOG_PID` absent or ours). None when there is no watchdog.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    static IV: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *IV.get_or_init(|| {
+        parse_watchdog(
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        )
+    })
+}
+
+/// The ping interval for `WATCHDOG_USEC` and `WATCHDOG_PID` values (pure, for tests).
+pub fn parse_watchdog(
+    usec: Option<&str>,
+    pid: Option<&str>,
+    my_pid: u32,
+) -> Option<std::time::Duration> {
+    let usec: u64 = usec?.trim().parse().ok().filter(|u| *u > 0)?;
+    if let Some(p) = pid
+        && p.trim().parse::<u32>().ok() != Some(my_pid)
+    {
+        return None;
+    }
+    Some(std::time::Duration::from_micros(usec / 2).max(std::time::Duration::from_millis(50)))
+}
+
 /// Ping the systemd watchdog (called from the supervisor loop's tick, so a wedged loop is
-/// noticed). No-op without NOTIFY_SOCKET.
+/// noticed). No-op without a watchdog.
 pub fn watchdog_ping() {
-    sd_notify_send("WATCHDOG=1");
+    if watchdog_interval().is_some() {
+        sd_notify_send("WATCHDOG=1");
+    }
 }
 
 /// Send a datagram to `$NOTIFY_SOCKET` (the sd_notify protocol).
@@ -229,5 +372,31 @@ fn sd_notify_send(msg: &str) {
     };
     if let Err(e) = res {
         tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn watchdog_interval_is_half_the_timeout_for_us_only() {
+        assert_eq!(parse_watchdog(None, None, 7), None);
+        assert_eq!(parse_watchdog(Some("0"), None, 7), None);
+        assert_eq!(parse_watchdog(Some("junk"), None, 7), None);
+        assert_eq!(
+            parse_watchdog(Some("30000000"), None, 7),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(
+            parse_watchdog(Some("30000000"), Some("7"), 7),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(parse_watchdog(Some("30000000"), Some("8"), 7), None);
+        assert_eq!(
+            parse_watchdog(Some("10"), None, 7),
+            Some(Duration::from_millis(50))
+        );
     }
 }

@@ -27,6 +27,9 @@ pub enum ClientError {
     Decode { status: u16, body: String },
     #[error("the agent did not answer within {0:?}")]
     Timeout(Duration),
+    /// A stream request answered with an error envelope instead of a stream.
+    #[error("error {}: {}", .0.code, .0.message)]
+    Refused(Box<Envelope<Value>>),
 }
 
 /// A client bound to one socket path.
@@ -126,7 +129,8 @@ impl Client {
     }
 
     /// `GET path` and hand each line of the streamed body to `on_line` until it returns
-    /// false or the stream ends.
+    /// false or the stream ends. An answer that is not a stream (the API envelope of an
+    /// error, e.g. a refused peer) is returned as [`ClientError::Refused`].
     pub async fn stream_lines(
         &self,
         path: &str,
@@ -139,12 +143,26 @@ impl Client {
             .header("host", "procagent")
             .body(Full::new(Bytes::new()))
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
+        let resp = tokio::time::timeout(self.timeout, sender.send_request(req))
             .await
+            .map_err(|_| ClientError::Timeout(self.timeout))?
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let status = resp.status().as_u16();
+        let is_stream = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-ndjson"));
         let mut body = resp.into_body();
+        if status != 200 || !is_stream {
+            let bytes = tokio::time::timeout(self.timeout, body.collect())
+                .await
+                .map_err(|_| ClientError::Timeout(self.timeout))?
+                .map_err(|e| ClientError::Http(e.to_string()))?
+                .to_bytes();
+            let env = Self::decode(status, &bytes)?;
+            return Err(ClientError::Refused(Box::new(env)));
+        }
         let mut buf: Vec<u8> = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| ClientError::Http(e.to_string()))?;
@@ -152,25 +170,14 @@ impl Client {
                 buf.extend_from_slice(data);
                 while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=pos).collect();
-                    if status != 200 {
-                        return Err(ClientError::Decode {
-                            status,
-                            body: String::from_utf8_lossy(&line).into_owned(),
-                        });
-                    }
                     if !on_line(&line[..line.len() - 1]) {
                         return Ok(());
                     }
                 }
             }
         }
-        if !buf.is_empty() && status == 200 {
+        if !buf.is_empty() {
             on_line(&buf);
-        } else if status != 200 {
-            return Err(ClientError::Decode {
-                status,
-                body: String::from_utf8_lossy(&buf).into_owned(),
-            });
         }
         Ok(())
     }

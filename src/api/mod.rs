@@ -8,7 +8,8 @@
 //!   cannot block others. Each connection's peer credentials (SO_PEERCRED) travel with its
 //!   requests for authorization and audit.
 //! * Routes: every GSE API at `POST /v1/<api_name>`, also at `POST /api/v2/proc/<api_name>/`
-//!   (trailing slash optional); `GET /v1/healthz`, `GET /v1/events`, `GET /metrics`.
+//!   (trailing slash optional); `GET /v1/healthz`, `GET /v1/events`, `GET /v1/logs`,
+//!   `POST /v1/reload`, `GET /metrics`.
 //!   Every answer, errors included, is the GSE envelope `{result, code, message, data,
 //!   request_id}`.
 
@@ -16,6 +17,8 @@ pub mod auth;
 pub mod client;
 pub mod gsekit;
 pub mod handlers;
+pub mod logs;
+pub mod reload;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -187,9 +190,20 @@ pub fn chown_socket(path: &Path, group: &str) -> io::Result<()> {
 pub fn router(engine: Arc<Engine>) -> Router {
     let state = AppState { engine };
     Router::new()
-        .route("/v1/healthz", get(handlers::healthz))
-        .route("/healthz", get(handlers::healthz))
-        .route("/v1/events", get(handlers::events))
+        .route(
+            "/v1/healthz",
+            get(handlers::healthz).fallback(method_not_allowed),
+        )
+        .route(
+            "/healthz",
+            get(handlers::healthz).fallback(method_not_allowed),
+        )
+        .route(
+            "/v1/events",
+            get(handlers::events).fallback(method_not_allowed),
+        )
+        .route("/v1/logs", get(logs::handler).fallback(method_not_allowed))
+        .route("/v1/reload", any(reload::handler))
         .route("/v1/{api}", any(dispatch))
         .route("/v1/{api}/", any(dispatch))
         .route("/api/v2/proc/{api}", any(dispatch))
@@ -198,6 +212,20 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v2/gsekit/api/process/process_status/", any(gsekit_status))
         .fallback(not_found)
         .with_state(state)
+}
+
+/// A GET endpoint asked with another method: the envelope, 405.
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError {
+        http: StatusCode::METHOD_NOT_ALLOWED,
+        code: codes::METHOD_NOT_ALLOWED,
+        message: format!(
+            "{} {} is not served; use GET",
+            req.method(),
+            req.uri().path()
+        ),
+    }
+    .into_response()
 }
 
 async fn not_found(req: Request) -> Response {

@@ -20,17 +20,65 @@ struct Args {
     check: bool,
 }
 
+/// Where the journal listens.
+const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// Is stderr the journal stream systemd gave this service (`$JOURNAL_STREAM` names the
+/// device and inode of stderr)?
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let Ok(st) = rustix::fs::fstat(std::io::stderr().as_fd()) else {
+        return false;
+    };
+    dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
+}
+
+/// Logging: journald (structured fields, priorities) when `log_target` says so or, with
+/// `auto`, when systemd connected stderr to the journal; stderr otherwise, as text or JSON
+/// lines (`log_format`). `PROCAGENT_LOG` overrides `log_level`.
 fn init_logging(cfg: &procagent::config::Config) {
+    use procagent::config::{LogFormat, LogTarget};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_env("PROCAGENT_LOG")
         .or_else(|_| EnvFilter::try_new(&cfg.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let journal_wanted = match cfg.log_target {
+        LogTarget::Stderr => false,
+        LogTarget::Journald => true,
+        LogTarget::Auto => std::path::Path::new(JOURNAL_SOCKET).exists() && stderr_is_journal(),
+    };
+    let mut fallback_note = None;
+    if journal_wanted {
+        match tracing_journald::layer() {
+            Ok(j) => {
+                let j = j.with_syslog_identifier("procagentd".to_string());
+                tracing_subscriber::registry().with(filter).with(j).init();
+                return;
+            }
+            Err(e) => {
+                fallback_note = Some(format!(
+                    "journald is not reachable ({e}); logging to stderr"
+                ))
+            }
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cfg.log_format {
-        procagent::config::LogFormat::Json => builder.json().init(),
-        procagent::config::LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    if let Some(n) = fallback_note {
+        tracing::warn!("{n}");
     }
 }
 

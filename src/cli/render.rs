@@ -12,6 +12,245 @@ pub fn color_enabled() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
+/// The width of stdout when it is a terminal (None for pipes and files: scripts get whole
+/// lines).
+pub fn term_width() -> Option<usize> {
+    term_width_of(&std::io::stdout())
+}
+
+/// The width of a terminal (None when `fd` is not one).
+pub fn term_width_of(fd: &impl std::os::fd::AsFd) -> Option<usize> {
+    if !rustix::termios::isatty(fd) {
+        return None;
+    }
+    match rustix::termios::tcgetwinsize(fd) {
+        Ok(w) if w.ws_col > 0 => Some(usize::from(w.ws_col)),
+        _ => std::env::var("COLUMNS").ok()?.parse().ok(),
+    }
+}
+
+/// Cut every line of `text` to `width` columns (ANSI colour sequences take none), marking
+/// a cut with `…`. `None` leaves the text as it is.
+pub fn fit(text: &str, width: Option<usize>) -> String {
+    let Some(width) = width.filter(|w| *w > 1) else {
+        return text.to_string();
+    };
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let (body, nl) = match line.strip_suffix('\n') {
+            Some(b) => (b, "\n"),
+            None => (line, ""),
+        };
+        if display_width(&strip_ansi(body)) <= width {
+            out.push_str(line);
+            continue;
+        }
+        let mut used = 0;
+        let mut in_esc = false;
+        for c in body.chars() {
+            if in_esc {
+                out.push(c);
+                in_esc = c != 'm';
+                continue;
+            }
+            if c == '\x1b' {
+                in_esc = true;
+                out.push(c);
+                continue;
+            }
+            let w = display_width(c.encode_utf8(&mut [0; 4]));
+            if used + w > width - 1 {
+                break;
+            }
+            used += w;
+            out.push(c);
+        }
+        out.push('…');
+        if body.contains('\x1b') {
+            out.push_str("\x1b[0m");
+        }
+        out.push_str(nl);
+    }
+    out
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_esc = false;
+    for c in s.chars() {
+        if in_esc {
+            in_esc = c != 'm';
+        } else if c == '\x1b' {
+            in_esc = true;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A progress bar line: `[#####.....] 12/40 done, 2 failed`, fitted to `width`.
+pub fn progress_line(done: usize, failed: usize, total: usize, width: usize) -> String {
+    let text = format!(" {done}/{total} done, {failed} failed");
+    let bar = width.saturating_sub(text.len() + 3).min(40);
+    let filled = (bar * done).checked_div(total).unwrap_or(0);
+    format!("[{}{}]{text}", "#".repeat(filled), ".".repeat(bar - filled))
+}
+
+/// The summary table of a batch operation.
+pub fn batch_table(rows: &[super::BatchRow], color: bool) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.process.clone(),
+                if r.ok { "ok".into() } else { "failed".into() },
+                r.code.to_string(),
+                r.message.replace('\n', " ").chars().take(300).collect(),
+            ]
+        })
+        .collect();
+    let paint = |col: usize, cell: &str| -> Option<&'static str> {
+        match (col, cell) {
+            (1, "ok") => Some("32"),
+            (1, "failed") => Some("31"),
+            _ => None,
+        }
+    };
+    let headers = ["PROCESS", "RESULT", "CODE", "MESSAGE"];
+    if color {
+        table(&headers, &cells, Some(&paint))
+    } else {
+        table(&headers, &cells, None)
+    }
+}
+
+fn short_json(v: &Value) -> String {
+    let t = match v {
+        Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    };
+    if t.chars().count() > 120 {
+        let mut c: String = t.chars().take(117).collect();
+        c.push_str("...");
+        c
+    } else {
+        t
+    }
+}
+
+/// A config reload's report for humans.
+pub fn reload_report(d: &Value, color: bool) -> String {
+    let c = |code: &str, t: String| {
+        if color {
+            format!("\x1b[{code}m{t}\x1b[0m")
+        } else {
+            t
+        }
+    };
+    let list = |k: &str| -> Vec<String> {
+        d[k].as_array()
+            .map(|a| a.iter().map(s).collect())
+            .unwrap_or_default()
+    };
+    let (added, removed, restart) = (list("added"), list("removed"), list("restart"));
+    let changed = d["changed"].as_array().cloned().unwrap_or_default();
+    let dry = d["dry_run"].as_bool() == Some(true);
+    let mut out = format!(
+        "{}: {} to add, {} to change, {} to remove, {} to restart, {} unchanged{}\n",
+        s(&d["file"]),
+        added.len(),
+        changed.len(),
+        removed.len(),
+        restart.len(),
+        s(&d["unchanged"]),
+        if dry {
+            " (dry run: nothing applied)"
+        } else {
+            " (applied)"
+        }
+    );
+    for k in &added {
+        out.push_str(&c("32", format!("+ {k}")));
+        out.push('\n');
+    }
+    for ch in &changed {
+        out.push_str(&c("33", format!("~ {}", s(&ch["key"]))));
+        out.push('\n');
+        for f in ch["fields"].as_array().cloned().unwrap_or_default() {
+            out.push_str(&format!(
+                "    {}: {} -> {}\n",
+                s(&f["field"]),
+                short_json(&f["old"]),
+                short_json(&f["new"])
+            ));
+        }
+    }
+    for k in &removed {
+        out.push_str(&c(
+            "31",
+            format!("- {k} (no longer declared; left as it is, unwatched)"),
+        ));
+        out.push('\n');
+    }
+    for k in &restart {
+        out.push_str(&format!(
+            "restart {k} (running; a change needs a restart){}\n",
+            if dry { "" } else { ": restarting" }
+        ));
+    }
+    let rr = list("restart_required");
+    if !rr.is_empty() {
+        out.push_str(&format!(
+            "changed outside [[process]], takes effect only when procagentd restarts: {}\n",
+            rr.join(", ")
+        ));
+    }
+    out
+}
+
+/// Prints log line objects: the text of each line, a `==> file <==` header when the file
+/// changes (as tail does for several files), notices on stderr; or each object as a JSON
+/// line.
+pub struct LogPrinter {
+    json: bool,
+    last_file: Option<String>,
+}
+
+impl LogPrinter {
+    pub fn new(json: bool) -> LogPrinter {
+        LogPrinter {
+            json,
+            last_file: None,
+        }
+    }
+
+    /// Print one object; false when stdout is gone.
+    pub fn print(&mut self, v: &Value) -> bool {
+        use std::io::Write;
+        let mut o = std::io::stdout().lock();
+        if self.json {
+            return writeln!(o, "{v}").and_then(|_| o.flush()).is_ok();
+        }
+        let file = s(&v["file"]);
+        if let Some(n) = v["notice"].as_str() {
+            eprintln!("procagent: {} ({}): {n}", file, s(&v["source"]));
+            return true;
+        }
+        let mut text = String::new();
+        if self.last_file.as_deref() != Some(file.as_str()) {
+            if self.last_file.is_some() {
+                text.push('\n');
+            }
+            text.push_str(&format!("==> {file} <==\n"));
+            self.last_file = Some(file);
+        }
+        text.push_str(&s(&v["line"]));
+        text.push('\n');
+        o.write_all(text.as_bytes()).and_then(|_| o.flush()).is_ok()
+    }
+}
+
 /// Columns a string takes on a terminal: East Asian wide characters count two.
 pub fn display_width(s: &str) -> usize {
     s.chars()
@@ -276,6 +515,27 @@ pub fn event_line(ev: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fit_cuts_to_the_width_ignoring_colour() {
+        assert_eq!(fit("abcdef\nab\n", Some(4)), "abc…\nab\n");
+        assert_eq!(fit("abcdef\n", None), "abcdef\n");
+        assert_eq!(fit("管控平台\n", Some(5)), "管控…\n");
+        let coloured = "\x1b[32mrunning\x1b[0m tail";
+        assert_eq!(fit(coloured, Some(20)), coloured);
+        let cut = fit(coloured, Some(5));
+        assert_eq!(strip_ansi(&cut), "runn…");
+        assert!(cut.ends_with("\x1b[0m"));
+    }
+
+    #[test]
+    fn progress_bar() {
+        let l = progress_line(5, 1, 10, 43);
+        // One column is left free so the cursor never wraps.
+        assert_eq!(l, "[##########..........] 5/10 done, 1 failed");
+        assert_eq!(l.len(), 42);
+        assert!(progress_line(0, 0, 0, 10).contains("0/0"));
+    }
 
     #[test]
     fn widths() {

@@ -189,19 +189,44 @@ fn forget(engine: &Engine, key: &ProcKey) {
     }
 }
 
+/// One field of a definition that a config (re)load changes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FieldChange {
+    /// A spec field (`start_cmd`, `env`, ...), `labels`, or `source`.
+    pub field: String,
+    pub old: serde_json::Value,
+    pub new: serde_json::Value,
+}
+
+/// A definition a config (re)load changes, field by field.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Changed {
+    pub key: String,
+    pub fields: Vec<FieldChange>,
+}
+
 /// What a config (re)load would change.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ConfigDiff {
     pub added: Vec<String>,
-    /// Key and the fields that changed.
-    pub changed: Vec<(String, Vec<String>)>,
+    /// The definitions that change, with every changed field's old and new value.
+    pub changed: Vec<Changed>,
     pub removed: Vec<String>,
     /// Running processes whose change needs a restart to take effect.
     pub restart: Vec<String>,
+    /// Declared definitions that stay as they are.
+    pub unchanged: usize,
+}
+
+impl ConfigDiff {
+    /// Does applying this diff change anything?
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
 }
 
 /// Fields whose change only takes effect when the process restarts.
-const RESTART_FIELDS: &[&str] = &[
+pub const RESTART_FIELDS: &[&str] = &[
     "setup_path",
     "proc_name",
     "pid_path",
@@ -211,22 +236,36 @@ const RESTART_FIELDS: &[&str] = &[
     "instance_num",
 ];
 
-/// The fields that differ between two specs (and labels).
-pub fn changed_fields(a: &Definition, b: &Definition) -> Vec<String> {
+/// The fields that differ between two definitions (labels and spec), with both values.
+pub fn field_changes(a: &Definition, b: &Definition) -> Vec<FieldChange> {
     let mut out = Vec::new();
     if a.labels != b.labels {
-        out.push("labels".to_string());
+        out.push(FieldChange {
+            field: "labels".to_string(),
+            old: serde_json::to_value(&a.labels).unwrap_or_default(),
+            new: serde_json::to_value(&b.labels).unwrap_or_default(),
+        });
     }
     let ja = serde_json::to_value(&a.spec).unwrap_or_default();
     let jb = serde_json::to_value(&b.spec).unwrap_or_default();
     if let (Some(ma), Some(mb)) = (ja.as_object(), jb.as_object()) {
         for (k, va) in ma {
-            if mb.get(k) != Some(va) {
-                out.push(k.clone());
+            let vb = mb.get(k).cloned().unwrap_or_default();
+            if vb != *va {
+                out.push(FieldChange {
+                    field: k.clone(),
+                    old: va.clone(),
+                    new: vb,
+                });
             }
         }
     }
     out
+}
+
+/// The names of the fields that differ between two definitions (labels and spec).
+pub fn changed_fields(a: &Definition, b: &Definition) -> Vec<String> {
+    field_changes(a, b).into_iter().map(|c| c.field).collect()
 }
 
 /// Compare the registry's config-declared definitions with a new list.
@@ -238,20 +277,32 @@ pub fn diff(engine: &Engine, new: &[ProcessConfig]) -> ConfigDiff {
         match reg.get(k) {
             None => d.added.push(k.to_string()),
             Some(e) => {
-                let fields = changed_fields(&e.def, &p.definition);
-                let moved = matches!(e.def.source, Source::Api);
-                if !fields.is_empty() || moved {
-                    let mut f = fields;
-                    if moved {
-                        f.insert(0, "source (api → config)".into());
-                    }
-                    if !e.state.instances.is_empty()
-                        && f.iter().any(|x| RESTART_FIELDS.contains(&x.as_str()))
-                    {
-                        d.restart.push(k.to_string());
-                    }
-                    d.changed.push((k.to_string(), f));
+                let mut fields = field_changes(&e.def, &p.definition);
+                if matches!(e.def.source, Source::Api) {
+                    fields.insert(
+                        0,
+                        FieldChange {
+                            field: "source".into(),
+                            old: serde_json::json!("api"),
+                            new: serde_json::json!("config"),
+                        },
+                    );
                 }
+                if fields.is_empty() {
+                    d.unchanged += 1;
+                    continue;
+                }
+                if !e.state.instances.is_empty()
+                    && fields
+                        .iter()
+                        .any(|f| RESTART_FIELDS.contains(&f.field.as_str()))
+                {
+                    d.restart.push(k.to_string());
+                }
+                d.changed.push(Changed {
+                    key: k.to_string(),
+                    fields,
+                });
             }
         }
     }
@@ -262,6 +313,7 @@ pub fn diff(engine: &Engine, new: &[ProcessConfig]) -> ConfigDiff {
             d.removed.push(e.def.key.to_string());
         }
     }
+    d.removed.sort();
     d
 }
 
@@ -345,4 +397,64 @@ pub async fn apply_config(
         }
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn def(f: impl FnOnce(&mut Definition)) -> Definition {
+        let mut d = Definition {
+            key: ProcKey::new("n", "x"),
+            labels: Labels::new(),
+            spec: ProcSpec {
+                setup_path: "/opt/x".into(),
+                proc_name: "x".into(),
+                start_cmd: "./x".into(),
+                ..ProcSpec::default()
+            },
+            source: Source::Api,
+            register_time: 1,
+            updated_time: 1,
+        };
+        f(&mut d);
+        d
+    }
+
+    #[test]
+    fn field_changes_name_each_field_with_both_values() {
+        let a = def(|_| {});
+        // (change, expected fields)
+        let table: Vec<(Definition, Vec<&str>)> = vec![
+            (def(|_| {}), vec![]),
+            (def(|d| d.updated_time = 99), vec![]),
+            (
+                def(|d| d.spec.start_cmd = "./x --new".into()),
+                vec!["start_cmd"],
+            ),
+            (
+                def(|d| {
+                    d.spec.stop_cmd = "kill".into();
+                    d.labels.insert("app".into(), json!("x"));
+                }),
+                vec!["labels", "stop_cmd"],
+            ),
+            (
+                def(|d| {
+                    d.spec.env.insert("A".into(), "1".into());
+                }),
+                vec!["env"],
+            ),
+        ];
+        for (b, want) in table {
+            let got = field_changes(&a, &b);
+            let names: Vec<&str> = got.iter().map(|c| c.field.as_str()).collect();
+            assert_eq!(names, want);
+        }
+        let c = field_changes(&a, &def(|d| d.spec.start_cmd = "./x --new".into()));
+        assert_eq!(c[0].old, json!("./x"));
+        assert_eq!(c[0].new, json!("./x --new"));
+        assert!(RESTART_FIELDS.contains(&"start_cmd") && !RESTART_FIELDS.contains(&"stop_cmd"));
+    }
 }

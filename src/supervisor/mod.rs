@@ -785,6 +785,8 @@ impl Engine {
         } else {
             self.config.supervisor.sweep_interval
         };
+        // The tick also pings systemd's watchdog: at least twice per watchdog timeout.
+        let sweep = crate::daemon::watchdog_interval().map_or(sweep, |w| sweep.min(w));
         let mut tick = tokio::time::interval(sweep);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;

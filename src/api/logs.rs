@@ -1,0 +1,757 @@
+//! `GET /v1/logs`: a process's logs through the socket, so an operator who may not read the
+//! files themselves (a read-only group member) sees them, and nobody sees more than the
+//! process's own account could.
+//!
+//! Two sources, in this order:
+//! * `output`: what the agent captured from the process's control commands (and the
+//!   stdout/stderr of foreground processes): `STATE/output/<ns>_<name>.log`, one header line
+//!   `--- <time> <label> as <account>: <command>` per command.
+//! * `log`: the definition's `log_path`. A file is tailed. A directory (GSE v2 documents
+//!   `log_path` as the log *directory*) contributes its regular files directly inside it
+//!   (not recursive; hidden files, symlinks and compressed archives `.gz .xz .bz2 .zst .zip
+//!   .lz4` skipped), the [`MAX_DIR_FILES`] most recently modified, oldest first.
+//!
+//! Reading with care: `log_path` comes from an authorized registration, but the agent runs as
+//! root and must not become a way to read other files. Each path is resolved once, then
+//! walked component by component from `/` with `O_NOFOLLOW` (a symlink swapped in
+//! afterwards fails the walk), and when the process runs as another account every directory
+//! on the way must be searchable and the file readable by that account (owner, group,
+//! other bits). Only regular files are read; at most [`TAIL_SCAN_BYTES`] from the end for
+//! the initial lines, at most [`MAX_LINE`] bytes per line, at most [`READ_CHUNK`] per file
+//! per poll when following.
+//!
+//! Query: `key=NS/NAME` (required), `lines=N` (initial lines per file, default 100, at most
+//! 10000, 0 for none), `source=all|output|log` (default all), `follow=1`.
+//! Without `follow` the answer is the usual envelope, `data.lines` a list of line objects.
+//! With `follow` it is a newline-delimited JSON stream of the same objects: the initial
+//! lines, then new lines as they are written (polled every 250 ms; truncation and
+//! rotation are noticed; a blank keep-alive line every 15 s). A line object is
+//! `{"source","file","line"}`, or `{"source","file","notice"}` for something the reader
+//! should know (a file that cannot be read, a truncation).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::{Query, Request, State};
+use axum::response::{IntoResponse, Response};
+use rustix::fs::{FileType, Mode, OFlags};
+use serde_json::{Value, json};
+
+use super::auth;
+use super::{ApiError, AppState, Peer, ok};
+use crate::executor::Account;
+use crate::proto::codes;
+use crate::spec::ProcKey;
+
+/// Files of a log directory that are shown.
+pub const MAX_DIR_FILES: usize = 5;
+/// Bytes read from the end of a file for its initial lines.
+pub const TAIL_SCAN_BYTES: u64 = 4 << 20;
+/// Longer lines are cut here.
+pub const MAX_LINE: usize = 16 * 1024;
+/// Bytes read from one file per poll when following.
+pub const READ_CHUNK: u64 = 1 << 20;
+/// Most initial lines per file.
+pub const MAX_LINES: usize = 10_000;
+const POLL: Duration = Duration::from_millis(250);
+const RESCAN: Duration = Duration::from_secs(1);
+const KEEPALIVE: Duration = Duration::from_secs(15);
+const COMPRESSED: &[&str] = &["gz", "xz", "bz2", "zst", "zip", "lz4"];
+
+/// Query of `GET /v1/logs`.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct LogsQuery {
+    #[serde(default)]
+    pub key: String,
+    #[serde(default)]
+    pub lines: Option<usize>,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub follow: Option<String>,
+}
+
+/// Can `acct` read (`want` = 4) or search (`want` = 1) a file with this mode and owner?
+/// None: no account to check (the agent's own, or root).
+pub fn permits(mode: u32, uid: u32, gid: u32, acct: Option<&Account>, want: u32) -> bool {
+    let Some(a) = acct else { return true };
+    if a.uid == 0 {
+        return true;
+    }
+    let bits = if uid == a.uid {
+        mode >> 6
+    } else if a.gid == gid || a.groups.contains(&gid) {
+        mode >> 3
+    } else {
+        mode
+    };
+    bits & want == want
+}
+
+fn stat_ok(st: &rustix::fs::Stat, acct: Option<&Account>, want: u32) -> bool {
+    permits(st.st_mode, st.st_uid, st.st_gid, acct, want)
+}
+
+/// Why a path cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    Io(String),
+    #[error("not readable by the process's account {0}; not shown")]
+    Denied(String),
+    #[error("not a regular file; not shown")]
+    NotRegular,
+}
+
+/// A checked, opened path: a regular file (`file`) or a directory (`dir` true).
+pub struct Opened {
+    pub file: Option<File>,
+    pub dir: bool,
+    pub real: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// Open `path` for reading as described in the module docs: resolve it, walk the resolved
+/// path from `/` without following symlinks, check the account's permissions on the way.
+pub fn open_checked(path: &Path, acct: Option<&Account>) -> Result<Opened, OpenError> {
+    let io = |e: std::io::Error| OpenError::Io(e.to_string());
+    let denied = || OpenError::Denied(acct.map(|a| a.name.clone()).unwrap_or_default());
+    let real = std::fs::canonicalize(path).map_err(io)?;
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut fd: OwnedFd = rustix::fs::open("/", flags | OFlags::DIRECTORY, Mode::empty())
+        .map_err(|e| io(e.into()))?;
+    let comps: Vec<&std::ffi::OsStr> = real
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    for (i, c) in comps.iter().enumerate() {
+        let st = rustix::fs::fstat(&fd).map_err(|e| io(e.into()))?;
+        if !stat_ok(&st, acct, 1) {
+            return Err(denied());
+        }
+        let last = i + 1 == comps.len();
+        let f = if last {
+            flags
+        } else {
+            flags | OFlags::DIRECTORY
+        };
+        fd = rustix::fs::openat(&fd, *c, f, Mode::empty()).map_err(|e| io(e.into()))?;
+    }
+    let st = rustix::fs::fstat(&fd).map_err(|e| io(e.into()))?;
+    let ft = FileType::from_raw_mode(st.st_mode);
+    let (dev, ino) = (st.st_dev, st.st_ino);
+    match ft {
+        FileType::Directory => {
+            if !stat_ok(&st, acct, 4 | 1) {
+                return Err(denied());
+            }
+            Ok(Opened {
+                file: None,
+                dir: true,
+                real,
+                dev,
+                ino,
+            })
+        }
+        FileType::RegularFile => {
+            if !stat_ok(&st, acct, 4) {
+                return Err(denied());
+            }
+            // Reopen the O_PATH descriptor for reading: the same inode, no new lookup.
+            let file = File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(io)?;
+            Ok(Opened {
+                file: Some(file),
+                dir: false,
+                real,
+                dev,
+                ino,
+            })
+        }
+        _ => Err(OpenError::NotRegular),
+    }
+}
+
+/// The last `n` lines of `f` (at most [`TAIL_SCAN_BYTES`] read); returns them and the end
+/// offset.
+pub fn tail_lines(f: &mut File, n: usize) -> std::io::Result<(Vec<String>, u64)> {
+    let len = f.metadata()?.len();
+    if n == 0 {
+        return Ok((Vec::new(), len));
+    }
+    let start = len.saturating_sub(TAIL_SCAN_BYTES);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.take(len - start).read_to_end(&mut buf)?;
+    let mut text: &[u8] = &buf;
+    if start > 0 {
+        // Drop the partial first line.
+        match text.iter().position(|b| *b == b'\n') {
+            Some(p) => text = &text[p + 1..],
+            None => text = &[],
+        }
+    }
+    let mut lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
+    if lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    let skip = lines.len().saturating_sub(n);
+    let end = start + buf.len() as u64;
+    Ok((lines[skip..].iter().map(|l| line_text(l)).collect(), end))
+}
+
+fn line_text(l: &[u8]) -> String {
+    let l = l.strip_suffix(b"\r").unwrap_or(l);
+    if l.len() > MAX_LINE {
+        let mut s = String::from_utf8_lossy(&l[..MAX_LINE]).into_owned();
+        s.push_str(" [line cut]");
+        s
+    } else {
+        String::from_utf8_lossy(l).into_owned()
+    }
+}
+
+fn line_obj(source: &str, file: &Path, line: String) -> Value {
+    json!({"source": source, "file": file.display().to_string(), "line": line})
+}
+
+fn notice_obj(source: &str, file: &Path, notice: impl Into<String>) -> Value {
+    json!({"source": source, "file": file.display().to_string(), "notice": notice.into()})
+}
+
+/// The regular files of a log directory to show, oldest first (see the module docs).
+pub fn dir_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, SystemTime)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name();
+        let n = name.to_string_lossy();
+        if n.starts_with('.') {
+            continue;
+        }
+        let p = e.path();
+        if p.extension()
+            .is_some_and(|x| COMPRESSED.iter().any(|c| x == *c))
+        {
+            continue;
+        }
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if !m.file_type().is_file() {
+            continue;
+        }
+        out.push((p, m.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+    }
+    out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    out.truncate(MAX_DIR_FILES);
+    out.reverse();
+    Ok(out)
+}
+
+/// One file being read.
+struct Tracked {
+    source: &'static str,
+    path: PathBuf,
+    file: Option<File>,
+    id: (u64, u64),
+    offset: u64,
+    partial: Vec<u8>,
+    /// The last notice given for this file (not repeated).
+    noticed: Option<String>,
+    /// Part of a directory (dropped when it leaves the newest files).
+    in_dir: bool,
+    /// The agent's own output file: no account check (the agent names and writes it), and
+    /// no notice while it does not exist (no command has run yet).
+    agent_file: bool,
+}
+
+impl Tracked {
+    fn new(source: &'static str, path: PathBuf, in_dir: bool) -> Tracked {
+        Tracked {
+            source,
+            path,
+            file: None,
+            id: (0, 0),
+            offset: 0,
+            partial: Vec::new(),
+            noticed: None,
+            in_dir,
+            agent_file: false,
+        }
+    }
+
+    fn agent_output(path: PathBuf) -> Tracked {
+        Tracked {
+            agent_file: true,
+            ..Tracked::new("output", path, false)
+        }
+    }
+
+    fn notice(&mut self, msg: String, out: &mut Vec<Value>) {
+        if self.noticed.as_deref() != Some(msg.as_str()) {
+            out.push(notice_obj(self.source, &self.path, msg.clone()));
+            self.noticed = Some(msg);
+        }
+    }
+
+    /// Open the file (when not open); `tail` initial lines, or from `start_at_end`.
+    fn open(&mut self, acct: Option<&Account>, tail: Option<usize>, out: &mut Vec<Value>) {
+        let acct = if self.agent_file { None } else { acct };
+        let missing = self.agent_file && !self.path.exists();
+        if missing {
+            return;
+        }
+        match open_checked(&self.path, acct) {
+            Ok(Opened {
+                file: Some(mut f),
+                dev,
+                ino,
+                ..
+            }) => {
+                self.id = (dev, ino);
+                self.partial.clear();
+                self.noticed = None;
+                match tail {
+                    Some(n) => match tail_lines(&mut f, n) {
+                        Ok((lines, end)) => {
+                            out.extend(
+                                lines
+                                    .into_iter()
+                                    .map(|l| line_obj(self.source, &self.path, l)),
+                            );
+                            self.offset = end;
+                        }
+                        Err(e) => {
+                            self.notice(format!("cannot read: {e}"), out);
+                            return;
+                        }
+                    },
+                    None => self.offset = 0,
+                }
+                self.file = Some(f);
+            }
+            Ok(_) => self.notice("is a directory; not shown".into(), out),
+            Err(e) => self.notice(format!("cannot open: {e}"), out),
+        }
+    }
+
+    /// Read what was appended since the last poll.
+    fn poll(&mut self, acct: Option<&Account>, out: &mut Vec<Value>) {
+        let Some(f) = self.file.as_mut() else {
+            // Not there (yet): try again, from its start (tail -F).
+            self.open(acct, None, out);
+            return;
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < self.offset {
+            self.offset = 0;
+            self.partial.clear();
+            out.push(notice_obj(
+                self.source,
+                &self.path,
+                "file truncated; reading from its start",
+            ));
+        }
+        if len > self.offset {
+            let mut buf = Vec::new();
+            let res = f
+                .seek(SeekFrom::Start(self.offset))
+                .and_then(|_| (&mut *f).take(READ_CHUNK).read_to_end(&mut buf));
+            match res {
+                Ok(n) => {
+                    self.offset += n as u64;
+                    self.partial.extend_from_slice(&buf);
+                    let mut rest: &[u8] = &self.partial;
+                    let mut lines = Vec::new();
+                    while let Some(p) = rest.iter().position(|b| *b == b'\n') {
+                        lines.push(line_text(&rest[..p]));
+                        rest = &rest[p + 1..];
+                    }
+                    if rest.len() > MAX_LINE {
+                        lines.push(line_text(rest));
+                        rest = &[];
+                    }
+                    self.partial = rest.to_vec();
+                    out.extend(
+                        lines
+                            .into_iter()
+                            .map(|l| line_obj(self.source, &self.path, l)),
+                    );
+                }
+                Err(e) => self.notice(format!("cannot read: {e}"), out),
+            }
+        }
+    }
+
+    /// Has the path been replaced by another file (rotation) or removed? Only acted on once
+    /// the old file has been read to its end.
+    fn rotated(&self) -> bool {
+        let Some(f) = &self.file else { return false };
+        let fully_read = f.metadata().map(|m| m.len() <= self.offset).unwrap_or(true);
+        if !fully_read {
+            return false;
+        }
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.path) {
+            Ok(m) => (m.dev(), m.ino()) != self.id,
+            Err(_) => false,
+        }
+    }
+}
+
+/// Which files a request covers.
+struct Sources {
+    acct: Option<Account>,
+    files: Vec<Tracked>,
+    /// A log directory whose file set is rescanned while following.
+    dir: Option<PathBuf>,
+}
+
+impl Sources {
+    fn resolve(
+        engine: &crate::supervisor::Engine,
+        key: &ProcKey,
+        which: &str,
+        out: &mut Vec<Value>,
+    ) -> Result<Sources, ApiError> {
+        let spec = engine.spec_of(key).ok_or_else(|| {
+            ApiError::new(codes::NOT_FOUND, format!("process {key} is not registered"))
+        })?;
+        // The account whose view of the file system bounds what is shown. The agent's own
+        // account (root) needs no check; an account that no longer exists sees nothing.
+        let agent_uid = nix::unistd::getuid().as_raw();
+        let acct = match crate::executor::resolve_account(&spec.account) {
+            Ok(a) if a.uid == agent_uid || a.uid == 0 => None,
+            Ok(a) => Some(a),
+            Err(e) => {
+                if which != "output" && !spec.log_path.is_empty() {
+                    out.push(notice_obj(
+                        "log",
+                        Path::new(&spec.log_path),
+                        format!("{e}; log_path not shown"),
+                    ));
+                }
+                Some(Account {
+                    name: spec.account.clone(),
+                    uid: u32::MAX,
+                    gid: u32::MAX,
+                    groups: Vec::new(),
+                    home: String::new(),
+                    shell: String::new(),
+                })
+            }
+        };
+        let mut files = Vec::new();
+        let mut dir = None;
+        if which == "all" || which == "output" {
+            files.push(Tracked::agent_output(engine.exec.output_path(key)));
+        }
+        if (which == "all" || which == "log") && !spec.log_path.is_empty() {
+            let lp = PathBuf::from(&spec.log_path);
+            match open_checked(&lp, acct.as_ref()) {
+                Ok(o) if o.dir => {
+                    match dir_files(&o.real) {
+                        Ok(list) => {
+                            if list.is_empty() {
+                                out.push(notice_obj("log", &lp, "no log files in this directory"));
+                            }
+                            files
+                                .extend(list.into_iter().map(|(p, _)| Tracked::new("log", p, true)))
+                        }
+                        Err(e) => out.push(notice_obj("log", &lp, format!("cannot list: {e}"))),
+                    }
+                    dir = Some(o.real);
+                }
+                _ => files.push(Tracked::new("log", lp, false)),
+            }
+        } else if which == "log" {
+            out.push(notice_obj(
+                "log",
+                Path::new(""),
+                "the process has no log_path",
+            ));
+        }
+        Ok(Sources { acct, files, dir })
+    }
+
+    /// Bring the file set of the log directory up to date (new files join, from their start
+    /// when small, from their end otherwise; files beyond the newest few leave).
+    fn rescan(&mut self, out: &mut Vec<Value>) {
+        let Some(dir) = &self.dir else { return };
+        let Ok(list) = dir_files(dir) else { return };
+        self.files
+            .retain(|t| !t.in_dir || list.iter().any(|(p, _)| *p == t.path));
+        for (p, _) in list {
+            if self.files.iter().any(|t| t.path == p) {
+                continue;
+            }
+            let mut t = Tracked::new("log", p, true);
+            t.open(self.acct.as_ref(), None, out);
+            if let Some(f) = &t.file {
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                if len > READ_CHUNK {
+                    t.offset = len;
+                }
+            }
+            self.files.push(t);
+        }
+    }
+
+    fn initial(&mut self, lines: usize, out: &mut Vec<Value>) {
+        let acct = self.acct.clone();
+        for t in &mut self.files {
+            t.open(acct.as_ref(), Some(lines), out);
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<Value>) {
+        let acct = self.acct.clone();
+        for t in &mut self.files {
+            if t.rotated() {
+                t.file = None;
+                t.offset = 0;
+                out.push(notice_obj(
+                    t.source,
+                    &t.path,
+                    "file replaced (rotated); reading the new one",
+                ));
+            }
+            t.poll(acct.as_ref(), out);
+        }
+    }
+}
+
+fn ndjson(values: &[Value]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for v in values {
+        if serde_json::to_writer(&mut b, v).is_ok() {
+            b.push(b'\n');
+        }
+    }
+    b
+}
+
+/// `GET /v1/logs` (see the module docs). Every authorized role may read logs.
+pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
+    let engine = st.engine;
+    engine.counters.api_request("logs");
+    let peer = req.extensions().get::<Peer>().copied();
+    if let Err(e) = auth::authorize(&engine, peer) {
+        return e.into_response();
+    }
+    let q: LogsQuery = match Query::<LogsQuery>::try_from_uri(req.uri()) {
+        Ok(Query(q)) => q,
+        Err(e) => return ApiError::bad(format!("invalid query: {e}")).into_response(),
+    };
+    let key: ProcKey = match q.key.parse() {
+        Ok(k) => k,
+        Err(e) => return ApiError::bad(format!("key: {e}")).into_response(),
+    };
+    let which = q.source.as_deref().unwrap_or("all");
+    if !matches!(which, "all" | "output" | "log") {
+        return ApiError::bad(format!(
+            "source: {which:?} must be \"all\", \"output\" or \"log\""
+        ))
+        .into_response();
+    }
+    let lines = q.lines.unwrap_or(100);
+    if lines > MAX_LINES {
+        return ApiError::bad(format!("lines: at most {MAX_LINES}, got {lines}")).into_response();
+    }
+    let follow = q
+        .follow
+        .as_deref()
+        .is_some_and(|f| f != "0" && f != "false");
+    let mut first = Vec::new();
+    let mut src = match Sources::resolve(&engine, &key, which, &mut first) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let res = tokio::task::spawn_blocking(move || {
+        src.initial(lines, &mut first);
+        (src, first)
+    })
+    .await;
+    let Ok((src, first)) = res else {
+        return ApiError::new(codes::INTERNAL, "reading the logs failed").into_response();
+    };
+    if !follow {
+        return ok(json!({ "lines": first }));
+    }
+    let head = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(ndjson(&first))]);
+    let state = (src, Instant::now(), Instant::now());
+    let live =
+        futures_util::stream::unfold(state, |(src, mut last_scan, mut last_sent)| async move {
+            let mut src = src;
+            loop {
+                tokio::time::sleep(POLL).await;
+                let scan = last_scan.elapsed() >= RESCAN;
+                if scan {
+                    last_scan = Instant::now();
+                }
+                let r = tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::new();
+                    if scan {
+                        src.rescan(&mut out);
+                    }
+                    src.poll(&mut out);
+                    (src, out)
+                })
+                .await;
+                let Ok((s, out)) = r else { return None };
+                src = s;
+                if !out.is_empty() {
+                    last_sent = Instant::now();
+                    return Some((Ok(ndjson(&out)), (src, last_scan, last_sent)));
+                }
+                if last_sent.elapsed() >= KEEPALIVE {
+                    last_sent = Instant::now();
+                    return Some((Ok(b"\n".to_vec()), (src, last_scan, last_sent)));
+                }
+            }
+        });
+    use futures_util::StreamExt;
+    (
+        [
+            ("content-type", "application/x-ndjson"),
+            ("cache-control", "no-cache"),
+        ],
+        axum::body::Body::from_stream(head.chain(live)),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn acct(uid: u32, gid: u32, groups: Vec<u32>) -> Account {
+        Account {
+            name: "u".into(),
+            uid,
+            gid,
+            groups,
+            home: "/".into(),
+            shell: "/bin/sh".into(),
+        }
+    }
+
+    #[test]
+    fn permission_bits_follow_owner_group_other() {
+        let a = acct(1000, 1000, vec![1000, 50]);
+        // (mode, uid, gid, want, expected)
+        let table: &[(u32, u32, u32, u32, bool)] = &[
+            (0o600, 1000, 0, 4, true),
+            (0o600, 0, 0, 4, false),
+            (0o640, 0, 50, 4, true),
+            (0o604, 0, 0, 4, true),
+            (0o640, 0, 0, 4, false),
+            (0o044, 1000, 1000, 4, false), // owner bits win, as in the kernel
+            (0o711, 0, 0, 1, true),
+            (0o700, 0, 0, 1, false),
+            (0o750, 0, 50, 5, true),
+            (0o740, 0, 50, 5, false),
+        ];
+        for &(mode, uid, gid, want, exp) in table {
+            assert_eq!(
+                permits(mode, uid, gid, Some(&a), want),
+                exp,
+                "mode {mode:o} uid {uid} gid {gid} want {want}"
+            );
+        }
+        assert!(permits(0o000, 0, 0, None, 4));
+        assert!(permits(0o000, 5, 5, Some(&acct(0, 0, vec![])), 4));
+    }
+
+    #[test]
+    fn tail_and_follow_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.log");
+        let mut w = File::create(&p).unwrap();
+        for i in 0..10 {
+            writeln!(w, "line {i}").unwrap();
+        }
+        let mut t = Tracked::new("log", p.clone(), false);
+        let mut out = Vec::new();
+        t.open(None, Some(3), &mut out);
+        let got: Vec<&str> = out.iter().map(|v| v["line"].as_str().unwrap()).collect();
+        assert_eq!(got, ["line 7", "line 8", "line 9"]);
+        out.clear();
+        write!(w, "partial").unwrap();
+        t.poll(None, &mut out);
+        assert!(out.is_empty(), "a partial line waits: {out:?}");
+        writeln!(w, " done").unwrap();
+        t.poll(None, &mut out);
+        assert_eq!(out[0]["line"], "partial done");
+        out.clear();
+        // Truncation is noticed and reading restarts at the start.
+        w.set_len(0).unwrap();
+        drop(w);
+        std::fs::write(&p, "fresh\n").unwrap();
+        t.poll(None, &mut out);
+        assert!(
+            out[0]["notice"].as_str().unwrap().contains("truncated"),
+            "{out:?}"
+        );
+        assert_eq!(out[1]["line"], "fresh");
+    }
+
+    #[test]
+    fn symlinks_resolve_but_non_regular_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.log");
+        std::fs::write(&real, "x\n").unwrap();
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let o = open_checked(&link, None).unwrap();
+        assert_eq!(o.real, std::fs::canonicalize(&real).unwrap());
+        assert!(matches!(
+            open_checked(Path::new("/dev/null"), None),
+            Err(OpenError::NotRegular)
+        ));
+        // An account that cannot search the directory sees nothing.
+        use std::os::unix::fs::PermissionsExt;
+        let sub = dir.path().join("private");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("f.log"), "secret\n").unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let me = nix::unistd::getuid().as_raw();
+        let stranger = acct(me.wrapping_add(12345), 54321, vec![54321]);
+        assert!(matches!(
+            open_checked(&sub.join("f.log"), Some(&stranger)),
+            Err(OpenError::Denied(_))
+        ));
+    }
+
+    #[test]
+    fn directory_keeps_the_newest_plain_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..7 {
+            let p = dir.path().join(format!("f{i}.log"));
+            std::fs::write(&p, format!("{i}\n")).unwrap();
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + i);
+            File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        std::fs::write(dir.path().join("old.log.gz"), "z").unwrap();
+        std::fs::write(dir.path().join(".hidden"), "h").unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let names: Vec<String> = dir_files(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["f2.log", "f3.log", "f4.log", "f5.log", "f6.log"]);
+    }
+}

@@ -1,0 +1,693 @@
+//! The operator CLI end to end, against a real daemon: logs (and -f), events -f, config
+//! reload (dry run, apply, a rejected config, SIGHUP, conf_dir watching), batch operations
+//! by label and expression, completions, the man page, and `--json` on every read command.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const NS: &str = "ops";
+
+/// A CLI child whose stdout is read line by line in the background; killed on drop.
+struct Follower {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Follower {
+    fn start(d: &Daemon, args: &[&str]) -> Follower {
+        let mut child = Command::new(CLI)
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn procagent");
+        let out = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                match line {
+                    Ok(l) => l2.lock().expect("lines").push(l),
+                    Err(_) => break,
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    /// Wait until a line satisfies `pred`; returns it.
+    fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        wait_for(what, Duration::from_secs(30), || {
+            self.lines
+                .lock()
+                .expect("lines")
+                .iter()
+                .find(|l| pred(l))
+                .cloned()
+        })
+    }
+
+    /// Wait for the CLI to exit; its exit code.
+    fn wait_exit(&mut self) -> Option<i32> {
+        wait_for("the follower to exit", Duration::from_secs(30), || {
+            self.child.try_wait().ok().flatten()
+        })
+        .code()
+    }
+
+    fn still_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `[[process]]` table for a daemonizing fixture program `name` started with `arg`.
+fn proc_toml(env: &TestEnv, name: &str, arg: &str, labels: &str) -> String {
+    let prog = env.program(name);
+    let pidfile = env.p(&format!("{name}.pid"));
+    format!(
+        r#"
+[[process]]
+namespace = "{NS}"
+name = "{name}"
+labels = {{ {labels} }}
+setup_path = "{dir}"
+proc_name = "{name}"
+pid_path = "{pidfile}"
+start_cmd = "setsid {prog} {arg} </dev/null >/dev/null 2>&1 & echo $! > {pidfile}"
+stop_cmd = "kill $(cat {pidfile})"
+start_check_secs = 1
+op_timeout = 10
+"#,
+        dir = env.path().display(),
+    )
+}
+
+fn running_pid(d: &Daemon, name: &str) -> Option<i64> {
+    let v = d.detail(NS, name);
+    if v["state"] == json!("running") {
+        v["pids"][0].as_i64()
+    } else {
+        None
+    }
+}
+
+fn wait_running(d: &Daemon, name: &str) -> i64 {
+    wait_for(&format!("{name} running"), Duration::from_secs(30), || {
+        running_pid(d, name)
+    })
+}
+
+fn parse_json(out: &str, what: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{what}: not JSON ({e}):\n{out}"))
+}
+
+#[test]
+fn logs_show_captured_output_and_follow_log_path() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let log = env.p("app.log");
+    std::fs::write(&log, "boot line 1\nboot line 2\n").unwrap();
+    let mut spec = daemon_spec(&env, "logger", json!({}));
+    spec["identity"]["log_path"] = json!(log);
+    // The start command says something: the agent captures it.
+    let start = spec["control"]["start_cmd"].as_str().unwrap().to_string();
+    spec["control"]["start_cmd"] = json!(format!("echo hello-from-start; {start}"));
+    d.register(NS, "logger", spec);
+    assert_eq!(d.op(NS, "logger", 0)["error_code"], json!(0));
+
+    let (code, out, err) = d.cli(&["logs", "ops/logger"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("hello-from-start"), "captured output:\n{out}");
+    assert!(out.contains("start_cmd as"), "header line:\n{out}");
+    assert!(
+        out.contains("boot line 2") && out.contains(&format!("==> {log} <==")),
+        "log_path:\n{out}"
+    );
+    // -n bounds the lines per file; --source picks one.
+    let (_, out, _) = d.cli(&["logs", "-n", "1", "--source", "log", "ops/logger"]);
+    assert!(
+        out.contains("boot line 2") && !out.contains("boot line 1"),
+        "{out}"
+    );
+    assert!(!out.contains("hello-from-start"), "{out}");
+
+    // JSON lines parse back.
+    let (code, out, _) = d.cli(&["--json", "logs", "ops/logger"]);
+    assert_eq!(code, 0);
+    let objs: Vec<Value> = out.lines().map(|l| parse_json(l, "logs --json")).collect();
+    assert!(
+        objs.iter()
+            .any(|o| o["source"] == json!("output") && o["line"] == json!("hello-from-start"))
+    );
+    assert!(
+        objs.iter()
+            .any(|o| o["source"] == json!("log") && o["file"] == json!(log))
+    );
+
+    // -f sees lines appended while following, in order.
+    let mut f = Follower::start(&d, &["logs", "-f", "-n", "5", "ops/logger"]);
+    f.wait_line("the initial lines", |l| l == "boot line 2");
+    {
+        use std::io::Write;
+        let mut w = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        writeln!(w, "live line A").unwrap();
+        writeln!(w, "live line B").unwrap();
+    }
+    f.wait_line("a followed line", |l| l == "live line B");
+    let lines = f.snapshot();
+    let a = lines.iter().position(|l| l == "live line A").unwrap();
+    let b = lines.iter().position(|l| l == "live line B").unwrap();
+    assert!(a < b, "{lines:?}");
+    // A command run while following shows up too (the captured output is followed).
+    assert_eq!(d.op(NS, "logger", 1)["error_code"], json!(0));
+    f.wait_line("the stop command's header", |l| l.contains("stop_cmd as"));
+    assert!(f.still_running(), "-f keeps following");
+
+    // Unknown process: exit 5, the envelope's message.
+    let (code, _, err) = d.cli(&["logs", "ops/nope"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("not registered"), "{err}");
+}
+
+#[test]
+fn logs_of_a_log_directory_and_what_an_account_may_not_read() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let dir = env.path().join("logs");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("a.log"), "from a\n").unwrap();
+    std::fs::write(dir.join("b.log"), "from b\n").unwrap();
+    std::fs::write(dir.join("old.log.gz"), "zzz\n").unwrap();
+    let mut spec = daemon_spec(&env, "dirlog", json!({}));
+    spec["identity"]["log_path"] = json!(dir.display().to_string());
+    d.register(NS, "dirlog", spec);
+    let (code, out, err) = d.cli(&["logs", "--source", "log", "ops/dirlog"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("from a") && out.contains("from b"), "{out}");
+    assert!(
+        !out.contains("zzz"),
+        "compressed archives are skipped: {out}"
+    );
+
+    // A new file in the directory joins while following.
+    let f = Follower::start(&d, &["logs", "-f", "--source", "log", "ops/dirlog"]);
+    f.wait_line("initial", |l| l == "from b");
+    std::fs::write(dir.join("c.log"), "from c\n").unwrap();
+    f.wait_line("the new file's line", |l| l == "from c");
+    drop(f);
+
+    if !is_root() {
+        eprintln!("skip: the account check needs root to register a process as nobody");
+        return;
+    }
+    // A process running as nobody must not become a way to read root's files.
+    let secret = env.path().join("secret.log");
+    std::fs::write(&secret, "root only\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut spec = daemon_spec(&env, "sneaky", json!({}));
+    spec["identity"]["user"] = json!("nobody");
+    spec["identity"]["log_path"] = json!(secret.display().to_string());
+    d.register(NS, "sneaky", spec);
+    let (code, out, err) = d.cli(&["logs", "--source", "log", "ops/sneaky"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("root only"), "{out}");
+    assert!(
+        err.contains("not readable by the process's account nobody"),
+        "{err}"
+    );
+    // Its own captured output (the agent's file) is shown all the same.
+    let (code, out, err) = d.cli(&["logs", "--source", "output", "ops/sneaky"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.is_empty() && err.is_empty(),
+        "nothing ran yet: {out}{err}"
+    );
+    let _ = d.op(NS, "sneaky", 0);
+    let (code, out, err) = d.cli(&["logs", "--source", "output", "ops/sneaky"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("start_cmd as nobody"), "{out}{err}");
+    assert!(!err.contains("not readable"), "{err}");
+    // Through a symlink it is the same file: still refused.
+    let link = env.path().join("innocent.log");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    let mut spec = daemon_spec(&env, "sneaky2", json!({}));
+    spec["identity"]["user"] = json!("nobody");
+    spec["identity"]["log_path"] = json!(link.display().to_string());
+    d.register(NS, "sneaky2", spec);
+    let (_, out, err) = d.cli(&["logs", "--source", "log", "ops/sneaky2"]);
+    assert!(!out.contains("root only"), "{out}");
+    assert!(err.contains("not readable"), "{err}");
+}
+
+#[test]
+fn events_follow_human_and_json() {
+    let env = TestEnv::new();
+    let mut d = Daemon::start(&env, "");
+    let (code, out, _) = d.cli(&["events"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("agent_started"), "{out}");
+    let human = Follower::start(&d, &["events", "-f", "-n", "1"]);
+    let js = Follower::start(&d, &["--json", "events", "-f", "--process", "ops/ev"]);
+    human.wait_line("backlog", |l| l.contains("agent_started"));
+    d.register(NS, "ev", daemon_spec(&env, "ev", json!({})));
+    let l = human.wait_line("the live registered event", |l| {
+        l.contains("registered") && l.contains("ops/ev")
+    });
+    assert!(l.contains("definition registered"), "{l}");
+    let l = js.wait_line("the JSON event", |l| l.contains("registered"));
+    let v = parse_json(&l, "events -f --json");
+    assert_eq!(v["key"], json!("ops/ev"));
+    assert_eq!(v["kind"], json!("registered"));
+    // The filter holds: the agent's own events are not in the per-process stream.
+    assert!(js.snapshot().iter().all(|l| !l.contains("agent_started")));
+    // Non-follow --json parses.
+    let (code, out, _) = d.cli(&["--json", "events", "--since", "1h"]);
+    assert_eq!(code, 0);
+    let v = parse_json(&out, "events --json");
+    assert!(v["events"].as_array().is_some_and(|a| !a.is_empty()), "{v}");
+    let (code, _, err) = d.cli(&["events", "--since", "soon"]);
+    assert_eq!(code, 2, "{err}");
+    // The agent going away ends a follow with 69 (unavailable).
+    let mut human = human;
+    d.terminate();
+    assert_eq!(human.wait_exit(), Some(69));
+}
+
+fn write_config(env: &TestEnv, extra: &str) {
+    std::fs::write(
+        env.path().join("agent.toml"),
+        Daemon::config_text(env, extra),
+    )
+    .expect("write the config");
+}
+
+#[test]
+fn reload_dry_run_apply_and_rejected_config() {
+    let env = TestEnv::new();
+    let a = proc_toml(&env, "alpha", "100000", r#"app = "web""#);
+    let b = proc_toml(&env, "beta", "100000", r#"app = "web""#);
+    let d = Daemon::start(&env, &format!("{a}{b}"));
+    let pid_a = wait_running(&d, "alpha");
+    wait_running(&d, "beta");
+
+    // Nothing changed yet.
+    let (code, out, err) = d.cli(&["reload", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("0 to add, 0 to change, 0 to remove"), "{out}");
+
+    // alpha's start_cmd and labels change, beta goes, gamma comes, and [api] changes.
+    let a2 = proc_toml(&env, "alpha", "200000", r#"app = "web", tier = "front""#);
+    let g = proc_toml(&env, "gamma", "100000", r#"app = "db""#);
+    write_config(&env, &format!("{a2}{g}\n[api]\nmax_connections = 100\n"));
+    let (code, out, err) = d.cli(&["reload", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("dry run: nothing applied"), "{out}");
+    assert!(out.contains("+ ops/gamma"), "{out}");
+    assert!(out.contains("~ ops/alpha"), "{out}");
+    assert!(
+        out.contains("start_cmd:") && out.contains("100000") && out.contains("200000"),
+        "field-by-field: {out}"
+    );
+    assert!(out.contains("labels:"), "{out}");
+    assert!(out.contains("- ops/beta"), "{out}");
+    assert!(out.contains("restart ops/alpha"), "{out}");
+    assert!(out.contains("[api]"), "restart-required sections: {out}");
+    // The dry run changed nothing.
+    assert_eq!(running_pid(&d, "alpha"), Some(pid_a));
+    assert_eq!(d.detail(NS, "gamma"), Value::Null);
+
+    let (code, out, _) = d.cli(&["--json", "reload", "--dry-run"]);
+    assert_eq!(code, 0);
+    let v = parse_json(&out, "reload --dry-run --json");
+    assert_eq!(v["dry_run"], json!(true));
+    assert_eq!(v["added"], json!(["ops/gamma"]));
+    assert_eq!(v["removed"], json!(["ops/beta"]));
+    assert_eq!(v["restart"], json!(["ops/alpha"]));
+    let fields: Vec<&str> = v["changed"][0]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["field"].as_str().unwrap())
+        .collect();
+    assert!(
+        fields.contains(&"start_cmd") && fields.contains(&"labels"),
+        "{v}"
+    );
+    assert_eq!(v["restart_required"], json!(["[api]"]));
+
+    // A config with errors is rejected whole, every error listed; nothing changes.
+    let good = std::fs::read_to_string(env.path().join("agent.toml")).unwrap();
+    std::fs::write(
+        env.path().join("agent.toml"),
+        format!(
+            "{good}\n[[process]]\nnamespace = \"{NS}\"\nname = \"broken\"\nbogus_key = 1\nop_timeout = 0\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = d.cli(&["reload"]);
+    assert_eq!(code, 6, "LSB 'not configured': {out}{err}");
+    for needle in [
+        "bogus_key: unknown key",
+        "op_timeout",
+        "setup_path",
+        "proc_name",
+    ] {
+        assert!(err.contains(needle), "error {needle:?} not listed:\n{err}");
+    }
+    assert!(err.contains("nothing changed"), "{err}");
+    assert_eq!(running_pid(&d, "alpha"), Some(pid_a), "alpha untouched");
+    assert!(d.detail(NS, "beta").is_object(), "beta still declared");
+    assert_eq!(d.detail(NS, "gamma"), Value::Null);
+    let rejected = d.get("/v1/events?limit=100");
+    assert!(
+        rejected["data"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == json!("config_rejected")),
+        "{rejected}"
+    );
+    let (code, out, _) = d.cli(&["--json", "reload", "--dry-run"]);
+    assert_eq!(code, 6);
+    let v = parse_json(&out, "rejected reload --json");
+    assert!(v["errors"].as_array().unwrap().len() >= 4, "{v}");
+
+    // Apply the good one: alpha restarted with its new command, gamma started, beta gone.
+    std::fs::write(env.path().join("agent.toml"), &good).unwrap();
+    let (code, out, err) = d.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("(applied)"), "{out}");
+    assert!(
+        out.contains("ops/alpha") && out.contains("ok"),
+        "restart summary: {out}"
+    );
+    let new_a = wait_running(&d, "alpha");
+    assert_ne!(new_a, pid_a, "alpha was restarted");
+    let cmdline = std::fs::read(format!("/proc/{new_a}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("200000"),
+        "new start_cmd in effect"
+    );
+    wait_running(&d, "gamma");
+    assert_eq!(d.detail(NS, "beta"), Value::Null, "beta unregistered");
+    assert_eq!(d.detail(NS, "alpha")["labels"]["tier"], json!("front"));
+    // Applied once: a second reload finds nothing to do.
+    let (_, out, _) = d.cli(&["reload", "--dry-run"]);
+    assert!(out.contains("0 to add, 0 to change, 0 to remove"), "{out}");
+    // --dry-run with a process is a usage error.
+    let (code, _, _) = d.cli(&["reload", "--dry-run", "ops/alpha"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn sighup_and_conf_dir_changes_apply_the_config() {
+    let env = TestEnv::new();
+    let confd = env.path().join("conf.d");
+    std::fs::create_dir(&confd).unwrap();
+    let extra = format!(
+        "agent.conf_dir = \"{}\"\nagent.watch_conf_dir = true\n",
+        confd.display()
+    );
+    let d = Daemon::start(&env, &extra);
+
+    // SIGHUP: the main file gains a process.
+    let h = proc_toml(&env, "hup", "100000", r#"app = "hup""#);
+    write_config(&env, &format!("{extra}{h}"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_running(&d, "hup");
+    assert!(d.log_text().contains("SIGHUP"), "logged");
+
+    // conf.d: a new file is noticed, debounced, applied.
+    let w = proc_toml(&env, "watched", "100000", r#"app = "w""#);
+    std::fs::write(confd.join("watched.toml.tmp"), &w).unwrap();
+    std::fs::rename(confd.join("watched.toml.tmp"), confd.join("watched.toml")).unwrap();
+    wait_running(&d, "watched");
+    // A broken file in conf.d is rejected; what runs stays.
+    std::fs::write(confd.join("bad.toml"), "[[process]]\nname = 5\n").unwrap();
+    wait_for("config_rejected", Duration::from_secs(20), || {
+        let ev = d.get("/v1/events?limit=1000");
+        ev["data"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == json!("config_rejected"))
+            .then_some(())
+    });
+    assert!(running_pid(&d, "watched").is_some());
+    assert!(d.detail(NS, "hup").is_object());
+}
+
+#[test]
+fn batch_operations_by_label_and_expression() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    for (name, app) in [("web-1", "web"), ("web-2", "web"), ("db-1", "db")] {
+        let r = d.call(
+            "register_proc_info",
+            &json!({"meta": {"namespace": NS, "name": name, "labels": {"app": app}}, "hosts": [Daemon::host()], "spec": daemon_spec(&env, name, json!({}))}),
+        );
+        assert_eq!(r["result"], json!(true), "{r}");
+    }
+    let (code, out, err) = d.cli(&["start", "--label", "app=web"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("PROCESS") && out.contains("RESULT"), "{out}");
+    assert!(
+        out.contains("ops/web-1") && out.contains("ops/web-2"),
+        "{out}"
+    );
+    assert!(!out.contains("ops/db-1"), "{out}");
+    assert!(out.contains("2 processes, 2 ok, 0 failed"), "{out}");
+    assert!(running_pid(&d, "web-1").is_some() && running_pid(&d, "web-2").is_some());
+    assert!(running_pid(&d, "db-1").is_none());
+
+    // An expression: GSEKit syntax on NAMESPACE/NAME.
+    let (code, out, _) = d.cli(&["--json", "stop", "--expr", "ops/web-[2-9]"]);
+    assert_eq!(code, 0, "{out}");
+    let v = parse_json(&out, "batch --json");
+    assert_eq!(v["ok"], json!(1));
+    assert_eq!(v["results"][0]["process"], json!("ops/web-2"));
+    assert!(running_pid(&d, "web-1").is_some());
+
+    // A failing member fails the batch: exit 1, shown as failed.
+    let mut bad = daemon_spec(&env, "web-bad", json!({}));
+    bad["control"]["start_cmd"] = json!("echo cannot start >&2; exit 3");
+    let r = d.call(
+        "register_proc_info",
+        &json!({"meta": {"namespace": NS, "name": "web-bad", "labels": {"app": "web"}}, "hosts": [Daemon::host()], "spec": bad}),
+    );
+    assert_eq!(r["result"], json!(true), "{r}");
+    let (code, out, _) = d.cli(&["start", "-l", "app=web"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("failed"), "{out}");
+    assert!(out.contains("3 processes, 2 ok, 1 failed"), "{out}");
+    // Nothing matches: exit 5. No selection at all: exit 2.
+    let (code, _, err) = d.cli(&["restart", "--label", "app=none"]);
+    assert_eq!(code, 5, "{err}");
+    let (code, _, _) = d.cli(&["restart"]);
+    assert_eq!(code, 2);
+    let (code, _, _) = d.cli(&["restart", "--label", "novalue"]);
+    assert_eq!(code, 2);
+
+    // On a terminal, a progress bar on stderr (script(1) gives the CLI a pty).
+    if Command::new("script").arg("--version").output().is_ok() {
+        let cmd = format!(
+            "{CLI} --socket {} restart --all --timeout 60",
+            d.socket.display()
+        );
+        let out = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("done,") && text.contains("failed"), "{text}");
+        assert!(text.contains("/4 done"), "progress counts: {text}");
+    } else {
+        eprintln!("skip: script(1) is missing; the progress bar is not checked");
+    }
+    // --no-wait prints the task ids.
+    let (code, out, _) = d.cli(&["--json", "unmanage", "--all", "--no-wait"]);
+    assert_eq!(code, 0);
+    let v = parse_json(&out, "--no-wait --json");
+    assert!(
+        v["task_ids"][0]
+            .as_str()
+            .is_some_and(|t| t.starts_with("GSETASK:"))
+    );
+}
+
+#[test]
+fn completions_and_man_page() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(CLI)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.len() > 500, "{shell}: {text}");
+        for word in ["procagent", "reload", "logs", "label", "dry-run"] {
+            assert!(text.contains(word), "{shell} completion lacks {word}");
+        }
+        // The script is valid in its shell (when that shell is here).
+        let check = match shell {
+            "bash" => Some(("bash", vec!["-n"])),
+            "zsh" => Some(("zsh", vec!["-n"])),
+            "fish" => Some(("fish", vec!["--no-execute"])),
+            _ => None,
+        };
+        if let Some((sh, args)) = check {
+            let f = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(f.path(), text.as_bytes()).unwrap();
+            match Command::new(sh).args(&args).arg(f.path()).output() {
+                Ok(o) => assert!(
+                    o.status.success(),
+                    "{shell} rejects its completion: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(_) => eprintln!("skip: {sh} is not installed; syntax not checked"),
+            }
+        }
+    }
+    let out = Command::new(CLI)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = Command::new(CLI).arg("man").output().unwrap();
+    assert!(out.status.success());
+    let roff = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        roff.starts_with(".ie") || roff.contains(".TH procagent"),
+        "{roff}"
+    );
+    assert!(roff.contains(".TH procagent 1"), "{roff}");
+    assert!(
+        roff.contains(".SH SYNOPSIS") && roff.contains("reload"),
+        "{roff}"
+    );
+    // A subcommand's page, and every page into a directory (the references resolve).
+    let out = Command::new(CLI).args(["man", "logs"]).output().unwrap();
+    assert!(out.status.success());
+    let sub = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        sub.contains(".TH procagent-logs 1") && sub.contains("follow"),
+        "{sub}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(CLI)
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for page in ["procagent.1", "procagent-logs.1", "procagent-reload.1"] {
+        let p = dir.path().join(page);
+        assert!(std::fs::metadata(&p).is_ok_and(|m| m.len() > 100), "{page}");
+    }
+    let out = Command::new(CLI).args(["man", "nosuch"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // groff renders it without complaint, when groff is here.
+    if let Ok(mut g) = Command::new("groff")
+        .args(["-k", "-man", "-Tutf8", "-ww", "-z"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        g.stdin.take().unwrap().write_all(roff.as_bytes()).unwrap();
+        let o = g.wait_with_output().unwrap();
+        assert!(o.status.success(), "groff failed");
+        let warn = String::from_utf8_lossy(&o.stderr);
+        assert!(warn.trim().is_empty(), "groff warnings: {warn}");
+    }
+}
+
+#[test]
+fn json_output_of_every_read_command_parses() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    d.register(NS, "js", daemon_spec(&env, "js", json!({})));
+    let (code, out, _) = d.cli(&["--json", "start", "ops/js"]);
+    assert_eq!(code, 0, "{out}");
+    let v = parse_json(&out, "start --json");
+    let task = v["task_id"].as_str().unwrap().to_string();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["--json", "status"],
+        vec!["--json", "status", "ops/js"],
+        vec!["--json", "status", "--label", "app=js"],
+        vec!["--json", "status", "--expr", "ops/j*"],
+        vec!["--json", "task", &task],
+        vec!["--json", "tasks"],
+        vec!["--json", "health"],
+        vec!["--json", "events", "-n", "5"],
+        vec!["--json", "reload", "--dry-run"],
+    ];
+    for args in &cases {
+        let (code, out, err) = d.cli(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        parse_json(&out, &format!("{args:?}"));
+    }
+    let (_, out, _) = d.cli(&["--json", "status", "--expr", "ops/j*"]);
+    let v = parse_json(&out, "status");
+    assert_eq!(v["count"], json!(1));
+    assert_eq!(v["list"][0]["name"], json!("js"));
+    let (_, out, _) = d.cli(&["--json", "health"]);
+    assert_eq!(parse_json(&out, "health")["status"], json!("ok"));
+    // Line-oriented reads: one JSON object per line.
+    let (code, out, _) = d.cli(&["--json", "logs", "ops/js"]);
+    assert_eq!(code, 0);
+    assert!(!out.trim().is_empty());
+    for l in out.lines() {
+        let v = parse_json(l, "logs line");
+        assert!(v["line"].is_string() || v["notice"].is_string(), "{v}");
+    }
+    // Wrong methods on the GET endpoints still answer the envelope.
+    for path in ["/v1/logs?key=ops%2Fjs", "/v1/events", "/v1/healthz"] {
+        let (status, body) = d.http("POST", path, b"{}").unwrap();
+        assert_eq!(status, 405, "{path}");
+        let v = parse_json(&String::from_utf8_lossy(&body), path);
+        assert_eq!(v["result"], json!(false));
+        assert_eq!(v["code"], json!(1000405));
+    }
+    // Bad queries of the logs endpoint name the parameter.
+    let v = d.get("/v1/logs?key=noslash");
+    assert_eq!(v["code"], json!(1000400), "{v}");
+    let v = d.get("/v1/logs?key=ops%2Fjs&source=bogus");
+    assert!(v["message"].as_str().unwrap().contains("source"), "{v}");
+    let v = d.get("/v1/logs?key=ops%2Fjs&lines=100000");
+    assert!(v["message"].as_str().unwrap().contains("lines"), "{v}");
+    // Human output is not JSON, and has no colour codes when not on a terminal.
+    let (_, out, _) = d.cli(&["status"]);
+    assert!(serde_json::from_str::<Value>(&out).is_err());
+    assert!(!out.contains('\x1b'), "{out:?}");
+}
