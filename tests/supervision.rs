@@ -633,3 +633,24 @@ fn a_config_process_already_running_is_adopted_not_duplicated() {
         .count();
     assert_eq!(n, 1, "no duplicate started");
 }
+
+#[test]
+fn a_wrong_proc_name_fails_the_start_without_leaving_copies() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let mut spec = daemon_spec(&env, "realprog", json!({}));
+    spec["identity"]["proc_name"] = json!("othername");
+    spec["monitor_policy"]["op_timeout"] = json!(2);
+    d.register(NS, "wrong", spec);
+    let r = d.op(NS, "wrong", 0);
+    assert_eq!(r["error_code"], json!(836), "{r}");
+    assert!(
+        r["error_msg"].as_str().unwrap().contains("was killed"),
+        "{r}"
+    );
+    let pid = read_pid(&env.p("realprog.pid")).unwrap();
+    wait_for("the stray copy is gone", Duration::from_secs(5), || {
+        (!alive(pid)).then_some(())
+    });
+    assert!(kinds_contains(&d, "sup/wrong", "stray_killed"));
+}

@@ -367,10 +367,11 @@ pub async fn start_instance(
             break;
         }
         if now >= op_deadline && found.is_none() && shell_exit.is_some() {
+            let stray = end_stray(engine, key, spec, sp.spawned_ticks, sp.pid);
             return Err(OpFail::new(
                 codes::POST_CHECK_ERROR,
                 format!(
-                    "start check failed: the process in pid file {} never became {:?} within op_timeout {}s",
+                    "start check failed: the process in pid file {} never became {:?} within op_timeout {}s{stray}",
                     spec.pid_path, spec.proc_name, spec.op_timeout
                 ),
             ));
@@ -492,6 +493,49 @@ async fn finish_start(
 /// Does the pid file name a live process that started after the command (one that
 /// [`find_fresh`] did not take: a fork that has not exec'd the program yet, or exec'd it just
 /// after the check)? The caller looks again instead of failing the start.
+/// After a start whose pid file names a process that never became the program (a wrong
+/// `proc_name`, say), end that process when it is provably ours, so that every retry does not
+/// leave another copy running: it started after this start command, and it is either in the
+/// command's session or an orphan reparented to the agent (only our own descendants can be,
+/// as the agent is a child subreaper), and no definition tracks it. Killed through a pidfd
+/// after those checks. Returns a note for the error message.
+fn end_stray(
+    engine: &Engine,
+    key: &ProcKey,
+    spec: &ProcSpec,
+    min_ticks: u64,
+    shell_pid: i32,
+) -> String {
+    let Ok(pid) = crate::procinfo::read_pid_file(std::path::Path::new(&spec.pid_path)) else {
+        return String::new();
+    };
+    let Ok(fd) = crate::sys::pidfd_open(pid) else {
+        return String::new();
+    };
+    let Some(st) = crate::procinfo::read_stat(pid) else {
+        return String::new();
+    };
+    let ours = st.starttime >= min_ticks
+        && !st.is_exited()
+        && (st.session == shell_pid || st.ppid == std::process::id() as i32)
+        && engine.reg().key_of_pid(pid).is_none();
+    if !ours {
+        return String::new();
+    }
+    let fd = Arc::new(fd);
+    watch::signal_checked(pid, Some(&fd), Some(st.starttime), None, Signal::SIGKILL);
+    engine.events.emit(
+        Some(key),
+        "stray_killed",
+        format!(
+            "pid {pid} ({:?}) named in the pid file was started by this start command but is not {:?}: killed so retries do not pile up copies",
+            st.comm, spec.proc_name
+        ),
+        serde_json::json!({"pid": pid, "comm": st.comm}),
+    );
+    format!("; pid {pid} ({:?}) it started was killed", st.comm)
+}
+
 fn fresh_in_pid_file(spec: &ProcSpec, min_ticks: u64) -> bool {
     let Ok(pid) = crate::procinfo::read_pid_file(std::path::Path::new(&spec.pid_path)) else {
         return false;
