@@ -8,13 +8,15 @@
 //!   cannot block others. Each connection's peer credentials (SO_PEERCRED) travel with its
 //!   requests for authorization and audit.
 //! * Routes: every GSE API at `POST /v1/<api_name>`, also at `POST /api/v2/proc/<api_name>/`
-//!   (trailing slash optional); `GET /v1/healthz`, `GET /v1/events`, `GET /metrics`.
+//!   (trailing slash optional); `GET /v1/healthz`, `GET /v1/events`, `GET /metrics` (also
+//!   `/v1/metrics`; see [`metrics`]).
 //!   Every answer, errors included, is the GSE envelope `{result, code, message, data,
 //!   request_id}`.
 
 pub mod auth;
 pub mod client;
 pub mod handlers;
+pub mod metrics;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -189,6 +191,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/healthz", get(handlers::healthz))
         .route("/healthz", get(handlers::healthz))
         .route("/v1/events", get(handlers::events))
+        .route("/metrics", get(metrics::on_socket))
+        .route("/v1/metrics", get(metrics::on_socket))
         .route("/v1/{api}", any(dispatch))
         .route("/v1/{api}/", any(dispatch))
         .route("/api/v2/proc/{api}", any(dispatch))
