@@ -6,6 +6,7 @@
 //! agent is unreachable.
 
 pub mod render;
+pub mod top;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -91,6 +92,8 @@ pub enum Command {
     },
     /// Show the agent's health.
     Health,
+    /// Live table of processes with cpu, memory, fds, disk and sockets, refreshed in place.
+    Top(top::TopArgs),
     /// Show the supervision event history.
     Events {
         /// Keep following new events.
@@ -223,6 +226,7 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             }
             Ok(exit::OK)
         }
+        Command::Top(a) => top::run(&client, cli.json, a).await,
         Command::Events {
             follow,
             process,
