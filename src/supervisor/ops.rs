@@ -1015,7 +1015,11 @@ pub async fn enforce_limit(engine: Arc<Engine>, key: ProcKey, breach: super::lim
     let (spec, pids, uptime) = {
         let reg = engine.reg();
         let Some(e) = reg.get(&key) else { return };
-        if !e.state.managed || e.state.instances.is_empty() || e.rt.busy.is_some() {
+        if !e.state.managed
+            || e.state.instances.is_empty()
+            || e.rt.busy.is_some()
+            || e.rt.start_pending
+        {
             return;
         }
         (
