@@ -23,10 +23,13 @@
 //! are not included (a forked worker of a managed process is not counted).
 //!
 //! # Cost
-//! A pass opens `/proc/PID` once per instance and reads `stat` and `io` through that directory
-//! handle (one `read` each) and the descriptor count from one `stat` of its `fd` directory:
-//! the start time is checked first, and a handle to a process that has exited cannot read a
-//! newer process with the same pid, so figures never mix two processes. Counting sockets
+//! For each instance the sampler keeps three handles open across passes (`/proc/PID`, its
+//! `stat` and its `io`), so a pass is one `pread` of `stat`, one of `io` and one `stat` of
+//! the `fd` directory (whose size is the descriptor count) per instance: opening the files
+//! costs several times more than reading them. The start time is checked on every read, and
+//! a handle to a process that has exited cannot read a newer process with the same pid, so
+//! figures never mix two processes. The handles are kept for at most [`handle_budget`]
+//! instances (derived from the descriptor limit); others are opened and closed each pass. Counting sockets
 //! means listing the descriptors and reading each link, the most expensive read, so it is
 //! done only when an instance's descriptor count changed since the previous pass, and
 //! otherwise every [`NET_RESCAN_PASSES`] passes (staggered by pid); in between the last count
@@ -288,23 +291,6 @@ fn read_file_at(dir: &OwnedFd, name: &std::ffi::CStr, buf: &mut Vec<u8>) -> std:
     Ok(())
 }
 
-/// Read a small single-record `/proc` file (`stat`, `io`) with one `read`: such files are
-/// generated whole on the first read, so a read that does not fill the buffer has everything.
-/// A full buffer (never seen for these files) falls back to reading to the end.
-fn read_small_at(dir: &OwnedFd, name: &std::ffi::CStr, buf: &mut Vec<u8>) -> std::io::Result<()> {
-    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-    buf.clear();
-    buf.resize(2048, 0);
-    let n = rustix::io::read(&fd, &mut buf[..])?;
-    if n < buf.len() {
-        buf.truncate(n);
-        return Ok(());
-    }
-    let mut f = std::fs::File::from(fd);
-    f.read_to_end(buf)?;
-    Ok(())
-}
-
 fn read_net_tables(dir: &OwnedFd, buf: &mut Vec<u8>) -> HashSet<u64> {
     let mut set = HashSet::new();
     for name in [c"net/tcp", c"net/tcp6", c"net/udp", c"net/udp6"] {
@@ -346,29 +332,83 @@ fn list_fds(dir: &OwnedFd) -> Option<(u64, Vec<u64>)> {
     Some((n, sockets))
 }
 
-/// Read the counters of `pid` if it still has start time `starttime` (`None` when it is gone
-/// or is another process now). `buf` is scratch space; `net` caches the socket tables of each
-/// network namespace for the current pass. `list` is asked, with the descriptor count, whether
-/// to list the descriptors and count sockets now (the expensive part of a read).
+/// Read handles on one process: `/proc/PID` (a directory handle, for the descriptor count
+/// and the occasional socket count), and its `stat` and `io` files, re-read with `pread`.
+/// Kept open across passes they make a pass several times cheaper than opening the files
+/// each time (opening, not reading, dominates), and they stay bound to the process they were
+/// opened on: once it is gone every read fails (ESRCH), even if its pid is reused.
+#[derive(Debug)]
+pub struct Handles {
+    dir: OwnedFd,
+    stat: OwnedFd,
+    /// `None` when unreadable (another account's process without privilege).
+    io: Option<OwnedFd>,
+}
+
+impl Handles {
+    /// Open the handles of `pid` (`None` when it does not exist). The identity is checked by
+    /// [`read_raw`] on every read.
+    pub fn open(pid: i32) -> Option<Handles> {
+        if pid <= 0 {
+            return None;
+        }
+        let path = format!("/proc/{pid}");
+        let dir = rustix::fs::openat(
+            rustix::fs::CWD,
+            path.as_str(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let stat = rustix::fs::openat(
+            &dir,
+            c"stat",
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let io =
+            rustix::fs::openat(&dir, c"io", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok();
+        Some(Handles { dir, stat, io })
+    }
+
+    /// Descriptors these handles hold.
+    pub const FDS: usize = 3;
+}
+
+/// Read a whole single-record `/proc` file (`stat`, `io`) from offset 0: such files are
+/// generated afresh by each read at offset 0, so one `pread` that does not fill the buffer
+/// has everything.
+fn pread_all(fd: &OwnedFd, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut size = 2048;
+    loop {
+        buf.clear();
+        buf.resize(size, 0);
+        let n = rustix::io::pread(fd, &mut buf[..], 0)?;
+        if n < buf.len() {
+            buf.truncate(n);
+            return Ok(());
+        }
+        if size >= 1 << 16 {
+            return Err(std::io::Error::other("a /proc record larger than 64 KiB"));
+        }
+        size *= 2;
+    }
+}
+
+/// Read the counters of the process behind `h` if it still has start time `starttime`
+/// (`None` when it is gone or is another process). `buf` is scratch space; `net` caches the
+/// socket tables of each network namespace for the current pass. `list` is asked, with the
+/// descriptor count, whether to list the descriptors and count sockets now (the expensive
+/// part of a read).
 pub fn read_raw(
-    pid: i32,
+    h: &Handles,
     starttime: u64,
     buf: &mut Vec<u8>,
     net: &mut NetTables,
     list: impl FnOnce(u64) -> bool,
 ) -> Option<Raw> {
-    if pid <= 0 {
-        return None;
-    }
-    let path = format!("/proc/{pid}");
-    let dir = rustix::fs::openat(
-        rustix::fs::CWD,
-        path.as_str(),
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
-    read_small_at(&dir, c"stat", buf).ok()?;
+    pread_all(&h.stat, buf).ok()?;
     let st = parse_stat_fields(buf)?;
     if st.starttime != starttime {
         return None;
@@ -379,12 +419,15 @@ pub fn read_raw(
         ..Raw::default()
     };
     // Another account's io and fd directory are unreadable without privilege: then 0.
-    if read_small_at(&dir, c"io", buf).is_ok() {
+    if let Some(io) = &h.io
+        && pread_all(io, buf).is_ok()
+    {
         raw.io_bytes = parse_io(buf).unwrap_or(0);
     }
+    let dir = &h.dir;
     // Linux 6.2+ gives the descriptor count as the size of the fd directory; older kernels
     // say 0, and then (or when sockets are to be counted) the directory is listed.
-    let quick = rustix::fs::statat(&dir, c"fd", rustix::fs::AtFlags::empty())
+    let quick = rustix::fs::statat(dir, c"fd", rustix::fs::AtFlags::empty())
         .ok()
         .map(|st| st.st_size.max(0) as u64)
         .filter(|n| *n > 0);
@@ -393,22 +436,34 @@ pub fn read_raw(
             raw.fds = n;
             None
         }
-        _ => list_fds(&dir),
+        _ => list_fds(dir),
     };
     if let Some((n, sockets)) = listed {
         raw.fds = n;
         let mut count = 0;
         if !sockets.is_empty()
-            && let Ok(ns) = rustix::fs::statat(&dir, c"ns/net", rustix::fs::AtFlags::empty())
+            && let Ok(ns) = rustix::fs::statat(dir, c"ns/net", rustix::fs::AtFlags::empty())
         {
             let table = net
                 .entry(ns.st_ino)
-                .or_insert_with(|| read_net_tables(&dir, buf));
+                .or_insert_with(|| read_net_tables(dir, buf));
             count = sockets.iter().filter(|i| table.contains(i)).count() as u64;
         }
         raw.net = Some(count);
     }
     Some(raw)
+}
+
+/// How many instances the sampler may keep [`Handles`] open for: a quarter of what the
+/// descriptor limit leaves after a reserve (each instance also costs the agent a pidfd), so
+/// the sampler never starves the rest of the agent. Instances beyond it are read by opening
+/// the files each pass.
+pub fn handle_budget() -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1 << 20)
+        .min(1 << 20) as usize;
+    soft.saturating_sub(512) / (Handles::FDS + 1)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -423,15 +478,17 @@ pub struct Target {
 
 /// Sockets are recounted at least every this many passes (staggered by pid), besides
 /// whenever a process's descriptor count changes.
-pub const NET_RESCAN_PASSES: u64 = 10;
+pub const NET_RESCAN_PASSES: u64 = 20;
 
 /// What the sampler remembers of one instance between passes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Memo {
     cpu_ticks: u64,
     at: Instant,
     fds: u64,
     net: Option<u64>,
+    /// Kept open while within the budget.
+    handles: Option<Handles>,
 }
 
 /// The sampler's state between passes: previous readings and scratch buffers.
@@ -442,10 +499,16 @@ pub struct Sampler {
     net: NetTables,
     ticks_per_sec: u64,
     passes: u64,
+    budget: usize,
 }
 
 impl Sampler {
     pub fn new(host: HostFigures) -> Sampler {
+        Sampler::with_budget(host, handle_budget())
+    }
+
+    /// A sampler that keeps handles open for at most `budget` instances.
+    pub fn with_budget(host: HostFigures, budget: usize) -> Sampler {
         Sampler {
             host,
             memo: HashMap::new(),
@@ -453,7 +516,13 @@ impl Sampler {
             net: NetTables::new(),
             ticks_per_sec: crate::procinfo::ticks_per_second(),
             passes: 0,
+            budget,
         }
+    }
+
+    /// Instances whose handles are kept open now.
+    pub fn open_handles(&self) -> usize {
+        self.memo.values().filter(|m| m.handles.is_some()).count()
     }
 
     pub fn host(&self) -> HostFigures {
@@ -479,6 +548,7 @@ impl Sampler {
         let mut seen: HashMap<(i32, u64), Memo> = HashMap::with_capacity(self.memo.len());
         let mut out = Vec::with_capacity(targets.len());
         let mut read = 0;
+        let mut kept = 0;
         for t in targets {
             let mut s = Sample {
                 at: at_unix,
@@ -486,21 +556,27 @@ impl Sampler {
             };
             let mut any = false;
             for &(pid, start) in &t.instances {
-                let old = self.memo.get(&(pid, start)).copied();
-                let list = |fds: u64| match old {
-                    Some(Memo {
-                        fds: f,
-                        net: Some(_),
-                        ..
-                    }) if f == fds => (passes + pid as u64).is_multiple_of(NET_RESCAN_PASSES),
+                let mut old = self.memo.remove(&(pid, start));
+                let handles = match old.as_mut().and_then(|m| m.handles.take()) {
+                    Some(h) => Some(h),
+                    None => Handles::open(pid),
+                };
+                let Some(handles) = handles else {
+                    continue;
+                };
+                let prev_fds = old.as_ref().filter(|m| m.net.is_some()).map(|m| m.fds);
+                let list = |fds: u64| match prev_fds {
+                    Some(f) if f == fds => (passes + pid as u64).is_multiple_of(NET_RESCAN_PASSES),
                     _ => true,
                 };
-                let Some(raw) = read_raw(pid, start, &mut self.buf, &mut self.net, list) else {
+                let Some(raw) = read_raw(&handles, start, &mut self.buf, &mut self.net, list)
+                else {
+                    // Gone (or another process): its handles are closed here.
                     continue;
                 };
                 any = true;
                 read += 1;
-                if let Some(m) = old {
+                if let Some(m) = &old {
                     s.cpu_usage += cpu_percent(
                         m.cpu_ticks,
                         raw.cpu_ticks,
@@ -509,7 +585,9 @@ impl Sampler {
                         self.host.cpus,
                     );
                 }
-                let net = raw.net.or(old.and_then(|m| m.net));
+                let net = raw.net.or(old.as_ref().and_then(|m| m.net));
+                let keep = kept < self.budget;
+                kept += usize::from(keep);
                 seen.insert(
                     (pid, start),
                     Memo {
@@ -517,6 +595,7 @@ impl Sampler {
                         at: now,
                         fds: raw.fds,
                         net,
+                        handles: keep.then_some(handles),
                     },
                 );
                 s.rss_bytes = s.rss_bytes.saturating_add(raw.rss_bytes);
@@ -812,15 +891,17 @@ mod tests {
             .collect();
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let r = read_raw(me, st.starttime, &mut buf, &mut net, |_| true).expect("readable");
+        let h = Handles::open(me).expect("own handles");
+        let r = read_raw(&h, st.starttime, &mut buf, &mut net, |_| true).expect("readable");
         assert!(r.fds >= 8, "{r:?}");
         assert!(r.rss_bytes > 0);
         assert!(r.net >= Some(2), "{r:?}");
-        let quick = read_raw(me, st.starttime, &mut buf, &mut net, |_| false).expect("readable");
+        let quick = read_raw(&h, st.starttime, &mut buf, &mut net, |_| false).expect("readable");
         assert_eq!(quick.net, None, "not listed");
         assert!(quick.fds >= 10, "{quick:?}");
-        assert!(read_raw(me, st.starttime + 1, &mut buf, &mut net, |_| true).is_none());
-        assert!(read_raw(-1, 0, &mut buf, &mut net, |_| true).is_none());
+        assert!(read_raw(&h, st.starttime + 1, &mut buf, &mut net, |_| true).is_none());
+        assert!(Handles::open(-1).is_none());
+        assert!(Handles::open(0).is_none());
         drop((l, u));
     }
 
@@ -884,5 +965,79 @@ mod tests {
         assert!(b[3].is_none(), "a wrong start time is another process");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Kept handles are bound to the process they were opened on: after it exits they read
+    /// nothing, whatever process gets its pid later.
+    #[test]
+    fn handles_of_an_exited_process_read_nothing() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        let st = crate::procinfo::read_stat(pid).expect("child stat");
+        let h = Handles::open(pid).expect("handles");
+        let (mut buf, mut net) = (Vec::new(), NetTables::new());
+        assert!(read_raw(&h, st.starttime, &mut buf, &mut net, |_| false).is_some());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(read_raw(&h, st.starttime, &mut buf, &mut net, |_| true).is_none());
+    }
+
+    #[test]
+    fn handles_are_kept_within_the_budget() {
+        let mut kids: Vec<std::process::Child> = (0..3)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .expect("sleep")
+            })
+            .collect();
+        let targets: Vec<Target> = kids
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let pid = c.id() as i32;
+                Target {
+                    key: ProcKey::new("t", format!("k{i}")),
+                    instances: vec![(
+                        pid,
+                        crate::procinfo::read_stat(pid).expect("stat").starttime,
+                    )],
+                }
+            })
+            .collect();
+        let host = HostFigures {
+            mem_total_bytes: 1 << 30,
+            cpus: 2,
+        };
+        let mut s = Sampler::with_budget(host, 2);
+        for _ in 0..3 {
+            let (out, read) = s.pass(&targets, Instant::now(), 1);
+            assert_eq!(read, 3);
+            assert!(out.iter().all(|o| o.as_ref().is_some_and(|x| x.fd >= 1)));
+            assert_eq!(s.open_handles(), 2);
+        }
+        let mut none = Sampler::with_budget(host, 0);
+        let (_, read) = none.pass(&targets, Instant::now(), 1);
+        assert_eq!((read, none.open_handles()), (3, 0));
+        // A process that is gone drops out, and so do its handles.
+        let _ = kids[0].kill();
+        let _ = kids[0].wait();
+        let (out, read) = s.pass(&targets, Instant::now(), 2);
+        assert_eq!(read, 2);
+        assert!(out[0].is_none());
+        assert_eq!(s.open_handles(), 2);
+        for k in &mut kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        let _ = s.pass(&targets, Instant::now(), 3);
+        assert_eq!(s.open_handles(), 0);
+        assert!(handle_budget() > 0);
     }
 }
