@@ -97,13 +97,19 @@ pub struct ApiConfig {
     pub socket_group: Option<String>,
 }
 
-/// Sampling and limit enforcement.
+/// Sampling and limit enforcement (`[metrics]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricsConfig {
+    /// `sample_interval` (default "3s", 100ms..1h): how often the sampler reads cpu, memory,
+    /// fds, disk and sockets of every running instance. Status queries and `/metrics` report
+    /// the latest sample; cpu_usage is averaged over this interval.
     pub sample_interval: Duration,
-    /// Consecutive samples over a limit before the agent acts.
+    /// `limit_samples` (default 3, 1..1000): consecutive samples over `cpu_lmt` / `mem_lmt`
+    /// before the agent stops the process (so the reaction time is about
+    /// `limit_samples × sample_interval`).
     pub limit_samples: u32,
-    /// Optional loopback TCP address also serving `GET /metrics`.
+    /// `listen` (default unset): a loopback TCP address ("127.0.0.1:9464") also serving
+    /// `GET /metrics`, and nothing else, without authentication. Non-loopback is refused.
     pub listen: Option<SocketAddr>,
 }
 

@@ -187,6 +187,30 @@ pub async fn run(
     {
         tracing::warn!(error = %e, group = %g, "cannot give the socket to its group");
     }
+    let metrics_tcp = match engine.config.metrics.listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                tracing::info!(%addr, "serving /metrics on loopback TCP");
+                Some(tokio::spawn(crate::api::metrics::serve_tcp(
+                    engine.clone(),
+                    l,
+                    stop_rx.clone(),
+                )))
+            }
+            Err(e) => {
+                // Metrics are not worth refusing to supervise: say so loudly and go on.
+                tracing::error!(%addr, error = %e, "cannot listen for /metrics; serving it on the socket only");
+                engine.events.emit(
+                    None,
+                    "metrics_listen_failed",
+                    format!("cannot listen on {addr} for /metrics: {e}"),
+                    serde_json::Value::Null,
+                );
+                None
+            }
+        },
+        None => None,
+    };
     let server = tokio::spawn(crate::api::serve(engine.clone(), listener, stop_rx.clone()));
     let hup_task = hangup.map(|h| tokio::spawn(on_hangup(engine.clone(), h, stop_rx.clone())));
     let conf_watch = if engine.config.watch_conf_dir {
@@ -208,6 +232,9 @@ pub async fn run(
     }
     let _ = loop_task.await;
     let _ = sampler.await;
+    if let Some(t) = metrics_tcp {
+        let _ = t.await;
+    }
     let _ = reaper_task.await;
     // Everything not yet committed (latest pids, events) goes to disk before we exit.
     if let Err(e) = store.flush().await {

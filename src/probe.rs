@@ -1,12 +1,86 @@
-//! Metrics: the agent's own counters (API requests by endpoint).
+//! Resource sampling of the processes the agent tracks, and the agent's own counters.
+//!
+//! # What a sample holds (docs/api.md, "Resource figures and limits", states the same)
+//! * `cpu_usage`: percent of **one core** (the top/ps convention: a busy single thread reads
+//!   100, two busy threads 200), from the `utime + stime` delta of `/proc/PID/stat` between two
+//!   passes divided by the monotonic time between them. The previous reading is keyed by
+//!   (pid, start time), so a reused pid never mixes with its predecessor; a process seen for
+//!   the first time reads 0 until the next pass.
+//! * `mem_usage`: resident set size as a percent of `MemTotal`; `rss_bytes`: the same in bytes
+//!   (`/proc/PID/stat` rss × page size).
+//! * `fd`: open file descriptors (the size of `/proc/PID/fd` on Linux 6.2+, else its entries).
+//! * `disk`: bytes the process caused to be read from and written to the storage layer since
+//!   it started (`/proc/PID/io` `read_bytes + write_bytes`; writes are counted when pages are
+//!   dirtied, so they show before writeback; page-cache hits and tmpfs do not count; the I/O
+//!   of children it has reaped is included, as the kernel folds it into the parent).
+//! * `net`: the number of open TCP and UDP sockets (IPv4 and IPv6, listening ones included)
+//!   the process holds: its socket descriptors joined, by inode, with the
+//!   `net/{tcp,tcp6,udp,udp6}` tables of its network namespace. Not bytes. A socket that is
+//!   neither bound nor connected is in no table and is not counted.
+//!
+//! A definition with several instances (`instance_num`) reports the **sum** over its
+//! instances (so `cpu_usage` can exceed 100). Children and other descendants of an instance
+//! are not included (a forked worker of a managed process is not counted).
+//!
+//! # Cost
+//! For each instance the sampler keeps three handles open across passes (`/proc/PID`, its
+//! `stat` and its `io`), so a pass is one `pread` of `stat`, one of `io` and one `stat` of
+//! the `fd` directory (whose size is the descriptor count) per instance: opening the files
+//! costs several times more than reading them. The start time is checked on every read, and
+//! a handle to a process that has exited cannot read a newer process with the same pid, so
+//! figures never mix two processes. The handles are kept for at most [`handle_budget`]
+//! instances (derived from the descriptor limit); others are opened and closed each pass. Counting sockets
+//! means listing the descriptors and reading each link, the most expensive read, so it is
+//! done only when an instance's descriptor count changed since the previous pass, and
+//! otherwise every [`NET_RESCAN_PASSES`] passes (staggered by pid); in between the last count
+//! stands. The socket tables of a network namespace are read at most once per pass, and only
+//! when some process being counted there holds a socket. Status queries never read `/proc`:
+//! they report the latest sample.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// Counters the API and the supervisor bump.
-#[derive(Debug, Default)]
+use prometheus_client::metrics::histogram::Histogram;
+use rustix::fs::{Mode, OFlags};
+
+use crate::registry::Sample;
+use crate::spec::ProcKey;
+use crate::supervisor::Engine;
+use crate::supervisor::limits::{self, Breach};
+
+/// Figures of the sampler itself, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PassStats {
+    /// Passes completed since the agent started.
+    pub passes: u64,
+    /// Duration of the latest pass.
+    pub last_duration: Duration,
+    /// Instances read in the latest pass.
+    pub last_processes: usize,
+}
+
+/// Counters the API and the sampler bump.
+#[derive(Debug)]
 pub struct Counters {
     api: Mutex<BTreeMap<String, u64>>,
+    /// Duration of every sampling pass, in seconds.
+    pub sample_seconds: Histogram,
+    pass: Mutex<PassStats>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            api: Mutex::new(BTreeMap::new()),
+            sample_seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+            ]),
+            pass: Mutex::new(PassStats::default()),
+        }
+    }
 }
 
 impl Counters {
@@ -31,22 +105,25 @@ impl Counters {
     pub fn api_requests(&self) -> BTreeMap<String, u64> {
         self.api.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Record one sampling pass.
+    pub fn record_pass(&self, took: Duration, processes: usize) {
+        self.sample_seconds.observe(took.as_secs_f64());
+        let mut p = self.pass.lock().unwrap_or_else(|e| e.into_inner());
+        p.passes += 1;
+        p.last_duration = took;
+        p.last_processes = processes;
+    }
+
+    /// The sampler's own figures.
+    pub fn pass_stats(&self) -> PassStats {
+        *self.pass.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
-
-// ---------------------------------------------------------------------------------------
-// Sampling
-
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Instant;
-
-use crate::registry::Sample;
-use crate::spec::ProcKey;
-use crate::supervisor::Engine;
 
 /// Host-wide figures the sampler needs (from sysinfo, read once at start: total memory and
 /// the number of logical CPUs do not change while we run).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HostFigures {
     pub mem_total_bytes: u64,
     pub cpus: usize,
@@ -85,29 +162,90 @@ impl HostFigures {
     }
 }
 
-/// The raw counters of one process at one moment.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Raw {
-    pub cpu_ticks: u64,
-    pub rss_bytes: u64,
-    pub fds: u64,
-    pub io_bytes: u64,
+// ---------------------------------------------------------------------------------------
+// Parsers (pure; fixture-tested below)
+
+/// `read_bytes + write_bytes` of a `/proc/PID/io` text; `None` when either line is missing.
+pub fn parse_io(text: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut read = None;
+    let mut write = None;
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim().parse::<u64>().ok();
+        match k.trim() {
+            "read_bytes" => read = v,
+            "write_bytes" => write = v,
+            _ => {}
+        }
+    }
+    Some(read?.saturating_add(write?))
 }
 
-/// Read the counters of `pid` if it still has start time `starttime`.
-pub fn read_raw(pid: i32, starttime: u64) -> Option<Raw> {
-    let p = procfs::process::Process::new(pid).ok()?;
-    let st = p.stat().ok()?;
-    if st.starttime != starttime {
+/// The inode of an fd link target `socket:[12345]`; `None` for anything else.
+pub fn socket_inode(link: &[u8]) -> Option<u64> {
+    let inner = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    if inner.is_empty() || !inner.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let fds = p.fd_count().map(|n| n as u64).unwrap_or(0);
-    let io = p.io().map(|io| io.read_bytes + io.write_bytes).unwrap_or(0);
-    Some(Raw {
-        cpu_ticks: st.utime + st.stime,
-        rss_bytes: st.rss * crate::procinfo::page_size(),
-        fds,
-        io_bytes: io,
+    std::str::from_utf8(inner).ok()?.parse().ok()
+}
+
+/// Add the socket inodes of a `/proc/net/{tcp,tcp6,udp,udp6}` table to `out` (the header
+/// line is skipped; inode is the tenth column; inode 0, a socket no process owns any more
+/// such as TIME_WAIT, is skipped). Returns the number of rows read.
+pub fn parse_net_table(text: &[u8], out: &mut HashSet<u64>) -> usize {
+    let mut rows = 0;
+    for line in text.split(|b| *b == b'\n').skip(1) {
+        let Ok(line) = std::str::from_utf8(line) else {
+            continue;
+        };
+        let Some(inode) = line.split_ascii_whitespace().nth(9) else {
+            continue;
+        };
+        if let Ok(ino) = inode.parse::<u64>() {
+            rows += 1;
+            if ino != 0 {
+                out.insert(ino);
+            }
+        }
+    }
+    rows
+}
+
+/// The fields of `/proc/PID/stat` the sampler uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatFields {
+    pub utime: u64,
+    pub stime: u64,
+    /// Clock ticks since boot (the identity check).
+    pub starttime: u64,
+    pub rss_pages: u64,
+}
+
+/// Parse the fields the sampler needs from `/proc/PID/stat`. `comm` (field 2) may hold any
+/// byte but NUL, spaces and parentheses included, and is not escaped: the text is split at
+/// the **last** `)`, and only the ASCII fields after it are read (a comm that is not UTF-8
+/// is fine too). About ten times cheaper than a full parse, which matters at 1000 processes.
+pub fn parse_stat_fields(text: &[u8]) -> Option<StatFields> {
+    let close = text.iter().rposition(|b| *b == b')')?;
+    let rest = std::str::from_utf8(text.get(close + 1..)?).ok()?;
+    // After ") ": state(0) ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
+    // cmajflt utime(11) stime(12) cutime cstime priority nice num_threads itrealvalue
+    // starttime(19) vsize rss(21).
+    let mut f = rest.split_ascii_whitespace();
+    let mut nth = |skip: usize| -> Option<u64> { f.nth(skip)?.parse().ok() };
+    let utime = nth(11)?;
+    let stime = nth(0)?;
+    let starttime = nth(6)?;
+    let rss = nth(1)?;
+    Some(StatFields {
+        utime,
+        stime,
+        starttime,
+        rss_pages: rss,
     })
 }
 
@@ -115,7 +253,7 @@ pub fn read_raw(pid: i32, starttime: u64) -> Option<Raw> {
 pub fn cpu_percent(
     prev_ticks: u64,
     now_ticks: u64,
-    dt: std::time::Duration,
+    dt: Duration,
     ticks_per_sec: u64,
     cpus: usize,
 ) -> f64 {
@@ -124,74 +262,453 @@ pub fn cpu_percent(
         return 0.0;
     }
     let used = (now_ticks - prev_ticks) as f64 / ticks_per_sec.max(1) as f64;
-    (used / secs * 100.0).clamp(0.0, 100.0 * cpus as f64)
+    (used / secs * 100.0).clamp(0.0, 100.0 * cpus.max(1) as f64)
 }
 
-/// Previous readings, keyed by (pid, start time) so a reused pid never mixes.
-pub type Prev = HashMap<(i32, u64), (u64, Instant)>;
+// ---------------------------------------------------------------------------------------
+// Reading one process
 
-/// One sampling pass over every tracked instance; results go into each entry's runtime.
-pub fn sample_once(engine: &Engine, prev: &mut Prev, host: HostFigures) -> usize {
-    let targets: Vec<(ProcKey, Vec<(i32, u64)>)> = engine
+/// The raw counters of one process at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Raw {
+    /// `utime + stime`, clock ticks.
+    pub cpu_ticks: u64,
+    pub rss_bytes: u64,
+    pub fds: u64,
+    /// `read_bytes + write_bytes` (0 when `/proc/PID/io` is unreadable).
+    pub io_bytes: u64,
+    /// Open TCP + UDP sockets, when the descriptors were listed in this read.
+    pub net: Option<u64>,
+}
+
+/// Socket inodes of TCP/UDP tables, by network namespace inode; filled lazily in a pass.
+pub type NetTables = HashMap<u64, HashSet<u64>>;
+
+fn read_file_at(dir: &OwnedFd, name: &std::ffi::CStr, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    buf.clear();
+    std::fs::File::from(fd).read_to_end(buf)?;
+    Ok(())
+}
+
+fn read_net_tables(dir: &OwnedFd, buf: &mut Vec<u8>) -> HashSet<u64> {
+    let mut set = HashSet::new();
+    for name in [c"net/tcp", c"net/tcp6", c"net/udp", c"net/udp6"] {
+        // A table can be missing (IPv6 disabled): then it has no sockets.
+        if read_file_at(dir, name, buf).is_ok() {
+            parse_net_table(buf, &mut set);
+        }
+    }
+    set
+}
+
+/// List `/proc/PID/fd`: the number of descriptors and the inodes of the sockets among them.
+fn list_fds(dir: &OwnedFd) -> Option<(u64, Vec<u64>)> {
+    let fd_dir = rustix::fs::openat(
+        dir,
+        c"fd",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut entries = rustix::fs::Dir::new(fd_dir).ok()?;
+    let mut n = 0;
+    let mut sockets = Vec::new();
+    let mut link = [0u8; 64];
+    while let Some(Ok(ent)) = entries.read() {
+        let name = ent.file_name();
+        if name.to_bytes().first() == Some(&b'.') {
+            continue;
+        }
+        n += 1;
+        // "socket:[N]" fits in 64 bytes; longer targets are truncated and are no socket.
+        if let Ok(dfd) = entries.fd()
+            && let Ok(len) = rustix::fs::readlinkat_raw(dfd, name, &mut link[..])
+            && let Some(ino) = socket_inode(&link[..len.min(link.len())])
+        {
+            sockets.push(ino);
+        }
+    }
+    Some((n, sockets))
+}
+
+/// Read handles on one process: `/proc/PID` (a directory handle, for the descriptor count
+/// and the occasional socket count), and its `stat` and `io` files, re-read with `pread`.
+/// Kept open across passes they make a pass several times cheaper than opening the files
+/// each time (opening, not reading, dominates), and they stay bound to the process they were
+/// opened on: once it is gone every read fails (ESRCH), even if its pid is reused.
+#[derive(Debug)]
+pub struct Handles {
+    dir: OwnedFd,
+    stat: OwnedFd,
+    /// `None` when unreadable (another account's process without privilege).
+    io: Option<OwnedFd>,
+}
+
+impl Handles {
+    /// Open the handles of `pid` (`None` when it does not exist). The identity is checked by
+    /// [`read_raw`] on every read.
+    pub fn open(pid: i32) -> Option<Handles> {
+        if pid <= 0 {
+            return None;
+        }
+        let path = format!("/proc/{pid}");
+        let dir = rustix::fs::openat(
+            rustix::fs::CWD,
+            path.as_str(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let stat = rustix::fs::openat(
+            &dir,
+            c"stat",
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let io =
+            rustix::fs::openat(&dir, c"io", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok();
+        Some(Handles { dir, stat, io })
+    }
+
+    /// Descriptors these handles hold.
+    pub const FDS: usize = 3;
+}
+
+/// Read a whole single-record `/proc` file (`stat`, `io`) from offset 0: such files are
+/// generated afresh by each read at offset 0, so one `pread` that does not fill the buffer
+/// has everything.
+fn pread_all(fd: &OwnedFd, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut size = 2048;
+    loop {
+        buf.clear();
+        buf.resize(size, 0);
+        let n = rustix::io::pread(fd, &mut buf[..], 0)?;
+        if n < buf.len() {
+            buf.truncate(n);
+            return Ok(());
+        }
+        if size >= 1 << 16 {
+            return Err(std::io::Error::other("a /proc record larger than 64 KiB"));
+        }
+        size *= 2;
+    }
+}
+
+/// Read the counters of the process behind `h` if it still has start time `starttime`
+/// (`None` when it is gone or is another process). `buf` is scratch space; `net` caches the
+/// socket tables of each network namespace for the current pass. `list` is asked, with the
+/// descriptor count, whether to list the descriptors and count sockets now (the expensive
+/// part of a read).
+pub fn read_raw(
+    h: &Handles,
+    starttime: u64,
+    buf: &mut Vec<u8>,
+    net: &mut NetTables,
+    list: impl FnOnce(u64) -> bool,
+) -> Option<Raw> {
+    pread_all(&h.stat, buf).ok()?;
+    let st = parse_stat_fields(buf)?;
+    if st.starttime != starttime {
+        return None;
+    }
+    let mut raw = Raw {
+        cpu_ticks: st.utime.saturating_add(st.stime),
+        rss_bytes: st.rss_pages.saturating_mul(crate::procinfo::page_size()),
+        ..Raw::default()
+    };
+    // Another account's io and fd directory are unreadable without privilege: then 0.
+    if let Some(io) = &h.io
+        && pread_all(io, buf).is_ok()
+    {
+        raw.io_bytes = parse_io(buf).unwrap_or(0);
+    }
+    let dir = &h.dir;
+    // Linux 6.2+ gives the descriptor count as the size of the fd directory; older kernels
+    // say 0, and then (or when sockets are to be counted) the directory is listed.
+    let quick = rustix::fs::statat(dir, c"fd", rustix::fs::AtFlags::empty())
+        .ok()
+        .map(|st| st.st_size.max(0) as u64)
+        .filter(|n| *n > 0);
+    let listed = match quick {
+        Some(n) if !list(n) => {
+            raw.fds = n;
+            None
+        }
+        _ => list_fds(dir),
+    };
+    if let Some((n, sockets)) = listed {
+        raw.fds = n;
+        let mut count = 0;
+        if !sockets.is_empty()
+            && let Ok(ns) = rustix::fs::statat(dir, c"ns/net", rustix::fs::AtFlags::empty())
+        {
+            let table = net
+                .entry(ns.st_ino)
+                .or_insert_with(|| read_net_tables(dir, buf));
+            count = sockets.iter().filter(|i| table.contains(i)).count() as u64;
+        }
+        raw.net = Some(count);
+    }
+    Some(raw)
+}
+
+/// How many instances the sampler may keep [`Handles`] open for: a quarter of what the
+/// descriptor limit leaves after a reserve (each instance also costs the agent a pidfd), so
+/// the sampler never starves the rest of the agent. Instances beyond it are read by opening
+/// the files each pass.
+pub fn handle_budget() -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1 << 20)
+        .min(1 << 20) as usize;
+    soft.saturating_sub(512) / (Handles::FDS + 1)
+}
+
+// ---------------------------------------------------------------------------------------
+// Passes
+
+/// One definition to sample: its key and its instances (pid, start time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub key: ProcKey,
+    pub instances: Vec<(i32, u64)>,
+}
+
+/// Sockets are recounted at least every this many passes (staggered by pid), besides
+/// whenever a process's descriptor count changes.
+pub const NET_RESCAN_PASSES: u64 = 20;
+
+/// What the sampler remembers of one instance between passes.
+#[derive(Debug)]
+struct Memo {
+    cpu_ticks: u64,
+    at: Instant,
+    fds: u64,
+    net: Option<u64>,
+    /// Kept open while within the budget.
+    handles: Option<Handles>,
+}
+
+/// The sampler's state between passes: previous readings and scratch buffers.
+pub struct Sampler {
+    host: HostFigures,
+    memo: HashMap<(i32, u64), Memo>,
+    buf: Vec<u8>,
+    net: NetTables,
+    ticks_per_sec: u64,
+    passes: u64,
+    budget: usize,
+}
+
+impl Sampler {
+    pub fn new(host: HostFigures) -> Sampler {
+        Sampler::with_budget(host, handle_budget())
+    }
+
+    /// A sampler that keeps handles open for at most `budget` instances.
+    pub fn with_budget(host: HostFigures, budget: usize) -> Sampler {
+        Sampler {
+            host,
+            memo: HashMap::new(),
+            buf: Vec::with_capacity(4096),
+            net: NetTables::new(),
+            ticks_per_sec: crate::procinfo::ticks_per_second(),
+            passes: 0,
+            budget,
+        }
+    }
+
+    /// Instances whose handles are kept open now.
+    pub fn open_handles(&self) -> usize {
+        self.memo.values().filter(|m| m.handles.is_some()).count()
+    }
+
+    pub fn host(&self) -> HostFigures {
+        self.host
+    }
+
+    /// One pass over `targets` at `now` (`at_unix` is stamped on the samples). Returns one
+    /// entry per target, in order (`None` when none of its instances could be read: gone
+    /// between the listing and the read), and the number of instances read.
+    ///
+    /// Listing a process's descriptors (to count its sockets) is the most expensive read, so
+    /// `net` is recounted only when its descriptor count changed since the last pass, and
+    /// otherwise every [`NET_RESCAN_PASSES`] passes; in between the last count is reported.
+    pub fn pass(
+        &mut self,
+        targets: &[Target],
+        now: Instant,
+        at_unix: i64,
+    ) -> (Vec<Option<Sample>>, usize) {
+        self.net.clear();
+        self.passes += 1;
+        let passes = self.passes;
+        let mut seen: HashMap<(i32, u64), Memo> = HashMap::with_capacity(self.memo.len());
+        let mut out = Vec::with_capacity(targets.len());
+        let mut read = 0;
+        let mut kept = 0;
+        for t in targets {
+            let mut s = Sample {
+                at: at_unix,
+                ..Sample::default()
+            };
+            let mut any = false;
+            for &(pid, start) in &t.instances {
+                let mut old = self.memo.remove(&(pid, start));
+                let handles = match old.as_mut().and_then(|m| m.handles.take()) {
+                    Some(h) => Some(h),
+                    None => Handles::open(pid),
+                };
+                let Some(handles) = handles else {
+                    continue;
+                };
+                let prev_fds = old.as_ref().filter(|m| m.net.is_some()).map(|m| m.fds);
+                let list = |fds: u64| match prev_fds {
+                    Some(f) if f == fds => (passes + pid as u64).is_multiple_of(NET_RESCAN_PASSES),
+                    _ => true,
+                };
+                let Some(raw) = read_raw(&handles, start, &mut self.buf, &mut self.net, list)
+                else {
+                    // Gone (or another process): its handles are closed here.
+                    continue;
+                };
+                any = true;
+                read += 1;
+                if let Some(m) = &old {
+                    s.cpu_usage += cpu_percent(
+                        m.cpu_ticks,
+                        raw.cpu_ticks,
+                        now.saturating_duration_since(m.at),
+                        self.ticks_per_sec,
+                        self.host.cpus,
+                    );
+                }
+                let net = raw.net.or(old.as_ref().and_then(|m| m.net));
+                let keep = kept < self.budget;
+                kept += usize::from(keep);
+                seen.insert(
+                    (pid, start),
+                    Memo {
+                        cpu_ticks: raw.cpu_ticks,
+                        at: now,
+                        fds: raw.fds,
+                        net,
+                        handles: keep.then_some(handles),
+                    },
+                );
+                s.rss_bytes = s.rss_bytes.saturating_add(raw.rss_bytes);
+                s.fd += raw.fds as i64;
+                s.disk = s
+                    .disk
+                    .saturating_add(raw.io_bytes.min(i64::MAX as u64) as i64);
+                s.net += net.unwrap_or(0) as i64;
+            }
+            if !any {
+                out.push(None);
+                continue;
+            }
+            s.mem_usage = s.rss_bytes as f64 / self.host.mem_total_bytes.max(1) as f64 * 100.0;
+            s.cpu_usage = (s.cpu_usage * 100.0).round() / 100.0;
+            s.mem_usage = (s.mem_usage * 100.0).round() / 100.0;
+            out.push(Some(s));
+        }
+        self.memo = seen;
+        (out, read)
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default)]
+pub struct PassReport {
+    /// Instances read.
+    pub processes: usize,
+    pub took: Duration,
+    /// Processes that stayed over a limit for `limit_samples` samples: to be stopped.
+    pub breaches: Vec<(ProcKey, Breach)>,
+}
+
+/// One sampling pass over every tracked instance: samples go into each entry's runtime, the
+/// limit counters advance, and breaches are returned for the caller to act on.
+pub fn sample_once(engine: &Engine, sampler: &mut Sampler) -> PassReport {
+    let t0 = Instant::now();
+    let targets: Vec<Target> = engine
         .reg()
         .entries
         .values()
         .filter(|e| !e.state.instances.is_empty())
-        .map(|e| {
-            (
-                e.def.key.clone(),
-                e.state
-                    .instances
-                    .iter()
-                    .map(|i| (i.pid, i.starttime))
-                    .collect(),
-            )
+        .map(|e| Target {
+            key: e.def.key.clone(),
+            instances: e
+                .state
+                .instances
+                .iter()
+                .map(|i| (i.pid, i.starttime))
+                .collect(),
         })
         .collect();
-    let tck = crate::procinfo::ticks_per_second();
-    let now = Instant::now();
-    let now_unix = crate::util::unix_now();
-    let mut seen: HashMap<(i32, u64), (u64, Instant)> = HashMap::with_capacity(prev.len());
-    let mut results: Vec<(ProcKey, Sample)> = Vec::with_capacity(targets.len());
-    let mut n = 0;
-    for (key, insts) in targets {
-        let mut s = Sample {
-            at: now_unix,
-            ..Sample::default()
-        };
-        for (pid, start) in insts {
-            let Some(raw) = read_raw(pid, start) else {
+    let (samples, processes) = sampler.pass(&targets, Instant::now(), crate::util::unix_now());
+    let needed = engine.config.metrics.limit_samples;
+    let cpus = sampler.host().cpus;
+    let mut breaches = Vec::new();
+    {
+        let mut reg = engine.reg();
+        // Nothing running: no figures (a stopped process must not show its last sample).
+        for e in reg.entries.values_mut() {
+            if e.state.instances.is_empty() {
+                e.rt.sample = None;
+                e.rt.over_limit = 0;
+            }
+        }
+        for (t, s) in targets.iter().zip(samples) {
+            let Some(e) = reg.get_mut(&t.key) else {
                 continue;
             };
-            n += 1;
-            if let Some((pt, pi)) = prev.get(&(pid, start)) {
-                s.cpu_usage +=
-                    cpu_percent(*pt, raw.cpu_ticks, now.duration_since(*pi), tck, host.cpus);
+            // The instances changed while we read (a restart): this sample is of the old ones.
+            let same = e.state.instances.len() == t.instances.len()
+                && e.state
+                    .instances
+                    .iter()
+                    .zip(&t.instances)
+                    .all(|(i, (pid, st))| i.pid == *pid && i.starttime == *st);
+            let Some(s) = s.filter(|_| same) else {
+                continue;
+            };
+            let v = limits::check(&limits::Input {
+                eligible: e.state.managed
+                    && !e.state.instances.is_empty()
+                    && e.rt.busy.is_none()
+                    && !e.rt.start_pending,
+                cpu_usage: s.cpu_usage,
+                mem_usage: s.mem_usage,
+                cpu_lmt: e.def.spec.cpu_lmt,
+                mem_lmt: e.def.spec.mem_lmt,
+                cpus,
+                over_limit: e.rt.over_limit,
+                needed,
+            });
+            e.rt.over_limit = v.over_limit;
+            if let Some(b) = v.breach {
+                breaches.push((t.key.clone(), b));
             }
-            seen.insert((pid, start), (raw.cpu_ticks, now));
-            s.rss_bytes += raw.rss_bytes;
-            s.fd += raw.fds as i64;
-            s.disk += raw.io_bytes as i64;
-        }
-        s.mem_usage = s.rss_bytes as f64 / host.mem_total_bytes as f64 * 100.0;
-        s.cpu_usage = (s.cpu_usage * 100.0).round() / 100.0;
-        s.mem_usage = (s.mem_usage * 100.0).round() / 100.0;
-        results.push((key, s));
-    }
-    *prev = seen;
-    let mut reg = engine.reg();
-    for (key, s) in results {
-        if let Some(e) = reg.get_mut(&key) {
             e.rt.sample = Some(s);
         }
     }
-    n
+    let took = t0.elapsed();
+    engine.counters.record_pass(took, processes);
+    PassReport {
+        processes,
+        took,
+        breaches,
+    }
 }
 
-/// The sampler task: one pass every `metrics.sample_interval` until shutdown.
+/// The sampler task: one pass every `metrics.sample_interval` until shutdown; a process that
+/// stayed over a limit is handed to [`crate::supervisor::ops::enforce_limit`].
 pub async fn run_sampler(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let host = HostFigures::read();
-    let mut prev = Prev::new();
+    let mut sampler = Some(Sampler::new(host));
     let mut tick = tokio::time::interval(engine.config.metrics.sample_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -200,17 +717,327 @@ pub async fn run_sampler(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::
             _ = shutdown.changed() => break,
         }
         let e = engine.clone();
-        let p = std::mem::take(&mut prev);
+        let mut s = sampler.take().unwrap_or_else(|| Sampler::new(host));
         // /proc reads are blocking file I/O: keep them off the async workers.
         match tokio::task::spawn_blocking(move || {
-            let mut p = p;
-            sample_once(&e, &mut p, host);
-            p
+            let report = sample_once(&e, &mut s);
+            (s, report)
         })
         .await
         {
-            Ok(p) => prev = p,
+            Ok((s, report)) => {
+                sampler = Some(s);
+                for (key, breach) in report.breaches {
+                    tokio::spawn(crate::supervisor::ops::enforce_limit(
+                        engine.clone(),
+                        key,
+                        breach,
+                    ));
+                }
+            }
             Err(e) => tracing::error!(error = %e, "sampling pass failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_text() {
+        let t = b"rchar: 100\nwchar: 200\nsyscr: 3\nsyscw: 4\nread_bytes: 4096\nwrite_bytes: 10485760\ncancelled_write_bytes: 0\n";
+        assert_eq!(parse_io(t), Some(4096 + 10_485_760));
+        assert_eq!(parse_io(b"rchar: 1\n"), None);
+        assert_eq!(parse_io(b"read_bytes: x\nwrite_bytes: 1\n"), None);
+        assert_eq!(parse_io(b"\xff\xfe"), None);
+    }
+
+    #[test]
+    fn socket_links() {
+        let cases: &[(&[u8], Option<u64>)] = &[
+            (b"socket:[12345]", Some(12345)),
+            (b"socket:[]", None),
+            (b"socket:[12a]", None),
+            (b"pipe:[77]", None),
+            (b"/tmp/socket:[1]", None),
+            (b"anon_inode:[eventfd]", None),
+            (b"socket:[18446744073709551615]", Some(u64::MAX)),
+            (b"socket:[99999999999999999999999]", None),
+        ];
+        for (link, want) in cases {
+            assert_eq!(
+                socket_inode(link),
+                *want,
+                "{}",
+                String::from_utf8_lossy(link)
+            );
+        }
+    }
+
+    #[test]
+    fn net_tables() {
+        let tcp = b"  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 31337 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:1F90 0100007F:C350 06 00000000:00000000 03:00000F9F 00000000     0        0 0 3 0000000000000000\n   2: 0100007F:C350 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1000        0 424242 1 0000000000000000 20 4 30 10 -1\n";
+        let mut set = HashSet::new();
+        assert_eq!(parse_net_table(tcp, &mut set), 3);
+        assert_eq!(set, HashSet::from([31337, 424242]));
+        let udp6 = b"  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n  113: 00000000000000000000000000000000:0044 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 5555 2 0000000000000000 0\n";
+        assert_eq!(parse_net_table(udp6, &mut set), 1);
+        assert!(set.contains(&5555));
+        assert_eq!(parse_net_table(b"header only\n", &mut set), 0);
+        assert_eq!(parse_net_table(b"", &mut set), 0);
+        assert_eq!(parse_net_table(b"h\ngarbage line\n", &mut set), 0);
+    }
+
+    fn stat_line(comm: &[u8]) -> Vec<u8> {
+        let mut v = b"4242 (".to_vec();
+        v.extend_from_slice(comm);
+        v.extend_from_slice(b") S 1 4242 4242 0 -1 4194560 100 0 0 0 700 300 0 0 20 0 1 0 123456 10000000 250 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n");
+        v
+    }
+
+    const WANT: StatFields = StatFields {
+        utime: 700,
+        stime: 300,
+        starttime: 123456,
+        rss_pages: 250,
+    };
+
+    /// The sampler's `stat` parser survives a `comm` with spaces and parentheses (the
+    /// kernel does not escape it), and agrees with the full parser used for identity.
+    #[test]
+    fn stat_with_hostile_comm() {
+        for comm in [
+            "a b",
+            "x) (y",
+            "))",
+            "(",
+            "a) R 1 2 3 (b",
+            "",
+            "x\ny",
+            "1 2 3 4 5 6 7",
+        ] {
+            let line = stat_line(comm.as_bytes());
+            assert_eq!(parse_stat_fields(&line), Some(WANT), "comm {comm:?}");
+            let full = crate::procinfo::parse_stat(&line)
+                .unwrap_or_else(|| panic!("comm {comm:?} did not parse"));
+            assert_eq!(full.comm, comm);
+            assert_eq!(
+                (full.utime, full.stime, full.starttime, full.rss_pages),
+                (700, 300, 123456, 250)
+            );
+        }
+        // Not UTF-8: still fine, only the fields after the last ')' are read.
+        assert_eq!(parse_stat_fields(&stat_line(b"\xff\xfe) (")), Some(WANT));
+        for bad in [
+            &b""[..],
+            b"4242 (x S 1",
+            b"4242 (x) S 1 2 3",
+            b"4242 (x) S 1 2 3 4 5 6 7 8 9 10 u s",
+        ] {
+            assert_eq!(
+                parse_stat_fields(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // The real file of this process.
+        let me = std::fs::read(format!("/proc/{}/stat", std::process::id())).expect("stat");
+        let full = crate::procinfo::parse_stat(&me).expect("full");
+        let f = parse_stat_fields(&me).expect("fields");
+        assert_eq!(f.starttime, full.starttime);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn stat_fields_for_any_comm(comm in proptest::collection::vec(1u8..=255, 0..64),
+                                    utime in 0u64..u64::MAX / 2, stime in 0u64..u64::MAX / 2,
+                                    start in proptest::num::u64::ANY) {
+            let mut v = b"77 (".to_vec();
+            v.extend_from_slice(&comm);
+            v.extend_from_slice(format!(") R 1 77 77 0 -1 0 0 0 0 0 {utime} {stime} 0 0 20 0 1 0 {start} 0 9 0\n").as_bytes());
+            let f = parse_stat_fields(&v).expect("parses");
+            proptest::prop_assert_eq!(f, StatFields { utime, stime, starttime: start, rss_pages: 9 });
+        }
+    }
+
+    #[test]
+    fn cpu_percent_table() {
+        let s = Duration::from_secs;
+        let cases = [
+            // prev, now, dt, tck, cpus, want
+            (0, 100, s(1), 100, 2, 100.0),
+            (0, 50, s(1), 100, 2, 50.0),
+            (0, 200, s(1), 100, 2, 200.0),
+            (0, 900, s(1), 100, 2, 200.0), // clamped to the machine
+            (100, 50, s(1), 100, 2, 0.0),  // counter went back: no figure
+            (0, 100, s(0), 100, 2, 0.0),
+            (0, 300, s(3), 100, 4, 100.0),
+        ];
+        for (p, n, dt, tck, cpus, want) in cases {
+            assert_eq!(cpu_percent(p, n, dt, tck, cpus), want, "{p} {n} {dt:?}");
+        }
+    }
+
+    #[test]
+    fn reads_itself_and_refuses_a_wrong_start_time() {
+        let me = std::process::id() as i32;
+        let st = crate::procinfo::read_stat(me).expect("own stat");
+        let mut buf = Vec::new();
+        let mut net = NetTables::new();
+        let _held: Vec<std::fs::File> = (0..5)
+            .map(|_| std::fs::File::open("/dev/null").expect("open"))
+            .collect();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let h = Handles::open(me).expect("own handles");
+        let r = read_raw(&h, st.starttime, &mut buf, &mut net, |_| true).expect("readable");
+        assert!(r.fds >= 8, "{r:?}");
+        assert!(r.rss_bytes > 0);
+        assert!(r.net >= Some(2), "{r:?}");
+        let quick = read_raw(&h, st.starttime, &mut buf, &mut net, |_| false).expect("readable");
+        assert_eq!(quick.net, None, "not listed");
+        assert!(quick.fds >= 10, "{quick:?}");
+        assert!(read_raw(&h, st.starttime + 1, &mut buf, &mut net, |_| true).is_none());
+        assert!(Handles::open(-1).is_none());
+        assert!(Handles::open(0).is_none());
+        drop((l, u));
+    }
+
+    #[test]
+    fn pass_sums_instances_and_keys_cpu_by_start_time() {
+        let me = std::process::id() as i32;
+        let st = crate::procinfo::read_stat(me).expect("own stat");
+        // A quiet child for exact sums (this test process changes while other tests run).
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("sleep");
+        let cpid = child.id() as i32;
+        let cst = crate::procinfo::read_stat(cpid).expect("child stat");
+        let mut s = Sampler::new(HostFigures {
+            mem_total_bytes: 1 << 30,
+            cpus: 2,
+        });
+        let me_t = Target {
+            key: ProcKey::new("t", "me"),
+            instances: vec![(me, st.starttime)],
+        };
+        let one = Target {
+            key: ProcKey::new("t", "one"),
+            instances: vec![(cpid, cst.starttime)],
+        };
+        let two = Target {
+            key: ProcKey::new("t", "two"),
+            instances: vec![(cpid, cst.starttime), (cpid, cst.starttime)],
+        };
+        let gone = Target {
+            key: ProcKey::new("t", "gone"),
+            instances: vec![(cpid, cst.starttime + 1)],
+        };
+        let (a, n) = s.pass(std::slice::from_ref(&me_t), Instant::now(), 1);
+        assert_eq!(n, 1);
+        let a = a[0].clone().expect("sample");
+        assert_eq!(a.cpu_usage, 0.0, "no previous reading yet");
+        assert_eq!(a.at, 1);
+        // Burn some cpu, then a second pass has a figure.
+        let until = Instant::now() + Duration::from_millis(300);
+        let mut x = 0u64;
+        while Instant::now() < until {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        std::hint::black_box(x);
+        let (b, n) = s.pass(&[me_t, one, two, gone], Instant::now(), 2);
+        assert_eq!(n, 4);
+        let mine = b[0].clone().expect("sample");
+        assert!(mine.cpu_usage > 0.0, "{mine:?}");
+        let b1 = b[1].clone().expect("sample");
+        let b2 = b[2].clone().expect("sample");
+        assert!(b1.fd >= 1 && b1.rss_bytes > 0, "{b1:?}");
+        assert_eq!(b2.fd, 2 * b1.fd, "summed over instances");
+        assert_eq!(b2.rss_bytes, 2 * b1.rss_bytes, "summed over instances");
+        assert_eq!(
+            b1.mem_usage,
+            (b1.rss_bytes as f64 / (1u64 << 30) as f64 * 10_000.0).round() / 100.0
+        );
+        assert!(b[3].is_none(), "a wrong start time is another process");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Kept handles are bound to the process they were opened on: after it exits they read
+    /// nothing, whatever process gets its pid later.
+    #[test]
+    fn handles_of_an_exited_process_read_nothing() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        let st = crate::procinfo::read_stat(pid).expect("child stat");
+        let h = Handles::open(pid).expect("handles");
+        let (mut buf, mut net) = (Vec::new(), NetTables::new());
+        assert!(read_raw(&h, st.starttime, &mut buf, &mut net, |_| false).is_some());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(read_raw(&h, st.starttime, &mut buf, &mut net, |_| true).is_none());
+    }
+
+    #[test]
+    fn handles_are_kept_within_the_budget() {
+        let mut kids: Vec<std::process::Child> = (0..3)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .expect("sleep")
+            })
+            .collect();
+        let targets: Vec<Target> = kids
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let pid = c.id() as i32;
+                Target {
+                    key: ProcKey::new("t", format!("k{i}")),
+                    instances: vec![(
+                        pid,
+                        crate::procinfo::read_stat(pid).expect("stat").starttime,
+                    )],
+                }
+            })
+            .collect();
+        let host = HostFigures {
+            mem_total_bytes: 1 << 30,
+            cpus: 2,
+        };
+        let mut s = Sampler::with_budget(host, 2);
+        for _ in 0..3 {
+            let (out, read) = s.pass(&targets, Instant::now(), 1);
+            assert_eq!(read, 3);
+            assert!(out.iter().all(|o| o.as_ref().is_some_and(|x| x.fd >= 1)));
+            assert_eq!(s.open_handles(), 2);
+        }
+        let mut none = Sampler::with_budget(host, 0);
+        let (_, read) = none.pass(&targets, Instant::now(), 1);
+        assert_eq!((read, none.open_handles()), (3, 0));
+        // A process that is gone drops out, and so do its handles.
+        let _ = kids[0].kill();
+        let _ = kids[0].wait();
+        let (out, read) = s.pass(&targets, Instant::now(), 2);
+        assert_eq!(read, 2);
+        assert!(out[0].is_none());
+        assert_eq!(s.open_handles(), 2);
+        for k in &mut kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        let _ = s.pass(&targets, Instant::now(), 3);
+        assert_eq!(s.open_handles(), 0);
+        assert!(handle_budget() > 0);
     }
 }

@@ -586,6 +586,15 @@ pub struct ProcDetail {
     pub fd: i64,
     pub disk: i64,
     pub net: i64,
+    /// Unix seconds of the sample the figures come from (0: not sampled).
+    #[serde(default)]
+    pub sampled_at: i64,
+    /// Times the agent stopped it for staying over a resource limit.
+    #[serde(default)]
+    pub limit_stops: u64,
+    /// The latest such stop: "UNIX_SECONDS: cause".
+    #[serde(default)]
+    pub last_limit: Option<String>,
     pub health: Option<String>,
     pub busy: Option<String>,
     pub spec: ProcSpec,

@@ -64,6 +64,21 @@ pub struct ProcState {
     /// A single-run process that already ran to completion under supervision.
     #[serde(default)]
     pub completed: bool,
+    /// Times the agent stopped it for staying over `cpu_lmt` / `mem_lmt`.
+    #[serde(default)]
+    pub limit_stops: u64,
+    /// The latest of those stops.
+    #[serde(default)]
+    pub last_limit: Option<LimitStop>,
+}
+
+/// A stop for exceeding a resource limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitStop {
+    /// Unix seconds.
+    pub at: i64,
+    /// Which limit, the figures and for how many samples.
+    pub cause: String,
 }
 
 impl Default for ProcState {
@@ -76,6 +91,8 @@ impl Default for ProcState {
             restarts: 0,
             last_exit: None,
             completed: false,
+            limit_stops: 0,
+            last_limit: None,
         }
     }
 }
@@ -216,6 +233,16 @@ impl Entry {
     /// The main pid (first instance), -1 when none.
     pub fn main_pid(&self) -> i32 {
         self.state.instances.first().map(|i| i.pid).unwrap_or(-1)
+    }
+
+    /// The latest resource sample, only while something runs (a process that just stopped
+    /// must not show the figures of its last sample).
+    pub fn current_sample(&self) -> Option<&Sample> {
+        if self.state.instances.is_empty() {
+            None
+        } else {
+            self.rt.sample.as_ref()
+        }
     }
 
     /// Should supervision keep it running?

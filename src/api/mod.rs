@@ -9,7 +9,7 @@
 //!   requests for authorization and audit.
 //! * Routes: every GSE API at `POST /v1/<api_name>`, also at `POST /api/v2/proc/<api_name>/`
 //!   (trailing slash optional); `GET /v1/healthz`, `GET /v1/events`, `GET /v1/logs`,
-//!   `POST /v1/reload`, `GET /metrics`.
+//!   `POST /v1/reload`, `GET /metrics` (also `/v1/metrics`; see [`metrics`]).
 //!   Every answer, errors included, is the GSE envelope `{result, code, message, data,
 //!   request_id}`.
 
@@ -18,6 +18,7 @@ pub mod client;
 pub mod gsekit;
 pub mod handlers;
 pub mod logs;
+pub mod metrics;
 pub mod reload;
 
 use std::io;
@@ -204,6 +205,14 @@ pub fn router(engine: Arc<Engine>) -> Router {
         )
         .route("/v1/logs", get(logs::handler).fallback(method_not_allowed))
         .route("/v1/reload", any(reload::handler))
+        .route(
+            "/metrics",
+            get(metrics::on_socket).fallback(method_not_allowed),
+        )
+        .route(
+            "/v1/metrics",
+            get(metrics::on_socket).fallback(method_not_allowed),
+        )
         .route("/v1/{api}", any(dispatch))
         .route("/v1/{api}/", any(dispatch))
         .route("/api/v2/proc/{api}", any(dispatch))
@@ -279,6 +288,15 @@ async fn dispatch(
 /// Read a request body of at most `limit` bytes.
 pub async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     use http_body_util::BodyExt;
+    use hyper::body::Body as _;
+    // A Content-Length over the limit is refused before a byte of the body is read.
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ApiError {
+            http: StatusCode::PAYLOAD_TOO_LARGE,
+            code: codes::TOO_LARGE,
+            message: format!("request body is larger than the limit of {limit} bytes"),
+        });
+    }
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes().to_vec()),
         Err(e) => {

@@ -16,6 +16,7 @@
 
 pub mod ps;
 pub mod render;
+pub mod top;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -156,6 +157,8 @@ pub enum Command {
     /// GSEKit's process status list: processes with their topology (set, module, service
     /// instance, process), filtered by GSEKit expressions.
     Ps(Box<ps::PsArgs>),
+    /// Live table of processes with cpu, memory, fds, disk and sockets, refreshed in place.
+    Top(top::TopArgs),
     /// Show the supervision event history.
     Events {
         /// Keep following new events.
@@ -385,6 +388,7 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             }
             Ok(exit::OK)
         }
+        Command::Top(a) => top::run(&client, cli.json, a).await,
         Command::Events {
             follow,
             process,

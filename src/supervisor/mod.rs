@@ -13,6 +13,7 @@
 //!   runtime facts (pids, restarts) are written in the background.
 
 pub mod defs;
+pub mod limits;
 pub mod ops;
 pub mod policy;
 pub mod watch;
@@ -857,7 +858,7 @@ impl Engine {
                 net: 0,
             },
             Some(e) => {
-                let s = e.rt.sample.clone().unwrap_or_default();
+                let s = e.current_sample().cloned().unwrap_or_default();
                 ProcInfo {
                     meta: crate::proto::Meta {
                         namespace: key.namespace.clone(),
@@ -897,7 +898,7 @@ impl Engine {
 
     /// The agent's detailed view of one entry.
     pub fn detail(&self, e: &Entry) -> ProcDetail {
-        let s = e.rt.sample.clone().unwrap_or_default();
+        let s = e.current_sample().cloned().unwrap_or_default();
         let now = Instant::now();
         ProcDetail {
             namespace: e.def.key.namespace.clone(),
@@ -949,6 +950,13 @@ impl Engine {
             fd: s.fd,
             disk: s.disk,
             net: s.net,
+            sampled_at: s.at,
+            limit_stops: e.state.limit_stops,
+            last_limit: e
+                .state
+                .last_limit
+                .as_ref()
+                .map(|l| format!("{}: {}", l.at, l.cause)),
             health: e.rt.health.clone(),
             busy: e.rt.busy.clone(),
             spec: e.def.spec.clone(),

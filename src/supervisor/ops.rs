@@ -1106,7 +1106,7 @@ pub fn status_content(engine: &Engine, key: &ProcKey) -> String {
             "bk_agent_id": agent, "utctime": utctime, "timezone": 0
         }),
         Some(e) => {
-            let s = e.rt.sample.clone().unwrap_or_default();
+            let s = e.current_sample().cloned().unwrap_or_default();
             let pids: Vec<i64> = if e.state.instances.is_empty() {
                 vec![-1]
             } else {
@@ -1292,4 +1292,154 @@ pub async fn liveness_restart(engine: &Arc<Engine>, key: &ProcKey, kind: &str, m
             .events
             .emit(Some(key), "stop_failed", f.msg, serde_json::Value::Null),
     }
+}
+
+/// Stop a managed process that stayed over its `cpu_lmt` / `mem_lmt` (the sampler decided,
+/// through the pure [`super::limits::check`]): the same stop as an operator's (`stop_cmd`,
+/// then SIGTERM / SIGKILL to what is left), under the process's operation lock and busy
+/// marker so its exit is not handled twice. The process stays managed: its exit is recorded
+/// as not caused by an operator, a `limit_exceeded` event carries the figures, and a
+/// resident process is restarted under the backoff policy (an uptime shorter than
+/// `backoff_reset` counts as a failure, so one that keeps exceeding its limit backs off).
+pub async fn enforce_limit(engine: Arc<Engine>, key: ProcKey, breach: super::limits::Breach) {
+    let _permit = engine.ops_sem.clone().acquire_owned().await;
+    let lock = engine.op_lock(&key);
+    let _guard = lock.lock().await;
+    // Re-check under the lock: an operator may have stopped or unmanaged it meanwhile.
+    let (spec, pids, uptime) = {
+        let reg = engine.reg();
+        let Some(e) = reg.get(&key) else { return };
+        if !e.state.managed
+            || e.state.instances.is_empty()
+            || e.rt.busy.is_some()
+            || e.rt.start_pending
+        {
+            return;
+        }
+        (
+            e.def.spec.clone(),
+            e.state.instances.iter().map(|i| i.pid).collect::<Vec<_>>(),
+            e.rt.attached_at.values().map(|t| t.elapsed()).min(),
+        )
+    };
+    let cause = breach.describe();
+    let _busy = Busy::set(&engine, &key, "limit");
+    if let Some(e) = engine.reg().get_mut(&key) {
+        e.rt.phase = Phase::Stopping;
+    }
+    let mut data = breach.data();
+    data["pids"] = serde_json::json!(pids);
+    engine.events.emit(
+        Some(&key),
+        "limit_exceeded",
+        format!("{cause}; stopping pid {}", join_pids(&pids)),
+        data,
+    );
+    let step = match stop_all(&engine, &key, &spec, false).await {
+        Ok(step) => step,
+        Err(f) => {
+            if let Some(e) = engine.reg().get_mut(&key) {
+                e.rt.message = format!(
+                    "over its limit ({cause}) but could not be stopped: {}",
+                    f.msg
+                );
+            }
+            engine.events.emit(
+                Some(&key),
+                "stop_failed",
+                f.msg.clone(),
+                serde_json::json!({"reason": "limit_exceeded"}),
+            );
+            return;
+        }
+    };
+    let now = Instant::now();
+    let mut note = None;
+    {
+        let mut reg = engine.reg();
+        let Some(e) = reg.get_mut(&key) else { return };
+        // Record the exits now (the watchers may not have reported yet; one that already did
+        // was attributed to the busy operation, which is this one).
+        let gone: Vec<i32> = e
+            .state
+            .instances
+            .iter()
+            .filter(|i| pids.contains(&i.pid) && !watch::alive(i.pid, i.starttime))
+            .map(|i| i.pid)
+            .collect();
+        for pid in &gone {
+            let exit = watch::collect_exit(
+                *pid,
+                e.rt.pidfds.get(pid).map(|f| f.as_ref()),
+                &engine.reaper,
+            );
+            e.state.last_exit = Some(crate::registry::LastExit {
+                pid: *pid,
+                at: crate::util::unix_now(),
+                exit,
+                by_operator: false,
+            });
+            e.state.instances.retain(|i| i.pid != *pid);
+            if let Some(h) = e.rt.watchers.remove(pid) {
+                h.abort();
+            }
+            e.rt.pidfds.remove(pid);
+            e.rt.attached_at.remove(pid);
+        }
+        if let Some(x) = e.state.last_exit.as_mut()
+            && pids.contains(&x.pid)
+        {
+            // Not an operator's stop: the restart that follows is a restart.
+            x.by_operator = false;
+        }
+        e.state.limit_stops += 1;
+        e.state.last_limit = Some(crate::registry::LimitStop {
+            at: crate::util::unix_now(),
+            cause: cause.clone(),
+        });
+        e.rt.over_limit = 0;
+        e.rt.sample = None;
+        match e.def.spec.auto_type {
+            AutoType::Resident if e.wants_running() => {
+                e.rt.failures = engine.backoff.failures_after_exit(e.rt.failures, uptime);
+                let delay = engine
+                    .backoff
+                    .delay(e.rt.failures, crate::util::random_unit());
+                e.rt.next_attempt = Some(now + delay);
+                e.rt.phase = Phase::Backoff;
+                e.rt.message = format!(
+                    "stopped for exceeding its limit ({cause}); restart in {:.1}s",
+                    delay.as_secs_f64()
+                );
+                note = Some((delay, e.rt.failures));
+            }
+            AutoType::SingleRun => {
+                e.state.completed = true;
+                e.rt.phase = Phase::Completed;
+                e.rt.message = format!("stopped for exceeding its limit ({cause})");
+            }
+            _ => {
+                e.rt.phase = if e.state.instances.is_empty() {
+                    Phase::Stopped
+                } else {
+                    Phase::Running
+                };
+                e.rt.message = format!("stopped for exceeding its limit ({cause})");
+            }
+        }
+    }
+    engine.events.emit(
+        Some(&key),
+        "limit_stopped",
+        match note {
+            Some((d, _)) => format!("{step}; restart in {:.1}s", d.as_secs_f64()),
+            None => step.clone(),
+        },
+        serde_json::json!({
+            "step": step,
+            "restart_in_secs": note.map(|(d, _)| d.as_secs_f64()),
+            "failures": note.map(|(_, f)| f),
+        }),
+    );
+    engine.persist_bg(&key);
 }

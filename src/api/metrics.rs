@@ -1,0 +1,274 @@
+//! `GET /metrics`: the latest samples and the agent's own figures as OpenMetrics text (which
+//! Prometheus scrapes natively), encoded by `prometheus-client`.
+//!
+//! Served on the API socket (authorized like every read) and, when `[metrics] listen` is
+//! set, on that loopback TCP address, where only `/metrics` exists and anyone on the host
+//! may read it (loopback only, enforced by the config loader).
+//!
+//! Every scrape encodes a fresh registry from the registry's latest samples (a process that
+//! was unregistered disappears at once); nothing here reads `/proc` of managed processes.
+//! Per-process series carry the labels `namespace` and `name`:
+//!
+//! | metric | type | meaning |
+//! |---|---|---|
+//! | `procagent_process_up` | gauge | 1 when at least one instance runs |
+//! | `procagent_process_managed` | gauge | 1 when the agent keeps it running (托管) |
+//! | `procagent_process_restarts_total` | counter | restarts by supervision |
+//! | `procagent_process_limit_stops_total` | counter | stops for exceeding cpu_lmt/mem_lmt |
+//! | `procagent_process_cpu_usage_percent` | gauge | percent of one core (sum over instances) |
+//! | `procagent_process_memory_usage_percent` | gauge | RSS as percent of MemTotal |
+//! | `procagent_process_resident_memory_bytes` | gauge | RSS |
+//! | `procagent_process_open_fds` | gauge | open descriptors |
+//! | `procagent_process_disk_io_bytes_total` | counter | read_bytes + write_bytes since start |
+//! | `procagent_process_net_sockets` | gauge | open TCP + UDP sockets |
+//!
+//! The resource series exist only for processes with a current sample (running ones).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::sync::watch;
+
+use super::{AppState, Peer, auth};
+use crate::supervisor::Engine;
+
+/// The media type of the answer.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(String, String)>;
+type FGauge = Family<Labels, Gauge<f64, AtomicU64>>;
+type FCounter = Family<Labels, Counter<u64>>;
+
+fn unit(s: &str) -> Unit {
+    Unit::Other(s.to_string())
+}
+
+/// Encode the current figures.
+pub fn render(engine: &Engine) -> String {
+    let mut reg = Registry::with_prefix("procagent");
+
+    let up = FGauge::default();
+    let managed = FGauge::default();
+    let restarts = FCounter::default();
+    let limit_stops = FCounter::default();
+    let cpu = FGauge::default();
+    let mem = FGauge::default();
+    let rss = FGauge::default();
+    let fds = FGauge::default();
+    let disk = FCounter::default();
+    let net = FGauge::default();
+    let (mut n_reg, mut n_managed, mut n_running) = (0i64, 0i64, 0i64);
+    {
+        let r = engine.reg();
+        for e in r.entries.values() {
+            let l: Labels = vec![
+                ("namespace".into(), e.def.key.namespace.clone()),
+                ("name".into(), e.def.key.name.clone()),
+            ];
+            let running = !e.state.instances.is_empty();
+            n_reg += 1;
+            n_managed += i64::from(e.state.managed);
+            n_running += i64::from(running);
+            up.get_or_create(&l).set(if running { 1.0 } else { 0.0 });
+            managed
+                .get_or_create(&l)
+                .set(if e.state.managed { 1.0 } else { 0.0 });
+            restarts.get_or_create(&l).inc_by(e.state.restarts);
+            limit_stops.get_or_create(&l).inc_by(e.state.limit_stops);
+            if let Some(s) = e.current_sample() {
+                cpu.get_or_create(&l).set(s.cpu_usage);
+                mem.get_or_create(&l).set(s.mem_usage);
+                rss.get_or_create(&l).set(s.rss_bytes as f64);
+                fds.get_or_create(&l).set(s.fd as f64);
+                disk.get_or_create(&l).inc_by(s.disk.max(0) as u64);
+                net.get_or_create(&l).set(s.net as f64);
+            }
+        }
+    }
+    reg.register(
+        "process_up",
+        "1 when at least one instance of the process is running",
+        up,
+    );
+    reg.register(
+        "process_managed",
+        "1 when the agent keeps the process running (managed)",
+        managed,
+    );
+    reg.register(
+        "process_restarts",
+        "Restarts of the process by supervision",
+        restarts,
+    );
+    reg.register(
+        "process_limit_stops",
+        "Stops of the process for staying over cpu_lmt or mem_lmt",
+        limit_stops,
+    );
+    reg.register_with_unit(
+        "process_cpu_usage",
+        "CPU used, percent of one core, summed over instances",
+        unit("percent"),
+        cpu,
+    );
+    reg.register_with_unit(
+        "process_memory_usage",
+        "Resident memory, percent of MemTotal, summed over instances",
+        unit("percent"),
+        mem,
+    );
+    reg.register_with_unit(
+        "process_resident_memory",
+        "Resident memory (RSS), summed over instances",
+        Unit::Bytes,
+        rss,
+    );
+    reg.register(
+        "process_open_fds",
+        "Open file descriptors, summed over instances",
+        fds,
+    );
+    reg.register_with_unit(
+        "process_disk_io",
+        "Bytes read from and written to storage since the instances started (/proc/PID/io read_bytes + write_bytes)",
+        Unit::Bytes,
+        disk,
+    );
+    reg.register(
+        "process_net_sockets",
+        "Open TCP and UDP sockets (IPv4 and IPv6), summed over instances",
+        net,
+    );
+
+    let g = |v: f64| {
+        let x = Gauge::<f64, AtomicU64>::default();
+        x.set(v);
+        x
+    };
+    reg.register(
+        "registered_processes",
+        "Process definitions the agent holds",
+        g(n_reg as f64),
+    );
+    reg.register(
+        "managed_processes",
+        "Processes the agent keeps running (managed)",
+        g(n_managed as f64),
+    );
+    reg.register(
+        "running_processes",
+        "Processes with at least one running instance",
+        g(n_running as f64),
+    );
+    reg.register_with_unit(
+        "sample_duration",
+        "Duration of each sampling pass over all tracked instances",
+        Unit::Seconds,
+        engine.counters.sample_seconds.clone(),
+    );
+    let pass = engine.counters.pass_stats();
+    reg.register_with_unit(
+        "sample_last_duration",
+        "Duration of the latest sampling pass",
+        Unit::Seconds,
+        g(pass.last_duration.as_secs_f64()),
+    );
+    reg.register(
+        "sampled_instances",
+        "Instances read by the latest sampling pass",
+        g(pass.last_processes as f64),
+    );
+    let api = Family::<Labels, Counter<u64>>::default();
+    for (name, n) in engine.counters.api_requests() {
+        api.get_or_create(&vec![("api".to_string(), name)])
+            .inc_by(n);
+    }
+    reg.register("api_requests", "API requests by endpoint", api);
+
+    // The agent's own process: one stat read and one fstat, not a /proc scan.
+    let me = std::process::id() as i32;
+    if let Some(st) = crate::procinfo::read_stat(me) {
+        let tck = crate::procinfo::ticks_per_second() as f64;
+        let c = Counter::<f64, AtomicU64>::default();
+        c.inc_by(st.utime.saturating_add(st.stime) as f64 / tck);
+        reg.register_with_unit(
+            "agent_cpu",
+            "CPU time used by procagentd (user + system)",
+            Unit::Seconds,
+            c,
+        );
+        reg.register_with_unit(
+            "agent_resident_memory",
+            "Resident memory of procagentd",
+            Unit::Bytes,
+            g((st.rss_pages.saturating_mul(crate::procinfo::page_size())) as f64),
+        );
+    }
+    if let Ok(n) = procfs::process::Process::myself().and_then(|p| p.fd_count()) {
+        reg.register(
+            "agent_open_fds",
+            "Open descriptors of procagentd",
+            g(n as f64),
+        );
+    }
+    reg.register_with_unit(
+        "agent_uptime",
+        "Time since procagentd started",
+        Unit::Seconds,
+        g(engine.started.elapsed().as_secs_f64()),
+    );
+
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &reg) {
+        tracing::error!(error = %e, "cannot encode metrics");
+    }
+    out
+}
+
+fn answer(engine: &Engine) -> Response {
+    engine.counters.api_request("metrics");
+    ([("content-type", CONTENT_TYPE)], render(engine)).into_response()
+}
+
+/// `GET /metrics` (and `/v1/metrics`) on the socket: a read, authorized like the others.
+pub async fn on_socket(State(st): State<AppState>, req: Request) -> Response {
+    let peer = req.extensions().get::<Peer>().copied();
+    if let Err(e) = auth::authorize(&st.engine, peer) {
+        return e.into_response();
+    }
+    answer(&st.engine)
+}
+
+async fn on_tcp(State(st): State<AppState>) -> Response {
+    answer(&st.engine)
+}
+
+/// Serve `GET /metrics` alone on a loopback TCP listener until shutdown.
+pub async fn serve_tcp(
+    engine: Arc<Engine>,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(on_tcp))
+        .fallback(|| async {
+            (
+                axum::http::StatusCode::NOT_FOUND,
+                "only /metrics is served here\n",
+            )
+        })
+        .with_state(AppState { engine });
+    let sd = async move {
+        let _ = shutdown.changed().await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(sd).await {
+        tracing::error!(error = %e, "metrics listener failed");
+    }
+}

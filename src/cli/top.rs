@@ -1,0 +1,315 @@
+//! `procagent top`: a live table of the processes with their latest resource figures,
+//! redrawn in place on a terminal (plain successive snapshots otherwise). Figures come from
+//! the agent's latest sample (`procs` API): `top` never reads `/proc` itself. The disk rate
+//! column is computed here, from the change of `disk` between two refreshes.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+
+use super::{CliError, data, exit, parse_key, render};
+use crate::api::client::Client;
+
+/// Column to sort by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SortKey {
+    Cpu,
+    Mem,
+    Fd,
+    Disk,
+    Net,
+    Name,
+}
+
+/// Options of `procagent top`.
+#[derive(Debug, Clone, Args)]
+pub struct TopArgs {
+    /// Time between refreshes (e.g. 2s, 500ms).
+    #[arg(long, short = 'd', default_value = "2s", value_parser = parse_interval)]
+    pub interval: Duration,
+    /// Exit after this many refreshes (default: until interrupted).
+    #[arg(long, short = 'n')]
+    pub iterations: Option<u64>,
+    /// Print one snapshot and exit (same as --iterations 1).
+    #[arg(long)]
+    pub once: bool,
+    /// Sort by this column (largest first; name alphabetically).
+    #[arg(long, value_enum, default_value_t = SortKey::Cpu)]
+    pub sort: SortKey,
+    /// Only this namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only this process (NAMESPACE/NAME).
+    pub process: Option<String>,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+        Ok(_) => return Err(format!("{s:?} is not a positive duration")),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?,
+    };
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s:?} is shorter than 100ms"));
+    }
+    Ok(d)
+}
+
+/// Bytes for humans: 512B, 12.0K, 340.5M, 1.2G.
+pub fn human_bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
+    if !n.is_finite() || n < 0.0 {
+        return "-".into();
+    }
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+fn key_of(p: &Value) -> String {
+    format!(
+        "{}/{}",
+        p["namespace"].as_str().unwrap_or(""),
+        p["name"].as_str().unwrap_or("")
+    )
+}
+
+/// The previous refresh: `disk` per process and when it was taken.
+pub type Prev = (HashMap<String, i64>, Instant);
+
+/// One frame: a header line and the table. `prev` gives the disk rate; `now` is the time of
+/// this snapshot.
+pub fn frame(
+    list: &[Value],
+    sort: SortKey,
+    prev: Option<&Prev>,
+    now: Instant,
+    stamp: &str,
+) -> String {
+    let mut rows: Vec<&Value> = list.iter().collect();
+    let f = |p: &Value, k: &str| p[k].as_f64().unwrap_or(0.0);
+    match sort {
+        SortKey::Name => rows.sort_by_key(|p| key_of(p)),
+        other => {
+            let col = match other {
+                SortKey::Cpu => "cpu_usage",
+                SortKey::Mem => "rss_bytes",
+                SortKey::Fd => "fd",
+                SortKey::Disk => "disk",
+                SortKey::Net => "net",
+                SortKey::Name => "name",
+            };
+            rows.sort_by(|a, b| {
+                f(b, col)
+                    .total_cmp(&f(a, col))
+                    .then_with(|| key_of(a).cmp(&key_of(b)))
+            });
+        }
+    }
+    let running = list
+        .iter()
+        .filter(|p| p["status"].as_i64() == Some(1))
+        .count();
+    let managed = list
+        .iter()
+        .filter(|p| p["managed"].as_bool() == Some(true))
+        .count();
+    let cpu: f64 = list.iter().map(|p| f(p, "cpu_usage")).sum();
+    let rss: f64 = list.iter().map(|p| f(p, "rss_bytes")).sum();
+    let mut out = format!(
+        "procagent top  {stamp}  processes {}  running {running}  managed {managed}  cpu {cpu:.1}%  rss {}\n",
+        list.len(),
+        human_bytes(rss)
+    );
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|p| {
+            let running = p["status"].as_i64() == Some(1);
+            let pids: Vec<String> = p["pids"]
+                .as_array()
+                .map(|a| a.iter().map(|v| v.to_string()).collect())
+                .unwrap_or_default();
+            let key = key_of(p);
+            let disk = p["disk"].as_i64().unwrap_or(0);
+            let rate = prev
+                .and_then(|(m, t)| {
+                    let before = *m.get(&key)?;
+                    let secs = now.saturating_duration_since(*t).as_secs_f64();
+                    (secs > 0.0 && disk >= before).then(|| (disk - before) as f64 / secs)
+                })
+                .filter(|_| running);
+            let fig = |s: String| if running { s } else { "-".to_string() };
+            vec![
+                key,
+                p["state"].as_str().unwrap_or("").to_string(),
+                if pids.is_empty() {
+                    "-".into()
+                } else {
+                    pids.join(",")
+                },
+                fig(format!("{:.1}", f(p, "cpu_usage"))),
+                fig(format!("{:.2}", f(p, "mem_usage"))),
+                fig(human_bytes(f(p, "rss_bytes"))),
+                fig(p["fd"].as_i64().unwrap_or(0).to_string()),
+                fig(human_bytes(disk as f64)),
+                rate.map(|r| format!("{}/s", human_bytes(r)))
+                    .unwrap_or_else(|| "-".into()),
+                fig(p["net"].as_i64().unwrap_or(0).to_string()),
+                p["restarts"].as_u64().unwrap_or(0).to_string(),
+                p["limit_stops"].as_u64().unwrap_or(0).to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&render::table(
+        &[
+            "PROCESS", "STATE", "PID", "CPU%", "MEM%", "RSS", "FD", "DISK", "DISK/S", "NET",
+            "RESTARTS", "LIMIT",
+        ],
+        &table_rows,
+        None,
+    ));
+    out
+}
+
+/// Run `procagent top`.
+pub async fn run(client: &Client, json_out: bool, a: &TopArgs) -> Result<u8, CliError> {
+    let mut q = json!({});
+    if let Some(ns) = &a.namespace {
+        q["namespace"] = json!(ns);
+    }
+    if let Some(p) = &a.process {
+        let k = parse_key(p)?;
+        q["namespace"] = json!(k.namespace);
+        q["name"] = json!(k.name);
+    }
+    let limit = if a.once || json_out {
+        Some(1)
+    } else {
+        a.iterations
+    };
+    if limit == Some(0) {
+        return Err(CliError::new(
+            exit::USAGE,
+            "--iterations must be at least 1",
+        ));
+    }
+    let tty = std::io::stdout().is_terminal();
+    let mut prev: Option<Prev> = None;
+    let mut shown = 0u64;
+    loop {
+        let d = data(client.call("procs", &q).await?)?;
+        let now = Instant::now();
+        let list = d["list"].as_array().cloned().unwrap_or_default();
+        let mut out = std::io::stdout().lock();
+        if json_out {
+            let snap = json!({"time": crate::util::unix_now(), "list": list});
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&snap).unwrap_or_default()
+            );
+        } else {
+            let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            let text = frame(&list, a.sort, prev.as_ref(), now, &stamp.to_string());
+            if tty {
+                // Home, each line cleared to its end, then the rest of the screen cleared:
+                // redrawn in place without flicker.
+                let mut s = String::from("\x1b[H");
+                for line in text.lines() {
+                    s.push_str(line);
+                    s.push_str("\x1b[K\n");
+                }
+                s.push_str("\x1b[J");
+                let _ = out.write_all(s.as_bytes());
+            } else {
+                let _ = writeln!(out, "{text}");
+            }
+        }
+        let _ = out.flush();
+        drop(out);
+        shown += 1;
+        if limit.is_some_and(|n| shown >= n) {
+            return Ok(exit::OK);
+        }
+        prev = Some((
+            list.iter()
+                .map(|p| (key_of(p), p["disk"].as_i64().unwrap_or(0)))
+                .collect(),
+            now,
+        ));
+        tokio::select! {
+            _ = tokio::time::sleep(a.interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(exit::OK),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str, cpu: f64, disk: i64, status: i64) -> Value {
+        json!({"namespace": "ns", "name": name, "state": if status == 1 {"running"} else {"stopped"},
+               "status": status, "managed": true, "pids": if status == 1 {json!([10])} else {json!([])},
+               "cpu_usage": cpu, "mem_usage": 1.5, "rss_bytes": 2_097_152, "fd": 7, "disk": disk,
+               "net": 2, "restarts": 1, "limit_stops": 0})
+    }
+
+    #[test]
+    fn frame_sorts_and_computes_rates() {
+        let t0 = Instant::now();
+        let list = vec![
+            p("low", 1.0, 0, 1),
+            p("high", 99.0, 4096, 1),
+            p("off", 0.0, 0, 2),
+        ];
+        let f = frame(&list, SortKey::Cpu, None, t0, "T");
+        let lines: Vec<&str> = f.lines().collect();
+        assert!(
+            lines[0].contains("processes 3  running 2  managed 3"),
+            "{f}"
+        );
+        assert!(lines[1].starts_with("PROCESS"), "{f}");
+        assert!(lines[2].starts_with("ns/high"), "{f}");
+        assert!(lines[3].starts_with("ns/low"), "{f}");
+        assert!(lines[4].starts_with("ns/off"), "{f}");
+        assert!(
+            !lines[4].contains("2.0M"),
+            "no figures for a stopped process: {f}"
+        );
+        let prev: Prev = (HashMap::from([("ns/high".to_string(), 0)]), t0);
+        let f = frame(
+            &list,
+            SortKey::Name,
+            Some(&prev),
+            t0 + Duration::from_secs(2),
+            "T",
+        );
+        let high = f.lines().find(|l| l.starts_with("ns/high")).unwrap();
+        assert!(high.contains("2.0K/s"), "{high}");
+        assert!(f.lines().nth(2).unwrap().starts_with("ns/high"), "{f}");
+    }
+
+    #[test]
+    fn bytes_and_intervals() {
+        assert_eq!(human_bytes(512.0), "512B");
+        assert_eq!(human_bytes(2048.0), "2.0K");
+        assert_eq!(human_bytes(200.0 * 1024.0 * 1024.0), "200.0M");
+        assert_eq!(human_bytes(-1.0), "-");
+        assert_eq!(parse_interval("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_interval("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_interval("10ms").is_err());
+        assert!(parse_interval("soon").is_err());
+    }
+}
