@@ -100,6 +100,21 @@ pub async fn run(
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| tracing::warn!(error = %e, "cannot handle SIGHUP; reload through the API"))
         .ok();
+    let inherited = crate::sys::mark_inherited_fds_cloexec();
+    if inherited > 0 {
+        tracing::debug!(inherited, "inherited descriptors marked close-on-exec");
+    }
+    match crate::sys::raise_nofile_limit() {
+        Ok((old, new)) if new > old => {
+            tracing::debug!(old, new, "open-file limit raised for pidfds")
+        }
+        Ok((_, new)) if new < 4096 => tracing::warn!(
+            limit = new,
+            "the open-file limit is low: the agent holds one pidfd per watched process"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     let subreaper = match crate::sys::set_child_subreaper() {
         Ok(()) => true,
         Err(e) => {

@@ -209,6 +209,7 @@ impl Executor {
             SpawnIdentity {
                 switch_to,
                 umask: self.umask,
+                nofile: sys::original_nofile(),
             },
             acct,
         ))

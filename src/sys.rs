@@ -199,6 +199,9 @@ pub struct SpawnIdentity {
     pub switch_to: Option<(u32, u32, Vec<u32>)>,
     /// The umask the command starts with.
     pub umask: u32,
+    /// The open-file limit (soft, hard) the command starts with: the one the agent itself
+    /// was started with, before it raised its own for pidfds.
+    pub nofile: Option<(u64, u64)>,
 }
 
 /// Install the `pre_exec` hook: own session (so the agent can signal the whole tree and no
@@ -216,9 +219,18 @@ pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
         )
     });
     let mask = nix::sys::stat::Mode::from_bits_truncate(ident.umask as libc::mode_t);
+    let nofile = ident.nofile;
     let hook = move || -> io::Result<()> {
         nix::unistd::setsid().map_err(io::Error::from)?;
         nix::sys::stat::umask(mask);
+        if let Some((soft, hard)) = nofile {
+            // Best effort: a failure leaves the agent's (higher) limit, which is harmless.
+            let _ = nix::sys::resource::setrlimit(
+                nix::sys::resource::Resource::RLIMIT_NOFILE,
+                soft,
+                hard,
+            );
+        }
         if let Some((uid, gid)) = ids {
             nix::unistd::setgroups(&groups).map_err(io::Error::from)?;
             nix::unistd::setgid(gid).map_err(io::Error::from)?;
@@ -227,7 +239,7 @@ pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
         Ok(())
     };
     // SAFETY: the hook runs in the forked child before exec. It only makes direct syscalls
-    // (setsid, umask, setgroups, setgid, setuid) on values computed before the fork; it does
+    // (setsid, umask, setrlimit, setgroups, setgid, setuid) on values computed before the fork; it does
     // not allocate (the group vector was built in the parent and is only borrowed), take
     // locks, or touch state shared with other threads, so it is async-signal-safe.
     unsafe {
@@ -248,4 +260,54 @@ pub fn boottime_nanos() -> u64 {
 /// Whether this kernel lets us open and poll pidfds (5.3+, non-blocking 5.10+).
 pub fn pidfd_supported() -> bool {
     pidfd_open(std::process::id() as i32).is_ok()
+}
+
+/// The open-file limit the agent was started with, (soft, hard), once
+/// [`raise_nofile_limit`] ran.
+static ORIGINAL_NOFILE: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Raise the agent's own soft open-file limit to its hard limit (capped at 1<<20): it holds
+/// one pidfd per watched process, so 1024 would cap it near a thousand processes. The
+/// commands it spawns get the original limit back ([`SpawnIdentity::nofile`]). Returns
+/// (original soft, new soft).
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    let _ = ORIGINAL_NOFILE.set((soft, hard));
+    let want = hard.min(1 << 20);
+    if want > soft {
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard).map_err(io::Error::from)?;
+    }
+    Ok((soft, want.max(soft)))
+}
+
+/// The limit spawned commands should get (the agent's original one), if it was raised.
+pub fn original_nofile() -> Option<(u64, u64)> {
+    ORIGINAL_NOFILE.get().copied()
+}
+
+/// Mark every descriptor from 3 up that the agent inherited (from its parent's shell, say)
+/// close-on-exec, so no managed process inherits it. Returns how many were changed.
+pub fn mark_inherited_fds_cloexec() -> usize {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    let mut n = 0;
+    for raw in fds {
+        // SAFETY: `raw` was listed in /proc/self/fd a moment ago and is only borrowed for
+        // the two fcntl calls below; if it was closed meanwhile (the read_dir handle itself),
+        // fcntl fails with EBADF and nothing happens. Nothing here closes or takes ownership.
+        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+        let inherited =
+            fcntl(fd, FcntlArg::F_GETFD).is_ok_and(|flags| flags & libc::FD_CLOEXEC == 0);
+        if inherited && fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_ok() {
+            n += 1;
+        }
+    }
+    n
 }

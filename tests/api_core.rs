@@ -651,3 +651,77 @@ fn cli_status_operations_and_json() {
         .unwrap();
     assert_eq!(out.status.code(), Some(69));
 }
+
+#[test]
+fn commands_inherit_neither_stray_descriptors_nor_the_agents_raised_fd_limit() {
+    let env = TestEnv::new();
+    let config = env.path().join("agent.toml");
+    std::fs::write(&config, Daemon::config_text(&env, "")).unwrap();
+    let hard = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Hn")
+        .output()
+        .unwrap();
+    let hard: String = String::from_utf8_lossy(&hard.stdout).trim().to_string();
+    // The agent's parent leaves fd 7 open (no close-on-exec) and a soft limit of 512.
+    let log = std::fs::File::create(env.path().join("daemon.log")).unwrap();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec 7</etc/hostname; ulimit -Sn 512; exec {DAEMON} --config {}",
+            config.display()
+        ))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let d = Daemon {
+        child: None,
+        socket: env.path().join("run/agent.sock"),
+        config: config.clone(),
+        state: env.path().join("state"),
+        log: env.path().join("daemon.log"),
+    };
+    wait_for("daemon up", Duration::from_secs(30), || {
+        d.try_get("/v1/healthz")
+            .ok()
+            .filter(|v| v["result"] == json!(true))
+    });
+    let out = env.p("fds.txt");
+    let spec = json!({
+        "identity": {"proc_name": "sh", "setup_path": env.path().display().to_string(), "pid_path": ""},
+        "control": {"start_cmd": format!("ls /proc/$$/fd > {out}; ulimit -Sn >> {out}; exec sleep 100000")},
+        "monitor_policy": {"auto_type": 1, "start_check_secs": 0, "op_timeout": 10},
+    });
+    d.register(NS, "fds", spec);
+    assert_eq!(d.op(NS, "fds", 0)["error_code"], json!(0));
+    let text = wait_for("fd listing", Duration::from_secs(10), || {
+        std::fs::read_to_string(&out)
+            .ok()
+            .filter(|t| t.lines().count() >= 4)
+    });
+    let lines: Vec<&str> = text.lines().collect();
+    let limit = lines.last().unwrap().trim();
+    assert_eq!(
+        limit, "512",
+        "the command gets the original soft limit: {text}"
+    );
+    let fds: Vec<i32> = lines[..lines.len() - 1]
+        .iter()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert!(!fds.contains(&7), "fd 7 leaked into the command: {fds:?}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let soft: String = line.split_whitespace().nth(3).unwrap().to_string();
+    if hard != "512" {
+        assert_ne!(soft, "512", "the agent raised its own soft limit: {line}");
+    }
+    let _ = d.op(NS, "fds", 1);
+    let _ = child.kill();
+    let _ = child.wait();
+}
