@@ -42,3 +42,12 @@ fn proc_parsers_corpus_and_crashes_replay() {
         "only {n} inputs found under fuzz/: the corpus is missing"
     );
 }
+
+#[test]
+fn gsekit_decode_corpus_and_crashes_replay() {
+    let n = replay("gsekit_decode", procagent::api::gsekit::fuzz_one);
+    assert!(
+        n >= 10,
+        "only {n} inputs found under fuzz/: the corpus is missing"
+    );
+}

@@ -394,7 +394,7 @@ fn required_text(v: &Option<String>, prefix: &str, field: &str) -> Result<String
 }
 
 /// One process_infos entry, resolved against the registry.
-struct Resolved {
+pub struct Resolved {
     index: usize,
     identity: Identity,
     key: ProcKey,
@@ -404,7 +404,7 @@ struct Resolved {
     hosts: Vec<HostWire>,
 }
 
-fn resolve(engine: &Engine, i: usize, w: &ProcessInfoWire) -> Result<Resolved, ApiError> {
+fn resolve(reg: &Registry, i: usize, w: &ProcessInfoWire) -> Result<Resolved, ApiError> {
     let prefix = format!("process_infos[{i}]");
     let setup_path = required_text(&w.setup_path, &prefix, "setup_path")?;
     let proc_name = required_text(&w.proc_name, &prefix, "proc_name")?;
@@ -431,8 +431,7 @@ fn resolve(engine: &Engine, i: usize, w: &ProcessInfoWire) -> Result<Resolved, A
     } else {
         Identity::ValueKey(value_key)
     };
-    let reg = engine.reg();
-    let found = find_identity(&reg, &identity);
+    let found = find_identity(reg, &identity);
     let (key, existing) = match found.as_slice() {
         [] => {
             let key = identity.synthetic_key();
@@ -476,7 +475,6 @@ fn resolve(engine: &Engine, i: usize, w: &ProcessInfoWire) -> Result<Resolved, A
             )));
         }
     };
-    drop(reg);
     let base = existing
         .as_ref()
         .map(|(s, _)| s.clone())
@@ -499,12 +497,14 @@ fn field_errors(errs: &[FieldError]) -> String {
         .join("; ")
 }
 
-/// `POST /v1/operate_process`.
-pub async fn operate_process(
-    engine: &Arc<Engine>,
+/// Decode and validate an `operate_process` body against the registry (which processes
+/// the identities name), without changing anything: bk_biz_id, op_type, every
+/// `process_infos` entry resolved to a registry key and a merged spec, collisions refused.
+/// The handler and the fuzz target both call it.
+pub fn decode_operate_process(
+    reg: &Registry,
     body: &[u8],
-    access: &Access,
-) -> Result<Value, ApiError> {
+) -> Result<(i64, i64, OpType, Vec<Resolved>), ApiError> {
     let req: OperateProcessReq = handlers::parse(body)?;
     let Some(biz) = req.bk_biz_id else {
         return Err(ApiError::bad("bk_biz_id: is required"));
@@ -532,7 +532,7 @@ pub async fn operate_process(
     }
     let mut resolved: Vec<Resolved> = Vec::with_capacity(infos.len());
     for (i, w) in infos.iter().enumerate() {
-        let r = resolve(engine, i, w)?;
+        let r = resolve(reg, i, w)?;
         if let Some(prev) = resolved.iter().find(|p| p.identity == r.identity) {
             if prev.spec != r.spec {
                 let why = match &r.identity {
@@ -564,6 +564,20 @@ pub async fn operate_process(
         resolved.push(r);
     }
 
+    Ok((biz, code, op, resolved))
+}
+
+/// `POST /v1/operate_process`.
+pub async fn operate_process(
+    engine: &Arc<Engine>,
+    body: &[u8],
+    access: &Access,
+) -> Result<Value, ApiError> {
+    let (biz, code, op, resolved) = {
+        let reg = engine.reg();
+        decode_operate_process(&reg, body)?
+    };
+    let _ = biz;
     let mut plans: Vec<Plan> = Vec::new();
     let push = |p: Plan, plans: &mut Vec<Plan>| {
         if !plans.iter().any(|q| q.result_key == p.result_key) {
@@ -1499,6 +1513,89 @@ pub fn split_expression(text: &str) -> Result<[String; 5], String> {
         *o = p;
     }
     Ok(out)
+}
+
+/// One fuzz input for the GSEKit APIs: the first byte picks `process_status` (even) or
+/// `operate_process` (odd), the rest is the body. `process_status` runs the whole pure path
+/// (filters, expressions, slices, ordering, rows, page, JSON) over a fixed set of
+/// processes; `operate_process` resolves against a small registry in which two definitions
+/// share a setup path and program name. Checks that a refusal carries a code and a message.
+pub fn fuzz_one(data: &[u8]) {
+    let Some((sel, body)) = data.split_first() else {
+        return;
+    };
+    let r: Result<(), ApiError> = if sel % 2 == 0 {
+        parse_query(body).map(|q| {
+            let host = HostView {
+                ip: "10.0.0.1".into(),
+                bk_cloud_id: 0,
+            };
+            let rows = select(build_rows(fuzz_snapshots(), &host), &q);
+            for r in page_of(rows, q.page, q.pagesize) {
+                let _ = r.to_json();
+            }
+        })
+    } else {
+        decode_operate_process(&fuzz_registry(), body).map(|_| ())
+    };
+    if let Err(e) = r {
+        assert_ne!(e.code, codes::SUCCESS, "an error answered code 0");
+        assert!(!e.message.is_empty(), "an error without a message");
+    }
+}
+
+fn fuzz_snapshots() -> Vec<Snapshot> {
+    let labels = |set: &str, module: &str, pid: i64, inst: i64| -> Labels {
+        let mut l = Labels::new();
+        l.insert("bk_set_name".into(), json!(set));
+        l.insert("bk_module_name".into(), json!(module));
+        l.insert("bk_process_name".into(), json!("gse_agent"));
+        l.insert("bk_process_id".into(), json!(pid));
+        l.insert("local_inst_id".into(), json!(inst));
+        l.insert("bk_set_env".into(), json!("3"));
+        l
+    };
+    [
+        ("管控平台", "gse", 46, 1),
+        ("管控平台", "gse", 46, 2),
+        ("PaaS平台", "web", 48, 1),
+        ("x.y", "[m]", 49, 1),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (set, module, pid, inst))| Snapshot {
+        key: ProcKey::new("GSEKIT_BIZ_2", format!("p{i}")),
+        labels: labels(set, module, *pid, *inst),
+        proc_name: "gse_agent".into(),
+        status: 1 + (i as i64 % 2),
+        managed: i % 2 == 0,
+        pid: 100 + i as i64,
+    })
+    .collect()
+}
+
+fn fuzz_registry() -> Registry {
+    let mut reg = Registry::default();
+    for (name, vk) in [("a", "k1"), ("b", "k2")] {
+        let key = ProcKey::new("operate_process", name);
+        let def = crate::spec::Definition {
+            key: key.clone(),
+            labels: Labels::new(),
+            spec: ProcSpec {
+                setup_path: "/opt/x".into(),
+                proc_name: "x".into(),
+                pid_path: "/opt/x/x.pid".into(),
+                value_key: vk.into(),
+                ..ProcSpec::default()
+            },
+            source: Source::Api,
+            register_time: 0,
+            updated_time: 0,
+        };
+        reg.entries
+            .insert(key, crate::registry::Entry::new(def, Default::default()));
+    }
+    reg
 }
 
 #[cfg(test)]
