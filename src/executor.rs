@@ -299,11 +299,23 @@ impl Executor {
 
     /// Kill a command's whole process group (its session), if the shell is not reaped yet.
     pub fn kill_group(&self, pid: i32) {
+        // While the shell is unreaped its pid, and so its group id, cannot be reused; each
+        // member is signalled through a pidfd after checking, with the pidfd held, that it
+        // is still in the group (twice: a member may have been forking during the first).
         self.reaper.with_unreaped(pid, || {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            for _ in 0..2 {
+                for p in crate::procinfo::pids_in_group(pid) {
+                    let Ok(fd) = sys::pidfd_open(p) else { continue };
+                    let same = crate::procinfo::read_stat(p)
+                        .is_some_and(|s| s.pgrp == pid && !s.is_exited());
+                    if same {
+                        let _ = sys::pidfd_signal(
+                            std::os::fd::AsFd::as_fd(&fd),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
         });
     }
 

@@ -165,16 +165,21 @@ pub fn pids_in_group(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// `pid` and all its living descendants (by parent links at the time of the scan).
-pub fn descendants(pid: i32) -> Vec<i32> {
+/// `pid` and all its living descendants (by parent links at the time of the scan), each with
+/// its start time so a later signal can check it is still the same process.
+pub fn descendants(pid: i32) -> Vec<(i32, u64)> {
     let stats = all_stats();
-    let mut out = vec![pid];
+    let mut out: Vec<(i32, u64)> = stats
+        .iter()
+        .find(|s| s.pid == pid)
+        .map(|s| vec![(pid, s.starttime)])
+        .unwrap_or_else(|| vec![(pid, 0)]);
     let mut i = 0;
     while i < out.len() {
-        let parent = out[i];
+        let parent = out[i].0;
         for s in &stats {
-            if s.ppid == parent && !s.is_exited() && !out.contains(&s.pid) {
-                out.push(s.pid);
+            if s.ppid == parent && !s.is_exited() && !out.iter().any(|(p, _)| *p == s.pid) {
+                out.push((s.pid, s.starttime));
             }
         }
         i += 1;

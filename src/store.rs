@@ -314,6 +314,28 @@ impl Store {
         });
     }
 
+    /// Record one item's result and wait for the commit. When the disk refuses, the write
+    /// goes to the background queue (retried until it lands) and the error is returned.
+    pub async fn finish_item_wait(
+        &self,
+        task_id: &str,
+        idx: usize,
+        result: KeyResult,
+    ) -> Result<(), StoreError> {
+        let op = Op::FinishItem {
+            task_id: task_id.to_string(),
+            idx,
+            result,
+        };
+        match self.send_wait(op.clone()).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.send_bg(op);
+                Err(e)
+            }
+        }
+    }
+
     /// Mark a task finished (background).
     pub fn finish_task(&self, task_id: &str, finished_ms: i64) {
         self.send_bg(Op::FinishTask {

@@ -100,9 +100,16 @@ impl TaskBook {
         Ok(())
     }
 
-    /// Set an item's result; finish the task when it was the last.
-    pub fn finish_item(&self, task_id: &str, idx: usize, result: KeyResult) {
-        self.store.finish_item(task_id, idx, result.clone());
+    /// Set an item's result, durably first: a poller never sees a result that a crash could
+    /// take back. Finishes the task when it was the last item.
+    pub async fn finish_item(&self, task_id: &str, idx: usize, result: KeyResult) {
+        if let Err(e) = self
+            .store
+            .finish_item_wait(task_id, idx, result.clone())
+            .await
+        {
+            tracing::warn!(task_id, error = %e, "task result not committed yet; queued for retry");
+        }
         let mut b = self.lock();
         if let Some(t) = b.tasks.get_mut(task_id) {
             if let Some(it) = t.items.get_mut(idx) {

@@ -354,6 +354,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let good_meta = json!({"namespace": NS, "name": "x"});
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("operate_proc", b"{not json".to_vec(), "malformed"),
+        ("get_proc_status", b"[]".to_vec(), "must be a JSON object"),
         ("operate_proc", b"".to_vec(), "empty"),
         ("operate_proc", serde_json::to_vec(&json!({"meta": good_meta, "op_type": "start", "hosts": [Daemon::host()]})).unwrap(), "op_type"),
         ("operate_proc", serde_json::to_vec(&json!({"meta": good_meta, "op_type": 5, "hosts": [Daemon::host()]})).unwrap(), "op_type"),

@@ -488,3 +488,45 @@ fn unknown_keys_null_policy_fields_and_bad_shell() {
     );
     assert_eq!(r["result"], json!(false));
 }
+
+#[test]
+fn two_different_asks_on_one_key_are_refused_never_dropped() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let spec = daemon_spec(&env, "dup", json!({}));
+    let item = |op: i64, host: Value| {
+        let mut v = json!({"meta": {"namespace": "dup", "name": "d1"}, "op_type": op, "spec": spec.clone()});
+        if host.is_array() {
+            v["agent_id_list"] = host;
+        } else {
+            v["hosts"] = json!([host]);
+        }
+        v
+    };
+    // hosts form and the fallback agent id name the same key "0:127.0.0.1:dup:d1"
+    let r = d.call(
+        "operate_proc_multi",
+        &json!({"proc_operate_req": [item(0, json!({"ip": "127.0.0.1", "bk_cloud_id": 0})), item(2, json!(["0:127.0.0.1"]))]}),
+    );
+    assert_eq!(r["result"], json!(false), "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .contains("already operated on by proc_operate_req[0]"),
+        "{r}"
+    );
+    assert_eq!(d.status("dup", "d1")["status"], json!(0), "nothing ran");
+    // the same ask twice is one item
+    let r = d.call(
+        "operate_proc_multi",
+        &json!({"proc_operate_req": [item(2, json!({"ip": "127.0.0.1", "bk_cloud_id": 0})), item(2, json!(["0:127.0.0.1"]))]}),
+    );
+    assert_eq!(r["result"], json!(true), "{r}");
+    let task = r["data"]["task_id"].as_str().unwrap().to_string();
+    let key = "0:127.0.0.1:dup:d1".to_string();
+    assert_eq!(
+        poll_v2(&d, &task, std::slice::from_ref(&key))[&key]["error_code"],
+        json!(0)
+    );
+}

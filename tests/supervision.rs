@@ -20,6 +20,16 @@ fn kill9(pid: i32) {
     );
 }
 
+/// The agent reaps everything: no zombie child of it remains (polled: the reaper runs on
+/// SIGCHLD and its periodic sweep).
+fn no_zombies(d: &Daemon) {
+    wait_for(
+        "no zombie children of the agent",
+        Duration::from_secs(5),
+        || zombies_of(d.pid()).is_empty().then_some(()),
+    );
+}
+
 fn event_kinds(d: &Daemon, key: &str) -> Vec<String> {
     d.events(key)
         .iter()
@@ -84,6 +94,7 @@ fn a_killed_resident_process_is_restarted_at_once() {
         .collect();
     assert_eq!(progs, vec![new]);
     assert!(zombies_of(d.pid()).is_empty());
+    no_zombies(&d);
 }
 
 #[test]
@@ -125,6 +136,7 @@ fn a_child_process_without_pid_file_is_restarted_with_its_exit_code() {
         json!({"kind": "signal", "value": 15}),
         "{exited}"
     );
+    no_zombies(&d);
 }
 
 #[test]
@@ -199,6 +211,7 @@ fn a_crash_loop_backs_off_with_growing_bounded_delays() {
         (json!(false), json!("stopped")),
         "{det}"
     );
+    no_zombies(&d);
 }
 
 fn kinds_contains(d: &Daemon, key: &str, kind: &str) -> bool {
@@ -272,6 +285,7 @@ fn a_periodic_process_runs_every_cycle_and_never_overlaps() {
         "{:?}",
         event_kinds(&d, "sup/job")
     );
+    no_zombies(&d);
 }
 
 #[test]
@@ -310,6 +324,7 @@ fn a_single_run_process_is_not_restarted() {
         det["last_exit"].as_str().unwrap().contains("exit code 3"),
         "{det}"
     );
+    no_zombies(&d);
 }
 
 #[test]
@@ -351,6 +366,7 @@ fn instance_num_keeps_that_many_running() {
     });
     assert_eq!(d.op(NS, "multi", 1)["error_code"], json!(0));
     assert!(pids.iter().all(|p| !alive(*p as i32)));
+    no_zombies(&d);
 }
 
 #[test]
@@ -416,6 +432,7 @@ fn agent_kill_9_readopts_twenty_processes_without_restarting_them() {
     wait_for("adopted process restarted", Duration::from_secs(10), || {
         read_pid(&env.p("m3.pid")).filter(|p| *p != pids[3] && alive(*p))
     });
+    no_zombies(&d);
 }
 
 #[test]
@@ -461,6 +478,7 @@ fn sigterm_and_binary_replacement_leave_processes_running_and_readopted() {
     assert!(kinds_contains(&d, "sup/keep", "adopted"));
     let _ = child.kill();
     let _ = child.wait();
+    no_zombies(&d);
 }
 
 #[test]
@@ -500,6 +518,7 @@ fn stop_ends_the_whole_tree_even_when_sigterm_is_ignored() {
     wait_for("no zombies", Duration::from_secs(5), || {
         zombies_of(d.pid()).is_empty().then_some(())
     });
+    no_zombies(&d);
 }
 
 #[test]
@@ -531,6 +550,7 @@ fn a_managed_process_with_a_stale_pid_file_starts_fresh_without_touching_the_str
     });
     let _ = stranger.kill();
     let _ = stranger.wait();
+    no_zombies(&d);
 }
 
 #[test]
@@ -549,6 +569,7 @@ fn poll_mode_detects_exits_and_reports_itself() {
     wait_for("restarted in poll mode", Duration::from_secs(10), || {
         read_pid(&env.p("poll1.pid")).filter(|p| *p != pid && alive(*p))
     });
+    no_zombies(&d);
 }
 
 #[test]
@@ -594,6 +615,7 @@ fn events_stream_as_ndjson() {
     assert!(kinds.contains(&"registered".to_string()), "{kinds:?}");
     assert!(kinds.contains(&"started".to_string()), "{kinds:?}");
     d.op(NS, "ev1", 1);
+    no_zombies(&d);
 }
 
 #[test]
@@ -632,6 +654,7 @@ fn a_config_process_already_running_is_adopted_not_duplicated() {
         .filter(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|x| x.ends_with("pre")))
         .count();
     assert_eq!(n, 1, "no duplicate started");
+    no_zombies(&d);
 }
 
 #[test]
@@ -653,4 +676,5 @@ fn a_wrong_proc_name_fails_the_start_without_leaving_copies() {
         (!alive(pid)).then_some(())
     });
     assert!(kinds_contains(&d, "sup/wrong", "stray_killed"));
+    no_zombies(&d);
 }

@@ -30,6 +30,25 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             "the request body is empty; a JSON object is required",
         ));
     }
+    // Every API takes an object; say so instead of naming a Rust type ("expected struct ...").
+    if let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace())
+        && *first != b'{'
+    {
+        let what = match *first {
+            b'[' => "an array",
+            b'"' => "a string",
+            b't' | b'f' => "a boolean",
+            b'n' => "null",
+            b'-' | b'0'..=b'9' => "a number",
+            _ => "not JSON",
+        };
+        let msg = if what == "not JSON" {
+            "malformed JSON: the request body must be a JSON object".to_string()
+        } else {
+            format!("the request body must be a JSON object, got {what}")
+        };
+        return Err(ApiError::bad(msg));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     match serde_path_to_error::deserialize::<_, T>(de) {
         Ok(v) => Ok(v),
@@ -285,14 +304,17 @@ pub async fn submit(
         .await
         .map_err(|e| ApiError::new(codes::UNAVAILABLE, format!("cannot record the task: {e}")))?;
     if all_done {
-        engine.tasks.finish_item(
-            &task_id,
-            0,
-            plans[0]
-                .immediate
-                .clone()
-                .unwrap_or_else(KeyResult::running),
-        );
+        engine
+            .tasks
+            .finish_item(
+                &task_id,
+                0,
+                plans[0]
+                    .immediate
+                    .clone()
+                    .unwrap_or_else(KeyResult::running),
+            )
+            .await;
     }
     for (idx, p) in plans.into_iter().enumerate() {
         if p.immediate.is_some() {
@@ -303,7 +325,7 @@ pub async fn submit(
         let tid = task_id.clone();
         tokio::spawn(async move {
             let r = run_item(&engine, key, p.op, p.inline).await;
-            engine.tasks.finish_item(&tid, idx, r);
+            engine.tasks.finish_item(&tid, idx, r).await;
         });
     }
     Ok(task_id)
@@ -691,12 +713,31 @@ async fn operate_proc_multi(
     let items = decode_multi(body)?;
     let mut plans: Vec<Plan> = Vec::new();
     let mut first_op = None;
-    for d in items {
+    // Which item each result key came from: one task answers one result per key, so two
+    // items that name the same key must ask the same thing (then they are one item); two
+    // different asks on one key are refused, never silently dropped.
+    let mut origin: Vec<usize> = Vec::new();
+    for (i, d) in items.into_iter().enumerate() {
         let (code, item_plans) = plan_request(engine, access, d, KeyStyle::V2)?;
         first_op.get_or_insert(code);
         for p in item_plans {
-            if !plans.iter().any(|q| q.result_key == p.result_key) {
-                plans.push(p);
+            match plans.iter().position(|q| q.result_key == p.result_key) {
+                None => {
+                    plans.push(p);
+                    origin.push(i);
+                }
+                Some(j) => {
+                    let q = &plans[j];
+                    if q.op != p.op || q.inline != p.inline || q.immediate != p.immediate {
+                        return Err(ApiError::bad(format!(
+                            "proc_operate_req[{i}]: its key {} is already operated on by proc_operate_req[{}] ({} vs {}); one task answers one result per key: send them in separate calls",
+                            p.result_key,
+                            origin[j],
+                            q.op.name(),
+                            p.op.name()
+                        )));
+                    }
+                }
             }
         }
     }

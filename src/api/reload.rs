@@ -223,7 +223,7 @@ async fn restart_task(
         let tid = task_id.clone();
         tokio::spawn(async move {
             let r = replace_process(&engine, key).await;
-            engine.tasks.finish_item(&tid, idx, r);
+            engine.tasks.finish_item(&tid, idx, r).await;
         });
     }
     Ok(task_id)

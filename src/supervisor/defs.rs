@@ -51,6 +51,12 @@ pub async fn put_definition_locked(
                 format!("process {key} is already registered; use update_proc_info to change it"),
             );
         }
+        // The same spec sent again (an inline spec with every operation, say) changes
+        // nothing, whatever declared it: nothing to store, nothing to refuse.
+        let unchanged = old.spec == spec && (labels.is_empty() || labels == old.labels);
+        if unchanged {
+            return KeyResult::ok("");
+        }
         if let Source::Config { file } = &old.source {
             return KeyResult::err(
                 codes::SPEC_INVALID,

@@ -660,8 +660,8 @@ fn signal_all(engine: &Engine, key: &ProcKey, t: &Targets, sig: Signal) {
         .unwrap_or_default();
     for i in &t.instances {
         watch::signal_checked(i.pid, fds.get(&i.pid), Some(i.starttime), None, sig);
-        for d in crate::procinfo::descendants(i.pid).into_iter().skip(1) {
-            watch::signal_checked(d, None, None, None, sig);
+        for (d, start) in crate::procinfo::descendants(i.pid).into_iter().skip(1) {
+            watch::signal_checked(d, None, Some(start), None, sig);
         }
     }
     let me = std::process::id() as i32;
@@ -776,11 +776,14 @@ async fn op_stop(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, kill: boo
     if let Some(e) = engine.reg().get_mut(key) {
         e.rt.phase = Phase::Stopping;
     }
+    // The operator's intent is committed before anything is signalled: an agent killed in the
+    // middle of the stop comes back knowing the process is to stay stopped (and does not
+    // restart it).
+    if let Err(f) = commit_intent(engine, key, Some(FLAG_STOPPED), Some(false)).await {
+        return f.into();
+    }
     match stop_all(engine, key, spec, kill).await {
         Ok(step) => {
-            if let Err(f) = commit_intent(engine, key, Some(FLAG_STOPPED), Some(false)).await {
-                return f.into();
-            }
             // The watchers may not have reported yet: drop what is gone now.
             settle_exits(engine, key, true);
             if let Some(e) = engine.reg().get_mut(key) {
