@@ -321,7 +321,7 @@ impl Engine {
     }
 
     /// Forget an instance (after its exit): drop its watcher and pidfd. Returns its uptime.
-    fn untrack_locked(e: &mut Entry, pid: i32) -> Option<Duration> {
+    pub(crate) fn untrack_locked(e: &mut Entry, pid: i32) -> Option<Duration> {
         e.state.instances.retain(|i| i.pid != pid);
         if let Some(h) = e.rt.watchers.remove(&pid) {
             h.abort();

@@ -814,37 +814,37 @@ async fn op_stop(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, kill: boo
 
 /// Remove instances that are gone (their exit may still be in flight to the loop).
 fn settle_exits(engine: &Arc<Engine>, key: &ProcKey, by_operator: bool) {
-    let mut reg = engine.reg();
-    if let Some(e) = reg.get_mut(key) {
-        let gone: Vec<i32> = e
-            .state
-            .instances
-            .iter()
-            .filter(|i| !watch::alive(i.pid, i.starttime))
-            .map(|i| i.pid)
-            .collect();
-        for pid in gone {
-            let exit = watch::collect_exit(
-                pid,
-                e.rt.pidfds.get(&pid).map(|f| f.as_ref()),
-                &engine.reaper,
-            );
-            e.state.last_exit = Some(crate::registry::LastExit {
-                pid,
-                at: crate::util::unix_now(),
-                exit,
-                by_operator,
-            });
-            e.state.instances.retain(|i| i.pid != pid);
-            if let Some(h) = e.rt.watchers.remove(&pid) {
-                h.abort();
-            }
-            e.rt.pidfds.remove(&pid);
-            e.rt.attached_at.remove(&pid);
-        }
+    if let Some(e) = engine.reg().get_mut(key) {
+        settle_gone_locked(e, &engine.reaper, by_operator, None);
     }
-    drop(reg);
     engine.persist_bg(key);
+}
+
+/// Record the instances of `e` that are no longer alive (all, or only those in `only`):
+/// their exit as the last exit, then untrack them ([`Engine::untrack_locked`]).
+fn settle_gone_locked(
+    e: &mut crate::registry::Entry,
+    reaper: &crate::reaper::Reaper,
+    by_operator: bool,
+    only: Option<&[i32]>,
+) {
+    let gone: Vec<i32> = e
+        .state
+        .instances
+        .iter()
+        .filter(|i| only.is_none_or(|p| p.contains(&i.pid)) && !watch::alive(i.pid, i.starttime))
+        .map(|i| i.pid)
+        .collect();
+    for pid in gone {
+        let exit = watch::collect_exit(pid, e.rt.pidfds.get(&pid).map(|f| f.as_ref()), reaper);
+        e.state.last_exit = Some(crate::registry::LastExit {
+            pid,
+            at: crate::util::unix_now(),
+            exit,
+            by_operator,
+        });
+        Engine::untrack_locked(e, pid);
+    }
 }
 
 async fn op_delegate(
@@ -1363,32 +1363,7 @@ pub async fn enforce_limit(engine: Arc<Engine>, key: ProcKey, breach: super::lim
         let Some(e) = reg.get_mut(&key) else { return };
         // Record the exits now (the watchers may not have reported yet; one that already did
         // was attributed to the busy operation, which is this one).
-        let gone: Vec<i32> = e
-            .state
-            .instances
-            .iter()
-            .filter(|i| pids.contains(&i.pid) && !watch::alive(i.pid, i.starttime))
-            .map(|i| i.pid)
-            .collect();
-        for pid in &gone {
-            let exit = watch::collect_exit(
-                *pid,
-                e.rt.pidfds.get(pid).map(|f| f.as_ref()),
-                &engine.reaper,
-            );
-            e.state.last_exit = Some(crate::registry::LastExit {
-                pid: *pid,
-                at: crate::util::unix_now(),
-                exit,
-                by_operator: false,
-            });
-            e.state.instances.retain(|i| i.pid != *pid);
-            if let Some(h) = e.rt.watchers.remove(pid) {
-                h.abort();
-            }
-            e.rt.pidfds.remove(pid);
-            e.rt.attached_at.remove(pid);
-        }
+        settle_gone_locked(e, &engine.reaper, false, Some(&pids));
         if let Some(x) = e.state.last_exit.as_mut()
             && pids.contains(&x.pid)
         {
