@@ -168,7 +168,10 @@ pub async fn run(
     );
     // Re-adopt what was recorded before touching anything else, so a config change never
     // makes the agent start a duplicate of a process that is still running.
-    engine.readopt_all();
+    engine.readopt_all().await;
+    // Pid files (which may sit on a hung mount) are read in the background: each process
+    // waits only for its own.
+    engine.discover_untracked();
     if let Err(e) = crate::supervisor::defs::apply_config(&engine, &processes).await {
         tracing::error!(error = %e, "cannot apply the config's processes");
         return Err(e.into());

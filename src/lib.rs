@@ -12,6 +12,7 @@
 //! * [`reaper`]: the one `waitpid` reaper (the agent is a child subreaper).
 //! * [`expr`]: GSEKit expression_scope expressions.
 //! * [`procinfo`]: `/proc` identity reads and the pid-file parser.
+//! * [`fspool`]: the bounded pool for file-system work on caller-chosen paths (hung mounts).
 //! * [`probe`]: resource sampling and metrics.
 //! * [`api`]: the HTTP/1.1 + JSON socket server, authorization, and the client.
 //! * [`cli`]: the `procagent` command.
@@ -26,6 +27,7 @@ pub mod daemon;
 pub mod events;
 pub mod executor;
 pub mod expr;
+pub mod fspool;
 pub mod host;
 pub mod probe;
 pub mod procinfo;

@@ -27,6 +27,8 @@ pub struct ProcStat {
     pub stime: u64,
     pub starttime: u64,
     pub rss_pages: u64,
+    /// The kernel's flags word (`PF_*`).
+    pub flags: u32,
 }
 
 impl ProcStat {
@@ -47,6 +49,7 @@ impl ProcStat {
             stime: s.stime,
             starttime: s.starttime,
             rss_pages: s.rss,
+            flags: s.flags,
         }
     }
 }
@@ -165,6 +168,89 @@ pub fn pids_in_group(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// The ancestors of a process whose parent is `ppid`, nearest first, by parent links (at most
+/// 64; ends below init).
+pub fn ancestors(ppid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut p = ppid;
+    while p > 1 && out.len() < 64 && !out.contains(&p) {
+        out.push(p);
+        match read_stat(p) {
+            Some(s) => p = s.ppid,
+            None => break,
+        }
+    }
+    out
+}
+
+/// Every process of the host at one moment, indexed by process group and by parent: one
+/// scan of /proc serves a whole stop step (who is left in a group, who descends from whom).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub stats: Vec<ProcStat>,
+    by_pgrp: std::collections::HashMap<i32, Vec<usize>>,
+    by_ppid: std::collections::HashMap<i32, Vec<usize>>,
+}
+
+impl Snapshot {
+    /// Scan /proc now (blocking: run it off the async workers).
+    pub fn take() -> Snapshot {
+        Snapshot::of(all_stats())
+    }
+
+    /// Index a list of stats (also for tests).
+    pub fn of(stats: Vec<ProcStat>) -> Snapshot {
+        let mut by_pgrp: std::collections::HashMap<i32, Vec<usize>> = Default::default();
+        let mut by_ppid: std::collections::HashMap<i32, Vec<usize>> = Default::default();
+        for (i, s) in stats.iter().enumerate() {
+            if s.is_exited() {
+                continue;
+            }
+            by_pgrp.entry(s.pgrp).or_default().push(i);
+            by_ppid.entry(s.ppid).or_default().push(i);
+        }
+        Snapshot {
+            stats,
+            by_pgrp,
+            by_ppid,
+        }
+    }
+
+    /// The live members of process group `pgid`.
+    pub fn group(&self, pgid: i32) -> impl Iterator<Item = &ProcStat> {
+        self.by_pgrp
+            .get(&pgid)
+            .into_iter()
+            .flatten()
+            .map(|i| &self.stats[*i])
+    }
+
+    /// The live descendants of `pid` (not `pid` itself), each once.
+    pub fn descendants(&self, pid: i32) -> Vec<&ProcStat> {
+        let mut out: Vec<&ProcStat> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut todo = vec![pid];
+        seen.insert(pid);
+        while let Some(p) = todo.pop() {
+            for i in self.by_ppid.get(&p).into_iter().flatten() {
+                let s = &self.stats[*i];
+                if seen.insert(s.pid) {
+                    out.push(s);
+                    todo.push(s.pid);
+                }
+            }
+        }
+        out
+    }
+
+    /// Is `pid` alive with this start time?
+    pub fn alive(&self, pid: i32, starttime: u64) -> bool {
+        self.stats
+            .iter()
+            .any(|s| s.pid == pid && s.starttime == starttime && !s.is_exited())
+    }
+}
+
 /// `pid` and all its living descendants (by parent links at the time of the scan), each with
 /// its start time so a later signal can check it is still the same process.
 pub fn descendants(pid: i32) -> Vec<(i32, u64)> {
@@ -255,13 +341,33 @@ fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
-/// Read and validate a pid file. The final path component must not be a symlink (opened with
-/// O_NOFOLLOW) and must be a regular file of at most 128 bytes.
+/// Read and validate a pid file without side effects: the path is first examined with
+/// `lstat` and must be a regular file (a symlink, FIFO, socket or device node is never opened:
+/// opening `/dev/watchdog` or a tty has effects); it is then opened with
+/// `O_NOFOLLOW|O_NONBLOCK|O_NOCTTY` and must still be the same file (device and inode), so a
+/// swap between the two steps is refused; at most 128 bytes are read. Blocking: callers run it
+/// on the [`crate::fspool`] pool, as the path may sit on a hung mount.
 pub fn read_pid_file(path: &Path) -> Result<i32, PidFileError> {
+    use std::os::unix::fs::MetadataExt;
     let disp = path.display().to_string();
+    let before = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(PidFileError::Missing(disp));
+        }
+        Err(e) => {
+            return Err(PidFileError::Unreadable {
+                path: disp,
+                reason: e.to_string(),
+            });
+        }
+    };
+    if !before.file_type().is_file() {
+        return Err(PidFileError::NotRegular { path: disp });
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path);
     let mut file = match file {
         Ok(f) => f,
@@ -279,7 +385,7 @@ pub fn read_pid_file(path: &Path) -> Result<i32, PidFileError> {
         }
     };
     match file.metadata() {
-        Ok(m) if m.is_file() => {}
+        Ok(m) if m.is_file() && m.dev() == before.dev() && m.ino() == before.ino() => {}
         _ => return Err(PidFileError::NotRegular { path: disp }),
     }
     let mut buf = Vec::new();
@@ -299,6 +405,68 @@ pub fn read_pid_file(path: &Path) -> Result<i32, PidFileError> {
     let text = String::from_utf8_lossy(&buf);
     parse_pid_text(&text, pid_max(), std::process::id() as i32)
         .map_err(|reason| PidFileError::Invalid { path: disp, reason })
+}
+
+/// `PF_KTHREAD` in the `flags` field of `/proc/PID/stat`: a kernel thread.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// What the ownership rule looks at in one process (see
+/// [`crate::supervisor::ownership`]), read from `/proc/PID/{stat,status,exe,cwd,cmdline}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcFacts {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgrp: i32,
+    pub session: i32,
+    pub starttime: u64,
+    pub comm: String,
+    /// Exited (zombie) or dead.
+    pub exited: bool,
+    pub kernel_thread: bool,
+    /// The real uid (`Uid:` first field of /proc/PID/status).
+    pub uid: Option<u32>,
+    /// The executable, " (deleted)" removed.
+    pub exe: Option<String>,
+    pub cwd: Option<String>,
+    /// The first two arguments (argv[0], argv[1]).
+    pub argv: Vec<String>,
+}
+
+/// Read the facts about `pid`; `None` when it does not exist.
+pub fn read_facts(pid: i32) -> Option<ProcFacts> {
+    if pid <= 0 {
+        return None;
+    }
+    let text = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let st = parse_stat(&text)?;
+    let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| parse_status_uid(&s));
+    Some(ProcFacts {
+        pid,
+        ppid: st.ppid,
+        pgrp: st.pgrp,
+        session: st.session,
+        starttime: st.starttime,
+        exited: st.is_exited(),
+        kernel_thread: st.flags & PF_KTHREAD != 0,
+        comm: st.comm,
+        uid,
+        exe: exe(pid),
+        cwd: std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned()),
+        argv: cmdline(pid).into_iter().take(2).collect(),
+    })
+}
+
+/// The real uid in the text of `/proc/PID/status` (`Uid:\treal\teffective\tsaved\tfs`).
+pub fn parse_status_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
 }
 
 /// One fuzz input for the /proc and pid-file parsers: must never panic, and a pid the
@@ -375,6 +543,21 @@ mod tests {
         assert!(matches!(
             read_pid_file(&dir.path().join("none.pid")),
             Err(PidFileError::Missing(_))
+        ));
+        // A FIFO is never opened (opening one blocks or has effects), nor a device node.
+        let fifo = dir.path().join("fifo.pid");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert!(matches!(
+            read_pid_file(&fifo),
+            Err(PidFileError::NotRegular { .. })
+        ));
+        assert!(matches!(
+            read_pid_file(Path::new("/dev/null")),
+            Err(PidFileError::NotRegular { .. })
+        ));
+        assert!(matches!(
+            read_pid_file(dir.path()),
+            Err(PidFileError::NotRegular { .. })
         ));
         let big = dir.path().join("big.pid");
         std::fs::write(&big, "1".repeat(500)).unwrap();
@@ -482,6 +665,57 @@ mod tests {
             fn parsers_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
                 fuzz_one(&data);
             }
+        }
+    }
+
+    #[test]
+    fn snapshot_indexes_groups_and_descendants() {
+        let st = |pid, ppid, pgrp, state| ProcStat {
+            pid,
+            comm: "x".into(),
+            state,
+            ppid,
+            pgrp,
+            session: pgrp,
+            utime: 0,
+            stime: 0,
+            starttime: pid as u64,
+            rss_pages: 0,
+            flags: 0,
+        };
+        let snap = Snapshot::of(vec![
+            st(10, 1, 10, 'S'),
+            st(11, 10, 10, 'S'),
+            st(12, 11, 12, 'S'),
+            st(13, 12, 12, 'Z'),
+            st(20, 1, 20, 'S'),
+        ]);
+        let g: Vec<i32> = snap.group(10).map(|s| s.pid).collect();
+        assert_eq!(g, vec![10, 11]);
+        let mut d: Vec<i32> = snap.descendants(10).iter().map(|s| s.pid).collect();
+        d.sort();
+        assert_eq!(d, vec![11, 12], "zombies are not live descendants");
+        assert!(snap.alive(12, 12) && !snap.alive(12, 99) && !snap.alive(13, 13));
+    }
+
+    #[test]
+    fn status_uid_is_the_real_uid() {
+        let text = "Name:\tx\nUmask:\t0022\nUid:\t1001\t0\t0\t0\nGid:\t5\t5\t5\t5\n";
+        assert_eq!(parse_status_uid(text), Some(1001));
+        assert_eq!(parse_status_uid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn facts_of_self_and_of_a_kernel_thread() {
+        let me = std::process::id() as i32;
+        let f = read_facts(me).expect("own facts");
+        assert_eq!(f.uid, Some(nix::unistd::getuid().as_raw()));
+        assert!(!f.kernel_thread && !f.exited);
+        assert!(f.exe.is_some() && f.cwd.is_some() && !f.argv.is_empty());
+        // kthreadd is pid 2 on every Linux with a kernel-thread parent; in a pid namespace
+        // it may be absent.
+        if let Some(k) = read_facts(2).filter(|k| k.comm == "kthreadd") {
+            assert!(k.kernel_thread);
         }
     }
 

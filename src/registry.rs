@@ -170,7 +170,23 @@ pub struct Runtime {
     pub last_health: Option<Instant>,
     /// A health check is running now.
     pub health_running: bool,
+    /// Commands the agent ran for this process in this incarnation (start, restart, reload),
+    /// newest first, at most [`MAX_SPAWNS`]: the origin evidence of the ownership rule.
+    pub spawns: std::collections::VecDeque<crate::supervisor::ownership::Spawn>,
+    /// The identities (pid, start time) recorded for it before this agent started, of this
+    /// boot: origin evidence for re-adoption.
+    pub recorded: Vec<(i32, u64)>,
+    /// Why the stored definition cannot be acted on (it fails today's validation, e.g. an
+    /// empty program name): reported, never started, adopted or signalled.
+    pub invalid: Option<String>,
+    /// A background pid-file discovery is in flight.
+    pub discovering: bool,
+    /// The last reason a process named by the pid file was not adopted (reported once).
+    pub last_refusal: Option<String>,
 }
+
+/// How many spawn records a process keeps.
+pub const MAX_SPAWNS: usize = 8;
 
 impl Default for Runtime {
     fn default() -> Self {
@@ -192,6 +208,11 @@ impl Default for Runtime {
             health: None,
             last_health: None,
             health_running: false,
+            spawns: std::collections::VecDeque::new(),
+            recorded: Vec::new(),
+            invalid: None,
+            discovering: false,
+            last_refusal: None,
         }
     }
 }
@@ -247,7 +268,13 @@ impl Entry {
 
     /// Should supervision keep it running?
     pub fn wants_running(&self) -> bool {
-        self.state.managed && self.state.flag == FLAG_RUNNING
+        self.state.managed && self.state.flag == FLAG_RUNNING && self.rt.invalid.is_none()
+    }
+
+    /// Remember a command the agent ran for this process (ownership evidence).
+    pub fn note_spawn(&mut self, spawn: crate::supervisor::ownership::Spawn) {
+        self.rt.spawns.push_front(spawn);
+        self.rt.spawns.truncate(MAX_SPAWNS);
     }
 
     pub fn state_json(&self) -> String {

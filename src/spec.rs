@@ -228,6 +228,12 @@ impl ProcSpec {
         (begin, end)
     }
 
+    /// The program `proc_name` stands for: its last path component (`/opt/app/bin/app` →
+    /// `app`); `None` when that is empty (`/`, `.`, `dir/`), which would match every process.
+    pub fn program_name(&self) -> Option<&str> {
+        program_name(&self.proc_name)
+    }
+
     /// The command for an operation, `None` when absent (empty or only spaces).
     pub fn command(&self, which: CommandKind) -> Option<&str> {
         let c = match which {
@@ -281,6 +287,14 @@ impl ProcSpec {
         }
         if self.proc_name.trim().is_empty() {
             errs.push(fe("proc_name", "is required"));
+        } else if self.program_name().is_none() {
+            errs.push(fe(
+                "proc_name",
+                format!(
+                    "{:?} names no program: its last path component is empty (give the program's file name, like \"nginx\")",
+                    self.proc_name
+                ),
+            ));
         }
         for (name, v) in [
             ("pid_path", &self.pid_path),
@@ -360,6 +374,18 @@ impl ProcSpec {
             ));
         }
         errs
+    }
+}
+
+/// The program a `proc_name` stands for: its last path component; `None` when that is
+/// empty (`/`, `.`, `""`, `dir/`).
+pub fn program_name(proc_name: &str) -> Option<&str> {
+    let t = proc_name.trim();
+    let b = t.rsplit('/').next().unwrap_or(t);
+    if b.is_empty() || b == "." || b == ".." {
+        None
+    } else {
+        Some(b)
     }
 }
 
@@ -468,6 +494,20 @@ mod tests {
             (
                 ProcSpec {
                     proc_name: String::new(),
+                    ..valid()
+                },
+                "proc_name",
+            ),
+            (
+                ProcSpec {
+                    proc_name: "/".into(),
+                    ..valid()
+                },
+                "proc_name",
+            ),
+            (
+                ProcSpec {
+                    proc_name: "/opt/app/".into(),
                     ..valid()
                 },
                 "proc_name",

@@ -138,7 +138,7 @@ pub async fn put_definition_locked(
             "definition registered",
             serde_json::Value::Null,
         );
-        engine.discover(key);
+        engine.discover_bg(key);
     } else if !existing.as_ref().is_some_and(|(_, same)| *same) {
         engine.events.emit(
             Some(key),
@@ -370,7 +370,7 @@ pub async fn apply_config(
             }
         };
         if created {
-            engine.discover(k);
+            engine.discover_bg(k);
             engine.persist(k).await?;
             engine.events.emit(
                 Some(k),

@@ -15,6 +15,7 @@
 pub mod defs;
 pub mod limits;
 pub mod ops;
+pub mod ownership;
 pub mod policy;
 pub mod watch;
 
@@ -69,6 +70,95 @@ impl Detection {
     }
 }
 
+/// A definition's side of an ownership check, copied out of the registry so that the check
+/// can run off the async workers ([`Engine::claim_data`]).
+#[derive(Debug, Clone)]
+pub struct ClaimData {
+    /// The account's uid, once resolved.
+    uid: std::sync::OnceLock<u32>,
+    pub key: ProcKey,
+    pub account: String,
+    pub proc_name: String,
+    pub setup_path: String,
+    pub pid_path: String,
+    pub spawns: Vec<ownership::Spawn>,
+    pub recorded: Vec<(i32, u64)>,
+}
+
+/// What a pid-file probe found.
+#[derive(Debug)]
+pub enum Probe {
+    /// A process that belongs to the definition, attached.
+    Adopt(watch::Attached),
+    /// The pid file names a process that does not belong to it (or is unusable), and why.
+    Refused(String),
+    /// No pid file, or its process is gone.
+    Nothing,
+    /// The check could not be made (the account cannot be resolved, ...).
+    Failed(String),
+}
+
+impl ClaimData {
+    /// Run `f` with the claim built: the account's uid resolved (an NSS lookup: blocking) and
+    /// the evidence in place. Blocking; run it on the file-system pool.
+    pub fn check(
+        &self,
+        engine: &Engine,
+        setup_real: Option<&str>,
+        f: impl FnOnce(&watch::Claim<'_>) -> Probe,
+    ) -> Probe {
+        match self.with_claim(engine, setup_real, f) {
+            Ok(p) => p,
+            Err(why) => Probe::Failed(why),
+        }
+    }
+
+    /// Run `f` with the claim built (see [`ClaimData::check`]). Blocking.
+    pub fn with_claim<R>(
+        &self,
+        engine: &Engine,
+        setup_real: Option<&str>,
+        f: impl FnOnce(&watch::Claim<'_>) -> R,
+    ) -> Result<R, String> {
+        let uid = match self.uid.get() {
+            Some(u) => *u,
+            None => {
+                let u = crate::executor::resolve_account(&self.account)
+                    .map_err(|e| e.to_string())?
+                    .uid;
+                *self.uid.get_or_init(|| u)
+            }
+        };
+        let key = self.key.clone();
+        let elsewhere = move |pid: i32| engine.reg().key_of_pid(pid).is_some_and(|k| k != key);
+        let claim = watch::Claim {
+            owner: ownership::Owner {
+                uid,
+                proc_name: &self.proc_name,
+                setup_path: &self.setup_path,
+                has_pid_file: !self.pid_path.is_empty(),
+            },
+            spawns: &self.spawns,
+            recorded: &self.recorded,
+            setup_real,
+            tracked_elsewhere: &elsewhere,
+        };
+        Ok(f(&claim))
+    }
+
+    /// Attach to `pid` under the ownership rule. Blocking; run it on the file-system pool.
+    pub fn attach(
+        &self,
+        engine: &Engine,
+        pid: i32,
+        want_fd: bool,
+    ) -> Result<watch::Attached, String> {
+        self.with_claim(engine, None, |c| {
+            watch::attach(pid, c, want_fd).map_err(|e| e.to_string())
+        })?
+    }
+}
+
 /// The engine shared by the API, the supervisor loop and the watchers.
 pub struct Engine {
     pub config: Config,
@@ -80,6 +170,8 @@ pub struct Engine {
     pub reaper: Reaper,
     pub events: EventLog,
     pub tasks: TaskBook,
+    /// File-system work on caller-chosen paths, and other blocking work off the runtime.
+    pub fs: crate::fspool::FsPool,
     pub ops_sem: Arc<Semaphore>,
     pub detection: Detection,
     pub subreaper: bool,
@@ -140,7 +232,26 @@ impl Engine {
             match serde_json::from_str::<Definition>(&json) {
                 Ok(def) => {
                     let st = states.remove(&def.key).unwrap_or_default();
-                    reg.entries.insert(def.key.clone(), Entry::new(def, st));
+                    let mut e = Entry::new(def, st);
+                    let errs = e.def.spec.validate();
+                    if !errs.is_empty() {
+                        e.rt.invalid = Some(format!(
+                            "the stored definition is invalid and is not acted on: {}; register it again with a valid spec",
+                            errs.iter()
+                                .map(|e| e.to_string())
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        ));
+                    }
+                    let boot = crate::procinfo::boot_id();
+                    e.rt.recorded = e
+                        .state
+                        .instances
+                        .iter()
+                        .filter(|i| i.boot_id.is_empty() || i.boot_id == boot)
+                        .map(|i| (i.pid, i.starttime))
+                        .collect();
+                    reg.entries.insert(e.def.key.clone(), e);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "unreadable stored definition skipped (left in the database)")
@@ -164,6 +275,7 @@ impl Engine {
             reaper,
             events,
             tasks,
+            fs: crate::fspool::FsPool::default(),
             ops_sem: Arc::new(Semaphore::new(ops)),
             detection,
             subreaper,
@@ -253,10 +365,10 @@ impl Engine {
         let pid = att.pid;
         let inst = Instance {
             pid,
-            starttime: att.stat.starttime,
+            starttime: att.facts.starttime,
             boot_id: crate::procinfo::boot_id().to_string(),
-            pgid: att.stat.pgrp,
-            sid: att.stat.session,
+            pgid: att.facts.pgrp,
+            sid: att.facts.session,
             since: crate::util::unix_now(),
             started_by_agent,
         };
@@ -330,59 +442,118 @@ impl Engine {
         e.rt.attached_at.remove(&pid).map(|t| t.elapsed())
     }
 
-    /// Look for a running process of `key` through its pid file and adopt it when it is the
-    /// right program (used before operations, at start and by the sweep). Returns the number
-    /// of live instances afterwards.
-    pub fn discover(self: &Arc<Self>, key: &ProcKey) -> usize {
-        let (pid_path, proc_name, tracked) = {
-            let reg = self.reg();
-            let Some(e) = reg.get(key) else { return 0 };
-            (
-                e.def.spec.pid_path.clone(),
-                e.def.spec.proc_name.clone(),
-                e.state.instances.iter().map(|i| i.pid).collect::<Vec<_>>(),
-            )
-        };
-        if !tracked.is_empty() || pid_path.is_empty() {
-            return tracked.len();
+    /// What an ownership check of `key`'s definition needs, copied out of the registry
+    /// (`None` when the key is gone or its definition is invalid).
+    pub fn claim_data(&self, key: &ProcKey) -> Option<ClaimData> {
+        let reg = self.reg();
+        let e = reg.get(key)?;
+        if e.rt.invalid.is_some() {
+            return None;
         }
-        let pid = match crate::procinfo::read_pid_file(std::path::Path::new(&pid_path)) {
-            Ok(p) => p,
-            Err(_) => return 0,
+        Some(ClaimData {
+            uid: std::sync::OnceLock::new(),
+            key: key.clone(),
+            account: e.def.spec.account.clone(),
+            proc_name: e.def.spec.proc_name.clone(),
+            setup_path: e.def.spec.setup_path.clone(),
+            pid_path: e.def.spec.pid_path.clone(),
+            spawns: e.rt.spawns.iter().copied().collect(),
+            recorded: e.rt.recorded.clone(),
+        })
+    }
+
+    /// Look for a running process of `key` through its pid file and adopt it when it belongs
+    /// to the definition (the ownership rule; used before operations, at start and by the
+    /// sweep). The pid file and `/proc` are read on the file-system pool, so a pid file on a
+    /// hung mount delays only this process. Returns the number of live instances afterwards,
+    /// or why the pid file could not be read in time.
+    pub async fn discover(self: &Arc<Self>, key: &ProcKey) -> Result<usize, String> {
+        let tracked = self
+            .reg()
+            .get(key)
+            .map(|e| e.state.instances.len())
+            .unwrap_or(0);
+        let Some(claim) = self.claim_data(key) else {
+            return Ok(tracked);
         };
-        if self.reg().key_of_pid(pid).is_some() {
-            return 0;
+        if tracked > 0 || claim.pid_path.is_empty() {
+            return Ok(tracked);
         }
-        match watch::attach(
-            pid,
-            watch::Expect::Named {
-                proc_name: &proc_name,
-            },
-            self.detection == Detection::Pidfd,
-        ) {
-            Ok(att) => {
-                if self.track(key, att, false) {
-                    {
-                        let mut reg = self.reg();
-                        if let Some(e) = reg.get_mut(key)
-                            && e.rt.busy.is_none()
-                        {
+        let engine = self.clone();
+        let want_fd = self.detection == Detection::Pidfd;
+        let path = std::path::PathBuf::from(&claim.pid_path);
+        let job = move || -> Probe {
+            let pid = match crate::procinfo::read_pid_file(std::path::Path::new(&claim.pid_path))
+            {
+                Ok(p) => p,
+                Err(crate::procinfo::PidFileError::Missing(_)) => return Probe::Nothing,
+                Err(e) => return Probe::Refused(e.to_string()),
+            };
+            let setup_real = std::fs::canonicalize(&claim.setup_path)
+                .ok()
+                .map(|p| p.display().to_string());
+            claim.check(&engine, setup_real.as_deref(), |c| {
+                match watch::attach(pid, c, want_fd) {
+                    Ok(a) => Probe::Adopt(a),
+                    Err(watch::AttachError::Gone(_)) => Probe::Nothing,
+                    Err(e) => Probe::Refused(format!(
+                        "the pid file {} names pid {pid}, which is not adopted: {e}",
+                        claim.pid_path
+                    )),
+                }
+            })
+        };
+        let probe = self
+            .fs
+            .run(&path, crate::fspool::PROBE_DEADLINE, job)
+            .await
+            .map_err(|e| format!("cannot read the pid file: {e}"))?;
+        match probe {
+            Probe::Adopt(att) => {
+                let (pid, origin) = (att.pid, att.origin);
+                if !self.track(key, att, false) {
+                    return Ok(0);
+                }
+                {
+                    let mut reg = self.reg();
+                    if let Some(e) = reg.get_mut(key) {
+                        e.rt.last_refusal = None;
+                        if e.rt.busy.is_none() {
                             e.rt.phase = Phase::Running;
                         }
                     }
-                    self.events.emit(
-                        Some(key),
-                        "adopted",
-                        format!("found running through its pid file {pid_path} (pid {pid})"),
-                        serde_json::json!({"pid": pid}),
-                    );
-                    self.refresh_version(key);
-                    1
-                } else {
-                    0
                 }
+                self.events.emit(
+                    Some(key),
+                    "adopted",
+                    format!(
+                        "found running through its pid file (pid {pid}, {})",
+                        origin.describe()
+                    ),
+                    serde_json::json!({"pid": pid}),
+                );
+                self.refresh_version(key);
+                Ok(1)
             }
-            Err(_) => 0,
+            Probe::Refused(why) => {
+                let new = {
+                    let mut reg = self.reg();
+                    match reg.get_mut(key) {
+                        Some(e) if e.rt.last_refusal.as_deref() != Some(why.as_str()) => {
+                            e.rt.last_refusal = Some(why.clone());
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if new {
+                    self.events
+                        .emit(Some(key), "not_adopted", why, serde_json::Value::Null);
+                }
+                Ok(0)
+            }
+            Probe::Nothing => Ok(0),
+            Probe::Failed(why) => Err(why),
         }
     }
 
@@ -417,36 +588,63 @@ impl Engine {
         });
     }
 
-    /// Re-adopt every recorded instance after an agent (re)start: same pid, start time and
-    /// boot → adopted without restart; otherwise it is gone and supervision will start it.
-    pub fn readopt_all(self: &Arc<Self>) {
-        let recorded: Vec<(ProcKey, Vec<Instance>)> = self
+    /// Re-adopt every recorded instance after an agent (re)start: the same pid, start time
+    /// and boot, and still the definition's process (the ownership rule), is adopted without
+    /// restart; otherwise it is gone and supervision will start it. Only `/proc` is read
+    /// (on the file-system pool); pid files are read by [`Engine::discover_untracked`]
+    /// afterwards, in the background, so a hung pid file delays only its own process.
+    pub async fn readopt_all(self: &Arc<Self>) {
+        let recorded: Vec<(ProcKey, Vec<Instance>, Option<String>)> = self
             .reg()
             .entries
             .values()
-            .map(|e| (e.def.key.clone(), e.state.instances.clone()))
+            .map(|e| {
+                (
+                    e.def.key.clone(),
+                    e.state.instances.clone(),
+                    e.rt.invalid.clone(),
+                )
+            })
             .collect();
         let want_fd = self.detection == Detection::Pidfd;
-        for (key, insts) in recorded {
-            {
-                let mut reg = self.reg();
-                if let Some(e) = reg.get_mut(&key) {
-                    e.state.instances.clear();
-                }
+        for (key, insts, invalid) in recorded {
+            if let Some(e) = self.reg().get_mut(&key) {
+                e.state.instances.clear();
             }
-            let mut adopted = 0;
+            if let Some(why) = invalid {
+                tracing::error!(process = %key, "{why}");
+                if let Some(e) = self.reg().get_mut(&key) {
+                    e.rt.message = why.clone();
+                }
+                self.events.emit(
+                    Some(&key),
+                    "invalid_definition",
+                    why,
+                    serde_json::Value::Null,
+                );
+                continue;
+            }
+            let Some(claim) = self.claim_data(&key) else {
+                continue;
+            };
             for inst in insts {
-                match watch::attach(
-                    inst.pid,
-                    watch::Expect::Known {
-                        starttime: inst.starttime,
-                        boot_id: &inst.boot_id,
-                    },
-                    want_fd,
-                ) {
-                    Ok(att) => {
+                let pid = inst.pid;
+                let engine = self.clone();
+                let claim = claim.clone();
+                let boot = inst.boot_id.clone();
+                let r = self
+                    .fs
+                    .run_unkeyed("re-adoption", Duration::from_secs(5), move || {
+                        if !boot.is_empty() && boot != crate::procinfo::boot_id() {
+                            return Err("the host rebooted since it was recorded".to_string());
+                        }
+                        claim.attach(&engine, pid, want_fd)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                match r {
+                    Ok(att) if att.facts.starttime == inst.starttime => {
                         if self.track(&key, att, inst.started_by_agent) {
-                            adopted += 1;
                             self.events.emit(
                                 Some(&key),
                                 "adopted",
@@ -455,7 +653,14 @@ impl Engine {
                             );
                         }
                     }
-                    Err(err) => {
+                    other => {
+                        let err = match other {
+                            Ok(att) => format!(
+                                "pid {} now belongs to another process (start time {} differs from the recorded {})",
+                                att.pid, att.facts.starttime, inst.starttime
+                            ),
+                            Err(e) => e,
+                        };
                         let mut reg = self.reg();
                         if let Some(e) = reg.get_mut(&key) {
                             e.state.last_exit = Some(LastExit {
@@ -478,9 +683,6 @@ impl Engine {
                     }
                 }
             }
-            if adopted == 0 {
-                self.discover(&key);
-            }
             {
                 let mut reg = self.reg();
                 if let Some(e) = reg.get_mut(&key) {
@@ -500,6 +702,44 @@ impl Engine {
             self.refresh_version(&key);
             self.persist_bg(&key);
         }
+    }
+
+    /// Start a background pid-file discovery for every process that has no live instance, is
+    /// not held by an operation and has none in flight (at start, and from housekeeping).
+    pub fn discover_untracked(self: &Arc<Self>) {
+        let keys: Vec<ProcKey> = self.reg().entries.keys().cloned().collect();
+        for key in keys {
+            self.discover_bg(&key);
+        }
+    }
+
+    /// [`Engine::discover`] for one process in the background, unless one is in flight or
+    /// the process has a live instance, is held by an operation or has no pid file.
+    pub fn discover_bg(self: &Arc<Self>, key: &ProcKey) {
+        {
+            let mut reg = self.reg();
+            let Some(e) = reg.get_mut(key) else { return };
+            let due = e.state.instances.is_empty()
+                && e.rt.busy.is_none()
+                && !e.rt.start_pending
+                && !e.rt.discovering
+                && e.rt.invalid.is_none()
+                && !e.def.spec.pid_path.is_empty();
+            if !due {
+                return;
+            }
+            e.rt.discovering = true;
+        }
+        let engine = self.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            if let Err(why) = engine.discover(&key).await {
+                tracing::debug!(process = %key, "{why}");
+            }
+            if let Some(e) = engine.reg().get_mut(&key) {
+                e.rt.discovering = false;
+            }
+        });
     }
 
     /// Handle an instance exit.
@@ -681,23 +921,18 @@ impl Engine {
         let keys: Vec<ProcKey> = self.reg().entries.keys().cloned().collect();
         let reset = self.backoff.reset_after;
         for key in &keys {
-            let untracked = {
-                let mut reg = self.reg();
-                let Some(e) = reg.get_mut(key) else { continue };
-                if e.rt.failures > 0
-                    && e.rt.busy.is_none()
-                    && !e.state.instances.is_empty()
-                    && e.rt.attached_at.values().all(|t| t.elapsed() >= reset)
-                {
-                    e.rt.failures = 0;
-                    e.rt.next_attempt = None;
-                }
-                e.state.instances.is_empty() && e.rt.busy.is_none() && !e.rt.start_pending
-            };
-            if untracked {
-                self.discover(key);
+            let mut reg = self.reg();
+            let Some(e) = reg.get_mut(key) else { continue };
+            if e.rt.failures > 0
+                && e.rt.busy.is_none()
+                && !e.state.instances.is_empty()
+                && e.rt.attached_at.values().all(|t| t.elapsed() >= reset)
+            {
+                e.rt.failures = 0;
+                e.rt.next_attempt = None;
             }
         }
+        self.discover_untracked();
         if self.detection == Detection::Poll {
             self.poll_exits();
         }
@@ -729,7 +964,7 @@ impl Engine {
                 .values_mut()
                 .filter(|e| {
                     policy::health_due(
-                        !e.def.spec.health_cmd.trim().is_empty(),
+                        !e.def.spec.health_cmd.trim().is_empty() && e.rt.invalid.is_none(),
                         !e.state.instances.is_empty(),
                         e.rt.busy.is_some() || e.rt.health_running,
                         e.rt.last_health,

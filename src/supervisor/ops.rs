@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use super::policy;
-use super::watch::{self, Expect};
-use super::{Detection, Engine};
+use super::ownership::{Origin, Spawn};
+use super::watch;
+use super::{ClaimData, Detection, Engine, Probe};
 use crate::proto::{KeyResult, OpType, codes};
 use crate::registry::{FLAG_RUNNING, FLAG_STOPPED, Instance, Phase};
 use crate::spec::{AutoType, CommandKind, ProcKey, ProcSpec};
@@ -113,6 +114,12 @@ pub async fn run_op(engine: Arc<Engine>, key: ProcKey, op: OpType) -> KeyResult 
             ),
         };
     };
+    let invalid = engine.reg().get(&key).and_then(|e| e.rt.invalid.clone());
+    if let Some(why) = invalid
+        && op != OpType::Status
+    {
+        return KeyResult::err(codes::SPEC_INVALID, why);
+    }
     if op != OpType::Status {
         engine.events.emit(
             Some(&key),
@@ -123,7 +130,7 @@ pub async fn run_op(engine: Arc<Engine>, key: ProcKey, op: OpType) -> KeyResult 
     }
     match op {
         OpType::Status => {
-            engine.discover(&key);
+            let _ = engine.discover(&key).await;
             KeyResult::ok(status_content(&engine, &key))
         }
         OpType::Start => op_start(&engine, &key, &spec).await,
@@ -174,8 +181,22 @@ fn alive_pids(engine: &Engine, key: &ProcKey) -> Vec<i32> {
         .unwrap_or_default()
 }
 
+/// Whether the process runs (through its pid file when nothing is tracked), as an operation's
+/// failure when that cannot be told in time.
+async fn running_now(engine: &Arc<Engine>, key: &ProcKey) -> Result<usize, KeyResult> {
+    engine.discover(key).await.map_err(|why| {
+        KeyResult::err(
+            codes::OP_FAILED,
+            format!("cannot tell whether the process is running: {why}"),
+        )
+    })
+}
+
 async fn op_start(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec) -> KeyResult {
-    let running = engine.discover(key);
+    let running = match running_now(engine, key).await {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
     if running > 0 {
         let pids = alive_pids(engine, key);
         return KeyResult::err(
@@ -246,6 +267,12 @@ pub async fn start_instance(
         .exec
         .spawn(&req)
         .map_err(|e| OpFail::new(codes::OP_FAILED, format!("{}: {e}", which.field())))?;
+    if let Some(e) = engine.reg().get_mut(key) {
+        e.note_spawn(Spawn {
+            shell: sp.pid,
+            ticks: sp.spawned_ticks,
+        });
+    }
     let t0 = Instant::now();
     let want_fd = engine.detection == Detection::Pidfd;
     let before: Vec<Instance> = engine
@@ -277,8 +304,11 @@ pub async fn start_instance(
         // exec the program (`setsid prog &` writes `$!` before the exec): wait for it.
         let mut exec_pending = false;
         if found.is_none() && !spec.pid_path.is_empty() {
-            found = find_fresh(engine, key, spec, sp.spawned_ticks, want_fd, &before);
-            exec_pending = found.is_none() && fresh_in_pid_file(spec, sp.spawned_ticks);
+            match find_fresh(engine, key, spec, sp.spawned_ticks, want_fd, &before).await {
+                Fresh::Found(pid) => found = Some(pid),
+                Fresh::Pending => exec_pending = true,
+                Fresh::Nothing => {}
+            }
         }
         let now = Instant::now();
         let shell_alive = shell_exit.is_none();
@@ -287,22 +317,11 @@ pub async fn start_instance(
             // is the program (`exec prog`): a shell that is still busy daemonizing is not
             // the process (taking it made the daemon it then started a duplicate, found by
             // the crash-safety test).
-            let expect = if spec.pid_path.is_empty() || purpose == Purpose::Job {
-                Expect::Child
-            } else {
-                Expect::Named {
-                    proc_name: &spec.proc_name,
-                }
-            };
-            match watch::attach(sp.pid, expect, want_fd) {
-                Ok(att) => {
-                    if engine.track(key, att, true) {
-                        found = Some(sp.pid);
-                    }
-                }
-                Err(_) => {
-                    // It exited between the checks; the reaper will tell.
-                }
+            // A periodic or single-run job is the command itself, pid file or not.
+            if let Some(att) = attach_command(engine, key, sp.pid, purpose == Purpose::Job).await
+                && engine.track(key, att, true)
+            {
+                found = Some(sp.pid);
             }
         }
         if found.is_none()
@@ -367,7 +386,7 @@ pub async fn start_instance(
             break;
         }
         if now >= op_deadline && found.is_none() && shell_exit.is_some() {
-            let stray = end_stray(engine, key, spec, sp.spawned_ticks, sp.pid);
+            let stray = end_stray(engine, key, spec, sp.spawned_ticks, sp.pid).await;
             return Err(OpFail::new(
                 codes::POST_CHECK_ERROR,
                 format!(
@@ -490,57 +509,72 @@ async fn finish_start(
     Ok(pid)
 }
 
-/// Does the pid file name a live process that started after the command (one that
-/// [`find_fresh`] did not take: a fork that has not exec'd the program yet, or exec'd it just
-/// after the check)? The caller looks again instead of failing the start.
 /// After a start whose pid file names a process that never became the program (a wrong
 /// `proc_name`, say), end that process when it is provably ours, so that every retry does not
-/// leave another copy running: it started after this start command, and it is either in the
+/// leave another copy running: it started after this start command, it is either in the
 /// command's session or an orphan reparented to the agent (only our own descendants can be,
-/// as the agent is a child subreaper), and no definition tracks it. Killed through a pidfd
-/// after those checks. Returns a note for the error message.
-fn end_stray(
-    engine: &Engine,
+/// as the agent is a child subreaper), no definition tracks it, and it may be signalled for
+/// this definition (its account). Killed through a pidfd after those checks, on the
+/// file-system pool. Returns a note for the error message.
+async fn end_stray(
+    engine: &Arc<Engine>,
     key: &ProcKey,
     spec: &ProcSpec,
     min_ticks: u64,
     shell_pid: i32,
 ) -> String {
-    let Ok(pid) = crate::procinfo::read_pid_file(std::path::Path::new(&spec.pid_path)) else {
+    let Some(claim) = engine.claim_data(key) else {
         return String::new();
     };
-    let Ok(fd) = crate::sys::pidfd_open(pid) else {
+    let e2 = engine.clone();
+    let path = std::path::PathBuf::from(&spec.pid_path);
+    let job = move || -> Option<(i32, String)> {
+        let pid = crate::procinfo::read_pid_file(std::path::Path::new(&claim.pid_path)).ok()?;
+        let fd = Arc::new(crate::sys::pidfd_open(pid).ok()?);
+        let f = crate::procinfo::read_facts(pid)?;
+        let ours = f.starttime >= min_ticks
+            && !f.exited
+            && (f.session == shell_pid || f.ppid == std::process::id() as i32)
+            && e2.reg().key_of_pid(pid).is_none();
+        if !ours {
+            return None;
+        }
+        let sent = match claim.check(&e2, None, |c| {
+            if watch::signal_member(
+                pid,
+                Some(&fd),
+                Some(f.starttime),
+                None,
+                c,
+                Signal::SIGKILL,
+            ) {
+                Probe::Nothing
+            } else {
+                Probe::Refused(String::new())
+            }
+        }) {
+            Probe::Nothing => true,
+            _ => false,
+        };
+        sent.then_some((pid, f.comm))
+    };
+    let Ok(Some((pid, comm))) = engine
+        .fs
+        .run(&path, crate::fspool::PROBE_DEADLINE, job)
+        .await
+    else {
         return String::new();
     };
-    let Some(st) = crate::procinfo::read_stat(pid) else {
-        return String::new();
-    };
-    let ours = st.starttime >= min_ticks
-        && !st.is_exited()
-        && (st.session == shell_pid || st.ppid == std::process::id() as i32)
-        && engine.reg().key_of_pid(pid).is_none();
-    if !ours {
-        return String::new();
-    }
-    let fd = Arc::new(fd);
-    watch::signal_checked(pid, Some(&fd), Some(st.starttime), None, Signal::SIGKILL);
     engine.events.emit(
         Some(key),
         "stray_killed",
         format!(
-            "pid {pid} ({:?}) named in the pid file was started by this start command but is not {:?}: killed so retries do not pile up copies",
-            st.comm, spec.proc_name
+            "pid {pid} ({comm:?}) named in the pid file was started by this start command but is not {:?}: killed so retries do not pile up copies",
+            spec.proc_name
         ),
-        serde_json::json!({"pid": pid, "comm": st.comm}),
+        serde_json::json!({"pid": pid, "comm": comm}),
     );
-    format!("; pid {pid} ({:?}) it started was killed", st.comm)
-}
-
-fn fresh_in_pid_file(spec: &ProcSpec, min_ticks: u64) -> bool {
-    let Ok(pid) = crate::procinfo::read_pid_file(std::path::Path::new(&spec.pid_path)) else {
-        return false;
-    };
-    crate::procinfo::read_stat(pid).is_some_and(|st| !st.is_exited() && st.starttime >= min_ticks)
+    format!("; pid {pid} ({comm:?}) it started was killed")
 }
 
 /// Record a job (periodic cycle or single run) that ended before it was tracked.
@@ -572,50 +606,106 @@ fn job_finished(engine: &Arc<Engine>, key: &ProcKey, pid: i32, exit: ExitInfo) {
     engine.persist_bg(key);
 }
 
-/// A process started by our command: the pid file names a live process that started after the
-/// command and is named like `proc_name`, and is not one we already track.
-fn find_fresh(
+/// What the pid file says during a start.
+enum Fresh {
+    /// It names a process started by this command that belongs to the definition: tracked.
+    Found(i32),
+    /// It names a live process started after the command that is not the program yet (a fork
+    /// on its way to exec it, `setsid prog &` writes `$!` before the exec): look again.
+    Pending,
+    Nothing,
+}
+
+/// Look at the pid file during a start (on the file-system pool): a process that the start
+/// command started (ownership rule, origin "spawned") and that was not an instance before.
+async fn find_fresh(
     engine: &Arc<Engine>,
     key: &ProcKey,
     spec: &ProcSpec,
     min_ticks: u64,
     want_fd: bool,
     before: &[Instance],
-) -> Option<i32> {
-    let pid = crate::procinfo::read_pid_file(std::path::Path::new(&spec.pid_path)).ok()?;
-    if before.iter().any(|i| i.pid == pid) {
-        return None;
-    }
-    if engine.reg().key_of_pid(pid).is_some_and(|k| &k != key) {
-        return None;
-    }
-    let att = watch::attach(
-        pid,
-        Expect::Fresh {
-            min_ticks,
-            proc_name: &spec.proc_name,
-        },
-        want_fd,
-    )
-    .ok()?;
-    if engine.track(key, att, true) {
-        Some(pid)
-    } else {
-        None
+) -> Fresh {
+    let Some(claim) = engine.claim_data(key) else {
+        return Fresh::Nothing;
+    };
+    let before: Vec<i32> = before.iter().map(|i| i.pid).collect();
+    let e2 = engine.clone();
+    let path = std::path::PathBuf::from(&spec.pid_path);
+    let job = move || -> Result<Option<watch::Attached>, bool> {
+        let pid = crate::procinfo::read_pid_file(std::path::Path::new(&claim.pid_path))
+            .map_err(|_| false)?;
+        if before.contains(&pid) {
+            return Err(false);
+        }
+        match claim.attach(&e2, pid, want_fd) {
+            Ok(att) if att.origin == Origin::Spawned => Ok(Some(att)),
+            _ => {
+                // Started after the command and alive, but not (yet) the program.
+                let pending = crate::procinfo::read_stat(pid)
+                    .is_some_and(|st| !st.is_exited() && st.starttime >= min_ticks);
+                Err(pending)
+            }
+        }
+    };
+    match engine
+        .fs
+        .run(&path, crate::fspool::PROBE_DEADLINE, job)
+        .await
+    {
+        Ok(Ok(Some(att))) => {
+            let pid = att.pid;
+            if engine.track(key, att, true) {
+                Fresh::Found(pid)
+            } else {
+                Fresh::Nothing
+            }
+        }
+        Ok(Err(true)) => Fresh::Pending,
+        _ => Fresh::Nothing,
     }
 }
 
-/// The pids and groups a stop must end, with the process groups whose members must be gone.
+/// Attach to a start command's own process when it is the definition's process: the command
+/// itself for a definition without a pid file (or a job), else only once it exec'd the
+/// program. On the file-system pool (it reads /proc and resolves the account).
+async fn attach_command(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    pid: i32,
+    is_job: bool,
+) -> Option<watch::Attached> {
+    let mut claim = engine.claim_data(key)?;
+    if is_job {
+        claim.pid_path.clear();
+    }
+    let want_fd = engine.detection == Detection::Pidfd;
+    let e2 = engine.clone();
+    engine
+        .fs
+        .run_unkeyed("attach", crate::fspool::PROBE_DEADLINE, move || {
+            claim.attach(&e2, pid, want_fd).ok()
+        })
+        .await
+        .ok()
+        .flatten()
+}
+
+/// What a stop must end: the instances (with their pidfds), the process groups whose members
+/// go with them, and the definition's claim (the ownership rule decides, before every
+/// signal, that a process may be signalled for it).
 struct Targets {
     instances: Vec<Instance>,
     groups: Vec<i32>,
+    fds: std::collections::HashMap<i32, Arc<std::os::fd::OwnedFd>>,
+    claim: Option<ClaimData>,
 }
 
 fn targets(engine: &Engine, key: &ProcKey) -> Targets {
-    let instances: Vec<Instance> = engine
+    let (instances, fds) = engine
         .reg()
         .get(key)
-        .map(|e| e.state.instances.clone())
+        .map(|e| (e.state.instances.clone(), e.rt.pidfds.clone()))
         .unwrap_or_default();
     let own_pgid = nix::unistd::getpgrp().as_raw();
     let mut groups = Vec::new();
@@ -630,55 +720,101 @@ fn targets(engine: &Engine, key: &ProcKey) -> Targets {
             groups.push(i.pgid);
         }
     }
-    Targets { instances, groups }
+    Targets {
+        instances,
+        groups,
+        fds,
+        claim: engine.claim_data(key),
+    }
 }
 
-/// Is anything of the targets still alive?
-fn remaining(t: &Targets) -> Vec<i32> {
-    let mut left: Vec<i32> = t
-        .instances
-        .iter()
-        .filter(|i| watch::alive(i.pid, i.starttime))
-        .map(|i| i.pid)
-        .collect();
-    let me = std::process::id() as i32;
-    for g in &t.groups {
-        for p in crate::procinfo::pids_in_group(*g) {
-            if p != me && !left.contains(&p) {
-                left.push(p);
+impl Targets {
+    /// What is left, from one /proc snapshot: the instances still alive and the members of
+    /// their groups that may be signalled for the definition. Blocking.
+    fn left(&self, engine: &Engine) -> Vec<i32> {
+        let snap = crate::procinfo::Snapshot::take();
+        let mut left: Vec<i32> = self
+            .instances
+            .iter()
+            .filter(|i| snap.alive(i.pid, i.starttime))
+            .map(|i| i.pid)
+            .collect();
+        let Some(claim) = &self.claim else {
+            return left;
+        };
+        let members: Vec<i32> = self
+            .groups
+            .iter()
+            .flat_map(|g| snap.group(*g).map(|s| s.pid))
+            .filter(|p| !left.contains(p))
+            .collect();
+        if members.is_empty() {
+            return left;
+        }
+        let _ = claim.with_claim(engine, None, |c| {
+            for p in members {
+                if crate::procinfo::read_facts(p).is_some_and(|f| watch::may_signal_member(&f, c))
+                    && !left.contains(&p)
+                {
+                    left.push(p);
+                }
             }
-        }
+        });
+        left
     }
-    left
-}
 
-fn signal_all(engine: &Engine, key: &ProcKey, t: &Targets, sig: Signal) {
-    let fds: std::collections::HashMap<i32, Arc<std::os::fd::OwnedFd>> = engine
-        .reg()
-        .get(key)
-        .map(|e| e.rt.pidfds.clone())
-        .unwrap_or_default();
-    for i in &t.instances {
-        watch::signal_checked(i.pid, fds.get(&i.pid), Some(i.starttime), None, sig);
-        for (d, start) in crate::procinfo::descendants(i.pid).into_iter().skip(1) {
-            watch::signal_checked(d, None, Some(start), None, sig);
-        }
-    }
-    let me = std::process::id() as i32;
-    for g in &t.groups {
-        for p in crate::procinfo::pids_in_group(*g) {
-            if p != me {
-                watch::signal_checked(p, None, None, Some(*g), sig);
+    /// Send `sig` to every instance, its descendants and the members of its groups that may
+    /// be signalled for the definition, each through a pidfd after its checks. Blocking.
+    fn signal(&self, engine: &Engine, sig: Signal) {
+        let Some(claim) = &self.claim else { return };
+        let snap = crate::procinfo::Snapshot::take();
+        let _ = claim.with_claim(engine, None, |c| {
+            for i in &self.instances {
+                watch::signal_member(
+                    i.pid,
+                    self.fds.get(&i.pid),
+                    Some(i.starttime),
+                    None,
+                    c,
+                    sig,
+                );
+                for d in snap.descendants(i.pid) {
+                    watch::signal_member(d.pid, None, Some(d.starttime), None, c, sig);
+                }
             }
-        }
+            for g in &self.groups {
+                for m in snap.group(*g) {
+                    watch::signal_member(m.pid, None, None, Some(*g), c, sig);
+                }
+            }
+        });
     }
 }
 
-async fn wait_gone(t: &Targets, within: Duration) -> bool {
+/// [`Targets::left`] on the file-system pool (a /proc scan must not block a worker). When the
+/// pool cannot answer, assume something is left.
+async fn remaining(engine: &Arc<Engine>, t: &Arc<Targets>) -> Vec<i32> {
+    let (e2, t2) = (engine.clone(), t.clone());
+    engine
+        .fs
+        .run_unkeyed("stop check", Duration::from_secs(5), move || t2.left(&e2))
+        .await
+        .unwrap_or_else(|_| vec![-1])
+}
+
+async fn signal_all(engine: &Arc<Engine>, t: &Arc<Targets>, sig: Signal) {
+    let (e2, t2) = (engine.clone(), t.clone());
+    let _ = engine
+        .fs
+        .run_unkeyed("signal", Duration::from_secs(5), move || t2.signal(&e2, sig))
+        .await;
+}
+
+async fn wait_gone(engine: &Arc<Engine>, t: &Arc<Targets>, within: Duration) -> bool {
     let until = Instant::now() + within;
     let mut step = Duration::from_millis(5);
     loop {
-        if remaining(t).is_empty() {
+        if remaining(engine, t).await.is_empty() {
             return true;
         }
         if Instant::now() >= until {
@@ -696,7 +832,7 @@ pub async fn stop_all(
     spec: &ProcSpec,
     kill: bool,
 ) -> Result<String, OpFail> {
-    let t = targets(engine, key);
+    let t = Arc::new(targets(engine, key));
     let which = if kill {
         CommandKind::Kill
     } else {
@@ -723,25 +859,25 @@ pub async fn stop_all(
         } else {
             secs(spec.stop_check_secs.max(1))
         };
-        if wait_gone(&t, grace).await {
+        if wait_gone(engine, &t, grace).await {
             return Ok(format!("ended by {}", which.field()));
         }
     }
     if !kill {
-        signal_all(engine, key, &t, Signal::SIGTERM);
-        if wait_gone(&t, secs(spec.op_timeout.max(1))).await {
+        signal_all(engine, &t, Signal::SIGTERM).await;
+        if wait_gone(engine, &t, secs(spec.op_timeout.max(1))).await {
             return Ok("ended by SIGTERM to its process group".into());
         }
     }
-    signal_all(engine, key, &t, Signal::SIGKILL);
-    if wait_gone(&t, secs(5)).await {
+    signal_all(engine, &t, Signal::SIGKILL).await;
+    if wait_gone(engine, &t, secs(5)).await {
         return Ok(if kill {
             "killed with SIGKILL".into()
         } else {
             format!("killed with SIGKILL after op_timeout {}s", spec.op_timeout)
         });
     }
-    let left = remaining(&t);
+    let left = remaining(engine, &t).await;
     Err(OpFail::new(
         codes::POST_CHECK_ERROR,
         format!(
@@ -757,7 +893,14 @@ pub async fn stop_all(
 }
 
 async fn op_stop(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, kill: bool) -> KeyResult {
-    let running = engine.discover(key);
+    let running = match running_now(engine, key).await {
+        Ok(n) => n,
+        Err(r) => {
+            // Whatever runs, the operator wants it stopped: keep it from being restarted.
+            let _ = commit_intent(engine, key, Some(FLAG_STOPPED), Some(false)).await;
+            return r;
+        }
+    };
     if running == 0 {
         // Nothing to stop; still, the operator's intent is "stopped": cancel supervision.
         if let Err(f) = commit_intent(engine, key, Some(FLAG_STOPPED), Some(false)).await {
@@ -857,7 +1000,9 @@ async fn op_delegate(
         if spec.command(CommandKind::Start).is_none() {
             return missing(CommandKind::Start);
         }
-        engine.discover(key);
+        if let Err(r) = running_now(engine, key).await {
+            return r;
+        }
         if let Some(e) = engine.reg().get_mut(key) {
             e.state.completed = false;
         }
@@ -894,7 +1039,9 @@ async fn op_restart(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec) -> Key
     if spec.command(CommandKind::Restart).is_none() {
         return missing(CommandKind::Restart);
     }
-    engine.discover(key);
+    if let Err(r) = running_now(engine, key).await {
+        return r;
+    }
     let _busy = Busy::set(engine, key, "restart");
     if let Some(e) = engine.reg().get_mut(key) {
         e.state.completed = false;
@@ -919,7 +1066,9 @@ async fn op_reload(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec) -> KeyR
     let Some(cmd) = spec.command(CommandKind::Reload) else {
         return missing(CommandKind::Reload);
     };
-    engine.discover(key);
+    if let Err(r) = running_now(engine, key).await {
+        return r;
+    }
     let _busy = Busy::set(engine, key, "reload");
     let req = engine.command_request(key, spec, "reload_cmd", cmd);
     match engine.exec.run(&req).await {
@@ -957,8 +1106,25 @@ pub async fn supervise_start(engine: Arc<Engine>, key: ProcKey, n: u32) {
     let _permit = engine.ops_sem.clone().acquire_owned().await;
     let lock = engine.op_lock(&key);
     let guard = lock.lock().await;
-    // Never start a duplicate: a live, right process named by the pid file is adopted instead.
-    engine.discover(&key);
+    // Never start a duplicate: a live, right process named by the pid file is adopted instead;
+    // when the pid file cannot be read in time, nothing is started (retried under backoff).
+    if let Err(why) = engine.discover(&key).await {
+        let spec = {
+            let mut reg = engine.reg();
+            let Some(e) = reg.get_mut(&key) else { return };
+            e.rt.start_pending = false;
+            e.def.spec.clone()
+        };
+        let f = OpFail::new(
+            codes::OP_FAILED,
+            format!("not started: cannot tell whether it already runs ({why})"),
+        );
+        note_start_failure(&engine, &key, &spec, &f);
+        engine.persist_bg(&key);
+        drop(guard);
+        engine.reconcile(&key);
+        return;
+    }
     let (spec, go, is_restart) = {
         let mut reg = engine.reg();
         match reg.get_mut(&key) {

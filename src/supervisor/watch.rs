@@ -1,41 +1,27 @@
-//! Attaching to processes (with identity checks) and signalling them safely.
+//! Attaching to processes (under the ownership rule) and signalling them safely.
 //!
-//! Attach = open a pidfd, *then* re-read `/proc/PID/stat` and check the identity the caller
-//! expects: the pidfd pins the process, so a match after the open proves the fd refers to the
-//! process we mean (no pid-reuse race). Signals go through pidfds only, so a recycled pid is
-//! never hit.
+//! Attach = open a pidfd, *then* read the process's facts and apply the ownership rule
+//! ([`super::ownership::check`]): the pidfd pins the process, so facts read after the open are
+//! those of the process the fd refers to (no pid-reuse race). Signals go through pidfds only,
+//! so a recycled pid is never hit. Everything here reads `/proc` and blocks: callers run it
+//! on the [`crate::fspool`] pool, never on an async worker.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use nix::sys::signal::Signal;
 
-use crate::procinfo::{self, ProcStat};
+use super::ownership::{self, Evidence, NotOwned, Origin, Owner, Role};
+use crate::procinfo::{self, ProcFacts};
 use crate::sys::{self, ExitInfo};
-
-/// What the caller expects of the process behind a pid.
-#[derive(Debug, Clone, Copy)]
-pub enum Expect<'a> {
-    /// Started by our start command: start time at or after `min_ticks`, named like
-    /// `proc_name`.
-    Fresh { min_ticks: u64, proc_name: &'a str },
-    /// A process we recorded: exact start time, same boot.
-    Known { starttime: u64, boot_id: &'a str },
-    /// Named in the pid file of a registered process: named like `proc_name`.
-    Named { proc_name: &'a str },
-    /// Our own just-spawned child (a foreground start): any name.
-    Child,
-}
 
 /// Why a pid was not attached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AttachError {
     #[error("process {0} is not running")]
     Gone(i32),
-    #[error("pid {pid} now belongs to another process ({reason})")]
-    Mismatch { pid: i32, reason: String },
-    #[error("pid {0} cannot be managed (init or the agent itself)")]
-    Forbidden(i32),
+    #[error("{0}")]
+    NotOwned(String),
     #[error("cannot open a pidfd for {pid}: {reason}")]
     Pidfd { pid: i32, reason: String },
 }
@@ -44,15 +30,43 @@ pub enum AttachError {
 #[derive(Debug)]
 pub struct Attached {
     pub pid: i32,
-    pub stat: ProcStat,
+    /// Its facts, read after the pidfd pinned it.
+    pub facts: ProcFacts,
     /// `None` in poll mode.
     pub fd: Option<OwnedFd>,
+    /// How it was shown to belong to the definition.
+    pub origin: Origin,
 }
 
-/// Attach to `pid` if it is the process `expect` describes.
-pub fn attach(pid: i32, expect: Expect<'_>, want_pidfd: bool) -> Result<Attached, AttachError> {
+/// What an attach checks a candidate against: the definition and the evidence the agent
+/// holds. `tracked_elsewhere` says whether a pid is an instance of another definition.
+pub struct Claim<'a> {
+    pub owner: Owner<'a>,
+    pub spawns: &'a [ownership::Spawn],
+    pub recorded: &'a [(i32, u64)],
+    pub setup_real: Option<&'a str>,
+    pub tracked_elsewhere: &'a dyn Fn(i32) -> bool,
+}
+
+/// The evidence of a claim about `facts` (its ancestors are read here).
+fn evidence<'a>(claim: &'a Claim<'a>, facts: &ProcFacts, ancestors: &'a [i32]) -> Evidence<'a> {
+    Evidence {
+        spawns: claim.spawns,
+        recorded: claim.recorded,
+        ancestors,
+        tracked_elsewhere: (claim.tracked_elsewhere)(facts.pid),
+        agent_pid: std::process::id() as i32,
+        setup_real: claim.setup_real,
+    }
+}
+
+/// Attach to `pid` if it belongs to the claim's definition (the ownership rule, as its main
+/// process).
+pub fn attach(pid: i32, claim: &Claim<'_>, want_pidfd: bool) -> Result<Attached, AttachError> {
     if pid <= 1 || pid == std::process::id() as i32 {
-        return Err(AttachError::Forbidden(pid));
+        return Err(AttachError::NotOwned(format!(
+            "pid {pid} cannot be managed (init or the agent itself)"
+        )));
     }
     let fd = if want_pidfd {
         match sys::pidfd_open(pid) {
@@ -68,51 +82,26 @@ pub fn attach(pid: i32, expect: Expect<'_>, want_pidfd: bool) -> Result<Attached
     } else {
         None
     };
-    let stat = procinfo::read_stat(pid).ok_or(AttachError::Gone(pid))?;
-    if stat.is_exited() {
-        return Err(AttachError::Gone(pid));
+    let facts = procinfo::read_facts(pid).ok_or(AttachError::Gone(pid))?;
+    let ancestors = procinfo::ancestors(facts.ppid);
+    let ev = evidence(claim, &facts, &ancestors);
+    match ownership::check(&facts, &claim.owner, &ev, Role::Main) {
+        Ok(origin) => Ok(Attached {
+            pid,
+            facts,
+            fd,
+            origin,
+        }),
+        Err(NotOwned::Gone(p)) => Err(AttachError::Gone(p)),
+        Err(e) => Err(AttachError::NotOwned(e.to_string())),
     }
-    let mismatch = |reason: String| AttachError::Mismatch { pid, reason };
-    match expect {
-        Expect::Fresh {
-            min_ticks,
-            proc_name,
-        } => {
-            if stat.starttime < min_ticks {
-                return Err(mismatch(format!(
-                    "it started before the start command ({} < {} ticks): a stale pid file",
-                    stat.starttime, min_ticks
-                )));
-            }
-            if !procinfo::matches_proc_name(pid, &stat.comm, proc_name) {
-                return Err(mismatch(format!(
-                    "it is {:?}, not {proc_name:?}",
-                    stat.comm
-                )));
-            }
-        }
-        Expect::Known { starttime, boot_id } => {
-            if !boot_id.is_empty() && boot_id != procinfo::boot_id() {
-                return Err(mismatch("the host rebooted since it was recorded".into()));
-            }
-            if stat.starttime != starttime {
-                return Err(mismatch(format!(
-                    "start time {} differs from the recorded {}",
-                    stat.starttime, starttime
-                )));
-            }
-        }
-        Expect::Named { proc_name } => {
-            if !procinfo::matches_proc_name(pid, &stat.comm, proc_name) {
-                return Err(mismatch(format!(
-                    "it is {:?}, not {proc_name:?}",
-                    stat.comm
-                )));
-            }
-        }
-        Expect::Child => {}
-    }
-    Ok(Attached { pid, stat, fd })
+}
+
+/// May `facts` be signalled as a member of an owned instance's process tree (points 1 and 2
+/// of the ownership rule)?
+pub fn may_signal_member(facts: &ProcFacts, claim: &Claim<'_>) -> bool {
+    let ev = evidence(claim, facts, &[]);
+    ownership::check(facts, &claim.owner, &ev, Role::Member).is_ok()
 }
 
 /// Is the recorded process still alive (same start time, not a zombie)?
@@ -139,14 +128,16 @@ pub fn collect_exit(pid: i32, fd: Option<&OwnedFd>, reaper: &crate::reaper::Reap
     ExitInfo::Unknown
 }
 
-/// Send `sig` to `pid` through a pidfd, but only if it still is the process we mean:
-/// start time `starttime` (when given) and process group `pgrp` (when given).
-/// Returns true when the signal was delivered.
-pub fn signal_checked(
+/// Send `sig` to `pid` through a pidfd (the one held, or one opened now) when, read after the
+/// pidfd pinned it, it still is the process meant (start time and process group, when given)
+/// and it may be signalled for the claim's definition ([`may_signal_member`]). Returns true
+/// when the signal was delivered.
+pub fn signal_member(
     pid: i32,
     held: Option<&Arc<OwnedFd>>,
     starttime: Option<u64>,
     pgrp: Option<i32>,
+    claim: &Claim<'_>,
     sig: Signal,
 ) -> bool {
     if pid <= 1 || pid == std::process::id() as i32 {
@@ -163,17 +154,14 @@ pub fn signal_checked(
             Err(_) => return false,
         },
     };
-    // Verify after the fd pins the process.
-    if held.is_none() || pgrp.is_some() {
-        let Some(st) = procinfo::read_stat(pid) else {
-            return false;
-        };
-        if starttime.is_some_and(|t| t != st.starttime)
-            || pgrp.is_some_and(|g| g != st.pgrp)
-            || st.is_exited()
-        {
-            return false;
-        }
+    let Some(facts) = procinfo::read_facts(pid) else {
+        return false;
+    };
+    if starttime.is_some_and(|t| t != facts.starttime)
+        || pgrp.is_some_and(|g| g != facts.pgrp)
+        || !may_signal_member(&facts, claim)
+    {
+        return false;
     }
     sys::pidfd_signal(fd.as_fd(), sig).is_ok()
 }
@@ -182,26 +170,44 @@ pub fn signal_checked(
 mod tests {
     use super::*;
 
+    fn claim_of<'a>(owner: Owner<'a>, none: &'a dyn Fn(i32) -> bool) -> Claim<'a> {
+        Claim {
+            owner,
+            spawns: &[],
+            recorded: &[],
+            setup_real: None,
+            tracked_elsewhere: none,
+        }
+    }
+
     #[test]
     fn attach_refuses_init_and_self() {
-        assert_eq!(
-            attach(1, Expect::Child, true).unwrap_err(),
-            AttachError::Forbidden(1)
-        );
+        let none = |_| false;
+        let owner = Owner {
+            uid: 0,
+            proc_name: "x",
+            setup_path: "/",
+            has_pid_file: true,
+        };
+        let c = claim_of(owner, &none);
+        assert!(matches!(attach(1, &c, true), Err(AttachError::NotOwned(_))));
         let me = std::process::id() as i32;
-        assert_eq!(
-            attach(me, Expect::Child, true).unwrap_err(),
-            AttachError::Forbidden(me)
-        );
+        assert!(matches!(attach(me, &c, true), Err(AttachError::NotOwned(_))));
     }
 
     #[test]
     fn attach_to_a_gone_pid() {
-        // pid_max + something cannot exist.
+        let none = |_| false;
+        let owner = Owner {
+            uid: 0,
+            proc_name: "x",
+            setup_path: "/",
+            has_pid_file: true,
+        };
         let pid = (procinfo::pid_max() as i32).saturating_sub(1);
         if procinfo::read_stat(pid).is_none() {
             assert!(matches!(
-                attach(pid, Expect::Child, true),
+                attach(pid, &claim_of(owner, &none), true),
                 Err(AttachError::Gone(_))
             ));
         }
