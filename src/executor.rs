@@ -10,16 +10,22 @@
 //!   a command wrote is read back, bounded, once its shell exits.
 //! * Waiting: the reaper reports the shell's exit; on `op_timeout` the command's whole process
 //!   group (its session) is killed with SIGKILL.
+//! * Off the runtime: `setup_path` (a caller's path, perhaps on a hung mount) is opened as a
+//!   directory on the [`FsPool`], and the child enters it with `fchdir` (no path lookup after
+//!   the fork); the account lookup (NSS) and the fork run on the pool too, never on an async
+//!   worker.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::fspool::FsPool;
 use crate::reaper::Reaper;
 use crate::spec::ProcKey;
 use crate::sys::{self, ExitInfo, SpawnIdentity};
@@ -35,6 +41,8 @@ pub enum ExecError {
     CannotSwitch { agent_uid: u32, account: String },
     #[error("setup_path {0} does not exist or is not a directory")]
     NoSetupPath(String),
+    #[error("setup_path {path}: {reason}")]
+    SetupPathUnavailable { path: String, reason: String },
     #[error("cannot open the output file {path}: {source}")]
     Output {
         path: String,
@@ -142,6 +150,7 @@ impl Finished {
 #[derive(Clone)]
 pub struct Executor {
     reaper: Reaper,
+    fs: FsPool,
     output_dir: PathBuf,
     max_output: usize,
     umask: u32,
@@ -157,9 +166,16 @@ pub const MAX_OUTPUT_FILE: u64 = 16 << 20;
 const OUTPUT_CHECK: Duration = Duration::from_millis(100);
 
 impl Executor {
-    pub fn new(reaper: Reaper, output_dir: PathBuf, max_output: usize, umask: u32) -> Executor {
+    pub fn new(
+        reaper: Reaper,
+        fs: FsPool,
+        output_dir: PathBuf,
+        max_output: usize,
+        umask: u32,
+    ) -> Executor {
         Executor {
             reaper,
+            fs,
             output_dir,
             max_output,
             umask,
@@ -192,7 +208,7 @@ impl Executor {
         Ok((f, path))
     }
 
-    /// Resolve the identity a command runs with.
+    /// Resolve the identity a command runs with (an NSS lookup: blocking).
     fn identity(&self, account: &str) -> Result<(SpawnIdentity, Account), ExecError> {
         let acct = resolve_account(account)?;
         let switch_to = if acct.uid == self.agent_uid {
@@ -210,17 +226,42 @@ impl Executor {
                 switch_to,
                 umask: self.umask,
                 nofile: sys::original_nofile(),
+                cwd: None,
             },
             acct,
         ))
     }
 
-    /// Start `sh -c CMD` and return at once.
-    pub fn spawn(&self, req: &CommandRequest) -> Result<Spawned, ExecError> {
-        if !req.cwd.is_dir() {
-            return Err(ExecError::NoSetupPath(req.cwd.display().to_string()));
-        }
-        let (ident, acct) = self.identity(&req.account)?;
+    /// Start `sh -c CMD` in `setup_path` and return once it runs. The directory is opened on
+    /// the file-system pool (a hung mount fails this start after a deadline and delays
+    /// nothing else), then the account is resolved and the command forked on the pool.
+    pub async fn spawn(&self, req: &CommandRequest) -> Result<Spawned, ExecError> {
+        let cwd = req.cwd.clone();
+        let unavailable = |reason: String| ExecError::SetupPathUnavailable {
+            path: req.cwd.display().to_string(),
+            reason,
+        };
+        let dir = self
+            .fs
+            .run(&req.cwd, crate::fspool::PROBE_DEADLINE, move || {
+                open_dir(&cwd)
+            })
+            .await
+            .map_err(|e| unavailable(e.to_string()))??;
+        let this = self.clone();
+        let req = req.clone();
+        self.fs
+            .run_unkeyed("spawning a command", Duration::from_secs(30), move || {
+                this.spawn_in(&req, dir)
+            })
+            .await
+            .map_err(|e| ExecError::Spawn(std::io::Error::other(e.to_string())))?
+    }
+
+    /// The blocking part of [`Executor::spawn`]: `dir` is the opened `setup_path`.
+    fn spawn_in(&self, req: &CommandRequest, dir: OwnedFd) -> Result<Spawned, ExecError> {
+        let (mut ident, acct) = self.identity(&req.account)?;
+        ident.cwd = Some(std::sync::Arc::new(dir));
         // A state directory that is full or read-only must not stop supervision: without an
         // output file the command still runs, its output discarded.
         let (mut out, path) = match self.open_output(&req.key) {
@@ -251,7 +292,6 @@ impl Executor {
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
             .arg(&req.command)
-            .current_dir(&req.cwd)
             .env_clear()
             .env(
                 "PATH",
@@ -348,7 +388,7 @@ impl Executor {
 
     /// Run a command to completion (or until its timeout, when its group is killed).
     pub async fn run(&self, req: &CommandRequest) -> Result<Finished, ExecError> {
-        let mut sp = self.spawn(req)?;
+        let mut sp = self.spawn(req).await?;
         self.wait(&mut sp, req.timeout).await
     }
 
@@ -380,6 +420,17 @@ impl Executor {
             output: self.read_output(sp),
         })
     }
+}
+
+/// Open `setup_path` as a directory (`O_PATH`, no side effects) for the child's `fchdir`.
+fn open_dir(path: &Path) -> Result<OwnedFd, ExecError> {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|_| ExecError::NoSetupPath(path.display().to_string()))
 }
 
 /// Trims and reads of output files take turns: a read in the middle of a trim (between

@@ -171,7 +171,12 @@ impl FsPool {
 
     /// Run `f` on the pool without a path of its own (work that must not block an async
     /// worker, such as spawning a command), waiting at most `deadline`.
-    pub async fn run_unkeyed<T, F>(&self, what: &str, deadline: Duration, f: F) -> Result<T, FsError>
+    pub async fn run_unkeyed<T, F>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        f: F,
+    ) -> Result<T, FsError>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
@@ -249,7 +254,7 @@ impl FsPool {
             .map(|(p, r)| (p.clone(), r.since.elapsed()))
             .filter(|(_, d)| *d >= older_than)
             .collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|x| std::cmp::Reverse(x.1));
         v
     }
 

@@ -628,6 +628,10 @@ pub struct Health {
     pub managed: u64,
     pub running: u64,
     pub host: HostIdentityView,
+    /// Caller-chosen paths (pid files, log paths, setup paths) whose file-system call has not
+    /// returned for a while: "PATH (for Ns)", longest first. A hung mount shows here.
+    #[serde(default)]
+    pub blocked_paths: Vec<String>,
 }
 
 /// This agent's identity as reported.

@@ -202,6 +202,9 @@ pub struct SpawnIdentity {
     /// The open-file limit (soft, hard) the command starts with: the one the agent itself
     /// was started with, before it raised its own for pidfds.
     pub nofile: Option<(u64, u64)>,
+    /// The working directory, opened in the parent: the child enters it with `fchdir`, so no
+    /// path is looked up after the fork (a hung mount cannot hold the fork).
+    pub cwd: Option<Arc<OwnedFd>>,
 }
 
 /// Install the `pre_exec` hook: own session (so the agent can signal the whole tree and no
@@ -220,8 +223,12 @@ pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
     });
     let mask = nix::sys::stat::Mode::from_bits_truncate(ident.umask as libc::mode_t);
     let nofile = ident.nofile;
+    let cwd = ident.cwd;
     let hook = move || -> io::Result<()> {
         nix::unistd::setsid().map_err(io::Error::from)?;
+        if let Some(dir) = &cwd {
+            nix::unistd::fchdir(dir.as_ref()).map_err(io::Error::from)?;
+        }
         nix::sys::stat::umask(mask);
         if let Some((soft, hard)) = nofile {
             // Best effort: a failure leaves the agent's (higher) limit, which is harmless.
@@ -239,7 +246,7 @@ pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
         Ok(())
     };
     // SAFETY: the hook runs in the forked child before exec. It only makes direct syscalls
-    // (setsid, umask, setrlimit, setgroups, setgid, setuid) on values computed before the fork; it does
+    // (setsid, fchdir, umask, setrlimit, setgroups, setgid, setuid) on values computed before the fork; it does
     // not allocate (the group vector was built in the parent and is only borrowed), take
     // locks, or touch state shared with other threads, so it is async-signal-safe.
     unsafe {

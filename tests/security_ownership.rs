@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::sec::{Accounts, User, have, run_as};
+use common::sec::{Accounts, User, accounts_available, call_as, cli_copy, run_as};
 use common::*;
 use serde_json::{Value, json};
 
@@ -20,14 +20,14 @@ const NS: &str = "own";
 
 /// A copy of `sleep` named `name` in `dir`.
 fn program_in(dir: &Path, name: &str) -> String {
-    std::fs::create_dir_all(dir).unwrap();
+    std::fs::create_dir_all(dir).expect("mkdir");
     let p = dir.join(name);
     let sleep = ["/bin/sleep", "/usr/bin/sleep"]
         .into_iter()
         .find(|p| Path::new(p).exists())
-        .unwrap();
-    std::fs::copy(sleep, &p).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        .expect("sleep");
+    std::fs::copy(sleep, &p).expect("copy sleep");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     p.display().to_string()
 }
 
@@ -41,7 +41,7 @@ fn bystander(prog: &str, dir: &Path) -> i32 {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .expect("spawn bystander");
     let pid = child.id() as i32;
     // Reaped by nobody until the test ends; `setsid` execs the program directly (we are not
     // a process group leader), so the pid is the program's.
@@ -91,7 +91,10 @@ fn empty_program_names_are_refused_where_definitions_are_written() {
             "operate_proc",
             &json!({"meta": {"namespace": NS, "name": "empty"}, "op_type": 0, "hosts": [Daemon::host()], "spec": spec}),
         );
-        let task = r["data"]["task_id"].as_str().unwrap_or_default().to_string();
+        let task = r["data"]["task_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let v = d.wait_task(&task, &Daemon::key(NS, "empty"));
         assert_ne!(v["error_code"], json!(0), "{name:?}: {v}");
         assert!(
@@ -106,7 +109,10 @@ fn empty_program_names_are_refused_where_definitions_are_written() {
             "setup_path": setup, "proc_name": "/", "pid_path": env.p("y.pid"), "start_cmd": "true",
             "ip_list": [{"ip": "127.0.0.1", "bk_cloud_id": 0}]}]}),
     );
-    let task = r["data"]["bk_gse_taskid"].as_str().unwrap_or_default().to_string();
+    let task = r["data"]["bk_gse_taskid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let res = wait_for("v2 result", Duration::from_secs(30), || {
         let v = d.call("get_proc_operate_result_v2", &json!({ "task_id": task }));
         let m = v["data"].as_object()?.clone();
@@ -121,7 +127,11 @@ fn empty_program_names_are_refused_where_definitions_are_written() {
         "{res:?}"
     );
     let listed = d.call("procs", &json!({}));
-    assert_eq!(listed["data"]["count"], json!(0), "nothing registered: {listed}");
+    assert_eq!(
+        listed["data"]["count"],
+        json!(0),
+        "nothing registered: {listed}"
+    );
     // A config file with such a name is refused whole, naming the key.
     let cfg = env.path().join("bad.toml");
     std::fs::write(
@@ -139,7 +149,8 @@ fn empty_program_names_are_refused_where_definitions_are_written() {
         .arg(&cfg)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let err =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("proc_name"), "{err}");
 }
@@ -181,17 +192,19 @@ fn a_stored_definition_with_an_empty_name_is_reported_and_never_acted_on() {
     }
     let d = Daemon::start_with(&env, &d.config.clone());
     // Reported at start.
-    let evs = wait_for("invalid definition reported", Duration::from_secs(10), || {
-        let evs = d.events(&format!("{NS}/victim"));
-        evs.iter()
-            .any(|e| e["kind"] == json!("invalid_definition"))
-            .then_some(evs)
-    });
+    let evs = wait_for(
+        "invalid definition reported",
+        Duration::from_secs(10),
+        || {
+            let evs = d.events(&format!("{NS}/victim"));
+            evs.iter()
+                .any(|e| e["kind"] == json!("invalid_definition"))
+                .then_some(evs)
+        },
+    );
     assert!(
-        evs.iter().any(|e| e["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("proc_name")),
+        evs.iter()
+            .any(|e| e["message"].as_str().unwrap_or("").contains("proc_name")),
         "{evs:?}"
     );
     assert!(
@@ -212,7 +225,11 @@ fn a_stored_definition_with_an_empty_name_is_reported_and_never_acted_on() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(alive(other));
     assert!(
-        !env.processes().iter().any(|p| *p != other && std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default().trim() == "victim"),
+        !env.processes().iter().any(|p| *p != other
+            && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .unwrap_or_default()
+                .trim()
+                == "victim"),
         "nothing was started for it"
     );
 }
@@ -239,7 +256,9 @@ fn a_stale_pid_file_naming_an_unrelated_program_is_neither_828_nor_stopped() {
     // stop ends ours and leaves the unrelated one alone.
     let v = d.op(NS, "lonely", 1);
     assert_eq!(v["error_code"], json!(0), "{v}");
-    wait_for("ours stopped", Duration::from_secs(10), || (!alive(ours)).then_some(()));
+    wait_for("ours stopped", Duration::from_secs(10), || {
+        (!alive(ours)).then_some(())
+    });
     assert!(alive(other), "the unrelated program was stopped");
     // The pid file names it again: manage (op 3) does not adopt it, and kill finds nothing.
     std::fs::write(&pidfile, format!("{other}\n")).unwrap();
@@ -248,60 +267,31 @@ fn a_stale_pid_file_naming_an_unrelated_program_is_neither_828_nor_stopped() {
     assert!(alive(other));
 }
 
-/// `procagent call API BODY` as `user`.
-fn call_as(cli: &str, d: &Daemon, user: &User, api: &str, body: &Value) -> Value {
-    let sock = d.socket.display().to_string();
-    let (_, out, _) = run_as(
-        user,
-        cli,
-        &["--socket", &sock, "call", api, &body.to_string()],
-    );
-    serde_json::from_str(out.trim()).unwrap_or(Value::Null)
-}
-
 fn op_as(cli: &str, d: &Daemon, user: &User, name: &str, op: i64) -> Value {
-    let r = call_as(
+    let (_, r, _) = call_as(
         cli,
-        d,
+        &d.socket,
         user,
         "operate_proc",
         &json!({"meta": {"namespace": NS, "name": name}, "op_type": op, "hosts": [Daemon::host()]}),
     );
-    let task = r["data"]["task_id"].as_str().unwrap_or_default().to_string();
+    let task = r["data"]["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(!task.is_empty(), "{r}");
     d.wait_task(&task, &Daemon::key(NS, name))
 }
 
-fn accounts_available() -> bool {
-    if !is_root() {
-        eprintln!("skipped: creating accounts and switching to them needs root");
-        return false;
-    }
-    for tool in ["useradd", "groupadd", "userdel", "groupdel", "setpriv"] {
-        if !have(tool) {
-            eprintln!("skipped: {tool} is not installed");
-            return false;
-        }
-    }
-    true
-}
-
-fn cli_copy(env: &TestEnv) -> String {
-    let p = env.path().join("procagent-cli");
-    std::fs::copy(CLI, &p).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p.display().to_string()
-}
-
 fn owned_dir(env: &TestEnv, name: &str, u: &User) -> std::path::PathBuf {
     let dir = env.path().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).expect("mkdir");
     nix::unistd::chown(
         &dir,
         Some(nix::unistd::Uid::from_raw(u.uid)),
         Some(nix::unistd::Gid::from_raw(u.gid)),
     )
-    .unwrap();
+    .expect("chown");
     dir
 }
 
@@ -314,7 +304,7 @@ fn an_admin_cannot_signal_a_root_process_through_a_pid_file() {
     let mut acc = Accounts::new();
     let adm_g = acc.group("adm");
     let admin = acc.user("a", None, &[&adm_g]);
-    let cli = cli_copy(&env);
+    let cli = cli_copy(env.path());
     let d = Daemon::start(
         &env,
         &format!("[api]\nadmin_group = \"{adm_g}\"\nsocket_group = \"{adm_g}\"\n"),
@@ -337,9 +327,9 @@ fn an_admin_cannot_signal_a_root_process_through_a_pid_file() {
         "control": {"start_cmd": "true", "kill_cmd": ""},
         "monitor_policy": {"auto_type": 1, "start_check_secs": 1, "op_timeout": 5},
     });
-    let r = call_as(
+    let (_, r, _) = call_as(
         &cli,
-        &d,
+        &d.socket,
         &admin,
         "register_proc_info",
         &json!({"meta": {"namespace": NS, "name": "slash"}, "hosts": [Daemon::host()], "spec": spec}),
@@ -347,9 +337,9 @@ fn an_admin_cannot_signal_a_root_process_through_a_pid_file() {
     assert_eq!(r["result"], json!(false), "{r}");
     // The program's own name, as the admin's account: root's process is not theirs.
     spec["identity"]["proc_name"] = json!("svc");
-    let r = call_as(
+    let (_, r, _) = call_as(
         &cli,
-        &d,
+        &d.socket,
         &admin,
         "register_proc_info",
         &json!({"meta": {"namespace": NS, "name": "svc"}, "hosts": [Daemon::host()], "spec": spec}),
@@ -404,12 +394,18 @@ fn a_managed_account_cannot_point_the_agent_at_a_root_process() {
     let sh = format!("echo {root_proc} > {pidfile}; touch {marker}; kill -9 {own}");
     let (code, _, err) = run_as(&user, "/bin/sh", &["-c", &sh]);
     assert_eq!(code, 0, "{err}");
-    wait_for("own daemon gone", Duration::from_secs(10), || (!alive(own)).then_some(()));
+    wait_for("own daemon gone", Duration::from_secs(10), || {
+        (!alive(own)).then_some(())
+    });
     // Whatever the agent does next (restart, health checks, restarts in backoff), root's
     // process is never adopted and never signalled.
     for _ in 0..30 {
         assert!(alive(root_proc), "root's process was signalled");
-        assert_ne!(d.status(NS, "worker")["pid"], json!(root_proc), "root's process was adopted");
+        assert_ne!(
+            d.status(NS, "worker")["pid"],
+            json!(root_proc),
+            "root's process was adopted"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = std::fs::remove_file(&marker);

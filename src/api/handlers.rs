@@ -1073,6 +1073,12 @@ pub async fn healthz(State(st): State<AppState>, req: axum::extract::Request) ->
             bk_supplier_id: e.host.bk_supplier_id,
             agent_id: e.host.agent_id_or_fallback(),
         },
+        blocked_paths: e
+            .fs
+            .stuck(std::time::Duration::from_secs(1))
+            .into_iter()
+            .map(|(p, d)| format!("{} (for {}s)", p.display(), d.as_secs()))
+            .collect(),
     };
     ok(serde_json::to_value(h).unwrap_or(Value::Null))
 }

@@ -414,15 +414,15 @@ struct Sources {
 }
 
 impl Sources {
+    /// Open what a request covers: the agent's output file and the definition's `log_path`
+    /// (checked as its account). Blocking (an NSS lookup, and `log_path` may sit on a hung
+    /// mount): run on the file-system pool.
     fn resolve(
-        engine: &crate::supervisor::Engine,
-        key: &ProcKey,
+        spec: &crate::spec::ProcSpec,
+        output: PathBuf,
         which: &str,
         out: &mut Vec<Value>,
-    ) -> Result<Sources, ApiError> {
-        let spec = engine.spec_of(key).ok_or_else(|| {
-            ApiError::new(codes::NOT_FOUND, format!("process {key} is not registered"))
-        })?;
+    ) -> Sources {
         // The account whose view of the file system bounds what is shown. The agent's own
         // account (root) needs no check; an account that no longer exists sees nothing.
         let agent_uid = nix::unistd::getuid().as_raw();
@@ -450,7 +450,7 @@ impl Sources {
         let mut files = Vec::new();
         let mut dir = None;
         if which == "all" || which == "output" {
-            files.push(Tracked::agent_output(engine.exec.output_path(key)));
+            files.push(Tracked::agent_output(output));
         }
         if (which == "all" || which == "log") && !spec.log_path.is_empty() {
             let lp = PathBuf::from(&spec.log_path);
@@ -477,7 +477,7 @@ impl Sources {
                 "the process has no log_path",
             ));
         }
-        Ok(Sources { acct, files, dir })
+        Sources { acct, files, dir }
     }
 
     /// Bring the file set of the log directory up to date (new files join, from their start
@@ -568,54 +568,46 @@ pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
         .follow
         .as_deref()
         .is_some_and(|f| f != "0" && f != "false");
-    let mut first = Vec::new();
-    let mut src = match Sources::resolve(&engine, &key, which, &mut first) {
-        Ok(s) => s,
-        Err(e) => return e.into_response(),
+    let Some(spec) = engine.spec_of(&key) else {
+        return ApiError::new(codes::NOT_FOUND, format!("process {key} is not registered"))
+            .into_response();
     };
-    let res = tokio::task::spawn_blocking(move || {
-        src.initial(lines, &mut first);
-        (src, first)
-    })
-    .await;
-    let Ok((src, first)) = res else {
-        return ApiError::new(codes::INTERNAL, "reading the logs failed").into_response();
+    // Every read runs on the file-system pool, keyed by the log path: a log on a hung mount
+    // stalls its own request (answered with a notice at the deadline), nothing else.
+    let probe_key = probe_key(&spec, &engine.exec.output_path(&key));
+    let output = engine.exec.output_path(&key);
+    let which_s = which.to_string();
+    let res = engine
+        .fs
+        .run(&probe_key, crate::fspool::PROBE_DEADLINE, move || {
+            let mut first = Vec::new();
+            let mut src = Sources::resolve(&spec, output, &which_s, &mut first);
+            src.initial(lines, &mut first);
+            (src, first)
+        })
+        .await;
+    let (src, first) = match res {
+        Ok(v) => v,
+        Err(e) => {
+            return ApiError::new(codes::UNAVAILABLE, format!("cannot read the logs: {e}"))
+                .into_response();
+        }
     };
     if !follow {
         return ok(json!({ "lines": first }));
     }
     let head = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(ndjson(&first))]);
-    let state = (src, Instant::now(), Instant::now());
-    let live =
-        futures_util::stream::unfold(state, |(src, mut last_scan, mut last_sent)| async move {
-            let mut src = src;
-            loop {
-                tokio::time::sleep(POLL).await;
-                let scan = last_scan.elapsed() >= RESCAN;
-                if scan {
-                    last_scan = Instant::now();
-                }
-                let r = tokio::task::spawn_blocking(move || {
-                    let mut out = Vec::new();
-                    if scan {
-                        src.rescan(&mut out);
-                    }
-                    src.poll(&mut out);
-                    (src, out)
-                })
-                .await;
-                let Ok((s, out)) = r else { return None };
-                src = s;
-                if !out.is_empty() {
-                    last_sent = Instant::now();
-                    return Some((Ok(ndjson(&out)), (src, last_scan, last_sent)));
-                }
-                if last_sent.elapsed() >= KEEPALIVE {
-                    last_sent = Instant::now();
-                    return Some((Ok(b"\n".to_vec()), (src, last_scan, last_sent)));
-                }
-            }
-        });
+    let follower = Follower {
+        fs: engine.fs.clone(),
+        probe_key,
+        src: Some(src),
+        last_scan: Instant::now(),
+        last_sent: Instant::now(),
+    };
+    let live = futures_util::stream::unfold(follower, |mut f| async move {
+        let chunk = f.next().await?;
+        Some((Ok(chunk), f))
+    });
     use futures_util::StreamExt;
     (
         [
@@ -625,6 +617,72 @@ pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
         axum::body::Body::from_stream(head.chain(live)),
     )
         .into_response()
+}
+
+/// The path a request's reads are keyed by on the file-system pool: its `log_path` (the one
+/// that may hang), else the agent's own output file.
+fn probe_key(spec: &crate::spec::ProcSpec, output: &Path) -> PathBuf {
+    if spec.log_path.is_empty() {
+        output.to_path_buf()
+    } else {
+        PathBuf::from(&spec.log_path)
+    }
+}
+
+/// A `follow` stream: polls its sources on the file-system pool every [`POLL`].
+struct Follower {
+    fs: crate::fspool::FsPool,
+    probe_key: PathBuf,
+    /// `None` once the sources stopped answering (the stream then ends).
+    src: Option<Sources>,
+    last_scan: Instant,
+    last_sent: Instant,
+}
+
+impl Follower {
+    /// The next chunk to send (new lines, a notice or a keep-alive); `None` ends the stream.
+    async fn next(&mut self) -> Option<Vec<u8>> {
+        loop {
+            let mut src = self.src.take()?;
+            tokio::time::sleep(POLL).await;
+            let scan = self.last_scan.elapsed() >= RESCAN;
+            if scan {
+                self.last_scan = Instant::now();
+            }
+            let r = self
+                .fs
+                .run(&self.probe_key, crate::fspool::PROBE_DEADLINE, move || {
+                    let mut out = Vec::new();
+                    if scan {
+                        src.rescan(&mut out);
+                    }
+                    src.poll(&mut out);
+                    (src, out)
+                })
+                .await;
+            let out = match r {
+                Ok((src, out)) => {
+                    self.src = Some(src);
+                    out
+                }
+                Err(e) => {
+                    // The files did not answer in time: say so and end the stream (the stuck
+                    // read keeps its sources until the kernel returns).
+                    let note =
+                        notice_obj("log", &self.probe_key, format!("stopped following: {e}"));
+                    return Some(ndjson(&[note]));
+                }
+            };
+            if !out.is_empty() {
+                self.last_sent = Instant::now();
+                return Some(ndjson(&out));
+            }
+            if self.last_sent.elapsed() >= KEEPALIVE {
+                self.last_sent = Instant::now();
+                return Some(b"\n".to_vec());
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -116,7 +116,7 @@ fn real_main(cfg: procagent::config::Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async move {
+    let res = rt.block_on(async move {
         let socket = cfg.socket.clone();
         let listener = procagent::api::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
         let shutdown = async {
@@ -131,5 +131,8 @@ fn real_main(cfg: procagent::config::Config) -> anyhow::Result<()> {
         let res = procagent::daemon::run(cfg, listener, shutdown).await;
         let _ = std::fs::remove_file(&socket);
         res.map_err(anyhow::Error::from)
-    })
+    });
+    // A blocking task stuck in the kernel (a read on a hung mount) must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    res
 }

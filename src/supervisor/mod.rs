@@ -208,8 +208,10 @@ impl Engine {
         } = parts;
         let (tx, rx) = mpsc::unbounded_channel();
         let output_dir = config.state_dir.join("output");
+        let fs = crate::fspool::FsPool::default();
         let exec = Executor::new(
             reaper.clone(),
+            fs.clone(),
             output_dir,
             config.store.max_output_bytes,
             config.supervisor.umask,
@@ -275,7 +277,7 @@ impl Engine {
             reaper,
             events,
             tasks,
-            fs: crate::fspool::FsPool::default(),
+            fs,
             ops_sem: Arc::new(Semaphore::new(ops)),
             detection,
             subreaper,
@@ -483,8 +485,7 @@ impl Engine {
         let want_fd = self.detection == Detection::Pidfd;
         let path = std::path::PathBuf::from(&claim.pid_path);
         let job = move || -> Probe {
-            let pid = match crate::procinfo::read_pid_file(std::path::Path::new(&claim.pid_path))
-            {
+            let pid = match crate::procinfo::read_pid_file(std::path::Path::new(&claim.pid_path)) {
                 Ok(p) => p,
                 Err(crate::procinfo::PidFileError::Missing(_)) => return Probe::Nothing,
                 Err(e) => return Probe::Refused(e.to_string()),

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::policy;
 use super::ownership::{Origin, Spawn};
+use super::policy;
 use super::watch;
-use super::{ClaimData, Detection, Engine, Probe};
+use super::{ClaimData, Detection, Engine};
 use crate::proto::{KeyResult, OpType, codes};
 use crate::registry::{FLAG_RUNNING, FLAG_STOPPED, Instance, Phase};
 use crate::spec::{AutoType, CommandKind, ProcKey, ProcSpec};
@@ -266,6 +266,7 @@ pub async fn start_instance(
     let mut sp = engine
         .exec
         .spawn(&req)
+        .await
         .map_err(|e| OpFail::new(codes::OP_FAILED, format!("{}: {e}", which.field())))?;
     if let Some(e) = engine.reg().get_mut(key) {
         e.note_spawn(Spawn {
@@ -539,23 +540,11 @@ async fn end_stray(
         if !ours {
             return None;
         }
-        let sent = match claim.check(&e2, None, |c| {
-            if watch::signal_member(
-                pid,
-                Some(&fd),
-                Some(f.starttime),
-                None,
-                c,
-                Signal::SIGKILL,
-            ) {
-                Probe::Nothing
-            } else {
-                Probe::Refused(String::new())
-            }
-        }) {
-            Probe::Nothing => true,
-            _ => false,
-        };
+        let sent = claim
+            .with_claim(&e2, None, |c| {
+                watch::signal_member(pid, Some(&fd), Some(f.starttime), None, c, Signal::SIGKILL)
+            })
+            .unwrap_or(false);
         sent.then_some((pid, f.comm))
     };
     let Ok(Some((pid, comm))) = engine
@@ -770,14 +759,7 @@ impl Targets {
         let snap = crate::procinfo::Snapshot::take();
         let _ = claim.with_claim(engine, None, |c| {
             for i in &self.instances {
-                watch::signal_member(
-                    i.pid,
-                    self.fds.get(&i.pid),
-                    Some(i.starttime),
-                    None,
-                    c,
-                    sig,
-                );
+                watch::signal_member(i.pid, self.fds.get(&i.pid), Some(i.starttime), None, c, sig);
                 for d in snap.descendants(i.pid) {
                     watch::signal_member(d.pid, None, Some(d.starttime), None, c, sig);
                 }
@@ -806,7 +788,9 @@ async fn signal_all(engine: &Arc<Engine>, t: &Arc<Targets>, sig: Signal) {
     let (e2, t2) = (engine.clone(), t.clone());
     let _ = engine
         .fs
-        .run_unkeyed("signal", Duration::from_secs(5), move || t2.signal(&e2, sig))
+        .run_unkeyed("signal", Duration::from_secs(5), move || {
+            t2.signal(&e2, sig)
+        })
         .await;
 }
 

@@ -106,12 +106,25 @@ impl Origin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotOwned {
     Gone(i32),
-    Forbidden { pid: i32, what: &'static str },
+    Forbidden {
+        pid: i32,
+        what: &'static str,
+    },
     TrackedElsewhere(i32),
-    Account { pid: i32, uid: Option<u32>, want: u32 },
+    Account {
+        pid: i32,
+        uid: Option<u32>,
+        want: u32,
+    },
     EmptyName,
-    Name { pid: i32, comm: String, want: String },
-    Origin { pid: i32 },
+    Name {
+        pid: i32,
+        comm: String,
+        want: String,
+    },
+    Origin {
+        pid: i32,
+    },
 }
 
 impl fmt::Display for NotOwned {
@@ -359,7 +372,13 @@ mod tests {
             Result<Origin, &'static str>,
         );
         let cases: Vec<Case> = vec![
-            ("from its setup_path", f(), owner(1001), ev(), Ok(Origin::SetupPath)),
+            (
+                "from its setup_path",
+                f(),
+                owner(1001),
+                ev(),
+                Ok(Origin::SetupPath),
+            ),
             (
                 "cwd under setup_path",
                 ProcFacts {
@@ -668,8 +687,16 @@ mod tests {
             (p("x", "/y", &["/opt/app", "a"]), "app", true),
             (p("nginx", "/y", &["nginx: master process"]), "nginx", true),
             (p("x", "/y", &["nginx:", "master"]), "nginx", true),
-            (p("python3", "/usr/bin/python3.11", &["python3", "app.py"]), "app.py", true),
-            (p("sh", "/bin/dash", &["/bin/sh", "./daemon.sh"]), "daemon.sh", true),
+            (
+                p("python3", "/usr/bin/python3.11", &["python3", "app.py"]),
+                "app.py",
+                true,
+            ),
+            (
+                p("sh", "/bin/dash", &["/bin/sh", "./daemon.sh"]),
+                "daemon.sh",
+                true,
+            ),
             (p("x", "/y", &["/opt/tool", "app"]), "app", false),
             (
                 p("averyveryverylo", "/y", &["z"]),

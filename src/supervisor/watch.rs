@@ -180,34 +180,32 @@ mod tests {
         }
     }
 
+    const OWNER: Owner<'static> = Owner {
+        uid: 0,
+        proc_name: "x",
+        setup_path: "/",
+        has_pid_file: true,
+    };
+
     #[test]
     fn attach_refuses_init_and_self() {
         let none = |_| false;
-        let owner = Owner {
-            uid: 0,
-            proc_name: "x",
-            setup_path: "/",
-            has_pid_file: true,
-        };
-        let c = claim_of(owner, &none);
+        let c = claim_of(OWNER, &none);
         assert!(matches!(attach(1, &c, true), Err(AttachError::NotOwned(_))));
         let me = std::process::id() as i32;
-        assert!(matches!(attach(me, &c, true), Err(AttachError::NotOwned(_))));
+        assert!(matches!(
+            attach(me, &c, true),
+            Err(AttachError::NotOwned(_))
+        ));
     }
 
     #[test]
     fn attach_to_a_gone_pid() {
         let none = |_| false;
-        let owner = Owner {
-            uid: 0,
-            proc_name: "x",
-            setup_path: "/",
-            has_pid_file: true,
-        };
         let pid = (procinfo::pid_max() as i32).saturating_sub(1);
         if procinfo::read_stat(pid).is_none() {
             assert!(matches!(
-                attach(pid, &claim_of(owner, &none), true),
+                attach(pid, &claim_of(OWNER, &none), true),
                 Err(AttachError::Gone(_))
             ));
         }

@@ -239,3 +239,110 @@ pub fn can_mount(env_dir: &Path) -> Result<(), String> {
     let mut m = Mount::tmpfs(&probe, "1m")?;
     m.unmount()
 }
+
+/// A FUSE filesystem whose server never answers: every lookup under it blocks in the kernel,
+/// the realistic hung mount (an NFS server gone away behaves alike). The server's end of
+/// `/dev/fuse` is held by a `sleep` of the test (in `owner_dir`, so a test's clean-up finds
+/// it); dropping this kills it, which aborts the connection (blocked calls fail with
+/// ENOTCONN), then unmounts.
+pub struct HungFuse {
+    pub path: PathBuf,
+    holder: Option<std::process::Child>,
+}
+
+impl HungFuse {
+    pub fn mount(path: &Path, owner_dir: &Path) -> Result<HungFuse, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("mounting needs root".into());
+        }
+        if !Path::new("/dev/fuse").exists() {
+            return Err("/dev/fuse does not exist".into());
+        }
+        std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let script = format!(
+            "exec 3<>/dev/fuse || exit 1; mount -i -t fuse -o fd=3,rootmode=40000,user_id=0,group_id=0,allow_other hung '{}' || exit 2; echo mounted; exec sleep 100000",
+            path.display()
+        );
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .current_dir(owner_dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            use std::io::BufRead;
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        if line.trim() != "mounted" {
+            let _ = child.kill();
+            let out = child.wait_with_output().map_err(|e| e.to_string())?;
+            return Err(format!(
+                "cannot mount a FUSE filesystem: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(HungFuse {
+            path: path.to_path_buf(),
+            holder: Some(child),
+        })
+    }
+}
+
+impl Drop for HungFuse {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.holder.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = run("umount", &["-l", &self.path.display().to_string()]);
+    }
+}
+
+/// Can this test create accounts and switch to them (root, and the tools exist)? Prints why
+/// not.
+pub fn accounts_available() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: creating accounts and switching to them needs root");
+        return false;
+    }
+    for tool in ["useradd", "groupadd", "userdel", "groupdel", "setpriv"] {
+        if !have(tool) {
+            eprintln!("skipped: {tool} is not installed");
+            return false;
+        }
+    }
+    true
+}
+
+/// The CLI, copied where every account can execute it.
+pub fn cli_copy(dir: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("procagent-cli");
+    if !p.exists() {
+        std::fs::copy(super::CLI, &p).expect("copy cli");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    p.display().to_string()
+}
+
+/// `procagent --socket SOCKET call API BODY` as `user`: (exit code, envelope or null, stderr).
+pub fn call_as(
+    cli: &str,
+    socket: &Path,
+    user: &User,
+    api: &str,
+    body: &serde_json::Value,
+) -> (i32, serde_json::Value, String) {
+    let sock = socket.display().to_string();
+    let (code, out, err) = run_as(
+        user,
+        cli,
+        &["--socket", &sock, "call", api, &body.to_string()],
+    );
+    let v = serde_json::from_str(out.trim()).unwrap_or(serde_json::Value::Null);
+    (code, v, err)
+}

@@ -1,0 +1,192 @@
+//! One slow path never freezes the agent: file-system work on paths callers or managed
+//! accounts choose (pid files, log paths, setup paths) runs on the agent's bounded pool, so a
+//! pid file on a mount that never answers delays only its own process; and a pid file is never
+//! opened unless it is a regular file (opening a FIFO or a device node has effects).
+//!
+//! The hung mount is a FUSE filesystem whose server never answers (tests/common/sec.rs
+//! `HungFuse`), the realistic model of an NFS server gone away. Deadlines are generous
+//! (seconds): nothing here measures speed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::sec::HungFuse;
+use common::*;
+use serde_json::json;
+
+const NS: &str = "hung";
+
+fn spec_with(
+    env: &TestEnv,
+    name: &str,
+    f: impl FnOnce(&mut serde_json::Value),
+) -> serde_json::Value {
+    let mut s = daemon_spec(env, name, json!({}));
+    f(&mut s);
+    s
+}
+
+/// Run operate_proc and wait (at most `within`) for the per-key answer.
+fn op_within(d: &Daemon, name: &str, op: i64, within: Duration) -> serde_json::Value {
+    let r = d.call(
+        "operate_proc",
+        &json!({"meta": {"namespace": NS, "name": name}, "op_type": op, "hosts": [Daemon::host()]}),
+    );
+    assert_eq!(r["result"], json!(true), "{r}");
+    let task = r["data"]["task_id"].as_str().expect("task id").to_string();
+    let key = Daemon::key(NS, name);
+    wait_for(&format!("op {op} on {name} answered"), within, || {
+        let v =
+            d.call("get_proc_operate_result", &json!({ "task_id": task }))["data"][&key].clone();
+        (v["error_code"] != json!(115)).then_some(v)
+    })
+}
+
+#[test]
+fn a_hung_mount_delays_only_the_processes_whose_paths_are_on_it() {
+    let env = TestEnv::new();
+    let mnt = env.path().join("hung");
+    let fuse = match HungFuse::mount(&mnt, env.path()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let mut d = Daemon::start(&env, "");
+    let healthy_pidfile = env.p("healthy.pid");
+    d.register(NS, "healthy", daemon_spec(&env, "healthy", json!({})));
+    assert_eq!(d.op(NS, "healthy", 0)["error_code"], json!(0));
+    let healthy = read_pid(&healthy_pidfile).unwrap();
+    // A process whose pid file is on the hung mount, one whose log_path is, one whose
+    // setup_path is.
+    let hung = mnt.display().to_string();
+    d.register(
+        NS,
+        "stuck",
+        spec_with(&env, "stuck", |s| {
+            s["identity"]["pid_path"] = json!(format!("{hung}/stuck.pid"));
+        }),
+    );
+    d.register(
+        NS,
+        "logged",
+        spec_with(&env, "logged", |s| {
+            s["identity"]["log_path"] = json!(format!("{hung}/logged.log"));
+        }),
+    );
+    d.register(
+        NS,
+        "nowhere",
+        spec_with(&env, "nowhere", |s| {
+            s["identity"]["setup_path"] = json!(format!("{hung}/app"));
+        }),
+    );
+    // Managing the stuck process answers (it cannot tell whether it runs) instead of hanging.
+    let v = op_within(&d, "stuck", 3, Duration::from_secs(30));
+    assert_ne!(v["error_code"], json!(115), "{v}");
+    // The agent still answers, and says which path is stuck.
+    let h = wait_for(
+        "healthz names the blocked path",
+        Duration::from_secs(15),
+        || {
+            let h = d.get("/v1/healthz");
+            h["data"]["blocked_paths"]
+                .as_array()
+                .is_some_and(|a| {
+                    a.iter()
+                        .any(|p| p.as_str().unwrap_or("").contains("stuck.pid"))
+                })
+                .then_some(h)
+        },
+    );
+    assert_eq!(h["result"], json!(true));
+    // Another process's exit is still handled: killed, it is restarted.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(healthy),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let again = wait_for("healthy restarted", Duration::from_secs(30), || {
+        read_pid(&healthy_pidfile).filter(|p| *p != healthy && alive(*p))
+    });
+    // Status of the stuck one answers.
+    let st = d.status(NS, "stuck");
+    assert_eq!(st["status"], json!(2), "{st}");
+    // A log on the hung mount: the logs request answers (an error or a notice), and the
+    // healthy process's logs are served meanwhile.
+    let r = d.get(&format!("/v1/logs?key={NS}%2Flogged&source=log"));
+    assert!(r.is_object(), "{r}");
+    let r = d.get(&format!("/v1/logs?key={NS}%2Fhealthy"));
+    assert_eq!(r["result"], json!(true), "{r}");
+    // A setup_path on the hung mount fails that start, naming setup_path.
+    let v = op_within(&d, "nowhere", 0, Duration::from_secs(30));
+    assert_ne!(v["error_code"], json!(0), "{v}");
+    assert!(
+        v["error_msg"].as_str().unwrap_or("").contains("setup_path"),
+        "{v}"
+    );
+    // SIGTERM still stops the agent, threads stuck in the kernel notwithstanding.
+    let t0 = Instant::now();
+    let st = d.terminate().expect("exit status");
+    assert!(
+        st.success(),
+        "the agent did not exit by itself on SIGTERM ({st:?} after {:?}):\n{}",
+        t0.elapsed(),
+        d.log_text()
+    );
+    // Start-up serves the API at once and re-adopts the healthy process, the stuck pid file
+    // notwithstanding.
+    let d = Daemon::start_with(&env, &d.config.clone());
+    let st = d.status(NS, "healthy");
+    assert_eq!(st["pid"], json!(again), "{st}");
+    assert!(alive(again));
+    drop(d);
+    drop(fuse);
+}
+
+#[test]
+fn a_fifo_or_device_as_pid_file_is_never_opened() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let fifo = env.path().join("daemon.pid");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    // A writer waits for a reader: if the agent ever opens the FIFO, the writer's open returns.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f2 = fifo.clone();
+    std::thread::spawn(move || {
+        let r = std::fs::OpenOptions::new().write(true).open(&f2);
+        let _ = tx.send(r.is_ok());
+    });
+    for (name, pid_path) in [
+        ("fifo", fifo.display().to_string()),
+        ("tty", "/dev/tty".to_string()),
+        ("null", "/dev/null".to_string()),
+    ] {
+        d.register(
+            NS,
+            name,
+            spec_with(&env, name, |s| {
+                s["identity"]["pid_path"] = json!(pid_path);
+                s["control"]["start_cmd"] = json!("true");
+            }),
+        );
+        // Status, manage and a start all look at the pid file.
+        let _ = d.status(NS, name);
+        let _ = d.op(NS, name, 3);
+        let _ = d.op(NS, name, 0);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        rx.try_recv().is_err(),
+        "the agent opened the FIFO named as a pid file"
+    );
+    // Release the writer.
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo);
+    let _ = rx.recv_timeout(Duration::from_secs(5));
+}
