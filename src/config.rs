@@ -86,7 +86,22 @@ pub struct SupervisorConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiConfig {
     pub max_body_bytes: usize,
+    /// Connections served at once on the main socket (more wait in the listen backlog).
     pub max_connections: usize,
+    /// Connections one uid may hold at once on the main socket when it has a role (root
+    /// and the agent's own uid are not counted); more are answered 1000429 and closed.
+    pub max_connections_per_uid: usize,
+    /// The same, for a uid without any role (its requests are refused with 1000403).
+    pub max_connections_without_role: usize,
+    /// Live follow streams (`events?follow=1`, `logs?follow=1`) one uid may hold at once
+    /// (root and the agent's own uid are not counted); more are answered 1000429.
+    pub max_streams_per_uid: usize,
+    /// A second socket (0600, the agent's uid) that only root and the agent's own uid may
+    /// use, so no other uid can fill the connections root needs. Default: next to
+    /// `agent.socket`, see [`root_socket_for`].
+    pub root_socket: PathBuf,
+    /// Connections served at once on the root socket.
+    pub root_max_connections: usize,
     pub request_timeout: Duration,
     pub header_timeout: Duration,
     /// Members may do everything (register/update limited to their own account).
@@ -346,6 +361,17 @@ fn absolutize(base: &Path, p: &str) -> PathBuf {
     }
 }
 
+/// The default root socket of a main socket: `<dir>/<name>-root.sock` next to it
+/// (`/run/procagent/procagent.sock` → `/run/procagent/procagent-root.sock`).
+pub fn root_socket_for(socket: &Path) -> PathBuf {
+    let name = socket
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".sock").unwrap_or(&name);
+    socket.with_file_name(format!("{stem}-root.sock"))
+}
+
 fn secs(d: Duration) -> Duration {
     d
 }
@@ -495,6 +521,14 @@ pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> 
     let api = ApiConfig {
         max_body_bytes: a.int("max_body_bytes", 4 << 20, 1024, 256 << 20) as usize,
         max_connections: a.int("max_connections", 256, 1, 65_536) as usize,
+        max_connections_per_uid: a.int("max_connections_per_uid", 32, 1, 65_536) as usize,
+        max_connections_without_role: a.int("max_connections_without_role", 2, 1, 1024) as usize,
+        max_streams_per_uid: a.int("max_streams_per_uid", 8, 1, 65_536) as usize,
+        root_socket: match a.opt_string("root_socket").filter(|s| !s.is_empty()) {
+            Some(p) => absolutize(base, &p),
+            None => root_socket_for(&socket),
+        },
+        root_max_connections: a.int("root_max_connections", 64, 1, 65_536) as usize,
         request_timeout: a.duration(
             "request_timeout",
             Duration::from_secs(30),
@@ -511,6 +545,9 @@ pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> 
         readonly_group: a.opt_string("readonly_group").filter(|s| !s.is_empty()),
         socket_group: a.opt_string("socket_group").filter(|s| !s.is_empty()),
     };
+    if api.root_socket == socket {
+        a.err("root_socket", "must not be the same path as agent.socket");
+    }
     a.finish();
 
     let m_t = root.table("metrics").unwrap_or(&empty);
@@ -897,7 +934,31 @@ mod tests {
         assert_eq!(c.supervisor.backoff_initial, Duration::from_secs(1));
         assert_eq!(c.supervisor.backoff_max, Duration::from_secs(60));
         assert_eq!(c.api.max_body_bytes, 4 << 20);
+        assert_eq!(
+            c.api.root_socket,
+            PathBuf::from("/run/procagent/procagent-root.sock")
+        );
         assert!(c.processes.is_empty());
+    }
+
+    #[test]
+    fn the_root_socket_sits_next_to_the_main_one_unless_set() {
+        assert_eq!(
+            root_socket_for(Path::new("/run/x/agent.sock")),
+            PathBuf::from("/run/x/agent-root.sock")
+        );
+        assert_eq!(
+            root_socket_for(Path::new("/run/x/agent")),
+            PathBuf::from("/run/x/agent-root.sock")
+        );
+        let c = load_text("[agent]\nsocket = \"/run/a/main.sock\"\n").unwrap();
+        assert_eq!(c.api.root_socket, PathBuf::from("/run/a/main-root.sock"));
+        let c = load_text("[api]\nroot_socket = \"/run/b/r.sock\"\n").unwrap();
+        assert_eq!(c.api.root_socket, PathBuf::from("/run/b/r.sock"));
+        let err =
+            load_text("[agent]\nsocket = \"/run/a.sock\"\n[api]\nroot_socket = \"/run/a.sock\"\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("api.root_socket"), "{err}");
     }
 
     #[test]

@@ -3,10 +3,15 @@
 //! call it the same way.
 //!
 //! Start order: state directory and its lock (a second daemon on the same state dir refuses
-//! to start) → subreaper → store (refuses a corrupted database) → engine (registry loaded) →
+//! to start) → the root socket (`api.root_socket`, 0600; removed again when the daemon
+//! stops) → subreaper → store (refuses a corrupted database) → engine (registry loaded) →
 //! config processes applied → re-adoption of every recorded process → supervisor loop →
 //! API → READY to systemd. Stop order (SIGTERM): STOPPING to systemd, stop accepting, stop
 //! the loop, flush the store; managed processes keep running.
+//!
+//! The main socket is bound by the caller (the binary binds it before anything else, so a
+//! second agent on the same socket fails at once) and handed to [`run`]; both sockets are
+//! served by [`crate::api::serve`].
 //!
 //! SIGHUP reloads the config's `[[process]]` definitions (see [`crate::api::reload`]); with
 //! `agent.watch_conf_dir = true`, a change of a `*.toml` file in `agent.conf_dir` does the
@@ -42,8 +47,23 @@ pub enum DaemonError {
     AlreadyRunning(String),
     #[error("exit_detection = \"pidfd\" but this kernel has no usable pidfd_open (Linux 5.3+)")]
     NoPidfd,
+    #[error("cannot listen on the root socket {path} (api.root_socket): {source}")]
+    RootSocket {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// A socket file this daemon created, removed when the daemon stops (or fails to start).
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Holds the state directory's lock for the daemon's lifetime.
@@ -96,6 +116,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let _lock = lock_state_dir(&config)?;
+    // The root socket, bound once the state directory is ours (a second agent on the same
+    // state directory stops at the lock and never touches it).
+    let root_path = config.api.root_socket.clone();
+    let root_listener =
+        crate::api::bind_private(&root_path).map_err(|source| DaemonError::RootSocket {
+            path: root_path.display().to_string(),
+            source,
+        })?;
+    let _root_file = SocketFile(root_path.clone());
     // Take SIGHUP over before anything slow, so a reload signal never kills a starting agent.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| tracing::warn!(error = %e, "cannot handle SIGHUP; reload through the API"))
@@ -229,7 +258,16 @@ pub async fn run(
         },
         None => None,
     };
-    let server = tokio::spawn(crate::api::serve(engine.clone(), listener, stop_rx.clone()));
+    let listeners = crate::api::Listeners {
+        main: listener,
+        main_path: engine.config.socket.clone(),
+        root: Some((root_listener, root_path)),
+    };
+    let server = tokio::spawn(crate::api::serve(
+        engine.clone(),
+        listeners,
+        stop_rx.clone(),
+    ));
     let hup_task = hangup.map(|h| tokio::spawn(on_hangup(engine.clone(), h, stop_rx.clone())));
     let conf_watch = if engine.config.watch_conf_dir {
         watch_conf_dir(engine.clone(), stop_rx.clone())

@@ -156,9 +156,11 @@ impl FsPool {
             done,
         };
         self.submit(Box::new(move || {
-            // Released when the job returns, or unwinds.
-            let _release = release;
-            let _ = tx.send(f());
+            // The path is released when the job returns (before its answer is sent, so the
+            // caller never sees it still busy), or when it unwinds.
+            let v = f();
+            drop(release);
+            let _ = tx.send(v);
         }));
         match tokio::time::timeout_at(until, rx).await {
             Ok(Ok(v)) => Ok(v),

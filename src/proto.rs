@@ -49,6 +49,9 @@ pub mod codes {
     pub const TIMEOUT: i64 = 1_000_408;
     /// Request: body over the limit.
     pub const TOO_LARGE: i64 = 1_000_413;
+    /// Request: the peer's uid is over one of its caps (connections or live streams at
+    /// once); the message names the cap and its setting.
+    pub const TOO_MANY: i64 = 1_000_429;
     /// Request: internal failure (the state store refused a write, ...).
     pub const INTERNAL: i64 = 1_000_500;
     /// Request: temporarily unable (store not writable, shutting down).
@@ -632,6 +635,12 @@ pub struct Health {
     /// returned for a while: "PATH (for Ns)", longest first. A hung mount shows here.
     #[serde(default)]
     pub blocked_paths: Vec<String>,
+    /// The socket this request came through: "main" or "root".
+    #[serde(default)]
+    pub socket: String,
+    /// The sockets served, by kind ("main", "root") with their paths.
+    #[serde(default)]
+    pub sockets: std::collections::BTreeMap<String, String>,
 }
 
 /// This agent's identity as reported.

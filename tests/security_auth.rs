@@ -6,23 +6,15 @@
 
 mod common;
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use common::sec::{Accounts, User, have, run_as};
+use common::sec::{Accounts, Cast, User, cli_copy, have, run_as};
 use common::*;
 use serde_json::{Value, json};
 
 const NS: &str = "authz";
 const FORBIDDEN: i64 = 1_000_403;
-
-/// The CLI, copied where every account can execute it.
-fn cli_copy(env: &TestEnv) -> String {
-    let p = env.path().join("procagent-cli");
-    std::fs::copy(CLI, &p).expect("copy cli");
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    p.display().to_string()
-}
 
 /// `procagent call API BODY` as `user`: (exit code, envelope or null, stderr).
 fn call_as(cli: &str, d: &Daemon, user: &User, api: &str, body: &Value) -> (i32, Value, String) {
@@ -101,15 +93,11 @@ fn authorization_matrix_with_real_users() {
         }
     }
     let env = TestEnv::new();
-    let mut acc = Accounts::new();
-    let sock_g = acc.group("sock");
-    let adm_g = acc.group("adm");
-    let ro_g = acc.group("ro");
     // Admin through a supplementary group; read-only through its primary group.
-    let admin = acc.user("a", None, &[&adm_g, &sock_g]);
-    let reader = acc.user("r", Some(&ro_g), &[&sock_g]);
-    let other = acc.user("o", None, &[&sock_g]);
-    let outsider = acc.user("x", None, &[]);
+    let mut cast = Cast::new();
+    let (sock_g, adm_g, ro_g) = (cast.sock_g.clone(), cast.adm_g.clone(), cast.ro_g.clone());
+    let (admin, reader, other) = (cast.admin.clone(), cast.reader.clone(), cast.other.clone());
+    let outsider = cast.acc.user("x", None, &[]);
     let cli = cli_copy(&env);
     // root's process, declared in the config (and so started at once), with a secret in its
     // environment.
@@ -460,7 +448,7 @@ fn authorization_matrix_with_real_users() {
         && t["peer_pid"] == json!(std::process::id())
         && t["api"] == json!("register_proc_info")));
     drop(d);
-    drop(acc);
+    drop(cast);
 }
 
 #[test]

@@ -1,12 +1,19 @@
-//! The server's limits: body size, header size and time, request time, connections at once.
-//! Slow or half-open clients must not block anyone else.
+//! The server's limits: body size, header size and time, request time, connections at once,
+//! per-uid caps of connections and follow streams, the root socket, refusals that every
+//! client reads (the connection lingers instead of resetting), and bodies that are not valid
+//! UTF-8 JSON. Slow or half-open clients must not block anyone else; nobody but root can
+//! make root wait.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::process::Command;
 use std::time::Duration;
 
+use common::sec::{
+    AsUser, Cast, PEER_PY, User, cli_copy, have, run_as_within, run_within, system_python,
+};
 use common::*;
 use serde_json::{Value, json};
 
@@ -270,4 +277,449 @@ fn a_request_answered_408_still_completes_its_change() {
     wait_for("the update landed", Duration::from_secs(10), || {
         (d.detail("lim", "slowop")["spec"]["version_cmd"] == json!("echo 9.9")).then_some(())
     });
+}
+
+const TOO_MANY: i64 = 1_000_429;
+
+/// Why a root-only test with accounts and python3 cannot run here, if it cannot.
+fn cannot_run_as_users() -> Option<String> {
+    if !is_root() {
+        return Some("creating accounts and switching to them needs root".into());
+    }
+    for tool in ["useradd", "groupadd", "userdel", "groupdel", "setpriv"] {
+        if !have(tool) {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    if system_python().is_none() {
+        return Some("no python3 that other accounts can run".into());
+    }
+    None
+}
+
+/// `peer.py`, written where every account can read it.
+fn peer_py(env: &TestEnv) -> String {
+    let p = env.path().join("peer.py");
+    std::fs::write(&p, PEER_PY).expect("write peer.py");
+    p.display().to_string()
+}
+
+/// Start `peer.py MODE SOCKET ARGS...` as `user`.
+fn peer(env: &TestEnv, user: &User, mode: &str, socket: &std::path::Path, args: &[&str]) -> AsUser {
+    let script = peer_py(env);
+    let sock = socket.display().to_string();
+    let mut a = vec!["-I", script.as_str(), mode, sock.as_str()];
+    a.extend_from_slice(args);
+    AsUser::spawn(Some(user), &system_python().expect("python3"), &a)
+}
+
+fn parsed(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("peer.py printed {line:?}: {e}"))
+}
+
+/// A daemon whose `[api]` gives the groups of a [`Cast`] their roles (plus `extra` keys), or
+/// why that cannot run here. Dropped in order: the daemon, the accounts, the temp dir.
+struct Setup {
+    d: Daemon,
+    cast: Cast,
+    env: TestEnv,
+}
+
+fn with_accounts(extra: &str) -> Option<Setup> {
+    if let Some(why) = cannot_run_as_users() {
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let env = TestEnv::new();
+    let cast = Cast::new();
+    let d = Daemon::start(&env, &cast.api_config(extra));
+    Some(Setup { d, cast, env })
+}
+
+/// root's CLI as an operator runs it: no --socket, the agent's config.
+fn root_cli(d: &Daemon, args: &[&str], timeout: Duration) -> Option<(i32, String, String)> {
+    run_within(
+        Command::new(CLI)
+            .arg("--config")
+            .arg(&d.config)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env_remove("PROCAGENT_SOCKET"),
+        timeout,
+    )
+}
+
+#[test]
+fn root_is_never_locked_out_by_streams_or_slow_clients_of_other_uids() {
+    let Some(s) = with_accounts("") else {
+        return;
+    };
+    let (d, r, env) = (&s.d, &s.cast, &s.env);
+    d.register("lock", "p", daemon_spec(env, "lockp", json!({})));
+    let cli = cli_copy(env);
+    let generous = Duration::from_secs(30);
+    // A read-only member asks for 300 follow streams, events and logs in turn.
+    let mut reader = peer(
+        env,
+        &r.reader,
+        "streams",
+        &d.socket,
+        &[
+            "300",
+            "/v1/events?follow=1",
+            "/v1/logs?key=lock%2Fp&follow=1",
+        ],
+    );
+    let streams = parsed(&reader.line("the reader's streams", Duration::from_secs(180)));
+    // Meanwhile a uid without a role keeps 300 connections trickling header bytes.
+    let mut loris = peer(env, &r.other, "slow", &d.socket, &["300"]);
+    let opened = parsed(&loris.line("the slow connections", Duration::from_secs(120)));
+    // root's CLI picks the root socket and is answered.
+    let (code, out, err) =
+        root_cli(d, &["health"], generous).expect("root's `procagent health` answered in time");
+    assert_eq!(code, 0, "{out}{err}");
+    let root_sock = d.socket.with_file_name("agent-root.sock");
+    assert!(out.contains("socket: root"), "{out}");
+    assert!(
+        out.contains(&format!("sockets.root: {}", root_sock.display()))
+            && out.contains(&format!("sockets.main: {}", d.socket.display())),
+        "{out}"
+    );
+    let (code, out, err) =
+        root_cli(d, &["status"], generous).expect("root's `procagent status` answered in time");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("lock/p") || out.contains("lockp"), "{out}");
+    // An admin on the main socket is answered too: served, or the cap's envelope; never a hang.
+    let sock = d.socket.display().to_string();
+    let (code, out, err) = run_as_within(
+        &r.admin,
+        &cli,
+        &["--socket", &sock, "--json", "health"],
+        generous,
+    )
+    .expect("the admin's request answered in time");
+    assert!(
+        (code == 0 && out.contains("\"socket\": \"main\"")) || err.contains("1000429"),
+        "{code} {out} {err}"
+    );
+    // Whatever the stream cap allows is held (8 by default), the rest refused with the code.
+    assert_eq!(streams["held"], json!(8), "{streams}");
+    assert_eq!(
+        streams["refused"],
+        json!({ TOO_MANY.to_string(): 292 }),
+        "{streams}"
+    );
+    let msg = streams["messages"][TOO_MANY.to_string()]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        msg.contains(&format!("uid {}", r.reader.uid)) && msg.contains("api.max_streams_per_uid"),
+        "{streams}"
+    );
+    // The slow connections were all opened, and the agent keeps cutting them.
+    assert_eq!(opened["opened"], json!(300), "{opened}");
+    wait_for("slow connections cut", generous, || {
+        loris.say("report");
+        let v = parsed(&loris.line("the slow connections' report", generous));
+        (v["cut"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+    // Clean up: every connection and both clients.
+    loris.close_stdin();
+    assert!(loris.finish(generous).is_some());
+    reader.close_stdin();
+    assert!(reader.finish(generous).is_some());
+    assert!(healthy(d));
+}
+
+#[test]
+fn connections_are_capped_per_uid_and_a_uid_without_a_role_gets_almost_none() {
+    let Some(s) = with_accounts("header_timeout = \"30s\"\n") else {
+        return;
+    };
+    let (d, r, env) = (&s.d, &s.cast, &s.env);
+    let limit = Duration::from_secs(60);
+    // A read-only member: 32 connections (the default) are served, one more is refused.
+    let mut p = peer(env, &r.reader, "caps", &d.socket, &["32", "/v1/healthz"]);
+    let got = parsed(&p.line("the reader's answers", limit));
+    assert_eq!(
+        got["answers"],
+        json!({"0": 32, TOO_MANY.to_string(): 1}),
+        "{got}"
+    );
+    let msg = got["messages"][TOO_MANY.to_string()].as_str().unwrap_or("");
+    assert!(
+        msg.contains(&format!("too many connections for uid {}", r.reader.uid))
+            && msg.contains("limit 32, api.max_connections_per_uid"),
+        "{got}"
+    );
+    // Its connections closed, the uid is served again.
+    let after = parsed(&p.line("the reader's next answer", limit));
+    assert_eq!(after["after"]["code"], json!(0), "{after}");
+    assert!(p.finish(limit).is_some());
+    // No role: two connections (the default), each refused with 1000403 at once; a third 1000429.
+    let mut p = peer(env, &r.other, "caps", &d.socket, &["2", "/v1/healthz"]);
+    let got = parsed(&p.line("the stranger's answers", limit));
+    assert_eq!(
+        got["answers"],
+        json!({"1000403": 2, TOO_MANY.to_string(): 1}),
+        "{got}"
+    );
+    assert!(
+        got["messages"][TOO_MANY.to_string()]
+            .as_str()
+            .is_some_and(|m| m.contains("api.max_connections_without_role")),
+        "{got}"
+    );
+    assert!(p.finish(limit).is_some());
+    // root on the main socket is not counted: 40 connections at once, all served.
+    let held: Vec<UnixStream> = (0..40)
+        .map(|_| UnixStream::connect(&d.socket).unwrap())
+        .collect();
+    let threads: Vec<_> = held
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                s.write_all(b"GET /v1/healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).unwrap();
+                envelope_of(&got)["code"].clone()
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), json!(0));
+    }
+}
+
+#[test]
+fn the_root_socket_is_private_and_serves_root() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let env = TestEnv::new();
+    let mut d = Daemon::start(&env, "");
+    let root_sock = d.socket.with_file_name("agent-root.sock");
+    let m = std::fs::symlink_metadata(&root_sock).expect("the root socket exists");
+    assert!(m.file_type().is_socket());
+    assert_eq!(m.mode() & 0o777, 0o600);
+    assert_eq!(m.uid(), nix::unistd::getuid().as_raw());
+    let (st, b) = http(&root_sock, "GET", "/v1/healthz", b"").unwrap();
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!((st, v["result"].clone()), (200, json!(true)), "{v}");
+    assert_eq!(v["data"]["socket"], json!("root"), "{v}");
+    assert_eq!(
+        v["data"]["sockets"],
+        json!({"main": d.socket.display().to_string(), "root": root_sock.display().to_string()})
+    );
+    // The CLI as root (or the agent's uid) uses it by itself; --socket wins.
+    let (code, out, err) = root_cli(&d, &["--json", "health"], Duration::from_secs(60)).unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"socket\": \"root\""), "{out}");
+    let (_, out, _) = d.cli(&["--json", "health"]);
+    assert!(out.contains("\"socket\": \"main\""), "{out}");
+    // Another uid is refused on it even when the file mode is opened up by hand.
+    if is_root() && have("setpriv") {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&root_sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(
+            d.socket.parent().unwrap(),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let nobody = nix::unistd::User::from_name("nobody").ok().flatten();
+        if let Some(n) = nobody {
+            let u = User {
+                name: n.name.clone(),
+                uid: n.uid.as_raw(),
+                gid: n.gid.as_raw(),
+            };
+            let cli = cli_copy(&env);
+            let sock = root_sock.display().to_string();
+            let (code, _, err) = run_as_within(
+                &u,
+                &cli,
+                &["--socket", &sock, "health"],
+                Duration::from_secs(60),
+            )
+            .unwrap();
+            assert_eq!(code, 4, "{err}");
+            assert!(
+                err.contains("1000403") && err.contains("root socket"),
+                "{err}"
+            );
+        }
+    }
+    // Removed when the agent stops; a stale one is replaced at start.
+    d.terminate();
+    assert!(!root_sock.exists());
+    std::fs::create_dir_all(root_sock.parent().unwrap()).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&root_sock).unwrap());
+    let d = Daemon::start_with(&env, &d.config.clone());
+    let (st, _) = http(&root_sock, "GET", "/v1/healthz", b"").unwrap();
+    assert_eq!(st, 200);
+    drop(d);
+}
+
+/// Write `head`, wait for the agent's answer to arrive, pause, then write `body`: the body
+/// must still go through (the agent lingers), and the answer be readable.
+fn answer_then_body(socket: &std::path::Path, head: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.write_all(head).expect("write the headers");
+    // The answer is there before the body was sent.
+    {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+        assert_eq!(
+            poll(&mut fds, PollTimeout::from(30_000u16)).expect("poll"),
+            1,
+            "an answer before the body"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(body)
+        .unwrap_or_else(|e| panic!("the rest of the body after the answer: {e}"));
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .unwrap_or_else(|e| panic!("reading the answer: {e}"));
+    got
+}
+
+#[test]
+fn a_413_is_read_by_a_client_that_sends_its_body_after_the_headers() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "[api]\nmax_body_bytes = 4096\n");
+    // Larger than the socket buffers: the client cannot finish unless the agent reads.
+    let body = vec![b' '; 600_000];
+    let head = format!(
+        "POST /v1/procs HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let raw = answer_then_body(&d.socket, head.as_bytes(), &body);
+    assert_eq!(status_of(&raw), 413, "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(envelope_of(&raw)["code"], json!(1_000_413));
+    assert!(healthy(&d));
+}
+
+#[test]
+fn a_408_is_read_by_a_client_whose_body_stalled() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "[api]\nrequest_timeout = \"1s\"\n");
+    let body = vec![b' '; 300_000];
+    let head = format!(
+        "POST /v1/procs HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n{{",
+        body.len() + 1
+    );
+    let raw = answer_then_body(&d.socket, head.as_bytes(), &body);
+    assert_eq!(status_of(&raw), 408, "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(envelope_of(&raw)["code"], json!(1_000_408));
+    assert!(healthy(&d));
+}
+
+#[test]
+fn a_refused_uid_reads_its_1000403_whatever_its_client() {
+    let Some(s) = with_accounts("") else {
+        return;
+    };
+    let (d, r, env) = (&s.d, &s.cast, &s.env);
+    let limit = Duration::from_secs(60);
+    let refused = |v: &Value, what: &str| {
+        assert_eq!(v["envelope"]["code"], json!(1_000_403), "{what}: {v}");
+        assert!(
+            v["envelope"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("uid {}", r.other.uid))),
+            "{what}: {v}"
+        );
+    };
+    // A raw client: headers, a pause (the refusal is there), then a 1 MiB body.
+    let mut p = peer(env, &r.other, "split", &d.socket, &["/v1/procs", "1048576"]);
+    let v = parsed(&p.line("the split client", limit));
+    assert_eq!(v["send_error"], Value::Null, "the body write failed: {v}");
+    refused(&v, "split client");
+    // Python's http.client, as requests and most operator scripts use it.
+    for api in ["/v1/procs", "/v1/register_proc_info", "/v1/reload"] {
+        let mut p = peer(env, &r.other, "httpclient", &d.socket, &[api, "1048576"]);
+        let v = parsed(&p.line("http.client", limit));
+        assert_eq!(v["error"], Value::Null, "{api}: {v}");
+        assert_eq!(v["status"], json!(200), "{api}: {v}");
+        refused(&v, api);
+    }
+    assert!(healthy(d));
+}
+
+#[test]
+fn a_body_that_is_not_valid_utf8_json_is_refused_on_every_endpoint() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    d.register("utf", "p", daemon_spec(&env, "utfp", json!({})));
+    let host = r#"{"ip": "127.0.0.1", "bk_cloud_id": 0, "bk_supplier_id": 0}"#;
+    // "BAD" stands for a string with the byte 0xff in it: invalid UTF-8.
+    let bad = |text: &str| -> Vec<u8> {
+        text.replace("BAD", "a\u{1}b")
+            .into_bytes()
+            .into_iter()
+            .map(|c| if c == 1 { 0xff } else { c })
+            .collect()
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        // An invalid byte inside a field the agent ignores ...
+        (
+            "/v1/get_proc_status",
+            format!(r#"{{"bk_username": "BAD", "meta": {{"namespace": "utf", "name": "p"}}, "hosts": [{host}]}}"#),
+        ),
+        (
+            "/v1/get_proc_status",
+            format!(r#"{{"meta": {{"namespace": "utf", "name": "p", "unknown": "BAD"}}, "hosts": [{host}]}}"#),
+        ),
+        ("/v1/procs", r#"{"whatever": ["BAD"]}"#.to_string()),
+        ("/v1/reload", r#"{"dry_run": true, "note": "BAD"}"#.to_string()),
+        (
+            "/v2/gsekit/api/process/process_status",
+            r#"{"bk_biz_id": 1, "bk_username": "BAD"}"#.to_string(),
+        ),
+        (
+            "/v1/operate_process",
+            r#"{"bk_biz_id": 1, "bk_app_secret": "BAD", "process_infos": []}"#.to_string(),
+        ),
+        // ... and inside one it reads.
+        (
+            "/v1/get_proc_status",
+            format!(r#"{{"meta": {{"namespace": "utf", "name": "BAD"}}, "hosts": [{host}]}}"#),
+        ),
+        (
+            "/v1/register_proc_info",
+            format!(r#"{{"meta": {{"namespace": "utf", "name": "BAD"}}, "hosts": [{host}], "spec": {{}}}}"#),
+        ),
+    ]
+    .into_iter()
+    .map(|(p, t)| (p, bad(&t)))
+    .collect();
+    for (path, body) in &cases {
+        let v = d.call_raw(path, body);
+        assert_eq!(
+            (v["result"].clone(), v["code"].clone()),
+            (json!(false), json!(1_000_400)),
+            "{path} {}: {v}",
+            String::from_utf8_lossy(body)
+        );
+        let at = body.iter().position(|b| *b == 0xff).unwrap();
+        let msg = v["message"].as_str().unwrap_or("");
+        assert!(
+            msg.contains("not valid UTF-8") && msg.contains(&format!("offset {at}")),
+            "{path}: {v}"
+        );
+    }
+    // Anything after the JSON object is not JSON either.
+    let v = d.call_raw("/v1/procs", br#"{"namespace": "utf"} trailing"#);
+    assert_eq!(v["code"], json!(1_000_400), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("trailing"), "{v}");
+    // Nothing was registered or changed, and the daemon is up.
+    let procs = d.call("procs", &json!({"namespace": "utf"}));
+    assert_eq!(
+        procs["data"]["list"].as_array().map(Vec::len),
+        Some(1),
+        "{procs}"
+    );
+    assert!(healthy(&d));
 }

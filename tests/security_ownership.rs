@@ -304,7 +304,7 @@ fn an_admin_cannot_signal_a_root_process_through_a_pid_file() {
     let mut acc = Accounts::new();
     let adm_g = acc.group("adm");
     let admin = acc.user("a", None, &[&adm_g]);
-    let cli = cli_copy(env.path());
+    let cli = cli_copy(&env);
     let d = Daemon::start(
         &env,
         &format!("[api]\nadmin_group = \"{adm_g}\"\nsocket_group = \"{adm_g}\"\n"),

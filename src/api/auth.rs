@@ -91,13 +91,18 @@ pub fn peer_groups(uid: u32, gid: u32) -> (Option<String>, Vec<u32>) {
     (name, groups)
 }
 
+/// Does this uid have full access whatever its groups: root, or the uid the agent runs as?
+/// Such a uid is also outside every per-uid cap and may use the root socket.
+pub fn full_access_uid(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::getuid().as_raw()
+}
+
 /// Decide the role of a peer.
 pub fn authorize(engine: &Engine, peer: Option<Peer>) -> Result<Access, ApiError> {
     let Some(p) = peer else {
         return Err(forbidden("the peer's credentials are unknown; refused"));
     };
-    let own = nix::unistd::getuid().as_raw();
-    if p.uid == 0 || p.uid == own {
+    if full_access_uid(p.uid) {
         return Ok(Access {
             role: Role::Full,
             peer,

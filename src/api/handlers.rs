@@ -23,8 +23,27 @@ use crate::supervisor::Engine;
 use crate::supervisor::defs::{self, PutMode};
 use crate::supervisor::ops;
 
-/// Decode a JSON body into `T`, naming the failing field.
+/// Decode a JSON body into `T`, naming the failing field. Only a whole, valid UTF-8 JSON
+/// document is accepted: invalid UTF-8 anywhere (also inside a string the request type
+/// ignores, which serde would skip unchecked) and anything after the document are refused.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if let Err(e) = std::str::from_utf8(body) {
+        let at = e.valid_up_to();
+        let line = body[..at].iter().filter(|b| **b == b'\n').count() + 1;
+        let column = at
+            - body[..at]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
+        let what = match e.error_len() {
+            Some(_) => format!("invalid byte 0x{:02x}", body.get(at).copied().unwrap_or(0)),
+            None => "a truncated character".to_string(),
+        };
+        return Err(ApiError::bad(format!(
+            "the request body is not valid UTF-8: {what} at offset {at} (line {line}, column {column})"
+        )));
+    }
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::bad(
             "the request body is empty; a JSON object is required",
@@ -50,8 +69,13 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         return Err(ApiError::bad(msg));
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
-    match serde_path_to_error::deserialize::<_, T>(de) {
-        Ok(v) => Ok(v),
+    match serde_path_to_error::deserialize::<_, T>(&mut *de) {
+        Ok(v) => match de.end() {
+            Ok(()) => Ok(v),
+            Err(e) => Err(ApiError::bad(format!(
+                "malformed JSON: {e} after the request object"
+            ))),
+        },
         Err(e) => {
             let path = e.path().to_string();
             let inner = e.into_inner();
@@ -1039,6 +1063,7 @@ pub async fn healthz(State(st): State<AppState>, req: axum::extract::Request) ->
     if let Err(e) = auth::authorize(&st.engine, peer) {
         return e.into_response();
     }
+    let (socket, sockets) = super::listening(&req);
     let e = &st.engine;
     let (n, managed, running) = {
         let reg = e.reg();
@@ -1079,6 +1104,8 @@ pub async fn healthz(State(st): State<AppState>, req: axum::extract::Request) ->
             .into_iter()
             .map(|(p, d)| format!("{} (for {}s)", p.display(), d.as_secs()))
             .collect(),
+        socket,
+        sockets,
     };
     ok(serde_json::to_value(h).unwrap_or(Value::Null))
 }

@@ -1,30 +1,44 @@
-//! The socket API: HTTP/1.1 + JSON on a unix socket.
+//! The socket API: HTTP/1.1 + JSON on unix sockets.
 //!
-//! * [`bind`] creates the socket: parent directory created 0750 when missing, a stale socket
-//!   (nobody answers on it) replaced, a live one refused, the socket made 0660 between bind
-//!   and listen.
-//! * [`serve`] runs the accept loop: at most `max_connections` at once, a header read
-//!   timeout, a bounded header buffer and a per-request timeout, so slow or half-open clients
-//!   cannot block others. Each connection's peer credentials (SO_PEERCRED) travel with its
-//!   requests for authorization and audit.
+//! * [`bind`] creates the main socket: parent directory created 0750 when missing, a stale
+//!   socket (nobody answers on it) replaced, a live one refused, the socket made 0660 between
+//!   bind and listen. [`bind_private`] does the same for the root socket, made 0600.
+//! * [`serve`] runs one accept loop per socket, each with its own connection budget
+//!   (`api.max_connections` on the main socket, `api.root_max_connections` on the root
+//!   socket; more wait in the listen backlog), a header read timeout, a bounded header buffer
+//!   and a per-request timeout, so slow or half-open clients cannot block others. Each
+//!   connection's peer credentials (SO_PEERCRED) travel with its requests for authorization
+//!   and audit.
+//! * Per-uid caps ([`limits`]): on the main socket a uid holds at most
+//!   `api.max_connections_per_uid` connections (`api.max_connections_without_role` when it
+//!   has no role) and, on any socket, `api.max_streams_per_uid` live follow streams; one more
+//!   is answered 1000429 and closed. root and the agent's own uid are never counted, and
+//!   only they may use the root socket, so no other uid can make root's requests wait.
+//! * A refusal is seen by every client: after the answer the agent stops writing and reads
+//!   and discards what the client still sends (a body it did not read) for a bounded time
+//!   and byte count before closing ([`linger`]), so a client still writing its body gets the
+//!   answer instead of EPIPE or a reset.
 //! * Routes: every GSE API at `POST /v1/<api_name>`, also at `POST /api/v2/proc/<api_name>/`
 //!   (trailing slash optional); `GET /v1/healthz`, `GET /v1/events`, `GET /v1/logs`,
 //!   `POST /v1/reload`, `GET /metrics` (also `/v1/metrics`; see [`metrics`]).
 //!   Every answer, errors included, is the GSE envelope `{result, code, message, data,
-//!   request_id}`.
+//!   request_id}`; every refusal is logged, rate-limited ([`refusals`]).
 
 pub mod auth;
 pub mod client;
 pub mod gsekit;
 pub mod handlers;
+pub mod limits;
 pub mod logs;
 pub mod metrics;
+pub mod refusals;
 pub mod reload;
 
+use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,11 +49,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::UnixListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::proto::{Envelope, codes};
 use crate::supervisor::Engine;
+use limits::{Slot, UidCaps};
+use refusals::RefusalLog;
 
 /// The peer of a connection, from SO_PEERCRED.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +107,21 @@ pub fn envelope(
     };
     let body = serde_json::to_vec(&env)
         .unwrap_or_else(|_| b"{\"result\":false,\"code\":1000500}".to_vec());
-    (http, [("content-type", "application/json")], body).into_response()
+    let mut r = (http, [("content-type", "application/json")], body).into_response();
+    if !result {
+        r.extensions_mut().insert(Refused {
+            code,
+            message: env.message,
+        });
+    }
+    r
+}
+
+/// Marks an answer that refused its request (for the refusal log).
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub code: i64,
+    pub message: String,
 }
 
 impl IntoResponse for ApiError {
@@ -111,8 +141,52 @@ pub struct AppState {
     pub engine: Arc<Engine>,
 }
 
-/// Create the listening socket at `path` (see the module docs).
+/// Which socket a connection came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    /// `agent.socket`: every role, per-uid caps.
+    Main,
+    /// `api.root_socket`: root and the agent's own uid only.
+    Root,
+}
+
+impl SocketKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SocketKind::Main => "main",
+            SocketKind::Root => "root",
+        }
+    }
+}
+
+/// A request extension: the socket the request came through and every socket served.
+#[derive(Debug, Clone)]
+pub struct Listening {
+    pub via: SocketKind,
+    pub sockets: Arc<BTreeMap<String, String>>,
+}
+
+/// The socket a request came through ("main", "root"; empty when unknown) and the sockets
+/// served, by kind, with their paths (for healthz).
+pub fn listening(req: &Request) -> (String, BTreeMap<String, String>) {
+    match req.extensions().get::<Listening>() {
+        Some(l) => (l.via.name().to_string(), (*l.sockets).clone()),
+        None => (String::new(), BTreeMap::new()),
+    }
+}
+
+/// Create the main socket at `path` (see the module docs): mode 0660.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    bind_mode(path, 0o660)
+}
+
+/// Create the root socket at `path`: as [`bind`], mode 0600 (only its owner, the agent's
+/// uid, and root can connect).
+pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    bind_mode(path, 0o600)
+}
+
+fn bind_mode(path: &Path, mode: u32) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent()
         && !dir.exists()
     {
@@ -159,7 +233,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     .map_err(io::Error::from)?;
     let addr = UnixAddr::new(path).map_err(io::Error::from)?;
     nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     nix::sys::socket::listen(
         &fd,
         nix::sys::socket::Backlog::new(256).unwrap_or(nix::sys::socket::Backlog::MAXCONN),
@@ -315,7 +389,8 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     }
 }
 
-/// An answer after which the connection is closed (its request body may be unread).
+/// An answer after which the connection is closed (its request body may be unread: the
+/// connection lingers, see [`linger`]).
 fn closing(e: ApiError) -> Response {
     let mut r = e.into_response();
     r.headers_mut().insert(
@@ -325,54 +400,96 @@ fn closing(e: ApiError) -> Response {
     r
 }
 
-/// One request: authorize the peer before anything else, read the body (bounded, within
-/// the request's time), then run the router as a task of its own: a request that times out
-/// is answered 408 but never cancelled halfway through a change (a registration whose
-/// commit landed still reaches memory).
-async fn handle(
+/// How long a connection that is being closed keeps reading (and discarding) what its
+/// client still sends, so that a client writing a body the agent did not read can finish
+/// and read the answer.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// Bytes beyond `api.max_body_bytes` a closing connection reads and discards (a body just
+/// over the limit, and what sits in the socket buffers).
+pub const LINGER_SLACK: usize = 1 << 20;
+
+/// Time a connection over a cap has to send its request headers before it is answered
+/// 1000429 (a client that sends nothing is closed without an answer).
+pub const REFUSAL_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Deadline of the role lookup (NSS) that decides a new connection's allowance.
+const ROLE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The sockets [`serve`] serves.
+pub struct Listeners {
+    pub main: UnixListener,
+    pub main_path: PathBuf,
+    /// The root socket and its path, when bound.
+    pub root: Option<(UnixListener, PathBuf)>,
+}
+
+/// What every connection of one server shares.
+struct Server {
     engine: Arc<Engine>,
     app: Router,
-    req: hyper::Request<hyper::body::Incoming>,
-    peer: Option<Peer>,
-    timeout: Duration,
-    body_limit: usize,
-) -> Response {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let too_slow = || ApiError {
-        http: StatusCode::REQUEST_TIMEOUT,
-        code: codes::TIMEOUT,
-        message: format!("the request took longer than {}s", timeout.as_secs_f64()),
-    };
-    if let Err(e) = auth::authorize(&engine, peer) {
-        return closing(e);
+    /// Connections held per uid on the main socket.
+    conns: Arc<UidCaps>,
+    /// Live follow streams held per uid.
+    streams: Arc<UidCaps>,
+    /// Connections being answered 1000429/1000403 at once; beyond, they are closed unanswered.
+    refusing: Arc<Semaphore>,
+    refusals: RefusalLog,
+    sockets: Arc<BTreeMap<String, String>>,
+}
+
+/// Serve the API on the main socket (and the root socket, when given) until `shutdown`
+/// turns true.
+pub async fn serve(engine: Arc<Engine>, listeners: Listeners, shutdown: watch::Receiver<bool>) {
+    let mut sockets = BTreeMap::new();
+    sockets.insert(
+        SocketKind::Main.name().to_string(),
+        listeners.main_path.display().to_string(),
+    );
+    if let Some((_, p)) = &listeners.root {
+        sockets.insert(SocketKind::Root.name().to_string(), p.display().to_string());
     }
-    let (parts, body) = req.into_parts();
-    let body = match tokio::time::timeout_at(deadline, read_body(Body::new(body), body_limit)).await
-    {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => return closing(e),
-        Err(_) => return closing(too_slow()),
-    };
-    let req = Request::from_parts(parts, Body::from(body));
-    let work = tokio::spawn(tower::ServiceExt::oneshot(app, req));
-    match tokio::time::timeout_at(deadline, work).await {
-        Ok(Ok(Ok(r))) => r,
-        Ok(Ok(Err(e))) => match e {},
-        Ok(Err(e)) => ApiError::new(codes::INTERNAL, format!("the request handler failed: {e}"))
-            .into_response(),
-        Err(_) => too_slow().into_response(),
+    let api = &engine.config.api;
+    let srv = Arc::new(Server {
+        app: router(engine.clone()),
+        conns: UidCaps::new(),
+        streams: UidCaps::new(),
+        refusing: Arc::new(Semaphore::new(api.max_connections)),
+        refusals: RefusalLog::default(),
+        sockets: Arc::new(sockets),
+        engine: engine.clone(),
+    });
+    let main = accept_loop(
+        srv.clone(),
+        listeners.main,
+        SocketKind::Main,
+        api.max_connections,
+        shutdown.clone(),
+    );
+    match listeners.root {
+        Some((root, _)) => {
+            let root = accept_loop(
+                srv.clone(),
+                root,
+                SocketKind::Root,
+                api.root_max_connections,
+                shutdown,
+            );
+            tokio::join!(main, root);
+        }
+        None => main.await,
     }
 }
 
-/// Serve the API on `listener` until `shutdown` turns true.
-pub async fn serve(
-    engine: Arc<Engine>,
+/// Accept connections on one socket, at most `budget` served at once.
+async fn accept_loop(
+    srv: Arc<Server>,
     listener: UnixListener,
+    kind: SocketKind,
+    budget: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let app = router(engine.clone());
-    let api = engine.config.api.clone();
-    let limit = Arc::new(Semaphore::new(api.max_connections));
+    let limit = Arc::new(Semaphore::new(budget));
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -382,7 +499,7 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(error = %e, socket = kind.name(), "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -394,47 +511,368 @@ pub async fn serve(
             gid: c.gid(),
             pid: c.pid(),
         });
-        let app = app.clone();
-        let engine = engine.clone();
-        let timeout = api.request_timeout;
-        let header_timeout = api.header_timeout;
-        let body_limit = api.max_body_bytes;
-        let mut sd = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    if let Some(p) = peer {
-                        req.extensions_mut().insert(p);
-                    }
-                    let app = app.clone();
-                    let engine = engine.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            handle(engine, app, req, peer, timeout, body_limit).await,
-                        )
-                    }
-                },
-            );
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(64 * 1024)
-                .keep_alive(true);
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
+        tokio::spawn(
+            srv.clone()
+                .connection(stream, peer, kind, permit, shutdown.clone()),
+        );
+    }
+}
+
+impl Server {
+    /// One accepted connection: admitted (within its uid's cap) and served, or answered
+    /// with the refusal and closed.
+    async fn connection(
+        self: Arc<Self>,
+        stream: UnixStream,
+        peer: Option<Peer>,
+        kind: SocketKind,
+        permit: OwnedSemaphorePermit,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        match self.admit(peer, kind).await {
+            Ok(slot) => {
+                let _held = (permit, slot);
+                self.serve_http(stream, peer, kind, shutdown).await;
+            }
+            Err(e) => {
+                // A refused connection does not hold a slot of the socket's budget.
+                drop(permit);
+                self.refuse(stream, peer, e).await;
+            }
+        }
+    }
+
+    /// May this peer hold one more connection on `kind`? Ok carries its uid's slot (None:
+    /// not counted).
+    async fn admit(&self, peer: Option<Peer>, kind: SocketKind) -> Result<Option<Slot>, ApiError> {
+        let Some(p) = peer else {
+            return Err(ApiError::new(
+                codes::FORBIDDEN,
+                "the peer's credentials are unknown; refused",
+            ));
+        };
+        if auth::full_access_uid(p.uid) {
+            return Ok(None);
+        }
+        if kind == SocketKind::Root {
+            return Err(ApiError::new(
+                codes::FORBIDDEN,
+                format!(
+                    "uid {} may not use the root socket: it serves only root and uid {}; use the main socket",
+                    p.uid,
+                    nix::unistd::getuid().as_raw()
+                ),
+            ));
+        }
+        // The role decides the allowance; looking it up (NSS) runs off the async workers.
+        let engine = self.engine.clone();
+        let lookup = tokio::task::spawn_blocking(move || auth::authorize(&engine, peer).is_ok());
+        let has_role = matches!(
+            tokio::time::timeout(ROLE_LOOKUP_TIMEOUT, lookup).await,
+            Ok(Ok(true))
+        );
+        let api = &self.engine.config.api;
+        let (limit, key, what) = if has_role {
+            (api.max_connections_per_uid, "max_connections_per_uid", "")
+        } else {
+            (
+                api.max_connections_without_role,
+                "max_connections_without_role",
+                ", which has no role,",
+            )
+        };
+        match self.conns.try_take(p.uid, limit) {
+            Some(slot) => Ok(Some(slot)),
+            None => Err(too_many(format!(
+                "too many connections for uid {}{what} (limit {limit}, api.{key})",
+                p.uid
+            ))),
+        }
+    }
+
+    /// Serve HTTP on an admitted connection, then linger (see [`linger`]).
+    async fn serve_http(
+        self: Arc<Self>,
+        stream: UnixStream,
+        peer: Option<Peer>,
+        kind: SocketKind,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let api = &self.engine.config.api;
+        let keep = stream.as_fd().try_clone_to_owned().ok();
+        let listening = Listening {
+            via: kind,
+            sockets: self.sockets.clone(),
+        };
+        let srv = self.clone();
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                if let Some(p) = peer {
+                    req.extensions_mut().insert(p);
                 }
-                _ = sd.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                req.extensions_mut().insert(listening.clone());
+                let srv = srv.clone();
+                async move { Ok::<_, std::convert::Infallible>(srv.handle(req, peer).await) }
+            });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(api.header_timeout)
+            .max_buf_size(64 * 1024)
+            .keep_alive(true);
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        let ended = tokio::select! {
+            r = conn.as_mut() => Some(r),
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                None
+            }
+        };
+        match ended {
+            // A client that never finished its headers was told nothing: nothing to linger for.
+            Some(Err(e)) if e.is_timeout() => {
+                tracing::debug!(error = %e, "connection cut at header_timeout");
+            }
+            Some(r) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                if let Some(fd) = keep {
+                    linger(fd, api.max_body_bytes.saturating_add(LINGER_SLACK)).await;
                 }
             }
+            None => {}
+        }
+    }
+
+    /// Answer a connection that may not be served with `e` (after reading its request
+    /// headers, for at most [`REFUSAL_HEADER_TIMEOUT`]), then linger and close. Beyond
+    /// `api.max_connections` refusals at once, a connection is closed unanswered.
+    async fn refuse(&self, stream: UnixStream, peer: Option<Peer>, e: ApiError) {
+        let uid = peer.map(|p| p.uid);
+        let Ok(_refusing) = self.refusing.clone().try_acquire_owned() else {
+            self.refusals.note(
+                uid,
+                "connection",
+                e.code,
+                &format!(
+                    "{} (closed unanswered: too many refusals at once)",
+                    e.message
+                ),
+            );
+            return;
+        };
+        self.refusals.note(uid, "connection", e.code, &e.message);
+        let keep = stream.as_fd().try_clone_to_owned().ok();
+        let svc = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+            let e = e.clone();
+            async move { Ok::<_, std::convert::Infallible>(closing(e)) }
         });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(REFUSAL_HEADER_TIMEOUT)
+            .max_buf_size(16 * 1024)
+            .keep_alive(false);
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        match tokio::time::timeout(REFUSAL_HEADER_TIMEOUT + LINGER, conn).await {
+            Ok(Err(e)) if e.is_timeout() => {}
+            Ok(_) => {
+                if let Some(fd) = keep {
+                    let api = &self.engine.config.api;
+                    linger(fd, api.max_body_bytes.saturating_add(LINGER_SLACK)).await;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// One request: authorize the peer before anything else, read the body (bounded,
+    /// within the request's time), then run the router as a task of its own: a request
+    /// that times out is answered 408 but never cancelled halfway through a change (a
+    /// registration whose commit landed still reaches memory). A follow stream takes one
+    /// of its uid's stream slots for as long as it lives. Every refusal is logged.
+    async fn handle(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        peer: Option<Peer>,
+    ) -> Response {
+        let what = format!("{} {}", req.method(), req.uri().path());
+        let r = self.answer(req, peer).await;
+        if let Some(refused) = r.extensions().get::<Refused>() {
+            self.refusals
+                .note(peer.map(|p| p.uid), &what, refused.code, &refused.message);
+        }
+        r
+    }
+
+    async fn answer(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        peer: Option<Peer>,
+    ) -> Response {
+        let api = &self.engine.config.api;
+        let timeout = api.request_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let too_slow = || ApiError {
+            http: StatusCode::REQUEST_TIMEOUT,
+            code: codes::TIMEOUT,
+            message: format!("the request took longer than {}s", timeout.as_secs_f64()),
+        };
+        if let Err(e) = auth::authorize(&self.engine, peer) {
+            return closing(e);
+        }
+        let (parts, body) = req.into_parts();
+        let body =
+            match tokio::time::timeout_at(deadline, read_body(Body::new(body), api.max_body_bytes))
+                .await
+            {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => return closing(e),
+                Err(_) => return closing(too_slow()),
+            };
+        let req = Request::from_parts(parts, Body::from(body));
+        let work = tokio::spawn(tower::ServiceExt::oneshot(self.app.clone(), req));
+        let r = match tokio::time::timeout_at(deadline, work).await {
+            Ok(Ok(Ok(r))) => r,
+            Ok(Ok(Err(e))) => match e {},
+            Ok(Err(e)) => {
+                return ApiError::new(codes::INTERNAL, format!("the request handler failed: {e}"))
+                    .into_response();
+            }
+            Err(_) => return too_slow().into_response(),
+        };
+        if !is_stream(&r) {
+            return r;
+        }
+        let Some(p) = peer.filter(|p| !auth::full_access_uid(p.uid)) else {
+            return r;
+        };
+        let limit = api.max_streams_per_uid;
+        match self.streams.try_take(p.uid, limit) {
+            Some(slot) => hold_while_streaming(r, slot),
+            None => closing(too_many(format!(
+                "too many live streams for uid {} (limit {limit}, api.max_streams_per_uid)",
+                p.uid
+            ))),
+        }
+    }
+}
+
+fn too_many(message: String) -> ApiError {
+    ApiError {
+        http: StatusCode::TOO_MANY_REQUESTS,
+        code: codes::TOO_MANY,
+        message,
+    }
+}
+
+/// Is this answer a follow stream (newline-delimited JSON)?
+fn is_stream(r: &Response) -> bool {
+    r.headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-ndjson"))
+}
+
+/// The stream's body holds `slot` until it is dropped (the client went away, the stream
+/// ended, the agent stops).
+fn hold_while_streaming(r: Response, slot: Slot) -> Response {
+    use futures_util::StreamExt;
+    let (parts, body) = r.into_parts();
+    let data = body.into_data_stream().map(move |chunk| {
+        let _held = &slot;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(data))
+}
+
+/// Close a connection whose answer is written without resetting it: stop writing
+/// (half-close), then read and discard what the client still sends (a request body the
+/// agent did not read) until it closes, `budget` bytes were read or [`LINGER`] passed.
+/// Closing a unix socket with unread data makes the client's writes fail with EPIPE and its
+/// reads with ECONNRESET, so a client that writes its body after the headers (Python's
+/// http.client, requests) would otherwise never see a refusal.
+async fn linger(fd: OwnedFd, budget: usize) {
+    use tokio::io::AsyncReadExt;
+    let std_stream = std::os::unix::net::UnixStream::from(fd);
+    let _ = std_stream.shutdown(std::net::Shutdown::Write);
+    let Ok(mut s) = UnixStream::from_std(std_stream) else {
+        return;
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut left = budget;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn bodies_must_be_utf8_json_with_nothing_after_it() {
+        #[derive(serde::Deserialize, Debug)]
+        struct Req {
+            #[allow(dead_code)]
+            #[serde(default)]
+            name: String,
+        }
+        let body = b"{\"name\": \"x\",\n \"bk_username\": \"a\xffb\"}";
+        let e = handlers::parse::<Req>(body).unwrap_err();
+        assert_eq!(e.code, codes::BAD_REQUEST);
+        assert_eq!(
+            e.message,
+            "the request body is not valid UTF-8: invalid byte 0xff at offset 32 (line 2, column 19)"
+        );
+        let e = handlers::parse::<Req>(b"{\"name\": \"\xe4\xbd").unwrap_err();
+        assert!(
+            e.message.contains("a truncated character at offset 10"),
+            "{}",
+            e.message
+        );
+        let e = handlers::parse::<Req>(b"{\"name\": \"x\"} {}").unwrap_err();
+        assert!(e.message.contains("trailing characters"), "{}", e.message);
+        assert!(handlers::parse::<Req>("{\"name\": \"进程\"}\n".as_bytes()).is_ok());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn linger_reads_the_rest_of_the_body_then_closes() {
+        let (server, mut client) = std::os::unix::net::UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let fd = OwnedFd::from(server);
+        let done = tokio::spawn(linger(fd, 1 << 20));
+        // More than the socket buffers hold: only a reading peer lets this finish.
+        let writer = std::thread::spawn(move || {
+            client.write_all(&vec![b' '; 600_000]).unwrap();
+            // The server stopped writing: EOF, then the client closes.
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).unwrap();
+            rest.len()
+        });
+        done.await.unwrap();
+        assert_eq!(writer.join().unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn linger_stops_at_its_byte_budget() {
+        let (server, mut client) = std::os::unix::net::UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let fd = OwnedFd::from(server);
+        let done = tokio::spawn(linger(fd, 64 * 1024));
+        let writer = std::thread::spawn(move || client.write_all(&vec![b' '; 8 << 20]));
+        done.await.unwrap();
+        // The agent closed after its budget: the rest of the endless body is refused.
+        assert!(writer.join().unwrap().is_err());
     }
 }

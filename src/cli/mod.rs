@@ -2,7 +2,8 @@
 //! process or a selection), task results, events, logs, config reload, shell completions
 //! and the man page. It speaks the same socket API as every other caller; it never reads
 //! the agent's files itself, so it works for a non-root operator in the admin or read-only
-//! group.
+//! group. Run as root (or as the agent's uid) without `--socket`, it talks to the agent's
+//! root socket when that exists, which no other uid can fill.
 //!
 //! Exit codes follow LSB init-script conventions: 0 success; 1 generic failure (an operation
 //! failed); 2 invalid arguments; 3 (status) not running; 4 insufficient privilege; 5 not
@@ -53,8 +54,10 @@ pub mod exit {
 4 not allowed, 5 not registered / nothing matches, 6 the config has errors (reload), 69 agent unreachable."
 )]
 pub struct Cli {
-    /// The agent's socket (default: $PROCAGENT_SOCKET, else the config's agent.socket,
-    /// else /run/procagent/procagent.sock).
+    /// The agent's socket, used as given (default: $PROCAGENT_SOCKET; else, from the
+    /// config's agent.socket and api.root_socket or their defaults
+    /// /run/procagent/procagent.sock and procagent-root.sock next to it: the root socket
+    /// when running as root or as the agent's uid and it exists, the main socket otherwise).
     #[arg(long, global = true, env = "PROCAGENT_SOCKET")]
     pub socket: Option<PathBuf>,
     /// Read the socket path from this agent config file.
@@ -233,32 +236,57 @@ impl From<ClientError> for CliError {
     }
 }
 
-/// Resolve the socket path from the flags, environment and config.
+/// Resolve the socket path from the flags, environment and config: `--socket` (or
+/// `$PROCAGENT_SOCKET`) exactly as given; otherwise the config's (or the default) sockets,
+/// the root socket first when this process may use it (see [`prefer_root_socket`]).
 pub fn socket_path(cli: &Cli) -> Result<PathBuf, CliError> {
     if let Some(s) = &cli.socket {
         return Ok(s.clone());
     }
-    if let Some(c) = &cli.config {
-        // Only agent.socket is read, so a config with errors elsewhere still names the
-        // socket (and `reload --dry-run` can list those errors).
-        let text = std::fs::read_to_string(c)
-            .map_err(|e| CliError::new(exit::USAGE, format!("cannot read {}: {e}", c.display())))?;
-        let t: toml::Table = text
-            .parse()
-            .map_err(|e| CliError::new(exit::USAGE, format!("{}: {e}", c.display())))?;
-        let sock = t
-            .get("agent")
-            .and_then(|a| a.get("socket"))
+    let (main, root) = configured_sockets(cli.config.as_deref())?;
+    Ok(if prefer_root_socket(&root) {
+        root
+    } else {
+        main
+    })
+}
+
+/// The main and root sockets a config names (the defaults without a config). Only
+/// `agent.socket` and `api.root_socket` are read, so a config with errors elsewhere still
+/// names its sockets (and `reload --dry-run` can list those errors).
+fn configured_sockets(config: Option<&std::path::Path>) -> Result<(PathBuf, PathBuf), CliError> {
+    let default = PathBuf::from("/run/procagent/procagent.sock");
+    let Some(c) = config else {
+        let root = crate::config::root_socket_for(&default);
+        return Ok((default, root));
+    };
+    let text = std::fs::read_to_string(c)
+        .map_err(|e| CliError::new(exit::USAGE, format!("cannot read {}: {e}", c.display())))?;
+    let t: toml::Table = text
+        .parse()
+        .map_err(|e| CliError::new(exit::USAGE, format!("{}: {e}", c.display())))?;
+    let cwd = std::env::current_dir().map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let get = |table: &str, key: &str| {
+        t.get(table)
+            .and_then(|a| a.get(key))
             .and_then(|s| s.as_str())
-            .unwrap_or("/run/procagent/procagent.sock");
-        let p = PathBuf::from(sock);
-        if p.is_absolute() {
-            return Ok(p);
-        }
-        let cwd = std::env::current_dir().map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
-        return Ok(cwd.join(p));
-    }
-    Ok(PathBuf::from("/run/procagent/procagent.sock"))
+            .filter(|s| !s.is_empty())
+            .map(|s| cwd.join(s))
+    };
+    let main = get("agent", "socket").unwrap_or(default);
+    let root = get("api", "root_socket").unwrap_or_else(|| crate::config::root_socket_for(&main));
+    Ok((main, root))
+}
+
+/// Use the root socket? When it exists and this process may open it: it runs as root, or
+/// as the socket's owner (the agent's own uid, for an unprivileged agent).
+pub fn prefer_root_socket(root: &std::path::Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(m) = std::fs::symlink_metadata(root) else {
+        return false;
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    m.file_type().is_socket() && (me == 0 || me == m.uid())
 }
 
 fn api_error(env: &Envelope<Value>) -> CliError {

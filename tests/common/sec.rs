@@ -1,8 +1,12 @@
 //! Helpers of the security and fault tests: real accounts created for one test and removed
-//! after it, running the CLI as one of them, and filesystems mounted for one test.
+//! after it, running the CLI (or a socket client, `peer.py`) as one of them, commands with a
+//! deadline, and filesystems mounted for one test.
 
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// A unique short suffix for names created by one test run.
 pub fn unique_suffix() -> String {
@@ -126,25 +130,228 @@ impl Drop for Accounts {
     }
 }
 
-/// Run `prog args` as `user` (its uid, primary gid and supplementary groups) through
-/// setpriv; returns (exit code, stdout, stderr).
-pub fn run_as(user: &User, prog: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("setpriv")
-        .arg(format!("--reuid={}", user.uid))
+/// The usual cast of the socket tests, created for one test and removed after it: groups
+/// for the socket, for admins and for readers; an admin (through a supplementary group), a
+/// reader (read-only through its primary group) and another uid that is in the socket group
+/// but has no role. More accounts can be added through `acc`.
+pub struct Cast {
+    pub acc: Accounts,
+    pub sock_g: String,
+    pub adm_g: String,
+    pub ro_g: String,
+    pub admin: User,
+    pub reader: User,
+    pub other: User,
+}
+
+impl Cast {
+    pub fn new() -> Cast {
+        let mut acc = Accounts::new();
+        let sock_g = acc.group("sock");
+        let adm_g = acc.group("adm");
+        let ro_g = acc.group("ro");
+        let admin = acc.user("a", None, &[&adm_g, &sock_g]);
+        let reader = acc.user("r", Some(&ro_g), &[&sock_g]);
+        let other = acc.user("o", None, &[&sock_g]);
+        Cast {
+            acc,
+            sock_g,
+            adm_g,
+            ro_g,
+            admin,
+            reader,
+            other,
+        }
+    }
+
+    /// The `[api]` table that gives the cast's groups their roles, followed by `extra`.
+    pub fn api_config(&self, extra: &str) -> String {
+        format!(
+            "[api]\nadmin_group = \"{}\"\nreadonly_group = \"{}\"\nsocket_group = \"{}\"\n{extra}",
+            self.adm_g, self.ro_g, self.sock_g
+        )
+    }
+}
+
+/// The CLI, copied where every account can execute it.
+pub fn cli_copy(env: &super::TestEnv) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let p = env.path().join("procagent-cli");
+    std::fs::copy(super::CLI, &p).expect("copy cli");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    p.display().to_string()
+}
+
+/// `setpriv ... -- prog`: a command that runs `prog` as `user` (its uid, primary gid and
+/// supplementary groups), in `/`, without colours.
+pub fn as_user(user: &User, prog: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={}", user.uid))
         .arg(format!("--regid={}", user.gid))
         .arg("--init-groups")
         .arg("--")
         .arg(prog)
-        .args(args)
         .env("NO_COLOR", "1")
-        .current_dir("/")
-        .output()
-        .expect("setpriv");
+        .current_dir("/");
+    c
+}
+
+/// Run `prog args` as `user` (its uid, primary gid and supplementary groups) through
+/// setpriv; returns (exit code, stdout, stderr).
+pub fn run_as(user: &User, prog: &str, args: &[&str]) -> (i32, String, String) {
+    let out = as_user(user, prog).args(args).output().expect("setpriv");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The socket clients of `peer.py` (see its docstring), run as other accounts.
+pub const PEER_PY: &str = include_str!("peer.py");
+
+/// A python3 that every account may run (a pyenv shim under /root is not one), if any.
+pub fn system_python() -> Option<String> {
+    ["/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .map(str::to_string)
+}
+
+/// `prog args` as `user` through setpriv (or as this process when `user` is None), stdin and
+/// stdout piped, stdout read line by line; killed when dropped.
+pub struct AsUser {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl AsUser {
+    pub fn spawn(user: Option<&User>, prog: &str, args: &[&str]) -> AsUser {
+        let mut cmd = match user {
+            Some(u) => as_user(u, prog),
+            None => Command::new(prog),
+        };
+        let mut child = cmd
+            .args(args)
+            .env_remove("PROCAGENT_SOCKET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        AsUser { child, lines }
+    }
+
+    /// The next line it prints, or panic after `timeout`.
+    pub fn line(&mut self, what: &str, timeout: Duration) -> String {
+        self.lines
+            .recv_timeout(timeout)
+            .unwrap_or_else(|e| panic!("no output from {what} within {timeout:?}: {e}"))
+    }
+
+    /// Write a line to its stdin.
+    pub fn say(&mut self, text: &str) {
+        if let Some(i) = self.child.stdin.as_mut() {
+            let _ = writeln!(i, "{text}");
+        }
+    }
+
+    /// Close its stdin (the peer.py modes that hold connections end then).
+    pub fn close_stdin(&mut self) {
+        self.child.stdin.take();
+    }
+
+    /// Wait for it to exit within `timeout`; kill it after.
+    pub fn finish(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AsUser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `cmd` to its end within `timeout`: Some((exit code, stdout, stderr)), or None (after
+/// killing it) when it did not finish in time.
+pub fn run_within(cmd: &mut Command, timeout: Duration) -> Option<(i32, String, String)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let readers: Vec<_> = [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .map(|r| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    })
+    .collect();
+    let end = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break Some(st);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let texts: Vec<String> = readers
+        .into_iter()
+        .map(|t| t.join().unwrap_or_default())
+        .collect();
+    status.map(|st| (st.code().unwrap_or(-1), texts[0].clone(), texts[1].clone()))
+}
+
+/// `prog args` as `user` through setpriv, within `timeout` (see [`run_within`]).
+pub fn run_as_within(
+    user: &User,
+    prog: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Option<(i32, String, String)> {
+    run_within(as_user(user, prog).args(args), timeout)
 }
 
 /// A filesystem mounted for one test; lazily unmounted when dropped.
@@ -316,17 +523,6 @@ pub fn accounts_available() -> bool {
         }
     }
     true
-}
-
-/// The CLI, copied where every account can execute it.
-pub fn cli_copy(dir: &Path) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let p = dir.join("procagent-cli");
-    if !p.exists() {
-        std::fs::copy(super::CLI, &p).expect("copy cli");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
-    p.display().to_string()
 }
 
 /// `procagent --socket SOCKET call API BODY` as `user`: (exit code, envelope or null, stderr).
