@@ -17,6 +17,7 @@ pub mod auth;
 pub mod client;
 pub mod gsekit;
 pub mod handlers;
+pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod reload;
