@@ -68,12 +68,25 @@ pub struct TaskItemRecord {
     pub op_type: i64,
     /// `None` while the item runs.
     pub result: Option<KeyResult>,
+    /// What the item did to the process's definition (`registered`, `updated: field, ...`,
+    /// `unchanged`); `None` when it wrote none.
+    pub definition: Option<String>,
+}
+
+/// The task item on whose behalf a definition is written: its change is recorded in the
+/// same transaction as the definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemNote {
+    pub task_id: String,
+    pub idx: usize,
+    /// The change, as [`TaskItemRecord::definition`] says it.
+    pub change: String,
 }
 
 /// Data operations the writer applies.
 #[derive(Debug, Clone)]
 enum Op {
-    PutDefinition(ProcKey, String),
+    PutDefinition(ProcKey, String, Option<ItemNote>),
     DeleteDefinition(ProcKey),
     PutState(ProcKey, String),
     DeleteState(ProcKey),
@@ -88,6 +101,7 @@ enum Op {
         finished_ms: i64,
     },
     InsertEvent(Event),
+    NoteItem(ItemNote),
     Prune {
         before_ms: i64,
         max_tasks: u64,
@@ -122,7 +136,7 @@ pub struct Store {
     path: PathBuf,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_secs(5))?;
@@ -132,34 +146,45 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Schema v1 (f37add0 and before).
+const SCHEMA_V1: &str = "BEGIN;
+     CREATE TABLE IF NOT EXISTS definitions (
+         namespace TEXT NOT NULL, name TEXT NOT NULL, def TEXT NOT NULL,
+         PRIMARY KEY (namespace, name));
+     CREATE TABLE IF NOT EXISTS proc_state (
+         namespace TEXT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL,
+         PRIMARY KEY (namespace, name));
+     CREATE TABLE IF NOT EXISTS tasks (
+         task_id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, finished_ms INTEGER,
+         api TEXT NOT NULL, op_type INTEGER NOT NULL, peer_uid INTEGER, peer_pid INTEGER,
+         username TEXT NOT NULL DEFAULT '');
+     CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_ms);
+     CREATE TABLE IF NOT EXISTS task_items (
+         task_id TEXT NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
+         idx INTEGER NOT NULL, result_key TEXT NOT NULL, namespace TEXT, name TEXT,
+         op_type INTEGER NOT NULL, done INTEGER NOT NULL DEFAULT 0,
+         error_code INTEGER, error_msg TEXT, content TEXT,
+         PRIMARY KEY (task_id, idx));
+     CREATE TABLE IF NOT EXISTS events (
+         id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, key TEXT NOT NULL,
+         kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL);
+     PRAGMA user_version = 1;
+     COMMIT;";
+
+/// v1 -> v2: what each task item did to its definition (NULL for older rows, and for items
+/// that wrote none).
+const SCHEMA_V2: &str = "BEGIN;
+     ALTER TABLE task_items ADD COLUMN definition TEXT;
+     PRAGMA user_version = 2;
+     COMMIT;";
+
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if v < 1 {
-        conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE IF NOT EXISTS definitions (
-                 namespace TEXT NOT NULL, name TEXT NOT NULL, def TEXT NOT NULL,
-                 PRIMARY KEY (namespace, name));
-             CREATE TABLE IF NOT EXISTS proc_state (
-                 namespace TEXT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL,
-                 PRIMARY KEY (namespace, name));
-             CREATE TABLE IF NOT EXISTS tasks (
-                 task_id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, finished_ms INTEGER,
-                 api TEXT NOT NULL, op_type INTEGER NOT NULL, peer_uid INTEGER, peer_pid INTEGER,
-                 username TEXT NOT NULL DEFAULT '');
-             CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_ms);
-             CREATE TABLE IF NOT EXISTS task_items (
-                 task_id TEXT NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
-                 idx INTEGER NOT NULL, result_key TEXT NOT NULL, namespace TEXT, name TEXT,
-                 op_type INTEGER NOT NULL, done INTEGER NOT NULL DEFAULT 0,
-                 error_code INTEGER, error_msg TEXT, content TEXT,
-                 PRIMARY KEY (task_id, idx));
-             CREATE TABLE IF NOT EXISTS events (
-                 id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, key TEXT NOT NULL,
-                 kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL);
-             PRAGMA user_version = 1;
-             COMMIT;",
-        )?;
+        conn.execute_batch(SCHEMA_V1)?;
+    }
+    if v < 2 {
+        conn.execute_batch(SCHEMA_V2)?;
     }
     Ok(())
 }
@@ -253,7 +278,25 @@ impl Store {
 
     /// Store a definition (JSON) and wait for the commit.
     pub async fn put_definition(&self, key: &ProcKey, json: String) -> Result<(), StoreError> {
-        self.send_wait(Op::PutDefinition(key.clone(), json)).await
+        self.send_wait(Op::PutDefinition(key.clone(), json, None))
+            .await
+    }
+
+    /// Store a definition and, in the same transaction, record on `note`'s task item what
+    /// that write changed; wait for the commit.
+    pub async fn put_definition_noted(
+        &self,
+        key: &ProcKey,
+        json: String,
+        note: Option<ItemNote>,
+    ) -> Result<(), StoreError> {
+        self.send_wait(Op::PutDefinition(key.clone(), json, note))
+            .await
+    }
+
+    /// Record what a task item did to its definition when nothing was written (background).
+    pub fn note_item(&self, note: ItemNote) {
+        self.send_bg(Op::NoteItem(note));
     }
 
     /// Delete a definition and its state, and wait for the commit.
@@ -406,13 +449,17 @@ fn classify_open_error(path: &str, e: rusqlite::Error) -> StoreError {
 
 fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
     match op {
-        Op::PutDefinition(k, json) => {
+        Op::PutDefinition(k, json, note) => {
             conn.execute(
                 "INSERT INTO definitions (namespace, name, def) VALUES (?1, ?2, ?3)
                  ON CONFLICT (namespace, name) DO UPDATE SET def = excluded.def",
                 params![k.namespace, k.name, json],
             )?;
+            if let Some(n) = note {
+                note_item(conn, n)?;
+            }
         }
+        Op::NoteItem(n) => note_item(conn, n)?,
         Op::DeleteDefinition(k) => {
             conn.execute(
                 "DELETE FROM definitions WHERE namespace = ?1 AND name = ?2",
@@ -448,8 +495,8 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
                 params![t.task_id, t.created_ms, t.finished_ms, t.api, t.op_type, t.peer_uid, t.peer_pid, t.username],
             )?;
             let mut stmt = conn.prepare_cached(
-                "INSERT OR REPLACE INTO task_items (task_id, idx, result_key, namespace, name, op_type, done, error_code, error_msg, content)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT OR REPLACE INTO task_items (task_id, idx, result_key, namespace, name, op_type, done, error_code, error_msg, content, definition)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
             for (i, it) in t.items.iter().enumerate() {
                 let (done, code, msg, content) = match &it.result {
@@ -471,7 +518,8 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
                     done,
                     code,
                     msg,
-                    content
+                    content,
+                    it.definition
                 ])?;
             }
         }
@@ -532,6 +580,14 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn note_item(conn: &Connection, n: &ItemNote) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE task_items SET definition = ?3 WHERE task_id = ?1 AND idx = ?2",
+        params![n.task_id, n.idx as i64, n.change],
+    )?;
     Ok(())
 }
 
@@ -681,7 +737,7 @@ fn read_task(conn: &Connection, task_id: &str) -> rusqlite::Result<Option<TaskRe
         items: Vec::new(),
     };
     let mut stmt = conn.prepare_cached(
-        "SELECT result_key, namespace, name, op_type, done, error_code, error_msg, content
+        "SELECT result_key, namespace, name, op_type, done, error_code, error_msg, content, definition
          FROM task_items WHERE task_id = ?1 ORDER BY idx",
     )?;
     t.items = stmt
@@ -705,6 +761,7 @@ fn read_task(conn: &Connection, task_id: &str) -> rusqlite::Result<Option<TaskRe
                 } else {
                     None
                 },
+                definition: r.get(8)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -762,6 +819,7 @@ mod tests {
                 key: Some(ProcKey::new("ns", "a")),
                 op_type: 0,
                 result: None,
+                definition: None,
             }],
         }
     }
@@ -818,6 +876,52 @@ mod tests {
         }
         let (_s, loaded) = Store::open(&db, 10, 10).unwrap();
         assert!(loaded.states.is_empty(), "{:?}", loaded.states);
+    }
+
+    #[tokio::test]
+    async fn a_v1_database_is_migrated_and_keeps_its_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        {
+            // As the agent at f37add0 left it.
+            let c = Connection::open(&db).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute_batch(
+                "INSERT INTO tasks VALUES ('GSETASK:1', 1000, 1001, 'operate_proc', 0, 0, 7, 'u');
+                 INSERT INTO task_items (task_id, idx, result_key, namespace, name, op_type, done, error_code, error_msg, content)
+                 VALUES ('GSETASK:1', 0, 'k', 'ns', 'a', 0, 1, 0, 'success', '');",
+            )
+            .unwrap();
+        }
+        let (s, loaded) = Store::open(&db, 10, 10).unwrap();
+        assert_eq!(loaded.tasks.len(), 1);
+        assert_eq!(loaded.tasks[0].items[0].definition, None);
+        assert_eq!(loaded.tasks[0].items[0].result, Some(KeyResult::ok("")));
+        // The new column takes notes, with the definition write and on its own.
+        s.insert_task(task("GSETASK:2")).await.unwrap();
+        let k = ProcKey::new("ns", "a");
+        let note = |change: &str| ItemNote {
+            task_id: "GSETASK:2".into(),
+            idx: 0,
+            change: change.into(),
+        };
+        s.put_definition_noted(&k, "{}".into(), Some(note("registered")))
+            .await
+            .unwrap();
+        let got = s.read_task("GSETASK:2").unwrap().unwrap();
+        assert_eq!(got.items[0].definition.as_deref(), Some("registered"));
+        s.note_item(note("unchanged"));
+        s.flush().await.unwrap();
+        drop(s);
+        let c = Connection::open(&db).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        drop(c);
+        let (s, _) = Store::open(&db, 10, 10).unwrap();
+        let got = s.read_task("GSETASK:2").unwrap().unwrap();
+        assert_eq!(got.items[0].definition.as_deref(), Some("unchanged"));
     }
 
     #[test]

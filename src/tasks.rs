@@ -123,6 +123,15 @@ impl TaskBook {
         }
     }
 
+    /// Record in memory what an item did to its definition (the store records it with the
+    /// definition write itself: [`crate::store::ItemNote`]).
+    pub fn note_definition(&self, task_id: &str, idx: usize, change: &str) {
+        let mut b = self.lock();
+        if let Some(it) = b.tasks.get_mut(task_id).and_then(|t| t.items.get_mut(idx)) {
+            it.definition = Some(change.to_string());
+        }
+    }
+
     /// Look a task up (memory first, then the store).
     pub fn get(&self, task_id: &str) -> Option<TaskRecord> {
         if let Some(t) = self.lock().tasks.get(task_id) {

@@ -62,55 +62,39 @@ fn meta(name: &str) -> Value {
 }
 
 fn refused(v: &Value, what: &str) {
-    assert_eq!(v["result"], json!(false), "{what} should be refused: {v}");
-    assert_eq!(v["code"], json!(FORBIDDEN), "{what}: {v}");
-    assert!(
-        v["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{what}: {v}"
-    );
+    refusal(v, FORBIDDEN, what);
 }
 
 fn uid_of(pid: i32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|u| u.parse().ok())
+    proc_status_number(pid, "Uid:")
+        .and_then(|u| u32::try_from(u).ok())
         .unwrap_or(u32::MAX)
 }
 
 #[test]
 fn authorization_matrix_with_real_users() {
-    if !is_root() {
-        eprintln!("skipped: creating accounts and switching to them needs root");
-        return;
-    }
-    for tool in ["useradd", "groupadd", "userdel", "groupdel", "setpriv"] {
-        if !have(tool) {
-            eprintln!("skipped: {tool} is not installed");
-            return;
-        }
-    }
     let env = TestEnv::new();
     // Admin through a supplementary group; read-only through its primary group.
-    let mut cast = Cast::new();
-    let (sock_g, adm_g, ro_g) = (cast.sock_g.clone(), cast.adm_g.clone(), cast.ro_g.clone());
-    let (admin, reader, other) = (cast.admin.clone(), cast.reader.clone(), cast.other.clone());
-    let outsider = cast.acc.user("x", None, &[]);
-    let cli = cli_copy(&env);
+    let Some(mut r) = Roles::new(&env) else {
+        return;
+    };
+    let (admin, reader, other, cli) = (
+        r.admin.clone(),
+        r.reader.clone(),
+        r.other.clone(),
+        r.cli.clone(),
+    );
+    let (sock_g, adm_g) = (r.sock_g.clone(), r.adm_g.clone());
+    let outsider = r.acc.user("x", None, &[]);
     // root's process, declared in the config (and so started at once), with a secret in its
     // environment.
-    let d = Daemon::start(
+    let d = r.daemon(
         &env,
-        &format!(
-            "[api]\nadmin_group = \"{adm_g}\"\nreadonly_group = \"{ro_g}\"\nsocket_group = \"{sock_g}\"\n{}",
-            config_process(
-                &env,
-                "rootsvc",
-                &[("ROOT_TOKEN", "root-env-value-7731")],
-                ""
-            )
+        &config_process(
+            &env,
+            "rootsvc",
+            &[("ROOT_TOKEN", "root-env-value-7731")],
+            "",
         ),
     );
     // The socket and its directory belong to the socket group: 0660 in 0750.
@@ -137,14 +121,7 @@ fn authorization_matrix_with_real_users() {
     let root_def = d.detail(NS, "rootsvc")["spec"].clone();
 
     // --- admin group member ---------------------------------------------------------
-    let adir = env.path().join("home-a");
-    std::fs::create_dir(&adir).unwrap();
-    nix::unistd::chown(
-        &adir,
-        Some(nix::unistd::Uid::from_raw(admin.uid)),
-        Some(nix::unistd::Gid::from_raw(admin.gid)),
-    )
-    .unwrap();
+    let adir = r.admin_dir(&env);
     let apid = adir.join("adminsvc.pid").display().to_string();
     let aspec = json!({
         "identity": {"proc_name": "adminsvc", "setup_path": env.path().display().to_string(),
@@ -448,7 +425,7 @@ fn authorization_matrix_with_real_users() {
         && t["peer_pid"] == json!(std::process::id())
         && t["api"] == json!("register_proc_info")));
     drop(d);
-    drop(cast);
+    drop(r);
 }
 
 #[test]
@@ -608,4 +585,540 @@ fn secrets_never_reach_the_log_the_database_or_output_files() {
         out.contains("starting"),
         "the command saw its environment: {out}"
     );
+}
+
+/// Accounts and a CLI for the role tests: an admin (supplementary admin group) and a
+/// read-only member (primary read-only group), both in the socket group. `None` (with the
+/// reason printed) when the test cannot create accounts.
+struct Roles {
+    admin: User,
+    reader: User,
+    /// In the socket group, without a role.
+    other: User,
+    cli: String,
+    /// The `[api]` table naming the groups.
+    api: String,
+    sock_g: String,
+    adm_g: String,
+    // Dropped last.
+    acc: Accounts,
+}
+
+impl Roles {
+    fn new(env: &TestEnv) -> Option<Roles> {
+        if !common::sec::accounts_available() {
+            return None;
+        }
+        let cast = Cast::new();
+        let api = cast.api_config("");
+        let Cast {
+            acc,
+            sock_g,
+            adm_g,
+            admin,
+            reader,
+            other,
+            ..
+        } = cast;
+        Some(Roles {
+            admin,
+            reader,
+            other,
+            cli: cli_copy(env),
+            api,
+            sock_g,
+            adm_g,
+            acc,
+        })
+    }
+}
+
+impl Roles {
+    /// A daemon whose `[api]` names the groups, plus `extra` config.
+    fn daemon(&self, env: &TestEnv, extra: &str) -> Daemon {
+        Daemon::start(env, &format!("{}{extra}", self.api))
+    }
+
+    /// A directory in the test's dir owned by the admin (for their pid files).
+    fn admin_dir(&self, env: &TestEnv) -> std::path::PathBuf {
+        let dir = env.path().join("home-a");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        nix::unistd::chown(
+            &dir,
+            Some(nix::unistd::Uid::from_raw(self.admin.uid)),
+            Some(nix::unistd::Gid::from_raw(self.admin.gid)),
+        )
+        .expect("chown");
+        dir
+    }
+}
+
+/// operate_proc op 2 on `name` with an inline `spec`, as the read-only member: its result.
+fn status_as(r: &Roles, d: &Daemon, name: &str, spec: &Value) -> Value {
+    let (code, v, err) = call_as(
+        &r.cli,
+        d,
+        &r.reader,
+        "operate_proc",
+        &json!({"meta": meta(name), "op_type": 2, "hosts": [Daemon::host()], "spec": spec}),
+    );
+    assert_eq!((code, v["result"].clone()), (0, json!(true)), "{v} {err}");
+    let task = v["data"]["task_id"].as_str().expect("task id").to_string();
+    wait_task_as(&r.cli, d, &r.reader, &task, &Daemon::key(NS, name))
+}
+
+/// Watch `path` for `window`: true if it appeared.
+fn appears_within(path: &str, window: Duration) -> bool {
+    let end = std::time::Instant::now() + window;
+    while std::time::Instant::now() < end {
+        if std::path::Path::new(path).exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::path::Path::new(path).exists()
+}
+
+#[test]
+fn status_with_an_inline_spec_never_writes_a_definition_or_runs_a_command() {
+    let env = TestEnv::new();
+    let Some(r) = Roles::new(&env) else { return };
+    let d = r.daemon(&env, "[supervisor]\nhealth_interval = \"200ms\"\n");
+    // root's process, registered through the API and running.
+    let spec = daemon_spec(&env, "victim", json!({}));
+    d.register(NS, "victim", spec.clone());
+    assert_eq!(d.op(NS, "victim", 0)["error_code"], json!(0));
+    let pid = read_pid(&env.p("victim.pid")).unwrap();
+    let before = d.detail(NS, "victim")["spec"].clone();
+
+    // A read-only member's status query carries a spec whose health_cmd would run as root.
+    let marker = env.p("pwned-by-status");
+    let mut evil = spec.clone();
+    evil["control"]["health_cmd"] = json!(format!("id > {marker}"));
+    let res = status_as(&r, &d, "victim", &evil);
+    assert_eq!(res["error_code"], json!(0), "the status is answered: {res}");
+    let content: Value = serde_json::from_str(res["content"].as_str().unwrap()).unwrap();
+    assert_eq!(content["process"][0]["instance"][0]["pid"], json!(pid));
+    // Ten health intervals and more: the health_cmd never ran, the definition is root's.
+    assert!(
+        !appears_within(&marker, Duration::from_secs(4)),
+        "a status query's inline health_cmd ran as root"
+    );
+    assert_eq!(
+        d.detail(NS, "victim")["spec"],
+        before,
+        "definition replaced"
+    );
+    // The window is long enough: root's own update of the health_cmd runs within it.
+    let control = env.p("health-ran");
+    let mut mine = spec.clone();
+    mine["control"]["health_cmd"] = json!(format!("id > {control}"));
+    let rr = d.call(
+        "update_proc_info",
+        &json!({"meta": meta("victim"), "hosts": [Daemon::host()], "spec": mine}),
+    );
+    assert_eq!(rr["result"], json!(true), "{rr}");
+    assert!(appears_within(&control, Duration::from_secs(4)));
+
+    // A new key whose inline spec names /etc/shadow as its log: nothing is registered, so
+    // the logs endpoint has nothing to read.
+    let mut peek = daemon_spec(&env, "peek", json!({}));
+    peek["identity"]["log_path"] = json!("/etc/shadow");
+    let res = status_as(&r, &d, "peek", &peek);
+    assert_eq!(res["error_code"], json!(851), "unregistered: {res}");
+    let content: Value = serde_json::from_str(res["content"].as_str().unwrap()).unwrap();
+    assert_eq!(content["process"][0]["instance"][0]["pid"], json!(-1));
+    let list = d.call("procs", &json!({"namespace": NS, "name": "peek"}));
+    assert_eq!(list["data"]["count"], json!(0), "registered: {list}");
+    let sock = d.socket.display().to_string();
+    let (code, out, err) = run_as(
+        &r.reader,
+        &r.cli,
+        &["--socket", &sock, "logs", &format!("{NS}/peek")],
+    );
+    assert_ne!(code, 0, "logs of an unregistered key: {out}");
+    assert!(err.contains("not registered"), "{err}");
+    assert!(!out.contains("root:"), "shadow was read: {out}");
+}
+
+#[test]
+fn multi_status_items_from_a_reader_register_nothing_and_writes_are_refused() {
+    let env = TestEnv::new();
+    let Some(r) = Roles::new(&env) else { return };
+    let d = r.daemon(&env, "");
+    let spec = daemon_spec(&env, "rsvc", json!({}));
+    d.register(NS, "rsvc", spec.clone());
+    let before = d.detail(NS, "rsvc")["spec"].clone();
+    let mut changed = spec.clone();
+    changed["control"]["stop_cmd"] = json!("true");
+    let items = |op: i64| {
+        json!({"proc_operate_req": [
+            {"meta": meta("rsvc"), "op_type": op, "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}], "spec": changed},
+            {"meta": meta("fresh1"), "op_type": op, "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}],
+             "spec": daemon_spec(&env, "fresh1", json!({}))},
+        ]})
+    };
+    let (code, v, err) = call_as(&r.cli, &d, &r.reader, "operate_proc_multi", &items(2));
+    assert_eq!((code, v["result"].clone()), (0, json!(true)), "{v} {err}");
+    let task = v["data"]["task_id"].as_str().unwrap().to_string();
+    let a = wait_task_as(
+        &r.cli,
+        &d,
+        &r.reader,
+        &task,
+        &format!("0:127.0.0.1:{NS}:rsvc"),
+    );
+    let b = wait_task_as(
+        &r.cli,
+        &d,
+        &r.reader,
+        &task,
+        &format!("0:127.0.0.1:{NS}:fresh1"),
+    );
+    assert_eq!(a["error_code"], json!(0), "{a}");
+    assert_eq!(b["error_code"], json!(851), "{b}");
+    assert_eq!(d.detail(NS, "rsvc")["spec"], before, "definition replaced");
+    let list = d.call("procs", &json!({"namespace": NS}));
+    assert_eq!(list["data"]["count"], json!(1), "registered: {list}");
+    // The same items as a start (a write) are refused whole.
+    for op in [0, 3, 7] {
+        let (_, v, _) = call_as(&r.cli, &d, &r.reader, "operate_proc_multi", &items(op));
+        refused(&v, &format!("reader operate_proc_multi op {op} with specs"));
+    }
+    // An invalid inline spec does not turn a refusal into a recorded task.
+    let (_, v, _) = call_as(
+        &r.cli,
+        &d,
+        &r.reader,
+        "operate_proc_multi",
+        &json!({"proc_operate_req": [{"meta": meta("rsvc"), "op_type": 9,
+                "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}], "spec": {"identity": {}}}]}),
+    );
+    refused(&v, "reader op 9 with an invalid spec");
+    let list = d.call("procs", &json!({"namespace": NS}));
+    assert_eq!(list["data"]["count"], json!(1), "registered: {list}");
+    // operate_process (v2): a status query is answered and registers nothing; a start with
+    // the same entry is refused.
+    let info = json!({"setup_path": env.path().display().to_string(), "proc_name": "v2p",
+                      "pid_path": env.p("v2p.pid"), "start_cmd": "true", "health_cmd": "true",
+                      "ip_list": [{"ip": "127.0.0.1", "bk_cloud_id": 0}]});
+    let (_, v, err) = call_as(
+        &r.cli,
+        &d,
+        &r.reader,
+        "operate_process",
+        &json!({"bk_biz_id": 1, "op_type": 2, "process_infos": [info]}),
+    );
+    assert_eq!(v["result"], json!(true), "{v} {err}");
+    let task = v["data"]["bk_gse_taskid"].as_str().unwrap().to_string();
+    let k = "0:127.0.0.1:operate_process:v2p@".to_string() + &env.path().display().to_string();
+    let res = wait_task_as(&r.cli, &d, &r.reader, &task, &k);
+    assert_eq!(res["error_code"], json!(851), "{res}");
+    for op in [0, 4] {
+        let (_, v, _) = call_as(
+            &r.cli,
+            &d,
+            &r.reader,
+            "operate_process",
+            &json!({"bk_biz_id": 1, "op_type": op, "process_infos": [info]}),
+        );
+        refused(&v, &format!("reader operate_process op {op}"));
+    }
+    let list = d.call("procs", &json!({}));
+    assert_eq!(list["data"]["count"], json!(1), "registered: {list}");
+    // /metrics on the socket is a read: the reader gets it, a uid without a role does not.
+    // (A python3 every account may run: not one under root's home.)
+    let py = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| have(p));
+    let sock = d.socket.display().to_string();
+    let get = |u: &User| {
+        let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ns.sendall(b'GET /metrics HTTP/1.1\\r\\nHost: a\\r\\nConnection: close\\r\\n\\r\\n')\nb=b''\nwhile True:\n    c=s.recv(65536)\n    if not c: break\n    b+=c\nsys.stdout.write(b.decode('utf-8','replace'))\n";
+        let (_, out, err) = run_as(u, py.unwrap_or("python3"), &["-c", script, &sock]);
+        format!("{out}{err}")
+    };
+    if py.is_some() {
+        let ok = get(&r.reader);
+        assert!(
+            ok.starts_with("HTTP/1.1 200") && ok.contains("procagent_"),
+            "{ok}"
+        );
+        let no = get(&r.other);
+        assert!(
+            no.contains("1000403") && !no.contains("procagent_process"),
+            "{no}"
+        );
+    } else {
+        eprintln!("no system python3: /metrics roles not checked here");
+    }
+    let tasks = d.call("tasks", &json!({"limit": 1000}))["data"]["list"].clone();
+    let by_reader = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["peer_uid"] == json!(r.reader.uid) && t["op_type"] != json!(2))
+        .count();
+    assert_eq!(by_reader, 0, "a refused request was recorded: {tasks}");
+}
+
+#[test]
+fn inline_specs_are_recorded_as_the_change_they_make() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let spec = daemon_spec(&env, "inl", json!({}));
+    let op = |op: i64, spec: &Value| {
+        let r = d.call(
+            "operate_proc",
+            &json!({"meta": meta("inl"), "op_type": op, "hosts": [Daemon::host()], "spec": spec}),
+        );
+        assert_eq!(r["result"], json!(true), "{r}");
+        let task = r["data"]["task_id"].as_str().unwrap().to_string();
+        let res = d.wait_task(&task, &Daemon::key(NS, "inl"));
+        let t = d.call("tasks", &json!({"limit": 1000}))["data"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["task_id"] == json!(task))
+            .cloned()
+            .unwrap();
+        (res, t["items"][0]["definition"].clone())
+    };
+    let (res, change) = op(0, &spec);
+    assert_eq!(res["error_code"], json!(0), "{res}");
+    assert_eq!(change, json!("registered"));
+    let mut changed = spec.clone();
+    changed["control"]["stop_cmd"] = json!(format!("kill -TERM $(cat {})", env.p("inl.pid")));
+    let (res, change) = op(1, &changed);
+    assert_eq!(res["error_code"], json!(0), "{res}");
+    assert_eq!(change, json!("updated: stop_cmd"));
+    let (_, change) = op(1, &changed);
+    assert_eq!(change, json!("unchanged"));
+    // A status query records no definition change, whatever it carries.
+    let mut other = changed.clone();
+    other["control"]["stop_cmd"] = json!("true");
+    let (_, change) = op(2, &other);
+    assert_eq!(change, Value::Null);
+    assert_eq!(
+        d.detail(NS, "inl")["spec"]["stop_cmd"],
+        changed["control"]["stop_cmd"]
+    );
+    // register/update/unregister say the same, and the CLI shows it.
+    let r = d.call(
+        "update_proc_info",
+        &json!({"meta": meta("inl"), "hosts": [Daemon::host()], "spec": spec}),
+    );
+    assert_eq!(r["result"], json!(true), "{r}");
+    let t = d.call("tasks", &json!({"limit": 1}))["data"]["list"][0].clone();
+    assert_eq!(t["api"], json!("update_proc_info"), "{t}");
+    assert_eq!(
+        t["items"][0]["definition"],
+        json!("updated: stop_cmd"),
+        "{t}"
+    );
+    let (code, out, err) = d.cli(&["tasks", "--limit", "10"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("registered") && out.contains("updated: stop_cmd"),
+        "{out}"
+    );
+    // The change survives a restart of the agent (it is in the state database).
+    let tid = t["task_id"].as_str().unwrap().to_string();
+    let mut d = d;
+    d.terminate();
+    let d = Daemon::start_with(&env, &d.config.clone());
+    let (code, out, err) = d.cli(&["task", &tid]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("updated: stop_cmd"), "{out}");
+}
+
+#[test]
+fn reload_apply_needs_the_full_role_and_dry_run_hides_env_values() {
+    let env = TestEnv::new();
+    let Some(r) = Roles::new(&env) else { return };
+    let text = |token: &str| {
+        format!(
+            "{}{}",
+            r.api,
+            config_process(&env, "cfgsvc", &[("CFG_TOKEN", token)], "")
+        )
+    };
+    let mut d = Daemon::start(&env, &text("old-secret-4417"));
+    let cfg = Daemon::config_text(&env, &text("new-secret-9902"));
+    std::fs::write(&d.config, cfg).unwrap();
+    let sock = d.socket.display().to_string();
+    // An admin may not apply: applying writes definitions of any account and restarts them.
+    let (code, out, err) = run_as(&r.admin, &r.cli, &["--socket", &sock, "reload"]);
+    assert_eq!(code, 4, "admin reload: {out} {err}");
+    assert!(err.contains("reload"), "{err}");
+    assert_eq!(
+        d.detail(NS, "cfgsvc")["spec"]["env"]["CFG_TOKEN"],
+        json!("old-secret-4417"),
+        "applied"
+    );
+    // A dry run shows what changes, with the values hidden from who may not change it.
+    for who in [&r.reader, &r.admin] {
+        let (code, v, err) = call_as(&r.cli, &d, who, "reload", &json!({"dry_run": true}));
+        assert_eq!((code, v["result"].clone()), (0, json!(true)), "{v} {err}");
+        let text = v.to_string();
+        assert!(
+            !text.contains("old-secret-4417") && !text.contains("new-secret-9902"),
+            "env values shown: {text}"
+        );
+        let ch = &v["data"]["changed"][0];
+        assert_eq!(ch["key"], json!(format!("{NS}/cfgsvc")), "{v}");
+        let f = ch["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["field"] == json!("env"))
+            .unwrap();
+        assert_eq!(f["old"]["CFG_TOKEN"], json!("(hidden)"), "{f}");
+        assert_eq!(f["new"]["CFG_TOKEN"], json!("(hidden)"), "{f}");
+    }
+    // root sees the values and may apply.
+    let v = d.call("reload", &json!({"dry_run": true}));
+    assert!(v.to_string().contains("new-secret-9902"), "{v}");
+    let v = d.call("reload", &json!({}));
+    assert_eq!(v["result"], json!(true), "{v}");
+    assert_eq!(
+        d.detail(NS, "cfgsvc")["spec"]["env"]["CFG_TOKEN"],
+        json!("new-secret-9902")
+    );
+    d.terminate();
+}
+
+#[test]
+fn status_of_a_process_started_outside_the_agent_runs_no_version_cmd() {
+    let env = TestEnv::new();
+    // A long sweep: the supervisor's own adoption (which may run version_cmd) stays out of
+    // the window.
+    let d = Daemon::start(&env, "[supervisor]\nsweep_interval = \"60s\"\n");
+    let marker = env.p("version-ran");
+    let spec = daemon_spec(
+        &env,
+        "outside",
+        json!({"version_cmd": format!("echo 1.0; touch {marker}")}),
+    );
+    d.register(NS, "outside", spec);
+    // Started by someone else: the pid file names a live `outside`.
+    let pidfile = env.p("outside.pid");
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(env.daemon_start_cmd("outside", &pidfile))
+        .current_dir(env.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pid = wait_for("pid file", Duration::from_secs(10), || read_pid(&pidfile));
+    assert!(alive(pid));
+    let r = d.call(
+        "operate_proc",
+        &json!({"meta": meta("outside"), "op_type": 2, "hosts": [Daemon::host()]}),
+    );
+    let task = r["data"]["task_id"].as_str().unwrap().to_string();
+    let res = d.wait_task(&task, &Daemon::key(NS, "outside"));
+    assert_eq!(res["error_code"], json!(0), "{res}");
+    let content: Value = serde_json::from_str(res["content"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        content["process"][0]["instance"][0]["pid"],
+        json!(-1),
+        "what the agent knows: not adopted yet"
+    );
+    let r = d.call(
+        "operate_proc_multi",
+        &json!({"proc_operate_req": [{"meta": meta("outside"), "op_type": 2, "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}]}]}),
+    );
+    assert_eq!(r["result"], json!(true), "{r}");
+    // The same process named the v2 way (setup_path + proc_name).
+    let r = d.call(
+        "operate_process",
+        &json!({"bk_biz_id": 1, "op_type": 2, "process_infos": [{
+            "setup_path": env.path().display().to_string(), "proc_name": "outside",
+            "pid_path": pidfile, "ip_list": [{"ip": "127.0.0.1", "bk_cloud_id": 0}]}]}),
+    );
+    let task = r["data"]["bk_gse_taskid"].as_str().unwrap().to_string();
+    let res = d.wait_task(&task, &format!("0:127.0.0.1:{NS}:outside"));
+    assert_eq!(res["error_code"], json!(0), "{res}");
+    let _ = d.status(NS, "outside");
+    assert!(
+        !appears_within(&marker, Duration::from_secs(3)),
+        "a status query ran version_cmd"
+    );
+    assert!(
+        d.events(&format!("{NS}/outside"))
+            .iter()
+            .all(|e| e["kind"] != json!("adopted")),
+        "a status query adopted the process"
+    );
+    // A start (a write) does adopt it, and that may run version_cmd.
+    let r = d.op(NS, "outside", 0);
+    assert_eq!(r["error_code"], json!(828), "{r}");
+    assert!(appears_within(&marker, Duration::from_secs(10)));
+}
+
+#[test]
+fn an_item_is_authorized_again_when_it_runs() {
+    let env = TestEnv::new();
+    let Some(r) = Roles::new(&env) else { return };
+    // One operation at a time: the admin's items wait for root's start to finish.
+    let d = r.daemon(&env, "[supervisor]\nmax_parallel_ops = 1\n");
+    let adir = r.admin_dir(&env);
+    let pidfile = adir.join("slow.pid").display().to_string();
+    let spec = |user: &str| {
+        json!({
+            "identity": {"proc_name": "slow", "setup_path": env.path().display().to_string(),
+                         "pid_path": pidfile, "user": user},
+            "control": {"start_cmd": format!("sleep 3; {}", env.daemon_start_cmd("slow", &pidfile)),
+                        "stop_cmd": format!("kill $(cat {pidfile})")},
+            "monitor_policy": {"auto_type": 1, "start_check_secs": 1, "op_timeout": 20},
+        })
+    };
+    // The admin's own process; root starts it (slowly: the operation holds it for 3 s).
+    d.register(NS, "slow", spec(&r.admin.name));
+    let start = d.call(
+        "operate_proc",
+        &json!({"meta": meta("slow"), "op_type": 0, "hosts": [Daemon::host()]}),
+    );
+    let start_task = start["data"]["task_id"].as_str().unwrap().to_string();
+    // Meanwhile the admin asks for a kill and for a stop with their own inline spec: both
+    // accepted, since the definition is theirs now.
+    let mut admin_tasks = Vec::new();
+    for (op, inline) in [(9, None), (1, Some(spec(&r.admin.name)))] {
+        let mut body = json!({"meta": meta("slow"), "op_type": op, "hosts": [Daemon::host()]});
+        if let Some(s) = inline {
+            body["spec"] = s;
+        }
+        let (_, v, err) = call_as(&r.cli, &d, &r.admin, "operate_proc", &body);
+        assert_eq!(v["result"], json!(true), "{v} {err}");
+        admin_tasks.push(v["data"]["task_id"].as_str().unwrap().to_string());
+    }
+    // ... and root makes the definition root's before those items run.
+    let updated = d.call(
+        "update_proc_info",
+        &json!({"meta": meta("slow"), "hosts": [Daemon::host()], "spec": spec("")}),
+    );
+    assert_eq!(
+        updated["data"][Daemon::key(NS, "slow")]["error_code"],
+        json!(0),
+        "{updated}"
+    );
+    assert_eq!(
+        d.wait_task(&start_task, &Daemon::key(NS, "slow"))["error_code"],
+        json!(0)
+    );
+    let pid = read_pid(&pidfile).unwrap();
+    for t in &admin_tasks {
+        let res = d.wait_task(t, &Daemon::key(NS, "slow"));
+        assert_eq!(res["error_code"], json!(FORBIDDEN), "{res}");
+        assert!(
+            res["error_msg"].as_str().unwrap().contains(&r.admin.name),
+            "{res}"
+        );
+    }
+    assert!(
+        alive(pid),
+        "the admin's kill or stop ran on root's definition"
+    );
+    assert_eq!(d.detail(NS, "slow")["spec"]["account"], json!(""));
+    assert_eq!(d.op(NS, "slow", 1)["error_code"], json!(0));
 }

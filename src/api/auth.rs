@@ -5,8 +5,9 @@
 //! * members of `api.admin_group`: every read and operation, but only on processes whose
 //!   account is their own, and register/update only of definitions that run as their own
 //!   account (anything else would be a privilege escalation: the agent runs commands as
-//!   the account a definition names).
-//! * members of `api.readonly_group`: reads only.
+//!   the account a definition names). Applying a config reload (definitions of every
+//!   account) stays with the full role.
+//! * members of `api.readonly_group`: reads only (status queries included).
 //! * anyone else: refused, with a message naming the rule.
 
 use super::{ApiError, Peer};

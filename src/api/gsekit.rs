@@ -19,6 +19,11 @@
 //! the same setup_path and proc_name need distinct value_keys"), an identity that several
 //! registered definitions share, and a synthetic key already taken by another identity.
 //!
+//! Matching is linear: the registry's identities are indexed once per request
+//! ([`IdentityIndex`]), and the entries of a request are compared through hash maps. The
+//! sizes are bounded by [`super::limits`] (process_infos, hosts per `ip_list`, result keys)
+//! before any entry is resolved.
+//!
 //! The request's fields overwrite those of an existing definition; fields the request leaves
 //! out keep their registered values (a new definition gets the defaults). Every operation
 //! but 2 (status) and 4 (unmanage) stores the resulting spec first (creating the definition
@@ -36,7 +41,7 @@
 //! `bk_process_id` label is a process of its own. The topology comes from the labels listed
 //! in [`LABEL_KEYS`] (docs/api.md says what each defaults to).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer};
@@ -45,6 +50,7 @@ use serde_json::{Value, json};
 use super::ApiError;
 use super::auth::Access;
 use super::handlers::{self, KeyStyle, Plan, Target};
+use super::limits::{self, KeyBudget, MAX_HOSTS, MAX_PROCESS_INFOS};
 use crate::expr::Expression;
 use crate::proto::{HostWire, KeyResult, OpType, codes, de_opt_f64, de_opt_i64};
 use crate::registry::{FLAG_RUNNING, FLAG_STOPPED, Registry};
@@ -57,8 +63,6 @@ pub const V2_NAMESPACE: &str = "operate_process";
 pub const EXPRESSION_SPLITTER: &str = "<-GSEKIT->";
 /// Largest `pagesize` of process_status.
 pub const MAX_PAGESIZE: i64 = 1000;
-/// Most `process_infos` entries in one operate_process call.
-pub const MAX_PROCESS_INFOS: usize = 5000;
 /// The label keys process_status reads.
 pub const LABEL_KEYS: &[&str] = &[
     "id",
@@ -241,7 +245,7 @@ pub struct ProcessInfoWire {
 }
 
 /// How operate_process names a process.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Identity {
     ValueKey(String),
     Path {
@@ -285,13 +289,28 @@ impl Identity {
     }
 }
 
-/// Every registered definition with this identity, in key order.
-pub fn find_identity(reg: &Registry, id: &Identity) -> Vec<ProcKey> {
-    reg.entries
-        .values()
-        .filter(|e| Identity::of_spec(&e.def.spec) == *id)
-        .map(|e| e.def.key.clone())
-        .collect()
+/// The registered definitions by identity, built once per request (one pass over the
+/// registry) so that resolving each entry is a lookup.
+pub struct IdentityIndex(HashMap<Identity, Vec<ProcKey>>);
+
+impl IdentityIndex {
+    pub fn new(reg: &Registry) -> IdentityIndex {
+        let mut m: HashMap<Identity, Vec<ProcKey>> = HashMap::new();
+        for e in reg.entries.values() {
+            m.entry(Identity::of_spec(&e.def.spec))
+                .or_default()
+                .push(e.def.key.clone());
+        }
+        for keys in m.values_mut() {
+            keys.sort();
+        }
+        IdentityIndex(m)
+    }
+
+    /// Every registered definition with this identity, in key order.
+    pub fn find(&self, id: &Identity) -> &[ProcKey] {
+        self.0.get(id).map(Vec::as_slice).unwrap_or(&[])
+    }
 }
 
 /// A [`ProcSpec`] field's name in a v2 `process_infos` entry.
@@ -404,7 +423,12 @@ pub struct Resolved {
     hosts: Vec<HostWire>,
 }
 
-fn resolve(reg: &Registry, i: usize, w: &ProcessInfoWire) -> Result<Resolved, ApiError> {
+fn resolve(
+    reg: &Registry,
+    index: &IdentityIndex,
+    i: usize,
+    w: &ProcessInfoWire,
+) -> Result<Resolved, ApiError> {
     let prefix = format!("process_infos[{i}]");
     let setup_path = required_text(&w.setup_path, &prefix, "setup_path")?;
     let proc_name = required_text(&w.proc_name, &prefix, "proc_name")?;
@@ -431,8 +455,8 @@ fn resolve(reg: &Registry, i: usize, w: &ProcessInfoWire) -> Result<Resolved, Ap
     } else {
         Identity::ValueKey(value_key)
     };
-    let found = find_identity(reg, &identity);
-    let (key, existing) = match found.as_slice() {
+    let found = index.find(&identity);
+    let (key, existing) = match found {
         [] => {
             let key = identity.synthetic_key();
             let errs = validate_key(&key);
@@ -524,16 +548,31 @@ pub fn decode_operate_process(
             "process_infos: at least one process is required",
         ));
     }
-    if infos.len() > MAX_PROCESS_INFOS {
-        return Err(ApiError::bad(format!(
-            "process_infos: at most {MAX_PROCESS_INFOS} processes per call, got {}",
-            infos.len()
-        )));
-    }
-    let mut resolved: Vec<Resolved> = Vec::with_capacity(infos.len());
+    limits::check_len(
+        "process_infos",
+        infos.len(),
+        MAX_PROCESS_INFOS,
+        "processes per call",
+    )?;
+    let mut budget = KeyBudget::new("process_infos");
     for (i, w) in infos.iter().enumerate() {
-        let r = resolve(reg, i, w)?;
-        if let Some(prev) = resolved.iter().find(|p| p.identity == r.identity) {
+        let n = w.ip_list.as_ref().map_or(0, Vec::len);
+        limits::check_len(
+            &format!("process_infos[{i}].ip_list"),
+            n,
+            MAX_HOSTS,
+            "hosts per process",
+        )?;
+        budget.take(n)?;
+    }
+    let index = IdentityIndex::new(reg);
+    let mut resolved: Vec<Resolved> = Vec::with_capacity(infos.len());
+    // Where each identity and each key was first seen in `resolved`.
+    let mut by_identity: HashMap<Identity, usize> = HashMap::new();
+    let mut by_key: HashMap<ProcKey, usize> = HashMap::new();
+    for (i, w) in infos.iter().enumerate() {
+        let r = resolve(reg, &index, i, w)?;
+        if let Some(prev) = by_identity.get(&r.identity).map(|&j| &resolved[j]) {
             if prev.spec != r.spec {
                 let why = match &r.identity {
                     Identity::Path { .. } => format!(
@@ -551,7 +590,7 @@ pub fn decode_operate_process(
                 };
                 return Err(ApiError::bad(why));
             }
-        } else if let Some(prev) = resolved.iter().find(|p| p.key == r.key) {
+        } else if let Some(prev) = by_key.get(&r.key).map(|&j| &resolved[j]) {
             return Err(ApiError::bad(format!(
                 "process_infos[{}] ({}) and process_infos[{}] ({}) would both be named {}; give them distinct value_keys",
                 prev.index,
@@ -560,6 +599,9 @@ pub fn decode_operate_process(
                 r.identity.describe(),
                 r.key
             )));
+        } else {
+            by_identity.insert(r.identity.clone(), resolved.len());
+            by_key.insert(r.key.clone(), resolved.len());
         }
         resolved.push(r);
     }
@@ -577,19 +619,22 @@ pub async fn operate_process(
         let reg = engine.reg();
         decode_operate_process(&reg, body)?
     };
-    let _ = biz;
     let mut plans: Vec<Plan> = Vec::new();
-    let push = |p: Plan, plans: &mut Vec<Plan>| {
-        if !plans.iter().any(|q| q.result_key == p.result_key) {
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut push = |p: Plan, plans: &mut Vec<Plan>| {
+        if seen.insert(p.result_key.clone()) {
             plans.push(p);
         }
     };
     for r in &resolved {
         let tg: Vec<Target> = r.hosts.iter().cloned().map(Target::Host).collect();
         match &r.spec {
-            Err(errs) => {
+            // A status query uses no spec: it answers for what is registered (851 if
+            // nothing is), whatever the request's fields say.
+            Err(errs) if op.mutating() => {
+                handlers::check_op_access(engine, access, op, &r.key, None)?;
                 let msg = field_errors(errs);
-                for t in &tg {
+                for (rk, t) in handlers::distinct_targets(&tg, KeyStyle::V2, &r.key) {
                     let immediate = if handlers::is_me(engine, t) {
                         KeyResult::err(codes::SPEC_INVALID, msg.clone())
                     } else {
@@ -597,7 +642,7 @@ pub async fn operate_process(
                     };
                     push(
                         Plan {
-                            result_key: handlers::result_key(t, KeyStyle::V2, &r.key),
+                            result_key: rk,
                             key: Some(r.key.clone()),
                             op,
                             immediate: Some(immediate),
@@ -607,26 +652,25 @@ pub async fn operate_process(
                     );
                 }
             }
-            Ok(spec) => {
-                handlers::check_op_access(engine, access, op, &r.key, Some(spec))?;
-                if op.mutating()
-                    && let Some((old, _)) = &r.existing
-                {
-                    access.may_use_account(&old.account)?;
-                }
-                let unchanged = r.existing.as_ref().is_some_and(|(old, _)| old == spec);
+            spec => {
+                let spec = spec.as_ref().ok().filter(|_| op.mutating());
+                // The registered definition and the merged spec (which replaces it).
+                handlers::check_op_access(engine, access, op, &r.key, spec)?;
                 let never_registered = op == OpType::Undelegate && r.existing.is_none();
-                let inline = if op == OpType::Status || unchanged || never_registered {
-                    None
-                } else {
-                    let labels = if r.existing.is_some() {
-                        Labels::new()
-                    } else {
-                        let mut l = Labels::new();
-                        l.insert("bk_biz_id".into(), json!(biz));
-                        l
-                    };
-                    Some((spec.clone(), labels))
+                // Stored when the item runs; a spec equal to the registered one is recorded
+                // as "unchanged" and writes nothing.
+                let inline = match spec {
+                    Some(spec) if !never_registered => {
+                        let labels = if r.existing.is_some() {
+                            Labels::new()
+                        } else {
+                            let mut l = Labels::new();
+                            l.insert("bk_biz_id".into(), json!(biz));
+                            l
+                        };
+                        Some((spec.clone(), labels))
+                    }
+                    _ => None,
                 };
                 for mut p in handlers::plan_items(engine, &tg, KeyStyle::V2, &r.key, op, inline) {
                     if never_registered && p.immediate.is_none() {
@@ -1880,6 +1924,74 @@ mod tests {
             ..spec
         };
         assert_eq!(Identity::of_spec(&spec), v);
+    }
+
+    #[test]
+    fn the_identity_index_finds_what_a_registry_scan_finds() {
+        let reg = fuzz_registry();
+        let index = IdentityIndex::new(&reg);
+        for e in reg.entries.values() {
+            let id = Identity::of_spec(&e.def.spec);
+            let scan: Vec<ProcKey> = reg
+                .entries
+                .values()
+                .filter(|x| Identity::of_spec(&x.def.spec) == id)
+                .map(|x| x.def.key.clone())
+                .collect();
+            assert_eq!(index.find(&id), scan.as_slice(), "{id:?}");
+        }
+        assert!(index.find(&Identity::ValueKey("never".into())).is_empty());
+    }
+
+    #[test]
+    fn operate_process_limits_name_the_field() {
+        let reg = Registry::default();
+        let info = |hosts: usize, i: usize| {
+            json!({"setup_path": "/opt", "proc_name": format!("p{i}"), "pid_path": "/run/p.pid",
+                   "value_key": format!("v{i}"), "ip_list": vec![json!({"ip": "10.0.0.1"}); hosts]})
+        };
+        let body = |infos: Vec<Value>| {
+            json!({"bk_biz_id": 1, "op_type": 2, "process_infos": infos}).to_string()
+        };
+        let e = decode_operate_process(
+            &reg,
+            body((0..=MAX_PROCESS_INFOS).map(|i| info(1, i)).collect()).as_bytes(),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.message.starts_with("process_infos: at most 5000"),
+            "{}",
+            e.message
+        );
+        let e = decode_operate_process(&reg, body(vec![info(MAX_HOSTS + 1, 0)]).as_bytes())
+            .err()
+            .unwrap();
+        assert!(
+            e.message
+                .starts_with("process_infos[0].ip_list: at most 2000"),
+            "{}",
+            e.message
+        );
+        let e = decode_operate_process(
+            &reg,
+            body((0..11).map(|i| info(MAX_HOSTS, i)).collect()).as_bytes(),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.message
+                .starts_with("process_infos: at most 20000 result keys"),
+            "{}",
+            e.message
+        );
+        let (_, _, _, r) = decode_operate_process(
+            &reg,
+            body((0..MAX_PROCESS_INFOS).map(|i| info(1, i)).collect()).as_bytes(),
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(r.len(), MAX_PROCESS_INFOS);
     }
 
     #[test]

@@ -1,9 +1,16 @@
 //! One function per API, behind [`call`].
 //!
 //! Request decoding names the failing field (`meta.name: missing field`); the body is parsed
-//! once into the request type, validated, authorized, and only then acted upon. Bad input
-//! never changes anything stored.
+//! once into the request type, validated (the sizes of [`super::limits`] included),
+//! authorized, and only then acted upon. Bad input never changes anything stored.
+//!
+//! Authorization is by effect: a status query (op_type 2) is a read whatever it carries (an
+//! inline spec is ignored: it never registers, replaces or runs anything); anything that
+//! writes a definition or acts on a process needs the write role and the account rule for
+//! both the registered definition and the inline one, checked before the task is recorded
+//! and again under the process's operation lock when the item runs.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
@@ -12,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::auth::{self, Access};
+use super::limits::{self, KeyBudget, MAX_HOSTS, MAX_MULTI_ITEMS};
 use super::{ApiError, AppState, Peer, ok};
 use crate::proto::{
     HostWire, KeyResult, MetaHostsReq, OpType, OperateProcReq, ProcInfos, ProcsQuery, RegisterReq,
@@ -20,7 +28,7 @@ use crate::proto::{
 use crate::spec::{Labels, ProcKey, ProcSpec, validate_key};
 use crate::store::{TaskItemRecord, TaskRecord};
 use crate::supervisor::Engine;
-use crate::supervisor::defs::{self, PutMode};
+use crate::supervisor::defs::{self, DefChange, PutMode, Writer};
 use crate::supervisor::ops;
 
 /// Decode a JSON body into `T`, naming the failing field. Only a whole, valid UTF-8 JSON
@@ -162,8 +170,24 @@ pub enum Target {
     Agent(String),
 }
 
-/// The hosts of a request: `agent_id_list` when given (then `hosts` is ignored), else `hosts`.
+/// The hosts of a request: `agent_id_list` when given (then `hosts` is ignored), else `hosts`;
+/// at most [`MAX_HOSTS`] of them (duplicates count), checked before anything is built.
 pub fn targets(hosts: &[HostWire], agent_ids: &[String]) -> Result<Vec<Target>, ApiError> {
+    if agent_ids.is_empty() {
+        limits::check_len(
+            "hosts",
+            hosts.len(),
+            MAX_HOSTS,
+            "hosts per request (or item)",
+        )?;
+    } else {
+        limits::check_len(
+            "agent_id_list",
+            agent_ids.len(),
+            MAX_HOSTS,
+            "agent ids per request (or item)",
+        )?;
+    }
     let t: Vec<Target> = if !agent_ids.is_empty() {
         agent_ids.iter().map(|a| Target::Agent(a.clone())).collect()
     } else {
@@ -212,6 +236,19 @@ pub fn result_key(t: &Target, style: KeyStyle, key: &ProcKey) -> String {
             )
         }
     }
+}
+
+/// The distinct targets of a request by the result key each gets, the first of each kept,
+/// in order; linear.
+pub fn distinct_targets<'a>(
+    tg: &'a [Target],
+    style: KeyStyle,
+    key: &ProcKey,
+) -> Vec<(String, &'a Target)> {
+    limits::first_of_each(
+        tg.iter().map(|t| (result_key(t, style, key), t)),
+        |(k, _)| k.clone(),
+    )
 }
 
 /// Does the target name this agent?
@@ -318,6 +355,7 @@ pub async fn submit(
                 key: p.key.clone(),
                 op_type: p.op.code(),
                 result: p.immediate.clone(),
+                definition: None,
             })
             .collect(),
     };
@@ -340,6 +378,7 @@ pub async fn submit(
             )
             .await;
     }
+    let rule = account_rule(access);
     for (idx, p) in plans.into_iter().enumerate() {
         if p.immediate.is_some() {
             continue;
@@ -347,31 +386,29 @@ pub async fn submit(
         let Some(key) = p.key else { continue };
         let engine = engine.clone();
         let tid = task_id.clone();
+        let w = Writer {
+            may_use: rule.clone(),
+            item: Some((tid.clone(), idx)),
+        };
         tokio::spawn(async move {
-            let r = run_item(&engine, key, p.op, p.inline).await;
+            let r = ops::run_requested(engine.clone(), key, p.op, p.inline, &w).await;
             engine.tasks.finish_item(&tid, idx, r).await;
         });
     }
     Ok(task_id)
 }
 
-/// Run one item: store its inline spec first (when given), then the operation.
-pub async fn run_item(
-    engine: &Arc<Engine>,
-    key: ProcKey,
-    op: OpType,
-    inline: Option<(ProcSpec, Labels)>,
-) -> KeyResult {
-    if let Some((spec, labels)) = inline {
-        let r = defs::put_definition(engine, &key, labels, spec, PutMode::Upsert).await;
-        if r.error_code != codes::SUCCESS {
-            return r;
-        }
-    }
-    ops::run_op(engine.clone(), key, op).await
+/// The caller's account rule, for checks made when an item runs.
+pub fn account_rule(access: &Access) -> defs::AccountRule {
+    let a = access.clone();
+    Arc::new(move |account: &str| a.may_use_account(account).map_err(|e| e.message))
 }
 
-/// Check the caller may run `op` on `key` (registered spec or the inline one).
+/// Check the caller may run `op` on `key`: a status query is a read (its inline spec is never
+/// used); any other operation needs the write role and the account rule for the registered
+/// definition (the process acted on) and for the inline spec (which replaces it). `inline`
+/// is `None` also when the inline spec is invalid: the role and the registered definition
+/// are still checked, so a refusal is never turned into a recorded task.
 pub fn check_op_access(
     engine: &Engine,
     access: &Access,
@@ -414,6 +451,7 @@ async fn operate_proc(
 
 /// A decoded and validated operate request (`operate_proc`, or one item of
 /// `operate_proc_multi`).
+#[derive(Debug)]
 pub struct OperateDecoded {
     pub code: i64,
     pub op: OpType,
@@ -475,15 +513,17 @@ pub fn decode_multi(body: &[u8]) -> Result<Vec<OperateDecoded>, ApiError> {
             "proc_operate_req: at least one item is required",
         ));
     }
-    if req.proc_operate_req.len() > 5000 {
-        return Err(ApiError::bad(
-            "proc_operate_req: at most 5000 items per call",
-        ));
-    }
+    limits::check_len(
+        "proc_operate_req",
+        req.proc_operate_req.len(),
+        MAX_MULTI_ITEMS,
+        "items per call",
+    )?;
+    let mut budget = KeyBudget::new("proc_operate_req");
     let mut out = Vec::with_capacity(req.proc_operate_req.len());
-    for (i, item) in req.proc_operate_req.iter().enumerate() {
+    for (i, item) in req.proc_operate_req.into_iter().enumerate() {
         let at = format!("proc_operate_req[{i}].");
-        let r: OperateProcReq = serde_path_to_error::deserialize(item.clone()).map_err(|e| {
+        let r: OperateProcReq = serde_path_to_error::deserialize(item).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             if path == "." {
@@ -491,6 +531,11 @@ pub fn decode_multi(body: &[u8]) -> Result<Vec<OperateDecoded>, ApiError> {
             } else {
                 ApiError::bad(format!("{at}{path}: {inner}"))
             }
+        })?;
+        budget.take(if r.agent_id_list.is_empty() {
+            r.hosts.len()
+        } else {
+            r.agent_id_list.len()
         })?;
         out.push(validate_operate(&r, &at)?);
     }
@@ -507,15 +552,15 @@ fn plan_request(
 ) -> Result<(i64, Vec<Plan>), ApiError> {
     let style = if d.agent_ids { KeyStyle::V2 } else { style };
     let (key, op, tg) = (&d.key, d.op, &d.targets);
-    let plans = match d.spec {
+    // A status query never uses its inline spec (GSEKit's status sync sends the full spec):
+    // it answers for the registered definition, or 851 for an unregistered key.
+    let spec = if op.mutating() { d.spec } else { None };
+    let plans = match spec {
         Some(Err(errs)) => {
-            let mut plans: Vec<Plan> = Vec::new();
-            for t in tg {
-                let rk = result_key(t, style, key);
-                if plans.iter().any(|p| p.result_key == rk) {
-                    continue;
-                }
-                plans.push(Plan {
+            check_op_access(engine, access, op, key, None)?;
+            distinct_targets(tg, style, key)
+                .into_iter()
+                .map(|(rk, t)| Plan {
                     result_key: rk,
                     key: Some(key.clone()),
                     op,
@@ -525,9 +570,8 @@ fn plan_request(
                         not_me(engine, t)
                     }),
                     inline: None,
-                });
-            }
-            plans
+                })
+                .collect()
         }
         other => {
             let inline = other.and_then(|r| r.ok()).map(|s| (s, d.labels));
@@ -613,19 +657,25 @@ pub fn decode_procs(body: &[u8]) -> Result<(ProcsQuery, Vec<(String, String)>), 
     Ok((q, selectors))
 }
 
-/// Decode a `tasks` body: how many recent tasks to list.
-pub fn decode_tasks(body: &[u8]) -> Result<usize, ApiError> {
+/// Decode a `tasks` body: how many recent tasks to list, or the one task to show.
+pub fn decode_tasks(body: &[u8]) -> Result<(usize, Option<String>), ApiError> {
     #[derive(serde::Deserialize, Default)]
     struct Q {
         #[serde(default, deserialize_with = "crate::proto::de_opt_i64")]
         limit: Option<i64>,
+        #[serde(default)]
+        task_id: Option<String>,
     }
     let q: Q = if body.iter().all(|b| b.is_ascii_whitespace()) {
         Q::default()
     } else {
         parse(body)?
     };
-    Ok(q.limit.unwrap_or(50).clamp(1, 1000) as usize)
+    let id = q
+        .task_id
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    Ok((q.limit.unwrap_or(50).clamp(1, 1000) as usize, id))
 }
 
 /// The API names the fuzz target chooses from (by the input's first byte).
@@ -711,22 +761,19 @@ pub fn plan_items(
     op: OpType,
     inline: Option<(ProcSpec, Labels)>,
 ) -> Vec<Plan> {
-    let mut plans: Vec<Plan> = Vec::new();
-    for t in tg {
-        let rk = result_key(t, style, key);
-        if plans.iter().any(|p| p.result_key == rk) {
-            continue;
-        }
-        let me = is_me(engine, t);
-        plans.push(Plan {
-            result_key: rk,
-            key: Some(key.clone()),
-            op,
-            immediate: if me { None } else { Some(not_me(engine, t)) },
-            inline: if me { inline.clone() } else { None },
-        });
-    }
-    plans
+    distinct_targets(tg, style, key)
+        .into_iter()
+        .map(|(rk, t)| {
+            let me = is_me(engine, t);
+            Plan {
+                result_key: rk,
+                key: Some(key.clone()),
+                op,
+                immediate: if me { None } else { Some(not_me(engine, t)) },
+                inline: if me { inline.clone() } else { None },
+            }
+        })
+        .collect()
 }
 
 async fn operate_proc_multi(
@@ -741,12 +788,14 @@ async fn operate_proc_multi(
     // items that name the same key must ask the same thing (then they are one item); two
     // different asks on one key are refused, never silently dropped.
     let mut origin: Vec<usize> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
     for (i, d) in items.into_iter().enumerate() {
         let (code, item_plans) = plan_request(engine, access, d, KeyStyle::V2)?;
         first_op.get_or_insert(code);
         for p in item_plans {
-            match plans.iter().position(|q| q.result_key == p.result_key) {
+            match index.get(&p.result_key).copied() {
                 None => {
+                    index.insert(p.result_key.clone(), plans.len());
                     plans.push(p);
                     origin.push(i);
                 }
@@ -799,7 +848,8 @@ fn get_result(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
 fn get_proc_status(engine: &Engine, body: &[u8], style: KeyStyle) -> Result<Value, ApiError> {
     let (req, key, tg) = decode_meta_hosts(body)?;
     let mut infos = Vec::new();
-    for t in &tg {
+    // One entry per distinct host, in the order asked.
+    for (_, t) in distinct_targets(&tg, style, &key) {
         let agent = match t {
             Target::Agent(a) => Some(a.trim().to_string()),
             _ => None,
@@ -850,14 +900,18 @@ fn sync_proc_status(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
     .map_err(|e| ApiError::new(codes::INTERNAL, e.to_string()))
 }
 
-/// Record a synchronous mutating request (register, unregister) in the task history.
-async fn audit(
-    engine: &Engine,
-    api: &str,
-    results: &[(String, Option<ProcKey>, KeyResult)],
-    access: &Access,
-    user: String,
-) {
+/// One key of a synchronous request's answer (register, update, unregister).
+struct Keyed {
+    result_key: String,
+    key: ProcKey,
+    result: KeyResult,
+    /// What it did to the definition, as the task log says it.
+    definition: Option<String>,
+}
+
+/// Record a synchronous mutating request (register, update, unregister) in the task
+/// history, each key with the change it made.
+async fn audit(engine: &Engine, api: &str, results: &[Keyed], access: &Access, user: String) {
     let now = crate::util::unix_millis();
     let rec = TaskRecord {
         task_id: engine.tasks.next_id(),
@@ -870,17 +924,60 @@ async fn audit(
         username: user,
         items: results
             .iter()
-            .map(|(rk, k, r)| TaskItemRecord {
-                result_key: rk.clone(),
-                key: k.clone(),
+            .map(|k| TaskItemRecord {
+                result_key: k.result_key.clone(),
+                key: Some(k.key.clone()),
                 op_type: -1,
-                result: Some(r.clone()),
+                result: Some(k.result.clone()),
+                definition: k.definition.clone(),
             })
             .collect(),
     };
     if let Err(e) = engine.tasks.create(rec).await {
         tracing::error!(error = %e, api, "cannot record the request in the task history");
     }
+}
+
+/// The key style of a synchronous request: v1 (with the supplier) when a host names one.
+fn sync_style(agent_ids: &[String], hosts: &[HostWire]) -> KeyStyle {
+    if agent_ids.is_empty() && hosts.iter().any(|h| h.bk_supplier_id.is_some()) {
+        KeyStyle::V1
+    } else {
+        KeyStyle::V2
+    }
+}
+
+/// Answer each distinct key of a synchronous request: `local` runs once, for the first key
+/// that names this host (the others naming it answer 0); other hosts get 117.
+async fn each_key<F, Fut>(
+    engine: &Engine,
+    tg: &[Target],
+    style: KeyStyle,
+    key: &ProcKey,
+    local: F,
+) -> Vec<Keyed>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = (KeyResult, Option<String>)>,
+{
+    let mut local = Some(local);
+    let mut out = Vec::new();
+    for (rk, t) in distinct_targets(tg, style, key) {
+        let (result, definition) = if !is_me(engine, t) {
+            (not_me(engine, t), None)
+        } else if let Some(f) = local.take() {
+            f().await
+        } else {
+            (KeyResult::ok(""), None)
+        };
+        out.push(Keyed {
+            result_key: rk,
+            key: key.clone(),
+            result,
+            definition,
+        });
+    }
+    out
 }
 
 async fn register(
@@ -901,46 +998,28 @@ async fn register(
     if let Some(existing) = engine.reg().get(&key).map(|e| e.def.spec.account.clone()) {
         access.may_use_account(&existing)?;
     }
-    let style = if req.agent_id_list.is_empty() {
-        if req.hosts.iter().all(|h| h.bk_supplier_id.is_none()) {
-            KeyStyle::V2
-        } else {
-            KeyStyle::V1
-        }
-    } else {
-        KeyStyle::V2
+    let style = sync_style(&req.agent_id_list, &req.hosts);
+    let w = Writer {
+        may_use: account_rule(access),
+        item: None,
     };
-    let mut results = Vec::new();
-    let mut done_local = false;
-    for t in &tg {
-        let rk = result_key(t, style, &key);
-        if results
-            .iter()
-            .any(|(k, _, _): &(String, Option<ProcKey>, KeyResult)| k == &rk)
-        {
-            continue;
-        }
-        let r = if is_me(engine, t) {
-            if done_local {
-                KeyResult::ok("")
-            } else {
-                done_local = true;
-                defs::put_definition(engine, &key, req.meta.labels.clone(), spec.clone(), mode)
-                    .await
-            }
-        } else {
-            not_me(engine, t)
-        };
-        results.push((rk, Some(key.clone()), r));
-    }
+    let results = each_key(engine, &tg, style, &key, || async {
+        let (r, change) =
+            defs::put_definition(engine, &key, req.meta.labels.clone(), spec, mode, &w).await;
+        (r, change.as_ref().map(DefChange::describe))
+    })
+    .await;
     audit(engine, api, &results, access, username(body)).await;
     Ok(keyed(results))
 }
 
-fn keyed(results: Vec<(String, Option<ProcKey>, KeyResult)>) -> Value {
+fn keyed(results: Vec<Keyed>) -> Value {
     let mut m = serde_json::Map::new();
-    for (k, _, r) in results {
-        m.insert(k, serde_json::to_value(r).unwrap_or(Value::Null));
+    for k in results {
+        m.insert(
+            k.result_key,
+            serde_json::to_value(k.result).unwrap_or(Value::Null),
+        );
     }
     Value::Object(m)
 }
@@ -956,34 +1035,17 @@ async fn unregister(engine: &Arc<Engine>, body: &[u8], access: &Access) -> Resul
     if let Some(existing) = engine.reg().get(&key).map(|e| e.def.spec.account.clone()) {
         access.may_use_account(&existing)?;
     }
-    let style =
-        if req.agent_id_list.is_empty() && req.hosts.iter().any(|h| h.bk_supplier_id.is_some()) {
-            KeyStyle::V1
-        } else {
-            KeyStyle::V2
-        };
-    let mut results = Vec::new();
-    let mut done_local = false;
-    for t in &tg {
-        let rk = result_key(t, style, &key);
-        if results
-            .iter()
-            .any(|(k, _, _): &(String, Option<ProcKey>, KeyResult)| k == &rk)
-        {
-            continue;
-        }
-        let r = if is_me(engine, t) {
-            if done_local {
-                KeyResult::ok("")
-            } else {
-                done_local = true;
-                defs::remove_definition(engine, &key).await
-            }
-        } else {
-            not_me(engine, t)
-        };
-        results.push((rk, Some(key.clone()), r));
-    }
+    let style = sync_style(&req.agent_id_list, &req.hosts);
+    let w = Writer {
+        may_use: account_rule(access),
+        item: None,
+    };
+    let results = each_key(engine, &tg, style, &key, || async {
+        let r = defs::remove_definition(engine, &key, &w).await;
+        let change = (r.error_code == codes::SUCCESS).then(|| "unregistered".to_string());
+        (r, change)
+    })
+    .await;
     audit(
         engine,
         "unregister_proc_info",
@@ -1037,10 +1099,20 @@ pub fn label_matches(labels: &Labels, k: &str, v: &str) -> bool {
 }
 
 fn tasks(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
-    let limit = decode_tasks(body)?;
-    let list: Vec<Value> = engine
-        .tasks
-        .recent(limit)
+    let (limit, task_id) = decode_tasks(body)?;
+    let found = match task_id {
+        Some(id) => match engine.tasks.get(&id) {
+            Some(t) => vec![t],
+            None => {
+                return Err(ApiError::new(
+                    codes::NOT_FOUND,
+                    format!("task {id:?} does not exist"),
+                ));
+            }
+        },
+        None => engine.tasks.recent(limit),
+    };
+    let list: Vec<Value> = found
         .into_iter()
         .map(|t| {
             json!({
@@ -1050,6 +1122,7 @@ fn tasks(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
                 "items": t.items.iter().map(|i| json!({
                     "key": i.result_key,
                     "result": i.result.clone().unwrap_or_else(KeyResult::running),
+                    "definition": i.definition,
                 })).collect::<Vec<_>>(),
             })
         })
@@ -1200,4 +1273,115 @@ fn line(e: &crate::proto::Event) -> Vec<u8> {
     let mut v = serde_json::to_vec(e).unwrap_or_default();
     v.push(b'\n');
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(ip: &str, cloud: Option<i64>, supplier: Option<i64>) -> HostWire {
+        HostWire {
+            ip: ip.into(),
+            bk_cloud_id: cloud,
+            bk_supplier_id: supplier,
+        }
+    }
+
+    #[test]
+    fn distinct_targets_answer_each_key_once_in_order() {
+        let key = ProcKey::new("ns", "p");
+        let tg = targets(
+            &[
+                host("10.0.0.2", Some(0), None),
+                host(" 10.0.0.1", None, None),
+                host("10.0.0.2", None, Some(3)),
+                host("10.0.0.1", Some(0), Some(0)),
+                host("10.0.0.1", Some(1), None),
+            ],
+            &[],
+        )
+        .unwrap();
+        let keys = |style| -> Vec<String> {
+            distinct_targets(&tg, style, &key)
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        // v2 keys ignore the supplier; an absent cloud id is 0; the ip is trimmed.
+        assert_eq!(
+            keys(KeyStyle::V2),
+            vec!["0:10.0.0.2:ns:p", "0:10.0.0.1:ns:p", "1:10.0.0.1:ns:p"]
+        );
+        assert_eq!(
+            keys(KeyStyle::V1),
+            vec![
+                "0:0:10.0.0.2:ns:p",
+                "0:0:10.0.0.1:ns:p",
+                "0:3:10.0.0.2:ns:p",
+                "1:0:10.0.0.1:ns:p"
+            ]
+        );
+        // 2000 copies of one host: one key.
+        let same = vec![host("10.0.0.9", Some(0), None); MAX_HOSTS];
+        let tg = targets(&same, &[]).unwrap();
+        assert_eq!(distinct_targets(&tg, KeyStyle::V2, &key).len(), 1);
+    }
+
+    #[test]
+    fn targets_refuse_more_than_the_limit_before_building_anything() {
+        let many = vec![host("10.0.0.9", None, None); MAX_HOSTS + 1];
+        let e = targets(&many, &[]).unwrap_err();
+        assert_eq!(e.code, codes::BAD_REQUEST);
+        assert!(
+            e.message.starts_with("hosts: at most 2000 "),
+            "{}",
+            e.message
+        );
+        let ids = vec!["a".to_string(); MAX_HOSTS + 1];
+        let e = targets(&[], &ids).unwrap_err();
+        assert!(
+            e.message.starts_with("agent_id_list: at most 2000 "),
+            "{}",
+            e.message
+        );
+        // agent_id_list wins over hosts, and is what is counted.
+        assert_eq!(targets(&many, &["a".to_string()]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn multi_refuses_too_many_items_and_result_keys() {
+        let item = |hosts: usize| {
+            json!({"meta": {"namespace": "n", "name": "p"}, "op_type": 2,
+                   "hosts": vec![json!({"ip": "10.0.0.1"}); hosts]})
+        };
+        let body = |items: Vec<Value>| json!({ "proc_operate_req": items }).to_string();
+        let e = decode_multi(body(vec![item(1); MAX_MULTI_ITEMS + 1]).as_bytes()).unwrap_err();
+        assert!(
+            e.message
+                .starts_with("proc_operate_req: at most 1000 items"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            decode_multi(body(vec![item(1); MAX_MULTI_ITEMS]).as_bytes())
+                .unwrap()
+                .len(),
+            MAX_MULTI_ITEMS
+        );
+        // 11 items of 2000 hosts: each within its own limit, 22000 keys in all.
+        let e = decode_multi(body(vec![item(MAX_HOSTS); 11]).as_bytes()).unwrap_err();
+        assert!(
+            e.message
+                .starts_with("proc_operate_req: at most 20000 result keys"),
+            "{}",
+            e.message
+        );
+        let e = decode_multi(body(vec![item(1), item(MAX_HOSTS + 1)]).as_bytes()).unwrap_err();
+        assert!(
+            e.message
+                .starts_with("proc_operate_req[1].hosts: at most 2000"),
+            "{}",
+            e.message
+        );
+    }
 }

@@ -25,6 +25,7 @@
 //!   request_id}`; every refusal is logged, rate-limited ([`refusals`]).
 
 pub mod auth;
+pub mod caps;
 pub mod client;
 pub mod gsekit;
 pub mod handlers;
@@ -54,7 +55,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::proto::{Envelope, codes};
 use crate::supervisor::Engine;
-use limits::{Slot, UidCaps};
+use caps::{Slot, UidCaps};
 use refusals::RefusalLog;
 
 /// The peer of a connection, from SO_PEERCRED.

@@ -12,6 +12,11 @@
 //! reload that finds them changed says so (`restart_required`).
 //!
 //! Reloads never run concurrently: a second one waits for the first.
+//!
+//! Applying writes definitions of any account and restarts processes, so through the API it
+//! needs the full role (root or the agent's own uid); a dry run is a read for every role, and
+//! shows `env` values only to callers who may change that process (others see
+//! [`HIDDEN_ENV_VALUE`], as in `procs`).
 
 use std::sync::Arc;
 
@@ -20,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::auth::{self, Access, Role};
-use super::handlers::{KeyStyle, Target, result_key};
+use super::handlers::{HIDDEN_ENV_VALUE, KeyStyle, Target, result_key};
 use super::{ApiError, AppState, Peer, envelope, ok};
 use crate::config::{Config, ConfigErrors};
 use crate::proto::{HostWire, KeyResult, OpType, codes};
@@ -210,6 +215,7 @@ async fn restart_task(
                 key: Some(k.clone()),
                 op_type: OpType::Restart.code(),
                 result: None,
+                definition: None,
             })
             .collect(),
     };
@@ -311,8 +317,43 @@ struct ReloadReq {
     dry_run: bool,
 }
 
-/// `POST /v1/reload {"dry_run": bool}`. A dry run is a read (every role); applying needs
-/// root or the admin group.
+/// Hide the `env` values of the changes a caller may not make: a changed definition whose
+/// registered account or new account is not the caller's to use shows its variables' names
+/// with [`HIDDEN_ENV_VALUE`].
+pub fn hide_env(engine: &Engine, access: &Access, report: &mut ReloadReport) {
+    let reg = engine.reg();
+    for c in &mut report.diff.changed {
+        let Ok(key) = c.key.parse::<ProcKey>() else {
+            continue;
+        };
+        let mut accounts: Vec<String> = reg
+            .get(&key)
+            .map(|e| e.def.spec.account.clone())
+            .into_iter()
+            .collect();
+        accounts.extend(
+            c.fields
+                .iter()
+                .filter(|f| f.field == "account")
+                .filter_map(|f| f.new.as_str().map(str::to_string)),
+        );
+        if accounts.iter().all(|a| access.may_use_account(a).is_ok()) {
+            continue;
+        }
+        for f in c.fields.iter_mut().filter(|f| f.field == "env") {
+            for v in [&mut f.old, &mut f.new] {
+                if let Some(m) = v.as_object_mut() {
+                    for x in m.values_mut() {
+                        *x = Value::String(HIDDEN_ENV_VALUE.into());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `POST /v1/reload {"dry_run": bool}`. A dry run is a read (every role, `env` values
+/// hidden as in `procs`); applying needs the full role (root or the agent's own uid).
 pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
     let engine = st.engine;
     engine.counters.api_request("reload");
@@ -341,15 +382,21 @@ pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
             Err(e) => return e.into_response(),
         }
     };
-    if !r.dry_run && !access.can_write() {
+    if !r.dry_run && access.role != Role::Full {
         return ApiError::new(
             codes::FORBIDDEN,
-            "read-only group members may preview a reload (dry_run) but not apply it",
+            format!(
+                "applying a config reload writes the definitions of every account and restarts their processes: only root or the agent's own uid may; uid {} may preview it with dry_run",
+                access.peer.map(|p| p.uid).unwrap_or(0)
+            ),
         )
         .into_response();
     }
     match reload(&engine, r.dry_run, "api", &access).await {
-        Ok(rep) => ok(serde_json::to_value(rep).unwrap_or(Value::Null)),
+        Ok(mut rep) => {
+            hide_env(&engine, &access, &mut rep);
+            ok(serde_json::to_value(rep).unwrap_or(Value::Null))
+        }
         Err(ReloadError::Invalid(errs)) => envelope(
             false,
             codes::BAD_REQUEST,

@@ -393,7 +393,17 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             if json_out {
                 print_json(&d);
             } else {
-                out(&render::fit(&render::task_table(&d), render::term_width()));
+                // What each item did to its definition (an older agent does not say).
+                let record = client
+                    .call("tasks", &json!({ "task_id": task_id }))
+                    .await
+                    .ok()
+                    .and_then(|e| data(e).ok())
+                    .map(|d| d["list"][0].clone());
+                out(&render::fit(
+                    &render::task_table(&d, record.as_ref()),
+                    render::term_width(),
+                ));
             }
             Ok(task_exit(&d, None))
         }
@@ -651,10 +661,10 @@ async fn operate(
 }
 
 /// Most items in one operate_proc_multi call (the API's limit).
-const MULTI_CHUNK: usize = 5000;
+const MULTI_CHUNK: usize = crate::api::limits::MAX_MULTI_ITEMS;
 
-/// One operation on every selected process: one operate_proc_multi task per 5000
-/// processes, a progress bar on stderr while waiting (when stderr is a terminal), then a
+/// One operation on every selected process: one operate_proc_multi task per
+/// [`MULTI_CHUNK`] processes, a progress bar on stderr while waiting (when stderr is a terminal), then a
 /// summary table.
 async fn operate_many(
     client: &Client,

@@ -408,8 +408,20 @@ pub fn status_table(list: &[Value], color: bool) -> String {
     }
 }
 
-/// A task's keyed results.
-pub fn task_table(d: &Value) -> String {
+/// A task's keyed results; `record` is the task as `tasks` lists it (for what each item
+/// did to its definition), when the agent gave it.
+pub fn task_table(d: &Value, record: Option<&Value>) -> String {
+    let changes: std::collections::HashMap<String, String> = record
+        .and_then(|t| t["items"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            Some((
+                i["key"].as_str()?.to_string(),
+                i["definition"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
     let rows: Vec<Vec<String>> = d
         .as_object()
         .map(|m| {
@@ -418,13 +430,14 @@ pub fn task_table(d: &Value) -> String {
                     vec![
                         k.clone(),
                         s(&v["error_code"]),
+                        changes.get(k).cloned().unwrap_or_else(|| "-".into()),
                         s(&v["error_msg"]).chars().take(200).collect(),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    table(&["KEY", "CODE", "MESSAGE"], &rows, None)
+    table(&["KEY", "CODE", "DEFINITION", "MESSAGE"], &rows, None)
 }
 
 /// Recent tasks.
@@ -439,6 +452,13 @@ pub fn tasks_table(d: &Value) -> String {
                         .iter()
                         .map(|i| s(&i["result"]["error_code"]))
                         .collect();
+                    // What the items did to definitions, each distinct change once.
+                    let mut changes: Vec<&str> = Vec::new();
+                    for c in items.iter().filter_map(|i| i["definition"].as_str()) {
+                        if !changes.contains(&c) {
+                            changes.push(c);
+                        }
+                    }
                     vec![
                         s(&t["task_id"]),
                         s(&t["api"]),
@@ -447,13 +467,27 @@ pub fn tasks_table(d: &Value) -> String {
                         s(&t["username"]),
                         items.len().to_string(),
                         codes.join(","),
+                        if changes.is_empty() {
+                            "-".to_string()
+                        } else {
+                            changes.join("; ")
+                        },
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
     table(
-        &["TASK", "API", "OP", "UID", "USER", "ITEMS", "CODES"],
+        &[
+            "TASK",
+            "API",
+            "OP",
+            "UID",
+            "USER",
+            "ITEMS",
+            "CODES",
+            "DEFINITION",
+        ],
         &rows,
         None,
     )

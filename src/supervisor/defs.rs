@@ -1,5 +1,10 @@
 //! Registering, updating and unregistering definitions (API and config), and the config diff
 //! used at start and on reload.
+//!
+//! An API write says who writes ([`Writer`]): the caller's account rule is checked again
+//! under the process's operation lock, against the definition being replaced and the new
+//! one, and the change it made ([`DefChange`]) is recorded on the task item it is for in the
+//! same transaction as the definition.
 
 use std::sync::Arc;
 
@@ -8,6 +13,7 @@ use crate::config::ProcessConfig;
 use crate::proto::{KeyResult, codes};
 use crate::registry::{Entry, FLAG_RUNNING, ProcState};
 use crate::spec::{Definition, Labels, ProcKey, ProcSpec, Source};
+use crate::store::ItemNote;
 
 /// How a definition write treats an existing key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,17 +24,66 @@ pub enum PutMode {
     Upsert,
 }
 
+/// What a definition write changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DefChange {
+    Registered,
+    /// The fields that differ (spec fields, `labels`).
+    Updated(Vec<String>),
+    Unchanged,
+}
+
+impl DefChange {
+    /// As the task log says it: `registered`, `updated: start_cmd, env`, `unchanged`.
+    pub fn describe(&self) -> String {
+        match self {
+            DefChange::Registered => "registered".into(),
+            DefChange::Updated(f) => format!("updated: {}", f.join(", ")),
+            DefChange::Unchanged => "unchanged".into(),
+        }
+    }
+}
+
+/// The account rule of whoever writes: may they use (replace, or create) a definition that
+/// runs as this account? `Err` carries the reason.
+pub type AccountRule = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Who writes a definition through the API, and for which task item.
+#[derive(Clone)]
+pub struct Writer {
+    pub may_use: AccountRule,
+    /// The task item (task id, index) the write is recorded on.
+    pub item: Option<(String, usize)>,
+}
+
+impl Writer {
+    /// Refuse (1000403 on the key) unless the rule allows `account`.
+    pub fn check(&self, account: &str) -> Result<(), KeyResult> {
+        (self.may_use)(account).map_err(|m| KeyResult::err(codes::FORBIDDEN, m))
+    }
+
+    fn note(&self, change: &DefChange) -> Option<ItemNote> {
+        self.item.as_ref().map(|(task_id, idx)| ItemNote {
+            task_id: task_id.clone(),
+            idx: *idx,
+            change: change.describe(),
+        })
+    }
+}
+
 /// Create or update a definition from the API. Commits to the store before changing memory.
+/// Returns the answer and, when it did something, the change.
 pub async fn put_definition(
     engine: &Arc<Engine>,
     key: &ProcKey,
     labels: Labels,
     spec: ProcSpec,
     mode: PutMode,
-) -> KeyResult {
+    w: &Writer,
+) -> (KeyResult, Option<DefChange>) {
     let lock = engine.op_lock(key);
     let _g = lock.lock().await;
-    put_definition_locked(engine, key, labels, spec, mode).await
+    put_definition_locked(engine, key, labels, spec, mode, w).await
 }
 
 /// As [`put_definition`], for a caller that holds the operation lock.
@@ -38,31 +93,50 @@ pub async fn put_definition_locked(
     labels: Labels,
     spec: ProcSpec,
     mode: PutMode,
-) -> KeyResult {
+    w: &Writer,
+) -> (KeyResult, Option<DefChange>) {
     let now = crate::util::unix_now();
-    let existing = engine
-        .reg()
-        .get(key)
-        .map(|e| (e.def.clone(), e.def.spec == spec));
-    if let Some((old, _)) = &existing {
+    let existing = engine.reg().get(key).map(|e| e.def.clone());
+    // Checked here, under the lock, as well as when the request was accepted: the
+    // definition may have been replaced since.
+    if let Some(Err(r)) = existing.as_ref().map(|d| w.check(&d.spec.account)) {
+        return (r, None);
+    }
+    if let Err(r) = w.check(&spec.account) {
+        return (r, None);
+    }
+    if let Some(old) = &existing {
         if mode == PutMode::Register {
-            return KeyResult::err(
-                codes::ALREADY_REGISTERED,
-                format!("process {key} is already registered; use update_proc_info to change it"),
+            return (
+                KeyResult::err(
+                    codes::ALREADY_REGISTERED,
+                    format!(
+                        "process {key} is already registered; use update_proc_info to change it"
+                    ),
+                ),
+                None,
             );
         }
         // The same spec sent again (an inline spec with every operation, say) changes
         // nothing, whatever declared it: nothing to store, nothing to refuse.
         let unchanged = old.spec == spec && (labels.is_empty() || labels == old.labels);
         if unchanged {
-            return KeyResult::ok("");
+            let change = DefChange::Unchanged;
+            if let Some(n) = w.note(&change) {
+                engine.tasks.note_definition(&n.task_id, n.idx, &n.change);
+                engine.store.note_item(n);
+            }
+            return (KeyResult::ok(""), Some(change));
         }
         if let Source::Config { file } = &old.source {
-            return KeyResult::err(
-                codes::SPEC_INVALID,
-                format!(
-                    "process {key} is declared in the config file {file}; change it there and reload"
+            return (
+                KeyResult::err(
+                    codes::SPEC_INVALID,
+                    format!(
+                        "process {key} is declared in the config file {file}; change it there and reload"
+                    ),
                 ),
+                None,
             );
         }
     }
@@ -77,17 +151,20 @@ pub async fn put_definition_locked(
                 .get(&other)
                 .map(|e| (e.def.spec.setup_path.clone(), e.def.spec.proc_name.clone()))
                 .unwrap_or_default();
-            return KeyResult::err(
-                codes::SPEC_INVALID,
-                format!(
-                    "value_key {:?} is already used by process {other} (setup_path {sp:?}, proc_name {pn:?}); a value_key names one process, so two processes with the same setup_path and proc_name need distinct value_keys",
-                    spec.value_key
+            return (
+                KeyResult::err(
+                    codes::SPEC_INVALID,
+                    format!(
+                        "value_key {:?} is already used by process {other} (setup_path {sp:?}, proc_name {pn:?}); a value_key names one process, so two processes with the same setup_path and proc_name need distinct value_keys",
+                        spec.value_key
+                    ),
                 ),
+                None,
             );
         }
     }
     let labels = match (&existing, labels.is_empty()) {
-        (Some((old, _)), true) => old.labels.clone(),
+        (Some(old), true) => old.labels.clone(),
         _ => labels,
     };
     let def = Definition {
@@ -95,26 +172,41 @@ pub async fn put_definition_locked(
         labels,
         spec,
         source: Source::Api,
-        register_time: existing
-            .as_ref()
-            .map(|(d, _)| d.register_time)
-            .unwrap_or(now),
+        register_time: existing.as_ref().map(|d| d.register_time).unwrap_or(now),
         updated_time: now,
+    };
+    let change = match &existing {
+        None => DefChange::Registered,
+        Some(old) => DefChange::Updated(changed_fields(old, &def)),
     };
     let json = match serde_json::to_string(&def) {
         Ok(j) => j,
         Err(e) => {
-            return KeyResult::err(
-                codes::OP_FAILED,
-                format!("cannot encode the definition: {e}"),
+            return (
+                KeyResult::err(
+                    codes::OP_FAILED,
+                    format!("cannot encode the definition: {e}"),
+                ),
+                None,
             );
         }
     };
-    if let Err(e) = engine.store.put_definition(key, json).await {
-        return KeyResult::err(
-            codes::OP_FAILED,
-            format!("the state store refused the change: {e}"),
+    let note = w.note(&change);
+    if let Err(e) = engine
+        .store
+        .put_definition_noted(key, json, note.clone())
+        .await
+    {
+        return (
+            KeyResult::err(
+                codes::OP_FAILED,
+                format!("the state store refused the change: {e}"),
+            ),
+            None,
         );
+    }
+    if let Some(n) = note {
+        engine.tasks.note_definition(&n.task_id, n.idx, &n.change);
     }
     let created = {
         let mut reg = engine.reg();
@@ -139,24 +231,31 @@ pub async fn put_definition_locked(
             serde_json::Value::Null,
         );
         engine.discover_bg(key);
-    } else if !existing.as_ref().is_some_and(|(_, same)| *same) {
+    } else {
         engine.events.emit(
             Some(key),
             "updated",
-            "definition updated",
+            change.describe(),
             serde_json::Value::Null,
         );
     }
     engine.reconcile(key);
-    KeyResult::ok("")
+    (KeyResult::ok(""), Some(change))
 }
 
 /// Remove a definition. The process, if running, is left running and no longer watched.
-pub async fn remove_definition(engine: &Arc<Engine>, key: &ProcKey) -> KeyResult {
+/// The writer's account rule is checked under the lock against the definition removed.
+pub async fn remove_definition(engine: &Arc<Engine>, key: &ProcKey, w: &Writer) -> KeyResult {
     let lock = engine.op_lock(key);
     let _g = lock.lock().await;
-    let source = engine.reg().get(key).map(|e| e.def.source.clone());
-    match source {
+    let found = engine
+        .reg()
+        .get(key)
+        .map(|e| (e.def.source.clone(), e.def.spec.account.clone()));
+    if let Some(Err(r)) = found.as_ref().map(|(_, a)| w.check(a)) {
+        return r;
+    }
+    match found.map(|(s, _)| s) {
         None => KeyResult::err(
             codes::PROC_NOT_RUNNING,
             format!("process {key} is not registered"),

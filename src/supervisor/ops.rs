@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use super::defs::{self, PutMode, Writer};
 use super::ownership::{Origin, Spawn};
 use super::policy;
 use super::watch;
 use super::{ClaimData, Detection, Engine};
 use crate::proto::{KeyResult, OpType, codes};
 use crate::registry::{FLAG_RUNNING, FLAG_STOPPED, Instance, Phase};
-use crate::spec::{AutoType, CommandKind, ProcKey, ProcSpec};
+use crate::spec::{AutoType, CommandKind, Labels, ProcKey, ProcSpec};
 use crate::sys::ExitInfo;
 
 /// A failed operation step.
@@ -101,12 +102,48 @@ pub async fn run_op(engine: Arc<Engine>, key: ProcKey, op: OpType) -> KeyResult 
     let _permit = engine.ops_sem.clone().acquire_owned().await;
     let lock = engine.op_lock(&key);
     let _guard = lock.lock().await;
-    let Some(spec) = engine.spec_of(&key) else {
+    op_locked(&engine, &key, op).await
+}
+
+/// Run an operation a caller asked for, with the definition it sent inline, under the
+/// process's operation lock: the inline definition is written first (never for a status
+/// query, which writes nothing and runs nothing), then the caller's account rule is checked
+/// again against the definition the operation acts on (it may have been replaced since the
+/// request was accepted), then the operation runs.
+pub async fn run_requested(
+    engine: Arc<Engine>,
+    key: ProcKey,
+    op: OpType,
+    inline: Option<(ProcSpec, Labels)>,
+    w: &Writer,
+) -> KeyResult {
+    let _permit = engine.ops_sem.clone().acquire_owned().await;
+    let lock = engine.op_lock(&key);
+    let _guard = lock.lock().await;
+    if op.mutating() {
+        if let Some((spec, labels)) = inline {
+            let (r, _) =
+                defs::put_definition_locked(&engine, &key, labels, spec, PutMode::Upsert, w).await;
+            if r.error_code != codes::SUCCESS {
+                return r;
+            }
+        }
+        let account = engine.reg().get(&key).map(|e| e.def.spec.account.clone());
+        if let Some(Err(r)) = account.map(|a| w.check(&a)) {
+            return r;
+        }
+    }
+    op_locked(&engine, &key, op).await
+}
+
+/// One operation, for a caller that holds the process's operation lock.
+async fn op_locked(engine: &Arc<Engine>, key: &ProcKey, op: OpType) -> KeyResult {
+    let Some(spec) = engine.spec_of(key) else {
         return match op {
             OpType::Status => KeyResult {
                 error_code: codes::NOT_REGISTERED,
                 error_msg: format!("process {key} is not registered"),
-                content: status_content(&engine, &key),
+                content: status_content(engine, key),
             },
             _ => KeyResult::err(
                 codes::NOT_REGISTERED,
@@ -122,24 +159,23 @@ pub async fn run_op(engine: Arc<Engine>, key: ProcKey, op: OpType) -> KeyResult 
     }
     if op != OpType::Status {
         engine.events.emit(
-            Some(&key),
+            Some(key),
             "operator",
             format!("operation {} requested", op.name()),
             serde_json::json!({"op_type": op.code()}),
         );
     }
     match op {
-        OpType::Status => {
-            let _ = engine.discover(&key).await;
-            KeyResult::ok(status_content(&engine, &key))
-        }
-        OpType::Start => op_start(&engine, &key, &spec).await,
-        OpType::Stop => op_stop(&engine, &key, &spec, false).await,
-        OpType::Kill => op_stop(&engine, &key, &spec, true).await,
-        OpType::Delegate => op_delegate(&engine, &key, &spec, true).await,
-        OpType::Undelegate => op_delegate(&engine, &key, &spec, false).await,
-        OpType::Restart => op_restart(&engine, &key, &spec).await,
-        OpType::Reload => op_reload(&engine, &key, &spec).await,
+        // A pure read of what the agent knows: no pid-file probe, no adoption, no command
+        // (the supervisor's sweep adopts processes started outside the agent).
+        OpType::Status => KeyResult::ok(status_content(engine, key)),
+        OpType::Start => op_start(engine, key, &spec).await,
+        OpType::Stop => op_stop(engine, key, &spec, false).await,
+        OpType::Kill => op_stop(engine, key, &spec, true).await,
+        OpType::Delegate => op_delegate(engine, key, &spec, true).await,
+        OpType::Undelegate => op_delegate(engine, key, &spec, false).await,
+        OpType::Restart => op_restart(engine, key, &spec).await,
+        OpType::Reload => op_reload(engine, key, &spec).await,
     }
 }
 

@@ -522,6 +522,27 @@ pub fn daemon_spec(env: &TestEnv, prog: &str, extra_control: Value) -> Value {
     })
 }
 
+/// Assert that an envelope refuses with `code` and a message; returns the message.
+pub fn refusal<'a>(v: &'a Value, code: i64, what: &str) -> &'a str {
+    assert_eq!(v["result"], json!(false), "{what} should be refused: {v}");
+    assert_eq!(v["code"], json!(code), "{what}: {v}");
+    let m = v["message"].as_str().unwrap_or("");
+    assert!(!m.is_empty(), "{what}: a refusal without a message: {v}");
+    m
+}
+
+/// The first number of a `/proc/PID/status` line (`VmRSS:`, `Uid:`).
+pub fn proc_status_number(pid: i32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Read a pid file.
 pub fn read_pid(path: &str) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
