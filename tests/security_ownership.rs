@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -17,19 +16,6 @@ use common::*;
 use serde_json::{Value, json};
 
 const NS: &str = "own";
-
-/// A copy of `sleep` named `name` in `dir`.
-fn program_in(dir: &Path, name: &str) -> String {
-    std::fs::create_dir_all(dir).expect("mkdir");
-    let p = dir.join(name);
-    let sleep = ["/bin/sleep", "/usr/bin/sleep"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("sleep");
-    std::fs::copy(sleep, &p).expect("copy sleep");
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    p.display().to_string()
-}
 
 /// Start `prog` (cwd `dir`) in a session of its own, outside the agent; returns its pid.
 fn bystander(prog: &str, dir: &Path) -> i32 {
@@ -55,7 +41,7 @@ fn bystander(prog: &str, dir: &Path) -> i32 {
 }
 
 fn spec_for(setup: &Path, prog_name: &str, pidfile: &str) -> Value {
-    let prog = program_in(setup, prog_name);
+    let prog = program_at(setup, prog_name);
     json!({
         "identity": {"proc_name": prog_name, "setup_path": setup.display().to_string(), "pid_path": pidfile, "user": ""},
         "control": {
@@ -164,7 +150,7 @@ fn a_stored_definition_with_an_empty_name_is_reported_and_never_acted_on() {
     d.register(NS, "victim", spec_for(&setup, "victim", &pidfile));
     d.terminate();
     // A bystander from the same tree, named in the pid file.
-    let other = bystander(&program_in(&setup, "victim2"), &setup);
+    let other = bystander(&program_at(&setup, "victim2"), &setup);
     std::fs::write(&pidfile, format!("{other}\n")).unwrap();
     // The definition as an older agent could have stored it: proc_name "/".
     {
@@ -244,7 +230,7 @@ fn a_stale_pid_file_naming_an_unrelated_program_is_neither_828_nor_stopped() {
     // An unrelated program with the same name, installed elsewhere, runs; the stale pid file
     // names it.
     let elsewhere = env.path().join("elsewhere");
-    let other = bystander(&program_in(&elsewhere, "lonely"), &elsewhere);
+    let other = bystander(&program_at(&elsewhere, "lonely"), &elsewhere);
     std::fs::write(&pidfile, format!("{other}\n")).unwrap();
     // Status does not report it as ours.
     assert_ne!(d.status(NS, "lonely")["pid"], json!(other));
@@ -312,7 +298,7 @@ fn an_admin_cannot_signal_a_root_process_through_a_pid_file() {
     let home = owned_dir(&env, "home-a", &admin);
     // root's program, from the very tree the admin names as setup_path.
     let setup = env.path().join("tree");
-    let root_proc = bystander(&program_in(&setup, "svc"), &setup);
+    let root_proc = bystander(&program_at(&setup, "svc"), &setup);
     let pidfile = home.join("svc.pid").display().to_string();
     std::fs::write(&pidfile, format!("{root_proc}\n")).unwrap();
     nix::unistd::chown(
@@ -371,7 +357,7 @@ fn a_managed_account_cannot_point_the_agent_at_a_root_process() {
     );
     let setup = env.path().join("svc");
     std::fs::create_dir_all(&setup).unwrap();
-    let prog = program_in(&setup, "worker");
+    let prog = program_at(&setup, "worker");
     let home = owned_dir(&env, "home-m", &user);
     let pidfile = home.join("worker.pid").display().to_string();
     // The account's health check fails once it has written the marker.

@@ -151,7 +151,7 @@ async fn op_locked(engine: &Arc<Engine>, key: &ProcKey, op: OpType) -> KeyResult
             ),
         };
     };
-    let invalid = engine.reg().get(&key).and_then(|e| e.rt.invalid.clone());
+    let invalid = engine.reg().get(key).and_then(|e| e.rt.invalid.clone());
     if let Some(why) = invalid
         && op != OpType::Status
     {

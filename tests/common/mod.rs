@@ -115,16 +115,7 @@ impl TestEnv {
 
     /// A copy of `sleep` named `name`: a program whose exe, comm and argv[0] all say `name`.
     pub fn program(&self, name: &str) -> String {
-        let p = self.dir.path().join(name);
-        if !p.exists() {
-            let sleep = ["/bin/sleep", "/usr/bin/sleep"]
-                .into_iter()
-                .find(|p| Path::new(p).exists())
-                .expect("sleep");
-            std::fs::copy(sleep, &p).expect("copy sleep");
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
-        p.display().to_string()
+        program_at(self.dir.path(), name)
     }
 
     /// A start command that daemonizes `name` (a renamed sleep) and writes its pid file.
@@ -182,6 +173,21 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         self.kill_all();
     }
+}
+
+/// A copy of `sleep` named `name` in `dir` (created when missing).
+pub fn program_at(dir: &Path, name: &str) -> String {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let p = dir.join(name);
+    if !p.exists() {
+        let sleep = ["/bin/sleep", "/usr/bin/sleep"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("sleep");
+        std::fs::copy(sleep, &p).expect("copy sleep");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    p.display().to_string()
 }
 
 /// A running daemon.
