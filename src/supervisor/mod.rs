@@ -13,6 +13,7 @@
 //!   runtime facts (pids, restarts) are written in the background.
 
 pub mod defs;
+pub mod lifecycle;
 pub mod limits;
 pub mod ops;
 pub mod ownership;
