@@ -116,12 +116,19 @@ impl Engine {
         } = parts;
         let (tx, rx) = mpsc::unbounded_channel();
         let output_dir = config.state_dir.join("output");
-        let exec = Executor::new(
-            reaper.clone(),
-            output_dir,
-            config.store.max_output_bytes,
-            config.supervisor.umask,
+        let output = crate::output::OutputClient::start(
+            output_dir.clone(),
+            crate::output::Settings {
+                limits: crate::output::Limits {
+                    file_bytes: config.store.output_file_bytes,
+                    files: config.store.output_files,
+                    min_free: config.store.reserve_bytes.saturating_mul(2),
+                },
+                tail_bytes: config.store.max_output_bytes,
+                program: PathBuf::from("/proc/self/exe"),
+            },
         );
+        let exec = Executor::new(reaper.clone(), output, output_dir, config.supervisor.umask);
         let events = EventLog::new(store.clone(), 10_000, loaded.events);
         let tasks = TaskBook::new(store.clone(), 5_000, loaded.tasks);
         let mut reg = Registry::default();
@@ -700,12 +707,6 @@ impl Engine {
         }
         if self.detection == Detection::Poll {
             self.poll_exits();
-        }
-        // Daemons write to the output file they inherited: keep it bounded (one stat per
-        // file, so every 5th tick: an idle agent with 1000 processes should not stat 1000
-        // files a second).
-        if tick.is_multiple_of(5) {
-            self.exec.bound_outputs();
         }
         self.schedule_health_checks();
         let now = Instant::now();
