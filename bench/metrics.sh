@@ -19,6 +19,8 @@
 # this run's temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 ROOT=$(pwd)
 N=${N:-1000}
 DURATION=${DURATION:-60}
@@ -26,18 +28,6 @@ WRITE_DOC=${WRITE_DOC:-1}
 WORK=$(mktemp -d /tmp/pa-bench.XXXXXX)
 chmod 755 "$WORK"
 DAEMON_PIDS=()
-
-log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
-
-# Pids of live processes whose executable is $1 (an exact path under $WORK).
-pids_of_exe() {
-  local want=$1 p exe
-  for p in /proc/[0-9]*; do
-    exe=$(readlink "$p/exe" 2>/dev/null || true)
-    [ "$exe" = "$want" ] && echo "${p#/proc/}"
-  done
-  return 0
-}
 
 kill_exe() {
   local pids
@@ -63,7 +53,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
 TCK=$(getconf CLK_TCK)
 MACHINE="$(nproc) CPUs, $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
@@ -112,47 +101,15 @@ CLI=("$ROOT/target/release/procagent" --socket "$WORK/pa/run/agent.sock")
 run_procagentd() {
   local interval=$1 i
   rm -rf "$WORK/pa/state" "$WORK/pa/run"
-  {
-    cat <<EOF
-[agent]
-socket = "$WORK/pa/run/agent.sock"
-state_dir = "$WORK/pa/state"
-log_level = "warn"
-
-[host]
-ip = "127.0.0.1"
-bk_cloud_id = 0
-bk_supplier_id = 0
-
-[metrics]
-sample_interval = "$interval"
-EOF
-    for i in $(seq 1 "$N"); do
-      cat <<EOF
-
-[[process]]
-namespace = "bench"
-name = "p$i"
-setup_path = "$WORK/pa"
-proc_name = "bsleep"
-start_cmd = "exec ./bsleep 100000"
-start_check_secs = 1
-autostart = true
-EOF
-    done
-  } > "$WORK/pa/agent.toml"
+  bench_config "$WORK/pa" "$N" bsleep "[metrics]
+sample_interval = \"$interval\"" > "$WORK/pa/agent.toml"
   "$ROOT/target/release/procagentd" --config "$WORK/pa/agent.toml" >"$WORK/pa/daemon.log" 2>&1 &
   local dpid=$!
   echo "$dpid" >> "$WORK/daemon.pids"
-  local t_start t_up running=0
+  local t_start t_up
   t_start=$(date +%s.%N)
-  for _ in $(seq 1 1200); do
-    running=$("${CLI[@]}" --json health 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["running"])' 2>/dev/null || echo 0)
-    [ "$running" -ge "$N" ] && break
-    sleep 0.5
-  done
+  wait_running "$WORK/pa/run/agent.sock" "$N" "$WORK/pa/daemon.log"
   t_up=$(date +%s.%N)
-  [ "$running" -ge "$N" ] || { log "only $running of $N running"; tail -20 "$WORK/pa/daemon.log" >&2; exit 1; }
   local start_s
   start_s=$(python3 -c "print(f'{$t_up - $t_start:.1f}')")
   log "procagentd (sample_interval $interval): all $N running after ${start_s}s; settling 5 s, then measuring ${DURATION}s"

@@ -136,6 +136,18 @@ pub struct StoreConfig {
     pub max_events: u64,
     /// Bytes of a command's output kept in a task result.
     pub max_output_bytes: usize,
+    /// `output_file_bytes` (default 8 MiB, 64 KiB..1 GiB): the size at which a process's
+    /// captured output file is rotated; no file is ever larger.
+    pub output_file_bytes: u64,
+    /// `output_files` (default 4, 2..1000): files kept per process, the current one
+    /// included, so a process's captured output never takes more than
+    /// `output_file_bytes × output_files` on disk.
+    pub output_files: u32,
+    /// `reserve_bytes` (default 1 MiB, 0 or 64 KiB..256 MiB; 0 disables it): space kept in
+    /// `state_dir/reserve` so that stop, kill and unmanage can still commit their intent
+    /// when the state directory is full. Output capture also stops while less than twice
+    /// this is free.
+    pub reserve_bytes: u64,
 }
 
 /// A process declared in a config file.
@@ -596,7 +608,13 @@ pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> 
         max_tasks: st.int("max_tasks", 100_000, 10, 10_000_000) as u64,
         max_events: st.int("max_events", 50_000, 10, 10_000_000) as u64,
         max_output_bytes: st.int("max_output_bytes", 16 * 1024, 256, 1 << 20) as usize,
+        output_file_bytes: st.int("output_file_bytes", 8 << 20, 64 << 10, 1 << 30) as u64,
+        output_files: st.int("output_files", 4, 2, 1000) as u32,
+        reserve_bytes: st.int("reserve_bytes", 1 << 20, 0, 256 << 20) as u64,
     };
+    if (1..64 << 10).contains(&store.reserve_bytes) {
+        st.err("reserve_bytes", "must be 0 (no reserve) or at least 65536");
+    }
     st.finish();
 
     let mut processes = Vec::new();
@@ -938,6 +956,14 @@ mod tests {
             c.api.root_socket,
             PathBuf::from("/run/procagent/procagent-root.sock")
         );
+        assert_eq!(
+            (
+                c.store.output_file_bytes,
+                c.store.output_files,
+                c.store.reserve_bytes
+            ),
+            (8 << 20, 4, 1 << 20)
+        );
         assert!(c.processes.is_empty());
     }
 
@@ -959,6 +985,32 @@ mod tests {
             load_text("[agent]\nsocket = \"/run/a.sock\"\n[api]\nroot_socket = \"/run/a.sock\"\n")
                 .unwrap_err();
         assert!(err.to_string().contains("api.root_socket"), "{err}");
+    }
+
+    #[test]
+    fn output_rotation_and_reserve_are_checked() {
+        let c =
+            load_text("[store]\noutput_file_bytes = 65536\noutput_files = 2\nreserve_bytes = 0\n")
+                .unwrap();
+        assert_eq!(
+            (
+                c.store.output_file_bytes,
+                c.store.output_files,
+                c.store.reserve_bytes
+            ),
+            (65536, 2, 0)
+        );
+        let err =
+            load_text("[store]\noutput_file_bytes = 100\noutput_files = 1\nreserve_bytes = 1000\n")
+                .unwrap_err()
+                .to_string();
+        for key in [
+            "store.output_file_bytes",
+            "store.output_files",
+            "store.reserve_bytes",
+        ] {
+            assert!(err.contains(key), "{key} in {err}");
+        }
     }
 
     #[test]

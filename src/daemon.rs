@@ -168,7 +168,12 @@ pub async fn run(
             }
         }
     };
-    let (store, loaded) = Store::open(&config.state_dir.join("state.db"), 5_000, 10_000)?;
+    let (store, loaded) = Store::open(
+        &config.state_dir.join("state.db"),
+        5_000,
+        10_000,
+        config.store.reserve_bytes,
+    )?;
     let host = HostIdentity::resolve(&config.host);
     let (stop_tx, stop_rx) = watch::channel(false);
     let reaper = Reaper::new();

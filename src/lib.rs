@@ -9,6 +9,8 @@
 //! * [`store`]: SQLite persistence (one writer thread, WAL, group commit).
 //! * [`supervisor`]: the engine: operations, exit handling, restart policy ([`supervisor::policy`] is pure).
 //! * [`executor`]: running control commands as an account, in their own session, output captured.
+//! * [`output`]: output capture: the output keeper process (pipes, records, rotation) and the agent's client.
+//! * [`reserve`]: the space reserve in the state directory that keeps stop, kill and unmanage durable on a full disk.
 //! * [`reaper`]: the one `waitpid` reaper (the agent is a child subreaper).
 //! * [`expr`]: GSEKit expression_scope expressions.
 //! * [`procinfo`]: `/proc` identity reads and the pid-file parser.
@@ -29,11 +31,13 @@ pub mod executor;
 pub mod expr;
 pub mod fspool;
 pub mod host;
+pub mod output;
 pub mod probe;
 pub mod procinfo;
 pub mod proto;
 pub mod reaper;
 pub mod registry;
+pub mod reserve;
 pub mod spec;
 pub mod store;
 pub mod supervisor;

@@ -11,6 +11,15 @@
 //! state, task results, events) are kept and retried every second until the disk accepts
 //! them again; [`Store::writable`] reports the condition for the health endpoint.
 //!
+//! Urgent writes (the intent of a stop, kill or unmanage, and their task) must not be lost to
+//! a full disk: when one fails for lack of space, the writer releases the state directory's
+//! reserve ([`crate::reserve`]) and commits it at once, together with every older write
+//! except events (so no older state can later overwrite it). While the reserve is spent,
+//! only urgent writes are attempted; other changes are refused and background writes wait
+//! until the reserve could be created again. An urgent write that still fails is kept and
+//! retried like a background one, and its caller learns that it is not durable yet
+//! ([`StoreError::Queued`]).
+//!
 //! A database that is not a valid SQLite file, or fails `PRAGMA quick_check`, refuses to open
 //! with its path in the error: the agent never silently resets its registry.
 
@@ -24,6 +33,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use tokio::sync::oneshot;
 
 use crate::proto::{Event, KeyResult};
+use crate::reserve::Reserve;
 use crate::spec::ProcKey;
 
 /// Store failures.
@@ -41,6 +51,10 @@ pub enum StoreError {
     },
     #[error("state database write failed: {0}")]
     Write(String),
+    #[error(
+        "state database write failed ({0}); the change is kept and committed when the disk accepts it"
+    )]
+    Queued(String),
     #[error("state store is shut down")]
     Closed,
 }
@@ -109,9 +123,21 @@ enum Op {
     },
 }
 
+/// How a write is treated when the disk refuses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Kept and retried; nobody waits.
+    Background,
+    /// Its caller waits and, on failure, applies nothing.
+    Wait,
+    /// Its caller waits; it may use the reserve, and on failure it is kept and retried.
+    Urgent,
+}
+
 struct Msg {
     op: Op,
     reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+    class: Class,
 }
 
 /// Everything loaded at start.
@@ -191,11 +217,13 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 
 impl Store {
     /// Open (creating if needed) the database at `path`, check it, migrate it, load what the
-    /// agent needs at start, and start the writer thread.
+    /// agent needs at start, and start the writer thread. `reserve_bytes` (0: none) of
+    /// space are kept in `reserve` beside the database for urgent writes.
     pub fn open(
         path: &Path,
         recent_tasks: usize,
         recent_events: usize,
+        reserve_bytes: u64,
     ) -> Result<(Store, Loaded), StoreError> {
         let pstr = path.display().to_string();
         let open_err = |e: rusqlite::Error| classify_open_error(&pstr, e);
@@ -234,9 +262,10 @@ impl Store {
         let (tx, rx) = mpsc::channel::<Msg>();
         let writable = Arc::new(AtomicBool::new(true));
         let w = writable.clone();
+        let reserve = Reserve::new(&path.with_file_name("reserve"), reserve_bytes);
         std::thread::Builder::new()
             .name("procagent-store".into())
-            .spawn(move || writer_loop(conn, rx, w))
+            .spawn(move || writer_loop(conn, rx, w, reserve))
             .map_err(|e| StoreError::Write(format!("cannot start the store thread: {e}")))?;
         Ok((
             Store {
@@ -260,18 +289,38 @@ impl Store {
     }
 
     async fn send_wait(&self, op: Op) -> Result<(), StoreError> {
+        self.send_class(op, Class::Wait).await
+    }
+
+    fn send_class(
+        &self,
+        op: Op,
+        class: Class,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
-        self.tx
+        let sent = self
+            .tx
             .send(Msg {
                 op,
                 reply: Some(tx),
+                class,
             })
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+            .is_ok();
+        async move {
+            if !sent {
+                return Err(StoreError::Closed);
+            }
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
     }
 
     fn send_bg(&self, op: Op) {
-        if self.tx.send(Msg { op, reply: None }).is_err() {
+        let msg = Msg {
+            op,
+            reply: None,
+            class: Class::Background,
+        };
+        if self.tx.send(msg).is_err() {
             tracing::error!("state store is closed; a background write was dropped");
         }
     }
@@ -317,20 +366,18 @@ impl Store {
         key: &ProcKey,
         json: String,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
-        let (tx, rx) = oneshot::channel();
-        let sent = self
-            .tx
-            .send(Msg {
-                op: Op::PutState(key.clone(), json),
-                reply: Some(tx),
-            })
-            .is_ok();
-        async move {
-            if !sent {
-                return Err(StoreError::Closed);
-            }
-            rx.await.map_err(|_| StoreError::Closed)?
-        }
+        self.send_class(Op::PutState(key.clone(), json), Class::Wait)
+    }
+
+    /// As [`Self::put_state_queued`], for an intent that must not be lost to a full disk
+    /// (stop, kill, unmanage): it may use the reserve, and when even that fails it is kept
+    /// and retried, the error being [`StoreError::Queued`].
+    pub fn put_state_urgent(
+        &self,
+        key: &ProcKey,
+        json: String,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        self.send_class(Op::PutState(key.clone(), json), Class::Urgent)
     }
 
     /// Store a process state in the background (retried while the disk refuses).
@@ -348,6 +395,12 @@ impl Store {
         self.send_wait(Op::InsertTask(task)).await
     }
 
+    /// Record the task of an operation that must act on a full disk (urgent, as
+    /// [`Self::put_state_urgent`]).
+    pub async fn insert_task_urgent(&self, task: TaskRecord) -> Result<(), StoreError> {
+        self.send_class(Op::InsertTask(task), Class::Urgent).await
+    }
+
     /// Record one item's result (background).
     pub fn finish_item(&self, task_id: &str, idx: usize, result: KeyResult) {
         self.send_bg(Op::FinishItem {
@@ -358,18 +411,24 @@ impl Store {
     }
 
     /// Record one item's result and wait for the commit. When the disk refuses, the write
-    /// goes to the background queue (retried until it lands) and the error is returned.
+    /// stays queued (retried until it lands) and the error is returned. `urgent` for an item
+    /// of a task that must act on a full disk (see [`Self::put_state_urgent`]).
     pub async fn finish_item_wait(
         &self,
         task_id: &str,
         idx: usize,
         result: KeyResult,
+        urgent: bool,
     ) -> Result<(), StoreError> {
         let op = Op::FinishItem {
             task_id: task_id.to_string(),
             idx,
             result,
         };
+        if urgent {
+            // Kept by the writer for the retry when it fails.
+            return self.send_class(op, Class::Urgent).await;
+        }
         match self.send_wait(op.clone()).await {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -599,11 +658,42 @@ fn commit_batch(conn: &mut Connection, ops: &[&Op]) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>, writable: Arc<AtomicBool>) {
-    // Background operations that could not be committed yet, oldest first.
+fn disk_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+}
+
+/// The outcome of a failed commit for each message of the batch: waiters learn it, urgent
+/// and background operations are kept for the retry.
+fn fail_batch(batch: Vec<Msg>, msg: &str, retry: &mut Vec<Op>) {
+    for m in batch {
+        match m.class {
+            Class::Wait => {
+                if let Some(r) = m.reply {
+                    let _ = r.send(Err(StoreError::Write(msg.to_string())));
+                }
+            }
+            Class::Urgent => {
+                retry.push(m.op);
+                if let Some(r) = m.reply {
+                    let _ = r.send(Err(StoreError::Queued(msg.to_string())));
+                }
+            }
+            Class::Background => retry.push(m.op),
+        }
+    }
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Msg>,
+    writable: Arc<AtomicBool>,
+    mut reserve: Reserve,
+) {
+    // Background (and urgent) operations that could not be committed yet, oldest first.
     let mut retry: Vec<Op> = Vec::new();
+    let mut restore_at = std::time::Instant::now();
     loop {
-        let first = if retry.is_empty() {
+        let first = if retry.is_empty() && !reserve.spent() {
             match rx.recv() {
                 Ok(m) => Some(m),
                 Err(_) => break,
@@ -629,56 +719,128 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>, writable: Arc<Atom
                 Err(_) => break,
             }
         }
-        // Retry queue first (it is older), then the new batch.
-        let mut ops: Vec<&Op> = retry.iter().collect();
-        ops.extend(batch.iter().map(|m| &m.op));
+        // The reserve comes back first: nothing else may take the space it needs.
+        if reserve.spent() && restore_at.elapsed() >= Duration::from_secs(1) {
+            restore_at = std::time::Instant::now();
+            reserve.restore();
+        }
+        let urgent = batch.iter().any(|m| m.class == Class::Urgent);
+        if !reserve.spent() {
+            // Retry queue first (it is older), then the new batch.
+            let mut ops: Vec<&Op> = retry.iter().collect();
+            ops.extend(batch.iter().map(|m| &m.op));
+            match commit_batch(&mut conn, &ops) {
+                Ok(()) => {
+                    if !writable.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            flushed = retry.len(),
+                            "state store writable again; queued writes committed"
+                        );
+                    }
+                    retry.clear();
+                    for m in batch {
+                        if let Some(r) = m.reply {
+                            let _ = r.send(Ok(()));
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    unwritable(&writable, &e.to_string());
+                    let full = disk_full(&e) || reserve.looks_full();
+                    if !(urgent && full && reserve.release()) {
+                        fail_batch(batch, &e.to_string(), &mut retry);
+                        bound_retry(&mut retry);
+                        continue;
+                    }
+                }
+            }
+        }
+        // The reserve is spent (or was just released).
+        unwritable(
+            &writable,
+            "the state directory is full and its reserve is in use",
+        );
+        if !urgent {
+            // Nothing but an urgent write may use the disk.
+            fail_batch(
+                batch,
+                "the state directory is full; its remaining space is kept for stop, kill and unmanage",
+                &mut retry,
+            );
+            bound_retry(&mut retry);
+            continue;
+        }
+        // An urgent write with the reserve's space: everything older comes along (so that no
+        // older state lands after it), events and refusable changes do not.
+        let keep_events: Vec<Op> = retry
+            .iter()
+            .filter(|op| matches!(op, Op::InsertEvent(_)))
+            .cloned()
+            .collect();
+        let mut ops: Vec<&Op> = retry
+            .iter()
+            .filter(|op| !matches!(op, Op::InsertEvent(_)))
+            .collect();
+        ops.extend(
+            batch
+                .iter()
+                .filter(|m| m.class != Class::Wait && !matches!(m.op, Op::InsertEvent(_)))
+                .map(|m| &m.op),
+        );
         match commit_batch(&mut conn, &ops) {
             Ok(()) => {
-                if !writable.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        flushed = retry.len(),
-                        "state store writable again; queued writes committed"
-                    );
-                }
-                retry.clear();
+                tracing::warn!(
+                    committed = ops.len(),
+                    "urgent writes committed into the state directory's reserve"
+                );
+                retry = keep_events;
                 for m in batch {
-                    if let Some(r) = m.reply {
-                        let _ = r.send(Ok(()));
+                    match m.class {
+                        Class::Wait => {
+                            if let Some(r) = m.reply {
+                                let _ = r.send(Err(StoreError::Write(
+                                    "the state directory is full; its remaining space is kept for stop, kill and unmanage".into(),
+                                )));
+                            }
+                        }
+                        _ if matches!(m.op, Op::InsertEvent(_)) => retry.push(m.op),
+                        _ => {
+                            if let Some(r) = m.reply {
+                                let _ = r.send(Ok(()));
+                            }
+                        }
                     }
                 }
             }
             Err(e) => {
-                if writable.swap(false, Ordering::Relaxed) {
-                    tracing::error!(error = %e, "state store write failed; background writes are queued and retried every second");
-                }
-                // Waiting callers learn of the failure and apply nothing; background
-                // operations are kept for the retry.
-                let msg = e.to_string();
-                let mut keep = Vec::new();
-                for m in batch {
-                    match m.reply {
-                        Some(r) => {
-                            let _ = r.send(Err(StoreError::Write(msg.clone())));
-                        }
-                        None => keep.push(m.op),
-                    }
-                }
-                retry.extend(keep);
-                // Bound the queue: events are the least important, drop the oldest first.
-                if retry.len() > 100_000 {
-                    let excess = retry.len() - 100_000;
-                    let mut dropped = 0;
-                    retry.retain(|op| {
-                        if dropped < excess && matches!(op, Op::InsertEvent(_)) {
-                            dropped += 1;
-                            false
-                        } else {
-                            true
-                        }
-                    });
-                }
+                fail_batch(batch, &e.to_string(), &mut retry);
+                bound_retry(&mut retry);
             }
         }
+    }
+}
+
+/// Record that commits fail (health says degraded until the next full commit).
+fn unwritable(writable: &AtomicBool, why: &str) {
+    if writable.swap(false, Ordering::Relaxed) {
+        tracing::error!(error = %why, "state store write failed; background writes are queued and retried every second");
+    }
+}
+
+/// Bound the retry queue: events are the least important, drop the oldest first.
+fn bound_retry(retry: &mut Vec<Op>) {
+    if retry.len() > 100_000 {
+        let excess = retry.len() - 100_000;
+        let mut dropped = 0;
+        retry.retain(|op| {
+            if dropped < excess && matches!(op, Op::InsertEvent(_)) {
+                dropped += 1;
+                false
+            } else {
+                true
+            }
+        });
     }
 }
 
@@ -829,7 +991,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("state.db");
         {
-            let (s, loaded) = Store::open(&db, 100, 100).unwrap();
+            let (s, loaded) = Store::open(&db, 100, 100, 0).unwrap();
             assert!(loaded.definitions.is_empty());
             let k = ProcKey::new("ns", "a");
             s.put_definition(&k, "{\"x\":1}".into()).await.unwrap();
@@ -846,7 +1008,7 @@ mod tests {
             });
             s.flush().await.unwrap();
         }
-        let (s, loaded) = Store::open(&db, 100, 100).unwrap();
+        let (s, loaded) = Store::open(&db, 100, 100, 0).unwrap();
         assert_eq!(loaded.definitions, vec!["{\"x\":1}".to_string()]);
         assert_eq!(loaded.states.len(), 1);
         assert_eq!(loaded.tasks.len(), 1);
@@ -856,7 +1018,7 @@ mod tests {
         assert!(s.read_task("nope").unwrap().is_none());
         s.delete_definition(&ProcKey::new("ns", "a")).await.unwrap();
         drop(s);
-        let (_s, loaded) = Store::open(&db, 100, 100).unwrap();
+        let (_s, loaded) = Store::open(&db, 100, 100, 0).unwrap();
         assert!(loaded.definitions.is_empty());
         assert!(loaded.states.is_empty());
     }
@@ -867,14 +1029,14 @@ mod tests {
         let db = dir.path().join("state.db");
         let k = ProcKey::new("ns", "gone");
         {
-            let (s, _) = Store::open(&db, 10, 10).unwrap();
+            let (s, _) = Store::open(&db, 10, 10, 0).unwrap();
             s.put_definition(&k, "{}".into()).await.unwrap();
             s.delete_definition(&k).await.unwrap();
             // A late background write for the removed process.
             s.put_state_bg(&k, "{\"managed\":true}".into());
             s.flush().await.unwrap();
         }
-        let (_s, loaded) = Store::open(&db, 10, 10).unwrap();
+        let (_s, loaded) = Store::open(&db, 10, 10, 0).unwrap();
         assert!(loaded.states.is_empty(), "{:?}", loaded.states);
     }
 
@@ -893,7 +1055,7 @@ mod tests {
             )
             .unwrap();
         }
-        let (s, loaded) = Store::open(&db, 10, 10).unwrap();
+        let (s, loaded) = Store::open(&db, 10, 10, 0).unwrap();
         assert_eq!(loaded.tasks.len(), 1);
         assert_eq!(loaded.tasks[0].items[0].definition, None);
         assert_eq!(loaded.tasks[0].items[0].result, Some(KeyResult::ok("")));
@@ -919,7 +1081,7 @@ mod tests {
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         drop(c);
-        let (s, _) = Store::open(&db, 10, 10).unwrap();
+        let (s, _) = Store::open(&db, 10, 10, 0).unwrap();
         let got = s.read_task("GSETASK:2").unwrap().unwrap();
         assert_eq!(got.items[0].definition.as_deref(), Some("unchanged"));
     }
@@ -929,7 +1091,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("state.db");
         std::fs::write(&db, vec![0x42u8; 8192]).unwrap();
-        match Store::open(&db, 10, 10) {
+        match Store::open(&db, 10, 10, 0) {
             Err(StoreError::Corrupt { path, .. }) => assert!(path.contains("state.db")),
             Err(e) => panic!("wrong error {e}"),
             Ok(_) => panic!("opened a corrupt database"),
@@ -941,7 +1103,7 @@ mod tests {
     #[tokio::test]
     async fn prune_keeps_newest() {
         let dir = tempfile::tempdir().unwrap();
-        let (s, _) = Store::open(&dir.path().join("s.db"), 10, 10).unwrap();
+        let (s, _) = Store::open(&dir.path().join("s.db"), 10, 10, 0).unwrap();
         for i in 0..20 {
             let mut t = task(&format!("T{i}"));
             t.created_ms = i;

@@ -5,11 +5,17 @@
 //! that got a task id can always query it, even after an agent crash. Items then finish one
 //! by one; a pending item reads as 115 ("processing"). Items still pending when the agent
 //! (re)starts are closed with an error saying the agent restarted during the operation.
+//!
+//! A task made only of stops, kills and unmanages must act even when the state directory is
+//! full: its record is an urgent write (it may use the reserve, see [`crate::store`]), and
+//! if even that cannot be committed the task is kept in memory, its record queued until the
+//! disk accepts it, and the operation runs all the same (its result says its intent is not
+//! durable).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use crate::proto::{KeyResult, codes};
+use crate::proto::{KeyResult, OpType, codes};
 use crate::store::{Store, StoreError, TaskRecord};
 
 struct Book {
@@ -86,9 +92,20 @@ impl TaskBook {
         format!("GSETASK:{stamp}:{n}")
     }
 
-    /// Record a task durably, then index it.
+    /// Record a task durably, then index it. A task that must act on a full disk
+    /// ([`acts_on_full_disk`]) is indexed even when its record is only queued.
     pub async fn create(&self, task: TaskRecord) -> Result<(), StoreError> {
-        self.store.insert_task(task.clone()).await?;
+        if acts_on_full_disk(&task) {
+            match self.store.insert_task_urgent(task.clone()).await {
+                Ok(()) => {}
+                Err(e @ StoreError::Queued(_)) => {
+                    tracing::warn!(task_id = %task.task_id, error = %e, "task recorded in memory only until the state store accepts it");
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.store.insert_task(task.clone()).await?;
+        }
         let mut b = self.lock();
         b.order.push_back(task.task_id.clone());
         b.tasks.insert(task.task_id.clone(), task);
@@ -103,11 +120,16 @@ impl TaskBook {
     /// Set an item's result, durably first: a poller never sees a result that a crash could
     /// take back. Finishes the task when it was the last item.
     pub async fn finish_item(&self, task_id: &str, idx: usize, result: KeyResult) {
-        if let Err(e) = self
+        let urgent = self
+            .lock()
+            .tasks
+            .get(task_id)
+            .is_some_and(acts_on_full_disk);
+        let committed = self
             .store
-            .finish_item_wait(task_id, idx, result.clone())
-            .await
-        {
+            .finish_item_wait(task_id, idx, result.clone(), urgent)
+            .await;
+        if let Err(e) = committed {
             tracing::warn!(task_id, error = %e, "task result not committed yet; queued for retry");
         }
         let mut b = self.lock();
@@ -149,5 +171,55 @@ impl TaskBook {
             .take(limit)
             .filter_map(|id| b.tasks.get(id).cloned())
             .collect()
+    }
+}
+
+/// Is `task` made only of operations that must act even on a full state directory (stop,
+/// kill, unmanage)?
+pub fn acts_on_full_disk(task: &TaskRecord) -> bool {
+    !task.items.is_empty()
+        && task.items.iter().all(|i| {
+            matches!(
+                OpType::from_code(i.op_type),
+                Some(OpType::Stop | OpType::Kill | OpType::Undelegate)
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::TaskItemRecord;
+
+    fn task(ops: &[i64]) -> TaskRecord {
+        TaskRecord {
+            task_id: "GSETASK:1".into(),
+            created_ms: 0,
+            finished_ms: None,
+            api: "operate_proc".into(),
+            op_type: ops.first().copied().unwrap_or(0),
+            peer_uid: None,
+            peer_pid: None,
+            username: String::new(),
+            items: ops
+                .iter()
+                .map(|o| TaskItemRecord {
+                    result_key: "k".into(),
+                    key: None,
+                    op_type: *o,
+                    result: None,
+                    definition: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn only_stop_kill_and_unmanage_act_on_a_full_disk() {
+        assert!(acts_on_full_disk(&task(&[1])));
+        assert!(acts_on_full_disk(&task(&[9, 4, 1])));
+        for ops in [&[0][..], &[2], &[3], &[7], &[8], &[1, 0], &[], &[-1]] {
+            assert!(!acts_on_full_disk(&task(ops)), "{ops:?}");
+        }
     }
 }

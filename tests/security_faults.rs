@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,13 +28,6 @@ fn start_on(env: &TestEnv, state: &Path, extra: &str) -> Daemon {
 
 fn health(d: &Daemon) -> Value {
     d.get("/v1/healthz")["data"].clone()
-}
-
-fn kill9(pid: i32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
 }
 
 /// Wait until the agent has restarted `name` after its pid `old` was killed; returns the
@@ -68,9 +60,19 @@ fn running_program(env: &TestEnv, name: &str) -> Vec<i32> {
 
 const FAST: &str = "[supervisor]\nsweep_interval = \"100ms\"\nbackoff_initial = \"100ms\"\nbackoff_max = \"500ms\"\n";
 
+/// Fill the file system of `dir` with a new file (`filler`, `filler1`, ...) until it is full.
 fn fill(dir: &Path) -> PathBuf {
     use std::io::Write;
-    let p = dir.join("filler");
+    let p = (0..)
+        .map(|i| {
+            dir.join(if i == 0 {
+                "filler".to_string()
+            } else {
+                format!("filler{i}")
+            })
+        })
+        .find(|p| !p.exists())
+        .expect("a free name");
     let mut f = std::fs::File::create(&p).expect("create filler");
     let block = vec![0xa5u8; 64 * 1024];
     while f.write_all(&block).is_ok() {}
@@ -156,6 +158,104 @@ fn full_state_dir_keeps_supervising_and_writes_land_when_space_returns() {
     env.kill_all();
 }
 
+/// Stop, kill and unmanage still act on a full state directory: their intent is committed
+/// through the reserve while it lasts; beyond it they act all the same, answer that the intent
+/// is not durable, and it is committed once space returns.
+#[test]
+fn full_state_dir_stop_kill_and_unmanage_still_act() {
+    let env = TestEnv::new();
+    if let Err(why) = can_mount(env.path()) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mnt = Mount::tmpfs(&env.path().join("statefs"), "16m").unwrap();
+    let state = mnt.path.join("state");
+    let cfg = format!("{FAST}[store]\nreserve_bytes = 1048576\n");
+    let mut d = start_on(&env, &state, &cfg);
+    for n in ["s1", "s2", "s3", "s4"] {
+        d.register(NS, n, daemon_spec(&env, n, json!({})));
+        assert_eq!(d.op(NS, n, 0)["error_code"], json!(0));
+    }
+    let pid = |n: &str| read_pid(&env.p(&format!("{n}.pid"))).unwrap();
+    let (p1, p2, p3, p4) = (pid("s1"), pid("s2"), pid("s3"), pid("s4"));
+    assert!(state.join("reserve").exists(), "the reserve is in place");
+
+    let filler = fill(&mnt.path);
+    // A start is still refused (nothing may eat the reserve but what must act).
+    let r = d.call(
+        "operate_proc",
+        &json!({"meta": {"namespace": NS, "name": "s1"}, "op_type": 7, "hosts": [Daemon::host()]}),
+    );
+    assert_eq!(r["code"], json!(1_000_503), "{r}");
+    // stop: acts, and its intent is durable (committed into the released reserve).
+    let r = d.op(NS, "s1", 1);
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    assert!(
+        !r["error_msg"].as_str().unwrap().contains("not durable"),
+        "{r}"
+    );
+    assert!(!alive(p1));
+    // Proof: kill -9 and restart the agent on the still-full disk; s1 stays stopped.
+    d.kill9();
+    let mut d = start_on(&env, &state, &cfg);
+    let st = d.status(NS, "s1");
+    assert_eq!(
+        (st["status"].clone(), st["isauto"].clone()),
+        (json!(2), json!(false)),
+        "{st}"
+    );
+    assert_eq!(d.status(NS, "s2")["pid"], json!(p2), "s2 adopted");
+
+    // Whatever the commit left of the reserve is filled too: now nothing can be committed.
+    let filler2 = fill(&mnt.path);
+    let r = d.op(NS, "s2", 9);
+    assert_eq!(r["error_code"], json!(0), "kill acts: {r}");
+    let msg = r["error_msg"].as_str().unwrap();
+    assert!(msg.contains("not durable"), "kill says so: {r}");
+    assert!(!alive(p2));
+    let r = d.op(NS, "s3", 4);
+    assert_eq!(r["error_code"], json!(0), "unmanage acts: {r}");
+    assert!(
+        r["error_msg"].as_str().unwrap().contains("not durable"),
+        "{r}"
+    );
+    assert_eq!(d.status(NS, "s3")["isauto"], json!(false));
+    let r = d.op(NS, "s4", 1);
+    assert_eq!(r["error_code"], json!(0), "stop acts: {r}");
+    assert!(
+        r["error_msg"].as_str().unwrap().contains("not durable"),
+        "{r}"
+    );
+    assert!(!alive(p4));
+    // Unmanaged: s3 killed by hand is not restarted; s2 and s4 stay stopped.
+    kill9(p3);
+    let h = health(&d);
+    assert_eq!(h["store_writable"], json!(false), "{h}");
+
+    // Space returns: the queued intents land, the reserve comes back, health is ok.
+    std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&filler2).unwrap();
+    wait_for("store writable again", Duration::from_secs(30), || {
+        (health(&d)["status"] == json!("ok")).then_some(())
+    });
+    assert!(state.join("reserve").exists(), "the reserve is back");
+    // And they are on disk: after kill -9, nothing the operator stopped comes back.
+    d.kill9();
+    let d = start_on(&env, &state, &cfg);
+    std::thread::sleep(Duration::from_millis(1500));
+    for n in ["s1", "s2", "s3", "s4"] {
+        let st = d.status(NS, n);
+        assert_eq!(
+            (st["status"].clone(), st["isauto"].clone()),
+            (json!(2), json!(false)),
+            "{n}: {st}"
+        );
+        assert!(running_program(&env, n).is_empty(), "{n} not restarted");
+    }
+    drop(d);
+    env.kill_all();
+}
+
 #[test]
 fn state_dir_gone_read_only_keeps_supervising_and_serving() {
     let env = TestEnv::new();
@@ -214,8 +314,13 @@ fn state_dir_gone_read_only_keeps_supervising_and_serving() {
     assert!(st.success(), "exit status {st}: {}", d.log_text());
     assert!(alive(pid2));
     // The disk is repaired (unmount, fsck, mount): the agent finds what was committed
-    // before the failure and adopts the running process through its pid file.
-    mnt.unmount().unwrap();
+    // before the failure and adopts the running process through its pid file. The file
+    // system is free once the output keeper, holding no pipe, has exited after the agent.
+    wait_for(
+        "the state file system released",
+        Duration::from_secs(10),
+        || mnt.unmount().ok(),
+    );
     let _ = std::process::Command::new("e2fsck")
         .args(["-fy", &image.display().to_string()])
         .output();
@@ -357,32 +462,34 @@ fn commands_that_hang_are_cut_at_op_timeout() {
     assert!(zombies_of(d.pid()).is_empty());
 }
 
+/// A command flooding its output: its result keeps the tail, bounded; the files stay within
+/// `output_file_bytes` each, `output_files` in all. (A daemon flooding for seconds, sampled
+/// all along: `tests/output_capture.rs`.)
 #[test]
 fn output_floods_are_bounded_in_results_and_files() {
     let env = TestEnv::new();
+    let (file_bytes, files) = (1u64 << 20, 3usize);
     let d = Daemon::start(
         &env,
-        "[store]\nmax_output_bytes = 4096\n[supervisor]\nsweep_interval = \"100ms\"\n",
+        &format!(
+            "[store]\nmax_output_bytes = 4096\noutput_file_bytes = {file_bytes}\noutput_files = {files}\n[supervisor]\nsweep_interval = \"100ms\"\n"
+        ),
     );
-    let max_file: u64 = 16 << 20;
-    // A finite flood (4x the file bound), and one that never stops until op_timeout.
+    // A finite flood (4x the files' bound), and one that never stops until op_timeout.
     let mut spec = daemon_spec(&env, "f1", json!({}));
     spec["monitor_policy"]["op_timeout"] = json!(3);
     let out = d.state.join("output");
-    let file = || {
+    let outputs = || -> Vec<PathBuf> {
         std::fs::read_dir(&out)
             .unwrap()
             .flatten()
             .map(|e| e.path())
-            .find(|p| {
-                let n = p.to_string_lossy();
-                n.contains("__f1.") && n.ends_with(".log")
-            })
-            .unwrap()
+            .filter(|p| p.to_string_lossy().contains("__f1."))
+            .collect()
     };
     for (cmd, what) in [
         (
-            "yes FLOODFLOODFLOOD | head -c 67108864; exit 3",
+            "yes FLOODFLOODFLOOD | head -c 12582912; exit 3",
             "exit code 3",
         ),
         ("yes FLOODFLOODFLOOD", "timed out"),
@@ -402,61 +509,17 @@ fn output_floods_are_bounded_in_results_and_files() {
             msg.len()
         );
         assert!(
-            msg.contains("FLOODFLOODFLOOD"),
+            msg.contains("FLOODFLOODFLOOD") && msg.contains("bytes cut"),
             "the tail of the output is kept"
         );
         assert!(msg.contains(what), "{}", &msg[..200.min(msg.len())]);
-        let f = file();
-        let len = std::fs::metadata(&f).unwrap().len();
-        assert!(len <= max_file, "output file {len} bytes");
-        let rotated = f.with_extension("log.1");
-        if let Ok(m) = std::fs::metadata(&rotated) {
-            assert!(m.len() <= max_file, "rotated file {} bytes", m.len());
+        let fs = outputs();
+        assert!(fs.len() <= files, "{fs:?}");
+        for f in fs {
+            let len = std::fs::metadata(&f).unwrap().len();
+            assert!(len <= file_bytes, "{} is {len} bytes", f.display());
         }
     }
-    // A daemon that floods the output file it inherited is trimmed by housekeeping.
-    let flood = env.path().join("floodd");
-    std::fs::copy(
-        ["/usr/bin/yes", "/bin/yes"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .unwrap(),
-        &flood,
-    )
-    .unwrap();
-    std::fs::set_permissions(&flood, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let pidfile = env.p("floodd.pid");
-    let mut spec = daemon_spec(&env, "floodd", json!({}));
-    // Rate-limited by a small pipe reader so the test does not write gigabytes.
-    spec["control"]["start_cmd"] = json!(format!(
-        "setsid sh -c 'while :; do head -c 4194304 /dev/zero | tr \"\\\\0\" x; sleep 0.05; done' </dev/null & echo $! > {pidfile}"
-    ));
-    spec["identity"]["proc_name"] = json!("sh");
-    d.register(NS, "floodd", spec);
-    assert_eq!(d.op(NS, "floodd", 0)["error_code"], json!(0));
-    let log = || {
-        std::fs::read_dir(&out)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                let n = p.to_string_lossy();
-                n.contains("__floodd.") && n.ends_with(".log")
-            })
-            .unwrap()
-    };
-    let mut seen_big = false;
-    wait_for(
-        "the flooding daemon's output trimmed",
-        Duration::from_secs(60),
-        || {
-            let len = std::fs::metadata(log()).map(|m| m.len()).unwrap_or(0);
-            let rotated = log().with_extension("log.1");
-            seen_big = seen_big || len > max_file / 2;
-            (seen_big && rotated.exists() && len <= max_file).then_some(())
-        },
-    );
-    assert_eq!(d.op(NS, "floodd", 9)["error_code"], json!(0));
 }
 
 #[test]

@@ -3,9 +3,11 @@
 //! process's own account could.
 //!
 //! Two sources, in this order:
-//! * `output`: what the agent captured from the process's control commands (and the
-//!   stdout/stderr of foreground processes): `STATE/output/<ns>_<name>.log`, one header line
-//!   `--- <time> <label> as <account>: <command>` per command.
+//! * `output`: what the agent captured from the process's commands and the daemons they
+//!   started (their stdout and stderr): `STATE/output/<stem>.log` and its rotated
+//!   `.log.1`, `.log.2`, ... (see [`crate::output::record`]): a header line
+//!   `--- <time> <label> as <account>: <command>` per command, then a record per line. The
+//!   initial lines reach back into the rotated files when the current one has fewer.
 //! * `log`: the definition's `log_path`. A file is tailed. A directory (GSE v2 documents
 //!   `log_path` as the log *directory*) contributes its regular files directly inside it
 //!   (not recursive; hidden files, symlinks and compressed archives `.gz .xz .bz2 .zst .zip
@@ -27,7 +29,9 @@
 //! lines, then new lines as they are written (polled every 250 ms; truncation and
 //! rotation are noticed; a blank keep-alive line every 15 s). A line object is
 //! `{"source","file","line"}`, or `{"source","file","notice"}` for something the reader
-//! should know (a file that cannot be read, a truncation).
+//! should know (a file that cannot be read, a truncation). A captured `output` record adds
+//! `"stream"` (`"out"` or `"err"`) and `"time"` (when the agent read it, RFC 3339 UTC with
+//! milliseconds), its `line` being the text the process wrote.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -181,6 +185,43 @@ pub fn open_checked(path: &Path, acct: Option<&Account>) -> Result<Opened, OpenE
 /// The last `n` lines of `f` (at most [`TAIL_SCAN_BYTES`] read); returns them and the end
 /// offset.
 pub fn tail_lines(f: &mut File, n: usize) -> std::io::Result<(Vec<String>, u64)> {
+    let (lines, end) = tail_raw(f, n)?;
+    Ok((lines.iter().map(|l| line_text(l)).collect(), end))
+}
+
+fn line_text(l: &[u8]) -> String {
+    let l = l.strip_suffix(b"\r").unwrap_or(l);
+    if l.len() > MAX_LINE {
+        let mut s = String::from_utf8_lossy(&l[..MAX_LINE]).into_owned();
+        s.push_str(" [line cut]");
+        s
+    } else {
+        String::from_utf8_lossy(l).into_owned()
+    }
+}
+
+fn line_obj(source: &str, file: &Path, line: String) -> Value {
+    json!({"source": source, "file": file.display().to_string(), "line": line})
+}
+
+/// The object of one line of a captured output file: a record's text, stream and time; a
+/// header or an older plain line as it is.
+fn output_line_obj(file: &Path, raw: &[u8]) -> Value {
+    use crate::output::record::{Line, parse};
+    match parse(raw) {
+        Line::Record { time, stream, text } => json!({
+            "source": "output",
+            "file": file.display().to_string(),
+            "line": line_text(text),
+            "stream": stream.mark(),
+            "time": time,
+        }),
+        Line::Header(l) | Line::Plain(l) => line_obj("output", file, line_text(l)),
+    }
+}
+
+/// The last `n` raw lines of `f` and its end offset (see [`tail_lines`]).
+fn tail_raw(f: &mut File, n: usize) -> std::io::Result<(Vec<Vec<u8>>, u64)> {
     let len = f.metadata()?.len();
     if n == 0 {
         return Ok((Vec::new(), len));
@@ -203,22 +244,32 @@ pub fn tail_lines(f: &mut File, n: usize) -> std::io::Result<(Vec<String>, u64)>
     }
     let skip = lines.len().saturating_sub(n);
     let end = start + buf.len() as u64;
-    Ok((lines[skip..].iter().map(|l| line_text(l)).collect(), end))
+    Ok((lines[skip..].iter().map(|l| l.to_vec()).collect(), end))
 }
 
-fn line_text(l: &[u8]) -> String {
-    let l = l.strip_suffix(b"\r").unwrap_or(l);
-    if l.len() > MAX_LINE {
-        let mut s = String::from_utf8_lossy(&l[..MAX_LINE]).into_owned();
-        s.push_str(" [line cut]");
-        s
-    } else {
-        String::from_utf8_lossy(l).into_owned()
+/// Rotated predecessors of a captured output file (`X.log.1`, `X.log.2`, ...), newest first,
+/// as far as they exist.
+fn rotated_outputs(current: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for i in 1..=1000u32 {
+        let mut name = current.as_os_str().to_owned();
+        name.push(format!(".{i}"));
+        let p = PathBuf::from(name);
+        if !std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+            break;
+        }
+        out.push(p);
     }
+    out
 }
 
-fn line_obj(source: &str, file: &Path, line: String) -> Value {
-    json!({"source": source, "file": file.display().to_string(), "line": line})
+/// Open one of the agent's own files (no account check: the agent names and writes them).
+fn open_own(p: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(p)
 }
 
 fn notice_obj(source: &str, file: &Path, notice: impl Into<String>) -> Value {
@@ -318,6 +369,17 @@ impl Tracked {
                 self.partial.clear();
                 self.noticed = None;
                 match tail {
+                    Some(n) if self.agent_file => match tail_raw(&mut f, n) {
+                        Ok((lines, end)) => {
+                            self.older_outputs(n.saturating_sub(lines.len()), out);
+                            out.extend(lines.iter().map(|l| output_line_obj(&self.path, l)));
+                            self.offset = end;
+                        }
+                        Err(e) => {
+                            self.notice(format!("cannot read: {e}"), out);
+                            return;
+                        }
+                    },
                     Some(n) => match tail_lines(&mut f, n) {
                         Ok((lines, end)) => {
                             out.extend(
@@ -339,6 +401,24 @@ impl Tracked {
             Ok(_) => self.notice("is a directory; not shown".into(), out),
             Err(e) => self.notice(format!("cannot open: {e}"), out),
         }
+    }
+
+    /// The last `need` lines of the rotated output files, oldest first (initial lines of a
+    /// captured output file that has fewer than asked).
+    fn older_outputs(&self, mut need: usize, out: &mut Vec<Value>) {
+        let mut parts: Vec<Vec<Value>> = Vec::new();
+        for p in rotated_outputs(&self.path) {
+            if need == 0 {
+                break;
+            }
+            let Ok(mut f) = open_own(&p) else { break };
+            let Ok((lines, _)) = tail_raw(&mut f, need) else {
+                break;
+            };
+            need = need.saturating_sub(lines.len());
+            parts.push(lines.iter().map(|l| output_line_obj(&p, l)).collect());
+        }
+        out.extend(parts.into_iter().rev().flatten());
     }
 
     /// Read what was appended since the last poll.
@@ -368,21 +448,27 @@ impl Tracked {
                     self.offset += n as u64;
                     self.partial.extend_from_slice(&buf);
                     let mut rest: &[u8] = &self.partial;
-                    let mut lines = Vec::new();
+                    let mut lines: Vec<&[u8]> = Vec::new();
                     while let Some(p) = rest.iter().position(|b| *b == b'\n') {
-                        lines.push(line_text(&rest[..p]));
+                        lines.push(&rest[..p]);
                         rest = &rest[p + 1..];
                     }
                     if rest.len() > MAX_LINE {
-                        lines.push(line_text(rest));
+                        lines.push(rest);
                         rest = &[];
                     }
+                    let objs: Vec<Value> = lines
+                        .into_iter()
+                        .map(|l| {
+                            if self.agent_file {
+                                output_line_obj(&self.path, l)
+                            } else {
+                                line_obj(self.source, &self.path, line_text(l))
+                            }
+                        })
+                        .collect();
                     self.partial = rest.to_vec();
-                    out.extend(
-                        lines
-                            .into_iter()
-                            .map(|l| line_obj(self.source, &self.path, l)),
-                    );
+                    out.extend(objs);
                 }
                 Err(e) => self.notice(format!("cannot read: {e}"), out),
             }
@@ -759,6 +845,56 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(out[1]["line"], "fresh");
+    }
+
+    #[test]
+    fn captured_output_records_and_their_rotated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cur = dir.path().join("ns__a.1234.log");
+        std::fs::write(
+            dir.path().join("ns__a.1234.log.2"),
+            "2026-01-01T00:00:00.000Z out zero\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("ns__a.1234.log.1"),
+            "--- 2026-01-01T00:00:01Z start_cmd as root: x\n2026-01-01T00:00:01.500Z err one\n",
+        )
+        .unwrap();
+        std::fs::write(&cur, "2026-01-01T00:00:02.000Z out two\nold plain line\n").unwrap();
+        let mut t = Tracked::agent_output(cur.clone());
+        let mut out = Vec::new();
+        t.open(None, Some(4), &mut out);
+        let got: Vec<(String, String)> = out
+            .iter()
+            .map(|v| {
+                (
+                    v["line"].as_str().unwrap().to_string(),
+                    v["stream"].as_str().unwrap_or("-").to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "--- 2026-01-01T00:00:01Z start_cmd as root: x".into(),
+                    "-".into()
+                ),
+                ("one".into(), "err".into()),
+                ("two".into(), "out".into()),
+                ("old plain line".into(), "-".into()),
+            ]
+        );
+        assert_eq!(out[1]["time"], "2026-01-01T00:00:01.500Z");
+        assert!(out[1]["file"].as_str().unwrap().ends_with(".log.1"));
+        // Followed lines are parsed the same way.
+        out.clear();
+        let mut w = std::fs::OpenOptions::new().append(true).open(&cur).unwrap();
+        writeln!(w, "2026-01-01T00:00:03.000Z err three").unwrap();
+        t.poll(None, &mut out);
+        assert_eq!(out[0]["line"], "three");
+        assert_eq!(out[0]["stream"], "err");
     }
 
     #[test]

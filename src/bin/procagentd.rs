@@ -18,6 +18,9 @@ struct Args {
     /// Check the config and exit.
     #[arg(long)]
     check: bool,
+    /// Run as the output keeper of this output directory (started by the agent itself).
+    #[arg(long, hide = true, value_name = "DIR")]
+    output_keeper: Option<PathBuf>,
 }
 
 /// Where the journal listens.
@@ -84,6 +87,9 @@ fn init_logging(cfg: &procagent::config::Config) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(dir) = &args.output_keeper {
+        return output_keeper(dir);
+    }
     let cfg = match procagent::config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -105,6 +111,24 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("procagentd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The output keeper mode: no config, logs to the stderr it was given (the agent's).
+fn output_keeper(dir: &std::path::Path) -> ExitCode {
+    let filter =
+        EnvFilter::try_from_env("PROCAGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    match procagent::output::keeper::run(dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
             ExitCode::FAILURE
         }
     }

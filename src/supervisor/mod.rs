@@ -210,11 +210,23 @@ impl Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let output_dir = config.state_dir.join("output");
         let fs = crate::fspool::FsPool::default();
+        let output = crate::output::OutputClient::start(
+            output_dir.clone(),
+            crate::output::Settings {
+                limits: crate::output::Limits {
+                    file_bytes: config.store.output_file_bytes,
+                    files: config.store.output_files,
+                    min_free: config.store.reserve_bytes.saturating_mul(2),
+                },
+                tail_bytes: config.store.max_output_bytes,
+                program: PathBuf::from("/proc/self/exe"),
+            },
+        );
         let exec = Executor::new(
             reaper.clone(),
             fs.clone(),
+            output,
             output_dir,
-            config.store.max_output_bytes,
             config.supervisor.umask,
         );
         let events = EventLog::new(store.clone(), 10_000, loaded.events);
@@ -937,12 +949,6 @@ impl Engine {
         self.discover_untracked();
         if self.detection == Detection::Poll {
             self.poll_exits();
-        }
-        // Daemons write to the output file they inherited: keep it bounded (one stat per
-        // file, so every 5th tick: an idle agent with 1000 processes should not stat 1000
-        // files a second).
-        if tick.is_multiple_of(5) {
-            self.exec.bound_outputs();
         }
         self.schedule_health_checks();
         let now = Instant::now();

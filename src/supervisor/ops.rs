@@ -179,34 +179,82 @@ async fn op_locked(engine: &Arc<Engine>, key: &ProcKey, op: OpType) -> KeyResult
     }
 }
 
+/// Set the durable intent (expected state `flag`, `managed`) in memory.
+fn set_intent(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    flag: Option<i64>,
+    managed: Option<bool>,
+) -> Result<(), OpFail> {
+    let mut reg = engine.reg();
+    let Some(e) = reg.get_mut(key) else {
+        return Err(OpFail::new(
+            codes::NOT_REGISTERED,
+            format!("process {key} was unregistered"),
+        ));
+    };
+    let f = flag.unwrap_or(e.state.flag);
+    let m = managed.unwrap_or(e.state.managed);
+    Engine::set_intent_locked(e, f, m);
+    if managed == Some(true) || flag == Some(FLAG_RUNNING) {
+        e.rt.failures = 0;
+        e.rt.next_attempt = None;
+    }
+    Ok(())
+}
+
 async fn commit_intent(
     engine: &Arc<Engine>,
     key: &ProcKey,
     flag: Option<i64>,
     managed: Option<bool>,
 ) -> Result<(), OpFail> {
-    {
-        let mut reg = engine.reg();
-        let Some(e) = reg.get_mut(key) else {
-            return Err(OpFail::new(
-                codes::NOT_REGISTERED,
-                format!("process {key} was unregistered"),
-            ));
-        };
-        let f = flag.unwrap_or(e.state.flag);
-        let m = managed.unwrap_or(e.state.managed);
-        Engine::set_intent_locked(e, f, m);
-        if managed == Some(true) || flag == Some(FLAG_RUNNING) {
-            e.rt.failures = 0;
-            e.rt.next_attempt = None;
-        }
-    }
+    set_intent(engine, key, flag, managed)?;
     engine.persist(key).await.map_err(|e| {
         OpFail::new(
             codes::UNAVAILABLE,
             format!("the state store refused the change: {e}"),
         )
     })
+}
+
+/// The intent of a stop, kill or unmanage, which must act even on a full state directory:
+/// committed through the store's reserve if need be; when even that fails the operation goes
+/// on, and the returned note (for its result) says the intent is not durable yet (the
+/// store keeps retrying it).
+async fn commit_urgent_intent(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    flag: Option<i64>,
+    managed: Option<bool>,
+) -> Result<Option<String>, OpFail> {
+    set_intent(engine, key, flag, managed)?;
+    // Queued under the registry lock, in order with every other write of this state.
+    let pending = {
+        let reg = engine.reg();
+        reg.get(key)
+            .map(|e| engine.store.put_state_urgent(key, e.state_json()))
+    };
+    let Some(pending) = pending else {
+        return Ok(None);
+    };
+    match pending.await {
+        Ok(()) => Ok(None),
+        Err(e) => {
+            tracing::warn!(process = %key, error = %e, "intent not durable yet; acting anyway");
+            Ok(Some(format!(
+                "not durable: the state directory could not record this yet ({e}); an agent killed before it does would not know of it"
+            )))
+        }
+    }
+}
+
+/// `msg`, followed by the durability note when there is one.
+fn with_note(msg: String, note: &Option<String>) -> String {
+    match note {
+        Some(n) => format!("{msg}; {n}"),
+        None => msg,
+    }
 }
 
 fn alive_pids(engine: &Engine, key: &ProcKey) -> Vec<i32> {
@@ -366,7 +414,7 @@ pub async fn start_instance(
             && let Some(ex) = shell_exit
         {
             // A job that finished before we could even attach to it.
-            let out = engine.exec.read_output(&sp);
+            let out = engine.exec.collect(&sp).await;
             job_finished(engine, key, sp.pid, ex);
             return if ex.success() {
                 Ok(sp.pid)
@@ -381,7 +429,7 @@ pub async fn start_instance(
             && let Some(ex) = shell_exit
         {
             if !ex.success() {
-                let out = engine.exec.read_output(&sp);
+                let out = engine.exec.collect(&sp).await;
                 return Err(OpFail::new(
                     codes::OP_FAILED,
                     format!("{} failed ({ex}): {}", which.field(), out.trim()),
@@ -395,7 +443,7 @@ pub async fn start_instance(
                         return finish_start(engine, key, *p, purpose).await;
                     }
                 }
-                let out = engine.exec.read_output(&sp);
+                let out = engine.exec.collect(&sp).await;
                 let where_ = if spec.pid_path.is_empty() {
                     "the command exited at once".to_string()
                 } else {
@@ -485,7 +533,7 @@ pub async fn start_instance(
         });
         let alive = tracked && starttime.is_some_and(|t| watch::alive(pid, t));
         if !alive && purpose != Purpose::Job {
-            let out = engine.exec.read_output(&sp);
+            let out = engine.exec.collect(&sp).await;
             let how = last_exit
                 .map(|x| x.exit.to_string())
                 .unwrap_or_else(|| "exit status unknown".into());
@@ -923,16 +971,17 @@ async fn op_stop(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, kill: boo
     };
     if running == 0 {
         // Nothing to stop; still, the operator's intent is "stopped": cancel supervision.
-        if let Err(f) = commit_intent(engine, key, Some(FLAG_STOPPED), Some(false)).await {
-            return f.into();
-        }
+        let note = match commit_urgent_intent(engine, key, Some(FLAG_STOPPED), Some(false)).await {
+            Ok(n) => n,
+            Err(f) => return f.into(),
+        };
         if let Some(e) = engine.reg().get_mut(key) {
             e.rt.phase = Phase::Stopped;
             e.rt.next_attempt = None;
         }
         return KeyResult::err(
             codes::PROC_NOT_RUNNING,
-            "process is not running; no need to stop",
+            with_note("process is not running; no need to stop".into(), &note),
         );
     }
     let _busy = Busy::set(engine, key, if kill { "kill" } else { "stop" });
@@ -941,10 +990,11 @@ async fn op_stop(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, kill: boo
     }
     // The operator's intent is committed before anything is signalled: an agent killed in the
     // middle of the stop comes back knowing the process is to stay stopped (and does not
-    // restart it).
-    if let Err(f) = commit_intent(engine, key, Some(FLAG_STOPPED), Some(false)).await {
-        return f.into();
-    }
+    // restart it). On a full state directory it acts all the same, and says so.
+    let note = match commit_urgent_intent(engine, key, Some(FLAG_STOPPED), Some(false)).await {
+        Ok(n) => n,
+        Err(f) => return f.into(),
+    };
     match stop_all(engine, key, spec, kill).await {
         Ok(step) => {
             // The watchers may not have reported yet: drop what is gone now.
@@ -960,7 +1010,7 @@ async fn op_stop(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, kill: boo
                 serde_json::Value::Null,
             );
             let mut r = KeyResult::ok(control_content(engine, key, spec));
-            r.error_msg = format!("success: {step}");
+            r.error_msg = with_note(format!("success: {step}"), &note);
             r
         }
         Err(f) => {
@@ -970,7 +1020,9 @@ async fn op_stop(engine: &Arc<Engine>, key: &ProcKey, spec: &ProcSpec, kill: boo
                 f.msg.clone(),
                 serde_json::Value::Null,
             );
-            f.into()
+            let mut r: KeyResult = f.into();
+            r.error_msg = with_note(r.error_msg, &note);
+            r
         }
     }
 }
@@ -1036,9 +1088,10 @@ async fn op_delegate(
             serde_json::Value::Null,
         );
     } else {
-        if let Err(f) = commit_intent(engine, key, None, Some(false)).await {
-            return f.into();
-        }
+        let note = match commit_urgent_intent(engine, key, None, Some(false)).await {
+            Ok(n) => n,
+            Err(f) => return f.into(),
+        };
         if let Some(e) = engine.reg().get_mut(key) {
             e.rt.next_attempt = None;
             if e.state.instances.is_empty() && e.rt.phase == Phase::Backoff {
@@ -1051,6 +1104,11 @@ async fn op_delegate(
             "no longer managed: left as it is",
             serde_json::Value::Null,
         );
+        if note.is_some() {
+            let mut r = KeyResult::ok(control_content(engine, key, spec));
+            r.error_msg = with_note(r.error_msg, &note);
+            return r;
+        }
     }
     KeyResult::ok(control_content(engine, key, spec))
 }

@@ -220,13 +220,18 @@ impl Daemon {
 
     /// Start a daemon with an existing config file.
     pub fn start_with(env: &TestEnv, config: &Path) -> Daemon {
+        Self::start_program(env, DAEMON, config)
+    }
+
+    /// Start `program` (the daemon, or a copy of it: an upgrade) with an existing config file.
+    pub fn start_program(env: &TestEnv, program: &str, config: &Path) -> Daemon {
         let log = env.path().join("daemon.log");
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log");
-        let child = Command::new(DAEMON)
+        let child = Command::new(program)
             .arg("--config")
             .arg(config)
             .current_dir(env.path())
@@ -547,6 +552,14 @@ pub fn proc_status_number(pid: i32, field: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// SIGKILL `pid` (by pid; it may be gone already).
+pub fn kill9(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 /// Read a pid file.
