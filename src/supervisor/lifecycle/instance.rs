@@ -75,6 +75,11 @@ impl Instance {
         match input {
             Input::Op { id, op } => self.on_op(ctx, id, op, now, fx),
             Input::Found { pid } => self.on_found(ctx, pid, now, fx),
+            Input::CheckPassed => {
+                if let State::Checking { .. } = self.state {
+                    self.check_verdict(ctx, now, rng, fx);
+                }
+            }
             Input::StartFailed(f) => self.on_start_failed(ctx, f, now, rng, fx),
             Input::Exited { pid, exit } => self.on_exited(ctx, pid, exit, now, rng, fx),
             Input::CommandDone(r) => self.on_command_done(r, now, fx),
@@ -255,13 +260,14 @@ impl Instance {
             fx.push(Effect::Persist);
             return;
         }
-        // The start reports the process once the window's beginning passed; it must stay
-        // alive until its end.
+        // The supervisor checks it through the window and reports the verdict; the deadline
+        // only guards against a verdict that never comes.
         let (begin, end) = ctx.check;
         self.state = State::Checking {
             hold,
             pid,
-            until: now + secs(end.saturating_sub(begin)),
+            until: now + secs(end.max(begin)) + ctx.op_timeout,
+            exited: None,
         };
     }
 
@@ -277,7 +283,7 @@ impl Instance {
             State::Starting { hold, .. } | State::Checking { hold, .. } => hold,
             _ => return,
         };
-        if let State::Checking { .. } = self.state {
+        if let State::Checking { exited: None, .. } = self.state {
             fx.push(Effect::Untrack);
         }
         // A failed start counts, and is never followed by an immediate retry.
@@ -400,13 +406,20 @@ impl Instance {
                 self.on_death(ctx, exit, healthy.then_some(uptime), now, rng, fx);
                 fx.push(Effect::Persist);
             }
-            State::Checking { pid: p, .. } if p == pid => {
-                let (begin, end) = ctx.check;
-                let f = StartFailure::Check(format!(
-                    "start check failed: pid {pid} exited within {}s of the start ({exit})",
-                    end.max(begin)
-                ));
-                self.on_start_failed(ctx, f, now, rng, fx);
+            State::Checking {
+                hold,
+                pid: p,
+                until,
+                exited: None,
+            } if p == pid => {
+                // Dead within the window: the verdict (with the command's output) follows.
+                fx.push(Effect::Untrack);
+                self.state = State::Checking {
+                    hold,
+                    pid,
+                    until,
+                    exited: Some(exit),
+                };
             }
             State::Stopping {
                 hold,
@@ -687,27 +700,9 @@ impl Instance {
             State::Retrying { hold, until } if until <= now => {
                 self.start(ctx, hold, StartCmd::Start, None, now, fx);
             }
-            State::Checking { hold, pid, until } if until <= now => {
-                // It passed the start check.
-                self.state = State::Running {
-                    pid,
-                    healthy: true,
-                    since: now,
-                };
-                self.tries = 0;
-                self.message.clear();
-                let what = match hold {
-                    Hold::Supervise { after_death: true } => "restarted",
-                    _ => "started",
-                };
-                fx.push(Effect::Emit {
-                    kind: what,
-                    message: format!("{what} (pid {pid})"),
-                });
-                fx.push(Effect::Persist);
-                if let Some((id, _)) = hold.op() {
-                    Self::answer(fx, id, Outcome::Done(String::new()));
-                }
+            State::Checking { until, .. } if until <= now => {
+                // No verdict came: decide from what is known.
+                self.check_verdict(ctx, now, 0.5, fx);
             }
             State::Stopping {
                 hold,
@@ -738,6 +733,44 @@ impl Instance {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// The start check is over: passed if the process still lives, failed otherwise.
+    fn check_verdict(&mut self, ctx: &Ctx, now: Instant, rng: f64, fx: &mut Vec<Effect>) {
+        let State::Checking {
+            hold, pid, exited, ..
+        } = self.state
+        else {
+            return;
+        };
+        if let Some(exit) = exited {
+            let (begin, end) = ctx.check;
+            let f = StartFailure::Check(format!(
+                "start check failed: pid {pid} exited within {}s of the start ({exit})",
+                end.max(begin)
+            ));
+            self.on_start_failed(ctx, f, now, rng, fx);
+            return;
+        }
+        self.state = State::Running {
+            pid,
+            healthy: true,
+            since: now,
+        };
+        self.tries = 0;
+        self.message.clear();
+        let what = match hold {
+            Hold::Supervise { after_death: true } => "restarted",
+            _ => "started",
+        };
+        fx.push(Effect::Emit {
+            kind: what,
+            message: format!("{what} (pid {pid})"),
+        });
+        fx.push(Effect::Persist);
+        if let Some((id, _)) = hold.op() {
+            Self::answer(fx, id, Outcome::Done(String::new()));
         }
     }
 

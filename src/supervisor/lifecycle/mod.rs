@@ -178,11 +178,13 @@ pub enum State {
         cmd: StartCmd,
         prev: Option<i32>,
     },
-    /// Found: it must stay alive until `until` (the start check window).
+    /// Found: the start check runs (the supervisor reports its verdict); `exited` once the
+    /// process died meanwhile. `until` is a safety deadline, past the window and op_timeout.
     Checking {
         hold: Hold,
         pid: i32,
         until: Instant,
+        exited: Option<Exit>,
     },
     /// Running since `since`; `healthy` once it passed its start check (or was adopted).
     Running {
@@ -236,7 +238,10 @@ impl State {
     /// The pid the agent tracks for the instance, if any.
     pub fn pid(&self) -> Option<i32> {
         match *self {
-            State::Checking { pid, .. } | State::Running { pid, .. } => Some(pid),
+            State::Checking {
+                pid, exited: None, ..
+            }
+            | State::Running { pid, .. } => Some(pid),
             State::Stopping { pid, .. } | State::Reloading { pid, .. } => pid,
             State::Starting { prev, .. } => prev,
             _ => None,
@@ -366,8 +371,10 @@ impl Ctx {
 pub enum Input {
     /// An operator operation (sent only to an instance nothing holds).
     Op { id: OpId, op: Op },
-    /// The start's process was found and is tracked.
+    /// The start's process was found and is tracked; its start check runs.
     Found { pid: i32 },
+    /// The start check passed: it stayed alive through the window.
+    CheckPassed,
     /// The start produced no process.
     StartFailed(StartFailure),
     /// The instance's process exited.

@@ -92,7 +92,11 @@ fn input_of(s: &Step, next_id: &mut OpId, proc_: &Process) -> ProcInput {
         } else {
             Ok(())
         }),
-        14 => inst(Input::DefinitionChanged),
+        14 => inst(if s.arg.is_multiple_of(2) {
+            Input::CheckPassed
+        } else {
+            Input::DefinitionChanged
+        }),
         _ => ProcInput::Timer,
     }
 }

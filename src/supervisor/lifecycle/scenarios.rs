@@ -57,7 +57,7 @@ fn a_crash_loop_backs_off_doubling_to_the_cap_and_a_long_run_resets_it() {
     let mut delays = Vec::new();
     for _ in 0..9 {
         let (n, _) = i.step(&c, Input::Found { pid: 100 }, now, 0.5);
-        let (n, _) = n.step(&c, Input::Timer, now + s(1), 0.5);
+        let (n, _) = n.step(&c, Input::CheckPassed, now + s(1), 0.5);
         now += s(2);
         let (n, _) = n.step(
             &c,
@@ -79,7 +79,7 @@ fn a_crash_loop_backs_off_doubling_to_the_cap_and_a_long_run_resets_it() {
     assert_eq!(i.restarts, 10, "every attempt after a death counts");
     // Running for reset_after (30 s) resets the count.
     let (n, _) = i.step(&c, Input::Found { pid: 100 }, now, 0.5);
-    let (n, _) = n.step(&c, Input::Timer, now + s(1), 0.5);
+    let (n, _) = n.step(&c, Input::CheckPassed, now + s(1), 0.5);
     let since = now + s(1);
     assert_eq!(n.deadline(&c), Some(since + s(30)));
     let (n, _) = n.step(&c, Input::Timer, since + s(30), 0.5);
@@ -353,7 +353,7 @@ fn restart_without_restart_cmd_stops_then_starts() {
     let (i, fx) = i.step(&c, Input::Gone, now, 0.5);
     assert!(kinds(&fx).contains(&"start(Start)".to_string()), "{fx:?}");
     let (i, _) = i.step(&c, Input::Found { pid: 200 }, now, 0.5);
-    let (_, fx) = i.step(&c, Input::Timer, now + s(1), 0.5);
+    let (_, fx) = i.step(&c, Input::CheckPassed, now + s(1), 0.5);
     assert!(kinds(&fx).contains(&"answer:done".to_string()));
 }
 
@@ -471,7 +471,24 @@ fn start_commits_running_and_managed_only_after_the_start_check() {
         },
         now,
     );
-    let (p, fx) = proc_step(&p, &c, ProcInput::Timer, now + s(1));
+    let (p, _) = proc_step(
+        &p,
+        &c,
+        ProcInput::Instance {
+            i: 0,
+            input: Input::CheckPassed,
+        },
+        now + s(1),
+    );
+    let (p, fx) = proc_step(
+        &p,
+        &c,
+        ProcInput::Instance {
+            i: 1,
+            input: Input::CheckPassed,
+        },
+        now + s(1),
+    );
     assert_eq!(
         fx.last(),
         Some(&ProcEffect::CommitIntent(Intent {
@@ -576,7 +593,15 @@ fn operations_wait_for_a_supervisor_start_and_for_each_other() {
         },
         now,
     );
-    let (p, fx) = proc_step(&p, &c, ProcInput::Timer, now + s(1));
+    let (p, fx) = proc_step(
+        &p,
+        &c,
+        ProcInput::Instance {
+            i: 0,
+            input: Input::CheckPassed,
+        },
+        now + s(1),
+    );
     assert!(fx.iter().any(|e| matches!(e, ProcEffect::CommitIntent(_))));
     let (p, _) = proc_step(&p, &c, ProcInput::Committed(Ok(())), now + s(1));
     let (p, fx) = proc_step(
