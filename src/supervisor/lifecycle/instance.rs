@@ -88,8 +88,8 @@ impl Instance {
             Input::Adopted { pid } => self.on_adopted(pid, now, fx),
             Input::DefinitionChanged | Input::Shutdown => {}
             Input::Unregistered => {
-                if self.state.pid().is_some() {
-                    fx.push(Effect::Untrack);
+                if let Some(pid) = self.state.pid() {
+                    fx.push(Effect::Untrack { pid });
                 }
                 self.state = State::Stopped;
             }
@@ -142,13 +142,17 @@ impl Instance {
                 self.tries = 1;
                 self.start(ctx, hold, StartCmd::Start, None, now, fx);
             }
-            (Op::Restart, st) if ctx.has_restart_cmd => {
+            (Op::Restart, st) if ctx.has_restart_cmd && op != Op::Replace => {
                 self.tries = 1;
                 self.start(ctx, hold, StartCmd::Restart, st.pid(), now, fx);
             }
-            // Without restart_cmd: stop, then start.
-            (Op::Restart, State::Running { pid, .. }) => {
+            // Without restart_cmd (and always to replace a definition): stop, then start.
+            (Op::Restart | Op::Replace, State::Running { pid, .. }) => {
                 self.begin_stop(ctx, hold, false, Some(pid), now, fx);
+            }
+            (Op::Replace, _) => {
+                // Not running: the new definition applies at its next start.
+                Self::answer(fx, id, Outcome::Done("not running".into()));
             }
             (Op::Restart, _) => {
                 self.tries = 1;
@@ -283,8 +287,11 @@ impl Instance {
             State::Starting { hold, .. } | State::Checking { hold, .. } => hold,
             _ => return,
         };
-        if let State::Checking { exited: None, .. } = self.state {
-            fx.push(Effect::Untrack);
+        if let State::Checking {
+            pid, exited: None, ..
+        } = self.state
+        {
+            fx.push(Effect::Untrack { pid });
         }
         // A failed start counts, and is never followed by an immediate retry.
         self.failures = self.failures.saturating_add(1);
@@ -389,7 +396,7 @@ impl Instance {
                 healthy,
                 since,
             } if p == pid => {
-                fx.push(Effect::Untrack);
+                fx.push(Effect::Untrack { pid });
                 let uptime = now.saturating_duration_since(since);
                 let kind = if ctx.auto_type == AutoType::Periodic {
                     "cycle_finished"
@@ -413,7 +420,7 @@ impl Instance {
                 exited: None,
             } if p == pid => {
                 // Dead within the window: the verdict (with the command's output) follows.
-                fx.push(Effect::Untrack);
+                fx.push(Effect::Untrack { pid });
                 self.state = State::Checking {
                     hold,
                     pid,
@@ -427,7 +434,7 @@ impl Instance {
                 until,
                 pid: Some(p),
             } if p == pid => {
-                fx.push(Effect::Untrack);
+                fx.push(Effect::Untrack { pid });
                 self.state = State::Stopping {
                     hold,
                     step,
@@ -436,7 +443,7 @@ impl Instance {
                 };
             }
             State::Reloading { hold, pid: Some(p) } if p == pid => {
-                fx.push(Effect::Untrack);
+                fx.push(Effect::Untrack { pid });
                 self.state = State::Reloading { hold, pid: None };
             }
             State::Starting {
@@ -444,7 +451,7 @@ impl Instance {
                 cmd,
                 prev: Some(p),
             } if p == pid => {
-                fx.push(Effect::Untrack);
+                fx.push(Effect::Untrack { pid });
                 self.state = State::Starting {
                     hold,
                     cmd,
@@ -580,7 +587,7 @@ impl Instance {
         else {
             if let State::Running { pid, .. } = self.state {
                 // The tree emptied without an exit report: it died.
-                fx.push(Effect::Untrack);
+                fx.push(Effect::Untrack { pid });
                 fx.push(Effect::Emit {
                     kind: "exited",
                     message: format!("pid {pid} is gone (exit status unknown)"),
@@ -594,15 +601,15 @@ impl Instance {
             }
             return;
         };
-        if pid.is_some() {
-            fx.push(Effect::Untrack);
+        if let Some(pid) = pid {
+            fx.push(Effect::Untrack { pid });
         }
         let how = step_text(step, hold, ctx);
         fx.push(Effect::Persist);
         self.message.clear();
         match hold {
-            Hold::Op(_, Op::Restart) => {
-                // A restart without restart_cmd: stopped, now start.
+            Hold::Op(_, Op::Restart | Op::Replace) => {
+                // A restart without restart_cmd, or a replacement: stopped, now start.
                 self.tries = 1;
                 self.start(ctx, hold, StartCmd::Start, None, now, fx);
             }

@@ -53,7 +53,8 @@ pub use process::{Current, Intent, MAX_QUEUED, ProcEffect, ProcInput, Process, Q
 /// The id of an operator operation (unique while the agent runs).
 pub type OpId = u64;
 
-/// What an operator asks of a process (GSE op types 0, 1, 9, 3, 4, 7, 8).
+/// What an operator asks of a process (GSE op types 0, 1, 9, 3, 4, 7, 8; and a config
+/// reload's replacement).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     Start,
@@ -63,10 +64,13 @@ pub enum Op {
     Unmanage,
     Restart,
     Reload,
+    /// Stop and start again with a replaced definition (a config reload), keeping the
+    /// process's managed state.
+    Replace,
 }
 
 impl Op {
-    pub const ALL: [Op; 7] = [
+    pub const ALL: [Op; 8] = [
         Op::Start,
         Op::Stop,
         Op::Kill,
@@ -74,6 +78,7 @@ impl Op {
         Op::Unmanage,
         Op::Restart,
         Op::Reload,
+        Op::Replace,
     ];
 
     pub fn name(self) -> &'static str {
@@ -85,6 +90,7 @@ impl Op {
             Op::Unmanage => "unmanage",
             Op::Restart => "restart",
             Op::Reload => "reload",
+            Op::Replace => "replace",
         }
     }
 }
@@ -424,7 +430,7 @@ pub enum Effect {
     /// The answer of an operation on this instance (collected by the process).
     Answer { id: OpId, outcome: Outcome },
     /// Stop watching the pid: it is gone, or no longer the agent's.
-    Untrack,
+    Untrack { pid: i32 },
     /// Wake the instance with `Timer` at this time.
     Timer(Instant),
     /// A stop for exceeding a limit finished: count it, with its cause.

@@ -7,7 +7,8 @@
 //!   back knowing it); when the store refuses, stop, kill and unmanage act anyway and say so
 //!   in their answer (the store keeps retrying), manage answers the store's refusal;
 //! * start and restart act first and commit "running, managed" once every instance passed its
-//!   start check (a failed start leaves the intent as it was);
+//!   start check (a failed start leaves the intent as it was); a replacement (config reload)
+//!   keeps the intent it had, whatever happens;
 //! * the operation goes to every instance; the answers are combined into one.
 
 use std::collections::VecDeque;

@@ -1,7 +1,8 @@
 //! Properties of the lifecycle over random input sequences: no sequence reaches an
 //! inconsistent state, every operation is answered at most once, an operation holding an
 //! instance is the one running, and operator intent always wins (after an operator stop or
-//! kill, nothing is started until an operator starts, manages or restarts it).
+//! kill, nothing is started until an operator starts, manages or restarts it, or a config
+//! reload replaces what runs).
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -167,7 +168,8 @@ proptest! {
             let input = input_of(st, &mut next_id, &p);
             if let ProcInput::Op { id, op } = &input {
                 match op {
-                    Op::Start | Op::Manage | Op::Restart => {
+                    // (A replacement starts again only what runs, as the table shows.)
+                    Op::Start | Op::Manage | Op::Restart | Op::Replace => {
                         stopped_by_operator = false;
                         last_start_like = *id;
                     }

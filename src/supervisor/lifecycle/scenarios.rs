@@ -655,7 +655,7 @@ fn unregister_waits_for_the_running_operation() {
     assert!(fx.iter().any(|e| matches!(
         e,
         ProcEffect::Instance {
-            effect: Effect::Untrack,
+            effect: Effect::Untrack { .. },
             ..
         }
     )));

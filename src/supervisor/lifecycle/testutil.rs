@@ -79,7 +79,7 @@ pub fn kinds(fx: &[Effect]) -> Vec<String> {
             Effect::Persist => "persist".into(),
             Effect::Emit { kind, .. } => format!("emit:{kind}"),
             Effect::Answer { outcome, .. } => format!("answer:{}", outcome_name(outcome)),
-            Effect::Untrack => "untrack".into(),
+            Effect::Untrack { .. } => "untrack".into(),
             Effect::Timer(_) => "timer".into(),
             Effect::LimitStopped { .. } => "limit_stopped".into(),
         })
