@@ -804,7 +804,8 @@ impl Instance {
             StopStep::Kill => {
                 // Still there after SIGKILL: the stop failed, and it still runs.
                 let why = format!(
-                    "stop check failed: still running after SIGKILL{}",
+                    "stop check failed: still running after SIGKILL{}{}",
+                    pid.map(|p| format!(": pid {p}")).unwrap_or_default(),
                     if self.message.is_empty() {
                         String::new()
                     } else {

@@ -54,8 +54,8 @@ pub struct Current {
     pub op: Op,
     pub stage: Stage,
     pub answers: Vec<Option<Outcome>>,
-    /// False once the store refused its intent (the answer says so).
-    pub durable: bool,
+    /// Why its intent is not durable, once the store refused it (the answer says so).
+    pub not_durable: Option<String>,
 }
 
 /// A process: intent, instances, operations.
@@ -91,12 +91,12 @@ pub enum ProcEffect {
     },
     /// Commit this intent to the store; answer `Committed`.
     CommitIntent(Intent),
-    /// The answer of an operation. `durable` false: the store refused its intent (the
+    /// The answer of an operation. `not_durable`: why the store refused its intent (the
     /// operation acted anyway).
     Answer {
         id: OpId,
         outcome: Outcome,
-        durable: bool,
+        not_durable: Option<String>,
     },
     /// The process may be removed now (an `Unregister`).
     Forget {
@@ -165,7 +165,7 @@ impl Process {
                         outcome: Outcome::Busy(format!(
                             "{MAX_QUEUED} operations are already waiting for this process"
                         )),
-                        durable: true,
+                        not_durable: None,
                     });
                 } else {
                     next.queue.push_back(Queued::Op(id, op));
@@ -212,7 +212,7 @@ impl Process {
                     _ => fx.push(ProcEffect::Answer {
                         id,
                         outcome,
-                        durable: true,
+                        not_durable: None,
                     }),
                 },
                 effect => fx.push(ProcEffect::Instance { i, effect }),
@@ -245,7 +245,7 @@ impl Process {
         fx.push(ProcEffect::Answer {
             id,
             outcome,
-            durable: true,
+            not_durable: None,
         });
     }
 
@@ -300,7 +300,7 @@ impl Process {
             op,
             stage: Stage::Instances,
             answers: Vec::new(),
-            durable: true,
+            not_durable: None,
         });
         match before {
             Some(intent) => {
@@ -346,7 +346,7 @@ impl Process {
                     // is not durable yet (the store keeps retrying it).
                     self.intent = intent;
                     if let Some(cur) = &mut self.current {
-                        cur.durable = false;
+                        cur.not_durable = Some(why);
                     }
                     self.fan_out(base, now, rng, fx);
                 } else {
@@ -364,7 +364,7 @@ impl Process {
                 fx.push(ProcEffect::Answer {
                     id: c.id,
                     outcome,
-                    durable: c.durable,
+                    not_durable: c.not_durable,
                 });
             }
             (Stage::CommitAfter(..), Err(why)) => {
@@ -398,12 +398,12 @@ impl Process {
             fx.push(ProcEffect::CommitIntent(intent));
             return;
         }
-        let (id, durable) = (c.id, c.durable);
+        let (id, not_durable) = (c.id, c.not_durable.clone());
         self.current = None;
         fx.push(ProcEffect::Answer {
             id,
             outcome,
-            durable,
+            not_durable,
         });
     }
 }

@@ -367,8 +367,8 @@ fn answers(fx: &[ProcEffect]) -> Vec<(OpId, String, bool)> {
             ProcEffect::Answer {
                 id,
                 outcome,
-                durable,
-            } => Some((*id, outcome_name(outcome).to_string(), *durable)),
+                not_durable,
+            } => Some((*id, outcome_name(outcome).to_string(), not_durable.is_none())),
             _ => None,
         })
         .collect()
@@ -683,7 +683,7 @@ fn missing_commands_are_answered_without_acting() {
             vec![ProcEffect::Answer {
                 id,
                 outcome: Outcome::MissingCommand(field),
-                durable: true
+                not_durable: None
             }]
         );
     }
