@@ -184,7 +184,7 @@ pub async fn run(
     );
     reaper.sweep();
     let processes = config.processes.clone();
-    let (engine, rx) = Engine::new(EngineParts {
+    let engine = Engine::new(EngineParts {
         config,
         host,
         store: store.clone(),
@@ -197,7 +197,7 @@ pub async fn run(
         ip = %engine.host.ip,
         bk_cloud_id = engine.host.bk_cloud_id,
         detection = engine.detection.name(),
-        processes = engine.reg().entries.len(),
+        processes = engine.counts().processes,
         "procagentd starting"
     );
     // Re-adopt what was recorded before touching anything else, so a config change never
@@ -206,17 +206,19 @@ pub async fn run(
     // Pid files (which may sit on a hung mount) are read in the background: each process
     // waits only for its own.
     engine.discover_untracked();
-    if let Err(e) = crate::supervisor::defs::apply_config(&engine, &processes).await {
+    if let Err(e) = engine.apply_config(&processes).await {
         tracing::error!(error = %e, "cannot apply the config's processes");
         return Err(e.into());
     }
+    // Now every process is known: start what should run.
+    engine.reconcile_all();
     engine.events.emit(
         None,
         "agent_started",
         format!("procagentd {} started", env!("CARGO_PKG_VERSION")),
         serde_json::Value::Null,
     );
-    let loop_task = tokio::spawn(engine.clone().run_loop(rx, stop_rx.clone()));
+    let loop_task = tokio::spawn(engine.clone().run_loop(stop_rx.clone()));
     let sampler = tokio::spawn(crate::probe::run_sampler(engine.clone(), stop_rx.clone()));
     // The socket (and its directory) belong to socket_group, else to the admin group.
     let api_cfg = &engine.config.api;

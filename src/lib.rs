@@ -36,7 +36,6 @@ pub mod probe;
 pub mod procinfo;
 pub mod proto;
 pub mod reaper;
-pub mod registry;
 pub mod reserve;
 pub mod spec;
 pub mod store;

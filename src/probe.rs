@@ -46,10 +46,8 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::histogram::Histogram;
 use rustix::fs::{Mode, OFlags};
 
-use crate::registry::Sample;
 use crate::spec::ProcKey;
 use crate::supervisor::Engine;
-use crate::supervisor::limits::{self, Breach};
 
 /// Figures of the sampler itself, for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -598,93 +596,40 @@ impl Sampler {
     }
 }
 
+/// The latest resource figures of a process (one sampling pass).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sample {
+    pub at: i64,
+    pub cpu_usage: f64,
+    pub mem_usage: f64,
+    pub rss_bytes: u64,
+    pub fd: i64,
+    pub disk: i64,
+    pub net: i64,
+}
+
 /// What one pass did.
 #[derive(Debug, Clone, Default)]
 pub struct PassReport {
     /// Instances read.
     pub processes: usize,
     pub took: Duration,
-    /// Processes that stayed over a limit for `limit_samples` samples: to be stopped.
-    pub breaches: Vec<(ProcKey, Breach)>,
 }
 
-/// One sampling pass over every tracked instance: samples go into each entry's runtime, the
-/// limit counters advance, and breaches are returned for the caller to act on.
-pub fn sample_once(engine: &Engine, sampler: &mut Sampler) -> PassReport {
+/// One sampling pass over every tracked instance; the figures go to the supervisor, which
+/// keeps them and checks the limits.
+pub fn sample_once(engine: &Arc<Engine>, sampler: &mut Sampler) -> PassReport {
     let t0 = Instant::now();
-    let targets: Vec<Target> = engine
-        .reg()
-        .entries
-        .values()
-        .filter(|e| !e.state.instances.is_empty())
-        .map(|e| Target {
-            key: e.def.key.clone(),
-            instances: e
-                .state
-                .instances
-                .iter()
-                .map(|i| (i.pid, i.starttime))
-                .collect(),
-        })
-        .collect();
+    let targets = engine.sample_targets();
     let (samples, processes) = sampler.pass(&targets, Instant::now(), crate::util::unix_now());
-    let needed = engine.config.metrics.limit_samples;
-    let cpus = sampler.host().cpus;
-    let mut breaches = Vec::new();
-    {
-        let mut reg = engine.reg();
-        // Nothing running: no figures (a stopped process must not show its last sample).
-        for e in reg.entries.values_mut() {
-            if e.state.instances.is_empty() {
-                e.rt.sample = None;
-                e.rt.over_limit = 0;
-            }
-        }
-        for (t, s) in targets.iter().zip(samples) {
-            let Some(e) = reg.get_mut(&t.key) else {
-                continue;
-            };
-            // The instances changed while we read (a restart): this sample is of the old ones.
-            let same = e.state.instances.len() == t.instances.len()
-                && e.state
-                    .instances
-                    .iter()
-                    .zip(&t.instances)
-                    .all(|(i, (pid, st))| i.pid == *pid && i.starttime == *st);
-            let Some(s) = s.filter(|_| same) else {
-                continue;
-            };
-            let v = limits::check(&limits::Input {
-                eligible: e.state.managed
-                    && !e.state.instances.is_empty()
-                    && e.rt.busy.is_none()
-                    && !e.rt.start_pending,
-                cpu_usage: s.cpu_usage,
-                mem_usage: s.mem_usage,
-                cpu_lmt: e.def.spec.cpu_lmt,
-                mem_lmt: e.def.spec.mem_lmt,
-                cpus,
-                over_limit: e.rt.over_limit,
-                needed,
-            });
-            e.rt.over_limit = v.over_limit;
-            if let Some(b) = v.breach {
-                breaches.push((t.key.clone(), b));
-            }
-            e.rt.sample = Some(s);
-        }
-    }
+    engine.apply_samples(&targets, samples, sampler.host().cpus);
     let took = t0.elapsed();
     engine.counters.record_pass(took, processes);
-    PassReport {
-        processes,
-        took,
-        breaches,
-    }
+    PassReport { processes, took }
 }
 
-/// The sampler task: one pass every `metrics.sample_interval` until shutdown; a process that
-/// stayed over a limit is handed to [`crate::supervisor::ops::enforce_limit`].
+/// The sampler task: one pass every `metrics.sample_interval` until shutdown, its /proc
+/// reads on a blocking thread.
 pub async fn run_sampler(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let host = HostFigures::read();
     let mut sampler = Some(Sampler::new(host));
@@ -697,23 +642,13 @@ pub async fn run_sampler(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::
         }
         let e = engine.clone();
         let mut s = sampler.take().unwrap_or_else(|| Sampler::new(host));
-        // /proc reads are blocking file I/O: keep them off the async workers.
         match tokio::task::spawn_blocking(move || {
-            let report = sample_once(&e, &mut s);
-            (s, report)
+            sample_once(&e, &mut s);
+            s
         })
         .await
         {
-            Ok((s, report)) => {
-                sampler = Some(s);
-                for (key, breach) in report.breaches {
-                    tokio::spawn(crate::supervisor::ops::enforce_limit(
-                        engine.clone(),
-                        key,
-                        breach,
-                    ));
-                }
-            }
+            Ok(s) => sampler = Some(s),
             Err(e) => tracing::error!(error = %e, "sampling pass failed"),
         }
     }

@@ -58,6 +58,11 @@ pub mod codes {
     pub const UNAVAILABLE: i64 = 1_000_503;
 }
 
+/// GSE flag / status values: unregistered, running, stopped.
+pub const FLAG_UNREGISTERED: i64 = 0;
+pub const FLAG_RUNNING: i64 = 1;
+pub const FLAG_STOPPED: i64 = 2;
+
 /// The response envelope.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope<T> {

@@ -137,6 +137,17 @@ fn full_state_dir_keeps_supervising_and_writes_land_when_space_returns() {
         (health(&d)["store_writable"] == json!(true)).then_some(())
     });
     assert_eq!(health(&d)["status"], json!("ok"));
+    // The restart is over once its start check passes (the "restarted" event).
+    wait_for(
+        "the restart's start check passed",
+        Duration::from_secs(30),
+        || {
+            d.events(&format!("{NS}/m1"))
+                .iter()
+                .any(|e| e["data"]["pid"] == json!(pid2) && e["kind"] == json!("restarted"))
+                .then_some(())
+        },
+    );
     // And they are on disk: after kill -9 the agent knows the restarted pid and the
     // restart event, and adopts the process instead of starting another.
     d.kill9();

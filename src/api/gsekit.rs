@@ -52,8 +52,11 @@ use super::auth::Access;
 use super::handlers::{self, KeyStyle, Plan, Target};
 use super::limits::{self, KeyBudget, MAX_HOSTS, MAX_PROCESS_INFOS};
 use crate::expr::Expression;
+use crate::proto::{FLAG_RUNNING, FLAG_STOPPED};
 use crate::proto::{HostWire, KeyResult, OpType, codes, de_opt_f64, de_opt_i64};
-use crate::registry::{FLAG_RUNNING, FLAG_STOPPED, Registry};
+
+/// The registered definitions by key: what operate_process resolves against.
+pub type Registry = std::collections::BTreeMap<ProcKey, crate::spec::Definition>;
 use crate::spec::{AutoType, FieldError, Labels, ProcKey, ProcSpec, Source, validate_key};
 use crate::supervisor::Engine;
 
@@ -296,10 +299,10 @@ pub struct IdentityIndex(HashMap<Identity, Vec<ProcKey>>);
 impl IdentityIndex {
     pub fn new(reg: &Registry) -> IdentityIndex {
         let mut m: HashMap<Identity, Vec<ProcKey>> = HashMap::new();
-        for e in reg.entries.values() {
-            m.entry(Identity::of_spec(&e.def.spec))
+        for d in reg.values() {
+            m.entry(Identity::of_spec(&d.spec))
                 .or_default()
-                .push(e.def.key.clone());
+                .push(d.key.clone());
         }
         for keys in m.values_mut() {
             keys.sort();
@@ -469,23 +472,20 @@ fn resolve(
                         .join("; ")
                 )));
             }
-            if let Some(e) = reg.get(&key) {
+            if let Some(d) = reg.get(&key) {
                 return Err(ApiError::bad(format!(
                     "{prefix}: the process with {} would be named {key}, but that name belongs to the process with {}; give it a distinct value_key",
                     identity.describe(),
-                    Identity::of_spec(&e.def.spec).describe()
+                    Identity::of_spec(&d.spec).describe()
                 )));
             }
             (key, None)
         }
         [one] => {
-            let e = reg
+            let d = reg
                 .get(one)
                 .ok_or_else(|| ApiError::new(codes::INTERNAL, format!("process {one} vanished")))?;
-            (
-                one.clone(),
-                Some((e.def.spec.clone(), e.def.source.clone())),
-            )
+            (one.clone(), Some((d.spec.clone(), d.source.clone())))
         }
         many => {
             return Err(ApiError::bad(format!(
@@ -616,7 +616,11 @@ pub async fn operate_process(
     access: &Access,
 ) -> Result<Value, ApiError> {
     let (biz, code, op, resolved) = {
-        let reg = engine.reg();
+        let reg: Registry = engine
+            .views()
+            .into_iter()
+            .map(|v| (v.def.key.clone(), v.def))
+            .collect();
         decode_operate_process(&reg, body)?
     };
     let mut plans: Vec<Plan> = Vec::new();
@@ -1474,20 +1478,18 @@ pub fn page_of<T>(v: Vec<T>, page: usize, pagesize: usize) -> Vec<T> {
 /// `POST /v1/process_status` and `/v2/gsekit/api/process/process_status/`.
 pub fn process_status(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
     let q = parse_query(body)?;
-    let snaps: Vec<Snapshot> = {
-        let reg = engine.reg();
-        reg.entries
-            .values()
-            .map(|e| Snapshot {
-                key: e.def.key.clone(),
-                labels: e.def.labels.clone(),
-                proc_name: e.def.spec.proc_name.clone(),
-                status: e.status(),
-                managed: e.state.managed,
-                pid: e.main_pid() as i64,
-            })
-            .collect()
-    };
+    let snaps: Vec<Snapshot> = engine
+        .views()
+        .into_iter()
+        .map(|v| Snapshot {
+            key: v.def.key.clone(),
+            labels: v.def.labels.clone(),
+            proc_name: v.def.spec.proc_name.clone(),
+            status: v.status,
+            managed: v.managed,
+            pid: i64::from(v.main_pid()),
+        })
+        .collect();
     let host = HostView {
         ip: engine.host.ip.clone(),
         bk_cloud_id: engine.host.bk_cloud_id,
@@ -1636,8 +1638,7 @@ fn fuzz_registry() -> Registry {
             register_time: 0,
             updated_time: 0,
         };
-        reg.entries
-            .insert(key, crate::registry::Entry::new(def, Default::default()));
+        reg.insert(key, def);
     }
     reg
 }
@@ -1930,13 +1931,12 @@ mod tests {
     fn the_identity_index_finds_what_a_registry_scan_finds() {
         let reg = fuzz_registry();
         let index = IdentityIndex::new(&reg);
-        for e in reg.entries.values() {
-            let id = Identity::of_spec(&e.def.spec);
+        for d in reg.values() {
+            let id = Identity::of_spec(&d.spec);
             let scan: Vec<ProcKey> = reg
-                .entries
                 .values()
-                .filter(|x| Identity::of_spec(&x.def.spec) == id)
-                .map(|x| x.def.key.clone())
+                .filter(|x| Identity::of_spec(&x.spec) == id)
+                .map(|x| x.key.clone())
                 .collect();
             assert_eq!(index.find(&id), scan.as_slice(), "{id:?}");
         }

@@ -28,8 +28,7 @@ use crate::proto::{
 use crate::spec::{Labels, ProcKey, ProcSpec, validate_key};
 use crate::store::{TaskItemRecord, TaskRecord};
 use crate::supervisor::Engine;
-use crate::supervisor::defs::{self, DefChange, PutMode, Writer};
-use crate::supervisor::ops;
+use crate::supervisor::defs::{self, PutMode, Writer};
 
 /// Decode a JSON body into `T`, naming the failing field. Only a whole, valid UTF-8 JSON
 /// document is accepted: invalid UTF-8 anywhere (also inside a string the request type
@@ -388,14 +387,24 @@ pub async fn submit(
         let tid = task_id.clone();
         let w = Writer {
             may_use: rule.clone(),
+            only: only_account(access),
             item: Some((tid.clone(), idx)),
         };
         tokio::spawn(async move {
-            let r = ops::run_requested(engine.clone(), key, p.op, p.inline, &w).await;
+            let done = engine.operate(&key, p.op, p.inline, &w).await;
+            let r = super::wire::key_result(&key, p.op, &done, &engine.host);
             engine.tasks.finish_item(&tid, idx, r).await;
         });
     }
     Ok(task_id)
+}
+
+/// The only account the caller may act on (`None`: any).
+pub fn only_account(access: &Access) -> Option<String> {
+    match &access.role {
+        super::auth::Role::Admin { account } => Some(account.clone()),
+        _ => None,
+    }
 }
 
 /// The caller's account rule, for checks made when an item runs.
@@ -427,7 +436,7 @@ pub fn check_op_access(
     }
     // Both the registered definition (the process acted on) and an inline spec (which
     // replaces that definition before the operation runs) must be the caller's to use.
-    if let Some(a) = engine.reg().get(key).map(|e| e.def.spec.account.clone()) {
+    if let Some(a) = engine.spec_of(key).map(|s| s.account) {
         access.may_use_account(&a)?;
     }
     match inline {
@@ -847,6 +856,7 @@ fn get_result(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
 
 fn get_proc_status(engine: &Engine, body: &[u8], style: KeyStyle) -> Result<Value, ApiError> {
     let (req, key, tg) = decode_meta_hosts(body)?;
+    let view = engine.view(&key);
     let mut infos = Vec::new();
     // One entry per distinct host, in the order asked.
     for (_, t) in distinct_targets(&tg, style, &key) {
@@ -856,9 +866,15 @@ fn get_proc_status(engine: &Engine, body: &[u8], style: KeyStyle) -> Result<Valu
         };
         let host = host_json(engine, t, style);
         if is_me(engine, t) {
-            infos.push(engine.proc_info(&key, &req.meta.labels, host, agent));
+            infos.push(super::wire::proc_info(
+                &key,
+                view.as_ref(),
+                &req.meta.labels,
+                host,
+                agent,
+            ));
         } else {
-            let mut pi = engine.proc_info(&ProcKey::new("", ""), &req.meta.labels, host, agent);
+            let mut pi = super::wire::proc_info(&key, None, &req.meta.labels, host, agent);
             pi.meta.namespace = key.namespace.clone();
             pi.meta.name = key.name.clone();
             pi.message = not_me(engine, t).error_msg;
@@ -874,27 +890,29 @@ fn get_proc_status(engine: &Engine, body: &[u8], style: KeyStyle) -> Result<Valu
 
 fn sync_proc_status(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
     let (namespace, start, limit) = decode_sync(body)?;
-    let keys: Vec<ProcKey> = engine
-        .reg()
-        .entries
-        .keys()
-        .filter(|k| k.namespace == namespace)
-        .cloned()
-        .collect();
+    let views = engine.views_where(|d| d.key.namespace == namespace);
     let host = json!({"ip": engine.host.ip, "bk_cloud_id": engine.host.bk_cloud_id, "bk_supplier_id": engine.host.bk_supplier_id});
     let agent = if engine.host.agent_id.is_empty() {
         None
     } else {
         Some(engine.host.agent_id.clone())
     };
-    let infos = keys
+    let infos = views
         .iter()
         .skip(start)
         .take(limit)
-        .map(|k| engine.proc_info(k, &Labels::new(), host.clone(), agent.clone()))
+        .map(|v| {
+            super::wire::proc_info(
+                &v.def.key,
+                Some(v),
+                &Labels::new(),
+                host.clone(),
+                agent.clone(),
+            )
+        })
         .collect();
     serde_json::to_value(ProcInfos {
-        count: Some(keys.len() as u64),
+        count: Some(views.len() as u64),
         proc_infos: infos,
     })
     .map_err(|e| ApiError::new(codes::INTERNAL, e.to_string()))
@@ -995,18 +1013,23 @@ async fn register(
     }
     let (req, key, tg, spec) = decode_register(body)?;
     access.may_use_account(&spec.account)?;
-    if let Some(existing) = engine.reg().get(&key).map(|e| e.def.spec.account.clone()) {
+    if let Some(existing) = engine.spec_of(&key).map(|s| s.account) {
         access.may_use_account(&existing)?;
     }
     let style = sync_style(&req.agent_id_list, &req.hosts);
     let w = Writer {
         may_use: account_rule(access),
+        only: only_account(access),
         item: None,
     };
     let results = each_key(engine, &tg, style, &key, || async {
-        let (r, change) =
-            defs::put_definition(engine, &key, req.meta.labels.clone(), spec, mode, &w).await;
-        (r, change.as_ref().map(DefChange::describe))
+        match engine
+            .put_definition(&key, req.meta.labels.clone(), spec, mode, &w)
+            .await
+        {
+            Ok(change) => (KeyResult::ok(""), Some(change.describe())),
+            Err(e) => (super::wire::def_error(&e), None),
+        }
     })
     .await;
     audit(engine, api, &results, access, username(body)).await;
@@ -1032,18 +1055,20 @@ async fn unregister(engine: &Arc<Engine>, body: &[u8], access: &Access) -> Resul
         ));
     }
     let (req, key, tg) = decode_meta_hosts(body)?;
-    if let Some(existing) = engine.reg().get(&key).map(|e| e.def.spec.account.clone()) {
+    if let Some(existing) = engine.spec_of(&key).map(|s| s.account) {
         access.may_use_account(&existing)?;
     }
     let style = sync_style(&req.agent_id_list, &req.hosts);
     let w = Writer {
         may_use: account_rule(access),
+        only: only_account(access),
         item: None,
     };
     let results = each_key(engine, &tg, style, &key, || async {
-        let r = defs::remove_definition(engine, &key, &w).await;
-        let change = (r.error_code == codes::SUCCESS).then(|| "unregistered".to_string());
-        (r, change)
+        match engine.remove_definition(&key, &w).await {
+            Ok(()) => (KeyResult::ok(""), Some("unregistered".to_string())),
+            Err(e) => (super::wire::def_error(&e), None),
+        }
     })
     .await;
     audit(
@@ -1062,19 +1087,17 @@ pub const HIDDEN_ENV_VALUE: &str = "(hidden)";
 
 fn procs(engine: &Engine, body: &[u8], access: &Access) -> Result<Value, ApiError> {
     let (q, selectors) = decode_procs(body)?;
-    let reg = engine.reg();
-    let list: Vec<crate::proto::ProcDetail> = reg
-        .entries
-        .values()
-        .filter(|e| q.namespace.is_empty() || e.def.key.namespace == q.namespace)
-        .filter(|e| q.name.is_empty() || e.def.key.name == q.name)
-        .filter(|e| {
-            selectors
-                .iter()
-                .all(|(k, v)| label_matches(&e.def.labels, k, v))
+    let list: Vec<crate::proto::ProcDetail> = engine
+        .views_where(|def| {
+            (q.namespace.is_empty() || def.key.namespace == q.namespace)
+                && (q.name.is_empty() || def.key.name == q.name)
+                && selectors
+                    .iter()
+                    .all(|(k, v)| label_matches(&def.labels, k, v))
         })
-        .map(|e| {
-            let mut d = engine.detail(e);
+        .iter()
+        .map(|v| {
+            let mut d = super::wire::detail(v);
             // Environment values often carry credentials: only a caller who may change
             // the process sees them; others see the names.
             if access.may_use_account(&d.spec.account).is_err() {
@@ -1138,17 +1161,8 @@ pub async fn healthz(State(st): State<AppState>, req: axum::extract::Request) ->
     }
     let (socket, sockets) = super::listening(&req);
     let e = &st.engine;
-    let (n, managed, running) = {
-        let reg = e.reg();
-        let n = reg.entries.len() as u64;
-        let m = reg.entries.values().filter(|x| x.state.managed).count() as u64;
-        let r = reg
-            .entries
-            .values()
-            .filter(|x| !x.state.instances.is_empty())
-            .count() as u64;
-        (n, m, r)
-    };
+    let c = e.counts();
+    let (n, managed, running) = (c.processes, c.managed, c.running);
     let h = crate::proto::Health {
         status: if e.store.writable() {
             "ok".into()

@@ -66,23 +66,22 @@ pub fn render(engine: &Engine) -> String {
     let net = FGauge::default();
     let (mut n_reg, mut n_managed, mut n_running) = (0i64, 0i64, 0i64);
     {
-        let r = engine.reg();
-        for e in r.entries.values() {
+        for v in engine.views() {
             let l: Labels = vec![
-                ("namespace".into(), e.def.key.namespace.clone()),
-                ("name".into(), e.def.key.name.clone()),
+                ("namespace".into(), v.def.key.namespace.clone()),
+                ("name".into(), v.def.key.name.clone()),
             ];
-            let running = !e.state.instances.is_empty();
+            let running = !v.instances.is_empty();
             n_reg += 1;
-            n_managed += i64::from(e.state.managed);
+            n_managed += i64::from(v.managed);
             n_running += i64::from(running);
             up.get_or_create(&l).set(if running { 1.0 } else { 0.0 });
             managed
                 .get_or_create(&l)
-                .set(if e.state.managed { 1.0 } else { 0.0 });
-            restarts.get_or_create(&l).inc_by(e.state.restarts);
-            limit_stops.get_or_create(&l).inc_by(e.state.limit_stops);
-            if let Some(s) = e.current_sample() {
+                .set(if v.managed { 1.0 } else { 0.0 });
+            restarts.get_or_create(&l).inc_by(v.restarts);
+            limit_stops.get_or_create(&l).inc_by(v.limit_stops);
+            if let Some(s) = &v.sample {
                 cpu.get_or_create(&l).set(s.cpu_usage);
                 mem.get_or_create(&l).set(s.mem_usage);
                 rss.get_or_create(&l).set(s.rss_bytes as f64);

@@ -3,7 +3,7 @@
 //! A reload re-reads the config file the daemon was started with (and its `conf_dir`) with
 //! the same strict loader as at start. A config with any error is rejected whole: every
 //! error is listed and nothing changes. A valid one is compared with the registry's
-//! config-declared definitions ([`defs::diff`]): definitions are added, changed (field by
+//! config-declared definitions ([`Engine::config_diff`]): definitions are added, changed (field by
 //! field) or removed, and running processes whose change needs a restart (a change of
 //! `start_cmd`, `env`, `account`, ...) are stopped and started again through the normal
 //! operations, as one recorded task (its id is in the answer; its items are restarts,
@@ -32,8 +32,7 @@ use crate::proto::{HostWire, KeyResult, OpType, codes};
 use crate::spec::ProcKey;
 use crate::store::{TaskItemRecord, TaskRecord};
 use crate::supervisor::Engine;
-use crate::supervisor::defs::{self, ConfigDiff};
-use crate::supervisor::ops;
+use crate::supervisor::defs::ConfigDiff;
 
 /// What a reload found and did.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -130,12 +129,13 @@ pub async fn reload(
         return Ok(ReloadReport {
             dry_run,
             file: file.display().to_string(),
-            diff: defs::diff(engine, &new.processes),
+            diff: engine.config_diff(&new.processes),
             restart_required,
             task_id: None,
         });
     }
-    let diff = defs::apply_config(engine, &new.processes)
+    let diff = engine
+        .apply_config(&new.processes)
         .await
         .map_err(|e| ReloadError::Apply(e.to_string()))?;
     let task_id = if diff.restart.is_empty() {
@@ -235,41 +235,22 @@ async fn restart_task(
     Ok(task_id)
 }
 
-/// Stop a process and start it with its current definition, keeping its managed state.
+/// Stop a process and start it with its current definition, keeping its intent: one
+/// operation on its lifecycle, so nothing interleaves between the stop and the start, and a
+/// failed start leaves the process as it was meant to be (a managed one retried under
+/// backoff).
 pub async fn replace_process(engine: &Arc<Engine>, key: ProcKey) -> KeyResult {
-    let managed = engine
-        .reg()
-        .get(&key)
-        .map(|e| e.state.managed)
-        .unwrap_or(false);
-    let stop = ops::run_op(engine.clone(), key.clone(), OpType::Stop).await;
-    if stop.error_code != codes::SUCCESS && stop.error_code != codes::PROC_NOT_RUNNING {
-        return KeyResult::err(
-            stop.error_code,
-            format!("stopping before the restart failed: {}", stop.error_msg),
+    let done = engine.replace(&key).await;
+    let mut r = super::wire::key_result(&key, OpType::Restart, &done, &engine.host);
+    if r.error_code == codes::SUCCESS {
+        r.error_msg = "stopped and started again with the new definition".into();
+    } else {
+        r.error_msg = format!(
+            "stopping and starting with the new definition failed: {}",
+            r.error_msg
         );
     }
-    let start = ops::run_op(engine.clone(), key.clone(), OpType::Start).await;
-    if start.error_code != codes::SUCCESS {
-        return KeyResult::err(
-            start.error_code,
-            format!(
-                "stopped, but starting with the new definition failed: {}",
-                start.error_msg
-            ),
-        );
-    }
-    if !managed {
-        let r = ops::run_op(engine.clone(), key.clone(), OpType::Undelegate).await;
-        if r.error_code != codes::SUCCESS {
-            tracing::warn!(process = %key, "restarted but could not be left unmanaged: {}", r.error_msg);
-        }
-    }
-    KeyResult {
-        error_code: codes::SUCCESS,
-        error_msg: "stopped and started again with the new definition".into(),
-        content: start.content,
-    }
+    r
 }
 
 /// The access of a reload the daemon triggers itself (SIGHUP, conf_dir).
@@ -321,14 +302,13 @@ struct ReloadReq {
 /// registered account or new account is not the caller's to use shows its variables' names
 /// with [`HIDDEN_ENV_VALUE`].
 pub fn hide_env(engine: &Engine, access: &Access, report: &mut ReloadReport) {
-    let reg = engine.reg();
     for c in &mut report.diff.changed {
         let Ok(key) = c.key.parse::<ProcKey>() else {
             continue;
         };
-        let mut accounts: Vec<String> = reg
-            .get(&key)
-            .map(|e| e.def.spec.account.clone())
+        let mut accounts: Vec<String> = engine
+            .spec_of(&key)
+            .map(|s| s.account)
             .into_iter()
             .collect();
         accounts.extend(

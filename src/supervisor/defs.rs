@@ -2,18 +2,44 @@
 //! used at start and on reload.
 //!
 //! An API write says who writes ([`Writer`]): the caller's account rule is checked again
-//! under the process's operation lock, against the definition being replaced and the new
-//! one, and the change it made ([`DefChange`]) is recorded on the task item it is for in the
-//! same transaction as the definition.
+//! under the key's definition lock, against the definition being replaced and the new one,
+//! and the change it made ([`DefChange`]) is recorded on the task item it is for in the same
+//! transaction as the definition. A write is committed to the store before memory changes;
+//! the process's lifecycle then hears of it (a new definition is reconsidered, an
+//! unregistered one forgotten once nothing runs on it). Refusals are typed ([`DefError`]).
 
 use std::sync::Arc;
 
 use super::Engine;
+use super::lifecycle::{Input, ProcInput};
+use super::registry::{Entry, ProcState};
 use crate::config::ProcessConfig;
-use crate::proto::{KeyResult, codes};
-use crate::registry::{Entry, FLAG_RUNNING, ProcState};
+use crate::proto::FLAG_RUNNING;
 use crate::spec::{Definition, Labels, ProcKey, ProcSpec, Source};
 use crate::store::ItemNote;
+
+/// Why a definition write was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefError {
+    /// register_proc_info of a key that exists.
+    #[error("{0}")]
+    AlreadyRegistered(String),
+    /// The key is declared in a config file: the file is changed, not the API.
+    #[error("{0}")]
+    DeclaredInConfig(String),
+    /// Another definition holds the same identity (value_key).
+    #[error("{0}")]
+    Conflict(String),
+    /// The caller may not use the definition's account.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The state store refused the write.
+    #[error("{0}")]
+    Store(String),
+    /// unregister of a key that does not exist.
+    #[error("{0}")]
+    NotRegistered(String),
+}
 
 /// How a definition write treats an existing key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,14 +78,17 @@ pub type AccountRule = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 #[derive(Clone)]
 pub struct Writer {
     pub may_use: AccountRule,
+    /// The only account the writer may act on (`None`: any), checked again when a queued
+    /// operation begins.
+    pub only: Option<String>,
     /// The task item (task id, index) the write is recorded on.
     pub item: Option<(String, usize)>,
 }
 
 impl Writer {
-    /// Refuse (1000403 on the key) unless the rule allows `account`.
-    pub fn check(&self, account: &str) -> Result<(), KeyResult> {
-        (self.may_use)(account).map_err(|m| KeyResult::err(codes::FORBIDDEN, m))
+    /// Refuse unless the rule allows `account`.
+    pub fn check(&self, account: &str) -> Result<(), DefError> {
+        (self.may_use)(account).map_err(DefError::Forbidden)
     }
 
     fn note(&self, change: &DefChange) -> Option<ItemNote> {
@@ -71,226 +100,232 @@ impl Writer {
     }
 }
 
-/// Create or update a definition from the API. Commits to the store before changing memory.
-/// Returns the answer and, when it did something, the change.
-pub async fn put_definition(
-    engine: &Arc<Engine>,
-    key: &ProcKey,
-    labels: Labels,
-    spec: ProcSpec,
-    mode: PutMode,
-    w: &Writer,
-) -> (KeyResult, Option<DefChange>) {
-    let lock = engine.op_lock(key);
-    let _g = lock.lock().await;
-    put_definition_locked(engine, key, labels, spec, mode, w).await
+/// A definition write in progress on a key: queued operations wait until it is dropped.
+pub(crate) struct Defining<'a> {
+    engine: &'a Arc<Engine>,
+    key: ProcKey,
 }
 
-/// As [`put_definition`], for a caller that holds the operation lock.
-pub async fn put_definition_locked(
-    engine: &Arc<Engine>,
-    key: &ProcKey,
-    labels: Labels,
-    spec: ProcSpec,
-    mode: PutMode,
-    w: &Writer,
-) -> (KeyResult, Option<DefChange>) {
-    let now = crate::util::unix_now();
-    let existing = engine.reg().get(key).map(|e| e.def.clone());
-    // Checked here, under the lock, as well as when the request was accepted: the
-    // definition may have been replaced since.
-    if let Some(Err(r)) = existing.as_ref().map(|d| w.check(&d.spec.account)) {
-        return (r, None);
-    }
-    if let Err(r) = w.check(&spec.account) {
-        return (r, None);
-    }
-    if let Some(old) = &existing {
-        if mode == PutMode::Register {
-            return (
-                KeyResult::err(
-                    codes::ALREADY_REGISTERED,
-                    format!(
-                        "process {key} is already registered; use update_proc_info to change it"
-                    ),
-                ),
-                None,
-            );
-        }
-        // The same spec sent again (an inline spec with every operation, say) changes
-        // nothing, whatever declared it: nothing to store, nothing to refuse.
-        let unchanged = old.spec == spec && (labels.is_empty() || labels == old.labels);
-        if unchanged {
-            let change = DefChange::Unchanged;
-            if let Some(n) = w.note(&change) {
-                engine.tasks.note_definition(&n.task_id, n.idx, &n.change);
-                engine.store.note_item(n);
-            }
-            return (KeyResult::ok(""), Some(change));
-        }
-        if let Source::Config { file } = &old.source {
-            return (
-                KeyResult::err(
-                    codes::SPEC_INVALID,
-                    format!(
-                        "process {key} is declared in the config file {file}; change it there and reload"
-                    ),
-                ),
-                None,
-            );
+impl<'a> Defining<'a> {
+    pub(crate) fn begin(engine: &'a Arc<Engine>, key: &ProcKey) -> Defining<'a> {
+        engine.feed(key, ProcInput::Defining(true));
+        Defining {
+            engine,
+            key: key.clone(),
         }
     }
-    if !spec.value_key.is_empty() {
-        let other = engine
-            .reg()
-            .find_by_identity(&spec.setup_path, &spec.proc_name, &spec.value_key)
-            .filter(|k| k != key);
-        if let Some(other) = other {
-            let (sp, pn) = engine
-                .reg()
-                .get(&other)
-                .map(|e| (e.def.spec.setup_path.clone(), e.def.spec.proc_name.clone()))
-                .unwrap_or_default();
-            return (
-                KeyResult::err(
-                    codes::SPEC_INVALID,
-                    format!(
-                        "value_key {:?} is already used by process {other} (setup_path {sp:?}, proc_name {pn:?}); a value_key names one process, so two processes with the same setup_path and proc_name need distinct value_keys",
-                        spec.value_key
-                    ),
-                ),
-                None,
-            );
-        }
-    }
-    let labels = match (&existing, labels.is_empty()) {
-        (Some(old), true) => old.labels.clone(),
-        _ => labels,
-    };
-    let def = Definition {
-        key: key.clone(),
-        labels,
-        spec,
-        source: Source::Api,
-        register_time: existing.as_ref().map(|d| d.register_time).unwrap_or(now),
-        updated_time: now,
-    };
-    let change = match &existing {
-        None => DefChange::Registered,
-        Some(old) => DefChange::Updated(changed_fields(old, &def)),
-    };
-    let json = match serde_json::to_string(&def) {
-        Ok(j) => j,
-        Err(e) => {
-            return (
-                KeyResult::err(
-                    codes::OP_FAILED,
-                    format!("cannot encode the definition: {e}"),
-                ),
-                None,
-            );
-        }
-    };
-    let note = w.note(&change);
-    if let Err(e) = engine
-        .store
-        .put_definition_noted(key, json, note.clone())
-        .await
-    {
-        return (
-            KeyResult::err(
-                codes::OP_FAILED,
-                format!("the state store refused the change: {e}"),
-            ),
-            None,
-        );
-    }
-    if let Some(n) = note {
-        engine.tasks.note_definition(&n.task_id, n.idx, &n.change);
-    }
-    let created = {
-        let mut reg = engine.reg();
-        match reg.get_mut(key) {
-            Some(e) => {
-                e.def = def;
-                false
-            }
-            None => {
-                reg.entries
-                    .insert(key.clone(), Entry::new(def, ProcState::default()));
-                true
-            }
-        }
-    };
-    if created {
-        engine.persist_bg(key);
-        engine.events.emit(
-            Some(key),
-            "registered",
-            "definition registered",
-            serde_json::Value::Null,
-        );
-        engine.discover_bg(key);
-    } else {
-        engine.events.emit(
-            Some(key),
-            "updated",
-            change.describe(),
-            serde_json::Value::Null,
-        );
-    }
-    engine.reconcile(key);
-    (KeyResult::ok(""), Some(change))
 }
 
-/// Remove a definition. The process, if running, is left running and no longer watched.
-/// The writer's account rule is checked under the lock against the definition removed.
-pub async fn remove_definition(engine: &Arc<Engine>, key: &ProcKey, w: &Writer) -> KeyResult {
-    let lock = engine.op_lock(key);
-    let _g = lock.lock().await;
-    let found = engine
-        .reg()
-        .get(key)
-        .map(|e| (e.def.source.clone(), e.def.spec.account.clone()));
-    if let Some(Err(r)) = found.as_ref().map(|(_, a)| w.check(a)) {
-        return r;
+impl Drop for Defining<'_> {
+    fn drop(&mut self) {
+        self.engine.feed(&self.key, ProcInput::Defining(false));
     }
-    match found.map(|(s, _)| s) {
-        None => KeyResult::err(
-            codes::PROC_NOT_RUNNING,
-            format!("process {key} is not registered"),
-        ),
-        Some(Source::Config { file }) => KeyResult::err(
-            codes::SPEC_INVALID,
-            format!(
-                "process {key} is declared in the config file {file}; remove it there and reload"
-            ),
-        ),
-        Some(Source::Api) => {
-            if let Err(e) = engine.store.delete_definition(key).await {
-                return KeyResult::err(
-                    codes::OP_FAILED,
-                    format!("the state store refused the change: {e}"),
-                );
+}
+
+impl Engine {
+    /// Create or update a definition from the API (register, update, an inline spec).
+    /// Returns the change made.
+    pub async fn put_definition(
+        self: &Arc<Self>,
+        key: &ProcKey,
+        labels: Labels,
+        spec: ProcSpec,
+        mode: PutMode,
+        w: &Writer,
+    ) -> Result<DefChange, DefError> {
+        // Queued operations wait from now on: the write goes before them.
+        let _defining = Defining::begin(self, key);
+        let lock = self.def_lock(key);
+        let _g = lock.lock().await;
+        self.put_definition_locked(key, labels, spec, mode, w).await
+    }
+
+    /// As [`Engine::put_definition`], for a caller holding the key's definition lock (and a
+    /// [`Defining`] mark).
+    pub(crate) async fn put_definition_locked(
+        self: &Arc<Self>,
+        key: &ProcKey,
+        labels: Labels,
+        spec: ProcSpec,
+        mode: PutMode,
+        w: &Writer,
+    ) -> Result<DefChange, DefError> {
+        self.no_operation(key).await;
+        let now = crate::util::unix_now();
+        let existing = self.definition(key);
+        // Checked here, under the lock, as well as when the request was accepted: the
+        // definition may have been replaced since.
+        if let Some(d) = &existing {
+            w.check(&d.spec.account)?;
+        }
+        w.check(&spec.account)?;
+        if let Some(old) = &existing {
+            if mode == PutMode::Register {
+                return Err(DefError::AlreadyRegistered(format!(
+                    "process {key} is already registered; use update_proc_info to change it"
+                )));
             }
-            forget(engine, key);
-            engine.events.emit(
+            // The same spec sent again (an inline spec with every operation, say) changes
+            // nothing, whatever declared it: nothing to store, nothing to refuse.
+            if old.spec == spec && (labels.is_empty() || labels == old.labels) {
+                let change = DefChange::Unchanged;
+                if let Some(n) = w.note(&change) {
+                    self.tasks.note_definition(&n.task_id, n.idx, &n.change);
+                    self.store.note_item(n);
+                }
+                return Ok(change);
+            }
+            if let Source::Config { file } = &old.source {
+                return Err(DefError::DeclaredInConfig(format!(
+                    "process {key} is declared in the config file {file}; change it there and reload"
+                )));
+            }
+        }
+        if let Some(other) = self.identity_taken(key, &spec) {
+            return Err(DefError::Conflict(other));
+        }
+        let labels = match (&existing, labels.is_empty()) {
+            (Some(old), true) => old.labels.clone(),
+            _ => labels,
+        };
+        let def = Definition {
+            key: key.clone(),
+            labels,
+            spec,
+            source: Source::Api,
+            register_time: existing.as_ref().map(|d| d.register_time).unwrap_or(now),
+            updated_time: now,
+        };
+        let change = match &existing {
+            None => DefChange::Registered,
+            Some(old) => DefChange::Updated(changed_fields(old, &def)),
+        };
+        let json = serde_json::to_string(&def)
+            .map_err(|e| DefError::Store(format!("cannot encode the definition: {e}")))?;
+        let note = w.note(&change);
+        self.store
+            .put_definition_noted(key, json, note.clone())
+            .await
+            .map_err(|e| DefError::Store(format!("the state store refused the change: {e}")))?;
+        if let Some(n) = note {
+            self.tasks.note_definition(&n.task_id, n.idx, &n.change);
+        }
+        let created = self.install(def, ProcState::default());
+        if created {
+            self.events.emit(
                 Some(key),
-                "unregistered",
-                "definition removed; the process is no longer watched",
+                "registered",
+                "definition registered",
                 serde_json::Value::Null,
             );
-            KeyResult::ok("")
+        } else {
+            self.events.emit(
+                Some(key),
+                "updated",
+                change.describe(),
+                serde_json::Value::Null,
+            );
         }
+        Ok(change)
     }
-}
 
-fn forget(engine: &Engine, key: &ProcKey) {
-    let mut reg = engine.reg();
-    if let Some(e) = reg.entries.remove(key) {
-        for (_, h) in e.rt.watchers {
-            h.abort();
+    /// Put a committed definition in memory: a new entry (with `state`), or the replaced
+    /// definition of an existing one (its state kept). The lifecycle is told, and a new
+    /// process's pid file is looked at in the background. Returns whether it was new.
+    fn install(self: &Arc<Self>, def: Definition, state: ProcState) -> bool {
+        let key = def.key.clone();
+        let n = def.spec.instance_num.max(1) as usize;
+        let created = {
+            let mut reg = self.reg();
+            match reg.get_mut(&key) {
+                Some(e) => {
+                    e.life.account = def.spec.account.clone();
+                    e.def = def;
+                    e.invalid = None;
+                    e.life.resize(n);
+                    false
+                }
+                None => {
+                    reg.entries.insert(key.clone(), Entry::new(def, state));
+                    true
+                }
+            }
+        };
+        if let Some(e) = self.reg().get(&key) {
+            self.store.put_state_bg(&key, e.state_json());
         }
+        if created {
+            self.discover_untracked();
+        }
+        let instances = self
+            .reg()
+            .get(&key)
+            .map(|e| e.life.instances.len())
+            .unwrap_or(0);
+        for i in 0..instances {
+            self.feed(
+                &key,
+                ProcInput::Instance {
+                    i,
+                    input: Input::DefinitionChanged,
+                },
+            );
+        }
+        created
+    }
+
+    /// Which other definition already has this spec's value_key, described.
+    fn identity_taken(&self, key: &ProcKey, spec: &ProcSpec) -> Option<String> {
+        if spec.value_key.is_empty() {
+            return None;
+        }
+        let reg = self.reg();
+        reg.entries
+            .values()
+            .find(|e| &e.def.key != key && e.def.spec.value_key == spec.value_key)
+            .map(|e| {
+                format!(
+                    "value_key {:?} is already used by process {} (setup_path {:?}, proc_name {:?}); a value_key names one process, so two processes with the same setup_path and proc_name need distinct value_keys",
+                    spec.value_key, e.def.key, e.def.spec.setup_path, e.def.spec.proc_name
+                )
+            })
+    }
+
+    /// Remove a definition. The process, if running, is left running and no longer watched.
+    /// The writer's account rule is checked under the lock against the definition removed.
+    pub async fn remove_definition(
+        self: &Arc<Self>,
+        key: &ProcKey,
+        w: &Writer,
+    ) -> Result<(), DefError> {
+        let defining = Defining::begin(self, key);
+        let lock = self.def_lock(key);
+        let _g = lock.lock().await;
+        self.no_operation(key).await;
+        drop(defining);
+        let Some(def) = self.definition(key) else {
+            return Err(DefError::NotRegistered(format!(
+                "process {key} is not registered"
+            )));
+        };
+        w.check(&def.spec.account)?;
+        if let Source::Config { file } = &def.source {
+            return Err(DefError::DeclaredInConfig(format!(
+                "process {key} is declared in the config file {file}; remove it there and reload"
+            )));
+        }
+        self.store
+            .delete_definition(key)
+            .await
+            .map_err(|e| DefError::Store(format!("the state store refused the change: {e}")))?;
+        self.forget(key).await;
+        self.events.emit(
+            Some(key),
+            "unregistered",
+            "definition removed; the process is no longer watched",
+            serde_json::Value::Null,
+        );
+        Ok(())
     }
 }
 
@@ -373,135 +408,126 @@ pub fn changed_fields(a: &Definition, b: &Definition) -> Vec<String> {
     field_changes(a, b).into_iter().map(|c| c.field).collect()
 }
 
-/// Compare the registry's config-declared definitions with a new list.
-pub fn diff(engine: &Engine, new: &[ProcessConfig]) -> ConfigDiff {
-    let reg = engine.reg();
-    let mut d = ConfigDiff::default();
-    for p in new {
-        let k = &p.definition.key;
-        match reg.get(k) {
-            None => d.added.push(k.to_string()),
-            Some(e) => {
-                let mut fields = field_changes(&e.def, &p.definition);
-                if matches!(e.def.source, Source::Api) {
-                    fields.insert(
-                        0,
-                        FieldChange {
-                            field: "source".into(),
-                            old: serde_json::json!("api"),
-                            new: serde_json::json!("config"),
-                        },
-                    );
+impl Engine {
+    /// Compare the registry's config-declared definitions with a new list.
+    pub fn config_diff(&self, new: &[ProcessConfig]) -> ConfigDiff {
+        let reg = self.reg();
+        let mut d = ConfigDiff::default();
+        for p in new {
+            let k = &p.definition.key;
+            match reg.get(k) {
+                None => d.added.push(k.to_string()),
+                Some(e) => {
+                    let mut fields = field_changes(&e.def, &p.definition);
+                    if matches!(e.def.source, Source::Api) {
+                        fields.insert(
+                            0,
+                            FieldChange {
+                                field: "source".into(),
+                                old: serde_json::json!("api"),
+                                new: serde_json::json!("config"),
+                            },
+                        );
+                    }
+                    if fields.is_empty() {
+                        d.unchanged += 1;
+                        continue;
+                    }
+                    if !e.tracked.is_empty()
+                        && fields
+                            .iter()
+                            .any(|f| RESTART_FIELDS.contains(&f.field.as_str()))
+                    {
+                        d.restart.push(k.to_string());
+                    }
+                    d.changed.push(Changed {
+                        key: k.to_string(),
+                        fields,
+                    });
                 }
-                if fields.is_empty() {
-                    d.unchanged += 1;
+            }
+        }
+        for e in reg.entries.values() {
+            if matches!(e.def.source, Source::Config { .. })
+                && !new.iter().any(|p| p.definition.key == e.def.key)
+            {
+                d.removed.push(e.def.key.to_string());
+            }
+        }
+        d.removed.sort();
+        d
+    }
+
+    /// Make the registry match the config's processes: add new ones (managed and expected
+    /// running when `autostart`), update changed ones (keeping their state), remove config
+    /// entries no longer declared (their processes are left running, unwatched). Returns the
+    /// diff applied.
+    pub async fn apply_config(
+        self: &Arc<Self>,
+        new: &[ProcessConfig],
+    ) -> Result<ConfigDiff, crate::store::StoreError> {
+        let d = self.config_diff(new);
+        for p in new {
+            let k = &p.definition.key;
+            let lock = self.def_lock(k);
+            let _g = lock.lock().await;
+            let existing = self.definition(k);
+            let mut def = p.definition.clone();
+            if let Some(old) = &existing {
+                def.register_time = old.register_time;
+                if changed_fields(old, &def).is_empty() && old.source == def.source {
                     continue;
                 }
-                if !e.state.instances.is_empty()
-                    && fields
-                        .iter()
-                        .any(|f| RESTART_FIELDS.contains(&f.field.as_str()))
-                {
-                    d.restart.push(k.to_string());
+            }
+            let json = serde_json::to_string(&def)
+                .map_err(|e| crate::store::StoreError::Write(e.to_string()))?;
+            self.store.put_definition(k, json).await?;
+            let state = if p.autostart {
+                ProcState {
+                    flag: FLAG_RUNNING,
+                    managed: true,
+                    ..ProcState::default()
                 }
-                d.changed.push(Changed {
-                    key: k.to_string(),
-                    fields,
-                });
+            } else {
+                ProcState::default()
+            };
+            let created = self.install(def, state);
+            if created {
+                let json = self.reg().get(k).map(|e| e.state_json());
+                if let Some(json) = json {
+                    self.store.put_state_queued(k, json).await?;
+                }
+                self.events.emit(
+                    Some(k),
+                    "registered",
+                    "declared in the config",
+                    serde_json::Value::Null,
+                );
+            } else {
+                self.events.emit(
+                    Some(k),
+                    "updated",
+                    "definition updated from the config",
+                    serde_json::Value::Null,
+                );
             }
         }
-    }
-    for e in reg.entries.values() {
-        if matches!(e.def.source, Source::Config { .. })
-            && !new.iter().any(|p| p.definition.key == e.def.key)
-        {
-            d.removed.push(e.def.key.to_string());
-        }
-    }
-    d.removed.sort();
-    d
-}
-
-/// Make the registry match the config's processes: add new ones (managed and expected
-/// running when `autostart`), update changed ones (keeping their state), remove config
-/// entries no longer declared (their processes are left running, unwatched).
-/// Returns the diff applied.
-pub async fn apply_config(
-    engine: &Arc<Engine>,
-    new: &[ProcessConfig],
-) -> Result<ConfigDiff, crate::store::StoreError> {
-    let d = diff(engine, new);
-    for p in new {
-        let k = &p.definition.key;
-        let lock = engine.op_lock(k);
-        let _g = lock.lock().await;
-        let existing = engine.reg().get(k).map(|e| e.def.clone());
-        let mut def = p.definition.clone();
-        if let Some(old) = &existing {
-            def.register_time = old.register_time;
-            if changed_fields(old, &def).is_empty() && old.source == def.source {
-                continue;
+        for k in &d.removed {
+            if let Ok(key) = k.parse::<ProcKey>() {
+                let lock = self.def_lock(&key);
+                let _g = lock.lock().await;
+                self.store.delete_definition(&key).await?;
+                self.forget(&key).await;
+                self.events.emit(
+                    Some(&key),
+                    "unregistered",
+                    "no longer declared in the config; left as it is",
+                    serde_json::Value::Null,
+                );
             }
         }
-        let json = serde_json::to_string(&def)
-            .map_err(|e| crate::store::StoreError::Write(e.to_string()))?;
-        engine.store.put_definition(k, json).await?;
-        let created = {
-            let mut reg = engine.reg();
-            match reg.get_mut(k) {
-                Some(e) => {
-                    e.def = def;
-                    false
-                }
-                None => {
-                    let st = if p.autostart {
-                        ProcState {
-                            flag: FLAG_RUNNING,
-                            managed: true,
-                            ..ProcState::default()
-                        }
-                    } else {
-                        ProcState::default()
-                    };
-                    reg.entries.insert(k.clone(), Entry::new(def, st));
-                    true
-                }
-            }
-        };
-        if created {
-            engine.discover_bg(k);
-            engine.persist(k).await?;
-            engine.events.emit(
-                Some(k),
-                "registered",
-                "declared in the config",
-                serde_json::Value::Null,
-            );
-        } else {
-            engine.events.emit(
-                Some(k),
-                "updated",
-                "definition updated from the config",
-                serde_json::Value::Null,
-            );
-        }
-        engine.reconcile(k);
+        Ok(d)
     }
-    for k in &d.removed {
-        if let Ok(key) = k.parse::<ProcKey>() {
-            let lock = engine.op_lock(&key);
-            let _g = lock.lock().await;
-            engine.store.delete_definition(&key).await?;
-            forget(engine, &key);
-            engine.events.emit(
-                Some(&key),
-                "unregistered",
-                "no longer declared in the config; left as it is",
-                serde_json::Value::Null,
-            );
-        }
-    }
-    Ok(d)
 }
 
 #[cfg(test)]

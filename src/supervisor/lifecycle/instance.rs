@@ -86,6 +86,12 @@ impl Instance {
             Input::Gone | Input::CgroupEmptied => self.on_gone(ctx, now, rng, fx),
             Input::Timer => self.on_timer(ctx, now, fx),
             Input::Adopted { pid } => self.on_adopted(pid, now, fx),
+            Input::Lost => {
+                // A single run that ended while the agent was down has completed.
+                if ctx.auto_type == AutoType::SingleRun && self.state.is_idle() {
+                    self.state = State::Completed;
+                }
+            }
             Input::DefinitionChanged | Input::Shutdown => {}
             Input::Unregistered => {
                 if let Some(pid) = self.state.pid() {
@@ -97,10 +103,6 @@ impl Instance {
                 if let State::Running { pid, .. } = self.state
                     && ctx.managed
                 {
-                    fx.push(Effect::Emit {
-                        kind: "limit_exceeded",
-                        message: format!("{cause}; stopping pid {pid}"),
-                    });
                     self.limit_cause = Some(cause);
                     self.begin_stop(ctx, Hold::Limit, false, Some(pid), now, fx);
                 }
@@ -112,6 +114,7 @@ impl Instance {
                     fx.push(Effect::Emit {
                         kind: "health_failed",
                         message: format!("{why}; restarting"),
+                        data: serde_json::Value::Null,
                     });
                     self.begin_stop(ctx, Hold::Liveness, false, Some(pid), now, fx);
                 }
@@ -260,6 +263,7 @@ impl Instance {
             fx.push(Effect::Emit {
                 kind: "job_started",
                 message: format!("job_started (pid {pid})"),
+                data: serde_json::json!({"pid": pid}),
             });
             fx.push(Effect::Persist);
             return;
@@ -299,6 +303,7 @@ impl Instance {
         fx.push(Effect::Emit {
             kind: "start_failed",
             message: f.message().to_string(),
+            data: serde_json::json!({"failures": self.failures}),
         });
         fx.push(Effect::Persist);
         match hold {
@@ -359,6 +364,7 @@ impl Instance {
                 delay.as_secs_f64(),
                 self.failures
             ),
+            data: serde_json::json!({"delay_secs": delay.as_secs_f64(), "failures": self.failures}),
         });
     }
 
@@ -374,6 +380,7 @@ impl Instance {
                 fx.push(Effect::Emit {
                     kind: "fatal",
                     message: self.message.clone(),
+                    data: serde_json::json!({"failures": self.failures}),
                 });
                 true
             }
@@ -409,6 +416,7 @@ impl Instance {
                         "pid {pid} exited ({exit}) after {:.1}s",
                         uptime.as_secs_f64()
                     ),
+                    data: serde_json::json!({"pid": pid, "exit": exit.info, "uptime_secs": uptime.as_secs_f64()}),
                 });
                 self.on_death(ctx, exit, healthy.then_some(uptime), now, rng, fx);
                 fx.push(Effect::Persist);
@@ -525,6 +533,7 @@ impl Instance {
             fx.push(Effect::Emit {
                 kind: "backoff",
                 message: note(delay, self.failures),
+                data: serde_json::json!({"delay_secs": delay.as_secs_f64(), "failures": self.failures}),
             });
         }
     }
@@ -534,6 +543,7 @@ impl Instance {
         fx.push(Effect::Emit {
             kind: "restarting",
             message: format!("restart attempt (restart {})", self.restarts),
+            data: serde_json::json!({"restarts": self.restarts}),
         });
         self.start(
             ctx,
@@ -553,6 +563,7 @@ impl Instance {
                         fx.push(Effect::Emit {
                             kind: "reloaded",
                             message: "reload_cmd succeeded".into(),
+                            data: serde_json::Value::Null,
                         });
                         Outcome::Done(String::new())
                     }
@@ -591,6 +602,7 @@ impl Instance {
                 fx.push(Effect::Emit {
                     kind: "exited",
                     message: format!("pid {pid} is gone (exit status unknown)"),
+                    data: serde_json::json!({"pid": pid}),
                 });
                 let exit = Exit {
                     info: ExitInfo::Unknown,
@@ -618,6 +630,7 @@ impl Instance {
                 fx.push(Effect::Emit {
                     kind: if op == Op::Kill { "killed" } else { "stopped" },
                     message: how.clone(),
+                    data: serde_json::Value::Null,
                 });
                 Self::answer(fx, id, Outcome::Done(how));
             }
@@ -635,6 +648,7 @@ impl Instance {
                         delay.as_secs_f64(),
                         self.failures
                     ),
+                    data: serde_json::json!({"delay_secs": delay.as_secs_f64(), "failures": self.failures}),
                 });
             }
             Hold::Limit => self.after_limit_stop(ctx, how, now, rng, fx),
@@ -669,6 +683,7 @@ impl Instance {
                 fx.push(Effect::Emit {
                     kind: "limit_stopped",
                     message: format!("{how}; restart in {:.1}s", delay.as_secs_f64()),
+                    data: serde_json::json!({"step": how, "restart_in_secs": delay.as_secs_f64(), "failures": self.failures}),
                 });
             }
             auto => {
@@ -682,6 +697,7 @@ impl Instance {
                 self.message = format!("stopped for exceeding its limit ({cause})");
                 fx.push(Effect::Emit {
                     kind: "limit_stopped",
+                    data: serde_json::json!({"step": how, "restart_in_secs": null, "failures": null}),
                     message: how,
                 });
             }
@@ -736,6 +752,7 @@ impl Instance {
                     fx.push(Effect::Emit {
                         kind: "cycle_skipped",
                         message: "periodic run skipped: the previous run is still alive".into(),
+                        data: serde_json::Value::Null,
                     });
                 }
             }
@@ -774,6 +791,7 @@ impl Instance {
         fx.push(Effect::Emit {
             kind: what,
             message: format!("{what} (pid {pid})"),
+            data: serde_json::json!({"pid": pid}),
         });
         fx.push(Effect::Persist);
         if let Some((id, _)) = hold.op() {
@@ -817,6 +835,7 @@ impl Instance {
                     None => fx.push(Effect::Emit {
                         kind: "stop_failed",
                         message: why.clone(),
+                        data: serde_json::Value::Null,
                     }),
                 }
                 self.message = why;

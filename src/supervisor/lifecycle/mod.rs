@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 pub use super::policy::Backoff;
 use crate::spec::AutoType;
 use crate::sys::ExitInfo;
-pub use process::{Current, Intent, MAX_QUEUED, ProcEffect, ProcInput, Process, Queued};
+pub use process::{Current, Intent, MAX_QUEUED, ProcEffect, ProcInput, Process, Queued, Stage};
 
 /// The id of an operator operation (unique while the agent runs).
 pub type OpId = u64;
@@ -328,6 +328,8 @@ pub enum Outcome {
     NotRegistered,
     /// Too many operations are queued for the process.
     Busy(String),
+    /// The caller may not act on the process as it is now.
+    Forbidden(String),
 }
 
 impl Outcome {
@@ -394,6 +396,8 @@ pub enum Input {
     Timer,
     /// Discovery found the process running (pid file and ownership rule, re-adoption).
     Adopted { pid: i32 },
+    /// The process recorded for the instance is gone (it ended while the agent was down).
+    Lost,
     /// The definition was replaced.
     DefinitionChanged,
     /// The definition was unregistered: forget the process, leave it running.
@@ -425,8 +429,12 @@ pub enum Effect {
     WatchGone,
     /// Record the instance's facts in the store, in the background.
     Persist,
-    /// An event for the history.
-    Emit { kind: &'static str, message: String },
+    /// An event for the history, with its data.
+    Emit {
+        kind: &'static str,
+        message: String,
+        data: serde_json::Value,
+    },
     /// The answer of an operation on this instance (collected by the process).
     Answer { id: OpId, outcome: Outcome },
     /// Stop watching the pid: it is gone, or no longer the agent's.

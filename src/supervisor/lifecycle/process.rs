@@ -9,7 +9,8 @@
 //! * start and restart act first and commit "running, managed" once every instance passed its
 //!   start check (a failed start leaves the intent as it was); a replacement (config reload)
 //!   keeps the intent it had, whatever happens;
-//! * the operation goes to every instance; the answers are combined into one.
+//! * the operation goes to every instance; the answers are combined into one;
+//! * a definition write waiting for the running operation goes before the queued ones.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -29,9 +30,11 @@ pub struct Intent {
 }
 
 /// Something waiting its turn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Queued {
-    Op(OpId, Op),
+    /// An operation, and the only account it may act on (`None`: any; an admin's operation
+    /// acts only on processes of their own account, checked again when it begins).
+    Op(OpId, Op, Option<String>),
     /// Unregister the process once nothing runs on it.
     Forget(OpId),
 }
@@ -62,16 +65,25 @@ pub struct Current {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Process {
     pub intent: Intent,
+    /// The definition's account (empty: the agent's own).
+    pub account: String,
     pub instances: Vec<Instance>,
     pub queue: VecDeque<Queued>,
     pub current: Option<Current>,
+    /// Definition writes waiting to apply: queued operations do not begin meanwhile (a
+    /// change of definition applies between operations, before the next one).
+    pub defining: u32,
 }
 
 /// What happens to a process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProcInput {
-    /// An operator operation.
-    Op { id: OpId, op: Op },
+    /// An operator operation, and the only account it may act on (`None`: any).
+    Op {
+        id: OpId,
+        op: Op,
+        only: Option<String>,
+    },
     /// Unregister (answered with `Forget` when nothing runs on it any more).
     Unregister { id: OpId },
     /// Something happened to instance `i`.
@@ -80,6 +92,8 @@ pub enum ProcInput {
     Committed(Result<(), String>),
     /// Deadlines may have passed; every instance reconsiders.
     Timer,
+    /// A definition write begins (`true`: operations wait) or ends (`false`).
+    Defining(bool),
 }
 
 /// What the supervisor must do for a process.
@@ -108,9 +122,11 @@ impl Process {
     pub fn new(intent: Intent, instances: Vec<Instance>) -> Process {
         Process {
             intent,
+            account: String::new(),
             instances,
             queue: VecDeque::new(),
             current: None,
+            defining: 0,
         }
     }
 
@@ -158,7 +174,7 @@ impl Process {
         let mut next = self.clone();
         let mut fx = Vec::new();
         match input {
-            ProcInput::Op { id, op } => {
+            ProcInput::Op { id, op, only } => {
                 if next.queue.len() >= MAX_QUEUED {
                     fx.push(ProcEffect::Answer {
                         id,
@@ -168,7 +184,7 @@ impl Process {
                         not_durable: None,
                     });
                 } else {
-                    next.queue.push_back(Queued::Op(id, op));
+                    next.queue.push_back(Queued::Op(id, op, only));
                 }
             }
             ProcInput::Unregister { id } => next.queue.push_back(Queued::Forget(id)),
@@ -181,6 +197,8 @@ impl Process {
                     next.instance_step(base, i, Input::Timer, now, rng, &mut fx);
                 }
             }
+            ProcInput::Defining(true) => next.defining += 1,
+            ProcInput::Defining(false) => next.defining = next.defining.saturating_sub(1),
         }
         next.pump(base, now, rng, &mut fx);
         (next, fx)
@@ -223,7 +241,7 @@ impl Process {
 
     /// Begin what waits, while nothing holds the process.
     fn pump(&mut self, base: &Ctx, now: Instant, rng: f64, fx: &mut Vec<ProcEffect>) {
-        while !self.busy() {
+        while !self.busy() && self.defining == 0 {
             let Some(q) = self.queue.pop_front() else {
                 return;
             };
@@ -236,7 +254,25 @@ impl Process {
                     fx.push(ProcEffect::Forget { id });
                     return;
                 }
-                Queued::Op(id, op) => self.begin(base, id, op, now, rng, fx),
+                Queued::Op(id, op, only) => {
+                    if let Some(own) = only.filter(|a| *a != self.account) {
+                        // The definition changed hands while the operation waited.
+                        let shown = if self.account.is_empty() {
+                            "the agent's own account (root)".to_string()
+                        } else {
+                            self.account.clone()
+                        };
+                        self.answer_now(
+                            fx,
+                            id,
+                            Outcome::Forbidden(format!(
+                                "{own} may only manage processes that run as {own}, not as {shown} (the definition changed while the operation waited)"
+                            )),
+                        );
+                        continue;
+                    }
+                    self.begin(base, id, op, now, rng, fx)
+                }
             }
         }
     }

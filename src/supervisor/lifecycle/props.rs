@@ -63,6 +63,7 @@ fn input_of(s: &Step, next_id: &mut OpId, proc_: &Process) -> ProcInput {
             ProcInput::Op {
                 id: *next_id,
                 op: Op::ALL[usize::from(s.arg) % Op::ALL.len()],
+                only: None,
             }
         }
         2 => inst(Input::Found { pid }),
@@ -87,7 +88,11 @@ fn input_of(s: &Step, next_id: &mut OpId, proc_: &Process) -> ProcInput {
             cause: "cpu".into(),
         }),
         11 => inst(Input::HealthFailed { why: "x".into() }),
-        12 => inst(Input::CgroupEmptied),
+        12 => inst(if s.arg.is_multiple_of(2) {
+            Input::CgroupEmptied
+        } else {
+            Input::Lost
+        }),
         13 => ProcInput::Committed(if s.arg.is_multiple_of(4) {
             Err("disk full".into())
         } else {
@@ -166,7 +171,7 @@ proptest! {
         for st in &seq {
             now += std::time::Duration::from_millis(u64::from(st.dt_ms));
             let input = input_of(st, &mut next_id, &p);
-            if let ProcInput::Op { id, op } = &input {
+            if let ProcInput::Op { id, op, only: None } = &input {
                 match op {
                     // (A replacement starts again only what runs, as the table shows.)
                     Op::Start | Op::Manage | Op::Restart | Op::Replace => {

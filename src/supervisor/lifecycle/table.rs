@@ -96,6 +96,7 @@ pub fn inputs() -> Vec<(&'static str, Input)> {
         ("gone", Input::Gone),
         ("timer", Input::Timer),
         ("adopted", Input::Adopted { pid: 102 }),
+        ("lost", Input::Lost),
         ("definition_changed", Input::DefinitionChanged),
         ("unregistered", Input::Unregistered),
         (

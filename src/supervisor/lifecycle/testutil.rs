@@ -99,5 +99,6 @@ pub fn outcome_name(o: &Outcome) -> &'static str {
         Outcome::Unavailable(_) => "unavailable",
         Outcome::NotRegistered => "851",
         Outcome::Busy(_) => "busy",
+        Outcome::Forbidden(_) => "forbidden",
     }
 }

@@ -1,0 +1,343 @@
+//! Finding running processes: through a definition's pid file, and by their recorded
+//! identity after an agent restart, always under the ownership rule
+//! ([`super::ownership`]). The pid file and `/proc` are read on the file-system pool, so a
+//! pid file on a hung mount delays only its own process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::registry::{Entry, Instance};
+use super::{Detection, Engine, ownership, watch};
+use crate::spec::ProcKey;
+
+/// A definition's side of an ownership check, copied out of the registry so that the check
+/// can run off the async workers.
+#[derive(Debug, Clone)]
+pub struct ClaimData {
+    /// The account's uid, once resolved.
+    uid: std::sync::OnceLock<u32>,
+    pub key: ProcKey,
+    pub account: String,
+    pub proc_name: String,
+    pub setup_path: String,
+    pub pid_path: String,
+    pub spawns: Vec<ownership::Spawn>,
+    pub recorded: Vec<(i32, u64)>,
+}
+
+/// What a pid-file probe found.
+#[derive(Debug)]
+pub enum Probe {
+    /// A process that belongs to the definition, attached.
+    Adopt(watch::Attached),
+    /// The pid file names a process that does not belong to it (or is unusable), and why.
+    Refused(String),
+    /// No pid file, or its process is gone.
+    Nothing,
+}
+
+impl ClaimData {
+    /// The claim of an entry (`None` when its definition is invalid).
+    pub(crate) fn of(e: &Entry) -> Option<ClaimData> {
+        if e.invalid.is_some() {
+            return None;
+        }
+        Some(ClaimData {
+            uid: std::sync::OnceLock::new(),
+            key: e.def.key.clone(),
+            account: e.def.spec.account.clone(),
+            proc_name: e.def.spec.proc_name.clone(),
+            setup_path: e.def.spec.setup_path.clone(),
+            pid_path: e.def.spec.pid_path.clone(),
+            spawns: e.spawns.iter().copied().collect(),
+            recorded: e.recorded.clone(),
+        })
+    }
+
+    /// Run `f` with the claim built: the account's uid resolved (an NSS lookup, once) and the
+    /// evidence in place. Blocking; run it on the file-system pool.
+    pub fn with_claim<R>(
+        &self,
+        engine: &Engine,
+        setup_real: Option<&str>,
+        f: impl FnOnce(&watch::Claim<'_>) -> R,
+    ) -> Result<R, String> {
+        let uid = match self.uid.get() {
+            Some(u) => *u,
+            None => {
+                let u = crate::executor::resolve_account(&self.account)
+                    .map_err(|e| e.to_string())?
+                    .uid;
+                *self.uid.get_or_init(|| u)
+            }
+        };
+        let key = self.key.clone();
+        let elsewhere = move |pid: i32| engine.tracked_elsewhere(pid, &key);
+        let claim = watch::Claim {
+            owner: ownership::Owner {
+                uid,
+                proc_name: &self.proc_name,
+                setup_path: &self.setup_path,
+                has_pid_file: !self.pid_path.is_empty(),
+            },
+            spawns: &self.spawns,
+            recorded: &self.recorded,
+            setup_real,
+            tracked_elsewhere: &elsewhere,
+        };
+        Ok(f(&claim))
+    }
+
+    /// Attach to `pid` under the ownership rule. Blocking; run it on the file-system pool.
+    pub fn attach(
+        &self,
+        engine: &Engine,
+        pid: i32,
+        want_fd: bool,
+    ) -> Result<watch::Attached, String> {
+        self.with_claim(engine, None, |c| {
+            watch::attach(pid, c, want_fd).map_err(|e| e.to_string())
+        })?
+    }
+
+    /// Read the pid file and attach to the process it names when it belongs to the
+    /// definition. Blocking; run it on the file-system pool, keyed by the pid file.
+    fn probe(&self, engine: &Engine, want_fd: bool) -> Result<Probe, String> {
+        let pid = match crate::procinfo::read_pid_file(std::path::Path::new(&self.pid_path)) {
+            Ok(p) => p,
+            Err(crate::procinfo::PidFileError::Missing(_)) => return Ok(Probe::Nothing),
+            Err(e) => return Ok(Probe::Refused(e.to_string())),
+        };
+        let setup_real = std::fs::canonicalize(&self.setup_path)
+            .ok()
+            .map(|p| p.display().to_string());
+        self.with_claim(engine, setup_real.as_deref(), |c| {
+            match watch::attach(pid, c, want_fd) {
+                Ok(a) => Probe::Adopt(a),
+                Err(watch::AttachError::Gone(_)) => Probe::Nothing,
+                Err(e) => Probe::Refused(format!(
+                    "the pid file {} names pid {pid}, which is not adopted: {e}",
+                    self.pid_path
+                )),
+            }
+        })
+    }
+}
+
+impl Engine {
+    /// A recorded process ended while the agent was down: its last exit (unknown), and the
+    /// lifecycle is told.
+    fn record_gone_while_down(self: &Arc<Self>, key: &ProcKey, slot: usize, pid: i32) {
+        if let Some(e) = self.reg().get_mut(key) {
+            e.last_exit = Some(super::registry::LastExit {
+                pid,
+                at: crate::util::unix_now(),
+                exit: crate::sys::ExitInfo::Unknown,
+                by_operator: false,
+            });
+        }
+        let i = self
+            .reg()
+            .get(key)
+            .map(|e| slot.min(e.life.instances.len().saturating_sub(1)))
+            .unwrap_or(0);
+        self.feed_instance(key, i, super::lifecycle::Input::Lost);
+    }
+
+    /// Is `pid` tracked under a key other than `key`?
+    pub(crate) fn tracked_elsewhere(&self, pid: i32, key: &ProcKey) -> bool {
+        self.reg().key_of_pid(pid).is_some_and(|k| k != key)
+    }
+
+    /// The claim of `key` (`None` when gone or invalid).
+    pub(crate) fn claim_of(&self, key: &ProcKey) -> Option<ClaimData> {
+        self.reg().get(key).and_then(ClaimData::of)
+    }
+
+    /// Look for a running process of `key` through its pid file and adopt it into instance
+    /// `i` (or the first idle one) when it belongs to the definition. Returns whether one was
+    /// adopted, or why the pid file could not be read in time.
+    pub async fn discover(
+        self: &Arc<Self>,
+        key: &ProcKey,
+        i: Option<usize>,
+    ) -> Result<bool, String> {
+        let wanted = {
+            let reg = self.reg();
+            let Some(e) = reg.get(key) else {
+                return Ok(false);
+            };
+            let has_room = match i {
+                Some(_) => true,
+                None => e.idle_instance().is_some(),
+            };
+            has_room && e.tracked.is_empty() && !e.def.spec.pid_path.is_empty()
+        };
+        let Some(claim) = self.claim_of(key).filter(|_| wanted) else {
+            return Ok(false);
+        };
+        let want_fd = self.detection == Detection::Pidfd;
+        let path = std::path::PathBuf::from(&claim.pid_path);
+        let engine = self.clone();
+        let probe = self
+            .fs
+            .run(&path, crate::fspool::PROBE_DEADLINE, move || {
+                claim.probe(&engine, want_fd)
+            })
+            .await
+            .map_err(|e| format!("cannot read the pid file: {e}"))??;
+        match probe {
+            Probe::Adopt(att) => {
+                let (pid, origin) = (att.pid, att.origin);
+                if !self.feed_adopted(key, i, att, false) {
+                    return Ok(false);
+                }
+                self.events.emit(
+                    Some(key),
+                    "adopted",
+                    format!(
+                        "found running through its pid file (pid {pid}, {})",
+                        origin.describe()
+                    ),
+                    serde_json::json!({"pid": pid}),
+                );
+                self.refresh_version(key);
+                Ok(true)
+            }
+            Probe::Refused(why) => {
+                let new = {
+                    let mut reg = self.reg();
+                    match reg.get_mut(key) {
+                        Some(e) if e.last_refusal.as_deref() != Some(why.as_str()) => {
+                            e.last_refusal = Some(why.clone());
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if new {
+                    self.events
+                        .emit(Some(key), "not_adopted", why, serde_json::Value::Null);
+                }
+                Ok(false)
+            }
+            Probe::Nothing => Ok(false),
+        }
+    }
+
+    /// Start a background pid-file discovery for every process that has none in flight (at
+    /// start, and from housekeeping).
+    pub fn discover_untracked(self: &Arc<Self>) {
+        let due: Vec<ProcKey> = {
+            let mut reg = self.reg();
+            reg.entries
+                .values_mut()
+                .filter(|e| {
+                    e.tracked.is_empty()
+                        && !e.discovering
+                        && e.invalid.is_none()
+                        && !e.def.spec.pid_path.is_empty()
+                        && e.idle_instance().is_some()
+                        && !e.life.busy()
+                })
+                .map(|e| {
+                    e.discovering = true;
+                    e.def.key.clone()
+                })
+                .collect()
+        };
+        for key in due {
+            let engine = self.clone();
+            tokio::spawn(async move {
+                if let Err(why) = engine.discover(&key, None).await {
+                    tracing::debug!(process = %key, "{why}");
+                }
+                if let Some(e) = engine.reg().get_mut(&key) {
+                    e.discovering = false;
+                }
+            });
+        }
+    }
+
+    /// Re-adopt every recorded instance after an agent (re)start: the same pid, start time
+    /// and boot, and still the definition's process (the ownership rule), is adopted without
+    /// restart; otherwise it is gone and supervision will start it. Only `/proc` is read (on
+    /// the pool); pid files are read in the background afterwards. Invalid stored
+    /// definitions are reported here.
+    pub async fn readopt_all(self: &Arc<Self>) {
+        let recorded: Vec<(ProcKey, Vec<Instance>, Option<String>)> = {
+            let mut reg = self.reg();
+            reg.entries
+                .values_mut()
+                .map(|e| {
+                    (
+                        e.def.key.clone(),
+                        std::mem::take(&mut e.to_readopt),
+                        e.invalid.clone(),
+                    )
+                })
+                .collect()
+        };
+        let want_fd = self.detection == Detection::Pidfd;
+        for (key, insts, invalid) in recorded {
+            if let Some(why) = invalid {
+                tracing::error!(process = %key, "{why}");
+                self.events.emit(
+                    Some(&key),
+                    "invalid_definition",
+                    why,
+                    serde_json::Value::Null,
+                );
+                continue;
+            }
+            let Some(claim) = self.claim_of(&key) else {
+                continue;
+            };
+            for (slot, inst) in insts.into_iter().enumerate() {
+                let (engine, claim) = (self.clone(), claim.clone());
+                let boot = inst.boot_id.clone();
+                let pid = inst.pid;
+                let r = self
+                    .fs
+                    .run_unkeyed("re-adoption", Duration::from_secs(5), move || {
+                        if !boot.is_empty() && boot != crate::procinfo::boot_id() {
+                            return Err("the host rebooted since it was recorded".to_string());
+                        }
+                        claim.attach(&engine, pid, want_fd)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                let err = match r {
+                    Ok(att) if att.facts.starttime == inst.starttime => {
+                        if self.feed_adopted(&key, Some(slot), att, inst.started_by_agent) {
+                            self.events.emit(
+                                Some(&key),
+                                "adopted",
+                                format!("re-adopted pid {} after agent start", inst.pid),
+                                serde_json::json!({"pid": inst.pid}),
+                            );
+                            continue;
+                        }
+                        format!("pid {} could not be taken back", inst.pid)
+                    }
+                    Ok(att) => format!(
+                        "pid {} now belongs to another process (start time {} differs from the recorded {})",
+                        att.pid, att.facts.starttime, inst.starttime
+                    ),
+                    Err(e) => e,
+                };
+                self.record_gone_while_down(&key, slot, inst.pid);
+                self.events.emit(
+                    Some(&key),
+                    "exited",
+                    format!("pid {} ended while the agent was down ({err})", inst.pid),
+                    serde_json::json!({"pid": inst.pid}),
+                );
+            }
+            self.refresh_version(&key);
+            if let Some(e) = self.reg().get(&key) {
+                self.store.put_state_bg(&key, e.state_json());
+            }
+        }
+    }
+}
