@@ -459,8 +459,7 @@ impl Engine {
     ) {
         let mut reg = self.reg();
         let Some(e) = reg.get_mut(key) else { return };
-        if e
-            .tracked
+        if e.tracked
             .get(&pid)
             .is_none_or(|t| t.identity.starttime != starttime)
         {
