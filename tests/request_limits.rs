@@ -216,3 +216,75 @@ fn operate_process_takes_at_most_5000_process_infos() {
     let list = d.call("procs", &json!({"namespace": "operate_process"}));
     assert_eq!(list["data"]["count"], json!(0), "{list}");
 }
+
+/// GSEKit's process_status: its host and search lists are bounded (a list as long as the body
+/// allows used to be matched against every row on the async workers, stalling health for
+/// seconds), every id list is matched through a set, and supervision goes on meanwhile.
+#[test]
+fn process_status_lists_are_bounded() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    for i in 0..20 {
+        d.register(
+            NS,
+            &format!("p{i}"),
+            daemon_spec(&env, &format!("p{i}"), json!({})),
+        );
+    }
+    let base = json!({"bk_biz_id": "*", "page": 1, "pagesize": 1000});
+    let with = |k: &str, v: Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b
+    };
+    let ips: Vec<String> = (0..100_000)
+        .map(|i| format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255))
+        .collect();
+    let v = d.call("process_status", &with("bk_host_innerips", json!(ips)));
+    refused_naming(&v, "100k innerips", "bk_host_innerips", "2000");
+    let searches: Vec<String> = (0..200_000).map(|i| format!("x{i}")).collect();
+    let v = d.call("process_status", &with("searches", json!(searches)));
+    refused_naming(&v, "200k searches", "searches", "100");
+    let many_ids: Vec<i64> = (0..100_000).collect();
+    let v = d.call(
+        "process_status",
+        &with("scope", json!({"bk_process_ids": many_ids})),
+    );
+    refused_naming(&v, "100k process ids", "scope.bk_process_ids", "20000");
+    // At the limits the query answers, and matches what it should.
+    let mut ips2000: Vec<String> = ips[..1999].to_vec();
+    ips2000.push(
+        Daemon::host()["ip"]
+            .as_str()
+            .unwrap_or("127.0.0.1")
+            .to_string(),
+    );
+    let r = d.call("process_status", &with("bk_host_innerips", json!(ips2000)));
+    assert_eq!(r["result"], json!(true), "{r}");
+    assert_eq!(r["data"]["count"], json!(20), "{r}");
+    let mut s100: Vec<String> = (0..99).map(|i| format!("x{i}")).collect();
+    s100.insert(0, String::new());
+    let r = d.call("process_status", &with("searches", json!(s100)));
+    assert_eq!(r["result"], json!(true), "{r}");
+    assert_eq!(r["data"]["count"], json!(0), "{r}");
+    let ids20k: Vec<i64> = (0..20_000).collect();
+    let r = d.call(
+        "process_status",
+        &with("scope", json!({"bk_process_ids": ids20k})),
+    );
+    assert_eq!(r["result"], json!(true), "{r}");
+    assert!(d.get("/v1/healthz")["result"] == json!(true));
+}
+
+/// A GET query whose percent-decoded bytes are not UTF-8 is refused as a body would be,
+/// never read with replacement characters.
+#[test]
+fn a_query_that_is_not_utf8_is_refused() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    for path in ["/v1/logs?key=%FF%FE/x", "/v1/events?key=ns/%C3%28"] {
+        let v = d.get(path);
+        let m = refusal(&v, BAD_REQUEST, path);
+        assert!(m.contains("UTF-8"), "{path}: {m}");
+    }
+}

@@ -175,8 +175,30 @@ impl<'de> Deserialize<'de> for Bool {
     }
 }
 
-fn ints(v: &Option<Vec<Int>>) -> Vec<i64> {
-    v.iter().flatten().map(|i| i.0).collect()
+/// Most values in one id list of a process_status filter (`scope.bk_process_ids`, ...).
+pub const MAX_ID_VALUES: usize = limits::MAX_RESULT_KEYS;
+/// Most `searches` terms of one process_status request (GSEKit's search box sends a few);
+/// each is a substring test against every row, so the count is what bounds the work.
+pub const MAX_SEARCHES: usize = 100;
+
+/// The distinct values of an id list, refusing more than [`MAX_ID_VALUES`] of them.
+fn int_set(field: &str, v: &Option<Vec<Int>>) -> Result<HashSet<i64>, ApiError> {
+    let v = v.as_deref().unwrap_or_default();
+    limits::check_len(field, v.len(), MAX_ID_VALUES, "values")?;
+    Ok(v.iter().map(|i| i.0).collect())
+}
+
+/// The distinct values of a text list kept by `keep` (which may normalize or drop one),
+/// refusing more than `limit` entries (counted as sent).
+fn text_set(
+    field: &str,
+    v: &Option<Vec<Text>>,
+    limit: usize,
+    keep: impl Fn(&str) -> Option<String>,
+) -> Result<HashSet<String>, ApiError> {
+    let v = v.as_deref().unwrap_or_default();
+    limits::check_len(field, v.len(), limit, "values")?;
+    Ok(v.iter().filter_map(|t| keep(&t.0)).collect())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -795,11 +817,11 @@ impl EnvFilter {
 /// `scope`: id lists; an empty list selects everything.
 #[derive(Debug, Clone, Default)]
 pub struct IdScope {
-    pub set_ids: Vec<i64>,
-    pub module_ids: Vec<i64>,
-    pub service_ids: Vec<i64>,
-    pub process_names: Vec<String>,
-    pub process_ids: Vec<i64>,
+    pub set_ids: HashSet<i64>,
+    pub module_ids: HashSet<i64>,
+    pub service_ids: HashSet<i64>,
+    pub process_names: HashSet<String>,
+    pub process_ids: HashSet<i64>,
 }
 
 /// `expression_scope`, parsed: the five field expressions and an optional slice of
@@ -836,12 +858,13 @@ pub enum OrderField {
 pub struct Query {
     pub biz: BizFilter,
     pub selection: Selection,
-    pub cloud_ids: Vec<i64>,
-    pub innerips: Vec<String>,
+    pub cloud_ids: HashSet<i64>,
+    pub innerips: HashSet<String>,
     pub status: Option<i64>,
-    pub status_list: Vec<i64>,
+    pub status_list: HashSet<i64>,
     pub is_auto: Option<bool>,
-    pub is_auto_list: Vec<bool>,
+    pub is_auto_list: HashSet<bool>,
+    /// At most [`MAX_SEARCHES`], each matched as a substring of every row.
     pub searches: Vec<String>,
     pub ordering: Vec<(OrderField, bool)>,
     pub page: usize,
@@ -1062,16 +1085,16 @@ fn parse_query(body: &[u8]) -> Result<Query, ApiError> {
         (Some(s), _) => Selection::Ids(
             parse_env(s.bk_set_env.as_ref(), "scope.bk_set_env", Some("3"))?,
             IdScope {
-                set_ids: ints(&s.bk_set_ids),
-                module_ids: ints(&s.bk_module_ids),
-                service_ids: ints(&s.bk_service_ids),
-                process_names: s
-                    .bk_process_names
-                    .iter()
-                    .flatten()
-                    .map(|t| t.0.clone())
-                    .collect(),
-                process_ids: ints(&s.bk_process_ids),
+                set_ids: int_set("scope.bk_set_ids", &s.bk_set_ids)?,
+                module_ids: int_set("scope.bk_module_ids", &s.bk_module_ids)?,
+                service_ids: int_set("scope.bk_service_ids", &s.bk_service_ids)?,
+                process_names: text_set(
+                    "scope.bk_process_names",
+                    &s.bk_process_names,
+                    MAX_ID_VALUES,
+                    |t| Some(t.to_string()),
+                )?,
+                process_ids: int_set("scope.bk_process_ids", &s.bk_process_ids)?,
             },
         ),
         (None, Some(e)) => {
@@ -1080,7 +1103,7 @@ fn parse_query(body: &[u8]) -> Result<Query, ApiError> {
         }
         (None, None) => Selection::All,
     };
-    let status_list = ints(&req.process_status_list);
+    let status_list = int_set("process_status_list", &req.process_status_list)?;
     for s in req.process_status.iter().chain(status_list.iter()) {
         if !(0..=2).contains(s) {
             return Err(ApiError::bad(format!(
@@ -1088,28 +1111,26 @@ fn parse_query(body: &[u8]) -> Result<Query, ApiError> {
             )));
         }
     }
+    let trimmed = |t: &str| Some(t.trim().to_string()).filter(|t| !t.is_empty());
+    let searches = req.searches.as_deref().unwrap_or_default();
+    limits::check_len("searches", searches.len(), MAX_SEARCHES, "search terms")?;
+    let is_auto_list = req.is_auto_list.as_deref().unwrap_or_default();
+    limits::check_len("is_auto_list", is_auto_list.len(), MAX_ID_VALUES, "values")?;
     Ok(Query {
         biz,
         selection,
-        cloud_ids: ints(&req.bk_cloud_ids),
-        innerips: req
-            .bk_host_innerips
-            .iter()
-            .flatten()
-            .map(|t| t.0.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .collect(),
+        cloud_ids: int_set("bk_cloud_ids", &req.bk_cloud_ids)?,
+        innerips: text_set(
+            "bk_host_innerips",
+            &req.bk_host_innerips,
+            MAX_HOSTS,
+            trimmed,
+        )?,
         status: req.process_status,
         status_list,
         is_auto: req.is_auto,
-        is_auto_list: req.is_auto_list.iter().flatten().map(|b| b.0).collect(),
-        searches: req
-            .searches
-            .iter()
-            .flatten()
-            .map(|t| t.0.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .collect(),
+        is_auto_list: is_auto_list.iter().map(|b| b.0).collect(),
+        searches: searches.iter().filter_map(|t| trimmed(&t.0)).collect(),
         ordering: parse_ordering(req.ordering.as_deref().unwrap_or(""))?,
         page: page as usize,
         pagesize: pagesize as usize,

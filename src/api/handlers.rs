@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -144,7 +144,14 @@ pub async fn call_authorized(
         "procs" => procs(engine, body, access),
         "tasks" => tasks(engine, body),
         "operate_process" => super::gsekit::operate_process(engine, body, access).await,
-        "process_status" => super::gsekit::process_status(engine, body),
+        "process_status" => {
+            // Selection and ordering are linear in the rows but not trivial at thousands of
+            // them: off the async workers, so health and other callers never wait on it.
+            let (e, b) = (Arc::clone(engine), body.to_vec());
+            tokio::task::spawn_blocking(move || super::gsekit::process_status(&e, &b))
+                .await
+                .map_err(|e| ApiError::new(codes::INTERNAL, format!("process_status: {e}")))?
+        }
         other => Err(ApiError {
             http: axum::http::StatusCode::NOT_FOUND,
             code: codes::NOT_FOUND,
@@ -1223,9 +1230,9 @@ pub async fn events(State(st): State<AppState>, req: axum::extract::Request) -> 
     if let Err(e) = auth::authorize(&st.engine, peer) {
         return e.into_response();
     }
-    let q: EventsQuery = match Query::<EventsQuery>::try_from_uri(req.uri()) {
-        Ok(Query(q)) => q,
-        Err(e) => return ApiError::bad(format!("invalid query: {e}")).into_response(),
+    let q: EventsQuery = match super::strict_query(req.uri()) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
     };
     let limit = q.limit.unwrap_or(1000).clamp(1, 100_000);
     let follow = q

@@ -39,7 +39,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use rustix::fs::{FileType, Mode, OFlags};
 use serde_json::{Value, json};
@@ -631,9 +631,9 @@ pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
     if let Err(e) = auth::authorize(&engine, peer) {
         return e.into_response();
     }
-    let q: LogsQuery = match Query::<LogsQuery>::try_from_uri(req.uri()) {
-        Ok(Query(q)) => q,
-        Err(e) => return ApiError::bad(format!("invalid query: {e}")).into_response(),
+    let q: LogsQuery = match super::strict_query(req.uri()) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
     };
     let key: ProcKey = match q.key.parse() {
         Ok(k) => k,
