@@ -68,9 +68,14 @@ pub fn request_id() -> String {
     )
 }
 
-/// A file-name-safe rendering of a `namespace/name` pair: safe characters kept, others
-/// replaced, and a hash of the exact key appended so distinct keys never collide.
+/// A file-name-safe rendering of a `namespace/name` pair: safe characters kept (others
+/// replaced, each part cut at 64), then 128 bits of SHA-256 over the exact key (`namespace`,
+/// NUL, `name`; no key contains NUL). The readable part is for humans only: two keys share a
+/// stem only if they share the digest, which no caller can arrange (a short checksum could
+/// be inverted to land one account's output in another's file).
 pub fn safe_file_stem(namespace: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write as _;
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| {
@@ -83,17 +88,16 @@ pub fn safe_file_stem(namespace: &str, name: &str) -> String {
             .take(64)
             .collect()
     };
-    // FNV-1a over the exact bytes, separated by NUL (which no key contains).
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in namespace
-        .bytes()
-        .chain(std::iter::once(0))
-        .chain(name.bytes())
-    {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    let mut h = Sha256::new();
+    h.update(namespace.as_bytes());
+    h.update([0u8]);
+    h.update(name.as_bytes());
+    let digest = h.finalize();
+    let mut stem = format!("{}__{}.", clean(namespace), clean(name));
+    for b in &digest[..16] {
+        let _ = write!(stem, "{b:02x}");
     }
-    format!("{}__{}.{:08x}", clean(namespace), clean(name), h as u32)
+    stem
 }
 
 /// Keep at most `max` bytes of `text`, from its end, on a char boundary, marking the cut.
@@ -111,6 +115,20 @@ pub fn tail_bounded(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_stems_of_distinct_keys_differ_even_when_chosen_to_collide() {
+        // Same readable part, and the same 32-bit FNV-1a the stems used to end with.
+        let root = safe_file_stem("bk_ops", "gse_agent");
+        let forged = safe_file_stem("bk\u{e373}ops", "gse\u{3bd4}agent");
+        assert_ne!(root, forged);
+        assert!(root.starts_with("bk_ops__gse_agent."), "{root}");
+        // The separator is part of what is hashed: ("a_", "b") is not ("a", "_b").
+        assert_ne!(safe_file_stem("a_", "b"), safe_file_stem("a", "_b"));
+        assert_ne!(safe_file_stem("a/b", "c"), safe_file_stem("a", "b/c"));
+        let long = "x".repeat(300);
+        assert!(safe_file_stem(&long, &long).len() <= 200);
+    }
 
     #[test]
     fn stems_are_distinct_and_safe() {

@@ -445,3 +445,76 @@ fn command_results_carry_their_output_without_waiting_for_daemons() {
     });
     assert_eq!(d.op(NS, "holder", 9)["error_code"], json!(0));
 }
+
+/// The output file of a process is named after its exact key: a key chosen to look like
+/// another one (same readable characters, same 32-bit hash the names used to carry) gets its
+/// own file, so whoever may register it cannot write into the other process's output
+/// (issue "Trust boundaries": an admin's key landing in root's `bk_ops/gse_agent` output).
+#[test]
+fn a_key_chosen_to_collide_gets_its_own_output_file() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, FAST);
+    let talker = |word: &str| {
+        env.script(
+            &format!("talk-{word}"),
+            &format!("#!/bin/sh\nwhile :; do echo \"{word}\"; sleep 0.05; done\n"),
+        )
+    };
+    let (owner, intruder) = (talker("owner"), talker("intruder"));
+    let spec = |name: &str, prog: &str| {
+        let mut s = daemon_spec(&env, name, json!({}));
+        s["control"]["start_cmd"] = json!(format!("exec {prog}"));
+        s["identity"]["proc_name"] = json!(prog.rsplit('/').next().unwrap_or(prog));
+        s["identity"]["pid_path"] = json!("");
+        s
+    };
+    let forged_ns = "bk\u{e373}ops";
+    let forged_name = "gse\u{3bd4}agent";
+    d.register("bk_ops", "gse_agent", spec("gse_agent", &owner));
+    d.register(forged_ns, forged_name, spec("forged", &intruder));
+    for (ns, name) in [("bk_ops", "gse_agent"), (forged_ns, forged_name)] {
+        let r = d.op(ns, name, 0);
+        assert_eq!(r["error_code"], json!(0), "start {ns}/{name}: {r}");
+    }
+    let words = |key: &str| -> String {
+        let q = key.replace('/', "%2F");
+        let v = d.get(&format!("/v1/logs?key={q}&source=output&lines=1000"));
+        v["data"].to_string()
+    };
+    let owner_log = wait_for("owner output", Duration::from_secs(20), || {
+        let t = words("bk_ops/gse_agent");
+        t.contains("owner").then_some(t)
+    });
+    let forged_key = format!("{forged_ns}/{forged_name}");
+    let forged_log = wait_for("forged output", Duration::from_secs(20), || {
+        let t = words(&utf8_percent(&forged_key));
+        t.contains("intruder").then_some(t)
+    });
+    let owner_log = format!("{owner_log}{}", words("bk_ops/gse_agent"));
+    assert!(
+        !owner_log.contains("intruder"),
+        "root's output holds the other key's lines: {}",
+        &owner_log[..owner_log.len().min(2000)]
+    );
+    assert!(
+        !forged_log.contains("owner"),
+        "{}",
+        &forged_log[..forged_log.len().min(2000)]
+    );
+    for (ns, name) in [("bk_ops", "gse_agent"), (forged_ns, forged_name)] {
+        d.op(ns, name, 1);
+    }
+}
+
+/// Percent-encode the non-ASCII bytes of `s` (for a query string).
+fn utf8_percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
