@@ -838,7 +838,7 @@ pub struct ExprScope {
 pub enum Selection {
     /// Neither `scope` nor `expression_scope`: everything.
     All,
-    Ids(EnvFilter, IdScope),
+    Ids(EnvFilter, Box<IdScope>),
     Expr(EnvFilter, Box<ExprScope>),
 }
 
@@ -1084,7 +1084,7 @@ fn parse_query(body: &[u8]) -> Result<Query, ApiError> {
     let selection = match (&req.scope, &req.expression_scope) {
         (Some(s), _) => Selection::Ids(
             parse_env(s.bk_set_env.as_ref(), "scope.bk_set_env", Some("3"))?,
-            IdScope {
+            Box::new(IdScope {
                 set_ids: int_set("scope.bk_set_ids", &s.bk_set_ids)?,
                 module_ids: int_set("scope.bk_module_ids", &s.bk_module_ids)?,
                 service_ids: int_set("scope.bk_service_ids", &s.bk_service_ids)?,
@@ -1095,7 +1095,7 @@ fn parse_query(body: &[u8]) -> Result<Query, ApiError> {
                     |t| Some(t.to_string()),
                 )?,
                 process_ids: int_set("scope.bk_process_ids", &s.bk_process_ids)?,
-            },
+            }),
         ),
         (None, Some(e)) => {
             let (env, x) = parse_expr_scope(e)?;
