@@ -132,6 +132,11 @@ pub struct Spawned {
     pub capture: Option<Capture>,
     /// Boot-clock ticks just before the spawn: every process it forks starts at or after this.
     pub spawned_ticks: u64,
+    /// The command's lineage token, in its environment as [`crate::util::LINEAGE_VAR`]
+    /// (inherited by everything it starts, wherever it is reparented to).
+    pub token: u128,
+    /// The uid it runs as.
+    pub uid: u32,
 }
 
 /// How a command finished.
@@ -255,7 +260,8 @@ impl Executor {
         };
         let (out, err_out) = (Stdio::from(out), Stdio::from(err_out));
         let req = req.clone();
-        let (pid, spawned_ticks) = self
+        let uid = acct.uid;
+        let (pid, spawned_ticks, token) = self
             .fs
             .run_unkeyed("spawning a command", Duration::from_secs(30), move || {
                 fork_command(&req, &acct, ident, out, err_out)
@@ -268,29 +274,28 @@ impl Executor {
             exit,
             capture,
             spawned_ticks,
+            token,
+            uid,
         })
     }
 
-    /// Kill a command's whole process group (its session), if the shell is not reaped yet.
-    pub fn kill_group(&self, pid: i32) {
-        // While the shell is unreaped its pid, and so its group id, cannot be reused; each
-        // member is signalled through a pidfd after checking, with the pidfd held, that it
-        // is still in the group (twice: a member may have been forking during the first).
-        self.reaper.with_unreaped(pid, || {
-            for _ in 0..2 {
-                for p in crate::procinfo::pids_in_group(pid) {
-                    let Ok(fd) = sys::pidfd_open(p) else { continue };
-                    let same = crate::procinfo::read_stat(p)
-                        .is_some_and(|s| s.pgrp == pid && !s.is_exited());
-                    if same {
-                        let _ = sys::pidfd_signal(
-                            std::os::fd::AsFd::as_fd(&fd),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                }
-            }
-        });
+    /// Kill a command's whole process group (its session), if the shell is not reaped yet:
+    /// the members that run as the command's account (any member, for a root command; a
+    /// member's real uid is the account's even when it ran a set-uid program). The /proc scan
+    /// and the signals run on the file-system pool.
+    pub async fn kill_group(&self, sp: &Spawned) {
+        let (reaper, pid, uid) = (self.reaper.clone(), sp.pid, sp.uid);
+        let killed = self
+            .fs
+            .run_unkeyed(
+                "killing a command's group",
+                Duration::from_secs(10),
+                move || kill_group_now(&reaper, pid, uid),
+            )
+            .await;
+        if let Err(e) = killed {
+            tracing::warn!(pid, error = %e, "could not kill a command's process group");
+        }
     }
 
     /// What a spawned command has written so far, bounded (`store.max_output_bytes`).
@@ -314,7 +319,7 @@ impl Executor {
         let (exit, timed_out) = tokio::select! {
             r = &mut sp.exit => (r.unwrap_or(ExitInfo::Unknown), false),
             _ = tokio::time::sleep_until(deadline) => {
-                self.kill_group(sp.pid);
+                self.kill_group(sp).await;
                 let exit = tokio::time::timeout(Duration::from_secs(5), &mut sp.exit)
                     .await
                     .ok()
@@ -331,16 +336,44 @@ impl Executor {
     }
 }
 
+/// [`Executor::kill_group`]'s blocking part. While the shell is unreaped its pid, and so its
+/// group id, cannot be reused; each member is signalled through a pidfd after checking, with
+/// the pidfd held, that it is still in the group and runs as `uid` (twice: a member may have
+/// been forking during the first pass).
+fn kill_group_now(reaper: &Reaper, pid: i32, uid: u32) {
+    reaper.with_unreaped(pid, || {
+        for _ in 0..2 {
+            for p in crate::procinfo::pids_in_group(pid) {
+                let Ok(fd) = sys::pidfd_open(p) else { continue };
+                let same =
+                    crate::procinfo::read_stat(p).is_some_and(|s| s.pgrp == pid && !s.is_exited());
+                let account_ok = uid == 0
+                    || std::fs::read_to_string(format!("/proc/{p}/status"))
+                        .ok()
+                        .and_then(|s| crate::procinfo::parse_status_uid(&s))
+                        == Some(uid);
+                if same && account_ok {
+                    let _ = sys::pidfd_signal(
+                        std::os::fd::AsFd::as_fd(&fd),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    });
+}
+
 /// Fork `sh -c CMD` as `acct` with `ident` (its working directory entered with `fchdir`)
-/// and the given stdout and stderr; returns its pid and the boot-clock ticks just before the
-/// fork. Blocking: run on the file-system pool.
+/// and the given stdout and stderr; returns its pid, the boot-clock ticks just before the
+/// fork and its lineage token. Blocking: run on the file-system pool.
 fn fork_command(
     req: &CommandRequest,
     acct: &Account,
     ident: SpawnIdentity,
     out: Stdio,
     err_out: Stdio,
-) -> Result<(i32, u64), ExecError> {
+) -> Result<(i32, u64, u128), ExecError> {
+    let token = crate::util::lineage_token().map_err(ExecError::Spawn)?;
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(&req.command)
@@ -373,6 +406,8 @@ fn fork_command(
     for (k, v) in &req.env {
         cmd.env(k, v);
     }
+    // After the definition's env: a definition cannot set (or unset) its own lineage.
+    cmd.env(crate::util::LINEAGE_VAR, format!("{token:032x}"));
     sys::install_pre_exec(&mut cmd, ident);
     let spawned_ticks = crate::procinfo::now_ticks_floor();
     let child = cmd.spawn().map_err(ExecError::Spawn);
@@ -382,7 +417,7 @@ fn fork_command(
     let pid = child.id() as i32;
     // Never wait on the Child: the reaper collects it.
     drop(child);
-    Ok((pid, spawned_ticks))
+    Ok((pid, spawned_ticks, token))
 }
 
 /// Open `setup_path` as a directory (`O_PATH`, no side effects) for the child's `fchdir`.

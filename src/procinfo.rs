@@ -430,6 +430,9 @@ pub struct ProcFacts {
     pub cwd: Option<String>,
     /// The first two arguments (argv[0], argv[1]).
     pub argv: Vec<String>,
+    /// The lineage token of the agent's command it descends from, when its environment
+    /// carries one ([`crate::util::LINEAGE_VAR`]).
+    pub lineage: Option<u128>,
 }
 
 /// Read the facts about `pid`; `None` when it does not exist.
@@ -457,7 +460,36 @@ pub fn read_facts(pid: i32) -> Option<ProcFacts> {
             .ok()
             .map(|p| p.to_string_lossy().into_owned()),
         argv: cmdline(pid).into_iter().take(2).collect(),
+        lineage: lineage(pid),
     })
+}
+
+/// Most bytes of `/proc/PID/environ` read for the lineage token (environments are a few KiB;
+/// the kernel limits them to a quarter of the stack limit).
+const MAX_ENVIRON: u64 = 256 * 1024;
+
+/// The lineage token in `pid`'s environment (as it was at exec; a program that overwrote
+/// that memory for its title has none).
+pub fn lineage(pid: i32) -> Option<u128> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(format!("/proc/{pid}/environ"))
+        .ok()?
+        .take(MAX_ENVIRON)
+        .read_to_end(&mut buf)
+        .ok()?;
+    parse_lineage(&buf)
+}
+
+/// The first `PROCAGENT_SPAWN=<32 hex digits>` entry of an environment block.
+pub fn parse_lineage(environ: &[u8]) -> Option<u128> {
+    let prefix = format!("{}=", crate::util::LINEAGE_VAR);
+    environ
+        .split(|b| *b == 0)
+        .find_map(|e| e.strip_prefix(prefix.as_bytes()))
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .filter(|v| v.len() == 32)
+        .and_then(|v| u128::from_str_radix(v, 16).ok())
 }
 
 /// The real uid in the text of `/proc/PID/status` (`Uid:\treal\teffective\tsaved\tfs`).
@@ -473,6 +505,7 @@ pub fn parse_status_uid(status: &str) -> Option<u32> {
 /// pid-file parser accepts is always a decimal number in `2..=pid_max` that is not our own.
 pub fn fuzz_one(data: &[u8]) {
     let _ = parse_stat(data);
+    let _ = parse_lineage(data);
     let text = String::from_utf8_lossy(data);
     for (pid_max, own) in [(4_194_304, 4242), (32_768, 2), (i64::MAX, i32::MAX)] {
         if let Ok(pid) = parse_pid_text(&text, pid_max, own) {

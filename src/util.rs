@@ -58,6 +58,20 @@ pub fn random_unit() -> f64 {
 
 static REQ: AtomicU64 = AtomicU64::new(0);
 
+/// The name of the environment variable that carries a command's lineage token.
+pub const LINEAGE_VAR: &str = "PROCAGENT_SPAWN";
+
+/// A fresh lineage token for one command the agent runs: 128 bits from the kernel's CSPRNG
+/// (`getrandom`), so that no process can name a command's lineage it did not inherit.
+pub fn lineage_token() -> std::io::Result<u128> {
+    let mut b = [0u8; 16];
+    let mut filled = 0;
+    while filled < b.len() {
+        filled += rustix::rand::getrandom(&mut b[filled..], rustix::rand::GetRandomFlags::empty())?;
+    }
+    Ok(u128::from_le_bytes(b))
+}
+
 /// A request id: 32 hex digits, unique within the process and random across processes.
 pub fn request_id() -> String {
     let n = REQ.fetch_add(1, Ordering::Relaxed);

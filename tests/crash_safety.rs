@@ -393,10 +393,22 @@ fn random_operations_under_random_kill_9() {
             ctx(round, &format!("u0: {st}"))
         );
         assert_eq!(running_program(&env, "u0"), vec![upid]);
+        // A child that exited this instant is a zombie until the reaper's next pass: only
+        // one that stays unreaped is a leak.
+        let zombies_left = (0..100).all(|_| {
+            let z = zombies_of(d.pid());
+            if !z.is_empty() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            !z.is_empty()
+        });
         assert!(
-            zombies_of(d.pid()).is_empty(),
+            !zombies_left,
             "{}",
-            ctx(round, "zombies under the agent")
+            ctx(
+                round,
+                &format!("zombies under the agent for 5 s: {:?}", zombies_of(d.pid()))
+            )
         );
         if round % 5 == 4 || round + 1 == rounds {
             eprintln!("crash safety: round {} ok", round + 1);

@@ -396,3 +396,66 @@ fn a_managed_account_cannot_point_the_agent_at_a_root_process() {
     }
     let _ = std::fs::remove_file(&marker);
 }
+
+/// An orphan that another definition's command left behind (reparented to the agent, a
+/// child subreaper, in a session of its own) is not "started by the agent" for every
+/// definition: a stale pid file of a same-name definition naming it gives neither 828 nor a
+/// kill (issue "Trust boundaries" review: root's `app` start answered 828 and `kill` SIGKILLed
+/// the helper another definition had started).
+#[test]
+fn an_orphan_of_another_definition_is_not_owned_through_a_stale_pid_file() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let setup = env.path().join("app");
+    let pidfile = env.p("app.pid");
+    d.register(NS, "app", spec_for(&setup, "app", &pidfile));
+    // The definition has run commands before: its spawn records are older than the orphan.
+    assert_eq!(d.op(NS, "app", 0)["error_code"], json!(0));
+    assert_eq!(d.op(NS, "app", 1)["error_code"], json!(0));
+    // Another definition's start command leaves a same-name helper behind, orphaned.
+    let maker_dir = env.path().join("maker");
+    let helper_prog = program_at(&env.path().join("elsewhere"), "app");
+    let maker_prog = program_at(&maker_dir, "maker");
+    let helper_pidfile = env.p("helper.pid");
+    d.register(
+        NS,
+        "maker",
+        json!({
+            "identity": {"proc_name": "maker", "setup_path": maker_dir.display().to_string(), "pid_path": "", "user": ""},
+            "control": {
+                "start_cmd": format!("(setsid {helper_prog} 100000 </dev/null >/dev/null 2>&1 & echo $! > {helper_pidfile}); exec {maker_prog} 100000"),
+                "stop_cmd": "",
+            },
+            "monitor_policy": {"auto_type": 1, "start_check_secs": 1, "op_timeout": 10},
+        }),
+    );
+    assert_eq!(d.op(NS, "maker", 0)["error_code"], json!(0));
+    let helper = wait_for("the orphaned helper", Duration::from_secs(10), || {
+        read_pid(&helper_pidfile).filter(|p| ppid(*p) == Some(d.pid()))
+    });
+    // The first definition's pid file names the helper.
+    std::fs::write(&pidfile, format!("{helper}\n")).unwrap();
+    assert_ne!(d.status(NS, "app")["pid"], json!(helper));
+    let v = d.op(NS, "app", 0);
+    assert_eq!(
+        v["error_code"],
+        json!(0),
+        "start is not 828 for another's orphan: {v}"
+    );
+    let ours = d.status(NS, "app")["pid"].as_i64().unwrap_or(-1) as i32;
+    assert_ne!(ours, helper);
+    assert_eq!(d.op(NS, "app", 1)["error_code"], json!(0));
+    wait_for("ours stopped", Duration::from_secs(10), || {
+        (!alive(ours)).then_some(())
+    });
+    assert!(alive(helper), "stop ended another definition's helper");
+    std::fs::write(&pidfile, format!("{helper}\n")).unwrap();
+    let v = d.op(NS, "app", 9);
+    assert_eq!(
+        v["error_code"],
+        json!(829),
+        "kill finds nothing of its own: {v}"
+    );
+    assert!(alive(helper), "kill ended another definition's helper");
+    d.op(NS, "maker", 1);
+}

@@ -17,9 +17,13 @@
 //!    process needs no name check (the command *is* the process).
 //! 4. Origin, one of: P is the process of a command the agent ran for D, or one of its
 //!    descendants (same session or process group as the command, a descendant by parent
-//!    links, or an orphan reparented to the agent, which is a child subreaper), started at or
+//!    links, or carrying the command's lineage token in its environment: how a daemon that
+//!    double-forked into a session of its own and was reparented to the agent, a child
+//!    subreaper, is told apart from the orphans of other definitions' commands), started at or
 //!    after that command; or P is the identity (pid, start time, boot) recorded for D before an
 //!    agent restart; or P's executable or working directory lies under D's `setup_path`.
+//!    Being the agent's child proves nothing by itself: every orphan on the host below the
+//!    agent is.
 //!
 //! A pid file alone is never proof: it only says which process to check.
 //!
@@ -38,6 +42,8 @@ pub struct Spawn {
     pub shell: i32,
     /// Boot-clock ticks just before the fork: everything it started began at or after this.
     pub ticks: u64,
+    /// The command's lineage token ([`crate::util::LINEAGE_VAR`] in its environment).
+    pub token: u128,
 }
 
 /// The definition's side of the rule.
@@ -262,7 +268,7 @@ pub fn check(
                 || p.session == s.shell
                 || p.pgrp == s.shell
                 || ev.ancestors.contains(&s.shell)
-                || p.ppid == ev.agent_pid)
+                || p.lineage == Some(s.token))
     });
     let recorded = ev
         .recorded
@@ -317,6 +323,7 @@ mod tests {
             exe: Some("/opt/app/bin/app".into()),
             cwd: Some("/".into()),
             argv: vec!["/opt/app/bin/app".into(), "--daemon".into()],
+            lineage: None,
         }
     }
 
@@ -358,10 +365,12 @@ mod tests {
         static SPAWN: [Spawn; 1] = [Spawn {
             shell: 900,
             ticks: 4000,
+            token: 77,
         }];
         static LATE_SPAWN: [Spawn; 1] = [Spawn {
             shell: 900,
             ticks: 6000,
+            token: 77,
         }];
         let f = facts;
         type Case = (
@@ -515,10 +524,11 @@ mod tests {
                 Ok(Origin::Spawned),
             ),
             (
-                "a double-forked orphan reparented to the agent",
+                "a double-forked orphan reparented to the agent, with the command's lineage",
                 ProcFacts {
                     exe: Some("/usr/bin/app".into()),
                     ppid: AGENT,
+                    lineage: Some(77),
                     ..f()
                 },
                 owner(1001),
@@ -527,6 +537,49 @@ mod tests {
                     ..ev()
                 },
                 Ok(Origin::Spawned),
+            ),
+            (
+                "an orphan of another definition's command, reparented to the agent",
+                ProcFacts {
+                    exe: Some("/usr/bin/app".into()),
+                    ppid: AGENT,
+                    lineage: Some(78),
+                    ..f()
+                },
+                owner(0),
+                Evidence {
+                    spawns: &SPAWN,
+                    ..ev()
+                },
+                Err("origin"),
+            ),
+            (
+                "an orphan reparented to the agent, with no lineage",
+                ProcFacts {
+                    exe: Some("/usr/bin/app".into()),
+                    ppid: AGENT,
+                    ..f()
+                },
+                owner(0),
+                Evidence {
+                    spawns: &SPAWN,
+                    ..ev()
+                },
+                Err("origin"),
+            ),
+            (
+                "the command's lineage, but older than the command",
+                ProcFacts {
+                    exe: Some("/usr/bin/app".into()),
+                    lineage: Some(77),
+                    ..f()
+                },
+                owner(1001),
+                Evidence {
+                    spawns: &LATE_SPAWN,
+                    ..ev()
+                },
+                Err("origin"),
             ),
             (
                 "a descendant by parent links",

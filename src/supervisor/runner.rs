@@ -72,6 +72,7 @@ pub async fn start(
         Spawn {
             shell: sp.pid,
             ticks: sp.spawned_ticks,
+            token: sp.token,
         },
     );
     let t0 = Instant::now();
@@ -172,14 +173,14 @@ pub async fn start(
             }
         }
         if now >= op_deadline && shell_exit.is_some() {
-            let stray = end_stray(&engine, &key, &spec, sp.spawned_ticks, sp.pid).await;
+            let stray = end_stray(&engine, &key, &spec, &sp).await;
             return fail(StartFailure::Check(format!(
                 "start check failed: the process in pid file {} never became {:?} within op_timeout {}s{stray}",
                 spec.pid_path, spec.proc_name, spec.op_timeout
             )));
         }
         if now >= op_deadline {
-            engine.exec.kill_group(sp.pid);
+            engine.exec.kill_group(&sp).await;
             let out = engine.exec.collect(&sp).await;
             return fail(StartFailure::Command(format!(
                 "{} did not finish within op_timeout {}s{}",
@@ -296,16 +297,17 @@ async fn attach_command(
 /// After a start whose pid file names a process that never became the program (a wrong
 /// `proc_name`, say), end that process when it is provably ours, so that every retry does not
 /// leave another copy running: it started after this start command, it is in the command's
-/// session or an orphan reparented to the agent (a child subreaper), no definition tracks
-/// it, and it may be signalled for this definition. Killed through a pidfd, on the pool.
-/// Returns a note for the error message.
+/// session or carries its lineage token (an orphan of this command reparented to the agent;
+/// being the agent's child alone proves nothing), no definition tracks it, and it may be
+/// signalled for this definition. Killed through a pidfd, on the pool. Returns a note for
+/// the error message.
 async fn end_stray(
     engine: &Arc<Engine>,
     key: &ProcKey,
     spec: &ProcSpec,
-    min_ticks: u64,
-    shell_pid: i32,
+    sp: &crate::executor::Spawned,
 ) -> String {
+    let (min_ticks, shell_pid, token) = (sp.spawned_ticks, sp.pid, sp.token);
     let Some(claim) = engine.claim_of(key) else {
         return String::new();
     };
@@ -317,7 +319,7 @@ async fn end_stray(
         let f = crate::procinfo::read_facts(pid)?;
         let ours = f.starttime >= min_ticks
             && !f.exited
-            && (f.session == shell_pid || f.ppid == std::process::id() as i32)
+            && (f.session == shell_pid || f.lineage == Some(token))
             && !e2.tracked_elsewhere(pid, &claim.key)
             && !e2.tracked_pids(&claim.key).contains(&pid);
         if !ours {
