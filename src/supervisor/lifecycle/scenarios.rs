@@ -699,3 +699,67 @@ fn missing_commands_are_answered_without_acting() {
         );
     }
 }
+
+/// A config reload's stop-and-start (Replace) whose new start fails keeps the process's
+/// intent: it stays managed and expected running, no intent is committed, and the supervisor
+/// retries it under backoff (it used to commit managed=false with the stop, leaving the
+/// process stopped and unmanaged).
+#[test]
+fn a_replace_whose_start_fails_keeps_the_previous_intent() {
+    let c = ctx();
+    let now = Instant::now();
+    let managed = Intent {
+        expect_running: true,
+        managed: true,
+    };
+    let p = Process::new(managed, vec![running(now, 60)]);
+    let op = |id, op| ProcInput::Op { id, op, only: None };
+    let at = |input| ProcInput::Instance { i: 0, input };
+    let (p, fx) = proc_step(&p, &c, op(1, Op::Replace), now);
+    assert!(
+        !fx.iter().any(|e| matches!(e, ProcEffect::CommitIntent(_))),
+        "the stop half commits nothing: {fx:?}"
+    );
+    let (p, fx) = proc_step(&p, &c, at(Input::Gone), now);
+    assert!(
+        fx.iter().any(|e| matches!(
+            e,
+            ProcEffect::Instance {
+                effect: Effect::Start { .. },
+                ..
+            }
+        )),
+        "started again at once: {fx:?}"
+    );
+    // An operator op arriving meanwhile waits: the key stays held from stop to start.
+    let (waiting, fx) = proc_step(&p, &c, op(2, Op::Stop), now);
+    assert!(answers(&fx).is_empty(), "{fx:?}");
+    let (_, fx) = proc_step(
+        &waiting,
+        &c,
+        at(Input::StartFailed(StartFailure::Command("exit 1".into()))),
+        now,
+    );
+    let order: Vec<OpId> = answers(&fx).iter().map(|a| a.0).collect();
+    assert_eq!(order.first(), Some(&1), "the replace answers first: {fx:?}");
+    // Without it: the failed start answers, and the intent is untouched.
+    let (p, fx) = proc_step(
+        &p,
+        &c,
+        at(Input::StartFailed(StartFailure::Command("exit 1".into()))),
+        now,
+    );
+    let a = answers(&fx);
+    assert_eq!(a.first().map(|x| x.0), Some(1), "{fx:?}");
+    assert_ne!(a[0].1, "done");
+    assert_eq!(p.intent, managed);
+    assert!(
+        !fx.iter().any(|e| matches!(e, ProcEffect::CommitIntent(_))),
+        "{fx:?}"
+    );
+    assert!(
+        backoff_until(&p.instances[0]).is_some(),
+        "retried under backoff: {:?}",
+        p.instances[0].state
+    );
+}
