@@ -134,6 +134,13 @@ pub struct Spawned {
     pub spawned_ticks: u64,
 }
 
+impl Spawned {
+    /// The shell as the reaper names it (its pid and when it was spawned).
+    pub fn child(&self) -> crate::reaper::Child {
+        crate::reaper::Child::spawned(self.pid, self.spawned_ticks)
+    }
+}
+
 /// How a command finished.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finished {
@@ -262,7 +269,9 @@ impl Executor {
             })
             .await
             .map_err(pool_err)??;
-        let exit = self.reaper.wait_for(pid);
+        let exit = self
+            .reaper
+            .wait_for(crate::reaper::Child::spawned(pid, spawned_ticks));
         Ok(Spawned {
             pid,
             exit,
@@ -271,12 +280,14 @@ impl Executor {
         })
     }
 
-    /// Kill a command's whole process group (its session), if the shell is not reaped yet.
-    pub fn kill_group(&self, pid: i32) {
+    /// Kill a spawned command's whole process group (its session), if its shell is not
+    /// reaped yet.
+    pub fn kill_group(&self, sp: &Spawned) {
         // While the shell is unreaped its pid, and so its group id, cannot be reused; each
         // member is signalled through a pidfd after checking, with the pidfd held, that it
         // is still in the group (twice: a member may have been forking during the first).
-        self.reaper.with_unreaped(pid, || {
+        let pid = sp.pid;
+        self.reaper.with_unreaped(sp.child(), || {
             for _ in 0..2 {
                 for p in crate::procinfo::pids_in_group(pid) {
                     let Ok(fd) = sys::pidfd_open(p) else { continue };
@@ -314,7 +325,7 @@ impl Executor {
         let (exit, timed_out) = tokio::select! {
             r = &mut sp.exit => (r.unwrap_or(ExitInfo::Unknown), false),
             _ = tokio::time::sleep_until(deadline) => {
-                self.kill_group(sp.pid);
+                self.kill_group(sp);
                 let exit = tokio::time::timeout(Duration::from_secs(5), &mut sp.exit)
                     .await
                     .ok()

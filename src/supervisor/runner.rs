@@ -179,7 +179,7 @@ pub async fn start(
             )));
         }
         if now >= op_deadline {
-            engine.exec.kill_group(sp.pid);
+            engine.exec.kill_group(&sp);
             let out = engine.exec.collect(&sp).await;
             return fail(StartFailure::Command(format!(
                 "{} did not finish within op_timeout {}s{}",
