@@ -139,6 +139,13 @@ pub struct Spawned {
     pub uid: u32,
 }
 
+impl Spawned {
+    /// The shell as the reaper names it (its pid and when it was spawned).
+    pub fn child(&self) -> crate::reaper::Child {
+        crate::reaper::Child::spawned(self.pid, self.spawned_ticks)
+    }
+}
+
 /// How a command finished.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finished {
@@ -268,7 +275,9 @@ impl Executor {
             })
             .await
             .map_err(pool_err)??;
-        let exit = self.reaper.wait_for(pid);
+        let exit = self
+            .reaper
+            .wait_for(crate::reaper::Child::spawned(pid, spawned_ticks));
         Ok(Spawned {
             pid,
             exit,
@@ -284,17 +293,17 @@ impl Executor {
     /// member's real uid is the account's even when it ran a set-uid program). The /proc scan
     /// and the signals run on the file-system pool.
     pub async fn kill_group(&self, sp: &Spawned) {
-        let (reaper, pid, uid) = (self.reaper.clone(), sp.pid, sp.uid);
+        let (reaper, child, uid) = (self.reaper.clone(), sp.child(), sp.uid);
         let killed = self
             .fs
             .run_unkeyed(
                 "killing a command's group",
                 Duration::from_secs(10),
-                move || kill_group_now(&reaper, pid, uid),
+                move || kill_group_now(&reaper, child, uid),
             )
             .await;
         if let Err(e) = killed {
-            tracing::warn!(pid, error = %e, "could not kill a command's process group");
+            tracing::warn!(pid = sp.pid, error = %e, "could not kill a command's process group");
         }
     }
 
@@ -340,8 +349,9 @@ impl Executor {
 /// group id, cannot be reused; each member is signalled through a pidfd after checking, with
 /// the pidfd held, that it is still in the group and runs as `uid` (twice: a member may have
 /// been forking during the first pass).
-fn kill_group_now(reaper: &Reaper, pid: i32, uid: u32) {
-    reaper.with_unreaped(pid, || {
+fn kill_group_now(reaper: &Reaper, child: crate::reaper::Child, uid: u32) {
+    let pid = child.pid;
+    reaper.with_unreaped(child, || {
         for _ in 0..2 {
             for p in crate::procinfo::pids_in_group(pid) {
                 let Ok(fd) = sys::pidfd_open(p) else { continue };

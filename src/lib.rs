@@ -11,7 +11,7 @@
 //! * [`executor`]: running control commands as an account, in their own session, output captured.
 //! * [`output`]: output capture: the output keeper process (pipes, records, rotation) and the agent's client.
 //! * [`reserve`]: the space reserve in the state directory that keeps stop, kill and unmanage durable on a full disk.
-//! * [`reaper`]: the one `waitpid` reaper (the agent is a child subreaper).
+//! * [`reaper`]: the one reaper (the agent is a child subreaper); exits filed by (pid, start time).
 //! * [`expr`]: GSEKit expression_scope expressions.
 //! * [`procinfo`]: `/proc` identity reads and the pid-file parser.
 //! * [`fspool`]: the bounded pool for file-system work on caller-chosen paths (hung mounts).

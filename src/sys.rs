@@ -5,7 +5,8 @@
 //!
 //! * pidfds: open, signal, reap (`waitid(P_PIDFD)`), exit info (`PIDFD_GET_INFO`, Linux 6.15+),
 //!   and registration with tokio's reactor;
-//! * the child-subreaper flag and the global `waitpid(-1, WNOHANG)` used by the reaper;
+//! * the child-subreaper flag and the reaper's `waitid` calls (peek at an exited child with
+//!   `WNOWAIT`, then reap that pid);
 //! * the `pre_exec` hook that puts a command in its own session and switches its identity
 //!   (setgroups, setgid, setuid, umask), async-signal-safe because every id was resolved in
 //!   the parent;
@@ -173,21 +174,52 @@ pub fn set_child_subreaper() -> io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
 }
 
-/// One non-blocking `waitpid(-1, WNOHANG)`: `Ok(Some((pid, exit)))` for a reaped child,
-/// `Ok(None)` when no child has exited, `Err(ECHILD)` when we have no children at all.
-pub fn reap_one() -> io::Result<Option<(i32, ExitInfo)>> {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-    match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-        Ok(WaitStatus::Exited(pid, code)) => Ok(Some((pid.as_raw(), ExitInfo::Code(code)))),
-        Ok(WaitStatus::Signaled(pid, sig, _)) => {
-            Ok(Some((pid.as_raw(), ExitInfo::Signal(sig as i32))))
-        }
-        Ok(WaitStatus::StillAlive) => Ok(None),
-        // Stopped/continued children are reported only with WUNTRACED/WCONTINUED, which we
-        // do not ask for; treat anything else as "nothing to reap right now".
-        Ok(_) => Ok(None),
-        Err(e) => Err(io::Error::from(e)),
+/// One non-blocking `waitid(idtype, id, WEXITED | WNOHANG | extra)`: the pid and exit of an
+/// exited child, `Ok(None)` when none has exited, `Err(ECHILD)` when there is no such child.
+/// Decoded from the raw `siginfo_t`, so a child killed by a real-time signal is reported
+/// too (nix's decoder fails on those, which would leave the zombie unreaped for good).
+fn waitid_exited(
+    idtype: libc::idtype_t,
+    id: libc::id_t,
+    extra: libc::c_int,
+) -> io::Result<Option<(i32, ExitInfo)>> {
+    // SAFETY: `siginfo_t` is plain old data for which all-zero bytes are a valid value (and
+    // `si_pid` must read 0 when WNOHANG finds nothing, which zeroing guarantees).
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable `siginfo_t` for the whole call; waitid writes only
+    // into it and keeps no reference after returning.
+    let rc = unsafe { libc::waitid(idtype, id, &mut info, libc::WEXITED | libc::WNOHANG | extra) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: waitid succeeded, so `info` holds a SIGCHLD siginfo (or zeroes under WNOHANG
+    // with nothing to report), for which the kernel fills `si_pid` and `si_status`.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    let exit = match info.si_code {
+        libc::CLD_EXITED => ExitInfo::Code(status),
+        libc::CLD_KILLED | libc::CLD_DUMPED => ExitInfo::Signal(status),
+        _ => ExitInfo::Unknown,
+    };
+    Ok(Some((pid, exit)))
+}
+
+/// Peek at one exited child without reaping it (`waitid(P_ALL, WEXITED|WNOHANG|WNOWAIT)`):
+/// it stays a zombie, so its pid cannot be reused and its `/proc/PID/stat` (its start time)
+/// can still be read. `Ok(None)` when no child has exited, `Err(ECHILD)` with no children.
+pub fn peek_exited() -> io::Result<Option<(i32, ExitInfo)>> {
+    waitid_exited(libc::P_ALL, 0, libc::WNOWAIT)
+}
+
+/// Reap exited child `pid` (`waitid(P_PID, pid, WEXITED|WNOHANG)`): `Ok(None)` when it has
+/// not exited, `Err(ECHILD)` when it is not (or no longer) our child.
+pub fn reap_exited(pid: i32) -> io::Result<Option<ExitInfo>> {
+    if pid <= 0 {
+        return Err(io::Error::from_raw_os_error(libc::ECHILD));
+    }
+    Ok(waitid_exited(libc::P_PID, pid as libc::id_t, 0)?.map(|(_, e)| e))
 }
 
 /// The identity a spawned command switches to, resolved in the parent (no NSS lookups may

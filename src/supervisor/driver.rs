@@ -330,7 +330,7 @@ impl Engine {
                 }
             }
             let Some(engine) = weak.upgrade() else { return };
-            let exit = watch::collect_exit(pid, Some(&fd), &engine.reaper);
+            let exit = watch::collect_exit(pid, starttime, Some(&fd), &engine.reaper);
             engine.feed_exit(&key, pid, starttime, exit);
         })
         .abort_handle()
@@ -533,7 +533,7 @@ impl Engine {
                 .await
                 .unwrap_or_default();
             for (key, pid, st) in gone {
-                let exit = watch::collect_exit(pid, None, &engine.reaper);
+                let exit = watch::collect_exit(pid, st, None, &engine.reaper);
                 engine.feed_exit(&key, pid, st, exit);
             }
         });

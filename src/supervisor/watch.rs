@@ -109,15 +109,22 @@ pub fn alive(pid: i32, starttime: u64) -> bool {
     procinfo::read_stat(pid).is_some_and(|s| s.starttime == starttime && !s.is_exited())
 }
 
-/// How an exited process ended: reap it if it is our child, else ask the reaper (which may
-/// have collected it), else the kernel's pidfd exit info (6.15+), else unknown.
-pub fn collect_exit(pid: i32, fd: Option<&OwnedFd>, reaper: &crate::reaper::Reaper) -> ExitInfo {
+/// How exited process (`pid`, `starttime`) ended: reap it through the reaper if it is our
+/// child, else ask the reaper (which may have collected it; an exit of an older process with
+/// the same pid is not this one's), else the kernel's pidfd exit info (6.15+), else unknown.
+pub fn collect_exit(
+    pid: i32,
+    starttime: u64,
+    fd: Option<&OwnedFd>,
+    reaper: &crate::reaper::Reaper,
+) -> ExitInfo {
+    let child = crate::reaper::Child::exact(pid, starttime);
     if let Some(fd) = fd
-        && let Ok(Some(exit)) = sys::pidfd_try_reap(fd.as_fd())
+        && let Some(exit) = reaper.reap_pidfd(child, fd.as_fd())
     {
         return exit;
     }
-    if let Some(exit) = reaper.recent_exit(pid) {
+    if let Some(exit) = reaper.recent_exit(child) {
         return exit;
     }
     if let Some(fd) = fd
