@@ -55,6 +55,9 @@ pub enum ExecError {
     },
     #[error("cannot start the command: {0}")]
     Spawn(#[source] std::io::Error),
+    /// The agent's own pool could not do the work in time (no path is to blame).
+    #[error("cannot start the command now: {0}")]
+    Pool(#[source] crate::fspool::FsError),
 }
 
 /// A resolved account.
@@ -235,9 +238,16 @@ impl Executor {
                 open_dir(&cwd)
             })
             .await
-            .map_err(|e| unavailable(e.to_string()))??;
-        let pool_err =
-            |e: crate::fspool::FsError| ExecError::Spawn(std::io::Error::other(e.to_string()));
+            .map_err(|e| {
+                // Only a path that did not answer is blamed on setup_path; a busy pool is
+                // the agent's.
+                if e.blames_path() {
+                    unavailable(e.to_string())
+                } else {
+                    ExecError::Pool(e)
+                }
+            })??;
+        let pool_err = ExecError::Pool;
         let this = self.clone();
         let account = req.account.clone();
         let (mut ident, acct) = self

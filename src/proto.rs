@@ -640,6 +640,10 @@ pub struct Health {
     /// returned for a while: "PATH (for Ns)", longest first. A hung mount shows here.
     #[serde(default)]
     pub blocked_paths: Vec<String>,
+    /// Mounts that do not answer (`statfs` of the mount point has not returned): "MOUNT (for
+    /// Ns)". New work on paths there fails at once, naming the mount, until it answers.
+    #[serde(default)]
+    pub hung_mounts: Vec<String>,
     /// The socket this request came through: "main" or "root".
     #[serde(default)]
     pub socket: String,

@@ -190,3 +190,130 @@ fn a_fifo_or_device_as_pid_file_is_never_opened() {
         .open(&fifo);
     let _ = rx.recv_timeout(Duration::from_secs(5));
 }
+
+/// Issue 12 item 3: a pool thread per stuck path must not let one hung mount take every
+/// thread. Twenty processes whose pid files are distinct files on one hung mount are probed
+/// (registered, managed and started); a healthy process elsewhere can still be started,
+/// stopped and restarted, healthz answers, the hung ones' answers name the mount's path, and
+/// once the mount is known not to answer, new work there fails at once, naming the mount.
+#[test]
+fn many_pid_files_on_one_hung_mount_do_not_stop_the_agent_acting_elsewhere() {
+    let env = TestEnv::new();
+    let mnt = env.path().join("hung");
+    let fuse = match HungFuse::mount(&mnt, env.path()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let d = Daemon::start(&env, "");
+    let hung = mnt.display().to_string();
+    const STUCK: usize = 24;
+    let names: Vec<String> = (0..STUCK).map(|i| format!("stuck{i}")).collect();
+    for name in &names {
+        d.register(
+            NS,
+            name,
+            spec_with(&env, name, |s| {
+                s["identity"]["pid_path"] = json!(format!("{hung}/{name}.pid"));
+                s["control"]["start_cmd"] = json!("true");
+            }),
+        );
+    }
+    // Every one of them is probed (manage and start look at the pid file): each probe is a
+    // distinct path on the hung mount.
+    let mut tasks = Vec::new();
+    for name in &names {
+        for op in [3, 0] {
+            let r = d.call(
+                "operate_proc",
+                &json!({"meta": {"namespace": NS, "name": name}, "op_type": op, "hosts": [Daemon::host()]}),
+            );
+            assert_eq!(r["result"], json!(true), "{r}");
+            tasks.push((
+                name.clone(),
+                r["data"]["task_id"].as_str().expect("task id").to_string(),
+            ));
+        }
+    }
+    // The hung ones answer, each with an error naming the hung mount's path.
+    for (name, task) in &tasks {
+        let key = Daemon::key(NS, name);
+        let v = wait_for(
+            &format!("the task on {name} answered"),
+            Duration::from_secs(60),
+            || {
+                let v = d.call("get_proc_operate_result", &json!({ "task_id": task }))["data"]
+                    [&key]
+                    .clone();
+                (v["error_code"] != json!(115)).then_some(v)
+            },
+        );
+        assert_ne!(v["error_code"], json!(0), "{name}: {v}");
+        assert!(
+            v["error_msg"].as_str().unwrap_or("").contains(&hung),
+            "{name}'s answer does not name the hung mount {hung}: {v}"
+        );
+    }
+    // A healthy process elsewhere is started, stopped and restarted.
+    let healthy_pidfile = env.p("healthy.pid");
+    let restart = format!(
+        "kill $(cat {healthy_pidfile}); {}",
+        env.daemon_start_cmd("healthy", &healthy_pidfile)
+    );
+    d.register(
+        NS,
+        "healthy",
+        daemon_spec(&env, "healthy", json!({ "restart_cmd": restart })),
+    );
+    for (op, what) in [
+        (0, "start"),
+        (1, "stop"),
+        (0, "start again"),
+        (7, "restart"),
+    ] {
+        let v = op_within(&d, "healthy", op, Duration::from_secs(60));
+        assert_eq!(
+            v["error_code"],
+            json!(0),
+            "{what} of the healthy process failed while {STUCK} pid files hang on one mount: {v}\n{}",
+            d.get("/v1/healthz")
+        );
+    }
+    let pid = read_pid(&healthy_pidfile).expect("the healthy pid file");
+    assert!(alive(pid));
+    // healthz answers, names paths on the hung mount, and the mount itself.
+    let h = wait_for(
+        "healthz names the hung mount",
+        Duration::from_secs(30),
+        || {
+            let h = d.get("/v1/healthz");
+            let names = |field: &str| {
+                h["data"][field]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|p| p.as_str().unwrap_or("").contains(&hung)))
+            };
+            (names("blocked_paths") && names("hung_mounts")).then_some(h)
+        },
+    );
+    assert_eq!(h["result"], json!(true), "{h}");
+    // Once the mount is known not to answer, work on another path there fails at once,
+    // naming the mount, instead of taking another thread.
+    d.register(
+        NS,
+        "late",
+        spec_with(&env, "late", |s| {
+            s["identity"]["pid_path"] = json!(format!("{hung}/late.pid"));
+            s["control"]["start_cmd"] = json!("true");
+        }),
+    );
+    let v = op_within(&d, "late", 0, Duration::from_secs(60));
+    let msg = v["error_msg"].as_str().unwrap_or("");
+    assert!(
+        msg.contains(&format!("its mount {hung} is not answering")),
+        "{v}"
+    );
+    drop(d);
+    drop(fuse);
+}

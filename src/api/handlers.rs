@@ -1198,6 +1198,12 @@ pub async fn healthz(State(st): State<AppState>, req: axum::extract::Request) ->
             .into_iter()
             .map(|(p, d)| format!("{} (for {}s)", p.display(), d.as_secs()))
             .collect(),
+        hung_mounts: e
+            .fs
+            .hung_mounts()
+            .into_iter()
+            .map(|(p, d)| format!("{} (for {}s)", p.display(), d.as_secs()))
+            .collect(),
         socket,
         sockets,
     };
