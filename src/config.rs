@@ -648,19 +648,6 @@ pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> 
     })
 }
 
-/// Load only the `[[process]]` tables of a config and its conf_dir (for reload).
-pub fn load_processes(cfg: &Config) -> Result<Vec<ProcessConfig>, ConfigErrors> {
-    let base = cfg
-        .file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/"));
-    // Relative paths were resolved against the start directory; a reload uses the same
-    // base by re-reading with the directory the agent started in.
-    let start_dir = std::env::current_dir().unwrap_or(base);
-    load_with_base(&cfg.file, &start_dir).map(|c| c.processes)
-}
-
 fn read_conf_dir(dir: &Path, base: &Path, errs: &Errs, out: &mut Vec<ProcessConfig>) {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,

@@ -121,10 +121,4 @@ impl EventLog {
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
     }
-
-    /// Id of the newest event (0 when none).
-    pub fn last_id(&self) -> u64 {
-        let r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        r.next_id.saturating_sub(1)
-    }
 }

@@ -30,6 +30,8 @@ pub mod events;
 pub mod executor;
 pub mod expr;
 pub mod fspool;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod host;
 pub mod output;
 pub mod probe;

@@ -501,26 +501,6 @@ pub fn parse_status_uid(status: &str) -> Option<u32> {
         .and_then(|u| u.parse().ok())
 }
 
-/// One fuzz input for the /proc and pid-file parsers: must never panic, and a pid the
-/// pid-file parser accepts is always a decimal number in `2..=pid_max` that is not our own.
-pub fn fuzz_one(data: &[u8]) {
-    let _ = parse_stat(data);
-    let _ = parse_lineage(data);
-    let text = String::from_utf8_lossy(data);
-    for (pid_max, own) in [(4_194_304, 4242), (32_768, 2), (i64::MAX, i32::MAX)] {
-        if let Ok(pid) = parse_pid_text(&text, pid_max, own) {
-            assert!(
-                pid >= 2 && i64::from(pid) <= pid_max && pid != own,
-                "{text:?} -> {pid}"
-            );
-            assert!(
-                text.trim().bytes().all(|b| b.is_ascii_digit()),
-                "{text:?} -> {pid}"
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,7 +676,7 @@ mod tests {
             /// Arbitrary bytes never make the parsers panic.
             #[test]
             fn parsers_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
-                fuzz_one(&data);
+                crate::fuzzing::proc_parsers(&data);
             }
         }
     }

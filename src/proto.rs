@@ -34,9 +34,6 @@ pub mod codes {
     pub const NOT_REGISTERED: i64 = 851;
     /// Per key: a command failed; `error_msg` carries its bounded output.
     pub const OP_FAILED: i64 = 65535;
-    /// Top level: task queued, not visible yet (reserved; this agent registers tasks before
-    /// answering, so it never needs it).
-    pub const TASK_QUEUED: i64 = 1_000_115;
     /// Request: malformed JSON, wrong types, missing or invalid fields.
     pub const BAD_REQUEST: i64 = 1_000_400;
     /// Request: the peer may not do this.
@@ -512,12 +509,6 @@ impl KeyResult {
             content: String::new(),
         }
     }
-}
-
-/// `data` of operate_proc.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskIdData {
-    pub task_id: String,
 }
 
 /// One entry of get_proc_status / sync_proc_status `proc_infos`.

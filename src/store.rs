@@ -103,7 +103,6 @@ enum Op {
     PutDefinition(ProcKey, String, Option<ItemNote>),
     DeleteDefinition(ProcKey),
     PutState(ProcKey, String),
-    DeleteState(ProcKey),
     InsertTask(TaskRecord),
     FinishItem {
         task_id: String,
@@ -385,11 +384,6 @@ impl Store {
         self.send_bg(Op::PutState(key.clone(), json));
     }
 
-    /// Forget a process state in the background.
-    pub fn delete_state_bg(&self, key: &ProcKey) {
-        self.send_bg(Op::DeleteState(key.clone()));
-    }
-
     /// Record a new task (all items pending) and wait for the commit.
     pub async fn insert_task(&self, task: TaskRecord) -> Result<(), StoreError> {
         self.send_wait(Op::InsertTask(task)).await
@@ -539,12 +533,6 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
                      (SELECT 1 FROM definitions WHERE namespace = ?1 AND name = ?2)
                  ON CONFLICT (namespace, name) DO UPDATE SET state = excluded.state",
                 params![k.namespace, k.name, json],
-            )?;
-        }
-        Op::DeleteState(k) => {
-            conn.execute(
-                "DELETE FROM proc_state WHERE namespace = ?1 AND name = ?2",
-                params![k.namespace, k.name],
             )?;
         }
         Op::InsertTask(t) => {

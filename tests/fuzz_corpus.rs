@@ -27,7 +27,7 @@ fn replay(target: &str, f: fn(&[u8])) -> usize {
 
 #[test]
 fn api_decode_corpus_and_crashes_replay() {
-    let n = replay("api_decode", procagent::api::handlers::fuzz_one);
+    let n = replay("api_decode", procagent::fuzzing::api_decode);
     assert!(
         n >= 10,
         "only {n} inputs found under fuzz/: the corpus is missing"
@@ -36,7 +36,7 @@ fn api_decode_corpus_and_crashes_replay() {
 
 #[test]
 fn proc_parsers_corpus_and_crashes_replay() {
-    let n = replay("proc_parsers", procagent::procinfo::fuzz_one);
+    let n = replay("proc_parsers", procagent::fuzzing::proc_parsers);
     assert!(
         n >= 5,
         "only {n} inputs found under fuzz/: the corpus is missing"
@@ -45,7 +45,7 @@ fn proc_parsers_corpus_and_crashes_replay() {
 
 #[test]
 fn gsekit_decode_corpus_and_crashes_replay() {
-    let n = replay("gsekit_decode", procagent::api::gsekit::fuzz_one);
+    let n = replay("gsekit_decode", procagent::fuzzing::gsekit_decode);
     assert!(
         n >= 10,
         "only {n} inputs found under fuzz/: the corpus is missing"

@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    procagent::api::handlers::fuzz_one(data);
+    procagent::fuzzing::api_decode(data);
 });

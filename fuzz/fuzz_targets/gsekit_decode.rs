@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    procagent::api::gsekit::fuzz_one(data);
+    procagent::fuzzing::gsekit_decode(data);
 });

@@ -1061,7 +1061,7 @@ fn parse_ordering(text: &str) -> Result<Vec<(OrderField, bool)>, ApiError> {
     Ok(out)
 }
 
-fn parse_query(body: &[u8]) -> Result<Query, ApiError> {
+pub(crate) fn parse_query(body: &[u8]) -> Result<Query, ApiError> {
     let req: StatusReq = handlers::parse(body)?;
     let biz = parse_biz(req.bk_biz_id.as_ref())?;
     let page = req
@@ -1582,88 +1582,6 @@ pub fn split_expression(text: &str) -> Result<[String; 5], String> {
     Ok(out)
 }
 
-/// One fuzz input for the GSEKit APIs: the first byte picks `process_status` (even) or
-/// `operate_process` (odd), the rest is the body. `process_status` runs the whole pure path
-/// (filters, expressions, slices, ordering, rows, page, JSON) over a fixed set of
-/// processes; `operate_process` resolves against a small registry in which two definitions
-/// share a setup path and program name. Checks that a refusal carries a code and a message.
-pub fn fuzz_one(data: &[u8]) {
-    let Some((sel, body)) = data.split_first() else {
-        return;
-    };
-    let r: Result<(), ApiError> = if sel % 2 == 0 {
-        parse_query(body).map(|q| {
-            let host = HostView {
-                ip: "10.0.0.1".into(),
-                bk_cloud_id: 0,
-            };
-            let rows = select(build_rows(fuzz_snapshots(), &host), &q);
-            for r in page_of(rows, q.page, q.pagesize) {
-                let _ = r.to_json();
-            }
-        })
-    } else {
-        decode_operate_process(&fuzz_registry(), body).map(|_| ())
-    };
-    if let Err(e) = r {
-        assert_ne!(e.code, codes::SUCCESS, "an error answered code 0");
-        assert!(!e.message.is_empty(), "an error without a message");
-    }
-}
-
-fn fuzz_snapshots() -> Vec<Snapshot> {
-    let labels = |set: &str, module: &str, pid: i64, inst: i64| -> Labels {
-        let mut l = Labels::new();
-        l.insert("bk_set_name".into(), json!(set));
-        l.insert("bk_module_name".into(), json!(module));
-        l.insert("bk_process_name".into(), json!("gse_agent"));
-        l.insert("bk_process_id".into(), json!(pid));
-        l.insert("local_inst_id".into(), json!(inst));
-        l.insert("bk_set_env".into(), json!("3"));
-        l
-    };
-    [
-        ("管控平台", "gse", 46, 1),
-        ("管控平台", "gse", 46, 2),
-        ("PaaS平台", "web", 48, 1),
-        ("x.y", "[m]", 49, 1),
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, (set, module, pid, inst))| Snapshot {
-        key: ProcKey::new("GSEKIT_BIZ_2", format!("p{i}")),
-        labels: labels(set, module, *pid, *inst),
-        proc_name: "gse_agent".into(),
-        status: 1 + (i as i64 % 2),
-        managed: i % 2 == 0,
-        pid: 100 + i as i64,
-    })
-    .collect()
-}
-
-fn fuzz_registry() -> Registry {
-    let mut reg = Registry::default();
-    for (name, vk) in [("a", "k1"), ("b", "k2")] {
-        let key = ProcKey::new("operate_process", name);
-        let def = crate::spec::Definition {
-            key: key.clone(),
-            labels: Labels::new(),
-            spec: ProcSpec {
-                setup_path: "/opt/x".into(),
-                proc_name: "x".into(),
-                pid_path: "/opt/x/x.pid".into(),
-                value_key: vk.into(),
-                ..ProcSpec::default()
-            },
-            source: Source::Api,
-            register_time: 0,
-            updated_time: 0,
-        };
-        reg.insert(key, def);
-    }
-    reg
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1950,7 +1868,7 @@ mod tests {
 
     #[test]
     fn the_identity_index_finds_what_a_registry_scan_finds() {
-        let reg = fuzz_registry();
+        let reg = crate::fuzzing::fuzz_registry();
         let index = IdentityIndex::new(&reg);
         for d in reg.values() {
             let id = Identity::of_spec(&d.spec);

@@ -111,17 +111,6 @@ pub fn username(body: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-/// Dispatch an API call by name.
-pub async fn call(
-    engine: &Arc<Engine>,
-    api: &str,
-    body: &[u8],
-    peer: Option<Peer>,
-) -> Result<Value, ApiError> {
-    let access = auth::authorize(engine, peer)?;
-    call_authorized(engine, api, body, &access).await
-}
-
 /// Dispatch an API call by name for a caller already authorized (see [`auth::authorize`]).
 pub async fn call_authorized(
     engine: &Arc<Engine>,
@@ -692,80 +681,6 @@ pub fn decode_tasks(body: &[u8]) -> Result<(usize, Option<String>), ApiError> {
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty());
     Ok((q.limit.unwrap_or(50).clamp(1, 1000) as usize, id))
-}
-
-/// The API names the fuzz target chooses from (by the input's first byte).
-pub const FUZZ_APIS: &[&str] = &[
-    "operate_proc",
-    "operate_proc_multi",
-    "get_proc_operate_result",
-    "get_proc_status",
-    "get_proc_status_v2",
-    "sync_proc_status",
-    "register_proc_info",
-    "update_proc_info",
-    "unregister_proc_info",
-    "procs",
-    "tasks",
-];
-
-/// One fuzz input: the first byte picks the API from [`FUZZ_APIS`], the rest is the body.
-/// Checks what must hold for every input: decoding never panics, and a refusal carries a
-/// non-zero code and a message.
-pub fn fuzz_one(data: &[u8]) {
-    let Some((sel, body)) = data.split_first() else {
-        return;
-    };
-    let api = FUZZ_APIS[*sel as usize % FUZZ_APIS.len()];
-    if let Err(e) = fuzz_decode(api, body) {
-        assert_ne!(e.code, codes::SUCCESS, "{api}: an error answered code 0");
-        assert!(!e.message.is_empty(), "{api}: an error without a message");
-    }
-}
-
-/// Decode and validate a request body exactly as [`call`] does for `api`, without touching
-/// any state: the entry point of the fuzz target and of its corpus replay test. Also derives
-/// what the handlers derive from a valid request (result keys, the audit user name) and
-/// renders the error envelope, so every decoder path a request can reach runs.
-pub fn fuzz_decode(api: &str, body: &[u8]) -> Result<(), ApiError> {
-    let _ = username(body);
-    let keys = |tg: &[Target], key: &ProcKey| {
-        for t in tg {
-            let _ = result_key(t, KeyStyle::V1, key);
-            let _ = result_key(t, KeyStyle::V2, key);
-        }
-    };
-    let r = match api {
-        "operate_proc" | "operate_proc_v2" => {
-            decode_operate(body).map(|d| keys(&d.targets, &d.key))
-        }
-        "operate_proc_multi" => decode_multi(body).map(|items| {
-            for it in &items {
-                keys(&it.targets, &it.key);
-            }
-        }),
-        "get_proc_operate_result" | "get_proc_operate_result_v2" => {
-            decode_task_query(body).map(|_| ())
-        }
-        "get_proc_status" | "get_proc_status_v2" | "unregister_proc_info" => {
-            decode_meta_hosts(body).map(|(_, k, tg)| keys(&tg, &k))
-        }
-        "sync_proc_status" => decode_sync(body).map(|_| ()),
-        "register_proc_info" | "update_proc_info" => {
-            decode_register(body).map(|(_, k, tg, _)| keys(&tg, &k))
-        }
-        "procs" => decode_procs(body).map(|_| ()),
-        "tasks" => decode_tasks(body).map(|_| ()),
-        other => Err(ApiError {
-            http: axum::http::StatusCode::NOT_FOUND,
-            code: codes::NOT_FOUND,
-            message: format!("unknown API {other:?}"),
-        }),
-    };
-    if let Err(e) = &r {
-        let _ = super::envelope(false, e.code, &e.message, None, e.http);
-    }
-    r
 }
 
 /// Build the items of one (meta, hosts) pair, deduplicated by result key.

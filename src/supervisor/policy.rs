@@ -10,8 +10,6 @@
 
 use std::time::{Duration, Instant};
 
-use crate::spec::AutoType;
-
 /// Restart backoff settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backoff {
@@ -52,75 +50,6 @@ impl Backoff {
         match uptime {
             Some(u) if u >= self.reset_after => 1,
             _ => failures.saturating_add(1),
-        }
-    }
-}
-
-/// What supervision knows about one process when deciding.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct View {
-    /// Managed and expected to run.
-    pub wants_running: bool,
-    pub auto_type: AutoType,
-    pub instance_num: u32,
-    /// Instances alive now.
-    pub alive: u32,
-    /// An operation or a supervisor start holds the process.
-    pub busy: bool,
-    /// A single-run process already ran.
-    pub completed: bool,
-    pub next_attempt: Option<Instant>,
-    pub cycle_time: Duration,
-    pub last_cycle: Option<Instant>,
-}
-
-/// What to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// Nothing now, nothing scheduled.
-    Nothing,
-    /// Start this many instances now.
-    Start(u32),
-    /// Come back at this time.
-    WaitUntil(Instant),
-    /// A periodic cycle is due but the previous run is still alive: skip it.
-    SkipCycle,
-}
-
-/// Decide for one process at `now`.
-pub fn decide(v: &View, now: Instant) -> Decision {
-    if !v.wants_running || v.busy {
-        return Decision::Nothing;
-    }
-    match v.auto_type {
-        AutoType::Resident => {
-            if v.alive >= v.instance_num {
-                return Decision::Nothing;
-            }
-            match v.next_attempt {
-                Some(t) if t > now => Decision::WaitUntil(t),
-                _ => Decision::Start(v.instance_num - v.alive),
-            }
-        }
-        AutoType::SingleRun => {
-            if v.completed || v.alive > 0 {
-                Decision::Nothing
-            } else {
-                Decision::Start(v.instance_num)
-            }
-        }
-        AutoType::Periodic => {
-            let due = match v.last_cycle {
-                None => now,
-                Some(t) => t + v.cycle_time,
-            };
-            if due > now {
-                Decision::WaitUntil(due)
-            } else if v.alive > 0 {
-                Decision::SkipCycle
-            } else {
-                Decision::Start(1)
-            }
         }
     }
 }
@@ -224,124 +153,6 @@ mod tests {
         ];
         for (failures, uptime, want) in cases {
             assert_eq!(b.failures_after_exit(failures, uptime), want);
-        }
-    }
-
-    fn view() -> View {
-        View {
-            wants_running: true,
-            auto_type: AutoType::Resident,
-            instance_num: 1,
-            alive: 0,
-            busy: false,
-            completed: false,
-            next_attempt: None,
-            cycle_time: s(10),
-            last_cycle: None,
-        }
-    }
-
-    #[test]
-    fn decide_table() {
-        let now = Instant::now();
-        let later = now + s(5);
-        let cases: Vec<(View, Decision)> = vec![
-            (view(), Decision::Start(1)),
-            (
-                View {
-                    wants_running: false,
-                    ..view()
-                },
-                Decision::Nothing,
-            ),
-            (
-                View {
-                    busy: true,
-                    ..view()
-                },
-                Decision::Nothing,
-            ),
-            (View { alive: 1, ..view() }, Decision::Nothing),
-            (
-                View {
-                    instance_num: 3,
-                    alive: 1,
-                    ..view()
-                },
-                Decision::Start(2),
-            ),
-            (
-                View {
-                    next_attempt: Some(later),
-                    ..view()
-                },
-                Decision::WaitUntil(later),
-            ),
-            (
-                View {
-                    next_attempt: Some(now),
-                    ..view()
-                },
-                Decision::Start(1),
-            ),
-            (
-                View {
-                    auto_type: AutoType::SingleRun,
-                    ..view()
-                },
-                Decision::Start(1),
-            ),
-            (
-                View {
-                    auto_type: AutoType::SingleRun,
-                    completed: true,
-                    ..view()
-                },
-                Decision::Nothing,
-            ),
-            (
-                View {
-                    auto_type: AutoType::SingleRun,
-                    alive: 1,
-                    ..view()
-                },
-                Decision::Nothing,
-            ),
-            (
-                View {
-                    auto_type: AutoType::Periodic,
-                    ..view()
-                },
-                Decision::Start(1),
-            ),
-            (
-                View {
-                    auto_type: AutoType::Periodic,
-                    last_cycle: Some(now),
-                    ..view()
-                },
-                Decision::WaitUntil(now + s(10)),
-            ),
-            (
-                View {
-                    auto_type: AutoType::Periodic,
-                    last_cycle: Some(now - s(10)),
-                    alive: 1,
-                    ..view()
-                },
-                Decision::SkipCycle,
-            ),
-            (
-                View {
-                    auto_type: AutoType::Periodic,
-                    last_cycle: Some(now - s(11)),
-                    ..view()
-                },
-                Decision::Start(1),
-            ),
-        ];
-        for (i, (v, want)) in cases.into_iter().enumerate() {
-            assert_eq!(decide(&v, now), want, "case {i}: {v:?}");
         }
     }
 
