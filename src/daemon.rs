@@ -346,7 +346,9 @@ fn watch_conf_dir(
         tracing::warn!("agent.watch_conf_dir is set but agent.conf_dir is not; nothing to watch");
         return None;
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // One pending "something changed" at most: a burst of inotify events coalesces into it
+    // (a full channel means a change is already waiting), so the channel is bounded.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let handler = move |res: notify::Result<notify::Event>| match res {
         Ok(ev) => {
             let relevant = !matches!(ev.kind, notify::EventKind::Access(_))
@@ -355,7 +357,7 @@ fn watch_conf_dir(
                     .iter()
                     .any(|p| p.extension().is_some_and(|x| x == "toml"));
             if relevant {
-                let _ = tx.send(());
+                let _ = tx.try_send(());
             }
         }
         Err(e) => tracing::warn!(error = %e, "conf_dir watch error"),

@@ -81,7 +81,7 @@ impl EventLog {
 
     /// Events after `after_id` and at or after `since_ms`, optionally for one key, oldest
     /// first, at most `limit`. Served from memory; older history comes from the store.
-    pub fn list(
+    pub async fn list(
         &self,
         after_id: u64,
         since_ms: i64,
@@ -96,11 +96,13 @@ impl EventLog {
             |e: &Event| e.id > after_id && e.ts_ms >= since_ms && key.is_none_or(|k| e.key == k);
         let mut out: Vec<Event> = Vec::new();
         if mem_oldest.is_none_or(|oldest| oldest > after_id + 1) {
-            // Part of the range is older than memory: read it from the store.
-            if let Ok(evs) =
-                self.store
-                    .read_events(after_id, since_ms, limit.saturating_mul(4).max(1000))
-            {
+            // Part of the range is older than memory: read it from the store, on a blocking
+            // thread (SQLite).
+            let store = self.store.clone();
+            let n = limit.saturating_mul(4).max(1000);
+            let read =
+                tokio::task::spawn_blocking(move || store.read_events(after_id, since_ms, n)).await;
+            if let Ok(Ok(evs)) = read {
                 out.extend(
                     evs.into_iter()
                         .filter(|e| mem_oldest.is_none_or(|o| e.id < o))

@@ -154,12 +154,18 @@ impl TaskBook {
         }
     }
 
-    /// Look a task up (memory first, then the store).
-    pub fn get(&self, task_id: &str) -> Option<TaskRecord> {
-        if let Some(t) = self.lock().tasks.get(task_id) {
-            return Some(t.clone());
+    /// Look a task up (memory first, then the store, read on a blocking thread).
+    pub async fn get(&self, task_id: &str) -> Option<TaskRecord> {
+        let held = self.lock().tasks.get(task_id).cloned();
+        if held.is_some() {
+            return held;
         }
-        self.store.read_task(task_id).ok().flatten()
+        let (store, id) = (self.store.clone(), task_id.to_string());
+        tokio::task::spawn_blocking(move || store.read_task(&id))
+            .await
+            .ok()?
+            .ok()
+            .flatten()
     }
 
     /// The most recent tasks, newest first.

@@ -98,7 +98,48 @@ pub fn full_access_uid(uid: u32) -> bool {
     uid == 0 || uid == nix::unistd::getuid().as_raw()
 }
 
-/// Decide the role of a peer.
+/// Most time a role lookup (NSS: the account database, maybe LDAP) may take.
+pub const ROLE_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Decide the role of a peer off the async workers: root and the agent's own uid at once,
+/// anyone else through [`authorize`] on a blocking thread, within [`ROLE_LOOKUP_TIMEOUT`]
+/// (a lookup that does not answer refuses the request, naming why). Called once per request,
+/// before its body is read; handlers take the result from the request ([`access_of`]).
+pub async fn authorize_off_runtime(
+    engine: &std::sync::Arc<Engine>,
+    peer: Option<Peer>,
+) -> Result<Access, ApiError> {
+    if let Some(p) = peer
+        && full_access_uid(p.uid)
+    {
+        return Ok(Access {
+            role: Role::Full,
+            peer,
+        });
+    }
+    let e = engine.clone();
+    let lookup = tokio::task::spawn_blocking(move || authorize(&e, peer));
+    match tokio::time::timeout(ROLE_LOOKUP_TIMEOUT, lookup).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(forbidden(format!("the role lookup failed: {e}"))),
+        Err(_) => Err(forbidden(format!(
+            "the role of uid {} could not be looked up within {}s (the account database does not answer); refused",
+            peer.map(|p| p.uid).unwrap_or(0),
+            ROLE_LOOKUP_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// The caller of a request, as authorized when it arrived (an extension set by the
+/// connection layer); a request that did not come through it is refused.
+pub fn access_of<B>(req: &axum::http::Request<B>) -> Result<Access, ApiError> {
+    req.extensions()
+        .get::<Access>()
+        .cloned()
+        .ok_or_else(|| forbidden("the request was not authorized; refused"))
+}
+
+/// Decide the role of a peer (blocking: NSS lookups for every uid but root and the agent's).
 pub fn authorize(engine: &Engine, peer: Option<Peer>) -> Result<Access, ApiError> {
     let Some(p) = peer else {
         return Err(forbidden("the peer's credentials are unknown; refused"));

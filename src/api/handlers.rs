@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use super::auth::{self, Access};
 use super::limits::{self, KeyBudget, MAX_HOSTS, MAX_MULTI_ITEMS};
-use super::{ApiError, AppState, Peer, ok};
+use super::{ApiError, AppState, ok};
 use crate::proto::{
     HostWire, KeyResult, MetaHostsReq, OpType, OperateProcReq, ProcInfos, ProcsQuery, RegisterReq,
     SyncProcStatusReq, TaskQuery, codes,
@@ -123,7 +123,7 @@ pub async fn call_authorized(
             operate_proc(engine, body, access, api, KeyStyle::V1).await
         }
         "operate_proc_multi" => operate_proc_multi(engine, body, access).await,
-        "get_proc_operate_result" | "get_proc_operate_result_v2" => get_result(engine, body),
+        "get_proc_operate_result" | "get_proc_operate_result_v2" => get_result(engine, body).await,
         "get_proc_status" => get_proc_status(engine, body, KeyStyle::V1),
         "get_proc_status_v2" => get_proc_status(engine, body, KeyStyle::V2),
         "sync_proc_status" => sync_proc_status(engine, body),
@@ -131,7 +131,7 @@ pub async fn call_authorized(
         "update_proc_info" => register(engine, body, access, PutMode::Upsert, api).await,
         "unregister_proc_info" => unregister(engine, body, access).await,
         "procs" => procs(engine, body, access),
-        "tasks" => tasks(engine, body),
+        "tasks" => tasks(engine, body).await,
         "operate_process" => super::gsekit::operate_process(engine, body, access).await,
         "process_status" => {
             // Selection and ordering are linear in the rows but not trivial at thousands of
@@ -757,9 +757,9 @@ async fn operate_proc_multi(
     Ok(json!({ "task_id": task_id }))
 }
 
-fn get_result(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
+async fn get_result(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
     let task_id = decode_task_query(body)?;
-    let Some(t) = engine.tasks.get(&task_id) else {
+    let Some(t) = engine.tasks.get(&task_id).await else {
         return Err(ApiError::new(
             codes::NOT_FOUND,
             format!("task {task_id:?} does not exist"),
@@ -1043,10 +1043,10 @@ pub fn label_matches(labels: &Labels, k: &str, v: &str) -> bool {
     }
 }
 
-fn tasks(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
+async fn tasks(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
     let (limit, task_id) = decode_tasks(body)?;
     let found = match task_id {
-        Some(id) => match engine.tasks.get(&id) {
+        Some(id) => match engine.tasks.get(&id).await {
             Some(t) => vec![t],
             None => {
                 return Err(ApiError::new(
@@ -1077,8 +1077,7 @@ fn tasks(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
 
 /// `GET /v1/healthz`.
 pub async fn healthz(State(st): State<AppState>, req: axum::extract::Request) -> Response {
-    let peer = req.extensions().get::<Peer>().copied();
-    if let Err(e) = auth::authorize(&st.engine, peer) {
+    if let Err(e) = auth::access_of(&req) {
         return e.into_response();
     }
     let (socket, sockets) = super::listening(&req);
@@ -1147,8 +1146,7 @@ pub struct EventsQuery {
 /// `GET /v1/events`: the history as JSON, or with `follow=1` a newline-delimited JSON stream
 /// (backlog first, then live events).
 pub async fn events(State(st): State<AppState>, req: axum::extract::Request) -> Response {
-    let peer = req.extensions().get::<Peer>().copied();
-    if let Err(e) = auth::authorize(&st.engine, peer) {
+    if let Err(e) = auth::access_of(&req) {
         return e.into_response();
     }
     let q: EventsQuery = match super::strict_query(req.uri()) {
@@ -1162,21 +1160,29 @@ pub async fn events(State(st): State<AppState>, req: axum::extract::Request) -> 
         .is_some_and(|f| f != "0" && f != "false");
     let key = q.key.clone().filter(|k| !k.is_empty());
     if !follow {
-        let list = st.engine.events.list(
+        let list = st
+            .engine
+            .events
+            .list(
+                q.after.unwrap_or(0),
+                q.since_ms.unwrap_or(i64::MIN),
+                key.as_deref(),
+                limit,
+            )
+            .await;
+        return ok(json!({ "events": list }));
+    }
+    let rx = st.engine.events.subscribe();
+    let backlog = st
+        .engine
+        .events
+        .list(
             q.after.unwrap_or(0),
             q.since_ms.unwrap_or(i64::MIN),
             key.as_deref(),
             limit,
-        );
-        return ok(json!({ "events": list }));
-    }
-    let rx = st.engine.events.subscribe();
-    let backlog = st.engine.events.list(
-        q.after.unwrap_or(0),
-        q.since_ms.unwrap_or(i64::MIN),
-        key.as_deref(),
-        limit,
-    );
+        )
+        .await;
     let last = backlog.last().map(|e| e.id).unwrap_or(q.after.unwrap_or(0));
     let lines: Vec<Result<Vec<u8>, std::convert::Infallible>> =
         backlog.into_iter().map(|e| Ok(line(&e))).collect();

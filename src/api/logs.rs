@@ -45,7 +45,7 @@ use rustix::fs::{FileType, Mode, OFlags};
 use serde_json::{Value, json};
 
 use super::auth;
-use super::{ApiError, AppState, Peer, ok};
+use super::{ApiError, AppState, ok};
 use crate::executor::Account;
 use crate::proto::codes;
 use crate::spec::ProcKey;
@@ -627,8 +627,7 @@ fn ndjson(values: &[Value]) -> Vec<u8> {
 pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
     let engine = st.engine;
     engine.counters.api_request("logs");
-    let peer = req.extensions().get::<Peer>().copied();
-    if let Err(e) = auth::authorize(&engine, peer) {
+    if let Err(e) = auth::access_of(&req) {
         return e.into_response();
     }
     let q: LogsQuery = match super::strict_query(req.uri()) {

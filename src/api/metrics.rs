@@ -36,7 +36,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
 
-use super::{AppState, Peer, auth};
+use super::{AppState, auth};
 use crate::supervisor::Engine;
 
 /// The media type of the answer.
@@ -238,8 +238,7 @@ fn answer(engine: &Engine) -> Response {
 
 /// `GET /metrics` (and `/v1/metrics`) on the socket: a read, authorized like the others.
 pub async fn on_socket(State(st): State<AppState>, req: Request) -> Response {
-    let peer = req.extensions().get::<Peer>().copied();
-    if let Err(e) = auth::authorize(&st.engine, peer) {
+    if let Err(e) = auth::access_of(&req) {
         return e.into_response();
     }
     answer(&st.engine)

@@ -421,9 +421,7 @@ async fn dispatch(
         }
         .into_response();
     }
-    let peer = req.extensions().get::<Peer>().copied();
-    // Refuse an unauthorized peer before reading (and buffering) its body.
-    let access = match auth::authorize(&st.engine, peer) {
+    let access = match auth::access_of(&req) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
@@ -491,9 +489,6 @@ pub const LINGER_SLACK: usize = 1 << 20;
 /// Time a connection over a cap has to send its request headers before it is answered
 /// 1000429 (a client that sends nothing is closed without an answer).
 pub const REFUSAL_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Deadline of the role lookup (NSS) that decides a new connection's allowance.
-const ROLE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The sockets [`serve`] serves.
 pub struct Listeners {
@@ -644,12 +639,9 @@ impl Server {
             ));
         }
         // The role decides the allowance; looking it up (NSS) runs off the async workers.
-        let engine = self.engine.clone();
-        let lookup = tokio::task::spawn_blocking(move || auth::authorize(&engine, peer).is_ok());
-        let has_role = matches!(
-            tokio::time::timeout(ROLE_LOOKUP_TIMEOUT, lookup).await,
-            Ok(Ok(true))
-        );
+        let has_role = auth::authorize_off_runtime(&self.engine, peer)
+            .await
+            .is_ok();
         let api = &self.engine.config.api;
         let (limit, key, what) = if has_role {
             (api.max_connections_per_uid, "max_connections_per_uid", "")
@@ -800,10 +792,12 @@ impl Server {
             code: codes::TIMEOUT,
             message: format!("the request took longer than {}s", timeout.as_secs_f64()),
         };
-        if let Err(e) = auth::authorize(&self.engine, peer) {
-            return closing(e);
-        }
-        let (parts, body) = req.into_parts();
+        let access = match auth::authorize_off_runtime(&self.engine, peer).await {
+            Ok(a) => a,
+            Err(e) => return closing(e),
+        };
+        let (mut parts, body) = req.into_parts();
+        parts.extensions.insert(access);
         let body =
             match tokio::time::timeout_at(deadline, read_body(Body::new(body), api.max_body_bytes))
                 .await

@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 
 use super::auth::{self, Access, Role};
 use super::handlers::{HIDDEN_ENV_VALUE, KeyStyle, Target, result_key};
-use super::{ApiError, AppState, Peer, envelope, ok};
+use super::{ApiError, AppState, envelope, ok};
 use crate::config::{Config, ConfigErrors};
 use crate::proto::{HostWire, KeyResult, OpType, codes};
 use crate::spec::ProcKey;
@@ -345,8 +345,7 @@ pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
         }
         .into_response();
     }
-    let peer = req.extensions().get::<Peer>().copied();
-    let access = match auth::authorize(&engine, peer) {
+    let access = match auth::access_of(&req) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
