@@ -1,5 +1,5 @@
-//! Pure supervision decisions: restart backoff, failure counting and what to do next for one
-//! process. Nothing here does I/O or reads a clock: `now` and randomness are parameters, so
+//! Pure supervision rules the lifecycle applies: restart backoff, failure counting, periodic
+//! cycles and health verdicts. Nothing here does I/O or reads a clock: `now` and randomness are parameters, so
 //! every rule is table-tested below.
 //!
 //! Backoff: the first failure after a healthy run restarts at once (delay 0, the fast path
