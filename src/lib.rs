@@ -5,16 +5,19 @@
 //! * [`config`]: the TOML config, strict, every error reported at once.
 //! * [`spec`]: process definitions (key + GSE spec) and their validation.
 //! * [`proto`]: the API's request/response types, shared by server, CLI and tests.
-//! * [`registry`]: definitions with their durable and runtime state.
 //! * [`store`]: SQLite persistence (one writer thread, WAL, group commit).
-//! * [`supervisor`]: the engine: operations, exit handling, restart policy ([`supervisor::policy`] is pure).
+//! * [`supervisor`]: owns every process's state; its [`supervisor::lifecycle`] is the pure state
+//!   machine every transition goes through, the rest feeds it and carries out its effects.
 //! * [`executor`]: running control commands as an account, in their own session, output captured.
 //! * [`output`]: output capture: the output keeper process (pipes, records, rotation) and the agent's client.
 //! * [`reserve`]: the space reserve in the state directory that keeps stop, kill and unmanage durable on a full disk.
 //! * [`reaper`]: the one reaper (the agent is a child subreaper); exits filed by (pid, start time).
 //! * [`expr`]: GSEKit expression_scope expressions.
 //! * [`procinfo`]: `/proc` identity reads and the pid-file parser.
+//! * [`tasks`], [`events`]: the task book (ids, per-item results) and the event history.
+//! * [`host`], [`util`]: this host's identity; small shared helpers.
 //! * [`fspool`]: the bounded pool for file-system work on caller-chosen paths (hung mounts).
+//! * `fuzzing` (feature `fuzzing`): the fuzz harness, outside the default build.
 //! * [`probe`]: resource sampling and metrics.
 //! * [`api`]: the HTTP/1.1 + JSON socket server, authorization, and the client.
 //! * [`cli`]: the `procagent` command.
