@@ -1,4 +1,4 @@
-//! One function per API, behind [`call`].
+//! One function per API, behind [`call_authorized`].
 //!
 //! Request decoding names the failing field (`meta.name: missing field`); the body is parsed
 //! once into the request type, validated (the sizes of [`super::limits`] included),
