@@ -43,16 +43,24 @@ fn op_within(d: &Daemon, name: &str, op: i64, within: Duration) -> serde_json::V
     })
 }
 
+/// A FUSE mount at `mnt` that never answers, or None (with the reason printed) where FUSE
+/// cannot be mounted.
+fn hung_fuse(mnt: &std::path::Path, env: &TestEnv) -> Option<HungFuse> {
+    match HungFuse::mount(mnt, env.path()) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
 #[test]
 fn a_hung_mount_delays_only_the_processes_whose_paths_are_on_it() {
     let env = TestEnv::new();
     let mnt = env.path().join("hung");
-    let fuse = match HungFuse::mount(&mnt, env.path()) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
+    let Some(fuse) = hung_fuse(&mnt, &env) else {
+        return;
     };
     let mut d = Daemon::start(&env, "");
     let healthy_pidfile = env.p("healthy.pid");
@@ -200,12 +208,8 @@ fn a_fifo_or_device_as_pid_file_is_never_opened() {
 fn many_pid_files_on_one_hung_mount_do_not_stop_the_agent_acting_elsewhere() {
     let env = TestEnv::new();
     let mnt = env.path().join("hung");
-    let fuse = match HungFuse::mount(&mnt, env.path()) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
+    let Some(fuse) = hung_fuse(&mnt, &env) else {
+        return;
     };
     let d = Daemon::start(&env, "");
     let hung = mnt.display().to_string();

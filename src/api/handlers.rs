@@ -1159,20 +1159,8 @@ pub async fn events(State(st): State<AppState>, req: axum::extract::Request) -> 
         .as_deref()
         .is_some_and(|f| f != "0" && f != "false");
     let key = q.key.clone().filter(|k| !k.is_empty());
-    if !follow {
-        let list = st
-            .engine
-            .events
-            .list(
-                q.after.unwrap_or(0),
-                q.since_ms.unwrap_or(i64::MIN),
-                key.as_deref(),
-                limit,
-            )
-            .await;
-        return ok(json!({ "events": list }));
-    }
-    let rx = st.engine.events.subscribe();
+    // Live events are subscribed to before the backlog is read, so none falls in between.
+    let rx = follow.then(|| st.engine.events.subscribe());
     let backlog = st
         .engine
         .events
@@ -1183,6 +1171,9 @@ pub async fn events(State(st): State<AppState>, req: axum::extract::Request) -> 
             limit,
         )
         .await;
+    let Some(rx) = rx else {
+        return ok(json!({ "events": backlog }));
+    };
     let last = backlog.last().map(|e| e.id).unwrap_or(q.after.unwrap_or(0));
     let lines: Vec<Result<Vec<u8>, std::convert::Infallible>> =
         backlog.into_iter().map(|e| Ok(line(&e))).collect();
