@@ -23,6 +23,7 @@ pub mod defs;
 pub mod discover;
 pub mod driver;
 pub mod handle;
+pub mod keylocks;
 pub mod lifecycle;
 pub mod limits;
 pub mod ownership;
@@ -37,7 +38,7 @@ pub mod watch;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore, oneshot, watch as tokio_watch};
@@ -105,7 +106,7 @@ pub struct Engine {
     /// Wakes definition writes waiting for an operation to end.
     op_ended: Notify,
     /// Definition writes of one key take turns (entries live only while a write runs).
-    def_locks: Mutex<HashMap<ProcKey, Weak<tokio::sync::Mutex<()>>>>,
+    def_locks: keylocks::KeyLocks<ProcKey>,
 }
 
 /// Everything the supervisor is built from.
@@ -220,7 +221,7 @@ impl Engine {
             next_op: AtomicU64::new(1),
             wake: Notify::new(),
             op_ended: Notify::new(),
-            def_locks: Mutex::new(HashMap::new()),
+            def_locks: keylocks::KeyLocks::default(),
         })
     }
 
@@ -229,24 +230,9 @@ impl Engine {
         self.reg.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The lock of definition writes to `key`: the table holds an entry only while some write
-    /// holds or waits for it.
+    /// The lock of definition writes to `key` ([`keylocks::KeyLocks`]).
     pub(crate) fn def_lock(&self, key: &ProcKey) -> Arc<tokio::sync::Mutex<()>> {
-        let mut t = self.def_locks.lock().unwrap_or_else(|e| e.into_inner());
-        t.retain(|_, w| w.strong_count() > 0);
-        if let Some(l) = t.get(key).and_then(Weak::upgrade) {
-            return l;
-        }
-        let l = Arc::new(tokio::sync::Mutex::new(()));
-        t.insert(key.clone(), Arc::downgrade(&l));
-        l
-    }
-
-    /// How many definition-write locks exist now (bounded by the writes in flight).
-    pub fn def_locks_held(&self) -> usize {
-        let mut t = self.def_locks.lock().unwrap_or_else(|e| e.into_inner());
-        t.retain(|_, w| w.strong_count() > 0);
-        t.len()
+        self.def_locks.get(key)
     }
 
     /// The command request for one of a process's commands.
