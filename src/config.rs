@@ -80,6 +80,9 @@ pub struct SupervisorConfig {
     pub health_failures: u32,
     /// Umask of spawned commands.
     pub umask: u32,
+    /// Containment ([`crate::cgroup::detect`]): `"auto"`, a cgroup v2 directory, or `""`
+    /// (off).
+    pub cgroup_root: String,
 }
 
 /// Socket API limits and roles.
@@ -522,6 +525,7 @@ pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> 
         ),
         health_failures: s.int("health_failures", 3, 1, 1000) as u32,
         umask: s.int("umask", 0o022, 0, 0o777) as u32,
+        cgroup_root: s.string("cgroup_root", "auto"),
     };
     if supervisor.backoff_max < supervisor.backoff_initial {
         s.err("backoff_max", "must not be smaller than backoff_initial");

@@ -184,6 +184,13 @@ pub async fn run(
     );
     reaper.sweep();
     let processes = config.processes.clone();
+    let setting = config.supervisor.cgroup_root.clone();
+    let cgroups = tokio::task::spawn_blocking(move || crate::cgroup::detect(&setting))
+        .await
+        .unwrap_or_else(|e| crate::cgroup::Mode::Off {
+            why: format!("detection failed: {e}"),
+        });
+    tracing::info!(containment = %cgroups.describe(), "containment");
     let engine = Engine::new(EngineParts {
         config,
         host,
@@ -192,6 +199,7 @@ pub async fn run(
         reaper,
         detection,
         subreaper,
+        cgroups,
     });
     tracing::info!(
         ip = %engine.host.ip,

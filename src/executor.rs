@@ -55,6 +55,8 @@ pub enum ExecError {
     },
     #[error("cannot start the command: {0}")]
     Spawn(#[source] std::io::Error),
+    #[error("cannot place the command in its cgroup {dir}: {reason}")]
+    Cgroup { dir: String, reason: String },
     /// The agent's own pool could not do the work in time (no path is to blame).
     #[error("cannot start the command now: {0}")]
     Pool(#[source] crate::fspool::FsError),
@@ -122,6 +124,8 @@ pub struct CommandRequest {
     pub account: String,
     pub env: BTreeMap<String, String>,
     pub timeout: Duration,
+    /// The cgroup the command runs in (containment on), created if missing.
+    pub cgroup: Option<crate::cgroup::Placement>,
 }
 
 /// A command that was started.
@@ -217,6 +221,7 @@ impl Executor {
                 umask: self.umask,
                 nofile: sys::original_nofile(),
                 cwd: None,
+                cgroup_procs: None,
             },
             acct,
         ))
@@ -258,6 +263,22 @@ impl Executor {
             .await
             .map_err(pool_err)??;
         ident.cwd = Some(std::sync::Arc::new(dir));
+        if let Some(place) = req.cgroup.clone() {
+            let fd = self
+                .fs
+                .run_unkeyed(
+                    "placing a command in its cgroup",
+                    Duration::from_secs(5),
+                    move || place.open().map_err(|e| (place.dir.clone(), e)),
+                )
+                .await
+                .map_err(pool_err)?
+                .map_err(|(dir, e)| ExecError::Cgroup {
+                    dir: dir.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            ident.cgroup_procs = Some(std::sync::Arc::new(fd));
+        }
         let header = format!(
             "{} {} as {}: {}",
             humantime::format_rfc3339_seconds(std::time::SystemTime::now()),

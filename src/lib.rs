@@ -8,6 +8,7 @@
 //! * [`store`]: SQLite persistence (one writer thread, WAL, group commit).
 //! * [`supervisor`]: owns every process's state; its [`supervisor::lifecycle`] is the pure state
 //!   machine every transition goes through, the rest feeds it and carries out its effects.
+//! * [`cgroup`]: containment: the agent's cgroup v2 subtree and each process's cgroups.
 //! * [`executor`]: running control commands as an account, in their own session, output captured.
 //! * [`output`]: output capture: the output keeper process (pipes, records, rotation) and the agent's client.
 //! * [`reserve`]: the space reserve in the state directory that keeps stop, kill and unmanage durable on a full disk.
@@ -26,6 +27,7 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod daemon;

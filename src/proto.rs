@@ -635,6 +635,9 @@ pub struct Health {
     /// Ns)". New work on paths there fails at once, naming the mount, until it answers.
     #[serde(default)]
     pub hung_mounts: Vec<String>,
+    /// Containment: "off (why)" or "on at PATH (controllers: ...)".
+    #[serde(default)]
+    pub containment: String,
     /// The socket this request came through: "main" or "root".
     #[serde(default)]
     pub socket: String,

@@ -237,6 +237,10 @@ pub struct SpawnIdentity {
     /// The working directory, opened in the parent: the child enters it with `fchdir`, so no
     /// path is looked up after the fork (a hung mount cannot hold the fork).
     pub cwd: Option<Arc<OwnedFd>>,
+    /// The `cgroup.procs` file of the cgroup the command runs in (containment), opened for
+    /// writing in the parent: the child writes `0` into it (moving itself) before it drops
+    /// privileges, so everything it starts begins there.
+    pub cgroup_procs: Option<Arc<OwnedFd>>,
 }
 
 /// Install the `pre_exec` hook: own session (so the agent can signal the whole tree and no
@@ -256,7 +260,11 @@ pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
     let mask = nix::sys::stat::Mode::from_bits_truncate(ident.umask as libc::mode_t);
     let nofile = ident.nofile;
     let cwd = ident.cwd;
+    let cgroup = ident.cgroup_procs;
     let hook = move || -> io::Result<()> {
+        if let Some(procs) = &cgroup {
+            nix::unistd::write(procs.as_ref(), b"0").map_err(io::Error::from)?;
+        }
         nix::unistd::setsid().map_err(io::Error::from)?;
         if let Some(dir) = &cwd {
             nix::unistd::fchdir(dir.as_ref()).map_err(io::Error::from)?;
@@ -278,7 +286,8 @@ pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
         Ok(())
     };
     // SAFETY: the hook runs in the forked child before exec. It only makes direct syscalls
-    // (setsid, fchdir, umask, setrlimit, setgroups, setgid, setuid) on values computed before the fork; it does
+    // (write of the cgroup.procs fd, setsid, fchdir, umask, setrlimit, setgroups, setgid,
+    // setuid) on values computed before the fork; it does
     // not allocate (the group vector was built in the parent and is only borrowed), take
     // locks, or touch state shared with other threads, so it is async-signal-safe.
     unsafe {

@@ -1118,6 +1118,7 @@ pub async fn healthz(State(st): State<AppState>, req: axum::extract::Request) ->
             .into_iter()
             .map(|(p, d)| format!("{} (for {}s)", p.display(), d.as_secs()))
             .collect(),
+        containment: e.cgroups.describe(),
         socket,
         sockets,
     };

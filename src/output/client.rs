@@ -550,6 +550,7 @@ fn spawn_keeper(dir: &Path, s: &Settings) -> std::io::Result<()> {
             umask: 0o027,
             nofile: None,
             cwd: None,
+            cgroup_procs: None,
         },
     );
     let child = cmd.spawn()?;

@@ -230,11 +230,11 @@ impl Engine {
                 tokio::spawn(runner::reload(self.clone(), key.clone(), i, spec));
             }
             Effect::Signal { kill } => {
-                let t = stop::Targets::of(self, reg, key, state.and_then(|s| s.pid()));
+                let t = stop::Targets::of(self, reg, key, i, state.and_then(|s| s.pid()));
                 tokio::spawn(runner::signal(self.clone(), Arc::new(t), kill));
             }
             Effect::WatchGone => {
-                let t = stop::Targets::of(self, reg, key, state.and_then(|s| s.pid()));
+                let t = stop::Targets::of(self, reg, key, i, state.and_then(|s| s.pid()));
                 tokio::spawn(runner::watch_gone(
                     self.clone(),
                     key.clone(),

@@ -88,6 +88,8 @@ pub struct Engine {
     pub fs: crate::fspool::FsPool,
     pub detection: Detection,
     pub subreaper: bool,
+    /// Containment: off, or the agent's cgroup subtree.
+    pub cgroups: crate::cgroup::Mode,
     pub started: Instant,
     pub started_unix: i64,
     /// Metrics hooks (API request counter etc.).
@@ -118,6 +120,8 @@ pub struct EngineParts {
     pub reaper: Reaper,
     pub detection: Detection,
     pub subreaper: bool,
+    /// Containment (decided at start: [`crate::cgroup::detect`]).
+    pub cgroups: crate::cgroup::Mode,
 }
 
 /// At most this many health and version commands run at once.
@@ -134,6 +138,7 @@ impl Engine {
             reaper,
             detection,
             subreaper,
+            cgroups,
         } = parts;
         let output_dir = config.state_dir.join("output");
         let fs = crate::fspool::FsPool::default();
@@ -210,6 +215,7 @@ impl Engine {
             fs,
             detection,
             subreaper,
+            cgroups,
             started: Instant::now(),
             started_unix: crate::util::unix_now(),
             counters: crate::probe::Counters::default(),
@@ -251,7 +257,21 @@ impl Engine {
             account: spec.account.clone(),
             env: spec.env.clone(),
             timeout: Duration::from_secs(spec.op_timeout.max(1)),
+            cgroup: self.placement(key, None),
         }
+    }
+
+    /// Where a command of `key` runs with containment on: instance `i`'s cgroup for its
+    /// start and restart commands, the control leaf (`None`) for the others.
+    pub fn placement(&self, key: &ProcKey, i: Option<usize>) -> Option<crate::cgroup::Placement> {
+        let tree = self.cgroups.tree()?;
+        Some(crate::cgroup::Placement {
+            tree: tree.clone(),
+            dir: match i {
+                Some(i) => tree.instance(key, i),
+                None => tree.control(key),
+            },
+        })
     }
 
     /// The supervisor loop: deadlines of the lifecycle (backoff, cycles, stop steps) and the

@@ -54,6 +54,11 @@ pub async fn start(
             }
         }
     }
+    if cmd == StartCmd::Start
+        && let Err(why) = clear_leftovers(&engine, &key, i, spec.op_timeout).await
+    {
+        return fail(StartFailure::Command(format!("not started: {why}")));
+    }
     let which = match cmd {
         StartCmd::Start => CommandKind::Start,
         StartCmd::Restart => CommandKind::Restart,
@@ -62,7 +67,10 @@ pub async fn start(
         return fail(StartFailure::Command(format!("{} is empty", which.field())));
     };
     let permit = engine.ops.clone().acquire_owned().await;
-    let req = engine.command_request(&key, &spec, which.field(), command);
+    let mut req = engine.command_request(&key, &spec, which.field(), command);
+    // Containment: the start command runs in the instance's own cgroup, so whatever it
+    // forks or daemonizes stays there.
+    req.cgroup = engine.placement(&key, Some(i));
     let mut sp = match engine.exec.spawn(&req).await {
         Ok(sp) => sp,
         Err(e) => return fail(StartFailure::Command(format!("{}: {e}", which.field()))),
@@ -409,6 +417,79 @@ pub async fn reload(engine: Arc<Engine>, key: ProcKey, i: usize, spec: ProcSpec)
     engine.feed_instance(&key, i, Input::CommandDone(r));
     if ok {
         engine.refresh_version(&key);
+    }
+}
+
+/// Containment: before instance `i` is started, what is left in its cgroup of an earlier run
+/// (the workers of a master that died, a daemon its start command left behind) is stopped,
+/// as systemd's default KillMode does: SIGTERM to each (through pidfds, checked to be still
+/// in the cgroup), then `cgroup.kill` after `op_timeout`; the start waits until the cgroup is
+/// empty. Nothing to do with containment off, or when the cgroup is empty.
+async fn clear_leftovers(
+    engine: &Arc<Engine>,
+    key: &ProcKey,
+    i: usize,
+    op_timeout: u64,
+) -> Result<(), String> {
+    let Some(tree) = engine.cgroups.tree().cloned() else {
+        return Ok(());
+    };
+    let dir = tree.instance(key, i);
+    let deadline = Instant::now() + secs(op_timeout.max(1));
+    let mut killed = false;
+    let mut step = Duration::from_millis(2);
+    loop {
+        let (t, d) = (tree.clone(), dir.clone());
+        let now = Instant::now();
+        let kill = now >= deadline && !killed;
+        let first = step == Duration::from_millis(2);
+        let populated = engine
+            .fs
+            .run_unkeyed("clearing a cgroup", Duration::from_secs(5), move || {
+                let populated = crate::cgroup::populated(&d) == Some(true);
+                if populated && kill {
+                    let _ = crate::cgroup::kill(&d);
+                } else if populated && first {
+                    for p in crate::cgroup::procs(&d) {
+                        if let Ok(fd) = crate::sys::pidfd_open(p)
+                            && t.holds(&d, p)
+                        {
+                            let _ = crate::sys::pidfd_signal(
+                                std::os::fd::AsFd::as_fd(&fd),
+                                Signal::SIGTERM,
+                            );
+                        }
+                    }
+                }
+                populated
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if !populated {
+            if !first {
+                engine.events.emit(
+                    Some(key),
+                    "leftovers_stopped",
+                    format!(
+                        "processes left in {} by an earlier run were stopped{}",
+                        dir.display(),
+                        if killed { " (cgroup.kill)" } else { "" }
+                    ),
+                    serde_json::json!({ "instance": i }),
+                );
+            }
+            return Ok(());
+        }
+        if kill {
+            killed = true;
+        } else if killed && now >= deadline + Duration::from_secs(5) {
+            return Err(format!(
+                "{} still holds processes after cgroup.kill",
+                dir.display()
+            ));
+        }
+        tokio::time::sleep(step).await;
+        step = (step * 2).min(Duration::from_millis(50));
     }
 }
 

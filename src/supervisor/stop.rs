@@ -23,11 +23,19 @@ pub struct Targets {
     pub fds: HashMap<i32, Arc<OwnedFd>>,
     /// `None` when the definition is gone or invalid: nothing is signalled.
     pub claim: Option<ClaimData>,
+    /// Containment on: the instance's cgroup (everything in it goes with the instance).
+    pub cgroup: Option<(crate::cgroup::Tree, std::path::PathBuf)>,
 }
 
 impl Targets {
-    /// The targets of `pid`, an instance of `key`.
-    pub(crate) fn of(_engine: &Engine, reg: &Registry, key: &ProcKey, pid: Option<i32>) -> Targets {
+    /// The targets of `pid`, instance `i` of `key`.
+    pub(crate) fn of(
+        engine: &Engine,
+        reg: &Registry,
+        key: &ProcKey,
+        i: usize,
+        pid: Option<i32>,
+    ) -> Targets {
         let e = reg.get(key);
         let tracked = pid.and_then(|p| e.and_then(|e| e.tracked.get(&p)));
         let instance = tracked.map(|t| t.identity.clone());
@@ -51,7 +59,26 @@ impl Targets {
             groups,
             fds,
             claim: e.and_then(ClaimData::of),
+            cgroup: engine
+                .cgroups
+                .tree()
+                .map(|t| (t.clone(), t.instance(key, i))),
         }
+    }
+
+    /// The processes of the instance's cgroup (containment on), each pinned by a pidfd and
+    /// checked, through it, to be still in the cgroup.
+    fn cgroup_members(&self) -> Vec<(i32, OwnedFd)> {
+        let Some((tree, dir)) = &self.cgroup else {
+            return Vec::new();
+        };
+        crate::cgroup::procs(dir)
+            .into_iter()
+            .filter_map(|p| {
+                let fd = crate::sys::pidfd_open(p).ok()?;
+                tree.holds(dir, p).then_some((p, fd))
+            })
+            .collect()
     }
 
     /// What is left, from one /proc snapshot: the instance if alive, and the members of its
@@ -64,6 +91,21 @@ impl Targets {
             .filter(|i| snap.alive(i.pid, i.starttime))
             .map(|i| i.pid)
             .collect();
+        // Containment: the cgroup is the truth; what is in it is left (zombies included,
+        // until reaped: cgroup.events says populated 0 only once they are gone).
+        if let Some((_, dir)) = &self.cgroup
+            && crate::cgroup::populated(dir) == Some(true)
+        {
+            for p in crate::cgroup::procs(dir) {
+                if !left.contains(&p) {
+                    left.push(p);
+                }
+            }
+            if left.is_empty() {
+                // Populated but no pid listed yet (a race with an exit): look again.
+                left.push(-1);
+            }
+        }
         let Some(claim) = &self.claim else {
             return left;
         };
@@ -92,6 +134,17 @@ impl Targets {
     /// signalled for the definition, each through a pidfd after its checks.
     pub fn signal(&self, engine: &Engine, sig: Signal) {
         let Some(claim) = &self.claim else { return };
+        if let Some((_, dir)) = &self.cgroup {
+            // Everything the instance started is in its cgroup, whatever session it made.
+            if sig == Signal::SIGKILL
+                && let Err(e) = crate::cgroup::kill(dir)
+            {
+                tracing::warn!(cgroup = %dir.display(), error = %e, "cgroup.kill failed; signalling its processes one by one");
+            }
+            for (_, fd) in self.cgroup_members() {
+                let _ = crate::sys::pidfd_signal(std::os::fd::AsFd::as_fd(&fd), sig);
+            }
+        }
         let snap = crate::procinfo::Snapshot::take();
         let _ = claim.with_claim(engine, None, |c| {
             if let Some(i) = &self.instance {

@@ -1,0 +1,404 @@
+//! Containment: where the agent's cgroup v2 subtree is, and the cgroups of each process in
+//! it (docs/architecture.md "Containment").
+//!
+//! `[supervisor] cgroup_root` chooses the mode ([`detect`]): `""` is off (today's tracking by
+//! pidfd, process group and session); a path is that subtree (it must be a writable
+//! directory of the cgroup v2 hierarchy); `"auto"` uses the subtree systemd delegates to the
+//! agent (`Delegate=yes`), and is off where the agent does not run under systemd.
+//!
+//! Each instance I of a process runs in `ROOT/procs/<namespace>/<name>/<I>` and the process's
+//! control commands (stop, reload, health, version) in the sibling `.../control`, so killing
+//! an instance's cgroup never kills the command stopping it. Names are escaped
+//! ([`escape`]): the escaping is injective, so two keys never share a cgroup, and no key
+//! can name a kernel file (`cgroup.procs`).
+//!
+//! Everything here touches the cgroup file system and blocks: callers run it on the
+//! file-system pool or at start-up, never on an async worker.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::spec::ProcKey;
+
+/// Why containment is off, or where it is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Off { why: String },
+    On(Tree),
+}
+
+impl Mode {
+    /// The subtree, when containment is on.
+    pub fn tree(&self) -> Option<&Tree> {
+        match self {
+            Mode::On(t) => Some(t),
+            Mode::Off { .. } => None,
+        }
+    }
+
+    /// One line for health and logs: "off (why)" or "on at PATH (controllers: ...)".
+    pub fn describe(&self) -> String {
+        match self {
+            Mode::Off { why } => format!("off ({why})"),
+            Mode::On(t) => format!(
+                "on at {} (controllers: {})",
+                t.root.display(),
+                if t.controllers.is_empty() {
+                    "none".to_string()
+                } else {
+                    t.controllers.join(" ")
+                }
+            ),
+        }
+    }
+}
+
+/// The agent's subtree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tree {
+    /// The cgroup v2 mount point.
+    pub mount: PathBuf,
+    pub root: PathBuf,
+    /// The controllers available in it (`cgroup.controllers` of the root).
+    pub controllers: Vec<String>,
+}
+
+/// The cgroup v2 mount point in the text of `/proc/self/mountinfo` (the first `cgroup2`).
+pub fn v2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        let point = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(point)))
+    })
+}
+
+/// Mount points escape space, tab, newline and backslash as `\ooo`.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup v2 path of a process in the text of `/proc/PID/cgroup` (the `0::PATH` line).
+pub fn v2_path(proc_cgroup: &str) -> Option<String> {
+    proc_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim_end().to_string())
+}
+
+/// A key part as a cgroup directory name: ASCII letters, digits, `_` and `-` kept, every
+/// other byte `%XX`; so the escaping is injective, never empty, never `.`-led and never a
+/// kernel file name. Longer than 200 bytes (a cgroup name is at most 255): the first 160
+/// escaped bytes, `~`, and 32 hex digits of SHA-256 over the raw part.
+pub fn escape(part: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for b in part.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    if out.is_empty() {
+        out.push('%');
+    }
+    if out.len() > 200 {
+        use sha2::{Digest, Sha256};
+        let d = Sha256::digest(part.as_bytes());
+        out.truncate(160);
+        // Not inside an escape.
+        while out.ends_with('%') || out.len() >= 2 && out.as_bytes()[out.len() - 2] == b'%' {
+            out.pop();
+        }
+        out.push('~');
+        for b in &d[..16] {
+            let _ = write!(out, "{b:02x}");
+        }
+    }
+    out
+}
+
+impl Tree {
+    /// The directory of `key`'s cgroups.
+    pub fn process_dir(&self, key: &ProcKey) -> PathBuf {
+        self.root
+            .join("procs")
+            .join(escape(&key.namespace))
+            .join(escape(&key.name))
+    }
+
+    /// Instance `i`'s cgroup.
+    pub fn instance(&self, key: &ProcKey, i: usize) -> PathBuf {
+        self.process_dir(key).join(i.to_string())
+    }
+
+    /// The control leaf: where `key`'s stop, reload, health and version commands run.
+    pub fn control(&self, key: &ProcKey) -> PathBuf {
+        self.process_dir(key).join("control")
+    }
+
+    /// Create `dir` (and its parents below the root) if missing. Blocking.
+    pub fn ensure(&self, dir: &Path) -> io::Result<()> {
+        if !dir.starts_with(&self.root) {
+            return Err(io::Error::other(format!(
+                "{} is outside the agent's cgroup subtree {}",
+                dir.display(),
+                self.root.display()
+            )));
+        }
+        std::fs::create_dir_all(dir)
+    }
+
+    /// Open `dir`'s `cgroup.procs` for writing (the child writes `0` into it before exec).
+    /// Creates `dir` first. Blocking.
+    pub fn open_procs(&self, dir: &Path) -> io::Result<std::os::fd::OwnedFd> {
+        self.ensure(dir)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))?;
+        Ok(std::os::fd::OwnedFd::from(f))
+    }
+}
+
+/// Where a command is placed: a cgroup of the agent's subtree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub tree: Tree,
+    pub dir: PathBuf,
+}
+
+impl Placement {
+    /// Create the cgroup if missing and open its `cgroup.procs` for the child. Blocking.
+    pub fn open(&self) -> io::Result<std::os::fd::OwnedFd> {
+        self.tree.open_procs(&self.dir)
+    }
+}
+
+/// The pids in cgroup `dir` (empty when it does not exist). Blocking.
+pub fn procs(dir: &Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Does cgroup `dir` hold a process (`cgroup.events` `populated`)? `None` when it does not
+/// exist. Blocking.
+pub fn populated(dir: &Path) -> Option<bool> {
+    let t = std::fs::read_to_string(dir.join("cgroup.events")).ok()?;
+    t.lines()
+        .find_map(|l| l.strip_prefix("populated "))
+        .map(|v| v.trim() == "1")
+}
+
+/// Kill every process of cgroup `dir` and its descendants at once (`cgroup.kill`, 5.14+).
+/// Blocking.
+pub fn kill(dir: &Path) -> io::Result<()> {
+    std::fs::write(dir.join("cgroup.kill"), b"1")
+}
+
+impl Tree {
+    /// The cgroup directory `pid` is in, when it can be read. Blocking.
+    pub fn cgroup_of(&self, pid: i32) -> Option<PathBuf> {
+        let t = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let p = v2_path(&t)?;
+        Some(self.mount.join(p.trim_start_matches('/')))
+    }
+
+    /// Is `pid` in cgroup `dir` or below it? Blocking.
+    pub fn holds(&self, dir: &Path, pid: i32) -> bool {
+        self.cgroup_of(pid).is_some_and(|c| c.starts_with(dir))
+    }
+
+    /// Move `pid` into cgroup `dir` (created if missing). Blocking.
+    pub fn move_into(&self, dir: &Path, pid: i32) -> io::Result<()> {
+        self.ensure(dir)?;
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+    }
+}
+
+/// Remove `key`'s cgroups that hold no process (leaves first). Blocking.
+pub fn remove_empty(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_empty(&e.path());
+        }
+    }
+    // rmdir fails (EBUSY) while the cgroup holds a process or a child cgroup.
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Decide the mode from the `cgroup_root` setting, reading `/proc/self/mountinfo` and
+/// `/proc/self/cgroup`. Blocking (start-up only).
+pub fn detect(setting: &str) -> Mode {
+    let setting = setting.trim();
+    if setting.is_empty() {
+        return Mode::Off {
+            why: "cgroup_root is empty".into(),
+        };
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(mount) = v2_mount(&mountinfo) else {
+        return Mode::Off {
+            why: "no cgroup v2 hierarchy is mounted (cgroup v1 only: tracking by pidfd, process group and session)".into(),
+        };
+    };
+    let root = if setting == "auto" {
+        match systemd_subtree(&mount) {
+            Ok(r) => r,
+            Err(why) => return Mode::Off { why },
+        }
+    } else {
+        let p = PathBuf::from(setting);
+        if !p.starts_with(&mount) {
+            return Mode::Off {
+                why: format!(
+                    "cgroup_root {setting} is not below the cgroup v2 mount {}",
+                    mount.display()
+                ),
+            };
+        }
+        p
+    };
+    match open_tree(&mount, &root) {
+        Ok(t) => Mode::On(t),
+        Err(e) => Mode::Off {
+            why: format!("cgroup_root {}: {e}", root.display()),
+        },
+    }
+}
+
+/// The subtree systemd delegated to the agent: the agent runs in its unit's cgroup, or in
+/// its `agent` subgroup (`DelegateSubgroup=agent`, systemd 254+), and the unit's cgroup is
+/// writable (`Delegate=yes`).
+fn systemd_subtree(mount: &Path) -> Result<PathBuf, String> {
+    let init = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
+    if init.trim() != "systemd" {
+        return Err("cgroup_root is \"auto\" and the agent does not run under systemd".into());
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| v2_path(&t))
+        .ok_or("the agent's own cgroup cannot be read")?;
+    let own_dir = mount.join(own.trim_start_matches('/'));
+    let unit = if own_dir.file_name().is_some_and(|n| n == "agent") {
+        own_dir.parent().map(Path::to_path_buf).unwrap_or(own_dir)
+    } else {
+        own_dir
+    };
+    if rustix::fs::access(&unit, rustix::fs::Access::WRITE_OK).is_err() {
+        return Err(format!(
+            "the agent's cgroup {} is not delegated to it (Delegate=yes in the unit)",
+            unit.display()
+        ));
+    }
+    Ok(unit)
+}
+
+fn open_tree(mount: &Path, root: &Path) -> io::Result<Tree> {
+    let meta = std::fs::metadata(root.join("cgroup.procs"))?;
+    if !meta.is_file() {
+        return Err(io::Error::other("not a cgroup directory"));
+    }
+    rustix::fs::access(root, rustix::fs::Access::WRITE_OK).map_err(io::Error::from)?;
+    let controllers = std::fs::read_to_string(root.join("cgroup.controllers"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    std::fs::create_dir_all(root.join("procs"))?;
+    Ok(Tree {
+        mount: mount.to_path_buf(),
+        root: root.to_path_buf(),
+        controllers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_v2_mount() {
+        let mi = "25 30 0:22 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory\n\
+                  26 30 0:23 / /sys/fs/cgroup/unified rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(v2_mount(mi), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let mi2 = "30 1 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
+        assert_eq!(v2_mount(mi2), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            v2_mount("31 1 0:27 / /a\\040b rw - cgroup2 none rw\n"),
+            Some(PathBuf::from("/a b"))
+        );
+        assert_eq!(v2_mount("25 30 0:22 / /x rw - cgroup cgroup rw\n"), None);
+    }
+
+    #[test]
+    fn reads_the_v2_path() {
+        let t = "12:memory:/user.slice\n0::/system.slice/procagentd.service/agent\n";
+        assert_eq!(
+            v2_path(t).as_deref(),
+            Some("/system.slice/procagentd.service/agent")
+        );
+        assert_eq!(v2_path("1:name=systemd:/\n"), None);
+    }
+
+    #[test]
+    fn escaping_is_injective_and_never_a_kernel_name() {
+        let cases = [
+            ("web", "web"),
+            ("a.b", "a%2Eb"),
+            ("a/b", "a%2Fb"),
+            ("cgroup.procs", "cgroup%2Eprocs"),
+            ("..", "%2E%2E"),
+            ("中", "%E4%B8%AD"),
+            ("a%2Eb", "a%252Eb"),
+            ("", "%"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(escape(raw), want, "{raw:?}");
+        }
+        let long_a = "a".repeat(300);
+        let long_b = format!("{}b", "a".repeat(299));
+        assert_ne!(escape(&long_a), escape(&long_b));
+        assert!(escape(&long_a).len() <= 200);
+        assert!(escape(&"/".repeat(300)).len() <= 200);
+    }
+
+    #[test]
+    fn paths_of_a_process() {
+        let t = Tree {
+            mount: PathBuf::from("/sys/fs/cgroup/unified"),
+            root: PathBuf::from("/sys/fs/cgroup/unified/test"),
+            controllers: vec![],
+        };
+        let k = ProcKey::new("ns", "web.1");
+        assert_eq!(
+            t.instance(&k, 0),
+            PathBuf::from("/sys/fs/cgroup/unified/test/procs/ns/web%2E1/0")
+        );
+        assert_eq!(
+            t.control(&k),
+            PathBuf::from("/sys/fs/cgroup/unified/test/procs/ns/web%2E1/control")
+        );
+        assert!(t.ensure(Path::new("/sys/fs/cgroup/unified/other")).is_err());
+    }
+}

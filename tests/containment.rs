@@ -1,0 +1,210 @@
+//! Containment (issue "Containment"): with `supervisor.cgroup_root` pointing at a cgroup v2
+//! subtree the test creates for itself, each instance runs in its own cgroup, so whatever
+//! it forks or daemonizes (new sessions included) is stopped with it and never leaks across
+//! restarts. Needs root and a writable cgroup v2 hierarchy (here: /sys/fs/cgroup/unified,
+//! with no controllers); skips with the reason otherwise. Never touches a cgroup outside the
+//! test's own subtree, which it removes at the end.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const NS: &str = "box";
+const FAST: &str =
+    "backoff_initial = \"100ms\"\nbackoff_max = \"500ms\"\nsweep_interval = \"200ms\"\n";
+
+/// The test's own cgroup subtree: created below the cgroup v2 mount, emptied (cgroup.kill)
+/// and removed when dropped.
+struct Subtree {
+    root: PathBuf,
+}
+
+impl Subtree {
+    fn create(env: &TestEnv) -> Result<Subtree, String> {
+        if !is_root() {
+            return Err("needs root".into());
+        }
+        let mountinfo =
+            std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+        let mount = procagent::cgroup::v2_mount(&mountinfo).ok_or("no cgroup v2 mount")?;
+        let tag = env
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "x".into());
+        let root = mount.join(format!("procagent-test-{tag}"));
+        std::fs::create_dir(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+        if !root.join("cgroup.kill").exists() {
+            let _ = std::fs::remove_dir(&root);
+            return Err("cgroup.kill is not supported (Linux 5.14+)".into());
+        }
+        Ok(Subtree { root })
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "[supervisor]\ncgroup_root = \"{}\"\n{FAST}",
+            self.root.display()
+        )
+    }
+
+    /// Every pid anywhere in the subtree.
+    fn pids(&self) -> Vec<i32> {
+        fn walk(d: &Path, out: &mut Vec<i32>) {
+            out.extend(procagent::cgroup::procs(d));
+            for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path(), out);
+                }
+            }
+        }
+        let mut v = Vec::new();
+        walk(&self.root, &mut v);
+        v
+    }
+}
+
+impl Drop for Subtree {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.root.join("cgroup.kill"), b"1");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while procagent::cgroup::populated(&self.root) == Some(true)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        procagent::cgroup::remove_empty(&self.root);
+    }
+}
+
+fn setup(env: &TestEnv) -> Option<(Subtree, Daemon)> {
+    let sub = match Subtree::create(env) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return None;
+        }
+    };
+    let d = Daemon::start(env, &sub.config());
+    let h = d.get("/v1/healthz");
+    let mode = h["data"]["containment"].as_str().unwrap_or("").to_string();
+    assert!(mode.starts_with("on at "), "containment is on: {h}");
+    Some((sub, d))
+}
+
+/// Live processes whose executable is `exe`.
+fn running(env: &TestEnv, exe: &str) -> Vec<i32> {
+    env.processes()
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .map(|x| x.display().to_string() == exe)
+                .unwrap_or(false)
+                && proc_state(*p) != Some('Z')
+        })
+        .collect()
+}
+
+fn proc_state(pid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+fn spec(env: &TestEnv, start: String, pid_path: &str, proc_name: &str) -> Value {
+    json!({
+        "identity": {"proc_name": proc_name, "setup_path": env.path().display().to_string(), "pid_path": pid_path, "user": ""},
+        "control": {"start_cmd": start, "stop_cmd": ""},
+        "monitor_policy": {"auto_type": 1, "start_check_secs": 1, "op_timeout": 5},
+    })
+}
+
+/// A master that starts three workers, each in a session of its own (setsid), then execs:
+/// over ten crashes of the master and an operator stop, no worker is left behind.
+#[test]
+fn a_master_with_setsid_workers_leaks_nothing_over_crashes_and_a_stop() {
+    let env = TestEnv::new();
+    let Some((sub, d)) = setup(&env) else { return };
+    let worker = program_at(&env.path().join("bin"), "worker");
+    let master = program_at(&env.path().join("bin"), "master");
+    let script = env.script(
+        "master.sh",
+        &format!(
+            "#!/bin/sh\nfor i in 1 2 3; do setsid {worker} 100000 </dev/null >/dev/null 2>&1 & done\nexec {master} 100000\n"
+        ),
+    );
+    d.register(
+        NS,
+        "m",
+        spec(&env, format!("exec sh {script}"), "", "master"),
+    );
+    let r = d.op(NS, "m", 0);
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    let mut pid = d.status(NS, "m")["pid"].as_i64().unwrap_or(-1) as i32;
+    wait_for("three workers", Duration::from_secs(10), || {
+        (running(&env, &worker).len() == 3).then_some(())
+    });
+    for round in 0..10 {
+        kill9(pid);
+        pid = wait_for(
+            &format!("the master restarted (round {round})"),
+            Duration::from_secs(20),
+            || {
+                let p = d.status(NS, "m")["pid"].as_i64()? as i32;
+                (p > 0 && p != pid && alive(p) && running(&env, &master) == vec![p]).then_some(p)
+            },
+        );
+        wait_for(
+            &format!("exactly three workers (round {round})"),
+            Duration::from_secs(20),
+            || {
+                let w = running(&env, &worker);
+                assert!(w.len() <= 6, "workers pile up: {w:?}");
+                (w.len() == 3).then_some(())
+            },
+        );
+    }
+    let r = d.op(NS, "m", 1);
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    wait_for("nothing left", Duration::from_secs(20), || {
+        (running(&env, &worker).is_empty() && running(&env, &master).is_empty()).then_some(())
+    });
+    assert!(
+        sub.pids().is_empty(),
+        "the subtree still holds {:?}",
+        sub.pids()
+    );
+}
+
+/// A daemon that double-forks into a session of its own, with children of its own: stop
+/// ends all of them, though none is in the start command's session or process group.
+#[test]
+fn a_double_forking_daemon_and_its_children_are_all_stopped() {
+    let env = TestEnv::new();
+    let Some((sub, d)) = setup(&env) else { return };
+    let child = program_at(&env.path().join("bin"), "child");
+    let daemon = program_at(&env.path().join("bin"), "dmn");
+    let pidfile = env.p("dmn.pid");
+    let inner = env.script(
+        "inner.sh",
+        &format!(
+            "#!/bin/sh\n{child} 100000 &\nsetsid {child} 100000 &\necho $$ > {pidfile}\nexec {daemon} 100000\n"
+        ),
+    );
+    let start = format!("setsid sh {inner} </dev/null >/dev/null 2>&1 &");
+    d.register(NS, "dmn", spec(&env, start, &pidfile, "dmn"));
+    let r = d.op(NS, "dmn", 0);
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    wait_for("daemon and two children", Duration::from_secs(10), || {
+        (running(&env, &daemon).len() == 1 && running(&env, &child).len() == 2).then_some(())
+    });
+    let r = d.op(NS, "dmn", 1);
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    wait_for("all stopped", Duration::from_secs(20), || {
+        (running(&env, &daemon).is_empty() && running(&env, &child).is_empty()).then_some(())
+    });
+    assert!(sub.pids().is_empty(), "{:?}", sub.pids());
+}
