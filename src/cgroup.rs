@@ -289,7 +289,7 @@ pub fn detect(setting: &str) -> Mode {
 
 /// The subtree systemd delegated to the agent: the agent runs in its unit's cgroup, or in
 /// its `agent` subgroup (`DelegateSubgroup=agent`, systemd 254+), and the unit's cgroup is
-/// writable (`Delegate=yes`).
+/// delegated (`Delegate=yes`: systemd's `trusted.delegate` attribute) and writable.
 fn systemd_subtree(mount: &Path) -> Result<PathBuf, String> {
     let init = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
     if init.trim() != "systemd" {
@@ -305,7 +305,10 @@ fn systemd_subtree(mount: &Path) -> Result<PathBuf, String> {
     } else {
         own_dir
     };
-    if rustix::fs::access(&unit, rustix::fs::Access::WRITE_OK).is_err() {
+    // systemd marks a delegated cgroup with the `trusted.delegate` extended attribute
+    // (v251+); without it the subtree is systemd's own and the agent keeps out of it.
+    let delegated = rustix::fs::getxattr_query(&unit, "trusted.delegate").is_ok();
+    if !delegated || rustix::fs::access(&unit, rustix::fs::Access::WRITE_OK).is_err() {
         return Err(format!(
             "the agent's cgroup {} is not delegated to it (Delegate=yes in the unit)",
             unit.display()
