@@ -476,6 +476,50 @@ pub struct TaskQuery {
     pub task_id: String,
 }
 
+impl OperateProcReq {
+    /// One operation on one process of the given hosts (what the CLI sends).
+    pub fn new(key: &ProcKey, op: OpType, hosts: Vec<HostWire>) -> OperateProcReq {
+        OperateProcReq {
+            meta: Meta {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                labels: Labels::default(),
+            },
+            hosts,
+            op_type: Some(op.code()),
+            ..OperateProcReq::default()
+        }
+    }
+}
+
+/// `operate_proc_multi`: its items are operate_proc requests. The server decodes the items
+/// as JSON first (`T = serde_json::Value`) so an item's error names its index.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OperateMultiReq<T = OperateProcReq> {
+    pub proc_operate_req: Vec<T>,
+}
+
+/// `tasks`: the `limit` most recent tasks, or the one task `task_id`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TasksQuery {
+    #[serde(
+        default,
+        deserialize_with = "de_opt_i64",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub limit: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+}
+
+/// Body of `POST /v1/reload`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadReq {
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
 // ---------------------------------------------------------------------------------------
 // Responses
 
@@ -543,6 +587,156 @@ impl PartialEq for Meta {
     }
 }
 
+/// `data` of operate_proc, operate_proc_multi (and a config reload's restart task).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskIdResp {
+    pub task_id: String,
+}
+
+/// `data` of get_proc_operate_result: every item's result by its result key (115 while it
+/// runs).
+pub type TaskResults = std::collections::BTreeMap<String, KeyResult>;
+
+/// One task as `tasks` lists it (the audit trail).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub task_id: String,
+    /// Which API created it (operate_proc, operate_proc_multi, reload, ...).
+    pub api: String,
+    /// The GSE op_type code asked for (-1 when a task has none).
+    pub op_type: i64,
+    pub created_ms: i64,
+    #[serde(default)]
+    pub finished_ms: Option<i64>,
+    #[serde(default)]
+    pub peer_uid: Option<u32>,
+    #[serde(default)]
+    pub peer_pid: Option<i32>,
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub items: Vec<TaskItemView>,
+}
+
+/// One (host, process) item of a listed task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskItemView {
+    /// The result key (`cloud:ip:ns:name`, ...).
+    pub key: String,
+    pub result: KeyResult,
+    /// What the item did to the process's definition; `None` when it wrote none (and from
+    /// an older agent).
+    #[serde(default)]
+    pub definition: Option<String>,
+}
+
+/// `data` of `tasks`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskList {
+    pub list: Vec<TaskView>,
+}
+
+/// `data` of `POST /v1/procs`. The CLI reads the list as JSON first (`T =
+/// serde_json::Value`) so `--json` prints what the agent said.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProcList<T = ProcDetail> {
+    pub count: usize,
+    pub list: Vec<T>,
+}
+
+/// `data` of `GET /v1/events` (without `follow`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventList<T = Event> {
+    pub events: Vec<T>,
+}
+
+/// One object of `GET /v1/logs`: a line of a file, or a notice about it. Fields are in
+/// alphabetical order, as the JSON objects are written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// The file the line comes from.
+    #[serde(default)]
+    pub file: String,
+    /// The line's text (absent in a notice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<String>,
+    /// Something about the file instead of a line (unreadable, rotated, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
+    /// "output" (captured command output) or "log" (log_path).
+    #[serde(default)]
+    pub source: String,
+    /// A captured output record's stream: "out" or "err".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// A captured output record's time stamp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+}
+
+/// `data` of `GET /v1/logs` (without `follow`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogLines<T = LogLine> {
+    pub lines: Vec<T>,
+}
+
+/// `data` of a config reload refused for the config's errors.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadErrors {
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// One row of `process_status` (GSEKit's process list).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProcessStatusRow {
+    pub id: i64,
+    pub bk_biz_id: i64,
+    pub expression: String,
+    pub bk_host_innerip: String,
+    pub bk_cloud_id: i64,
+    pub bk_set_env: String,
+    pub bk_set_id: i64,
+    pub bk_module_id: i64,
+    pub service_template_id: i64,
+    pub service_instance_id: i64,
+    pub bk_process_name: String,
+    pub bk_process_id: i64,
+    pub process_template_id: i64,
+    /// GSE status: 0 unregistered, 1 running, 2 stopped.
+    pub process_status: i64,
+    pub is_auto: bool,
+    pub bk_set_name: String,
+    pub bk_module_name: String,
+    pub bk_service_name: String,
+    pub bk_cloud_name: String,
+    pub config_templates: serde_json::Value,
+    pub proc_inst_infos: Vec<ProcInstInfo>,
+}
+
+/// One instance of a [`ProcessStatusRow`]: a registered process.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProcInstInfo {
+    pub bk_process_id: i64,
+    pub local_inst_id: i64,
+    pub inst_id: i64,
+    pub process_status: i64,
+    pub is_auto: bool,
+    pub namespace: String,
+    pub name: String,
+    pub pid: i64,
+}
+
+/// `data` of `process_status`. The CLI reads the rows as JSON first (`T =
+/// serde_json::Value`) so `--json` prints what the agent said.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProcessStatusList<T = ProcessStatusRow> {
+    pub count: usize,
+    pub list: Vec<T>,
+}
+
 /// `data` of get_proc_status.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcInfos {
@@ -552,7 +746,7 @@ pub struct ProcInfos {
 }
 
 /// The agent's own detailed view of one process (`POST /v1/procs`, the CLI's status).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ProcDetail {
     pub namespace: String,
     pub name: String,
@@ -655,9 +849,10 @@ pub struct HostIdentityView {
     pub agent_id: String,
 }
 
-/// The operation types of operate_proc.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
-#[serde(rename_all = "snake_case")]
+/// The operation types of operate_proc. On the wire an operation is its GSE integer code
+/// ([`OpType::code`]): it serializes as that integer and deserializes from it (a number or
+/// a numeric string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OpType {
     Start,
     Stop,
@@ -713,16 +908,37 @@ impl OpType {
     }
 }
 
+impl Serialize for OpType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(self.code())
+    }
+}
+
+impl<'de> Deserialize<'de> for OpType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let c = de_opt_i64(d)?
+            .ok_or_else(|| serde::de::Error::custom("expected an op_type, got null"))?;
+        OpType::from_code(c)
+            .ok_or_else(|| serde::de::Error::custom(format!("{c} is not a valid op_type")))
+    }
+}
+
 /// An event of the supervision history (`GET /v1/events`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {
+    #[serde(default)]
     pub id: u64,
     /// Unix milliseconds.
+    #[serde(default)]
     pub ts_ms: i64,
-    /// `namespace/name`, empty for agent-wide events.
+    /// `namespace/name`, empty for agent-wide events (and for the stream's `lagged` note,
+    /// which carries only `kind` and `message`).
+    #[serde(default)]
     pub key: String,
     /// started, exited, restarting, backoff, adopted, stopped, limit_exceeded, operator, ...
+    #[serde(default)]
     pub kind: String,
+    #[serde(default)]
     pub message: String,
     #[serde(default)]
     pub data: serde_json::Value,
@@ -779,5 +995,51 @@ mod tests {
         for c in [-1, 5, 6, 10] {
             assert!(OpType::from_code(c).is_none());
         }
+    }
+
+    #[test]
+    fn op_types_are_their_codes_on_the_wire() {
+        assert_eq!(
+            serde_json::to_value(OpType::Restart).unwrap(),
+            serde_json::json!(7)
+        );
+        assert_eq!(
+            serde_json::to_value(OpType::Delegate).unwrap(),
+            serde_json::json!(3)
+        );
+        let o: OpType = serde_json::from_str("\"9\"").unwrap();
+        assert_eq!(o, OpType::Kill);
+        assert!(serde_json::from_str::<OpType>("5").is_err());
+        // The CLI's request: the op by name, the integer on the wire, and no field the
+        // server does not read as absent.
+        let r = OperateProcReq::new(&ProcKey::new("n", "x"), OpType::Stop, vec![]);
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["op_type"], serde_json::json!(1));
+        let back: OperateProcReq = serde_json::from_value(v).unwrap();
+        assert_eq!(back.op_type, Some(1));
+        assert!(back.spec.is_none() && back.agent_id_list.is_empty());
+    }
+
+    #[test]
+    fn typed_answers_ignore_unknown_fields_and_take_defaults() {
+        // A newer agent's extra fields, an older agent's missing optional ones.
+        let t: TaskList = serde_json::from_str(
+            r#"{"list":[{"task_id":"T","api":"operate_proc","op_type":0,"created_ms":1,
+                "new_field":true,"items":[{"key":"k","result":{"error_code":0,
+                "error_msg":"success","content":"","extra":1}}]}],"more":2}"#,
+        )
+        .unwrap();
+        assert_eq!(t.list[0].items[0].definition, None);
+        assert_eq!(t.list[0].peer_uid, None);
+        let e: Event = serde_json::from_str(r#"{"kind":"lagged","message":"3 dropped"}"#).unwrap();
+        assert_eq!((e.id, e.key.as_str(), e.kind.as_str()), (0, "", "lagged"));
+        let l: LogLine =
+            serde_json::from_str(r#"{"source":"log","file":"/f","line":"x"}"#).unwrap();
+        assert_eq!(l.line.as_deref(), Some("x"));
+        // Written in the order the JSON objects are: alphabetical.
+        assert_eq!(
+            serde_json::to_string(&l).unwrap(),
+            serde_json::to_value(&l).unwrap().to_string()
+        );
     }
 }

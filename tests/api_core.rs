@@ -726,3 +726,66 @@ fn commands_inherit_neither_stray_descriptors_nor_the_agents_raised_fd_limit() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The answers the CLI reads are the server's own shared types (proto.rs): each API's
+/// `data` decodes as its type, and that type written again is the very JSON the agent sent
+/// (same fields, same values), so a field renamed or added on one side only fails here.
+#[test]
+fn answers_the_cli_reads_are_their_shared_types() {
+    use procagent::api::reload::ReloadReport;
+    use procagent::proto::{
+        EventList, Health, LogLines, ProcList, ProcessStatusList, TaskIdResp, TaskList, TaskResults,
+    };
+    fn same<T: serde::de::DeserializeOwned + serde::Serialize>(what: &str, data: &Value) -> T {
+        let t: T = serde_json::from_value(data.clone())
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{data:#}"));
+        assert_eq!(
+            &serde_json::to_value(&t).unwrap(),
+            data,
+            "{what}: the typed answer differs from the JSON"
+        );
+        t
+    }
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    d.register(NS, "typed", daemon_spec(&env, "typed", json!({})));
+    let r = d.call(
+        "operate_proc",
+        &json!({"meta": {"namespace": NS, "name": "typed"}, "op_type": 0, "hosts": [Daemon::host()]}),
+    );
+    let TaskIdResp { task_id } = same("operate_proc", &r["data"]);
+    d.wait_task(&task_id, &Daemon::key(NS, "typed"));
+
+    let r = d.call("get_proc_operate_result", &json!({ "task_id": task_id }));
+    let res: TaskResults = same("get_proc_operate_result", &r["data"]);
+    assert_eq!(res[&Daemon::key(NS, "typed")].error_code, 0);
+    let r = d.call("tasks", &json!({ "task_id": task_id }));
+    let t: TaskList = same("tasks", &r["data"]);
+    assert_eq!(t.list[0].task_id, task_id);
+    let r = d.call("procs", &json!({"namespace": NS}));
+    let p: ProcList = same("procs", &r["data"]);
+    assert_eq!((p.count, p.list[0].name.as_str()), (1, "typed"));
+    let r = d.call(
+        "process_status",
+        &json!({"bk_biz_id": "*", "page": 1, "pagesize": 10}),
+    );
+    let rows: ProcessStatusList = same("process_status", &r["data"]);
+    assert_eq!(rows.list[0].proc_inst_infos[0].name, "typed");
+    let e: EventList = same("events", &d.get("/v1/events?limit=50")["data"]);
+    assert!(!e.events.is_empty());
+    let h: Health = same("healthz", &d.get("/v1/healthz")["data"]);
+    assert_eq!(h.status, "ok");
+    let l: LogLines = same(
+        "logs",
+        &d.get(&format!("/v1/logs?key={NS}%2Ftyped&lines=5"))["data"],
+    );
+    assert!(
+        l.lines
+            .iter()
+            .all(|x| x.line.is_some() || x.notice.is_some())
+    );
+    let r = d.call("reload", &json!({ "dry_run": true }));
+    if r["result"] == json!(true) {
+        let _: ReloadReport = same("reload", &r["data"]);
+    }
+}

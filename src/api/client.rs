@@ -6,6 +6,8 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::proto::Envelope;
@@ -27,9 +29,32 @@ pub enum ClientError {
     Decode { status: u16, body: String },
     #[error("the agent did not answer within {0:?}")]
     Timeout(Duration),
-    /// A stream request answered with an error envelope instead of a stream.
+    /// The agent refused the request (an error envelope, `result: false`), or a stream
+    /// request answered with an error envelope instead of a stream.
     #[error("error {}: {}", .0.code, .0.message)]
     Refused(Box<Envelope<Value>>),
+    /// The envelope's `data` is not the shape this client expects of `what`.
+    #[error("the agent's answer to {what} is not what this procagent expects: {error}")]
+    Shape { what: String, error: String },
+}
+
+/// Decode an answer's `data` (see [`Client::call_data`]) into its typed shape. Unknown
+/// fields are ignored, so a newer agent's additions do not break an older client.
+pub fn decode_data<T: DeserializeOwned>(what: &str, data: Value) -> Result<T, ClientError> {
+    serde_json::from_value(data).map_err(|e| ClientError::Shape {
+        what: what.to_string(),
+        error: e.to_string(),
+    })
+}
+
+/// The `data` of a successful envelope (`null` when it has none); a refusal as
+/// [`ClientError::Refused`].
+pub fn envelope_data(env: Envelope<Value>) -> Result<Value, ClientError> {
+    if env.result {
+        Ok(env.data.unwrap_or(Value::Null))
+    } else {
+        Err(ClientError::Refused(Box::new(env)))
+    }
 }
 
 /// A client bound to one socket path.
@@ -110,8 +135,12 @@ impl Client {
         })
     }
 
-    /// `POST /v1/<api>` with a JSON body.
-    pub async fn call(&self, api: &str, body: &Value) -> Result<Envelope<Value>, ClientError> {
+    /// `POST /v1/<api>` with a JSON body (a request type of [`crate::proto`], or any JSON).
+    pub async fn call<B: Serialize + ?Sized>(
+        &self,
+        api: &str,
+        body: &B,
+    ) -> Result<Envelope<Value>, ClientError> {
         let (status, bytes) = self
             .raw(
                 "POST",
@@ -126,6 +155,35 @@ impl Client {
     pub async fn get(&self, path: &str) -> Result<Envelope<Value>, ClientError> {
         let (status, bytes) = self.raw("GET", path, None).await?;
         Self::decode(status, &bytes)
+    }
+
+    /// `POST /v1/<api>` with a typed request: the answer's `data` as the agent wrote it
+    /// (a refusal is [`ClientError::Refused`]).
+    pub async fn call_data<Req: Serialize + ?Sized>(
+        &self,
+        api: &str,
+        req: &Req,
+    ) -> Result<Value, ClientError> {
+        envelope_data(self.call(api, req).await?)
+    }
+
+    /// `POST /v1/<api>` with a typed request, its `data` decoded as `Resp`.
+    pub async fn call_typed<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        api: &str,
+        req: &Req,
+    ) -> Result<Resp, ClientError> {
+        decode_data(api, self.call_data(api, req).await?)
+    }
+
+    /// `GET path`: the answer's `data` as the agent wrote it.
+    pub async fn get_data(&self, path: &str) -> Result<Value, ClientError> {
+        envelope_data(self.get(path).await?)
+    }
+
+    /// `GET path`, its `data` decoded as `Resp`.
+    pub async fn get_typed<Resp: DeserializeOwned>(&self, path: &str) -> Result<Resp, ClientError> {
+        decode_data(path, self.get_data(path).await?)
     }
 
     /// `GET path` and hand each line of the streamed body to `on_line` until it returns

@@ -44,7 +44,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
 
 use super::ApiError;
@@ -54,6 +54,7 @@ use super::limits::{self, KeyBudget, MAX_HOSTS, MAX_PROCESS_INFOS};
 use crate::expr::Expression;
 use crate::proto::{FLAG_RUNNING, FLAG_STOPPED};
 use crate::proto::{HostWire, KeyResult, OpType, codes, de_opt_f64, de_opt_i64};
+use crate::proto::{ProcInstInfo, ProcessStatusList, ProcessStatusRow};
 
 /// The registered definitions by key: what operate_process resolves against.
 pub type Registry = std::collections::BTreeMap<ProcKey, crate::spec::Definition>;
@@ -138,8 +139,9 @@ fn json_kind(v: &Value) -> &'static str {
 }
 
 /// An integer list element (a number or a numeric string).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Int(i64);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Int(pub i64);
 
 impl<'de> Deserialize<'de> for Int {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -153,8 +155,9 @@ impl<'de> Deserialize<'de> for Int {
 }
 
 /// A text list element (a string or a number).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Text(String);
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Text(pub String);
 
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -163,8 +166,9 @@ impl<'de> Deserialize<'de> for Text {
 }
 
 /// A boolean list element.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Bool(bool);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Bool(pub bool);
 
 impl<'de> Deserialize<'de> for Bool {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -728,66 +732,109 @@ pub async fn operate_process(
 // ---------------------------------------------------------------------------------------
 // process_status: request
 
-#[derive(Debug, Default, Deserialize)]
-struct StatusReq {
-    #[serde(default)]
-    bk_biz_id: Option<Value>,
-    #[serde(default)]
-    scope: Option<ScopeWire>,
-    #[serde(default)]
-    expression_scope: Option<ExprScopeWire>,
-    #[serde(default)]
-    bk_cloud_ids: Option<Vec<Int>>,
-    #[serde(default, deserialize_with = "de_opt_i64")]
-    process_status: Option<i64>,
-    #[serde(default)]
-    process_status_list: Option<Vec<Int>>,
-    #[serde(default, deserialize_with = "de_opt_bool")]
-    is_auto: Option<bool>,
-    #[serde(default)]
-    is_auto_list: Option<Vec<Bool>>,
-    #[serde(default)]
-    bk_host_innerips: Option<Vec<Text>>,
-    #[serde(default)]
-    searches: Option<Vec<Text>>,
-    #[serde(default, deserialize_with = "de_opt_i64")]
-    page: Option<i64>,
-    #[serde(default, deserialize_with = "de_opt_i64")]
-    pagesize: Option<i64>,
-    #[serde(default, deserialize_with = "de_opt_text")]
-    ordering: Option<String>,
+/// A `process_status` request (what the CLI's `ps` sends; every field optional).
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct StatusReq {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bk_biz_id: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<ScopeWire>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expression_scope: Option<ExprScopeWire>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bk_cloud_ids: Option<Vec<Int>>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_i64",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub process_status: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_status_list: Option<Vec<Int>>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_bool",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub is_auto: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_auto_list: Option<Vec<Bool>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bk_host_innerips: Option<Vec<Text>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub searches: Option<Vec<Text>>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_i64",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub page: Option<i64>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_i64",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pagesize: Option<i64>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ordering: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct ScopeWire {
-    #[serde(default)]
-    bk_set_env: Option<Value>,
-    #[serde(default)]
-    bk_set_ids: Option<Vec<Int>>,
-    #[serde(default)]
-    bk_module_ids: Option<Vec<Int>>,
-    #[serde(default)]
-    bk_service_ids: Option<Vec<Int>>,
-    #[serde(default)]
-    bk_process_names: Option<Vec<Text>>,
-    #[serde(default)]
-    bk_process_ids: Option<Vec<Int>>,
+/// `process_status` `scope`: ids.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct ScopeWire {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bk_set_env: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bk_set_ids: Option<Vec<Int>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bk_module_ids: Option<Vec<Int>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bk_service_ids: Option<Vec<Int>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bk_process_names: Option<Vec<Text>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bk_process_ids: Option<Vec<Int>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct ExprScopeWire {
-    #[serde(default)]
-    bk_set_env: Option<Value>,
-    #[serde(default, deserialize_with = "de_opt_text")]
-    bk_set_name: Option<String>,
-    #[serde(default, deserialize_with = "de_opt_text")]
-    bk_module_name: Option<String>,
-    #[serde(default, deserialize_with = "de_opt_text")]
-    service_instance_name: Option<String>,
-    #[serde(default, deserialize_with = "de_opt_text")]
-    bk_process_name: Option<String>,
-    #[serde(default, deserialize_with = "de_opt_text")]
-    bk_process_id: Option<String>,
+/// `process_status` `expression_scope`: GSEKit expressions.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct ExprScopeWire {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bk_set_env: Option<Value>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub bk_set_name: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub bk_module_name: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub service_instance_name: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub bk_process_name: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub bk_process_id: Option<String>,
 }
 
 /// Which businesses are listed.
@@ -1380,39 +1427,48 @@ impl Row {
     }
 
     /// The row as process_status answers it.
+    pub fn to_wire(&self) -> ProcessStatusRow {
+        ProcessStatusRow {
+            id: self.id,
+            bk_biz_id: self.bk_biz_id.unwrap_or(0),
+            expression: self.expression(),
+            bk_host_innerip: self.bk_host_innerip.clone(),
+            bk_cloud_id: self.bk_cloud_id,
+            bk_set_env: self.bk_set_env.clone(),
+            bk_set_id: self.bk_set_id,
+            bk_module_id: self.bk_module_id,
+            service_template_id: self.service_template_id,
+            service_instance_id: self.service_instance_id,
+            bk_process_name: self.bk_process_name.clone(),
+            bk_process_id: self.bk_process_id,
+            process_template_id: self.process_template_id,
+            process_status: self.process_status,
+            is_auto: self.is_auto,
+            bk_set_name: self.bk_set_name.clone(),
+            bk_module_name: self.bk_module_name.clone(),
+            bk_service_name: self.service_instance_name.clone(),
+            bk_cloud_name: self.bk_cloud_name.clone(),
+            config_templates: self.config_templates.clone(),
+            proc_inst_infos: self
+                .insts
+                .iter()
+                .map(|i| ProcInstInfo {
+                    bk_process_id: self.bk_process_id,
+                    local_inst_id: i.local_inst_id,
+                    inst_id: i.inst_id,
+                    process_status: i.status,
+                    is_auto: i.is_auto,
+                    namespace: i.key.namespace.clone(),
+                    name: i.key.name.clone(),
+                    pid: i.pid,
+                })
+                .collect(),
+        }
+    }
+
+    /// The row as process_status answers it, as JSON.
     pub fn to_json(&self) -> Value {
-        json!({
-            "id": self.id,
-            "bk_biz_id": self.bk_biz_id.unwrap_or(0),
-            "expression": self.expression(),
-            "bk_host_innerip": self.bk_host_innerip,
-            "bk_cloud_id": self.bk_cloud_id,
-            "bk_set_env": self.bk_set_env,
-            "bk_set_id": self.bk_set_id,
-            "bk_module_id": self.bk_module_id,
-            "service_template_id": self.service_template_id,
-            "service_instance_id": self.service_instance_id,
-            "bk_process_name": self.bk_process_name,
-            "bk_process_id": self.bk_process_id,
-            "process_template_id": self.process_template_id,
-            "process_status": self.process_status,
-            "is_auto": self.is_auto,
-            "bk_set_name": self.bk_set_name,
-            "bk_module_name": self.bk_module_name,
-            "bk_service_name": self.service_instance_name,
-            "bk_cloud_name": self.bk_cloud_name,
-            "config_templates": self.config_templates,
-            "proc_inst_infos": self.insts.iter().map(|i| json!({
-                "bk_process_id": self.bk_process_id,
-                "local_inst_id": i.local_inst_id,
-                "inst_id": i.inst_id,
-                "process_status": i.status,
-                "is_auto": i.is_auto,
-                "namespace": i.key.namespace,
-                "name": i.key.name,
-                "pid": i.pid,
-            })).collect::<Vec<_>>(),
-        })
+        handlers::to_data(&self.to_wire())
     }
 }
 
@@ -1517,11 +1573,11 @@ pub fn process_status(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
     };
     let rows = select(build_rows(snaps, &host), &q);
     let count = rows.len();
-    let list: Vec<Value> = page_of(rows, q.page, q.pagesize)
+    let list: Vec<ProcessStatusRow> = page_of(rows, q.page, q.pagesize)
         .iter()
-        .map(Row::to_json)
+        .map(Row::to_wire)
         .collect();
-    Ok(json!({ "count": count, "list": list }))
+    Ok(handlers::to_data(&ProcessStatusList { count, list }))
 }
 
 /// Split a whole five-field expression (for the CLI's `--expr`): on

@@ -22,13 +22,19 @@ use super::auth::{self, Access};
 use super::limits::{self, KeyBudget, MAX_HOSTS, MAX_MULTI_ITEMS};
 use super::{ApiError, AppState, ok};
 use crate::proto::{
-    HostWire, KeyResult, MetaHostsReq, OpType, OperateProcReq, ProcInfos, ProcsQuery, RegisterReq,
-    SyncProcStatusReq, TaskQuery, codes,
+    EventList, HostWire, KeyResult, MetaHostsReq, OpType, OperateMultiReq, OperateProcReq,
+    ProcInfos, ProcList, ProcsQuery, RegisterReq, SyncProcStatusReq, TaskIdResp, TaskItemView,
+    TaskList, TaskQuery, TaskResults, TaskView, TasksQuery, codes,
 };
 use crate::spec::{Labels, ProcKey, ProcSpec, validate_key};
 use crate::store::{TaskItemRecord, TaskRecord};
 use crate::supervisor::Engine;
 use crate::supervisor::defs::{self, PutMode, Writer};
+
+/// An answer's `data` built from its [`crate::proto`] type (the type the CLI reads it as).
+pub fn to_data<T: serde::Serialize>(t: &T) -> Value {
+    serde_json::to_value(t).unwrap_or(Value::Null)
+}
 
 /// Decode a JSON body into `T`, naming the failing field. Only a whole, valid UTF-8 JSON
 /// document is accepted: invalid UTF-8 anywhere (also inside a string the request type
@@ -451,7 +457,7 @@ async fn operate_proc(
     let d = decode_operate(body)?;
     let (code, plans) = plan_request(engine, access, d, style)?;
     let task_id = submit(engine, api, code, plans, access, username(body)).await?;
-    Ok(json!({ "task_id": task_id }))
+    Ok(to_data(&TaskIdResp { task_id }))
 }
 
 /// A decoded and validated operate request (`operate_proc`, or one item of
@@ -508,11 +514,8 @@ pub fn decode_operate(body: &[u8]) -> Result<OperateDecoded, ApiError> {
 
 /// Decode and validate an `operate_proc_multi` body (no side effects).
 pub fn decode_multi(body: &[u8]) -> Result<Vec<OperateDecoded>, ApiError> {
-    #[derive(serde::Deserialize)]
-    struct Multi {
-        proc_operate_req: Vec<Value>,
-    }
-    let req: Multi = parse(body)?;
+    // Items as JSON first, so an item's error names its index.
+    let req: OperateMultiReq<Value> = parse(body)?;
     if req.proc_operate_req.is_empty() {
         return Err(ApiError::bad(
             "proc_operate_req: at least one item is required",
@@ -664,15 +667,8 @@ pub fn decode_procs(body: &[u8]) -> Result<(ProcsQuery, Vec<(String, String)>), 
 
 /// Decode a `tasks` body: how many recent tasks to list, or the one task to show.
 pub fn decode_tasks(body: &[u8]) -> Result<(usize, Option<String>), ApiError> {
-    #[derive(serde::Deserialize, Default)]
-    struct Q {
-        #[serde(default, deserialize_with = "crate::proto::de_opt_i64")]
-        limit: Option<i64>,
-        #[serde(default)]
-        task_id: Option<String>,
-    }
-    let q: Q = if body.iter().all(|b| b.is_ascii_whitespace()) {
-        Q::default()
+    let q: TasksQuery = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        TasksQuery::default()
     } else {
         parse(body)?
     };
@@ -754,7 +750,7 @@ async fn operate_proc_multi(
         username(body),
     )
     .await?;
-    Ok(json!({ "task_id": task_id }))
+    Ok(to_data(&TaskIdResp { task_id }))
 }
 
 async fn get_result(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
@@ -765,15 +761,12 @@ async fn get_result(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
             format!("task {task_id:?} does not exist"),
         ));
     };
-    let mut m = serde_json::Map::new();
-    for it in t.items {
-        let r = it.result.unwrap_or_else(KeyResult::running);
-        m.insert(
-            it.result_key,
-            serde_json::to_value(r).unwrap_or(Value::Null),
-        );
-    }
-    Ok(Value::Object(m))
+    let m: TaskResults = t
+        .items
+        .into_iter()
+        .map(|it| (it.result_key, it.result.unwrap_or_else(KeyResult::running)))
+        .collect();
+    Ok(to_data(&m))
 }
 
 fn get_proc_status(engine: &Engine, body: &[u8], style: KeyStyle) -> Result<Value, ApiError> {
@@ -1030,7 +1023,10 @@ fn procs(engine: &Engine, body: &[u8], access: &Access) -> Result<Value, ApiErro
             d
         })
         .collect();
-    Ok(json!({ "count": list.len(), "list": list }))
+    Ok(to_data(&ProcList {
+        count: list.len(),
+        list,
+    }))
 }
 
 /// A label selector `k=v` matches a string value equal to `v`, or a non-string value whose
@@ -1057,22 +1053,29 @@ async fn tasks(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
         },
         None => engine.tasks.recent(limit),
     };
-    let list: Vec<Value> = found
+    let list: Vec<TaskView> = found
         .into_iter()
-        .map(|t| {
-            json!({
-                "task_id": t.task_id, "api": t.api, "op_type": t.op_type,
-                "created_ms": t.created_ms, "finished_ms": t.finished_ms,
-                "peer_uid": t.peer_uid, "peer_pid": t.peer_pid, "username": t.username,
-                "items": t.items.iter().map(|i| json!({
-                    "key": i.result_key,
-                    "result": i.result.clone().unwrap_or_else(KeyResult::running),
-                    "definition": i.definition,
-                })).collect::<Vec<_>>(),
-            })
+        .map(|t| TaskView {
+            task_id: t.task_id,
+            api: t.api,
+            op_type: t.op_type,
+            created_ms: t.created_ms,
+            finished_ms: t.finished_ms,
+            peer_uid: t.peer_uid,
+            peer_pid: t.peer_pid,
+            username: t.username,
+            items: t
+                .items
+                .into_iter()
+                .map(|i| TaskItemView {
+                    key: i.result_key,
+                    result: i.result.unwrap_or_else(KeyResult::running),
+                    definition: i.definition,
+                })
+                .collect(),
         })
         .collect();
-    Ok(json!({ "list": list }))
+    Ok(to_data(&TaskList { list }))
 }
 
 /// `GET /v1/healthz`.
@@ -1173,7 +1176,7 @@ pub async fn events(State(st): State<AppState>, req: axum::extract::Request) -> 
         )
         .await;
     let Some(rx) = rx else {
-        return ok(json!({ "events": backlog }));
+        return ok(to_data(&EventList { events: backlog }));
     };
     let last = backlog.last().map(|e| e.id).unwrap_or(q.after.unwrap_or(0));
     let lines: Vec<Result<Vec<u8>, std::convert::Infallible>> =

@@ -42,12 +42,12 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use rustix::fs::{FileType, Mode, OFlags};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::auth;
 use super::{ApiError, AppState, ok};
 use crate::executor::Account;
-use crate::proto::codes;
+use crate::proto::{LogLine, LogLines, codes};
 use crate::spec::ProcKey;
 
 /// Files of a log directory that are shown.
@@ -201,7 +201,12 @@ fn line_text(l: &[u8]) -> String {
 }
 
 fn line_obj(source: &str, file: &Path, line: String) -> Value {
-    json!({"source": source, "file": file.display().to_string(), "line": line})
+    super::handlers::to_data(&LogLine {
+        source: source.to_string(),
+        file: file.display().to_string(),
+        line: Some(line),
+        ..LogLine::default()
+    })
 }
 
 /// The object of one line of a captured output file: a record's text, stream and time; a
@@ -209,12 +214,13 @@ fn line_obj(source: &str, file: &Path, line: String) -> Value {
 fn output_line_obj(file: &Path, raw: &[u8]) -> Value {
     use crate::output::record::{Line, parse};
     match parse(raw) {
-        Line::Record { time, stream, text } => json!({
-            "source": "output",
-            "file": file.display().to_string(),
-            "line": line_text(text),
-            "stream": stream.mark(),
-            "time": time,
+        Line::Record { time, stream, text } => super::handlers::to_data(&LogLine {
+            source: "output".into(),
+            file: file.display().to_string(),
+            line: Some(line_text(text)),
+            stream: Some(stream.mark().into()),
+            time: Some(time.to_string()),
+            notice: None,
         }),
         Line::Header(l) | Line::Plain(l) => line_obj("output", file, line_text(l)),
     }
@@ -273,7 +279,12 @@ fn open_own(p: &Path) -> std::io::Result<File> {
 }
 
 fn notice_obj(source: &str, file: &Path, notice: impl Into<String>) -> Value {
-    json!({"source": source, "file": file.display().to_string(), "notice": notice.into()})
+    super::handlers::to_data(&LogLine {
+        source: source.to_string(),
+        file: file.display().to_string(),
+        notice: Some(notice.into()),
+        ..LogLine::default()
+    })
 }
 
 /// The regular files of a log directory to show, oldest first (see the module docs).
@@ -679,7 +690,7 @@ pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
         }
     };
     if !follow {
-        return ok(json!({ "lines": first }));
+        return ok(super::handlers::to_data(&LogLines { lines: first }));
     }
     let head = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(ndjson(&first))]);
     let follower = Follower {

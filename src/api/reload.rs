@@ -28,7 +28,7 @@ use super::auth::{self, Access, Role};
 use super::handlers::{HIDDEN_ENV_VALUE, KeyStyle, Target, result_key};
 use super::{ApiError, AppState, envelope, ok};
 use crate::config::{Config, ConfigErrors};
-use crate::proto::{HostWire, KeyResult, OpType, codes};
+use crate::proto::{HostWire, KeyResult, OpType, ReloadErrors, ReloadReq, codes};
 use crate::spec::ProcKey;
 use crate::store::{TaskItemRecord, TaskRecord};
 use crate::supervisor::Engine;
@@ -290,14 +290,6 @@ pub async fn reload_logged(engine: &Arc<Engine>, origin: &str) {
     }
 }
 
-/// Body of `POST /v1/reload`.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReloadReq {
-    #[serde(default)]
-    dry_run: bool,
-}
-
 /// Hide the `env` values of the changes a caller may not make: a changed definition whose
 /// registered account or new account is not the caller's to use shows its variables' names
 /// with [`HIDDEN_ENV_VALUE`].
@@ -384,7 +376,7 @@ pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
                 errs.0.len(),
                 errs.0.join("; ")
             ),
-            Some(json!({ "errors": errs.0 })),
+            Some(super::handlers::to_data(&ReloadErrors { errors: errs.0 })),
             axum::http::StatusCode::OK,
         ),
         Err(e @ ReloadError::Apply(_)) => {

@@ -24,11 +24,17 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
-use crate::api::client::{Client, ClientError};
+use crate::api::client::{Client, ClientError, decode_data};
+use crate::api::reload::ReloadReport;
 use crate::expr::Expression;
-use crate::proto::{Envelope, codes};
+use crate::proto::{
+    Envelope, Event, EventList, FLAG_RUNNING, Health, HostWire, LogLines, OpType, OperateMultiReq,
+    OperateProcReq, ProcDetail, ProcList, ProcsQuery, ReloadErrors, ReloadReq, TaskIdResp,
+    TaskList, TaskQuery, TaskResults, TasksQuery, codes,
+};
 use crate::spec::ProcKey;
 
 /// Exit codes.
@@ -299,14 +305,6 @@ fn api_error(env: &Envelope<Value>) -> CliError {
     CliError::new(code, format!("error {}: {}", env.code, env.message))
 }
 
-fn data(env: Envelope<Value>) -> Result<Value, CliError> {
-    if env.result {
-        Ok(env.data.unwrap_or(Value::Null))
-    } else {
-        Err(api_error(&env))
-    }
-}
-
 fn parse_key(s: &str) -> Result<ProcKey, CliError> {
     s.parse::<ProcKey>()
         .map_err(|e| CliError::new(exit::USAGE, e))
@@ -322,8 +320,16 @@ fn outln(text: &str) -> bool {
     out(&format!("{text}\n"))
 }
 
-fn print_json(v: &Value) {
-    outln(&serde_json::to_string_pretty(v).unwrap_or_default());
+/// Print a JSON document, pretty. Typed values go through a JSON value first, so their
+/// keys come out in the same (sorted) order as the agent's own objects.
+fn print_json<T: Serialize + ?Sized>(v: &T) {
+    let v = serde_json::to_value(v).unwrap_or_default();
+    outln(&serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
+/// Print a JSON document on one line (see [`print_json`]).
+fn print_json_line<T: Serialize + ?Sized>(v: &T) -> bool {
+    outln(&serde_json::to_value(v).unwrap_or_default().to_string())
 }
 
 /// Run the CLI; returns the exit code.
@@ -366,11 +372,11 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             )
             .await
         }
-        Command::Start(a) => operate(&client, json_out, a, 0).await,
-        Command::Stop(a) => operate(&client, json_out, a, 1).await,
-        Command::Manage(a) => operate(&client, json_out, a, 3).await,
-        Command::Unmanage(a) => operate(&client, json_out, a, 4).await,
-        Command::Restart(a) => operate(&client, json_out, a, 7).await,
+        Command::Start(a) => operate(&client, json_out, a, OpType::Start).await,
+        Command::Stop(a) => operate(&client, json_out, a, OpType::Stop).await,
+        Command::Manage(a) => operate(&client, json_out, a, OpType::Delegate).await,
+        Command::Unmanage(a) => operate(&client, json_out, a, OpType::Undelegate).await,
+        Command::Restart(a) => operate(&client, json_out, a, OpType::Restart).await,
         Command::Reload(r) => {
             if r.op.select.is_empty() {
                 reload_config(&client, json_out, r).await
@@ -380,26 +386,34 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
                     "--dry-run previews a config reload; it does not go with a process selection",
                 ))
             } else {
-                operate(&client, json_out, &r.op, 8).await
+                operate(&client, json_out, &r.op, OpType::Reload).await
             }
         }
-        Command::Kill(a) => operate(&client, json_out, a, 9).await,
+        Command::Kill(a) => operate(&client, json_out, a, OpType::Kill).await,
         Command::Task { task_id } => {
-            let d = data(
-                client
-                    .call("get_proc_operate_result", &json!({ "task_id": task_id }))
-                    .await?,
-            )?;
+            let api = "get_proc_operate_result";
+            let raw = client
+                .call_data(
+                    api,
+                    &TaskQuery {
+                        task_id: task_id.clone(),
+                    },
+                )
+                .await?;
+            let d: TaskResults = decode_data(api, raw.clone())?;
             if json_out {
-                print_json(&d);
+                print_json(&raw);
             } else {
                 // What each item did to its definition (an older agent does not say).
+                let q = TasksQuery {
+                    task_id: Some(task_id.clone()),
+                    limit: None,
+                };
                 let record = client
-                    .call("tasks", &json!({ "task_id": task_id }))
+                    .call_typed::<_, TaskList>("tasks", &q)
                     .await
                     .ok()
-                    .and_then(|e| data(e).ok())
-                    .map(|d| d["list"][0].clone());
+                    .and_then(|l| l.list.into_iter().next());
                 out(&render::fit(
                     &render::task_table(&d, record.as_ref()),
                     render::term_width(),
@@ -408,21 +422,27 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             Ok(task_exit(&d, None))
         }
         Command::Tasks { limit } => {
-            let d = data(client.call("tasks", &json!({ "limit": limit })).await?)?;
+            let q = TasksQuery {
+                limit: Some(i64::try_from(*limit).unwrap_or(i64::MAX)),
+                task_id: None,
+            };
+            let raw = client.call_data("tasks", &q).await?;
             if json_out {
-                print_json(&d);
+                print_json(&raw);
             } else {
+                let d: TaskList = decode_data("tasks", raw)?;
                 out(&render::fit(&render::tasks_table(&d), render::term_width()));
             }
             Ok(exit::OK)
         }
         Command::Ps(a) => ps::ps(&client, cli.json, a).await,
         Command::Health => {
-            let d = data(client.get("/v1/healthz").await?)?;
+            let raw = client.get_data("/v1/healthz").await?;
             if json_out {
-                print_json(&d);
+                print_json(&raw);
             } else {
-                out(&render::kv(&d));
+                let h: Health = decode_data("/v1/healthz", raw)?;
+                out(&render::health_kv(&h));
             }
             Ok(exit::OK)
         }
@@ -539,12 +559,31 @@ impl KeyExpr {
     }
 }
 
+/// A `procs` entry: as the agent wrote it (what `--json` prints) and as its type.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub raw: Value,
+    pub proc: ProcDetail,
+}
+
+/// `procs` with this filter, each entry also read as its type.
+async fn procs(client: &Client, q: &ProcsQuery) -> Result<Vec<Listed>, CliError> {
+    let d: ProcList<Value> = client.call_typed("procs", q).await?;
+    d.list
+        .into_iter()
+        .map(|raw| {
+            let proc = decode_data("procs", raw.clone())?;
+            Ok(Listed { raw, proc })
+        })
+        .collect()
+}
+
 /// The registered processes (their `procs` entries) that match labels and an expression.
 async fn select(
     client: &Client,
     labels: &[String],
     expr: Option<&str>,
-) -> Result<Vec<Value>, CliError> {
+) -> Result<Vec<Listed>, CliError> {
     for l in labels {
         if l.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
             return Err(CliError::new(
@@ -557,15 +596,13 @@ async fn select(
         .map(KeyExpr::parse)
         .transpose()
         .map_err(|e| CliError::new(exit::USAGE, e))?;
-    let d = data(client.call("procs", &json!({ "labels": labels })).await?)?;
-    let mut list = d["list"].as_array().cloned().unwrap_or_default();
+    let q = ProcsQuery {
+        labels: labels.to_vec(),
+        ..ProcsQuery::default()
+    };
+    let mut list = procs(client, &q).await?;
     if let Some(ex) = ex {
-        list.retain(|p| {
-            ex.matches(
-                p["namespace"].as_str().unwrap_or(""),
-                p["name"].as_str().unwrap_or(""),
-            )
-        });
+        list.retain(|p| ex.matches(&p.proc.namespace, &p.proc.name));
     }
     Ok(list)
 }
@@ -579,19 +616,24 @@ async fn status(
 ) -> Result<u8, CliError> {
     let list = if let Some(p) = process {
         let k = parse_key(p)?;
-        let mut q = json!({ "labels": labels });
-        q["namespace"] = json!(k.namespace);
-        q["name"] = json!(k.name);
-        let d = data(client.call("procs", &q).await?)?;
-        d["list"].as_array().cloned().unwrap_or_default()
+        let q = ProcsQuery {
+            namespace: k.namespace,
+            name: k.name,
+            labels: labels.to_vec(),
+        };
+        procs(client, &q).await?
     } else {
         select(client, labels, expr).await?
     };
     if json_out {
-        print_json(&json!({ "count": list.len(), "list": list }));
+        print_json(&ProcList {
+            count: list.len(),
+            list: list.iter().map(|p| &p.raw).collect(),
+        });
     } else {
+        let procs: Vec<ProcDetail> = list.iter().map(|p| p.proc.clone()).collect();
         out(&render::fit(
-            &render::status_table(&list, render::color_enabled()),
+            &render::status_table(&procs, render::color_enabled()),
             render::term_width(),
         ));
     }
@@ -602,7 +644,7 @@ async fn status(
                 format!("{p} is not registered"),
             ));
         }
-        if list.iter().all(|p| p["status"].as_i64() != Some(1)) {
+        if list.iter().all(|p| p.proc.status != FLAG_RUNNING) {
             return Ok(exit::NOT_RUNNING);
         }
     }
@@ -610,21 +652,18 @@ async fn status(
 }
 
 /// The agent's identity, for the `hosts` of operation requests.
-async fn my_host(client: &Client) -> Result<Value, CliError> {
-    let h = data(client.get("/v1/healthz").await?)?;
-    Ok(json!({
-        "ip": h["host"]["ip"], "bk_cloud_id": h["host"]["bk_cloud_id"], "bk_supplier_id": h["host"]["bk_supplier_id"]
-    }))
+async fn my_host(client: &Client) -> Result<HostWire, CliError> {
+    let h: Health = client.get_typed("/v1/healthz").await?;
+    Ok(HostWire {
+        ip: h.host.ip,
+        bk_cloud_id: Some(h.host.bk_cloud_id),
+        bk_supplier_id: Some(h.host.bk_supplier_id),
+    })
 }
 
-async fn operate(
-    client: &Client,
-    json_out: bool,
-    a: &OpArgs,
-    op_type: i64,
-) -> Result<u8, CliError> {
+async fn operate(client: &Client, json_out: bool, a: &OpArgs, op: OpType) -> Result<u8, CliError> {
     if a.select.is_batch() {
-        return operate_many(client, json_out, a, op_type).await;
+        return operate_many(client, json_out, a, op).await;
     }
     let Some(process) = &a.select.process else {
         return Err(CliError::new(
@@ -634,18 +673,14 @@ async fn operate(
     };
     let key = parse_key(process)?;
     let host = my_host(client).await?;
-    let d = data(
-        client
-            .call(
-                "operate_proc",
-                &json!({"meta": {"namespace": key.namespace, "name": key.name}, "op_type": op_type, "hosts": [host]}),
-            )
-            .await?,
-    )?;
-    let task_id = d["task_id"].as_str().unwrap_or_default().to_string();
+    let TaskIdResp { task_id } = client
+        .call_typed("operate_proc", &OperateProcReq::new(&key, op, vec![host]))
+        .await?;
     if a.no_wait {
         if json_out {
-            outln(&json!({ "task_id": task_id }).to_string());
+            print_json_line(&TaskIdResp {
+                task_id: task_id.clone(),
+            });
         } else {
             outln(&task_id);
         }
@@ -653,11 +688,19 @@ async fn operate(
     }
     let d = wait_task(client, &task_id, Duration::from_secs(a.timeout)).await?;
     if json_out {
-        print_json(&json!({"task_id": task_id, "result": d}));
+        #[derive(Serialize)]
+        struct Done<'a> {
+            task_id: &'a str,
+            result: &'a TaskResults,
+        }
+        print_json(&Done {
+            task_id: &task_id,
+            result: &d,
+        });
     } else {
-        out(&render::op_summary(&key, op_type, &task_id, &d));
+        out(&render::op_summary(&key, op, &task_id, &d));
     }
-    Ok(task_exit(&d, Some(op_type)))
+    Ok(task_exit(&d, Some(op)))
 }
 
 /// Most items in one operate_proc_multi call (the API's limit).
@@ -670,7 +713,7 @@ async fn operate_many(
     client: &Client,
     json_out: bool,
     a: &OpArgs,
-    op_type: i64,
+    op: OpType,
 ) -> Result<u8, CliError> {
     let list = select(client, &a.select.labels, a.select.expr.as_deref()).await?;
     if list.is_empty() {
@@ -682,29 +725,30 @@ async fn operate_many(
     let host = my_host(client).await?;
     let keys: Vec<ProcKey> = list
         .iter()
-        .map(|p| {
-            ProcKey::new(
-                p["namespace"].as_str().unwrap_or(""),
-                p["name"].as_str().unwrap_or(""),
-            )
-        })
+        .map(|p| ProcKey::new(p.proc.namespace.clone(), p.proc.name.clone()))
         .collect();
     let mut tasks = Vec::new();
     for chunk in keys.chunks(MULTI_CHUNK) {
-        let items: Vec<Value> = chunk
-            .iter()
-            .map(|k| json!({"meta": {"namespace": k.namespace, "name": k.name}, "op_type": op_type, "hosts": [host.clone()]}))
-            .collect();
-        let d = data(
-            client
-                .call("operate_proc_multi", &json!({ "proc_operate_req": items }))
-                .await?,
-        )?;
-        tasks.push(d["task_id"].as_str().unwrap_or_default().to_string());
+        let req = OperateMultiReq {
+            proc_operate_req: chunk
+                .iter()
+                .map(|k| OperateProcReq::new(k, op, vec![host.clone()]))
+                .collect(),
+        };
+        let d: TaskIdResp = client.call_typed("operate_proc_multi", &req).await?;
+        tasks.push(d.task_id);
     }
     if a.no_wait {
         if json_out {
-            outln(&json!({ "task_ids": tasks, "count": keys.len() }).to_string());
+            #[derive(Serialize)]
+            struct Submitted<'a> {
+                task_ids: &'a [String],
+                count: usize,
+            }
+            print_json_line(&Submitted {
+                task_ids: &tasks,
+                count: keys.len(),
+            });
         } else {
             for t in &tasks {
                 outln(t);
@@ -712,36 +756,42 @@ async fn operate_many(
         }
         return Ok(exit::OK);
     }
-    let results = wait_tasks(client, &tasks, Duration::from_secs(a.timeout), op_type).await?;
-    report_batch(json_out, op_type, &keys, &tasks, &results)
+    let results = wait_tasks(client, &tasks, Duration::from_secs(a.timeout), Some(op)).await?;
+    report_batch(json_out, op, &keys, &tasks, &results)
+}
+
+/// A batch's summary as `--json` prints it.
+#[derive(Debug, Serialize)]
+struct BatchReport<'a> {
+    op: &'static str,
+    task_ids: &'a [String],
+    ok: usize,
+    failed: usize,
+    results: &'a [BatchRow],
 }
 
 /// Print a batch's summary (table or JSON) and return its exit code.
 fn report_batch(
     json_out: bool,
-    op_type: i64,
+    op: OpType,
     keys: &[ProcKey],
     tasks: &[String],
-    results: &serde_json::Map<String, Value>,
+    results: &TaskResults,
 ) -> Result<u8, CliError> {
-    let rows = batch_rows(keys, results, op_type);
+    let rows = batch_rows(keys, results, op);
     let (ok_n, failed_n) = (
         rows.iter().filter(|r| r.ok).count(),
         rows.iter().filter(|r| !r.ok).count(),
     );
-    let name = crate::proto::OpType::from_code(op_type)
-        .map(|o| o.name())
-        .unwrap_or("operation");
+    let name = op.name();
     if json_out {
-        print_json(&json!({
-            "op": name,
-            "task_ids": tasks,
-            "ok": ok_n,
-            "failed": failed_n,
-            "results": rows.iter().map(|r| json!({
-                "process": r.process, "ok": r.ok, "code": r.code, "message": r.message,
-            })).collect::<Vec<_>>(),
-        }));
+        print_json(&BatchReport {
+            op: name,
+            task_ids: tasks,
+            ok: ok_n,
+            failed: failed_n,
+            results: &rows,
+        });
     } else {
         out(&render::fit(
             &render::batch_table(&rows, render::color_enabled()),
@@ -754,11 +804,11 @@ fn report_batch(
             tasks.join(", ")
         ));
     }
-    Ok(task_exit(&Value::Object(results.clone()), Some(op_type)))
+    Ok(task_exit(results, Some(op)))
 }
 
-/// A process's line in a batch summary.
-#[derive(Debug, Clone, PartialEq)]
+/// A process's line in a batch summary (and its object in `--json`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BatchRow {
     pub process: String,
     pub ok: bool,
@@ -767,25 +817,22 @@ pub struct BatchRow {
 }
 
 /// Match a task's results (keyed `cloud:ip:ns:name`) back to the processes asked for.
-pub fn batch_rows(
-    keys: &[ProcKey],
-    results: &serde_json::Map<String, Value>,
-    op_type: i64,
-) -> Vec<BatchRow> {
+pub fn batch_rows(keys: &[ProcKey], results: &TaskResults, op: OpType) -> Vec<BatchRow> {
     keys.iter()
         .map(|k| {
             let suffix = format!(":{}:{}", k.namespace, k.name);
             let r = results
                 .iter()
                 .find(|(rk, _)| rk.ends_with(&suffix))
-                .map(|(_, v)| v.clone())
-                .unwrap_or(Value::Null);
-            let code = r["error_code"].as_i64().unwrap_or(-1);
+                .map(|(_, v)| v);
+            let code = r.map(|r| r.error_code).unwrap_or(-1);
             BatchRow {
                 process: k.to_string(),
-                ok: code_ok(code, Some(op_type)),
+                ok: code_ok(code, Some(op)),
                 code,
-                message: r["error_msg"].as_str().unwrap_or("no result").to_string(),
+                message: r
+                    .map(|r| r.error_msg.clone())
+                    .unwrap_or_else(|| "no result".to_string()),
             }
         })
         .collect()
@@ -796,46 +843,39 @@ pub async fn wait_task(
     client: &Client,
     task_id: &str,
     timeout: Duration,
-) -> Result<Value, CliError> {
-    let m = wait_tasks(client, &[task_id.to_string()], timeout, -1).await?;
-    Ok(Value::Object(m))
+) -> Result<TaskResults, CliError> {
+    wait_tasks(client, &[task_id.to_string()], timeout, None).await
 }
 
 /// Poll tasks until no key is 115 (or the timeout), drawing a progress bar on stderr when
-/// it is a terminal and there is more than one key. Returns every key's result.
+/// it is a terminal and there is more than one key. Returns every key's result. `op` is
+/// the operation asked for, when known (for which codes count as failures).
 pub async fn wait_tasks(
     client: &Client,
     task_ids: &[String],
     timeout: Duration,
-    op_type: i64,
-) -> Result<serde_json::Map<String, Value>, CliError> {
+    op: Option<OpType>,
+) -> Result<TaskResults, CliError> {
     let start = Instant::now();
     let mut delay = Duration::from_millis(50);
     let tty = std::io::stderr().is_terminal();
     let mut drawn = false;
     loop {
-        let mut all = serde_json::Map::new();
+        let mut all = TaskResults::new();
         for t in task_ids {
-            let d = data(
-                client
-                    .call("get_proc_operate_result", &json!({ "task_id": t }))
-                    .await?,
-            )?;
-            if let Value::Object(m) = d {
-                all.extend(m);
-            }
+            let d: TaskResults = client
+                .call_typed("get_proc_operate_result", &TaskQuery { task_id: t.clone() })
+                .await?;
+            all.extend(d);
         }
         let total = all.len();
         let pending = all
             .values()
-            .filter(|v| v["error_code"].as_i64() == Some(codes::RUNNING))
+            .filter(|v| v.error_code == codes::RUNNING)
             .count();
         let failed = all
             .values()
-            .filter(|v| {
-                let c = v["error_code"].as_i64().unwrap_or(-1);
-                c != codes::RUNNING && !code_ok(c, Some(op_type))
-            })
+            .filter(|v| v.error_code != codes::RUNNING && !code_ok(v.error_code, op))
             .count();
         if tty && total > 1 {
             let width = render::term_width_of(&std::io::stderr()).unwrap_or(80);
@@ -871,21 +911,22 @@ pub async fn wait_tasks(
 
 /// Is a per-key code a success for this operation? 828 for start and 829 for stop, kill
 /// and unmanage count as success, as in LSB ("already in the state asked for").
-pub fn code_ok(c: i64, op_type: Option<i64>) -> bool {
+pub fn code_ok(c: i64, op: Option<OpType>) -> bool {
     c == codes::SUCCESS
-        || (c == codes::PROC_RUNNING && op_type == Some(0))
-        || (c == codes::PROC_NOT_RUNNING && matches!(op_type, Some(1) | Some(9) | Some(4)))
+        || (c == codes::PROC_RUNNING && op == Some(OpType::Start))
+        || (c == codes::PROC_NOT_RUNNING
+            && matches!(
+                op,
+                Some(OpType::Stop) | Some(OpType::Kill) | Some(OpType::Undelegate)
+            ))
 }
 
 /// Exit code of a finished task: 0 when every key succeeded ([`code_ok`]).
-pub fn task_exit(d: &Value, op_type: Option<i64>) -> u8 {
-    let Some(m) = d.as_object() else {
-        return exit::FAILED;
-    };
+pub fn task_exit(d: &TaskResults, op: Option<OpType>) -> u8 {
     let mut code = exit::OK;
-    for v in m.values() {
-        let c = v["error_code"].as_i64().unwrap_or(-1);
-        if !code_ok(c, op_type) {
+    for v in d.values() {
+        let c = v.error_code;
+        if !code_ok(c, op) {
             code = match c {
                 codes::NOT_REGISTERED => exit::NOT_REGISTERED,
                 codes::FORBIDDEN => exit::FORBIDDEN,
@@ -898,46 +939,53 @@ pub fn task_exit(d: &Value, op_type: Option<i64>) -> u8 {
 
 /// `procagent reload [--dry-run]` without a process: the config reload.
 async fn reload_config(client: &Client, json_out: bool, r: &ReloadArgs) -> Result<u8, CliError> {
-    let env = client
-        .call("reload", &json!({ "dry_run": r.dry_run }))
-        .await?;
-    if !env.result {
-        let errors: Vec<String> = env
-            .data
-            .as_ref()
-            .and_then(|d| d["errors"].as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|e| e.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if errors.is_empty() {
-            return Err(api_error(&env));
-        }
-        if json_out {
-            print_json(
-                &json!({"result": false, "code": env.code, "message": env.message, "errors": errors}),
+    let req = ReloadReq { dry_run: r.dry_run };
+    let raw = match client.call_data("reload", &req).await {
+        Ok(d) => d,
+        Err(ClientError::Refused(env)) => {
+            let errors = env
+                .data
+                .clone()
+                .and_then(|d| serde_json::from_value::<ReloadErrors>(d).ok())
+                .map(|e| e.errors)
+                .unwrap_or_default();
+            if errors.is_empty() {
+                return Err(api_error(&env));
+            }
+            if json_out {
+                #[derive(Serialize)]
+                struct Refused<'a> {
+                    result: bool,
+                    code: i64,
+                    message: &'a str,
+                    errors: &'a [String],
+                }
+                print_json(&Refused {
+                    result: false,
+                    code: env.code,
+                    message: &env.message,
+                    errors: &errors,
+                });
+            }
+            let mut msg = format!(
+                "the config has {} error(s); nothing changed, the running config stays:",
+                errors.len()
             );
+            for e in &errors {
+                msg.push_str("\n  ");
+                msg.push_str(e);
+            }
+            return Err(CliError::new(exit::NOT_CONFIGURED, msg));
         }
-        let mut msg = format!(
-            "the config has {} error(s); nothing changed, the running config stays:",
-            errors.len()
-        );
-        for e in &errors {
-            msg.push_str("\n  ");
-            msg.push_str(e);
-        }
-        return Err(CliError::new(exit::NOT_CONFIGURED, msg));
-    }
-    let d = env.data.unwrap_or(Value::Null);
-    let task_id = d["task_id"].as_str().map(String::from);
+        Err(e) => return Err(e.into()),
+    };
+    let report: ReloadReport = decode_data("reload", raw.clone())?;
     if !json_out {
-        out(&render::reload_report(&d, render::color_enabled()));
+        out(&render::reload_report(&report, render::color_enabled()));
     }
-    let Some(task_id) = task_id.filter(|_| !r.op.no_wait) else {
+    let Some(task_id) = report.task_id.clone().filter(|_| !r.op.no_wait) else {
         if json_out {
-            print_json(&d);
+            print_json(&raw);
         }
         return Ok(exit::OK);
     };
@@ -946,31 +994,28 @@ async fn reload_config(client: &Client, json_out: bool, r: &ReloadArgs) -> Resul
         client,
         std::slice::from_ref(&task_id),
         Duration::from_secs(r.op.timeout),
-        7,
+        Some(OpType::Restart),
     )
     .await?;
-    let keys: Vec<ProcKey> = d["restart"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|k| k.as_str().and_then(|k| k.parse().ok()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let keys: Vec<ProcKey> = report
+        .diff
+        .restart
+        .iter()
+        .filter_map(|k| k.parse().ok())
+        .collect();
     if json_out {
-        let rows = batch_rows(&keys, &results, 7);
-        let mut d = d;
-        d["restart_results"] = json!(
-            rows.iter()
-                .map(|r| json!({
-                    "process": r.process, "ok": r.ok, "code": r.code, "message": r.message,
-                }))
-                .collect::<Vec<_>>()
-        );
+        let rows = batch_rows(&keys, &results, OpType::Restart);
+        let mut d = raw;
+        if let Some(m) = d.as_object_mut() {
+            m.insert(
+                "restart_results".into(),
+                serde_json::to_value(&rows).unwrap_or_default(),
+            );
+        }
         print_json(&d);
-        return Ok(task_exit(&Value::Object(results), Some(7)));
+        return Ok(task_exit(&results, Some(OpType::Restart)));
     }
-    report_batch(false, 7, &keys, &[task_id], &results)
+    report_batch(false, OpType::Restart, &keys, &[task_id], &results)
 }
 
 async fn events(
@@ -997,25 +1042,29 @@ async fn events(
         let mut open = true;
         let res = client
             .stream_lines(&path, |line| {
-                let Ok(ev) = serde_json::from_slice::<Value>(line) else {
+                let Ok(raw) = serde_json::from_slice::<Value>(line) else {
                     return true; // keep-alive
                 };
                 open = if json_out {
-                    outln(&ev.to_string())
+                    outln(&raw.to_string())
                 } else {
-                    outln(&render::event_line(&ev))
+                    match serde_json::from_value::<Event>(raw) {
+                        Ok(ev) => outln(&render::event_line(&ev)),
+                        Err(_) => true, // not an event (a newer agent's note): skipped
+                    }
                 };
                 open
             })
             .await;
         return stream_end(res, open);
     }
-    let d = data(client.get(&path).await?)?;
+    let raw = client.get_data(&path).await?;
     if json_out {
-        print_json(&d);
+        print_json(&raw);
     } else {
-        for ev in d["events"].as_array().cloned().unwrap_or_default() {
-            if !outln(&render::event_line(&ev)) {
+        let d: EventList = decode_data("/v1/events", raw)?;
+        for ev in &d.events {
+            if !outln(&render::event_line(ev)) {
                 break;
             }
         }
@@ -1068,9 +1117,9 @@ async fn logs(
             .await;
         return stream_end(res, open);
     }
-    let d = data(client.get(&path).await?)?;
-    for v in d["lines"].as_array().cloned().unwrap_or_default() {
-        if !printer.print(&v) {
+    let d: LogLines<Value> = client.get_typed(&path).await?;
+    for v in &d.lines {
+        if !printer.print(v) {
             break;
         }
     }
@@ -1113,27 +1162,27 @@ mod tests {
     #[test]
     fn batch_rows_match_results_back() {
         let keys = vec![ProcKey::new("d", "a"), ProcKey::new("d", "b")];
-        let mut m = serde_json::Map::new();
-        m.insert(
-            "0:127.0.0.1:d:a".into(),
-            json!({"error_code": 0, "error_msg": "success"}),
-        );
+        let mut m = TaskResults::new();
+        m.insert("0:127.0.0.1:d:a".into(), crate::proto::KeyResult::ok(""));
         m.insert(
             "0:127.0.0.1:d:b".into(),
-            json!({"error_code": 836, "error_msg": "not running"}),
+            crate::proto::KeyResult::err(836, "not running"),
         );
-        let rows = batch_rows(&keys, &m, 0);
+        let rows = batch_rows(&keys, &m, OpType::Start);
         assert!(rows[0].ok && !rows[1].ok);
         assert_eq!(rows[1].code, 836);
-        assert_eq!(task_exit(&Value::Object(m), Some(0)), exit::FAILED);
+        assert_eq!(task_exit(&m, Some(OpType::Start)), exit::FAILED);
     }
 
     #[test]
     fn lsb_success_codes() {
-        assert!(code_ok(828, Some(0)));
-        assert!(!code_ok(828, Some(7)));
-        assert!(code_ok(829, Some(1)) && code_ok(829, Some(9)) && code_ok(829, Some(4)));
-        assert!(!code_ok(829, Some(0)));
+        use OpType::*;
+        assert!(code_ok(828, Some(Start)));
+        assert!(!code_ok(828, Some(Restart)));
+        assert!(
+            code_ok(829, Some(Stop)) && code_ok(829, Some(Kill)) && code_ok(829, Some(Undelegate))
+        );
+        assert!(!code_ok(829, Some(Start)));
     }
 
     #[test]

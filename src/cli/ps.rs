@@ -1,11 +1,14 @@
 //! `procagent ps`: GSEKit's process status list (the `process_status` API) as a table.
 
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::{CliError, data, exit, render};
-use crate::api::client::Client;
-use crate::api::gsekit::{MAX_PAGESIZE, split_expression};
+use super::{CliError, exit, render};
+use crate::api::client::{Client, decode_data};
+use crate::api::gsekit::{ExprScopeWire, MAX_PAGESIZE, StatusReq, Text, split_expression};
+use crate::proto::{
+    FLAG_RUNNING, FLAG_STOPPED, FLAG_UNREGISTERED, ProcessStatusList, ProcessStatusRow,
+};
 
 /// Filters of `procagent ps`. Expressions follow GSEKit's grammar (`*`, `[a, b]`, `[1-9]`).
 #[derive(Debug, Clone, Args)]
@@ -56,19 +59,22 @@ fn usage(msg: impl Into<String>) -> CliError {
     CliError::new(exit::USAGE, msg)
 }
 
-/// The process_status request body for these filters (without page/pagesize).
-pub fn request_body(a: &PsArgs) -> Result<Value, CliError> {
+/// The process_status request for these filters (without page/pagesize).
+pub fn request_body(a: &PsArgs) -> Result<StatusReq, CliError> {
     let biz = if a.biz.trim() == "*" {
-        json!("*")
+        Value::from("*")
     } else {
-        json!(
+        Value::from(
             a.biz
                 .trim()
                 .parse::<i64>()
-                .map_err(|_| usage(format!("--biz {:?}: expected a business id or *", a.biz)))?
+                .map_err(|_| usage(format!("--biz {:?}: expected a business id or *", a.biz)))?,
         )
     };
-    let mut body = json!({ "bk_biz_id": biz });
+    let mut body = StatusReq {
+        bk_biz_id: Some(biz),
+        ..StatusReq::default()
+    };
     let fields: [Option<String>; 5] = match &a.expr {
         Some(e) => split_expression(e)
             .map_err(|m| usage(format!("--expr: {m}")))?
@@ -82,37 +88,33 @@ pub fn request_body(a: &PsArgs) -> Result<Value, CliError> {
         ],
     };
     if a.env.is_some() || fields.iter().any(Option::is_some) {
-        let names = [
-            "bk_set_name",
-            "bk_module_name",
-            "service_instance_name",
-            "bk_process_name",
-            "bk_process_id",
-        ];
-        let mut scope = json!({ "bk_set_env": a.env.clone().unwrap_or_else(|| "*".into()) });
-        for (n, f) in names.iter().zip(fields) {
-            scope[*n] = json!(f.unwrap_or_else(|| "*".into()));
-        }
-        body["expression_scope"] = scope;
+        let [set, module, service, process, id] =
+            fields.map(|f| Some(f.unwrap_or_else(|| "*".into())));
+        body.expression_scope = Some(ExprScopeWire {
+            bk_set_env: Some(Value::from(a.env.clone().unwrap_or_else(|| "*".into()))),
+            bk_set_name: set,
+            bk_module_name: module,
+            service_instance_name: service,
+            bk_process_name: process,
+            bk_process_id: id,
+        });
     }
     if let Some(s) = &a.status {
         let code = match s.trim().to_ascii_lowercase().as_str() {
-            "running" | "1" => 1,
-            "stopped" | "terminated" | "2" => 2,
-            "unregistered" | "0" => 0,
+            "running" | "1" => FLAG_RUNNING,
+            "stopped" | "terminated" | "2" => FLAG_STOPPED,
+            "unregistered" | "0" => FLAG_UNREGISTERED,
             other => {
                 return Err(usage(format!(
                     "--status {other:?}: expected running, stopped or unregistered"
                 )));
             }
         };
-        body["process_status"] = json!(code);
+        body.process_status = Some(code);
     }
-    if let Some(b) = a.auto {
-        body["is_auto"] = json!(b);
-    }
+    body.is_auto = a.auto;
     if !a.searches.is_empty() {
-        body["searches"] = json!(a.searches);
+        body.searches = Some(a.searches.iter().cloned().map(Text).collect());
     }
     Ok(body)
 }
@@ -125,26 +127,27 @@ pub async fn ps(client: &Client, json_out: bool, a: &PsArgs) -> Result<u8, CliEr
         )));
     }
     let mut body = request_body(a)?;
-    body["pagesize"] = json!(a.pagesize);
+    body.pagesize = Some(a.pagesize as i64);
+    // Rows as the agent wrote them (printed by --json), each also read as its type.
     let mut list: Vec<Value> = Vec::new();
     let count;
     match a.page {
         Some(p) => {
-            body["page"] = json!(p);
-            let d = data(client.call("process_status", &body).await?)?;
-            count = d["count"].as_u64().unwrap_or(0);
-            list.extend(d["list"].as_array().cloned().unwrap_or_default());
+            body.page = Some(p as i64);
+            let d: ProcessStatusList<Value> = client.call_typed("process_status", &body).await?;
+            count = d.count;
+            list.extend(d.list);
         }
         None => {
-            let mut page = 1u64;
+            let mut page = 1i64;
             loop {
-                body["page"] = json!(page);
-                let d = data(client.call("process_status", &body).await?)?;
-                let got = d["list"].as_array().cloned().unwrap_or_default();
-                let total = d["count"].as_u64().unwrap_or(0);
-                let empty = got.is_empty();
-                list.extend(got);
-                if empty || list.len() as u64 >= total {
+                body.page = Some(page);
+                let d: ProcessStatusList<Value> =
+                    client.call_typed("process_status", &body).await?;
+                let total = d.count;
+                let empty = d.list.is_empty();
+                list.extend(d.list);
+                if empty || list.len() >= total {
                     count = total;
                     break;
                 }
@@ -153,55 +156,56 @@ pub async fn ps(client: &Client, json_out: bool, a: &PsArgs) -> Result<u8, CliEr
         }
     }
     if json_out {
+        let out = ProcessStatusList { count, list };
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "count": count, "list": list }))
+            serde_json::to_string_pretty(&serde_json::to_value(&out).unwrap_or_default())
                 .unwrap_or_default()
         );
     } else {
-        print!("{}", table(&list));
-        if a.page.is_some() && (list.len() as u64) < count {
-            println!("({} of {count} processes on this page)", list.len());
+        let rows: Vec<ProcessStatusRow> = list
+            .into_iter()
+            .map(|v| decode_data("process_status", v))
+            .collect::<Result<_, _>>()?;
+        print!("{}", table(&rows));
+        if a.page.is_some() && rows.len() < count {
+            println!("({} of {count} processes on this page)", rows.len());
         }
     }
     Ok(exit::OK)
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
+fn status_name(status: i64) -> &'static str {
+    match status {
+        FLAG_RUNNING => "running",
+        FLAG_STOPPED => "stopped",
+        _ => "unregistered",
     }
 }
 
 /// The status table.
-pub fn table(list: &[Value]) -> String {
+pub fn table(list: &[ProcessStatusRow]) -> String {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|p| {
-            let insts = p["proc_inst_infos"].as_array().cloned().unwrap_or_default();
+            let insts = &p.proc_inst_infos;
             let running = insts
                 .iter()
-                .filter(|i| i["process_status"].as_i64() == Some(1))
+                .filter(|i| i.process_status == FLAG_RUNNING)
                 .count();
             let keys: Vec<String> = insts
                 .iter()
-                .map(|i| format!("{}/{}", text(&i["namespace"]), text(&i["name"])))
+                .map(|i| format!("{}/{}", i.namespace, i.name))
                 .collect();
             vec![
-                text(&p["bk_process_id"]),
-                text(&p["bk_set_name"]),
-                text(&p["bk_module_name"]),
-                text(&p["bk_service_name"]),
-                text(&p["bk_process_name"]),
-                text(&p["bk_set_env"]),
-                match p["process_status"].as_i64() {
-                    Some(1) => "running".to_string(),
-                    Some(2) => "stopped".to_string(),
-                    _ => "unregistered".to_string(),
-                },
-                if p["is_auto"].as_bool() == Some(true) {
+                p.bk_process_id.to_string(),
+                p.bk_set_name.clone(),
+                p.bk_module_name.clone(),
+                p.bk_service_name.clone(),
+                p.bk_process_name.clone(),
+                p.bk_set_env.clone(),
+                status_name(p.process_status).to_string(),
+                if p.is_auto {
                     "yes".to_string()
                 } else {
                     "no".to_string()

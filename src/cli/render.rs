@@ -5,6 +5,8 @@ use std::io::IsTerminal;
 
 use serde_json::Value;
 
+use crate::api::reload::ReloadReport;
+use crate::proto::{Event, Health, LogLine, OpType, ProcDetail, TaskList, TaskResults, TaskView};
 use crate::spec::ProcKey;
 
 /// Colour when stdout is a terminal and NO_COLOR is unset.
@@ -140,7 +142,7 @@ fn short_json(v: &Value) -> String {
 }
 
 /// A config reload's report for humans.
-pub fn reload_report(d: &Value, color: bool) -> String {
+pub fn reload_report(d: &ReloadReport, color: bool) -> String {
     let c = |code: &str, t: String| {
         if color {
             format!("\x1b[{code}m{t}\x1b[0m")
@@ -148,58 +150,52 @@ pub fn reload_report(d: &Value, color: bool) -> String {
             t
         }
     };
-    let list = |k: &str| -> Vec<String> {
-        d[k].as_array()
-            .map(|a| a.iter().map(s).collect())
-            .unwrap_or_default()
-    };
-    let (added, removed, restart) = (list("added"), list("removed"), list("restart"));
-    let changed = d["changed"].as_array().cloned().unwrap_or_default();
-    let dry = d["dry_run"].as_bool() == Some(true);
+    let diff = &d.diff;
+    let dry = d.dry_run;
     let mut out = format!(
         "{}: {} to add, {} to change, {} to remove, {} to restart, {} unchanged{}\n",
-        s(&d["file"]),
-        added.len(),
-        changed.len(),
-        removed.len(),
-        restart.len(),
-        s(&d["unchanged"]),
+        d.file,
+        diff.added.len(),
+        diff.changed.len(),
+        diff.removed.len(),
+        diff.restart.len(),
+        diff.unchanged,
         if dry {
             " (dry run: nothing applied)"
         } else {
             " (applied)"
         }
     );
-    for k in &added {
+    for k in &diff.added {
         out.push_str(&c("32", format!("+ {k}")));
         out.push('\n');
     }
-    for ch in &changed {
-        out.push_str(&c("33", format!("~ {}", s(&ch["key"]))));
+    for ch in &diff.changed {
+        out.push_str(&c("33", format!("~ {}", ch.key)));
         out.push('\n');
-        for f in ch["fields"].as_array().cloned().unwrap_or_default() {
+        for f in &ch.fields {
             out.push_str(&format!(
                 "    {}: {} -> {}\n",
-                s(&f["field"]),
-                short_json(&f["old"]),
-                short_json(&f["new"])
+                f.field,
+                short_json(&f.old),
+                short_json(&f.new)
             ));
         }
     }
-    for k in &removed {
+    for k in &diff.removed {
         out.push_str(&c(
             "31",
             format!("- {k} (no longer declared; left as it is, unwatched)"),
         ));
         out.push('\n');
     }
-    for k in &restart {
+    for k in &diff.restart {
         out.push_str(&format!(
             "restart {k} (running; a change needs a restart){}\n",
             if dry { "" } else { ": restarting" }
         ));
     }
-    let rr = list("restart_required");
+    let rr = &d.restart_required;
     if !rr.is_empty() {
         out.push_str(&format!(
             "changed outside [[process]], takes effect only when procagentd restarts: {}\n",
@@ -210,8 +206,8 @@ pub fn reload_report(d: &Value, color: bool) -> String {
 }
 
 /// Prints log line objects: the text of each line, a `==> file <==` header when the file
-/// changes (as tail does for several files), notices on stderr; or each object as a JSON
-/// line.
+/// changes (as tail does for several files), notices on stderr; or (with `--json`) each
+/// object as the agent wrote it, one JSON line each.
 pub struct LogPrinter {
     json: bool,
     last_file: Option<String>,
@@ -225,16 +221,27 @@ impl LogPrinter {
         }
     }
 
-    /// Print one object; false when stdout is gone.
-    pub fn print(&mut self, v: &Value) -> bool {
+    /// Print one object as the agent wrote it (`raw`); false when stdout is gone. An
+    /// object that is not a log line is skipped in the human form.
+    pub fn print(&mut self, raw: &Value) -> bool {
+        use std::io::Write;
+        if self.json {
+            let mut o = std::io::stdout().lock();
+            return writeln!(o, "{raw}").and_then(|_| o.flush()).is_ok();
+        }
+        match serde_json::from_value::<LogLine>(raw.clone()) {
+            Ok(l) => self.print_line(&l),
+            Err(_) => true,
+        }
+    }
+
+    /// Print one line (or its notice, on stderr) for humans; false when stdout is gone.
+    pub fn print_line(&mut self, v: &LogLine) -> bool {
         use std::io::Write;
         let mut o = std::io::stdout().lock();
-        if self.json {
-            return writeln!(o, "{v}").and_then(|_| o.flush()).is_ok();
-        }
-        let file = s(&v["file"]);
-        if let Some(n) = v["notice"].as_str() {
-            eprintln!("procagent: {} ({}): {n}", file, s(&v["source"]));
+        let file = v.file.clone();
+        if let Some(n) = &v.notice {
+            eprintln!("procagent: {} ({}): {n}", file, v.source);
             return true;
         }
         let mut text = String::new();
@@ -245,7 +252,7 @@ impl LogPrinter {
             text.push_str(&format!("==> {file} <==\n"));
             self.last_file = Some(file);
         }
-        text.push_str(&s(&v["line"]));
+        text.push_str(v.line.as_deref().unwrap_or(""));
         text.push('\n');
         o.write_all(text.as_bytes()).and_then(|_| o.flush()).is_ok()
     }
@@ -348,44 +355,31 @@ fn dur(secs: i64) -> String {
 }
 
 /// The `status` table.
-pub fn status_table(list: &[Value], color: bool) -> String {
+pub fn status_table(list: &[ProcDetail], color: bool) -> String {
     let headers = [
         "PROCESS", "STATE", "PID", "MANAGED", "RESTARTS", "UPTIME", "CPU%", "MEM%", "MESSAGE",
     ];
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|p| {
-            let pids: Vec<String> = p["pids"]
-                .as_array()
-                .map(|a| a.iter().map(s).collect())
-                .unwrap_or_default();
+            let pids: Vec<String> = p.pids.iter().map(i64::to_string).collect();
             vec![
-                format!("{}/{}", s(&p["namespace"]), s(&p["name"])),
-                s(&p["state"]),
+                format!("{}/{}", p.namespace, p.name),
+                p.state.clone(),
                 if pids.is_empty() {
                     "-".into()
                 } else {
                     pids.join(",")
                 },
-                if p["managed"].as_bool() == Some(true) {
-                    "yes".into()
+                if p.managed { "yes".into() } else { "no".into() },
+                p.restarts.to_string(),
+                p.uptime_secs.map(dur).unwrap_or_else(|| "-".into()),
+                format!("{:.1}", p.cpu_usage),
+                format!("{:.1}", p.mem_usage),
+                if p.message == p.state {
+                    String::new()
                 } else {
-                    "no".into()
-                },
-                s(&p["restarts"]),
-                p["uptime_secs"]
-                    .as_i64()
-                    .map(dur)
-                    .unwrap_or_else(|| "-".into()),
-                format!("{:.1}", p["cpu_usage"].as_f64().unwrap_or(0.0)),
-                format!("{:.1}", p["mem_usage"].as_f64().unwrap_or(0.0)),
-                {
-                    let m = s(&p["message"]);
-                    if m == s(&p["state"]) {
-                        String::new()
-                    } else {
-                        m.chars().take(80).collect()
-                    }
+                    p.message.chars().take(80).collect()
                 },
             ]
         })
@@ -410,73 +404,64 @@ pub fn status_table(list: &[Value], color: bool) -> String {
 
 /// A task's keyed results; `record` is the task as `tasks` lists it (for what each item
 /// did to its definition), when the agent gave it.
-pub fn task_table(d: &Value, record: Option<&Value>) -> String {
-    let changes: std::collections::HashMap<String, String> = record
-        .and_then(|t| t["items"].as_array())
+pub fn task_table(d: &TaskResults, record: Option<&TaskView>) -> String {
+    let changes: std::collections::HashMap<&str, &str> = record
         .into_iter()
-        .flatten()
-        .filter_map(|i| {
-            Some((
-                i["key"].as_str()?.to_string(),
-                i["definition"].as_str()?.to_string(),
-            ))
-        })
+        .flat_map(|t| t.items.iter())
+        .filter_map(|i| Some((i.key.as_str(), i.definition.as_deref()?)))
         .collect();
     let rows: Vec<Vec<String>> = d
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| {
-                    vec![
-                        k.clone(),
-                        s(&v["error_code"]),
-                        changes.get(k).cloned().unwrap_or_else(|| "-".into()),
-                        s(&v["error_msg"]).chars().take(200).collect(),
-                    ]
-                })
-                .collect()
+        .iter()
+        .map(|(k, v)| {
+            vec![
+                k.clone(),
+                v.error_code.to_string(),
+                changes
+                    .get(k.as_str())
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                v.error_msg.chars().take(200).collect(),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(&["KEY", "CODE", "DEFINITION", "MESSAGE"], &rows, None)
 }
 
 /// Recent tasks.
-pub fn tasks_table(d: &Value) -> String {
-    let rows: Vec<Vec<String>> = d["list"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|t| {
-                    let items = t["items"].as_array().cloned().unwrap_or_default();
-                    let codes: Vec<String> = items
-                        .iter()
-                        .map(|i| s(&i["result"]["error_code"]))
-                        .collect();
-                    // What the items did to definitions, each distinct change once.
-                    let mut changes: Vec<&str> = Vec::new();
-                    for c in items.iter().filter_map(|i| i["definition"].as_str()) {
-                        if !changes.contains(&c) {
-                            changes.push(c);
-                        }
-                    }
-                    vec![
-                        s(&t["task_id"]),
-                        s(&t["api"]),
-                        s(&t["op_type"]),
-                        s(&t["peer_uid"]),
-                        s(&t["username"]),
-                        items.len().to_string(),
-                        codes.join(","),
-                        if changes.is_empty() {
-                            "-".to_string()
-                        } else {
-                            changes.join("; ")
-                        },
-                    ]
-                })
-                .collect()
+pub fn tasks_table(d: &TaskList) -> String {
+    let opt = |v: Option<String>| v.unwrap_or_default();
+    let rows: Vec<Vec<String>> = d
+        .list
+        .iter()
+        .map(|t| {
+            let codes: Vec<String> = t
+                .items
+                .iter()
+                .map(|i| i.result.error_code.to_string())
+                .collect();
+            // What the items did to definitions, each distinct change once.
+            let mut changes: Vec<&str> = Vec::new();
+            for c in t.items.iter().filter_map(|i| i.definition.as_deref()) {
+                if !changes.contains(&c) {
+                    changes.push(c);
+                }
+            }
+            vec![
+                t.task_id.clone(),
+                t.api.clone(),
+                t.op_type.to_string(),
+                opt(t.peer_uid.map(|u| u.to_string())),
+                t.username.clone(),
+                t.items.len().to_string(),
+                codes.join(","),
+                if changes.is_empty() {
+                    "-".to_string()
+                } else {
+                    changes.join("; ")
+                },
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     table(
         &[
             "TASK",
@@ -493,8 +478,14 @@ pub fn tasks_table(d: &Value) -> String {
     )
 }
 
+/// The agent's health as `key: value` lines (nested objects as `key.inner: value`), in
+/// the order of its JSON object.
+pub fn health_kv(h: &Health) -> String {
+    kv(&serde_json::to_value(h).unwrap_or(Value::Null))
+}
+
 /// A JSON object as `key: value` lines.
-pub fn kv(d: &Value) -> String {
+fn kv(d: &Value) -> String {
     let mut out = String::new();
     if let Some(m) = d.as_object() {
         for (k, v) in m {
@@ -512,20 +503,16 @@ pub fn kv(d: &Value) -> String {
 }
 
 /// What an operation did, for humans.
-pub fn op_summary(key: &ProcKey, op_type: i64, task_id: &str, d: &Value) -> String {
-    let name = crate::proto::OpType::from_code(op_type)
-        .map(|o| o.name())
-        .unwrap_or("operation");
+pub fn op_summary(key: &ProcKey, op: OpType, task_id: &str, d: &TaskResults) -> String {
+    let name = op.name();
     let mut out = String::new();
-    if let Some(m) = d.as_object() {
-        for v in m.values() {
-            let code = v["error_code"].as_i64().unwrap_or(-1);
-            let msg = s(&v["error_msg"]);
-            if code == 0 {
-                out.push_str(&format!("{key}: {name} ok ({msg})\n"));
-            } else {
-                out.push_str(&format!("{key}: {name} failed with {code}: {msg}\n"));
-            }
+    for v in d.values() {
+        let code = v.error_code;
+        let msg = &v.error_msg;
+        if code == 0 {
+            out.push_str(&format!("{key}: {name} ok ({msg})\n"));
+        } else {
+            out.push_str(&format!("{key}: {name} failed with {code}: {msg}\n"));
         }
     }
     out.push_str(&format!("task {task_id}\n"));
@@ -533,16 +520,14 @@ pub fn op_summary(key: &ProcKey, op_type: i64, task_id: &str, d: &Value) -> Stri
 }
 
 /// One event as a line.
-pub fn event_line(ev: &Value) -> String {
-    let ms = ev["ts_ms"].as_i64().unwrap_or(0);
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    let key = s(&ev["key"]);
+pub fn event_line(ev: &Event) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ev.ts_ms.max(0) as u64);
     format!(
         "{} {:<14} {} {}",
         humantime::format_rfc3339_millis(t),
-        s(&ev["kind"]),
-        if key.is_empty() { "-".into() } else { key },
-        s(&ev["message"])
+        ev.kind,
+        if ev.key.is_empty() { "-" } else { &ev.key },
+        ev.message
     )
 }
 

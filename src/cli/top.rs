@@ -8,10 +8,11 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::{CliError, data, exit, parse_key, render};
-use crate::api::client::Client;
+use super::{CliError, exit, parse_key, render};
+use crate::api::client::{Client, decode_data};
+use crate::proto::{FLAG_RUNNING, ProcDetail, ProcList, ProcsQuery};
 
 /// Column to sort by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -77,12 +78,20 @@ pub fn human_bytes(n: f64) -> String {
     }
 }
 
-fn key_of(p: &Value) -> String {
-    format!(
-        "{}/{}",
-        p["namespace"].as_str().unwrap_or(""),
-        p["name"].as_str().unwrap_or("")
-    )
+fn key_of(p: &ProcDetail) -> String {
+    format!("{}/{}", p.namespace, p.name)
+}
+
+/// The figure a sort key sorts by (largest first).
+fn figure(p: &ProcDetail, sort: SortKey) -> f64 {
+    match sort {
+        SortKey::Cpu => p.cpu_usage,
+        SortKey::Mem => p.rss_bytes as f64,
+        SortKey::Fd => p.fd as f64,
+        SortKey::Disk => p.disk as f64,
+        SortKey::Net => p.net as f64,
+        SortKey::Name => 0.0,
+    }
 }
 
 /// The previous refresh: `disk` per process and when it was taken.
@@ -91,42 +100,27 @@ pub type Prev = (HashMap<String, i64>, Instant);
 /// One frame: a header line and the table. `prev` gives the disk rate; `now` is the time of
 /// this snapshot.
 pub fn frame(
-    list: &[Value],
+    list: &[ProcDetail],
     sort: SortKey,
     prev: Option<&Prev>,
     now: Instant,
     stamp: &str,
 ) -> String {
-    let mut rows: Vec<&Value> = list.iter().collect();
-    let f = |p: &Value, k: &str| p[k].as_f64().unwrap_or(0.0);
+    let mut rows: Vec<&ProcDetail> = list.iter().collect();
     match sort {
         SortKey::Name => rows.sort_by_key(|p| key_of(p)),
         other => {
-            let col = match other {
-                SortKey::Cpu => "cpu_usage",
-                SortKey::Mem => "rss_bytes",
-                SortKey::Fd => "fd",
-                SortKey::Disk => "disk",
-                SortKey::Net => "net",
-                SortKey::Name => "name",
-            };
             rows.sort_by(|a, b| {
-                f(b, col)
-                    .total_cmp(&f(a, col))
+                figure(b, other)
+                    .total_cmp(&figure(a, other))
                     .then_with(|| key_of(a).cmp(&key_of(b)))
             });
         }
     }
-    let running = list
-        .iter()
-        .filter(|p| p["status"].as_i64() == Some(1))
-        .count();
-    let managed = list
-        .iter()
-        .filter(|p| p["managed"].as_bool() == Some(true))
-        .count();
-    let cpu: f64 = list.iter().map(|p| f(p, "cpu_usage")).sum();
-    let rss: f64 = list.iter().map(|p| f(p, "rss_bytes")).sum();
+    let running = list.iter().filter(|p| p.status == FLAG_RUNNING).count();
+    let managed = list.iter().filter(|p| p.managed).count();
+    let cpu: f64 = list.iter().map(|p| p.cpu_usage).sum();
+    let rss: f64 = list.iter().map(|p| p.rss_bytes as f64).sum();
     let mut out = format!(
         "procagent top  {stamp}  processes {}  running {running}  managed {managed}  cpu {cpu:.1}%  rss {}\n",
         list.len(),
@@ -135,13 +129,10 @@ pub fn frame(
     let table_rows: Vec<Vec<String>> = rows
         .iter()
         .map(|p| {
-            let running = p["status"].as_i64() == Some(1);
-            let pids: Vec<String> = p["pids"]
-                .as_array()
-                .map(|a| a.iter().map(|v| v.to_string()).collect())
-                .unwrap_or_default();
+            let running = p.status == FLAG_RUNNING;
+            let pids: Vec<String> = p.pids.iter().map(i64::to_string).collect();
             let key = key_of(p);
-            let disk = p["disk"].as_i64().unwrap_or(0);
+            let disk = p.disk;
             let rate = prev
                 .and_then(|(m, t)| {
                     let before = *m.get(&key)?;
@@ -152,22 +143,22 @@ pub fn frame(
             let fig = |s: String| if running { s } else { "-".to_string() };
             vec![
                 key,
-                p["state"].as_str().unwrap_or("").to_string(),
+                p.state.clone(),
                 if pids.is_empty() {
                     "-".into()
                 } else {
                     pids.join(",")
                 },
-                fig(format!("{:.1}", f(p, "cpu_usage"))),
-                fig(format!("{:.2}", f(p, "mem_usage"))),
-                fig(human_bytes(f(p, "rss_bytes"))),
-                fig(p["fd"].as_i64().unwrap_or(0).to_string()),
+                fig(format!("{:.1}", p.cpu_usage)),
+                fig(format!("{:.2}", p.mem_usage)),
+                fig(human_bytes(p.rss_bytes as f64)),
+                fig(p.fd.to_string()),
                 fig(human_bytes(disk as f64)),
                 rate.map(|r| format!("{}/s", human_bytes(r)))
                     .unwrap_or_else(|| "-".into()),
-                fig(p["net"].as_i64().unwrap_or(0).to_string()),
-                p["restarts"].as_u64().unwrap_or(0).to_string(),
-                p["limit_stops"].as_u64().unwrap_or(0).to_string(),
+                fig(p.net.to_string()),
+                p.restarts.to_string(),
+                p.limit_stops.to_string(),
             ]
         })
         .collect();
@@ -182,16 +173,23 @@ pub fn frame(
     out
 }
 
+/// A `top --json` snapshot: the time and the processes as the agent wrote them.
+#[derive(Debug, serde::Serialize)]
+struct Snapshot {
+    time: i64,
+    list: Vec<Value>,
+}
+
 /// Run `procagent top`.
 pub async fn run(client: &Client, json_out: bool, a: &TopArgs) -> Result<u8, CliError> {
-    let mut q = json!({});
+    let mut q = ProcsQuery::default();
     if let Some(ns) = &a.namespace {
-        q["namespace"] = json!(ns);
+        q.namespace = ns.clone();
     }
     if let Some(p) = &a.process {
         let k = parse_key(p)?;
-        q["namespace"] = json!(k.namespace);
-        q["name"] = json!(k.name);
+        q.namespace = k.namespace;
+        q.name = k.name;
     }
     let limit = if a.once || json_out {
         Some(1)
@@ -208,12 +206,20 @@ pub async fn run(client: &Client, json_out: bool, a: &TopArgs) -> Result<u8, Cli
     let mut prev: Option<Prev> = None;
     let mut shown = 0u64;
     loop {
-        let d = data(client.call("procs", &q).await?)?;
+        let d: ProcList<Value> = client.call_typed("procs", &q).await?;
         let now = Instant::now();
-        let list = d["list"].as_array().cloned().unwrap_or_default();
+        let list: Vec<ProcDetail> = d
+            .list
+            .iter()
+            .map(|v| decode_data("procs", v.clone()))
+            .collect::<Result<_, _>>()?;
         let mut out = std::io::stdout().lock();
         if json_out {
-            let snap = json!({"time": crate::util::unix_now(), "list": list});
+            let snap = Snapshot {
+                time: crate::util::unix_now(),
+                list: d.list,
+            };
+            let snap = serde_json::to_value(&snap).unwrap_or_default();
             let _ = writeln!(
                 out,
                 "{}",
@@ -242,12 +248,7 @@ pub async fn run(client: &Client, json_out: bool, a: &TopArgs) -> Result<u8, Cli
         if limit.is_some_and(|n| shown >= n) {
             return Ok(exit::OK);
         }
-        prev = Some((
-            list.iter()
-                .map(|p| (key_of(p), p["disk"].as_i64().unwrap_or(0)))
-                .collect(),
-            now,
-        ));
+        prev = Some((list.iter().map(|p| (key_of(p), p.disk)).collect(), now));
         tokio::select! {
             _ = tokio::time::sleep(a.interval) => {}
             _ = tokio::signal::ctrl_c() => return Ok(exit::OK),
@@ -259,11 +260,24 @@ pub async fn run(client: &Client, json_out: bool, a: &TopArgs) -> Result<u8, Cli
 mod tests {
     use super::*;
 
-    fn p(name: &str, cpu: f64, disk: i64, status: i64) -> Value {
-        json!({"namespace": "ns", "name": name, "state": if status == 1 {"running"} else {"stopped"},
-               "status": status, "managed": true, "pids": if status == 1 {json!([10])} else {json!([])},
-               "cpu_usage": cpu, "mem_usage": 1.5, "rss_bytes": 2_097_152, "fd": 7, "disk": disk,
-               "net": 2, "restarts": 1, "limit_stops": 0})
+    fn p(name: &str, cpu: f64, disk: i64, status: i64) -> ProcDetail {
+        ProcDetail {
+            namespace: "ns".into(),
+            name: name.into(),
+            state: if status == 1 { "running" } else { "stopped" }.into(),
+            status,
+            managed: true,
+            pids: if status == 1 { vec![10] } else { vec![] },
+            cpu_usage: cpu,
+            mem_usage: 1.5,
+            rss_bytes: 2_097_152,
+            fd: 7,
+            disk,
+            net: 2,
+            restarts: 1,
+            limit_stops: 0,
+            ..ProcDetail::default()
+        }
     }
 
     #[test]
