@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::spec::{AutoType, Definition, Labels, ProcKey, ProcSpec, Source};
+use crate::spec::{
+    AutoType, Definition, FieldError, Labels, ProcKey, ProcSpec, Rule, Source, SpecPatch,
+};
 
 /// How exits of managed processes are noticed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,34 +255,42 @@ impl<'a> Section<'a> {
     }
 
     fn int(&mut self, key: &str, default: i64, min: i64, max: i64) -> i64 {
-        match self.get(key) {
+        match self.opt_integer(key) {
             None => default,
-            Some(toml::Value::Integer(i)) if (min..=max).contains(i) => *i,
-            Some(toml::Value::Integer(i)) => {
+            Some(i) if (min..=max).contains(&i) => i,
+            Some(i) => {
                 self.err(key, format!("{i} is out of range {min}..={max}"));
-                default
-            }
-            Some(v) => {
-                self.err(key, format!("expected an integer, got {}", v.type_str()));
                 default
             }
         }
     }
 
-    fn opt_int(&mut self, key: &str, min: i64, max: i64) -> Option<i64> {
-        self.table.get(key)?;
-        Some(self.int(key, min, min, max))
+    /// An integer of any value (its range is checked by whoever uses it).
+    fn opt_integer(&mut self, key: &str) -> Option<i64> {
+        match self.get(key)? {
+            toml::Value::Integer(i) => Some(*i),
+            v => {
+                self.err(key, format!("expected an integer, got {}", v.type_str()));
+                None
+            }
+        }
+    }
+
+    /// A number (float or integer) of any value (its range is checked by whoever uses it).
+    fn opt_number(&mut self, key: &str) -> Option<f64> {
+        match self.get(key)? {
+            toml::Value::Float(f) => Some(*f),
+            toml::Value::Integer(i) => Some(*i as f64),
+            v => {
+                self.err(key, format!("expected a number, got {}", v.type_str()));
+                None
+            }
+        }
     }
 
     fn float(&mut self, key: &str, default: f64, min: f64, max: f64) -> f64 {
-        let v = match self.get(key) {
-            None => return default,
-            Some(toml::Value::Float(f)) => *f,
-            Some(toml::Value::Integer(i)) => *i as f64,
-            Some(v) => {
-                self.err(key, format!("expected a number, got {}", v.type_str()));
-                return default;
-            }
+        let Some(v) = self.opt_number(key) else {
+            return default;
         };
         if v.is_nan() || v < min || v > max {
             self.err(key, format!("{v} is out of range {min}..={max}"));
@@ -797,24 +807,18 @@ fn read_process(
         }
     };
     let auto_type = match s.get("auto_type") {
-        None => AutoType::Resident,
-        Some(toml::Value::Integer(i)) => AutoType::from_code(*i).unwrap_or_else(|| {
-            s.err(
-                "auto_type",
-                format!("{i} must be 0 (periodic), 1 (resident) or 2 (single-run)"),
-            );
-            AutoType::Resident
-        }),
+        None => None,
+        Some(toml::Value::Integer(i)) => Some(*i),
         Some(toml::Value::String(v)) => match v.as_str() {
-            "periodic" => AutoType::Periodic,
-            "resident" => AutoType::Resident,
-            "single" | "single-run" | "oneshot" => AutoType::SingleRun,
+            "periodic" => Some(AutoType::Periodic.code()),
+            "resident" => Some(AutoType::Resident.code()),
+            "single" | "single-run" | "oneshot" => Some(AutoType::SingleRun.code()),
             other => {
                 s.err(
                     "auto_type",
                     format!("{other:?} must be \"resident\", \"periodic\" or \"single-run\""),
                 );
-                AutoType::Resident
+                None
             }
         },
         Some(v) => {
@@ -822,78 +826,66 @@ fn read_process(
                 "auto_type",
                 format!("expected an integer or a name, got {}", v.type_str()),
             );
-            AutoType::Resident
+            None
         }
     };
-    let env = match s.table("env") {
-        None => BTreeMap::new(),
-        Some(et) => {
-            let mut m = BTreeMap::new();
-            for (k, v) in et {
-                match v.as_str() {
-                    Some(v) => {
-                        m.insert(k.clone(), v.to_string());
-                    }
-                    None => s.err(&format!("env.{k}"), "environment values must be strings"),
+    let env = s.table("env").map(|et| {
+        let mut m = BTreeMap::new();
+        for (k, v) in et {
+            match v.as_str() {
+                Some(v) => {
+                    m.insert(k.clone(), v.to_string());
                 }
+                None => s.err(&format!("env.{k}"), "environment values must be strings"),
             }
-            m
         }
-    };
-    let spec = ProcSpec {
-        setup_path,
-        proc_name: s.string("proc_name", ""),
-        pid_path,
-        config_path,
-        log_path,
-        account,
-        contact: s.string("contact", ""),
-        func_id: s.string("func_id", ""),
-        instance_id: s.string("instance_id", ""),
-        value_key: s.string("value_key", ""),
-        start_cmd: s.string("start_cmd", ""),
-        stop_cmd: s.string("stop_cmd", ""),
-        restart_cmd: s.string("restart_cmd", ""),
-        reload_cmd: s.string("reload_cmd", ""),
-        kill_cmd: s.string("kill_cmd", ""),
-        version_cmd: s.string("version_cmd", ""),
-        health_cmd: s.string("health_cmd", ""),
-        cpu_lmt: s.float("cpu_lmt", 0.0, 0.0, 100.0),
-        mem_lmt: s.float("mem_lmt", 0.0, 0.0, 100.0),
+        m
+    });
+    // Only names and TOML types are read here; every check and default is
+    // `SpecPatch::apply`'s.
+    let patch = SpecPatch {
+        setup_path: Some(setup_path),
+        proc_name: s.opt_string("proc_name"),
+        pid_path: Some(pid_path),
+        config_path: Some(config_path),
+        log_path: Some(log_path),
+        account: Some(account),
+        contact: s.opt_string("contact"),
+        func_id: s.opt_string("func_id"),
+        instance_id: s.opt_string("instance_id"),
+        value_key: s.opt_string("value_key"),
+        start_cmd: s.opt_string("start_cmd"),
+        stop_cmd: s.opt_string("stop_cmd"),
+        restart_cmd: s.opt_string("restart_cmd"),
+        reload_cmd: s.opt_string("reload_cmd"),
+        kill_cmd: s.opt_string("kill_cmd"),
+        version_cmd: s.opt_string("version_cmd"),
+        health_cmd: s.opt_string("health_cmd"),
+        cmd_shell_ext: s.opt_string("cmd_shell_ext"),
+        cpu_lmt: s.opt_number("cpu_lmt"),
+        mem_lmt: s.opt_number("mem_lmt"),
         auto_type,
-        start_check_secs: s.int(
-            "start_check_secs",
-            crate::spec::DEFAULT_START_CHECK_SECS as i64,
-            0,
-            3600,
-        ) as u64,
-        start_check_begin_time: s
-            .opt_int("start_check_begin_time", 0, 3600)
-            .map(|v| v as u64),
-        start_check_end_time: s.opt_int("start_check_end_time", 0, 3600).map(|v| v as u64),
-        stop_check_secs: s.int(
-            "stop_check_secs",
-            crate::spec::DEFAULT_STOP_CHECK_SECS as i64,
-            0,
-            3600,
-        ) as u64,
-        op_timeout: s.int(
-            "op_timeout",
-            crate::spec::DEFAULT_OP_TIMEOUT as i64,
-            1,
-            86_400,
-        ) as u64,
-        cycle_time: s.int("cycle_time", 0, 0, 31_536_000) as u64,
-        instance_num: s.int("instance_num", 1, 1, 256) as u32,
-        start_retries: s.opt_int("start_retries", 0, 100).map(|v| v as u32),
-        start_interval: s.opt_int("start_interval", 0, 3600).map(|v| v as u64),
-        cmd_shell_ext: s.string("cmd_shell_ext", ""),
+        start_check_secs: s.opt_integer("start_check_secs"),
+        start_check_begin_time: s.opt_integer("start_check_begin_time"),
+        start_check_end_time: s.opt_integer("start_check_end_time"),
+        stop_check_secs: s.opt_integer("stop_check_secs"),
+        op_timeout: s.opt_integer("op_timeout"),
+        cycle_time: s.opt_integer("cycle_time"),
+        instance_num: s.opt_integer("instance_num"),
+        start_retries: s.opt_integer("start_retries"),
+        start_interval: s.opt_integer("start_interval"),
         env,
     };
+    let spec = match patch.apply(&ProcSpec::default()) {
+        Ok(spec) => spec,
+        Err(list) => {
+            for e in list {
+                s.err(&e.field, config_message(&e));
+            }
+            ProcSpec::default()
+        }
+    };
     let autostart = s.boolean("autostart", true);
-    for e in spec.validate() {
-        s.err(&e.field, e.message);
-    }
     s.finish();
     if errs.borrow().len() > before {
         return None;
@@ -912,6 +904,17 @@ fn read_process(
         },
         autostart,
     })
+}
+
+/// A spec error as the config loader phrases it (`0 is out of range 1..=86400`).
+fn config_message(e: &FieldError) -> String {
+    match &e.rule {
+        Rule::Range { got, min, max } => format!("{got} is out of range {min}..={max}"),
+        Rule::AutoTypeCode(i) => {
+            format!("{i} must be 0 (periodic), 1 (resident) or 2 (single-run)")
+        }
+        Rule::Other => e.message.clone(),
+    }
 }
 
 fn toml_to_json(v: &toml::Value) -> Option<serde_json::Value> {
@@ -1102,5 +1105,112 @@ auto_type = "resident"
         std::fs::remove_file(dir.path().join("conf.d/b.toml")).unwrap();
         let c = load_with_base(&f, dir.path()).unwrap();
         assert_eq!(c.processes.len(), 1);
+    }
+
+    /// The `[[process]]` reader maps config keys into a spec patch and phrases the patch's
+    /// errors as the loader always did: (extra lines of one process table, the error).
+    #[test]
+    fn process_table_errors_keep_the_loader_phrasing() {
+        let cases = [
+            (
+                "op_timeout = 0",
+                "process[0] (n/x).op_timeout: 0 is out of range 1..=86400",
+            ),
+            (
+                "op_timeout = -5",
+                "process[0] (n/x).op_timeout: -5 is out of range 1..=86400",
+            ),
+            (
+                "instance_num = 300",
+                "process[0] (n/x).instance_num: 300 is out of range 1..=256",
+            ),
+            (
+                "start_retries = 101",
+                "process[0] (n/x).start_retries: 101 is out of range 0..=100",
+            ),
+            (
+                "start_check_begin_time = 4000",
+                "process[0] (n/x).start_check_begin_time: 4000 is out of range 0..=3600",
+            ),
+            (
+                "cycle_time = -1",
+                "process[0] (n/x).cycle_time: -1 is out of range 0..=31536000",
+            ),
+            (
+                "cpu_lmt = 120",
+                "process[0] (n/x).cpu_lmt: 120 is out of range 0..=100",
+            ),
+            (
+                "mem_lmt = 100.5",
+                "process[0] (n/x).mem_lmt: 100.5 is out of range 0..=100",
+            ),
+            (
+                "op_timeout = 'x'",
+                "process[0] (n/x).op_timeout: expected an integer, got string",
+            ),
+            (
+                "cpu_lmt = true",
+                "process[0] (n/x).cpu_lmt: expected a number, got boolean",
+            ),
+            (
+                "auto_type = 7",
+                "process[0] (n/x).auto_type: 7 must be 0 (periodic), 1 (resident) or 2 (single-run)",
+            ),
+            (
+                "auto_type = 'daily'",
+                "process[0] (n/x).auto_type: \"daily\" must be \"resident\", \"periodic\" or \"single-run\"",
+            ),
+            (
+                "auto_type = 'periodic'",
+                "process[0] (n/x).cycle_time: is required (seconds, > 0) for a periodic process (auto_type 0)",
+            ),
+            (
+                "cmd_shell_ext = 'bat'",
+                "process[0] (n/x).cmd_shell_ext: \"bat\" is not supported; only \"sh\" (the default) is",
+            ),
+            (
+                "account = 'a b'",
+                "process[0] (n/x).account: is not a valid account name",
+            ),
+            (
+                "env = { A = 1 }",
+                "process[0] (n/x).env.A: environment values must be strings",
+            ),
+            (
+                "proc_name = '/'",
+                "process[0] (n/x).proc_name: \"/\" names no program",
+            ),
+        ];
+        for (line, want) in cases {
+            let text = format!(
+                "[[process]]\nnamespace='n'\nname='x'\nsetup_path='/tmp'\n{}{line}\n",
+                if line.starts_with("proc_name") {
+                    ""
+                } else {
+                    "proc_name='x'\n"
+                }
+            );
+            let err = load_text(&text).unwrap_err();
+            assert!(
+                err.0.iter().any(|e| e.contains(want)),
+                "{line}: want {want:?} in {err}"
+            );
+        }
+        let c = load_text(
+            "[[process]]\nnamespace='n'\nname='x'\nsetup_path='app'\nproc_name='x'\nuser='svc'\nauto_type='single'\nstart_check_begin_time=1\ncpu_lmt=5\nenv={A='1'}\n",
+        )
+        .unwrap();
+        let s = &c.processes[0].definition.spec;
+        assert!(s.setup_path.ends_with("/app") && s.setup_path.starts_with('/'));
+        assert_eq!(
+            (s.account.as_str(), s.auto_type),
+            ("svc", AutoType::SingleRun)
+        );
+        assert_eq!((s.start_check_begin_time, s.cpu_lmt), (Some(1), 5.0));
+        assert_eq!(
+            (s.op_timeout, s.instance_num),
+            (crate::spec::DEFAULT_OP_TIMEOUT, 1)
+        );
+        assert_eq!(s.env["A"], "1");
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! * [`config`]: the TOML config, strict, every error reported at once.
-//! * [`spec`]: process definitions (key + GSE spec) and their validation.
+//! * [`spec`]: process definitions (key + GSE spec), the one spec decoder (a patch applied
+//!   over a base, every check made once) and the one identity function.
 //! * [`proto`]: the API's request/response types, shared by server, CLI and tests.
 //! * [`store`]: SQLite persistence (one writer thread, WAL, group commit).
 //! * [`supervisor`]: owns every process's state; its [`supervisor::lifecycle`] is the pure state

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::spec::{AutoType, FieldError, Labels, ProcKey, ProcSpec};
+use crate::spec::{FieldError, Labels, ProcKey, ProcSpec, SpecPatch};
 
 /// GSE result codes (per key in `data`, or top-level `code`).
 pub mod codes {
@@ -286,26 +286,12 @@ pub struct SpecWire {
     pub cmd_shell_ext: String,
 }
 
-fn nonneg(field: &str, v: Option<i64>, errs: &mut Vec<FieldError>) -> Option<u64> {
-    match v {
-        Some(i) if i < 0 => {
-            errs.push(FieldError {
-                field: field.to_string(),
-                message: format!("must not be negative, got {i}"),
-            });
-            None
-        }
-        Some(i) => Some(i as u64),
-        None => None,
-    }
-}
-
 impl SpecWire {
-    /// Turn a wire spec into a [`ProcSpec`], defaults filled in (`op_timeout` 60 s,
-    /// `start_check_secs` 5 s when absent or null). Field names in errors are the wire
-    /// paths (`spec.identity.setup_path`).
-    pub fn to_spec(&self) -> Result<ProcSpec, Vec<FieldError>> {
-        let mut errs = Vec::new();
+    /// The patch this wire spec stands for: only names are mapped here (`user` is
+    /// `account`, `resource.cpu` is `cpu_lmt`, ...); every check and default is
+    /// [`SpecPatch::apply`]'s. `monitor_policy` wins over `alive_monitor_policy`;
+    /// `cmd_shell_ext` is the first one given of `spec`, `control` and the policy.
+    pub fn to_patch(&self) -> SpecPatch {
         let id = self.identity.clone().unwrap_or_default();
         let ctl = self.control.clone().unwrap_or_default();
         let res = self.resource.clone().unwrap_or_default();
@@ -314,82 +300,50 @@ impl SpecWire {
             .clone()
             .or_else(|| self.alive_monitor_policy.clone())
             .unwrap_or_default();
-        let auto_type = match pol.auto_type {
-            None => AutoType::Resident,
-            Some(c) => AutoType::from_code(c).unwrap_or_else(|| {
-                errs.push(FieldError {
-                    field: "spec.monitor_policy.auto_type".into(),
-                    message: format!(
-                        "must be 0 (periodic), 1 (resident) or 2 (single-run), got {c}"
-                    ),
-                });
-                AutoType::Resident
-            }),
-        };
-        let p = "spec.monitor_policy.";
-        let spec = ProcSpec {
-            setup_path: id.setup_path,
-            proc_name: id.proc_name,
-            pid_path: id.pid_path,
-            config_path: id.config_path,
-            log_path: id.log_path,
-            account: id.user,
-            value_key: id.value_key,
-            start_cmd: ctl.start_cmd,
-            stop_cmd: ctl.stop_cmd,
-            restart_cmd: ctl.restart_cmd,
-            reload_cmd: ctl.reload_cmd,
-            kill_cmd: ctl.kill_cmd,
-            version_cmd: ctl.version_cmd,
-            health_cmd: ctl.health_cmd,
-            cpu_lmt: res.cpu.unwrap_or(0.0),
-            mem_lmt: res.mem.unwrap_or(0.0),
-            auto_type,
-            start_check_secs: nonneg(
-                &format!("{p}start_check_secs"),
-                pol.start_check_secs,
-                &mut errs,
-            )
-            .unwrap_or(crate::spec::DEFAULT_START_CHECK_SECS),
-            start_check_begin_time: nonneg(
-                &format!("{p}start_check_begin_time"),
-                pol.start_check_begin_time,
-                &mut errs,
-            ),
-            start_check_end_time: nonneg(
-                &format!("{p}start_check_end_time"),
-                pol.start_check_end_time,
-                &mut errs,
-            ),
-            stop_check_secs: nonneg(
-                &format!("{p}stop_check_secs"),
-                pol.stop_check_secs,
-                &mut errs,
-            )
-            .unwrap_or(crate::spec::DEFAULT_STOP_CHECK_SECS),
-            op_timeout: nonneg(&format!("{p}op_timeout"), pol.op_timeout, &mut errs)
-                .unwrap_or(crate::spec::DEFAULT_OP_TIMEOUT),
-            cycle_time: nonneg(&format!("{p}cycle_time"), pol.cycle_time, &mut errs).unwrap_or(0),
-            instance_num: nonneg(&format!("{p}instance_num"), pol.instance_num, &mut errs)
-                .map(|v| v.min(u32::MAX as u64) as u32)
-                .unwrap_or(1),
-            start_retries: nonneg(&format!("{p}start_retries"), pol.start_retries, &mut errs)
-                .map(|v| v.min(u32::MAX as u64) as u32),
-            start_interval: nonneg(&format!("{p}start_interval"), pol.start_interval, &mut errs),
-            cmd_shell_ext: [&self.cmd_shell_ext, &ctl.cmd_shell_ext, &pol.cmd_shell_ext]
-                .into_iter()
-                .find(|s| !s.trim().is_empty())
-                .map(|s| s.trim().to_string())
-                .unwrap_or_default(),
-            ..ProcSpec::default()
-        };
-        for e in spec.validate() {
-            errs.push(FieldError {
-                field: wire_field(&e.field),
-                message: e.message,
-            });
+        let cmd_shell_ext = [&self.cmd_shell_ext, &ctl.cmd_shell_ext, &pol.cmd_shell_ext]
+            .into_iter()
+            .find(|s| !s.trim().is_empty())
+            .map(|s| s.trim().to_string());
+        SpecPatch {
+            setup_path: Some(id.setup_path),
+            proc_name: Some(id.proc_name),
+            pid_path: Some(id.pid_path),
+            config_path: Some(id.config_path),
+            log_path: Some(id.log_path),
+            account: Some(id.user),
+            value_key: Some(id.value_key),
+            start_cmd: Some(ctl.start_cmd),
+            stop_cmd: Some(ctl.stop_cmd),
+            restart_cmd: Some(ctl.restart_cmd),
+            reload_cmd: Some(ctl.reload_cmd),
+            kill_cmd: Some(ctl.kill_cmd),
+            version_cmd: Some(ctl.version_cmd),
+            health_cmd: Some(ctl.health_cmd),
+            cmd_shell_ext,
+            cpu_lmt: res.cpu,
+            mem_lmt: res.mem,
+            auto_type: pol.auto_type,
+            start_check_secs: pol.start_check_secs,
+            start_check_begin_time: pol.start_check_begin_time,
+            start_check_end_time: pol.start_check_end_time,
+            stop_check_secs: pol.stop_check_secs,
+            op_timeout: pol.op_timeout,
+            cycle_time: pol.cycle_time,
+            instance_num: pol.instance_num,
+            start_retries: pol.start_retries,
+            start_interval: pol.start_interval,
+            ..SpecPatch::default()
         }
-        if errs.is_empty() { Ok(spec) } else { Err(errs) }
+    }
+
+    /// Turn a wire spec into a [`ProcSpec`] over the defaults. Field names in errors are
+    /// the wire paths (`spec.identity.setup_path`).
+    pub fn to_spec(&self) -> Result<ProcSpec, Vec<FieldError>> {
+        self.to_patch().apply(&ProcSpec::default()).map_err(|errs| {
+            errs.iter()
+                .map(|e| e.renamed(wire_field(&e.field)))
+                .collect()
+        })
     }
 }
 
@@ -1041,5 +995,38 @@ mod tests {
             serde_json::to_string(&l).unwrap(),
             serde_json::to_value(&l).unwrap().to_string()
         );
+    }
+
+    #[test]
+    fn spec_errors_keep_the_wire_phrasing() {
+        let w: SpecWire = serde_json::from_str(
+            r#"{"identity":{"proc_name":"p","setup_path":"/opt","user":"a b"},
+                "resource":{"mem":200},
+                "monitor_policy":{"auto_type":5,"op_timeout":-1,"cmd_shell_ext":"bat"}}"#,
+        )
+        .unwrap();
+        let msgs: Vec<String> = w
+            .to_spec()
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        for want in [
+            "spec.monitor_policy.auto_type: must be 0 (periodic), 1 (resident) or 2 (single-run), got 5",
+            "spec.monitor_policy.op_timeout: must not be negative, got -1",
+            "spec.identity.user: is not a valid account name",
+            "spec.resource.mem: must be a percentage between 0 and 100",
+            "spec.monitor_policy.cmd_shell_ext: \"bat\" is not supported; only \"sh\" (the default) is",
+        ] {
+            assert!(msgs.iter().any(|m| m == want), "{want:?} not in {msgs:?}");
+        }
+        let w: SpecWire = serde_json::from_str(
+            r#"{"identity":{"proc_name":"p","setup_path":"/opt"},"control":{"cmd_shell_ext":" sh "},
+                "alive_monitor_policy":{"instance_num":2,"start_retries":3}}"#,
+        )
+        .unwrap();
+        let s = w.to_spec().unwrap();
+        assert_eq!(s.cmd_shell_ext, "sh");
+        assert_eq!((s.instance_num, s.start_retries), (2, Some(3)));
     }
 }

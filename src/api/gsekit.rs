@@ -13,7 +13,7 @@
 //!    `operate_process/{proc_name}@{setup_path}` without a value_key ([`V2_NAMESPACE`]), and
 //!    labelled `bk_biz_id`.
 //!
-//! The identity of a definition is its spec's `value_key` when not empty, else its
+//! The identity of a definition ([`Identity::of`]) is its spec's `value_key` when not empty, else its
 //! `setup_path` + `proc_name`. Collisions are request errors that say what collides: two
 //! entries of one request with the same identity but different specs ("two processes with
 //! the same setup_path and proc_name need distinct value_keys"), an identity that several
@@ -49,8 +49,9 @@ use serde_json::{Value, json};
 
 use super::ApiError;
 use super::auth::Access;
-use super::handlers::{self, KeyStyle, Plan, Target};
+use super::handlers::{self, KeyStyle, Target};
 use super::limits::{self, KeyBudget, MAX_HOSTS, MAX_PROCESS_INFOS};
+use super::submit::{Plan, Work};
 use crate::expr::Expression;
 use crate::proto::{FLAG_RUNNING, FLAG_STOPPED};
 use crate::proto::{HostWire, KeyResult, OpType, codes, de_opt_f64, de_opt_i64};
@@ -58,7 +59,9 @@ use crate::proto::{ProcInstInfo, ProcessStatusList, ProcessStatusRow};
 
 /// The registered definitions by key: what operate_process resolves against.
 pub type Registry = std::collections::BTreeMap<ProcKey, crate::spec::Definition>;
-use crate::spec::{AutoType, FieldError, Labels, ProcKey, ProcSpec, Source, validate_key};
+use crate::spec::{
+    FieldError, Identity, Labels, ProcKey, ProcSpec, Rule, Source, SpecPatch, validate_key,
+};
 use crate::supervisor::Engine;
 
 /// Namespace of definitions created by operate_process.
@@ -273,48 +276,15 @@ pub struct ProcessInfoWire {
     pub ip_list: Option<Vec<HostWire>>,
 }
 
-/// How operate_process names a process.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Identity {
-    ValueKey(String),
-    Path {
-        setup_path: String,
-        proc_name: String,
-    },
-}
-
-impl Identity {
-    /// The identity of a registered spec.
-    pub fn of_spec(spec: &ProcSpec) -> Identity {
-        if spec.value_key.is_empty() {
-            Identity::Path {
-                setup_path: spec.setup_path.clone(),
-                proc_name: spec.proc_name.clone(),
-            }
-        } else {
-            Identity::ValueKey(spec.value_key.clone())
-        }
-    }
-
-    /// The key a new definition with this identity gets.
-    pub fn synthetic_key(&self) -> ProcKey {
-        match self {
-            Identity::ValueKey(v) => ProcKey::new(V2_NAMESPACE, v.clone()),
-            Identity::Path {
-                setup_path,
-                proc_name,
-            } => ProcKey::new(V2_NAMESPACE, format!("{proc_name}@{setup_path}")),
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Identity::ValueKey(v) => format!("value_key {v:?}"),
-            Identity::Path {
-                setup_path,
-                proc_name,
-            } => format!("setup_path {setup_path:?} and proc_name {proc_name:?}"),
-        }
+/// The key a new definition with this identity gets (`operate_process/{value_key}`, or
+/// `operate_process/{proc_name}@{setup_path}`).
+pub fn synthetic_key(id: &Identity) -> ProcKey {
+    match id {
+        Identity::ValueKey(v) => ProcKey::new(V2_NAMESPACE, v.clone()),
+        Identity::Path {
+            setup_path,
+            proc_name,
+        } => ProcKey::new(V2_NAMESPACE, format!("{proc_name}@{setup_path}")),
     }
 }
 
@@ -326,7 +296,7 @@ impl IdentityIndex {
     pub fn new(reg: &Registry) -> IdentityIndex {
         let mut m: HashMap<Identity, Vec<ProcKey>> = HashMap::new();
         for d in reg.values() {
-            m.entry(Identity::of_spec(&d.spec))
+            m.entry(Identity::of(&d.spec))
                 .or_default()
                 .push(d.key.clone());
         }
@@ -352,86 +322,58 @@ fn v2_field(field: &str) -> &str {
     }
 }
 
+impl ProcessInfoWire {
+    /// The patch this entry stands for: only names are mapped here (`cfg_path` is
+    /// `config_path`, `type` is `auto_type`); the value_key is trimmed, as its identity is.
+    pub fn to_patch(&self) -> SpecPatch {
+        SpecPatch {
+            setup_path: self.setup_path.clone(),
+            proc_name: self.proc_name.clone(),
+            pid_path: self.pid_path.clone(),
+            config_path: self.cfg_path.clone(),
+            log_path: self.log_path.clone(),
+            contact: self.contact.clone(),
+            start_cmd: self.start_cmd.clone(),
+            stop_cmd: self.stop_cmd.clone(),
+            restart_cmd: self.restart_cmd.clone(),
+            reload_cmd: self.reload_cmd.clone(),
+            kill_cmd: self.kill_cmd.clone(),
+            func_id: self.func_id.clone(),
+            instance_id: self.instance_id.clone(),
+            value_key: self.value_key.as_deref().map(|v| v.trim().to_string()),
+            account: self.account.clone(),
+            auto_type: self.auto_type,
+            cycle_time: self.cycle_time,
+            instance_num: self.instance_num,
+            start_check_begin_time: self.start_check_begin_time,
+            start_check_end_time: self.start_check_end_time,
+            op_timeout: self.op_timeout,
+            cpu_lmt: self.cpu_lmt,
+            mem_lmt: self.mem_lmt,
+            ..SpecPatch::default()
+        }
+    }
+}
+
 /// Lay the request's fields over `base` (the registered spec, or the defaults) and
 /// validate the result. Errors name the v2 fields (`process_infos[0].cpu_lmt`).
 pub fn merge_spec(
-    mut base: ProcSpec,
+    base: ProcSpec,
     w: &ProcessInfoWire,
     prefix: &str,
 ) -> Result<ProcSpec, Vec<FieldError>> {
-    let mut errs = Vec::new();
-    let texts: [(&Option<String>, &mut String); 15] = [
-        (&w.setup_path, &mut base.setup_path),
-        (&w.proc_name, &mut base.proc_name),
-        (&w.pid_path, &mut base.pid_path),
-        (&w.cfg_path, &mut base.config_path),
-        (&w.log_path, &mut base.log_path),
-        (&w.contact, &mut base.contact),
-        (&w.start_cmd, &mut base.start_cmd),
-        (&w.stop_cmd, &mut base.stop_cmd),
-        (&w.restart_cmd, &mut base.restart_cmd),
-        (&w.reload_cmd, &mut base.reload_cmd),
-        (&w.kill_cmd, &mut base.kill_cmd),
-        (&w.func_id, &mut base.func_id),
-        (&w.instance_id, &mut base.instance_id),
-        (&w.value_key, &mut base.value_key),
-        (&w.account, &mut base.account),
-    ];
-    for (from, to) in texts {
-        if let Some(v) = from {
-            *to = v.clone();
-        }
-    }
-    base.value_key = base.value_key.trim().to_string();
-    let mut nonneg = |field: &str, v: Option<i64>| -> Option<u64> {
-        match v {
-            Some(i) if i < 0 => {
-                errs.push(FieldError {
-                    field: format!("{prefix}.{field}"),
-                    message: format!("must not be negative, got {i}"),
-                });
-                None
-            }
-            other => other.map(|i| i as u64),
-        }
-    };
-    if let Some(v) = nonneg("cycle_time", w.cycle_time) {
-        base.cycle_time = v;
-    }
-    if let Some(v) = nonneg("instance_num", w.instance_num) {
-        base.instance_num = v.min(u32::MAX as u64) as u32;
-    }
-    if let Some(v) = nonneg("start_check_begin_time", w.start_check_begin_time) {
-        base.start_check_begin_time = Some(v);
-    }
-    if let Some(v) = nonneg("start_check_end_time", w.start_check_end_time) {
-        base.start_check_end_time = Some(v);
-    }
-    if let Some(v) = nonneg("op_timeout", w.op_timeout) {
-        base.op_timeout = v;
-    }
-    if let Some(v) = w.cpu_lmt {
-        base.cpu_lmt = v;
-    }
-    if let Some(v) = w.mem_lmt {
-        base.mem_lmt = v;
-    }
-    if let Some(t) = w.auto_type {
-        match AutoType::from_code(t) {
-            Some(a) => base.auto_type = a,
-            None => errs.push(FieldError {
-                field: format!("{prefix}.type"),
-                message: format!("must be 0 (periodic), 1 (resident) or 2 (single run), got {t}"),
-            }),
-        }
-    }
-    for e in base.validate() {
-        errs.push(FieldError {
-            field: format!("{prefix}.{}", v2_field(&e.field)),
-            message: e.message,
-        });
-    }
-    if errs.is_empty() { Ok(base) } else { Err(errs) }
+    w.to_patch().apply(&base).map_err(|errs| {
+        errs.iter()
+            .map(|e| {
+                let mut e = e.renamed(format!("{prefix}.{}", v2_field(&e.field)));
+                if let Rule::AutoTypeCode(t) = e.rule {
+                    e.message =
+                        format!("must be 0 (periodic), 1 (resident) or 2 (single run), got {t}");
+                }
+                e
+            })
+            .collect()
+    })
 }
 
 fn required_text(v: &Option<String>, prefix: &str, field: &str) -> Result<String, ApiError> {
@@ -475,19 +417,15 @@ fn resolve(
             )));
         }
     }
-    let value_key = w.value_key.as_deref().unwrap_or("").trim().to_string();
-    let identity = if value_key.is_empty() {
-        Identity::Path {
-            setup_path,
-            proc_name,
-        }
-    } else {
-        Identity::ValueKey(value_key)
-    };
+    let identity = Identity::new(
+        w.value_key.as_deref().unwrap_or("").trim(),
+        &setup_path,
+        &proc_name,
+    );
     let found = index.find(&identity);
     let (key, existing) = match found {
         [] => {
-            let key = identity.synthetic_key();
+            let key = synthetic_key(&identity);
             let errs = validate_key(&key);
             if !errs.is_empty() {
                 return Err(ApiError::bad(format!(
@@ -502,7 +440,7 @@ fn resolve(
                 return Err(ApiError::bad(format!(
                     "{prefix}: the process with {} would be named {key}, but that name belongs to the process with {}; give it a distinct value_key",
                     identity.describe(),
-                    Identity::of_spec(&d.spec).describe()
+                    Identity::of(&d.spec).describe()
                 )));
             }
             (key, None)
@@ -538,13 +476,6 @@ fn resolve(
         spec,
         hosts,
     })
-}
-
-fn field_errors(errs: &[FieldError]) -> String {
-    errs.iter()
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// Decode and validate an `operate_process` body against the registry (which processes
@@ -663,7 +594,7 @@ pub async fn operate_process(
             // nothing is), whatever the request's fields say.
             Err(errs) if op.mutating() => {
                 handlers::check_op_access(engine, access, op, &r.key, None)?;
-                let msg = field_errors(errs);
+                let msg = FieldError::joined(errs);
                 for (rk, t) in handlers::distinct_targets(&tg, KeyStyle::V2, &r.key) {
                     let immediate = if handlers::is_me(engine, t) {
                         KeyResult::err(codes::SPEC_INVALID, msg.clone())
@@ -676,7 +607,7 @@ pub async fn operate_process(
                             key: Some(r.key.clone()),
                             op,
                             immediate: Some(immediate),
-                            inline: None,
+                            work: Work::Operate(None),
                         },
                         &mut plans,
                     );
@@ -717,7 +648,7 @@ pub async fn operate_process(
             }
         }
     }
-    let task_id = handlers::submit(
+    let task_id = super::submit::submit(
         engine,
         "operate_process",
         code,
@@ -1879,7 +1810,7 @@ mod tests {
         assert_eq!(s.health_cmd, "true", "kept");
         assert_eq!(s.cpu_lmt, 10.0, "kept");
         assert_eq!(s.config_path, "/etc/a");
-        assert_eq!(s.auto_type, AutoType::SingleRun);
+        assert_eq!(s.auto_type, crate::spec::AutoType::SingleRun);
         let bad = ProcessInfoWire {
             auto_type: Some(0),
             cpu_lmt: Some(300.0),
@@ -1900,26 +1831,63 @@ mod tests {
         }
     }
 
+    /// v2 entries are mapped into a patch over the registered spec; errors keep the v2
+    /// names and phrasing.
+    #[test]
+    fn merge_errors_use_v2_names() {
+        let w = ProcessInfoWire {
+            setup_path: Some("/opt/a".into()),
+            proc_name: Some("a".into()),
+            auto_type: Some(9),
+            cycle_time: Some(-1),
+            cfg_path: Some("rel".into()),
+            cpu_lmt: Some(300.0),
+            ..Default::default()
+        };
+        let msgs: Vec<String> = merge_spec(ProcSpec::default(), &w, "process_infos[0]")
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        for want in [
+            "process_infos[0].type: must be 0 (periodic), 1 (resident) or 2 (single run), got 9",
+            "process_infos[0].cycle_time: must not be negative, got -1",
+            "process_infos[0].cfg_path: must be an absolute path",
+            "process_infos[0].cpu_lmt: must be a percentage between 0 and 100",
+        ] {
+            assert!(msgs.iter().any(|m| m == want), "{want:?} not in {msgs:?}");
+        }
+        let w = ProcessInfoWire {
+            setup_path: Some("/opt/a".into()),
+            proc_name: Some("a".into()),
+            value_key: Some(" k ".into()),
+            ..Default::default()
+        };
+        let s = merge_spec(ProcSpec::default(), &w, "process_infos[0]").unwrap();
+        assert_eq!(s.value_key, "k", "trimmed, as its identity is");
+        assert_eq!(Identity::of(&s), Identity::ValueKey("k".into()));
+    }
+
     #[test]
     fn identities_and_their_keys() {
         let p = Identity::Path {
             setup_path: "/opt/a".into(),
             proc_name: "a".into(),
         };
-        assert_eq!(p.synthetic_key(), ProcKey::new(V2_NAMESPACE, "a@/opt/a"));
+        assert_eq!(synthetic_key(&p), ProcKey::new(V2_NAMESPACE, "a@/opt/a"));
         let v = Identity::ValueKey("k1".into());
-        assert_eq!(v.synthetic_key(), ProcKey::new(V2_NAMESPACE, "k1"));
+        assert_eq!(synthetic_key(&v), ProcKey::new(V2_NAMESPACE, "k1"));
         let spec = ProcSpec {
             setup_path: "/opt/a".into(),
             proc_name: "a".into(),
             ..ProcSpec::default()
         };
-        assert_eq!(Identity::of_spec(&spec), p);
+        assert_eq!(Identity::of(&spec), p);
         let spec = ProcSpec {
             value_key: "k1".into(),
             ..spec
         };
-        assert_eq!(Identity::of_spec(&spec), v);
+        assert_eq!(Identity::of(&spec), v);
     }
 
     #[test]
@@ -1927,10 +1895,10 @@ mod tests {
         let reg = crate::fuzzing::fuzz_registry();
         let index = IdentityIndex::new(&reg);
         for d in reg.values() {
-            let id = Identity::of_spec(&d.spec);
+            let id = Identity::of(&d.spec);
             let scan: Vec<ProcKey> = reg
                 .values()
-                .filter(|x| Identity::of_spec(&x.spec) == id)
+                .filter(|x| Identity::of(&x.spec) == id)
                 .map(|x| x.key.clone())
                 .collect();
             assert_eq!(index.find(&id), scan.as_slice(), "{id:?}");

@@ -20,14 +20,15 @@ use serde_json::{Value, json};
 
 use super::auth::{self, Access};
 use super::limits::{self, KeyBudget, MAX_HOSTS, MAX_MULTI_ITEMS};
+use super::submit::{Plan, Work, record, submit};
 use super::{ApiError, AppState, ok};
 use crate::proto::{
     EventList, HostWire, KeyResult, MetaHostsReq, OpType, OperateMultiReq, OperateProcReq,
     ProcInfos, ProcList, ProcsQuery, RegisterReq, SyncProcStatusReq, TaskIdResp, TaskItemView,
     TaskList, TaskQuery, TaskResults, TaskView, TasksQuery, codes,
 };
-use crate::spec::{Labels, ProcKey, ProcSpec, validate_key};
-use crate::store::{TaskItemRecord, TaskRecord};
+use crate::spec::{FieldError, Labels, ProcKey, ProcSpec, validate_key};
+use crate::store::TaskItemRecord;
 use crate::supervisor::Engine;
 use crate::supervisor::defs::{self, PutMode, Writer};
 
@@ -304,101 +305,8 @@ fn check_key(key: &ProcKey) -> Result<(), ApiError> {
     if errs.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::bad(
-            errs.iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        ))
+        Err(ApiError::bad(FieldError::joined(&errs)))
     }
-}
-
-fn spec_errors(errs: &[crate::spec::FieldError]) -> String {
-    errs.iter()
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-/// One item of an operate task.
-pub struct Plan {
-    pub result_key: String,
-    pub key: Option<ProcKey>,
-    pub op: OpType,
-    /// `None`: run the op; `Some`: answered at once.
-    pub immediate: Option<KeyResult>,
-    pub inline: Option<(ProcSpec, Labels)>,
-}
-
-/// Record a task (committed before the id is returned) and run its items in the background.
-pub async fn submit(
-    engine: &Arc<Engine>,
-    api: &str,
-    op_code: i64,
-    plans: Vec<Plan>,
-    access: &Access,
-    user: String,
-) -> Result<String, ApiError> {
-    let task_id = engine.tasks.next_id();
-    let rec = TaskRecord {
-        task_id: task_id.clone(),
-        created_ms: crate::util::unix_millis(),
-        finished_ms: None,
-        api: api.to_string(),
-        op_type: op_code,
-        peer_uid: access.peer.map(|p| p.uid),
-        peer_pid: access.peer.and_then(|p| p.pid),
-        username: user,
-        items: plans
-            .iter()
-            .map(|p| TaskItemRecord {
-                result_key: p.result_key.clone(),
-                key: p.key.clone(),
-                op_type: p.op.code(),
-                result: p.immediate.clone(),
-                definition: None,
-            })
-            .collect(),
-    };
-    let all_done = rec.items.iter().all(|i| i.result.is_some());
-    engine
-        .tasks
-        .create(rec)
-        .await
-        .map_err(|e| ApiError::new(codes::UNAVAILABLE, format!("cannot record the task: {e}")))?;
-    if all_done {
-        engine
-            .tasks
-            .finish_item(
-                &task_id,
-                0,
-                plans[0]
-                    .immediate
-                    .clone()
-                    .unwrap_or_else(KeyResult::running),
-            )
-            .await;
-    }
-    let rule = account_rule(access);
-    for (idx, p) in plans.into_iter().enumerate() {
-        if p.immediate.is_some() {
-            continue;
-        }
-        let Some(key) = p.key else { continue };
-        let engine = engine.clone();
-        let tid = task_id.clone();
-        let w = Writer {
-            may_use: rule.clone(),
-            only: only_account(access),
-            item: Some((tid.clone(), idx)),
-        };
-        tokio::spawn(async move {
-            let done = engine.operate(&key, p.op, p.inline, &w).await;
-            let r = super::wire::key_result(&key, p.op, &done, &engine.host);
-            engine.tasks.finish_item(&tid, idx, r).await;
-        });
-    }
-    Ok(task_id)
 }
 
 /// The only account the caller may act on (`None`: any).
@@ -501,7 +409,7 @@ pub fn validate_operate(req: &OperateProcReq, at: &str) -> Result<OperateDecoded
         spec: req
             .spec
             .as_ref()
-            .map(|w| w.to_spec().map_err(|e| spec_errors(&e))),
+            .map(|w| w.to_spec().map_err(|e| FieldError::joined(&e))),
         labels: req.meta.labels.clone(),
     })
 }
@@ -577,7 +485,7 @@ fn plan_request(
                     } else {
                         not_me(engine, t)
                     }),
-                    inline: None,
+                    work: Work::Operate(None),
                 })
                 .collect()
         }
@@ -601,7 +509,7 @@ pub fn decode_register(
     let spec = req
         .spec
         .to_spec()
-        .map_err(|e| ApiError::bad(spec_errors(&e)))?;
+        .map_err(|e| ApiError::bad(FieldError::joined(&e)))?;
     Ok((req, key, tg, spec))
 }
 
@@ -697,7 +605,7 @@ pub fn plan_items(
                 key: Some(key.clone()),
                 op,
                 immediate: if me { None } else { Some(not_me(engine, t)) },
-                inline: if me { inline.clone() } else { None },
+                work: Work::Operate(if me { inline.clone() } else { None }),
             }
         })
         .collect()
@@ -728,7 +636,7 @@ async fn operate_proc_multi(
                 }
                 Some(j) => {
                     let q = &plans[j];
-                    if q.op != p.op || q.inline != p.inline || q.immediate != p.immediate {
+                    if q.op != p.op || q.work != p.work || q.immediate != p.immediate {
                         return Err(ApiError::bad(format!(
                             "proc_operate_req[{i}]: its key {} is already operated on by proc_operate_req[{}] ({} vs {}); one task answers one result per key: send them in separate calls",
                             p.result_key,
@@ -845,27 +753,17 @@ struct Keyed {
 /// Record a synchronous mutating request (register, update, unregister) in the task
 /// history, each key with the change it made.
 async fn audit(engine: &Engine, api: &str, results: &[Keyed], access: &Access, user: String) {
-    let now = crate::util::unix_millis();
-    let rec = TaskRecord {
-        task_id: engine.tasks.next_id(),
-        created_ms: now,
-        finished_ms: Some(now),
-        api: api.to_string(),
-        op_type: -1,
-        peer_uid: access.peer.map(|p| p.uid),
-        peer_pid: access.peer.and_then(|p| p.pid),
-        username: user,
-        items: results
-            .iter()
-            .map(|k| TaskItemRecord {
-                result_key: k.result_key.clone(),
-                key: Some(k.key.clone()),
-                op_type: -1,
-                result: Some(k.result.clone()),
-                definition: k.definition.clone(),
-            })
-            .collect(),
-    };
+    let items = results
+        .iter()
+        .map(|k| TaskItemRecord {
+            result_key: k.result_key.clone(),
+            key: Some(k.key.clone()),
+            op_type: -1,
+            result: Some(k.result.clone()),
+            definition: k.definition.clone(),
+        })
+        .collect();
+    let rec = record(engine.tasks.next_id(), api, -1, access, user, items, true);
     if let Err(e) = engine.tasks.create(rec).await {
         tracing::error!(error = %e, api, "cannot record the request in the task history");
     }

@@ -34,6 +34,7 @@ pub mod logs;
 pub mod metrics;
 pub mod refusals;
 pub mod reload;
+pub mod submit;
 pub mod wire;
 
 use std::collections::BTreeMap;

@@ -26,11 +26,11 @@ use serde_json::{Value, json};
 
 use super::auth::{self, Access, Role};
 use super::handlers::{HIDDEN_ENV_VALUE, KeyStyle, Target, result_key};
+use super::submit::{Plan, Work, submit};
 use super::{ApiError, AppState, envelope, ok};
 use crate::config::{Config, ConfigErrors};
 use crate::proto::{HostWire, KeyResult, OpType, ReloadErrors, ReloadReq, codes};
 use crate::spec::ProcKey;
-use crate::store::{TaskItemRecord, TaskRecord};
 use crate::supervisor::Engine;
 use crate::supervisor::defs::ConfigDiff;
 
@@ -196,43 +196,27 @@ async fn restart_task(
         bk_cloud_id: Some(engine.host.bk_cloud_id),
         bk_supplier_id: None,
     });
-    let keys: Vec<ProcKey> = keys.iter().filter_map(|k| k.parse().ok()).collect();
-    let task_id = engine.tasks.next_id();
-    let now = crate::util::unix_millis();
-    let rec = TaskRecord {
-        task_id: task_id.clone(),
-        created_ms: now,
-        finished_ms: None,
-        api: "reload".into(),
-        op_type: OpType::Restart.code(),
-        peer_uid: access.peer.map(|p| p.uid),
-        peer_pid: access.peer.and_then(|p| p.pid),
-        username: String::new(),
-        items: keys
-            .iter()
-            .map(|k| TaskItemRecord {
-                result_key: result_key(&me, KeyStyle::V2, k),
-                key: Some(k.clone()),
-                op_type: OpType::Restart.code(),
-                result: None,
-                definition: None,
-            })
-            .collect(),
-    };
-    engine
-        .tasks
-        .create(rec)
-        .await
-        .map_err(|e| ReloadError::Apply(format!("cannot record the restart task: {e}")))?;
-    for (idx, key) in keys.into_iter().enumerate() {
-        let engine = engine.clone();
-        let tid = task_id.clone();
-        tokio::spawn(async move {
-            let r = replace_process(&engine, key).await;
-            engine.tasks.finish_item(&tid, idx, r).await;
-        });
-    }
-    Ok(task_id)
+    let plans = keys
+        .iter()
+        .filter_map(|k| k.parse::<ProcKey>().ok())
+        .map(|k| Plan {
+            result_key: result_key(&me, KeyStyle::V2, &k),
+            key: Some(k),
+            op: OpType::Restart,
+            immediate: None,
+            work: Work::Replace,
+        })
+        .collect();
+    submit(
+        engine,
+        "reload",
+        OpType::Restart.code(),
+        plans,
+        access,
+        String::new(),
+    )
+    .await
+    .map_err(|e| ReloadError::Apply(format!("cannot record the restart task: {e}")))
 }
 
 /// Stop a process and start it with its current definition, keeping its intent: one

@@ -15,7 +15,7 @@ use super::lifecycle::{Input, ProcInput};
 use super::registry::{Entry, ProcState};
 use crate::config::ProcessConfig;
 use crate::proto::FLAG_RUNNING;
-use crate::spec::{Definition, Labels, ProcKey, ProcSpec, Source};
+use crate::spec::{Definition, Identity, Labels, ProcKey, ProcSpec, Source};
 use crate::store::ItemNote;
 
 /// Why a definition write was refused.
@@ -274,15 +274,17 @@ impl Engine {
         created
     }
 
-    /// Which other definition already has this spec's value_key, described.
+    /// Which other definition already has this spec's value_key (the identity that names
+    /// one process only), described.
     fn identity_taken(&self, key: &ProcKey, spec: &ProcSpec) -> Option<String> {
-        if spec.value_key.is_empty() {
+        let id = Identity::of(spec);
+        if !id.is_value_key() {
             return None;
         }
         let reg = self.reg();
         reg.entries
             .values()
-            .find(|e| &e.def.key != key && e.def.spec.value_key == spec.value_key)
+            .find(|e| &e.def.key != key && Identity::of(&e.def.spec) == id)
             .map(|e| {
                 format!(
                     "value_key {:?} is already used by process {} (setup_path {:?}, proc_name {:?}); a value_key names one process, so two processes with the same setup_path and proc_name need distinct value_keys",

@@ -5,12 +5,21 @@
 //! flat `operate_process` v2 fields) into one struct with defaults filled in, so the rest of
 //! the agent never looks at wire shapes. Empty strings mean "absent" for every optional text
 //! field (callers send `""` for commands they do not have).
+//!
+//! [`patch`] holds the one decoder (a patch laid over a base, every check made once) and
+//! [`identity`] the one identity function.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+pub mod identity;
+pub mod patch;
+
+pub use identity::Identity;
+pub use patch::{FieldError, MAX_TEXT, Rule, SpecPatch};
 
 /// Labels as callers send them: string keys, values of any JSON type (GSEKit sends an int
 /// `bk_process_id`), returned exactly as given.
@@ -196,29 +205,6 @@ impl Default for ProcSpec {
     }
 }
 
-/// One problem with one field of a spec.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
-fn fe(field: &str, message: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.to_string(),
-        message: message.into(),
-    }
-}
-
-/// Longest accepted command or path, in bytes.
-pub const MAX_TEXT: usize = 8192;
-
 impl ProcSpec {
     /// The start check window: seconds after the start command from which the process must
     /// be alive (`begin`) and until which it must stay alive (`end`).
@@ -247,133 +233,6 @@ impl ProcSpec {
         };
         let t = c.trim();
         if t.is_empty() { None } else { Some(t) }
-    }
-
-    /// Every problem with this spec (empty when valid).
-    pub fn validate(&self) -> Vec<FieldError> {
-        let mut errs = Vec::new();
-        let texts: [(&str, &str); 18] = [
-            ("setup_path", &self.setup_path),
-            ("proc_name", &self.proc_name),
-            ("pid_path", &self.pid_path),
-            ("config_path", &self.config_path),
-            ("log_path", &self.log_path),
-            ("account", &self.account),
-            ("contact", &self.contact),
-            ("func_id", &self.func_id),
-            ("instance_id", &self.instance_id),
-            ("value_key", &self.value_key),
-            ("start_cmd", &self.start_cmd),
-            ("stop_cmd", &self.stop_cmd),
-            ("restart_cmd", &self.restart_cmd),
-            ("reload_cmd", &self.reload_cmd),
-            ("kill_cmd", &self.kill_cmd),
-            ("version_cmd", &self.version_cmd),
-            ("health_cmd", &self.health_cmd),
-            ("cmd_shell_ext", &self.cmd_shell_ext),
-        ];
-        for (name, v) in texts {
-            if v.contains('\0') {
-                errs.push(fe(name, "must not contain NUL bytes"));
-            }
-            if v.len() > MAX_TEXT {
-                errs.push(fe(name, format!("longer than {MAX_TEXT} bytes")));
-            }
-        }
-        if self.setup_path.trim().is_empty() {
-            errs.push(fe("setup_path", "is required"));
-        } else if !self.setup_path.starts_with('/') {
-            errs.push(fe("setup_path", "must be an absolute path"));
-        }
-        if self.proc_name.trim().is_empty() {
-            errs.push(fe("proc_name", "is required"));
-        } else if self.program_name().is_none() {
-            errs.push(fe(
-                "proc_name",
-                format!(
-                    "{:?} names no program: its last path component is empty (give the program's file name, like \"nginx\")",
-                    self.proc_name
-                ),
-            ));
-        }
-        for (name, v) in [
-            ("pid_path", &self.pid_path),
-            ("config_path", &self.config_path),
-            ("log_path", &self.log_path),
-        ] {
-            if !v.is_empty() && !v.starts_with('/') {
-                errs.push(fe(name, "must be an absolute path"));
-            }
-        }
-        if !self.account.is_empty()
-            && !self
-                .account
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '$'))
-        {
-            errs.push(fe("account", "is not a valid account name"));
-        }
-        for (k, v) in &self.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                errs.push(fe(&format!("env.{k}"), "invalid environment variable"));
-            }
-        }
-        if !(0.0..=100.0).contains(&self.cpu_lmt) || self.cpu_lmt.is_nan() {
-            errs.push(fe("cpu_lmt", "must be a percentage between 0 and 100"));
-        }
-        if !(0.0..=100.0).contains(&self.mem_lmt) || self.mem_lmt.is_nan() {
-            errs.push(fe("mem_lmt", "must be a percentage between 0 and 100"));
-        }
-        if self.op_timeout == 0 || self.op_timeout > 86_400 {
-            errs.push(fe("op_timeout", "must be between 1 and 86400 seconds"));
-        }
-        if self.start_check_secs > 3_600 {
-            errs.push(fe("start_check_secs", "must be at most 3600 seconds"));
-        }
-        if self.stop_check_secs > 3_600 {
-            errs.push(fe("stop_check_secs", "must be at most 3600 seconds"));
-        }
-        if let (Some(b), Some(e)) = (self.start_check_begin_time, self.start_check_end_time)
-            && e < b
-        {
-            errs.push(fe(
-                "start_check_end_time",
-                "must not be before start_check_begin_time",
-            ));
-        }
-        if self.start_check_end_time.unwrap_or(0) > 3_600
-            || self.start_check_begin_time.unwrap_or(0) > 3_600
-        {
-            errs.push(fe("start_check_end_time", "must be at most 3600 seconds"));
-        }
-        if self.instance_num == 0 || self.instance_num > 256 {
-            errs.push(fe("instance_num", "must be between 1 and 256"));
-        }
-        if self.auto_type == AutoType::Periodic && self.cycle_time == 0 {
-            errs.push(fe(
-                "cycle_time",
-                "is required (seconds, > 0) for a periodic process (auto_type 0)",
-            ));
-        }
-        if self.cycle_time > 31_536_000 {
-            errs.push(fe("cycle_time", "must be at most one year"));
-        }
-        if self.start_retries.unwrap_or(0) > 100 {
-            errs.push(fe("start_retries", "must be at most 100"));
-        }
-        if self.start_interval.unwrap_or(0) > 3_600 {
-            errs.push(fe("start_interval", "must be at most 3600 seconds"));
-        }
-        if !self.cmd_shell_ext.is_empty() && self.cmd_shell_ext != "sh" {
-            errs.push(fe(
-                "cmd_shell_ext",
-                format!(
-                    "{:?} is not supported; only \"sh\" (the default) is",
-                    self.cmd_shell_ext
-                ),
-            ));
-        }
-        errs
     }
 }
 
@@ -445,11 +304,14 @@ pub fn validate_key(key: &ProcKey) -> Vec<FieldError> {
     let mut errs = Vec::new();
     for (field, v) in [("meta.namespace", &key.namespace), ("meta.name", &key.name)] {
         if v.trim().is_empty() {
-            errs.push(fe(field, "is required"));
+            errs.push(FieldError::new(field, "is required"));
         } else if v.len() > 256 {
-            errs.push(fe(field, "longer than 256 bytes"));
+            errs.push(FieldError::new(field, "longer than 256 bytes"));
         } else if v.chars().any(|c| c.is_control()) {
-            errs.push(fe(field, "must not contain control characters or NUL"));
+            errs.push(FieldError::new(
+                field,
+                "must not contain control characters or NUL",
+            ));
         }
     }
     errs
@@ -457,140 +319,8 @@ pub fn validate_key(key: &ProcKey) -> Vec<FieldError> {
 
 #[cfg(test)]
 mod tests {
+    use super::patch::tests::valid;
     use super::*;
-
-    fn valid() -> ProcSpec {
-        ProcSpec {
-            setup_path: "/opt/app".into(),
-            proc_name: "app".into(),
-            pid_path: "/opt/app/app.pid".into(),
-            start_cmd: "./start.sh".into(),
-            ..ProcSpec::default()
-        }
-    }
-
-    #[test]
-    fn valid_spec_has_no_errors() {
-        assert!(valid().validate().is_empty());
-    }
-
-    #[test]
-    fn field_errors_name_the_field() {
-        let cases: Vec<(ProcSpec, &str)> = vec![
-            (
-                ProcSpec {
-                    setup_path: String::new(),
-                    ..valid()
-                },
-                "setup_path",
-            ),
-            (
-                ProcSpec {
-                    setup_path: "rel/dir".into(),
-                    ..valid()
-                },
-                "setup_path",
-            ),
-            (
-                ProcSpec {
-                    proc_name: String::new(),
-                    ..valid()
-                },
-                "proc_name",
-            ),
-            (
-                ProcSpec {
-                    proc_name: "/".into(),
-                    ..valid()
-                },
-                "proc_name",
-            ),
-            (
-                ProcSpec {
-                    proc_name: "/opt/app/".into(),
-                    ..valid()
-                },
-                "proc_name",
-            ),
-            (
-                ProcSpec {
-                    pid_path: "x.pid".into(),
-                    ..valid()
-                },
-                "pid_path",
-            ),
-            (
-                ProcSpec {
-                    start_cmd: "a\0b".into(),
-                    ..valid()
-                },
-                "start_cmd",
-            ),
-            (
-                ProcSpec {
-                    pid_path: "/a\0b".into(),
-                    ..valid()
-                },
-                "pid_path",
-            ),
-            (
-                ProcSpec {
-                    cpu_lmt: 120.0,
-                    ..valid()
-                },
-                "cpu_lmt",
-            ),
-            (
-                ProcSpec {
-                    mem_lmt: -1.0,
-                    ..valid()
-                },
-                "mem_lmt",
-            ),
-            (
-                ProcSpec {
-                    op_timeout: 0,
-                    ..valid()
-                },
-                "op_timeout",
-            ),
-            (
-                ProcSpec {
-                    instance_num: 0,
-                    ..valid()
-                },
-                "instance_num",
-            ),
-            (
-                ProcSpec {
-                    auto_type: AutoType::Periodic,
-                    ..valid()
-                },
-                "cycle_time",
-            ),
-            (
-                ProcSpec {
-                    account: "bad user".into(),
-                    ..valid()
-                },
-                "account",
-            ),
-            (
-                ProcSpec {
-                    cmd_shell_ext: "bat".into(),
-                    ..valid()
-                },
-                "cmd_shell_ext",
-            ),
-        ];
-        for (spec, field) in cases {
-            let errs = spec.validate();
-            assert!(
-                errs.iter().any(|e| e.field == field),
-                "expected an error on {field}, got {errs:?}"
-            );
-        }
-    }
 
     #[test]
     fn key_parse_and_display() {
