@@ -83,8 +83,10 @@
 //! close that `[` with a `]` from the text that follows. For these expressions
 //! the module does what GSEKit does: it builds every expanded pattern string
 //! (integer ranges use the same digit-class patterns as `range2re.py`) and tries
-//! each one. This fallback is capped at 10 000 patterns and 1 MiB of pattern
-//! text, and numeric bounds are limited to 100 digits in this path.
+//! each one. This fallback is capped at 10 000 patterns and 64 KiB of pattern
+//! text (as many characters as an expression may have, so that its compiled
+//! form is never larger than a plain expression's), and numeric bounds are
+//! limited to 100 digits in this path.
 //! Exceeding a limit is an error, never a hang.
 //!
 //! # Choices and known differences
@@ -137,8 +139,10 @@ use std::str::FromStr;
 const MAX_EXPRESSION_CHARS: usize = 65_536;
 /// Most glob patterns the literal-expansion fallback may build.
 const MAX_EXPANDED_PATTERNS: usize = 10_000;
-/// Most pattern bytes (summed over all patterns) the fallback may build.
-const MAX_EXPANDED_CHARS: usize = 1 << 20;
+/// Most pattern bytes (summed over all patterns) the fallback may build: each becomes a
+/// token of the compiled form, so this bounds its memory as [`MAX_EXPRESSION_CHARS`] bounds a
+/// plain expression's.
+const MAX_EXPANDED_CHARS: usize = 64 * 1024;
 /// Longest integer-range bound (in digits) the fallback will expand.
 const MAX_FALLBACK_RANGE_DIGITS: usize = 100;
 
@@ -253,6 +257,16 @@ impl Expression {
         match &self.program {
             Program::All => true,
             Program::Slots(slots) => run_slots(slots, value),
+        }
+    }
+
+    /// The size of the compiled form, in tokens (a character, `?`, `*`, a class or a number
+    /// range each count one): what matching one name costs, per character of the name.
+    #[must_use]
+    pub fn size(&self) -> usize {
+        match &self.program {
+            Program::All => 0,
+            Program::Slots(slots) => slots.iter().flatten().map(Vec::len).sum(),
         }
     }
 
@@ -1351,7 +1365,10 @@ mod tests {
 
     #[test]
     fn fallback_expansion_is_capped() {
-        let text = format!("[[]{}", "[a, b]".repeat(14)); // 16 384 patterns
+        let az: Vec<String> = ('a'..='z').map(String::from).collect();
+        let ap: Vec<String> = ('a'..='p').map(String::from).collect();
+        // 26 × 26 × 16 = 10 816 short patterns (about 43 KiB of text).
+        let text = format!("[[][{}][{}][{}]", az.join(","), az.join(","), ap.join(","));
         match Expression::parse(&text) {
             Err(ExprError::TooManyAlternatives { limit, .. }) => assert_eq!(limit, 10_000),
             other => panic!("expected TooManyAlternatives, got {other:?}"),
@@ -1360,6 +1377,11 @@ mod tests {
         assert!(matches!(
             Expression::parse(&text),
             Err(ExprError::ExpansionTooLarge { .. })
+        ));
+        // Long patterns reach the text limit first.
+        assert!(matches!(
+            Expression::parse(&format!("[[]{}", "[a, b]".repeat(14))),
+            Err(ExprError::ExpansionTooLarge { limit: 65_536, .. })
         ));
         // Small fallback expressions are fine.
         check(&format!("[[]{}", "[a, b]".repeat(3)), &["[aba"], &["aba"]);

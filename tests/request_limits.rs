@@ -288,3 +288,51 @@ fn a_query_that_is_not_utf8_is_refused() {
         assert!(m.contains("UTF-8"), "{path}: {m}");
     }
 }
+
+/// An expression_scope that takes GSEKit's literal-expansion fallback (a word-list element
+/// with an unclosed `[`) in four fields: an 862-byte request (from any role that may read)
+/// used to raise the agent's peak memory by ~180 MiB (every expanded character a glob token),
+/// and would have cost tokens × name length × rows to match. The fallback is bounded like the
+/// plain path, and a request whose matching work (pattern tokens × rows) is over the budget
+/// is refused with 1000400.
+#[test]
+fn a_small_expression_cannot_make_process_status_allocate_or_spin() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    for i in 0..5 {
+        d.register(
+            NS,
+            &format!("e{i}"),
+            daemon_spec(&env, &format!("e{i}"), json!({})),
+        );
+    }
+    let g10 = "[a,b,c,d,e,f,g,h,i,j]";
+    let field = format!("[[x,y]{g10}{g10}{g10}[a,b,c,d,e]{}", "?".repeat(90));
+    let body = json!({
+        "bk_biz_id": "*", "page": 1, "pagesize": 1,
+        "expression_scope": {
+            "bk_set_env": "*",
+            "bk_set_name": field, "bk_module_name": field, "service_instance_name": field,
+            "bk_process_name": field, "bk_process_id": "*",
+        },
+    });
+    assert!(body.to_string().len() < 2048);
+    let before = proc_status_number(d.pid(), "VmHWM:").expect("VmHWM");
+    let r = d.call("process_status", &body);
+    let after = proc_status_number(d.pid(), "VmHWM:").expect("VmHWM");
+    let grew_mib = after.saturating_sub(before) / 1024;
+    assert!(
+        grew_mib < 32,
+        "a small process_status took the agent's peak RSS up by {grew_mib} MiB: {r}"
+    );
+    let m = refusal(&r, BAD_REQUEST, "an expression too large to match");
+    assert!(m.contains("expression_scope"), "{m}");
+    // An ordinary expression still answers.
+    let ok = d.call(
+        "process_status",
+        &json!({"bk_biz_id": "*", "page": 1, "pagesize": 10,
+                "expression_scope": {"bk_set_env": "*", "bk_set_name": "*", "bk_module_name": "[a,b]*",
+                "service_instance_name": "*", "bk_process_name": "e[0-9]", "bk_process_id": "*"}}),
+    );
+    assert_eq!(ok["result"], json!(true), "{ok}");
+}

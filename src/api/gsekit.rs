@@ -184,6 +184,26 @@ impl<'de> Deserialize<'de> for Bool {
 
 /// Most values in one id list of a process_status filter (`scope.bk_process_ids`, ...).
 pub const MAX_ID_VALUES: usize = limits::MAX_RESULT_KEYS;
+/// Most matching work one process_status request may take: the pattern tokens of its
+/// expression_scope times the rows they are matched against (each test costs about the
+/// name's length). Ordinary GSEKit expressions are a few dozen tokens.
+pub const MAX_MATCH_WORK: usize = 20_000_000;
+/// Refuse a query whose expression_scope would take more than [`MAX_MATCH_WORK`] against
+/// `rows` rows.
+fn check_match_work(q: &Query, rows: usize) -> Result<(), ApiError> {
+    let Selection::Expr(_, x) = &q.selection else {
+        return Ok(());
+    };
+    let tokens: usize = x.fields.iter().map(Expression::size).sum();
+    let work = tokens.saturating_mul(rows);
+    if work > MAX_MATCH_WORK {
+        return Err(ApiError::bad(format!(
+            "expression_scope: its expressions compile to {tokens} pattern tokens; matched against {rows} processes that is {work} token tests, more than the {MAX_MATCH_WORK} one request may take"
+        )));
+    }
+    Ok(())
+}
+
 /// Most `searches` terms of one process_status request (GSEKit's search box sends a few);
 /// each is a substring test against every row, so the count is what bounds the work.
 pub const MAX_SEARCHES: usize = 100;
@@ -1502,7 +1522,9 @@ pub fn process_status(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
         ip: engine.host.ip.clone(),
         bk_cloud_id: engine.host.bk_cloud_id,
     };
-    let rows = select(build_rows(snaps, &host), &q);
+    let rows = build_rows(snaps, &host);
+    check_match_work(&q, rows.len())?;
+    let rows = select(rows, &q);
     let count = rows.len();
     let list: Vec<ProcessStatusRow> = page_of(rows, q.page, q.pagesize)
         .iter()
@@ -1572,6 +1594,21 @@ pub fn split_expression(text: &str) -> Result<[String; 5], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matching_work_is_budgeted() {
+        let q = |name: &str| {
+            let body = serde_json::json!({"bk_biz_id": "*", "page": 1, "pagesize": 1,
+                "expression_scope": {"bk_set_env": "*", "bk_set_name": name, "bk_module_name": "*",
+                "service_instance_name": "*", "bk_process_name": "*", "bk_process_id": "*"}});
+            parse_query(body.to_string().as_bytes()).unwrap()
+        };
+        let long = "a".repeat(60_000);
+        assert!(check_match_work(&q(&long), 300).is_ok());
+        let e = check_match_work(&q(&long), 400).unwrap_err();
+        assert!(e.message.starts_with("expression_scope: "), "{}", e.message);
+        assert!(check_match_work(&q("web[1-3]"), 100_000).is_ok());
+    }
 
     fn snap(ns: &str, name: &str, labels: Value, status: i64, managed: bool) -> Snapshot {
         Snapshot {
