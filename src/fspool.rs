@@ -21,9 +21,9 @@
 //!   mount is stuck, the mount itself is asked (`statfs` of its mount point, on a thread of its
 //!   own); while that question goes unanswered past [`PROBE_DEADLINE`], new jobs on the mount
 //!   fail at once ([`FsError::MountHung`]) instead of taking another thread, and when it
-//!   returns the mount is in use again. A path that only reaches a hung mount through a symlink
-//!   is attributed to a mount that does answer: it then costs a thread, never the mount's
-//!   other paths;
+//!   returns the mount is in use again. Before a job touches its path, the path is followed
+//!   to where it really leads ([`FsPool::walk`]), each step placed on its mount first, so a
+//!   symlink into a hung mount is charged to that mount, not to the one the link sits on;
 //! * the number of threads and of queued jobs is bounded ([`FsError::Saturated`] beyond);
 //! * the threads are never joined: a thread stuck in the kernel cannot hold the agent's
 //!   shutdown (the process exits around it).
@@ -233,6 +233,8 @@ struct State {
     in_flight: HashMap<PathBuf, InFlight>,
     mounts: HashMap<PathBuf, MountState>,
     checks: usize,
+    /// Jobs that were not run because the walk to their path met a hung mount: why.
+    refused: HashMap<u64, FsError>,
 }
 
 impl State {
@@ -508,7 +510,8 @@ impl FsPool {
         let gave_up = match r {
             Ok(r) => {
                 ticket.armed = false;
-                return r.map_err(|_| FsError::Panicked { what });
+                let refused = self.lock().refused.remove(&ticket.id);
+                return r.map_err(|_| refused.unwrap_or(FsError::Panicked { what }));
             }
             Err(_) => ticket.give_up(),
         };
@@ -695,8 +698,25 @@ impl FsPool {
                     f.started = Some(now);
                 }
                 drop(st);
+                // The path's real mount first: a symlink may lead to a mount that does not
+                // answer, which the lexical path does not show.
+                let walked = match &q.key {
+                    Some(path) => self.walk(q.id, path),
+                    None => Ok(()),
+                };
+                let job = match walked {
+                    Ok(()) => Some(q.job),
+                    Err(e) => {
+                        self.lock().refused.insert(q.id, e);
+                        drop(q.job);
+                        None
+                    }
+                };
                 // A panicking job must not take the thread (and its count) with it.
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(q.job));
+                let r = match job {
+                    Some(job) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)),
+                    None => Ok(Box::new(|| ()) as Reply),
+                };
                 if r.is_err() {
                     tracing::error!("a file-system pool job panicked");
                 }
@@ -723,6 +743,70 @@ impl FsPool {
                 return;
             }
         }
+    }
+
+    /// Follow `path` to where it really leads, one component at a time (`lstat`, and
+    /// `readlink` for a symlink, at most 40), before job `id` touches it: each step is first
+    /// placed on its mount, and the job's mount set to it, so that a step that hangs leaves
+    /// the job stuck on the mount that really hangs (whose check then fails new work there
+    /// fast), and a step onto a mount already known to hang refuses the job at once. A
+    /// component that cannot be read ends the walk: the job itself reports what is wrong.
+    fn walk(&self, id: u64, path: &Path) -> Result<(), FsError> {
+        let mut todo: VecDeque<std::ffi::OsString> = lexical(path)
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_os_string()),
+                _ => None,
+            })
+            .collect();
+        let mut cur = PathBuf::from("/");
+        let mut links = 0;
+        while let Some(c) = todo.pop_front() {
+            if c == ".." {
+                cur.pop();
+                continue;
+            }
+            let next = cur.join(&c);
+            let mount = self.inner.mounts.mount_of(&next);
+            {
+                let mut st = self.lock();
+                if let Some(since) = self.hung_since(&st, &mount) {
+                    return Err(FsError::MountHung {
+                        path: path.display().to_string(),
+                        mount: mount.display().to_string(),
+                        secs: since.elapsed().as_secs_f64(),
+                    });
+                }
+                if let Some(r) = st.running.get_mut(&id) {
+                    r.mount = Some(mount);
+                }
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&next) else {
+                return Ok(());
+            };
+            if !meta.file_type().is_symlink() {
+                cur = next;
+                continue;
+            }
+            links += 1;
+            let Ok(target) = std::fs::read_link(&next) else {
+                return Ok(());
+            };
+            if links > 40 {
+                return Ok(());
+            }
+            if target.is_absolute() {
+                cur = PathBuf::from("/");
+            }
+            for comp in target.components().rev() {
+                match comp {
+                    Component::Normal(n) => todo.push_front(n.to_os_string()),
+                    Component::ParentDir => todo.push_front("..".into()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Paths whose job has run longer than `older_than`, with how long (longest first).

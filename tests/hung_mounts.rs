@@ -11,9 +11,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::sec::HungFuse;
+use common::sec::{Cast, HungFuse, accounts_available, call_as, cli_copy};
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const NS: &str = "hung";
 
@@ -320,4 +320,110 @@ fn many_pid_files_on_one_hung_mount_do_not_stop_the_agent_acting_elsewhere() {
     );
     drop(d);
     drop(fuse);
+}
+
+/// A directory `name` in the test's dir owned by `u`.
+fn owned_dir(env: &TestEnv, name: &str, u: &common::sec::User) -> std::path::PathBuf {
+    let dir = env.path().join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    nix::unistd::chown(
+        &dir,
+        Some(nix::unistd::Uid::from_raw(u.uid)),
+        Some(nix::unistd::Gid::from_raw(u.gid)),
+    )
+    .expect("chown");
+    dir
+}
+
+/// With one hung mount on the host (a dead NFS server), an admin registers definitions of
+/// their own account whose pid files reach it through symlinks in their own directory:
+/// each distinct path is attributed to the answering mount of the directory, so it is never
+/// failed fast, and each takes a pool thread that never comes back. 70 of them take all 60
+/// path threads (cap 64, 4 kept for unkeyed work), and from then on no pid file anywhere
+/// can be read: root's healthy process elsewhere could no longer be started. Each path is
+/// now followed to its real mount before its job touches it (issue "Trust boundaries",
+/// second review).
+#[test]
+fn symlinks_into_a_hung_mount_cannot_take_the_pool_from_other_paths() {
+    if !accounts_available() {
+        return;
+    }
+    let env = TestEnv::new();
+    let mnt = env.path().join("hung");
+    let fuse = match HungFuse::mount(&mnt, env.path()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let cast = Cast::new();
+    let cli = cli_copy(&env);
+    let d = Daemon::start(&env, &cast.api_config(""));
+    let home = owned_dir(&env, "home-a", &cast.admin);
+    const N: usize = 70;
+    let mut items = Vec::new();
+    for i in 0..N {
+        let link = home.join(format!("l{i}"));
+        std::os::unix::fs::symlink(mnt.join(format!("d{i}")), &link).expect("symlink");
+        let _ = nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &link,
+            Some(nix::unistd::Uid::from_raw(cast.admin.uid)),
+            None,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        );
+        items.push(json!({
+            "meta": {"namespace": NS, "name": format!("s{i}")},
+            "op_type": 0,
+            "hosts": [Daemon::host()],
+            "spec": {
+                "identity": {"proc_name": "svc", "setup_path": home.display().to_string(),
+                    "pid_path": link.join("svc.pid").display().to_string(), "user": cast.admin.name},
+                "control": {"start_cmd": "true"},
+                "monitor_policy": {"auto_type": 1, "start_check_secs": 1, "op_timeout": 5},
+            },
+        }));
+    }
+    let (_, r, err) = call_as(
+        &cli,
+        &d.socket,
+        &cast.admin,
+        "operate_proc_multi",
+        &json!({ "proc_operate_req": items }),
+    );
+    assert_eq!(r["result"], json!(true), "{r} {err}");
+    let task = r["data"]["task_id"].as_str().expect("task id").to_string();
+    // Every item answers (with the pid file's timeout).
+    wait_for(
+        "the admin's items answered",
+        Duration::from_secs(120),
+        || {
+            let v = d.call("get_proc_operate_result", &json!({ "task_id": task }));
+            let data = v["data"].as_object()?;
+            (data.len() >= N && data.values().all(|x| x["error_code"] != json!(115))).then_some(())
+        },
+    );
+    // Root's healthy process elsewhere.
+    d.register(NS, "healthy", daemon_spec(&env, "healthy", json!({})));
+    let r = d.call(
+        "operate_proc",
+        &json!({"meta": {"namespace": NS, "name": "healthy"}, "op_type": 0, "hosts": [Daemon::host()]}),
+    );
+    let task = r["data"]["task_id"].as_str().expect("task id").to_string();
+    let key = Daemon::key(NS, "healthy");
+    let v: Value = wait_for("root's start answered", Duration::from_secs(60), || {
+        let v =
+            d.call("get_proc_operate_result", &json!({ "task_id": task }))["data"][&key].clone();
+        (v["error_code"] != json!(115)).then_some(v)
+    });
+    let healthz = d.get("/v1/healthz");
+    drop(d);
+    env.kill_all();
+    drop(fuse);
+    assert_eq!(
+        v["error_code"],
+        json!(0),
+        "root's healthy process could not be started after an admin's {N} symlinked pid files into a hung mount: {v}\n{healthz}"
+    );
 }

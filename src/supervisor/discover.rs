@@ -102,15 +102,19 @@ impl ClaimData {
 
     /// Read the pid file and attach to the process it names when it belongs to the
     /// definition. Blocking; run it on the file-system pool, keyed by the pid file.
-    fn probe(&self, engine: &Engine, want_fd: bool) -> Result<Probe, String> {
+    /// `setup_real` is the canonical `setup_path`, resolved by its own pool job (a
+    /// `setup_path` on a hung mount must not hold the pid file's).
+    fn probe(
+        &self,
+        engine: &Engine,
+        want_fd: bool,
+        setup_real: Option<String>,
+    ) -> Result<Probe, String> {
         let pid = match crate::procinfo::read_pid_file(std::path::Path::new(&self.pid_path)) {
             Ok(p) => p,
             Err(crate::procinfo::PidFileError::Missing(_)) => return Ok(Probe::Nothing),
             Err(e) => return Ok(Probe::Refused(e.to_string())),
         };
-        let setup_real = std::fs::canonicalize(&self.setup_path)
-            .ok()
-            .map(|p| p.display().to_string());
         self.with_claim(engine, setup_real.as_deref(), |c| {
             match watch::attach(pid, c, want_fd) {
                 Ok(a) => Probe::Adopt(a),
@@ -178,11 +182,22 @@ impl Engine {
         };
         let want_fd = self.detection == Detection::Pidfd;
         let path = std::path::PathBuf::from(&claim.pid_path);
+        let setup = std::path::PathBuf::from(&claim.setup_path);
+        let s2 = setup.clone();
+        let setup_real = self
+            .fs
+            .run(&setup, crate::fspool::PROBE_DEADLINE, move || {
+                std::fs::canonicalize(&s2).ok()
+            })
+            .await
+            .ok()
+            .flatten()
+            .map(|p| p.display().to_string());
         let engine = self.clone();
         let probe = self
             .fs
             .run(&path, crate::fspool::PROBE_DEADLINE, move || {
-                claim.probe(&engine, want_fd)
+                claim.probe(&engine, want_fd, setup_real)
             })
             .await
             .map_err(|e| format!("cannot read the pid file: {e}"))??;
