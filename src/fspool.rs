@@ -22,7 +22,7 @@
 //!   own); while that question goes unanswered past [`PROBE_DEADLINE`], new jobs on the mount
 //!   fail at once ([`FsError::MountHung`]) instead of taking another thread, and when it
 //!   returns the mount is in use again. Before a job touches its path, the path is followed
-//!   to where it really leads ([`FsPool::walk`]), each step placed on its mount first, so a
+//!   to where it really leads (`FsPool::walk`), each step placed on its mount first, so a
 //!   symlink into a hung mount is charged to that mount, not to the one the link sits on;
 //! * the number of threads and of queued jobs is bounded ([`FsError::Saturated`] beyond);
 //! * the threads are never joined: a thread stuck in the kernel cannot hold the agent's
