@@ -468,8 +468,8 @@ pub fn read_facts(pid: i32) -> Option<ProcFacts> {
 /// the kernel limits them to a quarter of the stack limit).
 const MAX_ENVIRON: u64 = 256 * 1024;
 
-/// The lineage token in `pid`'s environment (as it was at exec; a program that overwrote
-/// that memory for its title has none).
+/// The lineage token in `pid`'s environment block (its memory now: a program that overwrote
+/// it for its title has none, and a process may write one of its own account's tokens there).
 pub fn lineage(pid: i32) -> Option<u128> {
     use std::io::Read;
     let mut buf = Vec::new();
