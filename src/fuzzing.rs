@@ -7,10 +7,11 @@ use crate::api::ApiError;
 use crate::api::gsekit::{
     HostView, Registry, Snapshot, build_rows, decode_operate_process, page_of, parse_query, select,
 };
-use crate::api::handlers::{
-    KeyStyle, Target, decode_meta_hosts, decode_multi, decode_operate, decode_procs,
-    decode_register, decode_sync, decode_task_query, decode_tasks, result_key, username,
-};
+use crate::api::handlers::{KeyStyle, Target, result_key, username};
+use crate::api::listing::{decode_procs, decode_tasks};
+use crate::api::operate::{decode_multi, decode_operate, decode_task_query};
+use crate::api::register::decode_register;
+use crate::api::status::{decode_meta_hosts, decode_sync};
 use crate::procinfo::{parse_lineage, parse_pid_text, parse_stat};
 use crate::proto::codes;
 use crate::spec::{Labels, ProcKey, ProcSpec, Source};

@@ -653,7 +653,9 @@ pub async fn operate_process(
                     }
                     _ => None,
                 };
-                for mut p in handlers::plan_items(engine, &tg, KeyStyle::V2, &r.key, op, inline) {
+                for mut p in
+                    super::operate::plan_items(engine, &tg, KeyStyle::V2, &r.key, op, inline)
+                {
                     if never_registered && p.immediate.is_none() {
                         p.immediate = Some(KeyResult::err(
                             codes::NOT_REGISTERED,

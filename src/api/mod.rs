@@ -29,11 +29,16 @@ pub mod caps;
 pub mod client;
 pub mod gsekit;
 pub mod handlers;
+pub mod health;
 pub mod limits;
+pub mod listing;
 pub mod logs;
 pub mod metrics;
+pub mod operate;
 pub mod refusals;
+pub mod register;
 pub mod reload;
+pub mod status;
 pub mod submit;
 pub mod wire;
 
@@ -347,15 +352,15 @@ pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
         .route(
             "/v1/healthz",
-            get(handlers::healthz).fallback(method_not_allowed),
+            get(health::healthz).fallback(method_not_allowed),
         )
         .route(
             "/healthz",
-            get(handlers::healthz).fallback(method_not_allowed),
+            get(health::healthz).fallback(method_not_allowed),
         )
         .route(
             "/v1/events",
-            get(handlers::events).fallback(method_not_allowed),
+            get(health::events).fallback(method_not_allowed),
         )
         .route("/v1/logs", get(logs::handler).fallback(method_not_allowed))
         .route("/v1/reload", any(reload::handler))
@@ -413,7 +418,7 @@ async fn dispatch(
     st.engine.counters.api_request(&api);
     if req.method() != axum::http::Method::POST {
         if req.method() == axum::http::Method::GET && api == "healthz" {
-            return handlers::healthz(State(st), req).await;
+            return health::healthz(State(st), req).await;
         }
         return ApiError {
             http: StatusCode::METHOD_NOT_ALLOWED,

@@ -25,7 +25,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::auth::{self, Access, Role};
-use super::handlers::{HIDDEN_ENV_VALUE, KeyStyle, Target, result_key};
+use super::handlers::{KeyStyle, Target, result_key};
+use super::listing::HIDDEN_ENV_VALUE;
 use super::submit::{Plan, Work, submit};
 use super::{ApiError, AppState, envelope, ok};
 use crate::config::{Config, ConfigErrors};
