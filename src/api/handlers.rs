@@ -323,6 +323,15 @@ pub fn account_rule(access: &Access) -> defs::AccountRule {
     Arc::new(move |account: &str| a.may_use_account(account).map_err(|e| e.message))
 }
 
+/// The caller as the writer of definitions, for the task item `item` (if any).
+pub fn writer(access: &Access, item: Option<(String, usize)>) -> defs::Writer {
+    defs::Writer {
+        may_use: account_rule(access),
+        only: only_account(access),
+        item,
+    }
+}
+
 /// Check the caller may run `op` on `key`: a status query is a read (its inline spec is never
 /// used); any other operation needs the write role and the account rule for the registered
 /// definition (the process acted on) and for the inline spec (which replaces it). `inline`

@@ -12,7 +12,7 @@ use crate::proto::{HostWire, KeyResult, RegisterReq, codes};
 use crate::spec::{FieldError, ProcKey, ProcSpec};
 use crate::store::TaskItemRecord;
 use crate::supervisor::Engine;
-use crate::supervisor::defs::{PutMode, Writer};
+use crate::supervisor::defs::PutMode;
 
 use super::handlers::*;
 
@@ -126,11 +126,7 @@ pub(crate) async fn register(
         access.may_use_account(&existing)?;
     }
     let style = sync_style(&req.agent_id_list, &req.hosts);
-    let w = Writer {
-        may_use: account_rule(access),
-        only: only_account(access),
-        item: None,
-    };
+    let w = writer(access, None);
     let results = each_key(engine, &tg, style, &key, || async {
         match engine
             .put_definition(&key, req.meta.labels.clone(), spec, mode, &w)
@@ -172,11 +168,7 @@ pub(crate) async fn unregister(
         access.may_use_account(&existing)?;
     }
     let style = sync_style(&req.agent_id_list, &req.hosts);
-    let w = Writer {
-        may_use: account_rule(access),
-        only: only_account(access),
-        item: None,
-    };
+    let w = writer(access, None);
     let results = each_key(engine, &tg, style, &key, || async {
         match engine.remove_definition(&key, &w).await {
             Ok(()) => (KeyResult::ok(""), Some("unregistered".to_string())),

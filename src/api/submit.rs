@@ -9,12 +9,11 @@ use std::sync::Arc;
 
 use super::ApiError;
 use super::auth::Access;
-use super::handlers::{account_rule, only_account};
+use super::handlers::writer;
 use crate::proto::{KeyResult, OpType, codes};
 use crate::spec::{Labels, ProcKey, ProcSpec};
 use crate::store::{StoreError, TaskItemRecord, TaskRecord};
 use crate::supervisor::Engine;
-use crate::supervisor::defs::Writer;
 
 /// What an item does when it runs.
 // A plan is short-lived and bounded per request (`api/limits.rs`); boxing the spec would only
@@ -105,7 +104,6 @@ pub async fn submit(
         let r = first.immediate.clone().unwrap_or_else(KeyResult::running);
         engine.tasks.finish_item(&task_id, 0, r).await;
     }
-    let rule = account_rule(access);
     for (idx, p) in plans.into_iter().enumerate() {
         if p.immediate.is_some() {
             continue;
@@ -113,11 +111,7 @@ pub async fn submit(
         let Some(key) = p.key else { continue };
         let engine = engine.clone();
         let tid = task_id.clone();
-        let w = Writer {
-            may_use: rule.clone(),
-            only: only_account(access),
-            item: Some((tid.clone(), idx)),
-        };
+        let w = writer(access, Some((tid.clone(), idx)));
         tokio::spawn(async move {
             let r = match p.work {
                 Work::Operate(inline) => {

@@ -396,13 +396,7 @@ impl Engine {
             key,
             ProcInput::Instance {
                 i,
-                input: Input::Exited {
-                    pid,
-                    exit: Exit {
-                        info: exit,
-                        oom: false,
-                    },
-                },
+                input: exited(pid, exit),
             },
         );
     }
@@ -480,13 +474,7 @@ impl Engine {
                     key,
                     ProcInput::Instance {
                         i,
-                        input: Input::Exited {
-                            pid,
-                            exit: Exit {
-                                info: exit,
-                                oom: false,
-                            },
-                        },
+                        input: exited(pid, exit),
                     },
                 );
             }
@@ -636,5 +624,17 @@ impl Engine {
                 },
             );
         }
+    }
+}
+
+/// The input for `pid`'s exit as the reaper or its pidfd told it (an OOM kill is told by the
+/// cgroup, not here).
+fn exited(pid: i32, exit: crate::sys::ExitInfo) -> Input {
+    Input::Exited {
+        pid,
+        exit: Exit {
+            info: exit,
+            oom: false,
+        },
     }
 }
