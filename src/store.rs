@@ -20,6 +20,13 @@
 //! retried like a background one, and its caller learns that it is not durable yet
 //! ([`StoreError::Queued`]).
 //!
+//! Background process-state writes are not queued one by one: they go into a dirty set (the
+//! latest state per key), and one marker on the channel wakes the writer, which takes the set
+//! with every message sent before it and commits the states after them. So the channel holds
+//! at most one state write per key in flight whatever the rate of changes (a crash-looping
+//! process, a hung disk), and an ordered write of a state (`put_state_queued`/`_urgent`, which
+//! supersedes the key's pending one) is never overtaken by an older one.
+//!
 //! A database that is not a valid SQLite file, or fails `PRAGMA quick_check`, refuses to open
 //! with its path in the error: the agent never silently resets its registry.
 
@@ -115,6 +122,8 @@ enum Op {
     },
     InsertEvent(Event),
     NoteItem(ItemNote),
+    /// Wakes the writer to take the dirty set of states (applies nothing itself).
+    FlushStates,
     Prune {
         before_ms: i64,
         max_tasks: u64,
@@ -156,9 +165,19 @@ pub struct Loaded {
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Msg>,
+    /// Background state writes waiting for the writer: the latest per key.
+    dirty: Arc<Mutex<Dirty>>,
     reader: Arc<Mutex<Connection>>,
     writable: Arc<AtomicBool>,
     path: PathBuf,
+}
+
+/// The dirty set of process states.
+#[derive(Default)]
+struct Dirty {
+    states: std::collections::HashMap<ProcKey, String>,
+    /// A [`Op::FlushStates`] marker is on the channel, not yet taken.
+    marker: bool,
 }
 
 const SCHEMA_VERSION: i64 = 2;
@@ -262,13 +281,16 @@ impl Store {
         let writable = Arc::new(AtomicBool::new(true));
         let w = writable.clone();
         let reserve = Reserve::new(&path.with_file_name("reserve"), reserve_bytes);
+        let dirty = Arc::new(Mutex::new(Dirty::default()));
+        let d = dirty.clone();
         std::thread::Builder::new()
             .name("procagent-store".into())
-            .spawn(move || writer_loop(conn, rx, w, reserve))
+            .spawn(move || writer_loop(conn, rx, d, w, reserve))
             .map_err(|e| StoreError::Write(format!("cannot start the store thread: {e}")))?;
         Ok((
             Store {
                 tx,
+                dirty,
                 reader: Arc::new(Mutex::new(reader)),
                 writable,
                 path: path.to_path_buf(),
@@ -354,7 +376,7 @@ impl Store {
 
     /// Store a process state (JSON) and wait for the commit.
     pub async fn put_state(&self, key: &ProcKey, json: String) -> Result<(), StoreError> {
-        self.send_wait(Op::PutState(key.clone(), json)).await
+        self.send_state(key, json, Class::Wait).await
     }
 
     /// Queue a process state now and return a future that resolves at its commit: the order
@@ -365,7 +387,7 @@ impl Store {
         key: &ProcKey,
         json: String,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
-        self.send_class(Op::PutState(key.clone(), json), Class::Wait)
+        self.send_state(key, json, Class::Wait)
     }
 
     /// As [`Self::put_state_queued`], for an intent that must not be lost to a full disk
@@ -376,12 +398,33 @@ impl Store {
         key: &ProcKey,
         json: String,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
-        self.send_class(Op::PutState(key.clone(), json), Class::Urgent)
+        self.send_state(key, json, Class::Urgent)
     }
 
-    /// Store a process state in the background (retried while the disk refuses).
+    /// An ordered state write: it supersedes the key's pending background one, and is sent
+    /// under the dirty set's lock, so the writer either finds it with the set or after it.
+    fn send_state(
+        &self,
+        key: &ProcKey,
+        json: String,
+        class: Class,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        d.states.remove(key);
+        let fut = self.send_class(Op::PutState(key.clone(), json), class);
+        drop(d);
+        fut
+    }
+
+    /// Store a process state in the background (retried while the disk refuses): into the
+    /// dirty set, replacing the key's pending state (see the module docs).
     pub fn put_state_bg(&self, key: &ProcKey, json: String) {
-        self.send_bg(Op::PutState(key.clone(), json));
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        d.states.insert(key.clone(), json);
+        if !d.marker {
+            d.marker = true;
+            self.send_bg(Op::FlushStates);
+        }
     }
 
     /// Record a new task (all items pending) and wait for the commit.
@@ -513,6 +556,7 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
             }
         }
         Op::NoteItem(n) => note_item(conn, n)?,
+        Op::FlushStates => {}
         Op::DeleteDefinition(k) => {
             conn.execute(
                 "DELETE FROM definitions WHERE namespace = ?1 AND name = ?2",
@@ -674,6 +718,7 @@ fn fail_batch(batch: Vec<Msg>, msg: &str, retry: &mut Vec<Op>) {
 fn writer_loop(
     mut conn: Connection,
     rx: mpsc::Receiver<Msg>,
+    dirty: Arc<Mutex<Dirty>>,
     writable: Arc<AtomicBool>,
     mut reserve: Reserve,
 ) {
@@ -706,6 +751,9 @@ fn writer_loop(
                 Ok(m) => batch.push(m),
                 Err(_) => break,
             }
+        }
+        if batch.iter().any(|m| matches!(m.op, Op::FlushStates)) {
+            take_dirty(&rx, &dirty, &mut batch);
         }
         // The reserve comes back first: nothing else may take the space it needs.
         if reserve.spent() && restore_at.elapsed() >= Duration::from_secs(1) {
@@ -816,8 +864,48 @@ fn unwritable(writable: &AtomicBool, why: &str) {
     }
 }
 
+/// The dirty set of states, after every message sent before it: under the set's lock, what
+/// is left on the channel is read first (ordered state writes are sent under that lock, so
+/// each is either read here, before the set's newer states, or sent after them), then the
+/// states are added last, as background writes.
+fn take_dirty(rx: &mpsc::Receiver<Msg>, dirty: &Mutex<Dirty>, batch: &mut Vec<Msg>) {
+    let mut d = dirty.lock().unwrap_or_else(|e| e.into_inner());
+    while let Ok(m) = rx.try_recv() {
+        batch.push(m);
+    }
+    d.marker = false;
+    let states = std::mem::take(&mut d.states);
+    drop(d);
+    batch.extend(states.into_iter().map(|(k, json)| Msg {
+        op: Op::PutState(k, json),
+        reply: None,
+        class: Class::Background,
+    }));
+}
+
 /// Bound the retry queue: events are the least important, drop the oldest first.
 fn bound_retry(retry: &mut Vec<Op>) {
+    // Only the latest state of a key matters (and it is the last one queued for it).
+    let mut last: std::collections::HashMap<&ProcKey, usize> = std::collections::HashMap::new();
+    for (i, op) in retry.iter().enumerate() {
+        if let Op::PutState(k, _) = op {
+            last.insert(k, i);
+        }
+    }
+    if last.len()
+        < retry
+            .iter()
+            .filter(|o| matches!(o, Op::PutState(..)))
+            .count()
+    {
+        let keep: std::collections::HashSet<usize> = last.into_values().collect();
+        let mut i = 0;
+        retry.retain(|op| {
+            let k = !matches!(op, Op::PutState(..) | Op::FlushStates) || keep.contains(&i);
+            i += 1;
+            k
+        });
+    }
     if retry.len() > 100_000 {
         let excess = retry.len() - 100_000;
         let mut dropped = 0;
@@ -1009,6 +1097,54 @@ mod tests {
         let (_s, loaded) = Store::open(&db, 100, 100, 0).unwrap();
         assert!(loaded.definitions.is_empty());
         assert!(loaded.states.is_empty());
+    }
+
+    #[tokio::test]
+    async fn background_states_coalesce_and_never_overtake_ordered_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let (a, b) = (ProcKey::new("ns", "a"), ProcKey::new("ns", "b"));
+        {
+            let (s, _) = Store::open(&db, 10, 10, 0).unwrap();
+            s.put_definition(&a, "{}".into()).await.unwrap();
+            s.put_definition(&b, "{}".into()).await.unwrap();
+            // Thousands of background writes of one key: one pending state, one marker.
+            for i in 0..5000 {
+                s.put_state_bg(&a, format!("{{\"n\":{i}}}"));
+            }
+            {
+                let d = s.dirty.lock().unwrap();
+                assert!(d.states.len() <= 1);
+            }
+            // An ordered write supersedes the pending one; a later background one wins after.
+            s.put_state_bg(&b, "{\"v\":1}".into());
+            let ordered = s.put_state_queued(&b, "{\"v\":2}".into());
+            s.put_state_bg(&b, "{\"v\":3}".into());
+            ordered.await.unwrap();
+            s.flush().await.unwrap();
+        }
+        let (_s, loaded) = Store::open(&db, 10, 10, 0).unwrap();
+        let mut st = loaded.states;
+        st.sort();
+        assert_eq!(
+            st,
+            vec![
+                (a, "{\"n\":4999}".to_string()),
+                (b, "{\"v\":3}".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn the_retry_queue_keeps_one_state_per_key() {
+        let k = ProcKey::new("ns", "k");
+        let mut retry: Vec<Op> = (0..10)
+            .map(|i| Op::PutState(k.clone(), i.to_string()))
+            .chain([Op::FlushStates])
+            .collect();
+        bound_retry(&mut retry);
+        assert_eq!(retry.len(), 1);
+        assert!(matches!(&retry[0], Op::PutState(_, j) if j == "9"));
     }
 
     #[tokio::test]
