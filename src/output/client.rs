@@ -102,6 +102,12 @@ enum Job {
 }
 
 /// Handle to the connection thread; cheap to clone.
+///
+/// Its channel needs no bound of its own: every job belongs to a command that runs (an
+/// `Open` and a `Collect` from the task that spawned it and waits for the answer, a `Release`
+/// when its capture is dropped), and commands are bounded by `supervisor.max_parallel_ops`
+/// and the probes' budget. A `Release` must never be dropped (the keeper would hold the
+/// pipes), which a full bounded channel would force.
 #[derive(Clone)]
 pub struct OutputClient {
     tx: mpsc::Sender<Job>,
