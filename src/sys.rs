@@ -261,7 +261,19 @@ pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
     let nofile = ident.nofile;
     let cwd = ident.cwd;
     let cgroup = ident.cgroup_procs;
+    let reset_oom = agent_oom_shielded();
     let hook = move || -> io::Result<()> {
+        if reset_oom {
+            // The agent's own shield (OOMScoreAdjust=) is not for what it runs. Raising the
+            // value needs no privilege; a failure leaves the inherited one.
+            if let Ok(fd) = nix::fcntl::open(
+                c"/proc/self/oom_score_adj",
+                nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            ) {
+                let _ = nix::unistd::write(&fd, b"0");
+            }
+        }
         if let Some(procs) = &cgroup {
             nix::unistd::write(procs.as_ref(), b"0").map_err(io::Error::from)?;
         }
@@ -286,7 +298,8 @@ pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
         Ok(())
     };
     // SAFETY: the hook runs in the forked child before exec. It only makes direct syscalls
-    // (write of the cgroup.procs fd, setsid, fchdir, umask, setrlimit, setgroups, setgid,
+    // (open and write of /proc/self/oom_score_adj through a static C string, write of the
+    // cgroup.procs fd, setsid, fchdir, umask, setrlimit, setgroups, setgid,
     // setuid) on values computed before the fork; it does
     // not allocate (the group vector was built in the parent and is only borrowed), take
     // locks, or touch state shared with other threads, so it is async-signal-safe.
@@ -327,6 +340,19 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
         setrlimit(Resource::RLIMIT_NOFILE, want, hard).map_err(io::Error::from)?;
     }
     Ok((soft, want.max(soft)))
+}
+
+/// Whether the agent itself is shielded from the OOM killer (`OOMScoreAdjust=` below 0 in
+/// its unit): its commands must not inherit that, so each resets its own to 0 before exec.
+/// Read once.
+pub fn agent_oom_shielded() -> bool {
+    static SHIELDED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SHIELDED.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/oom_score_adj")
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .is_some_and(|v| v < 0)
+    })
 }
 
 /// The limit spawned commands should get (the agent's original one), if it was raised.

@@ -5,6 +5,8 @@
 //!   agent relies on.
 //! * A real daemon started with `NOTIFY_SOCKET` sends READY=1 only once its API answers,
 //!   pings the watchdog at least twice per `WATCHDOG_USEC`, and says STOPPING=1 on SIGTERM.
+//! * The agent shielded from the OOM killer (the unit's `OOMScoreAdjust=`) does not pass the
+//!   shield on to the processes it runs.
 
 mod common;
 
@@ -110,6 +112,51 @@ fn unit_has_what_the_agent_relies_on() {
     assert!(wd >= Duration::from_secs(4), "the loop ticks every second");
     let nofile: u64 = get("LimitNOFILE").unwrap().parse().unwrap();
     assert!(nofile >= 65536, "one pidfd per managed instance");
+    // Containment: the agent's cgroup is delegated to it, its managed processes (which live
+    // below it) are not capped by the unit's task limit, and the agent is the last thing the
+    // OOM killer picks.
+    assert_eq!(get("Delegate"), Some("yes"));
+    assert_eq!(get("TasksMax"), Some("infinity"));
+    let oom: i32 = get("OOMScoreAdjust")
+        .expect("OOMScoreAdjust")
+        .parse()
+        .unwrap();
+    assert!(oom < 0, "{oom}");
+}
+
+/// Started with a negative oom_score_adj (as the unit's OOMScoreAdjust= gives it), the agent
+/// keeps it and its commands start at 0.
+#[test]
+fn the_agents_oom_shield_is_not_inherited_by_what_it_runs() {
+    if !is_root() {
+        eprintln!("skipped: needs root (lowering oom_score_adj)");
+        return;
+    }
+    let set = |v: &str| std::fs::write("/proc/self/oom_score_adj", v);
+    if let Err(e) = set("-500") {
+        eprintln!("skipped: cannot lower oom_score_adj here ({e}; needs CAP_SYS_RESOURCE)");
+        return;
+    }
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    // The daemon inherited it; restore ours at once (raising needs no privilege).
+    let _ = set("0");
+    let adj = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    };
+    assert_eq!(adj(d.pid()), Some(-500));
+    d.register("oom", "p", daemon_spec(&env, "p", serde_json::json!({})));
+    let r = d.op("oom", "p", 0);
+    assert_eq!(r["error_code"], serde_json::json!(0), "{r}");
+    let pid = d.status("oom", "p")["pid"].as_i64().unwrap_or(-1) as i32;
+    assert_eq!(
+        adj(pid),
+        Some(0),
+        "the managed process inherited the agent's shield"
+    );
+    d.op("oom", "p", 1);
 }
 
 #[test]
