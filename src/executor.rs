@@ -222,6 +222,7 @@ impl Executor {
                 nofile: sys::original_nofile(),
                 cwd: None,
                 cgroup_procs: None,
+                reset_oom: true,
             },
             acct,
         ))

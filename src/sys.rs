@@ -241,6 +241,9 @@ pub struct SpawnIdentity {
     /// writing in the parent: the child writes `0` into it (moving itself) before it drops
     /// privileges, so everything it starts begins there.
     pub cgroup_procs: Option<Arc<OwnedFd>>,
+    /// The command resets its `oom_score_adj` to 0 when the agent's is negative (every
+    /// managed command; not the output keeper, which is part of the agent).
+    pub reset_oom: bool,
 }
 
 /// Install the `pre_exec` hook: own session (so the agent can signal the whole tree and no
@@ -261,7 +264,7 @@ pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
     let nofile = ident.nofile;
     let cwd = ident.cwd;
     let cgroup = ident.cgroup_procs;
-    let reset_oom = agent_oom_shielded();
+    let reset_oom = ident.reset_oom && agent_oom_shielded();
     let hook = move || -> io::Result<()> {
         if reset_oom {
             // The agent's own shield (OOMScoreAdjust=) is not for what it runs. Raising the
