@@ -247,6 +247,28 @@ pub fn remove_empty(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// Remove the cgroups below `tree`'s `procs` whose process directory is not in `known`, once
+/// they hold no process, and namespace directories left empty. Blocking.
+pub fn prune(tree: &Tree, known: &std::collections::HashSet<PathBuf>) {
+    let procs = tree.root.join("procs");
+    let Ok(namespaces) = std::fs::read_dir(&procs) else {
+        return;
+    };
+    for ns in namespaces.flatten() {
+        if !ns.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        for p in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+            let dir = p.path();
+            if p.file_type().is_ok_and(|t| t.is_dir()) && !known.contains(&dir) {
+                remove_empty(&dir);
+            }
+        }
+        // Only when it has no process directory left.
+        let _ = std::fs::remove_dir(ns.path());
+    }
+}
+
 /// Decide the mode from the `cgroup_root` setting, reading `/proc/self/mountinfo` and
 /// `/proc/self/cgroup`. Blocking (start-up only).
 pub fn detect(setting: &str) -> Mode {

@@ -208,3 +208,105 @@ fn a_double_forking_daemon_and_its_children_are_all_stopped() {
     });
     assert!(sub.pids().is_empty(), "{:?}", sub.pids());
 }
+
+/// kill -9 of the agent while a slow restart_cmd runs (it has already ended the old daemon
+/// and is about to start the new one): the next agent leaves exactly one copy running, never
+/// a second start beside what the dead agent's restart_cmd started.
+#[test]
+fn a_restart_cmd_outliving_the_agent_is_never_followed_by_a_second_copy() {
+    let env = TestEnv::new();
+    let Some((sub, mut d)) = setup(&env) else {
+        return;
+    };
+    let prog = program_at(&env.path().join("bin"), "svc");
+    let pidfile = env.p("svc.pid");
+    let mut s = spec(
+        &env,
+        format!("setsid {prog} 100000 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}"),
+        &pidfile,
+        "svc",
+    );
+    s["control"]["restart_cmd"] = json!(format!(
+        "kill $(cat {pidfile}); sleep 2; setsid {prog} 100000 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}"
+    ));
+    s["monitor_policy"]["op_timeout"] = json!(10);
+    d.register(NS, "svc", s);
+    let r = d.op(NS, "svc", 0);
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    let old = d.status(NS, "svc")["pid"].as_i64().unwrap_or(-1) as i32;
+    let r = d.call(
+        "operate_proc",
+        &json!({"meta": {"namespace": NS, "name": "svc"}, "op_type": 7, "hosts": [Daemon::host()]}),
+    );
+    assert_eq!(r["result"], json!(true), "{r}");
+    wait_for(
+        "the old copy ended by restart_cmd",
+        Duration::from_secs(10),
+        || (!alive(old)).then_some(()),
+    );
+    d.kill9();
+    // The orphaned restart_cmd starts its copy meanwhile.
+    wait_for("restart_cmd's copy", Duration::from_secs(10), || {
+        (running(&env, &prog).len() == 1).then_some(())
+    });
+    let d = Daemon::start(&env, &sub.config());
+    wait_for("one copy, managed", Duration::from_secs(30), || {
+        let runs = running(&env, &prog);
+        assert!(runs.len() <= 1, "two copies: {runs:?}");
+        let st = d.status(NS, "svc");
+        (runs.len() == 1 && st["pid"] == json!(runs[0])).then_some(())
+    });
+    // And it stays one.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(running(&env, &prog).len(), 1);
+    d.op(NS, "svc", 1);
+}
+
+/// Unregistering removes a process's cgroups once they are empty; at start, the empty
+/// cgroups of keys the agent no longer knows are removed, and one that still holds a process
+/// is left alone.
+#[test]
+fn cgroups_of_unknown_keys_are_removed_once_empty_and_only_then() {
+    let env = TestEnv::new();
+    let Some(sub) = Subtree::create(&env)
+        .map_err(|why| eprintln!("skipped: {why}"))
+        .ok()
+    else {
+        return;
+    };
+    let stale = sub.root.join("procs/gone/old");
+    std::fs::create_dir_all(stale.join("0")).unwrap();
+    let busy = sub.root.join("procs/gone/busy/0");
+    std::fs::create_dir_all(&busy).unwrap();
+    let sleeper = program_at(&env.path().join("bin"), "held");
+    let mut child = std::process::Command::new(&sleeper)
+        .arg("100000")
+        .spawn()
+        .unwrap();
+    std::fs::write(busy.join("cgroup.procs"), child.id().to_string()).unwrap();
+    let d = Daemon::start(&env, &sub.config());
+    wait_for("the stale cgroup removed", Duration::from_secs(10), || {
+        (!stale.exists()).then_some(())
+    });
+    assert!(busy.exists(), "a cgroup holding a process was removed");
+    let _ = child.kill();
+    let _ = child.wait();
+    // A registered process's cgroups go with its unregistration, once empty.
+    d.register(
+        NS,
+        "u",
+        spec(&env, format!("exec {sleeper} 100000"), "", "held"),
+    );
+    assert_eq!(d.op(NS, "u", 0)["error_code"], json!(0));
+    let dir = sub.root.join(format!("procs/{NS}/u"));
+    assert!(dir.join("0").exists());
+    assert_eq!(d.op(NS, "u", 1)["error_code"], json!(0));
+    let r = d.call(
+        "unregister_proc_info",
+        &json!({"meta": {"namespace": NS, "name": "u"}, "hosts": [Daemon::host()]}),
+    );
+    assert_eq!(r["result"], json!(true), "{r}");
+    wait_for("its cgroups removed", Duration::from_secs(10), || {
+        (!dir.exists()).then_some(())
+    });
+}

@@ -327,6 +327,8 @@ impl Engine {
             "definition removed; the process is no longer watched",
             serde_json::Value::Null,
         );
+        // Its cgroups go once empty (now, or at a later housekeeping pass).
+        self.prune_cgroups();
         Ok(())
     }
 }

@@ -311,6 +311,30 @@ impl Engine {
         }
     }
 
+    /// Containment: remove the cgroups of keys that are no longer registered, once they hold
+    /// no process (`rmdir` refuses a cgroup that does; so nothing that holds one is removed).
+    /// On the pool.
+    pub fn prune_cgroups(self: &Arc<Self>) {
+        let Some(tree) = self.cgroups.tree().cloned() else {
+            return;
+        };
+        let known: std::collections::HashSet<PathBuf> = self
+            .views()
+            .iter()
+            .map(|v| tree.process_dir(&v.def.key))
+            .collect();
+        let fs = self.fs.clone();
+        tokio::spawn(async move {
+            let _ = fs
+                .run_unkeyed(
+                    "removing unused cgroups",
+                    Duration::from_secs(10),
+                    move || crate::cgroup::prune(&tree, &known),
+                )
+                .await;
+        });
+    }
+
     /// Housekeeping each tick: adopt processes started outside the agent, poll exits (poll
     /// mode), run the health checks that are due, prune old history.
     fn housekeeping(self: &Arc<Self>, tick: u64) {
@@ -319,6 +343,10 @@ impl Engine {
             self.poll_exits();
         }
         self.schedule_health_checks();
+        // The first tick comes at once: leftovers of keys no longer known are removed at start.
+        if tick == 1 || tick.is_multiple_of(300) {
+            self.prune_cgroups();
+        }
         if tick.is_multiple_of(3600) {
             let st = &self.config.store;
             let before = crate::util::unix_millis() - st.task_retention.as_millis() as i64;
