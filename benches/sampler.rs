@@ -64,6 +64,7 @@ fn main() {
         targets.push(Target {
             key: ProcKey::new("bench", format!("p{i}")),
             instances: vec![(pid, st.starttime)],
+            cgroups: Vec::new(),
         });
     }
     let mut sampler = Sampler::new(HostFigures::read());

@@ -247,6 +247,50 @@ pub fn remove_empty(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// Figures of one cgroup (its whole tree), each where its file exists.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Figures {
+    /// `cpu.stat` `usage_usec` (present without the cpu controller).
+    pub cpu_usec: Option<u64>,
+    /// `memory.current` (the memory controller).
+    pub memory_bytes: Option<u64>,
+    /// `pids.current` (the pids controller), else the lines of `cgroup.procs`.
+    pub pids: u64,
+    /// Pressure stall `some avg10` of cpu, memory and io (PSI, where the kernel has it).
+    pub psi_cpu: Option<f64>,
+    pub psi_memory: Option<f64>,
+    pub psi_io: Option<f64>,
+}
+
+/// The `usage_usec` line of a `cpu.stat` text.
+pub fn parse_cpu_usage(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The `some avg10=` figure of a `*.pressure` text.
+pub fn parse_pressure_some_avg10(text: &str) -> Option<f64> {
+    let some = text.lines().find(|l| l.starts_with("some "))?;
+    some.split_whitespace()
+        .find_map(|f| f.strip_prefix("avg10="))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Read the figures of cgroup `dir`. Blocking (small reads of the cgroup file system).
+pub fn figures(dir: &Path) -> Figures {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    let num = |f: &str| read(f).and_then(|t| t.trim().parse::<u64>().ok());
+    Figures {
+        cpu_usec: read("cpu.stat").and_then(|t| parse_cpu_usage(&t)),
+        memory_bytes: num("memory.current"),
+        pids: num("pids.current").unwrap_or_else(|| procs(dir).len() as u64),
+        psi_cpu: read("cpu.pressure").and_then(|t| parse_pressure_some_avg10(&t)),
+        psi_memory: read("memory.pressure").and_then(|t| parse_pressure_some_avg10(&t)),
+        psi_io: read("io.pressure").and_then(|t| parse_pressure_some_avg10(&t)),
+    }
+}
+
 /// Remove the cgroups below `tree`'s `procs` whose process directory is not in `known`, once
 /// they hold no process, and namespace directories left empty. Blocking.
 pub fn prune(tree: &Tree, known: &std::collections::HashSet<PathBuf>) {
@@ -406,6 +450,18 @@ mod tests {
         assert_ne!(escape(&long_a), escape(&long_b));
         assert!(escape(&long_a).len() <= 200);
         assert!(escape(&"/".repeat(300)).len() <= 200);
+    }
+
+    #[test]
+    fn figure_files() {
+        assert_eq!(
+            parse_cpu_usage("usage_usec 123456\nuser_usec 100\nsystem_usec 23\n"),
+            Some(123_456)
+        );
+        assert_eq!(parse_cpu_usage("user_usec 1\n"), None);
+        let p = "some avg10=1.50 avg60=0.20 avg300=0.00 total=1234\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        assert_eq!(parse_pressure_some_avg10(p), Some(1.5));
+        assert_eq!(parse_pressure_some_avg10("full avg10=3.00 total=1\n"), None);
     }
 
     #[test]

@@ -20,7 +20,10 @@
 //!
 //! A definition with several instances (`instance_num`) reports the **sum** over its
 //! instances (so `cpu_usage` can exceed 100). Children and other descendants of an instance
-//! are not included (a forked worker of a managed process is not counted).
+//! are not included (a forked worker of a managed process is not counted), except with
+//! containment: then each instance's cgroup gives cpu (`cpu.stat`), memory (`memory.current`,
+//! with the memory controller), the number of processes and the pressure stall figures, for
+//! its whole tree ([`crate::cgroup::figures`]).
 //!
 //! # Cost
 //! For each instance the sampler keeps three handles open across passes (`/proc/PID`, its
@@ -451,6 +454,9 @@ pub fn handle_budget() -> usize {
 pub struct Target {
     pub key: ProcKey,
     pub instances: Vec<(i32, u64)>,
+    /// Containment on: the cgroup of each running instance. Its figures (the whole tree)
+    /// replace the main processes' where the kernel has them (module docs).
+    pub cgroups: Vec<std::path::PathBuf>,
 }
 
 /// Sockets are recounted at least every this many passes (staggered by pid), besides
@@ -477,6 +483,8 @@ pub struct Sampler {
     ticks_per_sec: u64,
     passes: u64,
     budget: usize,
+    /// The previous `cpu.stat` reading of each instance cgroup, and when.
+    cgroup_cpu: HashMap<std::path::PathBuf, (u64, Instant)>,
 }
 
 impl Sampler {
@@ -494,6 +502,7 @@ impl Sampler {
             ticks_per_sec: crate::procinfo::ticks_per_second(),
             passes: 0,
             budget,
+            cgroup_cpu: HashMap::new(),
         }
     }
 
@@ -526,6 +535,7 @@ impl Sampler {
         let mut out = Vec::with_capacity(targets.len());
         let mut read = 0;
         let mut kept = 0;
+        let mut cg_seen = HashMap::new();
         for t in targets {
             let mut s = Sample {
                 at: at_unix,
@@ -553,6 +563,7 @@ impl Sampler {
                 };
                 any = true;
                 read += 1;
+                s.pids += 1;
                 if let Some(m) = &old {
                     s.cpu_usage += cpu_percent(
                         m.cpu_ticks,
@@ -586,13 +597,63 @@ impl Sampler {
                 out.push(None);
                 continue;
             }
+            if !t.cgroups.is_empty() {
+                self.cgroup_figures(t, now, &mut s, &mut cg_seen);
+            }
             s.mem_usage = s.rss_bytes as f64 / self.host.mem_total_bytes.max(1) as f64 * 100.0;
             s.cpu_usage = (s.cpu_usage * 100.0).round() / 100.0;
             s.mem_usage = (s.mem_usage * 100.0).round() / 100.0;
             out.push(Some(s));
         }
         self.memo = seen;
+        self.cgroup_cpu = cg_seen;
         (out, read)
+    }
+
+    /// Containment: the figures of `t`'s instance cgroups (the whole tree of each) replace
+    /// the main processes' where the kernel has them: cpu from `cpu.stat` (the first pass of
+    /// a cgroup reads 0, as a new process does), memory from `memory.current`, the number of
+    /// processes, and the pressure stall figures (the highest over the instances).
+    fn cgroup_figures(
+        &mut self,
+        t: &Target,
+        now: Instant,
+        s: &mut Sample,
+        seen: &mut HashMap<std::path::PathBuf, (u64, Instant)>,
+    ) {
+        let (mut cpu, mut cpu_known, mut mem, mut pids) = (0.0, false, None::<u64>, 0);
+        let max = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(x), Some(y)) => Some(x.max(y)),
+            (x, y) => x.or(y),
+        };
+        for dir in &t.cgroups {
+            let f = crate::cgroup::figures(dir);
+            pids += f.pids;
+            if let Some(u) = f.cpu_usec {
+                cpu_known = true;
+                if let Some(&(prev, at)) = self.cgroup_cpu.get(dir) {
+                    let elapsed = now.saturating_duration_since(at).as_micros();
+                    if u >= prev && elapsed > 0 {
+                        cpu += (u - prev) as f64 / elapsed as f64 * 100.0;
+                    }
+                }
+                seen.insert(dir.clone(), (u, now));
+            }
+            if let Some(m) = f.memory_bytes {
+                mem = Some(mem.unwrap_or(0).saturating_add(m));
+            }
+            s.psi_cpu = max(s.psi_cpu, f.psi_cpu);
+            s.psi_memory = max(s.psi_memory, f.psi_memory);
+            s.psi_io = max(s.psi_io, f.psi_io);
+        }
+        if cpu_known {
+            s.cpu_usage = cpu;
+        }
+        if let Some(m) = mem {
+            s.rss_bytes = m;
+        }
+        s.pids = pids;
+        s.from_cgroup = true;
     }
 }
 
@@ -606,6 +667,14 @@ pub struct Sample {
     pub fd: i64,
     pub disk: i64,
     pub net: i64,
+    /// Processes counted: the instances, or (containment) every process of their cgroups.
+    pub pids: u64,
+    /// Pressure stall `some avg10` (containment, where the kernel has PSI).
+    pub psi_cpu: Option<f64>,
+    pub psi_memory: Option<f64>,
+    pub psi_io: Option<f64>,
+    /// cpu (and memory, with the memory controller) came from the cgroups.
+    pub from_cgroup: bool,
 }
 
 /// What one pass did.
@@ -838,18 +907,22 @@ mod tests {
         let me_t = Target {
             key: ProcKey::new("t", "me"),
             instances: vec![(me, st.starttime)],
+            cgroups: Vec::new(),
         };
         let one = Target {
             key: ProcKey::new("t", "one"),
             instances: vec![(cpid, cst.starttime)],
+            cgroups: Vec::new(),
         };
         let two = Target {
             key: ProcKey::new("t", "two"),
             instances: vec![(cpid, cst.starttime), (cpid, cst.starttime)],
+            cgroups: Vec::new(),
         };
         let gone = Target {
             key: ProcKey::new("t", "gone"),
             instances: vec![(cpid, cst.starttime + 1)],
+            cgroups: Vec::new(),
         };
         let (a, n) = s.pass(std::slice::from_ref(&me_t), Instant::now(), 1);
         assert_eq!(n, 1);
@@ -922,6 +995,7 @@ mod tests {
                         pid,
                         crate::procinfo::read_stat(pid).expect("stat").starttime,
                     )],
+                    cgroups: Vec::new(),
                 }
             })
             .collect();

@@ -736,6 +736,22 @@ pub struct ProcDetail {
     /// Unix seconds of the sample the figures come from (0: not sampled).
     #[serde(default)]
     pub sampled_at: i64,
+    /// Processes the figures cover: the instances, or (containment) every process of their
+    /// cgroups.
+    #[serde(default)]
+    pub processes: u64,
+    /// Where cpu (and, with the memory controller, memory) was read: "proc" (the main
+    /// processes) or "cgroup" (the whole tree of each instance).
+    #[serde(default)]
+    pub figures_from: String,
+    /// Pressure stall `some avg10` of the instances' cgroups (containment, PSI): the share
+    /// of the last 10 s in which some task of the process waited for cpu, memory or io.
+    #[serde(default)]
+    pub psi_cpu: Option<f64>,
+    #[serde(default)]
+    pub psi_memory: Option<f64>,
+    #[serde(default)]
+    pub psi_io: Option<f64>,
     /// Times the agent stopped it for staying over a resource limit.
     #[serde(default)]
     pub limit_stops: u64,

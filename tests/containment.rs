@@ -310,3 +310,46 @@ fn cgroups_of_unknown_keys_are_removed_once_empty_and_only_then() {
         (!dir.exists()).then_some(())
     });
 }
+
+/// The figures of a contained process cover its whole cgroup: cpu burnt by a child (the main
+/// process only sleeps) counts for the process, as do its processes; pressure stall figures
+/// are reported where the kernel has PSI.
+#[test]
+fn cpu_done_by_a_child_counts_for_its_process() {
+    let env = TestEnv::new();
+    let Some(sub) = Subtree::create(&env)
+        .map_err(|why| eprintln!("skipped: {why}"))
+        .ok()
+    else {
+        return;
+    };
+    let config = format!("{}\n[metrics]\nsample_interval = \"200ms\"\n", sub.config());
+    let d = Daemon::start(&env, &config);
+    let main = program_at(&env.path().join("bin"), "idle");
+    let script = env.script(
+        "burn.sh",
+        &format!("#!/bin/sh\n(while :; do :; done) &\nexec {main} 100000\n"),
+    );
+    d.register(
+        NS,
+        "burn",
+        spec(&env, format!("exec sh {script}"), "", "idle"),
+    );
+    assert_eq!(d.op(NS, "burn", 0)["error_code"], json!(0));
+    let detail = wait_for("the child's cpu counted", Duration::from_secs(20), || {
+        let v = d.detail(NS, "burn");
+        (v["figures_from"] == json!("cgroup") && v["cpu_usage"].as_f64()? > 30.0).then_some(v)
+    });
+    assert!(detail["processes"].as_u64().unwrap_or(0) >= 2, "{detail}");
+    if Path::new("/proc/pressure/cpu").exists() {
+        assert!(detail["psi_cpu"].is_number(), "{detail}");
+    }
+    let (_, body) = d.http("GET", "/metrics", b"").expect("metrics");
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("procagent_process_processes{") && l.contains("name=\"burn\"")),
+        "{text}"
+    );
+    d.op(NS, "burn", 1);
+}

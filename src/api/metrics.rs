@@ -64,6 +64,8 @@ pub fn render(engine: &Engine) -> String {
     let fds = FGauge::default();
     let disk = FCounter::default();
     let net = FGauge::default();
+    let procs = FGauge::default();
+    let pressure = FGauge::default();
     let (mut n_reg, mut n_managed, mut n_running) = (0i64, 0i64, 0i64);
     {
         for v in engine.views() {
@@ -88,6 +90,18 @@ pub fn render(engine: &Engine) -> String {
                 fds.get_or_create(&l).set(s.fd as f64);
                 disk.get_or_create(&l).inc_by(s.disk.max(0) as u64);
                 net.get_or_create(&l).set(s.net as f64);
+                procs.get_or_create(&l).set(s.pids as f64);
+                for (resource, v) in [
+                    ("cpu", s.psi_cpu),
+                    ("memory", s.psi_memory),
+                    ("io", s.psi_io),
+                ] {
+                    if let Some(v) = v {
+                        let mut lr = l.clone();
+                        lr.push(("resource".into(), resource.into()));
+                        pressure.get_or_create(&lr).set(v);
+                    }
+                }
             }
         }
     }
@@ -128,6 +142,16 @@ pub fn render(engine: &Engine) -> String {
         "Resident memory (RSS), summed over instances",
         Unit::Bytes,
         rss,
+    );
+    reg.register(
+        "process_processes",
+        "Processes the figures cover: the instances, or with containment every process of their cgroups",
+        procs,
+    );
+    reg.register(
+        "process_pressure_some_avg10",
+        "Pressure stall (PSI) of the instances' cgroups: percent of the last 10 s some task waited for the resource",
+        pressure,
     );
     reg.register(
         "process_open_fds",

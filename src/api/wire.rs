@@ -282,6 +282,17 @@ pub fn detail(v: &ProcView) -> ProcDetail {
         disk: s.disk,
         net: s.net,
         sampled_at: s.at,
+        processes: s.pids,
+        figures_from: if v.sample.is_none() {
+            String::new()
+        } else if s.from_cgroup {
+            "cgroup".into()
+        } else {
+            "proc".into()
+        },
+        psi_cpu: s.psi_cpu,
+        psi_memory: s.psi_memory,
+        psi_io: s.psi_io,
         limit_stops: v.limit_stops,
         last_limit: v
             .last_limit

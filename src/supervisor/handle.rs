@@ -224,9 +224,21 @@ impl Engine {
             .entries
             .values()
             .filter(|e| !e.tracked.is_empty())
-            .map(|e| Target {
-                key: e.def.key.clone(),
-                instances: ProcView::of(e, now).instances,
+            .map(|e| {
+                let instances = ProcView::of(e, now).instances;
+                let cgroups = match self.cgroups.tree() {
+                    Some(tree) => instances
+                        .iter()
+                        .filter_map(|(pid, _)| e.instance_of(*pid))
+                        .map(|i| tree.instance(&e.def.key, i))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                Target {
+                    key: e.def.key.clone(),
+                    instances,
+                    cgroups,
+                }
             })
             .collect()
     }
