@@ -353,3 +353,83 @@ fn cpu_done_by_a_child_counts_for_its_process() {
     );
     d.op(NS, "burn", 1);
 }
+
+/// Processes an agent started with containment off are adopted, not started again, when an
+/// agent with containment on takes over, and are moved into their instance's cgroup.
+#[test]
+fn processes_of_an_agent_without_containment_are_adopted_and_moved_in() {
+    let env = TestEnv::new();
+    let Some(sub) = Subtree::create(&env)
+        .map_err(|why| eprintln!("skipped: {why}"))
+        .ok()
+    else {
+        return;
+    };
+    let prog = program_at(&env.path().join("bin"), "old");
+    let pidfile = env.p("old.pid");
+    let mut d = Daemon::start(&env, &format!("[supervisor]\ncgroup_root = \"\"\n{FAST}"));
+    d.register(
+        NS,
+        "old",
+        spec(
+            &env,
+            format!("setsid {prog} 100000 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}"),
+            &pidfile,
+            "old",
+        ),
+    );
+    assert_eq!(d.op(NS, "old", 0)["error_code"], json!(0));
+    let pid = d.status(NS, "old")["pid"].as_i64().unwrap_or(-1) as i32;
+    d.terminate();
+    let d = Daemon::start(&env, &sub.config());
+    wait_for("adopted", Duration::from_secs(20), || {
+        (d.status(NS, "old")["pid"] == json!(pid)).then_some(())
+    });
+    let want = sub.root.join(format!("procs/{NS}/old/0"));
+    wait_for("moved into its cgroup", Duration::from_secs(10), || {
+        procagent::cgroup::procs(&want).contains(&pid).then_some(())
+    });
+    assert_eq!(
+        running(&env, &prog),
+        vec![pid],
+        "started again instead of adopted"
+    );
+    d.op(NS, "old", 1);
+}
+
+/// Point 5 of the ownership rule: a pid file naming a process in another definition's cgroup
+/// (the same program from the same setup_path, a worker that definition does not track as
+/// its main process) is not adopted, and stopping the definition leaves it alone.
+#[test]
+fn a_process_in_another_definitions_cgroup_is_never_adopted() {
+    let env = TestEnv::new();
+    let Some((_sub, d)) = setup(&env) else { return };
+    let prog = program_at(&env.path().join("bin"), "twin");
+    let (pa, pb, pw) = (env.p("a.pid"), env.p("b.pid"), env.p("worker.pid"));
+    let a_start = format!(
+        "setsid {prog} 100000 </dev/null >/dev/null 2>&1 & echo $! > {pw}; setsid {prog} 100000 </dev/null >/dev/null 2>&1 & echo $! > {pa}"
+    );
+    let b_start = format!("setsid {prog} 100000 </dev/null >/dev/null 2>&1 & echo $! > {pb}");
+    d.register(NS, "a", spec(&env, a_start, &pa, "twin"));
+    d.register(NS, "b", spec(&env, b_start, &pb, "twin"));
+    assert_eq!(d.op(NS, "a", 0)["error_code"], json!(0));
+    let a = d.status(NS, "a")["pid"].as_i64().unwrap_or(-1) as i32;
+    let worker = read_pid(&pw).expect("a's worker");
+    assert_ne!(worker, a);
+    std::fs::write(&pb, format!("{worker}\n")).unwrap();
+    let v = d.op(NS, "b", 0);
+    assert_eq!(
+        v["error_code"],
+        json!(0),
+        "b's start is not 828 for a's worker: {v}"
+    );
+    let b = d.status(NS, "b")["pid"].as_i64().unwrap_or(-1) as i32;
+    assert_ne!(b, worker);
+    assert_eq!(d.op(NS, "b", 1)["error_code"], json!(0));
+    wait_for("b stopped", Duration::from_secs(10), || {
+        (!alive(b)).then_some(())
+    });
+    assert!(alive(worker), "stopping b ended a's worker");
+    assert!(alive(a));
+    d.op(NS, "a", 1);
+}

@@ -23,6 +23,8 @@ pub struct ClaimData {
     pub pid_path: String,
     pub spawns: Vec<ownership::Spawn>,
     pub recorded: Vec<(i32, u64)>,
+    /// Containment on: the agent's subtree and this definition's cgroup directory.
+    pub cgroup: Option<(crate::cgroup::Tree, std::path::PathBuf)>,
 }
 
 /// What a pid-file probe found.
@@ -38,7 +40,7 @@ pub enum Probe {
 
 impl ClaimData {
     /// The claim of an entry (`None` when its definition is invalid).
-    pub(crate) fn of(e: &Entry) -> Option<ClaimData> {
+    pub(crate) fn of(e: &Entry, tree: Option<&crate::cgroup::Tree>) -> Option<ClaimData> {
         if e.invalid.is_some() {
             return None;
         }
@@ -51,6 +53,7 @@ impl ClaimData {
             pid_path: e.def.spec.pid_path.clone(),
             spawns: e.spawns.iter().copied().collect(),
             recorded: e.recorded.clone(),
+            cgroup: tree.map(|t| (t.clone(), t.process_dir(&e.def.key))),
         })
     }
 
@@ -84,6 +87,7 @@ impl ClaimData {
             recorded: &self.recorded,
             setup_real,
             tracked_elsewhere: &elsewhere,
+            cgroup: self.cgroup.as_ref().map(|(t, d)| (t, d.as_path())),
         };
         Ok(f(&claim))
     }
@@ -155,7 +159,9 @@ impl Engine {
 
     /// The claim of `key` (`None` when gone or invalid).
     pub(crate) fn claim_of(&self, key: &ProcKey) -> Option<ClaimData> {
-        self.reg().get(key).and_then(ClaimData::of)
+        self.reg()
+            .get(key)
+            .and_then(|e| ClaimData::of(e, self.cgroups.tree()))
     }
 
     /// Look for a running process of `key` through its pid file and adopt it into instance

@@ -353,6 +353,9 @@ impl Engine {
             return false;
         }
         let pid = att.pid;
+        if att.outside_cgroup {
+            self.move_into_cgroup(key, i, pid);
+        }
         if !reg.get(key).is_some_and(|e| e.tracked.contains_key(&pid)) {
             self.track_locked(&mut reg, key, att, true);
         }
@@ -420,6 +423,9 @@ impl Engine {
         let Some(i) = i.or_else(|| e.idle_instance()) else {
             return false;
         };
+        if att.outside_cgroup {
+            self.move_into_cgroup(key, i, pid);
+        }
         self.track_locked(&mut reg, key, att, by_agent);
         self.feed_locked(
             &mut reg,
@@ -636,5 +642,39 @@ fn exited(pid: i32, exit: crate::sys::ExitInfo) -> Input {
             info: exit,
             oom: false,
         },
+    }
+}
+
+impl Engine {
+    /// Containment: a process adopted from outside every cgroup of the agent (started before
+    /// containment was turned on, or by hand) is moved into instance `i`'s cgroup, so what
+    /// it starts from now on stays there. On the pool; a failure is logged.
+    fn move_into_cgroup(self: &Arc<Self>, key: &ProcKey, i: usize, pid: i32) {
+        let Some(tree) = self.cgroups.tree().cloned() else {
+            return;
+        };
+        let dir = tree.instance(key, i);
+        let (fs, key) = (self.fs.clone(), key.clone());
+        tokio::spawn(async move {
+            let d = dir.clone();
+            let r = fs
+                .run_unkeyed(
+                    "moving a process into its cgroup",
+                    Duration::from_secs(5),
+                    move || tree.move_into(&d, pid),
+                )
+                .await;
+            match r {
+                Ok(Ok(())) => {
+                    tracing::info!(process = %key, pid, cgroup = %dir.display(), "adopted process moved into its cgroup")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(process = %key, pid, error = %e, "cannot move an adopted process into its cgroup")
+                }
+                Err(e) => {
+                    tracing::warn!(process = %key, pid, error = %e, "cannot move an adopted process into its cgroup")
+                }
+            }
+        });
     }
 }

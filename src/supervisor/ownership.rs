@@ -25,6 +25,11 @@
 //!    Being the agent's child proves nothing by itself: every orphan on the host below the
 //!    agent is.
 //!
+//! 5. Cgroup (containment on): P is not in the cgroup of another definition. A process in
+//!    the definition's own cgroups was started there by its commands; one outside every
+//!    cgroup of the agent's subtree (started before containment, or by hand) that passes 1-4
+//!    is adopted and moved into the instance's cgroup by the caller.
+//!
 //! A pid file alone is never proof: it only says which process to check.
 //!
 //! The members of an owned instance's process tree (its process group, session or
@@ -57,9 +62,25 @@ pub struct Owner<'a> {
     pub has_pid_file: bool,
 }
 
+/// Where a candidate is, as containment sees it (point 5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CgroupFact {
+    /// Containment is off (or the cgroup could not be read).
+    #[default]
+    Off,
+    /// In one of the definition's own cgroups.
+    Own,
+    /// In the cgroup of another definition.
+    Other,
+    /// Outside every cgroup of the agent's subtree.
+    Outside,
+}
+
 /// What the agent knows about how a candidate might have come to be.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Evidence<'a> {
+    /// Where it is, with containment on (point 5).
+    pub cgroup: CgroupFact,
     /// Commands the agent ran for this definition, newest first.
     pub spawns: &'a [Spawn],
     /// The (pid, start time) recorded for this definition before an agent restart, already
@@ -117,6 +138,8 @@ pub enum NotOwned {
         what: &'static str,
     },
     TrackedElsewhere(i32),
+    /// In another definition's cgroup.
+    OtherCgroup(i32),
     Account {
         pid: i32,
         uid: Option<u32>,
@@ -140,6 +163,12 @@ impl fmt::Display for NotOwned {
             NotOwned::Forbidden { pid, what } => write!(f, "pid {pid} is {what}"),
             NotOwned::TrackedElsewhere(pid) => {
                 write!(f, "pid {pid} belongs to another registered process")
+            }
+            NotOwned::OtherCgroup(pid) => {
+                write!(
+                    f,
+                    "pid {pid} is in the cgroup of another registered process"
+                )
             }
             NotOwned::Account { pid, uid, want } => match uid {
                 Some(u) => write!(
@@ -243,6 +272,10 @@ pub fn check(
     if ev.tracked_elsewhere {
         return Err(NotOwned::TrackedElsewhere(p.pid));
     }
+    // 5. Never a process another definition's cgroup holds.
+    if ev.cgroup == CgroupFact::Other {
+        return Err(NotOwned::OtherCgroup(p.pid));
+    }
     // 2. Account.
     if owner.uid != 0 && p.uid != Some(owner.uid) {
         return Err(NotOwned::Account {
@@ -281,6 +314,9 @@ pub fn check(
     };
     let origin = if let Some(s) = spawned {
         Some((Origin::Spawned, s.shell == p.pid))
+    } else if ev.cgroup == CgroupFact::Own {
+        // Only the definition's commands start processes in its cgroups.
+        Some((Origin::Spawned, false))
     } else if recorded {
         Some((Origin::Recorded, !owner.has_pid_file))
     } else if in_tree(&p.exe) || in_tree(&p.cwd) {
@@ -524,6 +560,30 @@ mod tests {
                 Ok(Origin::Spawned),
             ),
             (
+                "in another definition's cgroup, though its lineage is ours",
+                ProcFacts {
+                    lineage: Some(77),
+                    ..f()
+                },
+                owner(1001),
+                Evidence {
+                    spawns: &SPAWN,
+                    cgroup: CgroupFact::Other,
+                    ..ev()
+                },
+                Err("cgroup"),
+            ),
+            (
+                "outside every cgroup, from its setup_path: owned (and moved in by the caller)",
+                f(),
+                owner(1001),
+                Evidence {
+                    cgroup: CgroupFact::Outside,
+                    ..ev()
+                },
+                Ok(Origin::SetupPath),
+            ),
+            (
                 "a double-forked orphan reparented to the agent, with the command's lineage",
                 ProcFacts {
                     exe: Some("/usr/bin/app".into()),
@@ -694,6 +754,7 @@ mod tests {
                 NotOwned::Gone(_) => "gone",
                 NotOwned::Forbidden { .. } => "forbidden",
                 NotOwned::TrackedElsewhere(_) => "elsewhere",
+                NotOwned::OtherCgroup(_) => "cgroup",
                 NotOwned::Account { .. } => "account",
                 NotOwned::EmptyName => "empty",
                 NotOwned::Name { .. } => "name",

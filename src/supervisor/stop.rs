@@ -58,7 +58,7 @@ impl Targets {
             instance,
             groups,
             fds,
-            claim: e.and_then(ClaimData::of),
+            claim: e.and_then(|e| ClaimData::of(e, engine.cgroups.tree())),
             cgroup: engine
                 .cgroups
                 .tree()

@@ -36,6 +36,9 @@ pub struct Attached {
     pub fd: Option<OwnedFd>,
     /// How it was shown to belong to the definition.
     pub origin: Origin,
+    /// Containment on and it is outside every cgroup of the agent: the caller moves it into
+    /// its instance's cgroup.
+    pub outside_cgroup: bool,
 }
 
 /// What an attach checks a candidate against: the definition and the evidence the agent
@@ -46,11 +49,28 @@ pub struct Claim<'a> {
     pub recorded: &'a [(i32, u64)],
     pub setup_real: Option<&'a str>,
     pub tracked_elsewhere: &'a dyn Fn(i32) -> bool,
+    /// Containment on: the agent's subtree and the definition's cgroup directory.
+    pub cgroup: Option<(&'a crate::cgroup::Tree, &'a std::path::Path)>,
+}
+
+/// Where `pid` is, as point 5 of the ownership rule sees it. Blocking (reads /proc).
+fn cgroup_fact(claim: &Claim<'_>, pid: i32) -> ownership::CgroupFact {
+    use ownership::CgroupFact;
+    let Some((tree, dir)) = claim.cgroup else {
+        return CgroupFact::Off;
+    };
+    match tree.cgroup_of(pid) {
+        Some(c) if c.starts_with(dir) => CgroupFact::Own,
+        Some(c) if c.starts_with(tree.root.join("procs")) => CgroupFact::Other,
+        Some(_) => CgroupFact::Outside,
+        None => CgroupFact::Off,
+    }
 }
 
 /// The evidence of a claim about `facts` (its ancestors are read here).
 fn evidence<'a>(claim: &'a Claim<'a>, facts: &ProcFacts, ancestors: &'a [i32]) -> Evidence<'a> {
     Evidence {
+        cgroup: cgroup_fact(claim, facts.pid),
         spawns: claim.spawns,
         recorded: claim.recorded,
         ancestors,
@@ -91,6 +111,7 @@ pub fn attach(pid: i32, claim: &Claim<'_>, want_pidfd: bool) -> Result<Attached,
             facts,
             fd,
             origin,
+            outside_cgroup: ev.cgroup == ownership::CgroupFact::Outside,
         }),
         Err(NotOwned::Gone(p)) => Err(AttachError::Gone(p)),
         Err(e) => Err(AttachError::NotOwned(e.to_string())),
@@ -184,6 +205,7 @@ mod tests {
             recorded: &[],
             setup_real: None,
             tracked_elsewhere: none,
+            cgroup: None,
         }
     }
 
