@@ -207,6 +207,22 @@ pub fn populated(dir: &Path) -> Option<bool> {
         .map(|v| v.trim() == "1")
 }
 
+/// An inotify descriptor (non-blocking) that becomes readable when cgroup `dir`'s
+/// `cgroup.events` changes (the kernel notifies a modification when `populated` flips), so a
+/// stop waits for its cgroup to empty without polling it.
+pub fn events_watch(dir: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::inotify;
+    let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+    inotify::add_watch(&fd, dir.join("cgroup.events"), inotify::WatchFlags::MODIFY)?;
+    Ok(fd)
+}
+
+/// Read (and discard) what an [`events_watch`] descriptor holds.
+pub fn drain_events(fd: &std::os::fd::OwnedFd) {
+    let mut buf = [0u8; 1024];
+    while rustix::io::read(fd, &mut buf).is_ok_and(|n| n > 0) {}
+}
+
 /// Kill every process of cgroup `dir` and its descendants at once (`cgroup.kill`, 5.14+).
 /// Blocking.
 pub fn kill(dir: &Path) -> io::Result<()> {

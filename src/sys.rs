@@ -168,6 +168,14 @@ pub fn async_pidfd(fd: Arc<OwnedFd>) -> io::Result<AsyncFd<Arc<OwnedFd>>> {
     unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
 }
 
+/// Register a descriptor the agent owns (an inotify watch, say) with tokio's reactor for
+/// readability.
+pub fn async_owned(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the `AsyncFd` takes the `OwnedFd` itself, so the raw fd stays open, and refers
+    // to the same open file, until the `AsyncFd` is dropped (which deregisters it first).
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
+}
+
 /// Make the agent a child subreaper: orphans of the processes it starts (double-forking
 /// daemons) are reparented to the agent, so their exit statuses reach our reaper.
 pub fn set_child_subreaper() -> io::Result<()> {

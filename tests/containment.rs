@@ -433,3 +433,34 @@ fn a_process_in_another_definitions_cgroup_is_never_adopted() {
     assert!(alive(a));
     d.op(NS, "a", 1);
 }
+
+/// A stop hears that a cgroup emptied from `cgroup.events` (inotify), without polling it.
+#[test]
+fn cgroup_events_tell_when_a_cgroup_empties() {
+    let env = TestEnv::new();
+    let Some(sub) = Subtree::create(&env)
+        .map_err(|why| eprintln!("skipped: {why}"))
+        .ok()
+    else {
+        return;
+    };
+    let dir = sub.root.join("w");
+    std::fs::create_dir(&dir).unwrap();
+    let prog = program_at(&env.path().join("bin"), "brief");
+    let mut child = std::process::Command::new(&prog)
+        .arg("100000")
+        .spawn()
+        .unwrap();
+    std::fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
+    assert_eq!(procagent::cgroup::populated(&dir), Some(true));
+    let fd = procagent::cgroup::events_watch(&dir).expect("inotify watch");
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut fds = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&fd),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let n = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).unwrap_or(0);
+    assert_eq!(n, 1, "no event within 5 s");
+    assert_eq!(procagent::cgroup::populated(&dir), Some(false));
+}

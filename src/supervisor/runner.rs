@@ -511,6 +511,14 @@ pub async fn signal(engine: Arc<Engine>, t: Arc<Targets>, kill: bool) {
 /// pool), then tell the lifecycle; give up when the instance is no longer being stopped.
 pub async fn watch_gone(engine: Arc<Engine>, key: ProcKey, i: usize, t: Arc<Targets>) {
     let mut step = Duration::from_millis(5);
+    // Containment: the cgroup's `cgroup.events` is watched (inotify), so the stop hears at
+    // once when the cgroup empties; the /proc look stays for what lies outside it, at a slow
+    // pace.
+    let watch = t
+        .cgroup
+        .as_ref()
+        .and_then(|(_, dir)| crate::cgroup::events_watch(dir).ok())
+        .and_then(|fd| crate::sys::async_owned(fd).ok());
     loop {
         if !engine.stopping(&key, i) {
             return;
@@ -524,7 +532,23 @@ pub async fn watch_gone(engine: Arc<Engine>, key: ProcKey, i: usize, t: Arc<Targ
         if left.is_empty() {
             return engine.feed_instance(&key, i, Input::Gone);
         }
-        tokio::time::sleep(step).await;
-        step = (step * 2).min(Duration::from_millis(50));
+        match &watch {
+            Some(w) => {
+                let slow = tokio::time::sleep(Duration::from_millis(500));
+                tokio::select! {
+                    r = w.readable() => {
+                        if let Ok(mut g) = r {
+                            crate::cgroup::drain_events(g.get_inner());
+                            g.clear_ready();
+                        }
+                    }
+                    _ = slow => {}
+                }
+            }
+            None => {
+                tokio::time::sleep(step).await;
+                step = (step * 2).min(Duration::from_millis(50));
+            }
+        }
     }
 }
