@@ -66,33 +66,22 @@ fn run(me: &Path, dir: &Path, kills: usize) -> Result<(), String> {
         "restart latency, {kills} kills each (kill -9 -> first instruction of the replacement)"
     );
     let mut rows = Vec::new();
-    let agent = Agent::start(dir)?;
-    let child_out = dir.join("child.out");
-    let daemon_out = dir.join("daemon.out");
-    let pidfile = dir.join("daemon.pid");
-    agent.register(
-        "child",
-        &format!("exec {} marker {}", me.display(), child_out.display()),
-        "",
-    )?;
-    agent.register(
-        "daemon",
-        &format!(
-            "setsid {} marker {} </dev/null >/dev/null 2>&1 & echo $! > {}",
-            me.display(),
-            daemon_out.display(),
-            pidfile.display()
-        ),
-        &pidfile.display().to_string(),
-    )?;
-    for name in ["child", "daemon"] {
-        agent.manage(name)?;
+    // procagent with containment off, then (as root, where cgroup v2 is writable) on, in a
+    // cgroup subtree of the bench's own, removed at the end.
+    let subtree = contained_root(dir);
+    let mut modes: Vec<(&str, String)> = vec![("", String::new())];
+    match &subtree {
+        Ok(root) => modes.push((" (contained)", root.display().to_string())),
+        Err(why) => println!("containment: not measured ({why})"),
     }
-    for (name, out) in [("child", &child_out), ("daemon", &daemon_out)] {
-        let lat = measure(kills, out, || agent.pid(name))?;
-        rows.push((format!("procagent, {name}"), lat));
+    for (label, root) in &modes {
+        measure_procagent(me, dir, kills, label, root, &mut rows)?;
     }
-    drop(agent);
+    if let Ok(root) = &subtree {
+        let _ = std::fs::write(root.join("cgroup.kill"), b"1");
+        std::thread::sleep(Duration::from_millis(200));
+        remove_tree(root);
+    }
     if which("supervisord").is_some() {
         match Supervisord::start(dir, me) {
             Ok(sv) => {
@@ -122,6 +111,75 @@ fn run(me: &Path, dir: &Path, kills: usize) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// One procagent run (its own state dir), `cgroup_root` as given, both process kinds.
+fn measure_procagent(
+    me: &Path,
+    dir: &Path,
+    kills: usize,
+    label: &str,
+    cgroup_root: &str,
+    rows: &mut Vec<(String, Vec<f64>)>,
+) -> Result<(), String> {
+    let dir = &dir.join(if cgroup_root.is_empty() { "off" } else { "on" });
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let agent = Agent::start(dir, cgroup_root)?;
+    let child_out = dir.join("child.out");
+    let daemon_out = dir.join("daemon.out");
+    let pidfile = dir.join("daemon.pid");
+    agent.register(
+        "child",
+        &format!("exec {} marker {}", me.display(), child_out.display()),
+        "",
+    )?;
+    agent.register(
+        "daemon",
+        &format!(
+            "setsid {} marker {} </dev/null >/dev/null 2>&1 & echo $! > {}",
+            me.display(),
+            daemon_out.display(),
+            pidfile.display()
+        ),
+        &pidfile.display().to_string(),
+    )?;
+    for name in ["child", "daemon"] {
+        agent.manage(name)?;
+    }
+    for (name, out) in [("child", &child_out), ("daemon", &daemon_out)] {
+        let lat = measure(kills, out, || agent.pid(name))?;
+        rows.push((format!("procagent{label}, {name}"), lat));
+    }
+    drop(agent);
+    cleanup(dir);
+    Ok(())
+}
+
+/// A cgroup v2 directory for the bench (root only), below the v2 mount.
+fn contained_root(dir: &Path) -> Result<PathBuf, String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("needs root".into());
+    }
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let mount = procagent::cgroup::v2_mount(&mi).ok_or("no cgroup v2 mount")?;
+    let root = mount.join(format!(
+        "procagent-bench-{}",
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    std::fs::create_dir(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    Ok(root)
+}
+
+/// Remove a cgroup tree, leaves first.
+fn remove_tree(d: &Path) {
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(d);
 }
 
 /// Kill the current process `kills` times; each time, the latency until the replacement
@@ -212,15 +270,16 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(dir: &Path) -> Result<Agent, String> {
+    fn start(dir: &Path, cgroup_root: &str) -> Result<Agent, String> {
         let cfg = dir.join("agent.toml");
         let socket = dir.join("agent.sock");
         std::fs::write(
             &cfg,
             format!(
-                "[agent]\nsocket = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"warn\"\n[host]\nip = \"127.0.0.1\"\n[supervisor]\nbackoff_reset = \"200ms\"\n",
+                "[agent]\nsocket = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"warn\"\n[host]\nip = \"127.0.0.1\"\n[supervisor]\nbackoff_reset = \"200ms\"\ncgroup_root = \"{}\"\n",
                 socket.display(),
-                dir.join("state").display()
+                dir.join("state").display(),
+                cgroup_root
             ),
         )
         .map_err(|e| e.to_string())?;
