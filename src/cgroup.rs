@@ -185,9 +185,13 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Create the cgroup if missing and open its `cgroup.procs` for the child. Blocking.
-    pub fn open(&self) -> io::Result<std::os::fd::OwnedFd> {
-        self.tree.open_procs(&self.dir)
+    /// Create the cgroup if missing and open it for the child: its directory (to create the
+    /// child inside it, `clone3` with `CLONE_INTO_CGROUP`) and its `cgroup.procs` (for a
+    /// kernel without that, where the child moves itself). Blocking.
+    pub fn open(&self) -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+        let procs = self.tree.open_procs(&self.dir)?;
+        let dir = std::fs::File::open(&self.dir)?;
+        Ok((std::os::fd::OwnedFd::from(dir), procs))
     }
 }
 

@@ -222,6 +222,7 @@ impl Executor {
                 nofile: sys::original_nofile(),
                 cwd: None,
                 cgroup_procs: None,
+                cgroup_dir: None,
                 reset_oom: true,
             },
             acct,
@@ -278,7 +279,8 @@ impl Executor {
                     dir: dir.display().to_string(),
                     reason: e.to_string(),
                 })?;
-            ident.cgroup_procs = Some(std::sync::Arc::new(fd));
+            ident.cgroup_dir = Some(std::sync::Arc::new(fd.0));
+            ident.cgroup_procs = Some(std::sync::Arc::new(fd.1));
         }
         let header = format!(
             "{} {} as {}: {}",
@@ -297,7 +299,6 @@ impl Executor {
                 (a, b, None)
             }
         };
-        let (out, err_out) = (Stdio::from(out), Stdio::from(err_out));
         let req = req.clone();
         let uid = acct.uid;
         let (pid, spawned_ticks, token) = self
@@ -407,51 +408,65 @@ fn kill_group_now(reaper: &Reaper, child: crate::reaper::Child, uid: u32) {
 
 /// Fork `sh -c CMD` as `acct` with `ident` (its working directory entered with `fchdir`)
 /// and the given stdout and stderr; returns its pid, the boot-clock ticks just before the
-/// fork and its lineage token. Blocking: run on the file-system pool.
+/// fork and its lineage token. With containment the command is created inside its cgroup
+/// (`clone3` with `CLONE_INTO_CGROUP`); on a kernel without that it moves itself there
+/// before exec. Blocking: run on the file-system pool.
 fn fork_command(
     req: &CommandRequest,
     acct: &Account,
     ident: SpawnIdentity,
-    out: Stdio,
-    err_out: Stdio,
+    out: OwnedFd,
+    err_out: OwnedFd,
 ) -> Result<(i32, u64, u128), ExecError> {
     let token = crate::util::lineage_token().map_err(ExecError::Spawn)?;
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    let path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    let shell = if acct.shell.is_empty() {
+        "/bin/sh"
+    } else {
+        &acct.shell
+    };
+    for (k, v) in [
+        ("PATH", path),
+        ("HOME", acct.home.as_str()),
+        ("USER", acct.name.as_str()),
+        ("LOGNAME", acct.name.as_str()),
+        ("SHELL", shell),
+        ("PROCAGENT_NAMESPACE", req.key.namespace.as_str()),
+        ("PROCAGENT_NAME", req.key.name.as_str()),
+    ] {
+        env.insert(k.into(), v.into());
+    }
+    for var in ["LANG", "LC_ALL", "TZ"] {
+        if let Ok(v) = std::env::var(var) {
+            env.insert(var.into(), v);
+        }
+    }
+    for (k, v) in &req.env {
+        env.insert(k.clone(), v.clone());
+    }
+    // After the definition's env: a definition cannot set (or unset) its own lineage.
+    env.insert(crate::util::LINEAGE_VAR.into(), format!("{token:032x}"));
+    let spawned_ticks = crate::procinfo::now_ticks_floor();
+    if let Some(dir) = ident.cgroup_dir.clone() {
+        match spawn_in_cgroup(req, &env, &ident, &dir, &out, &err_out) {
+            Ok(pid) => return Ok((pid, spawned_ticks, token)),
+            Err(sys::CloneError::Clone(e)) => {
+                // An older kernel: the child moves itself (cgroup.procs) instead.
+                tracing::debug!(error = %e, "clone3 into a cgroup unavailable; the command moves itself");
+            }
+            Err(sys::CloneError::Child(e)) => return Err(ExecError::Spawn(e)),
+        }
+    }
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(&req.command)
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env("HOME", &acct.home)
-        .env("USER", &acct.name)
-        .env("LOGNAME", &acct.name)
-        .env(
-            "SHELL",
-            if acct.shell.is_empty() {
-                "/bin/sh"
-            } else {
-                &acct.shell
-            },
-        )
-        .env("PROCAGENT_NAMESPACE", &req.key.namespace)
-        .env("PROCAGENT_NAME", &req.key.name)
+        .envs(&env)
         .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err_out);
-    for var in ["LANG", "LC_ALL", "TZ"] {
-        if let Ok(v) = std::env::var(var) {
-            cmd.env(var, v);
-        }
-    }
-    for (k, v) in &req.env {
-        cmd.env(k, v);
-    }
-    // After the definition's env: a definition cannot set (or unset) its own lineage.
-    cmd.env(crate::util::LINEAGE_VAR, format!("{token:032x}"));
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err_out));
     sys::install_pre_exec(&mut cmd, ident);
-    let spawned_ticks = crate::procinfo::now_ticks_floor();
     let child = cmd.spawn().map_err(ExecError::Spawn);
     // The agent keeps no write end: the pipes end when the command's last writer does.
     drop(cmd);
@@ -460,6 +475,45 @@ fn fork_command(
     // Never wait on the Child: the reaper collects it.
     drop(child);
     Ok((pid, spawned_ticks, token))
+}
+
+/// [`fork_command`]'s containment path: the command created inside its cgroup.
+fn spawn_in_cgroup(
+    req: &CommandRequest,
+    env: &BTreeMap<String, String>,
+    ident: &SpawnIdentity,
+    dir: &OwnedFd,
+    out: &OwnedFd,
+    err_out: &OwnedFd,
+) -> Result<i32, sys::CloneError> {
+    use std::ffi::CString;
+    use std::os::fd::AsFd;
+    let c = |s: &str| {
+        CString::new(s).map_err(|_| {
+            sys::CloneError::Child(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a command or environment value holds a NUL byte",
+            ))
+        })
+    };
+    let argv = vec![c("/bin/sh")?, c("-c")?, c(&req.command)?];
+    let envp = env
+        .iter()
+        .map(|(k, v)| c(&format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let null = std::fs::File::open("/dev/null").map_err(sys::CloneError::Child)?;
+    // Created inside the cgroup: the setup has nothing to move.
+    let setup = sys::ChildSetup::new(SpawnIdentity {
+        cgroup_procs: None,
+        ..ident.clone()
+    });
+    sys::spawn_into_cgroup(
+        &argv,
+        &envp,
+        [null.as_fd(), out.as_fd(), err_out.as_fd()],
+        &setup,
+        dir.as_fd(),
+    )
 }
 
 /// Open `setup_path` as a directory (`O_PATH`, no side effects) for the child's `fchdir`.

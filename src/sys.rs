@@ -249,32 +249,54 @@ pub struct SpawnIdentity {
     /// writing in the parent: the child writes `0` into it (moving itself) before it drops
     /// privileges, so everything it starts begins there.
     pub cgroup_procs: Option<Arc<OwnedFd>>,
+    /// The directory of that cgroup (opened `O_RDONLY|O_DIRECTORY`), for creating the
+    /// command inside it (`clone3` with `CLONE_INTO_CGROUP`).
+    pub cgroup_dir: Option<Arc<OwnedFd>>,
     /// The command resets its `oom_score_adj` to 0 when the agent's is negative (every
     /// managed command; not the output keeper, which is part of the agent).
     pub reset_oom: bool,
 }
 
-/// Install the `pre_exec` hook: own session (so the agent can signal the whole tree and no
-/// terminal signal reaches it), umask, then supplementary groups, gid, uid in that order.
-pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
-    let groups: Vec<nix::unistd::Gid> = ident
-        .switch_to
-        .as_ref()
-        .map(|(_, _, g)| g.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect())
-        .unwrap_or_default();
-    let ids = ident.switch_to.as_ref().map(|(u, g, _)| {
-        (
-            nix::unistd::Uid::from_raw(*u),
-            nix::unistd::Gid::from_raw(*g),
-        )
-    });
-    let mask = nix::sys::stat::Mode::from_bits_truncate(ident.umask as libc::mode_t);
-    let nofile = ident.nofile;
-    let cwd = ident.cwd;
-    let cgroup = ident.cgroup_procs;
-    let reset_oom = ident.reset_oom && agent_oom_shielded();
-    let hook = move || -> io::Result<()> {
-        if reset_oom {
+/// What a child does between the fork and the exec, prepared in the parent (no lookups,
+/// no allocation in the child): own session (so the agent can signal the whole tree and no
+/// terminal signal reaches it), its cgroup when not placed at creation, the oom shield
+/// reset, the working directory, umask, open-file limit, then supplementary groups, gid,
+/// uid in that order.
+pub struct ChildSetup {
+    groups: Vec<nix::unistd::Gid>,
+    ids: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
+    mask: nix::sys::stat::Mode,
+    nofile: Option<(u64, u64)>,
+    cwd: Option<Arc<OwnedFd>>,
+    cgroup_procs: Option<Arc<OwnedFd>>,
+    reset_oom: bool,
+}
+
+impl ChildSetup {
+    pub fn new(ident: SpawnIdentity) -> ChildSetup {
+        ChildSetup {
+            groups: ident
+                .switch_to
+                .as_ref()
+                .map(|(_, _, g)| g.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect())
+                .unwrap_or_default(),
+            ids: ident.switch_to.as_ref().map(|(u, g, _)| {
+                (
+                    nix::unistd::Uid::from_raw(*u),
+                    nix::unistd::Gid::from_raw(*g),
+                )
+            }),
+            mask: nix::sys::stat::Mode::from_bits_truncate(ident.umask as libc::mode_t),
+            nofile: ident.nofile,
+            cwd: ident.cwd,
+            cgroup_procs: ident.cgroup_procs,
+            reset_oom: ident.reset_oom && agent_oom_shielded(),
+        }
+    }
+
+    /// Run in the child, before exec: direct syscalls only, on values prepared in the parent.
+    fn run(&self) -> io::Result<()> {
+        if self.reset_oom {
             // The agent's own shield (OOMScoreAdjust=) is not for what it runs. Raising the
             // value needs no privilege; a failure leaves the inherited one.
             if let Ok(fd) = nix::fcntl::open(
@@ -285,15 +307,15 @@ pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
                 let _ = nix::unistd::write(&fd, b"0");
             }
         }
-        if let Some(procs) = &cgroup {
+        if let Some(procs) = &self.cgroup_procs {
             nix::unistd::write(procs.as_ref(), b"0").map_err(io::Error::from)?;
         }
         nix::unistd::setsid().map_err(io::Error::from)?;
-        if let Some(dir) = &cwd {
+        if let Some(dir) = &self.cwd {
             nix::unistd::fchdir(dir.as_ref()).map_err(io::Error::from)?;
         }
-        nix::sys::stat::umask(mask);
-        if let Some((soft, hard)) = nofile {
+        nix::sys::stat::umask(self.mask);
+        if let Some((soft, hard)) = self.nofile {
             // Best effort: a failure leaves the agent's (higher) limit, which is harmless.
             let _ = nix::sys::resource::setrlimit(
                 nix::sys::resource::Resource::RLIMIT_NOFILE,
@@ -301,21 +323,176 @@ pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
                 hard,
             );
         }
-        if let Some((uid, gid)) = ids {
-            nix::unistd::setgroups(&groups).map_err(io::Error::from)?;
+        if let Some((uid, gid)) = self.ids {
+            nix::unistd::setgroups(&self.groups).map_err(io::Error::from)?;
             nix::unistd::setgid(gid).map_err(io::Error::from)?;
             nix::unistd::setuid(uid).map_err(io::Error::from)?;
         }
         Ok(())
-    };
+    }
+}
+
+/// Install the child's setup ([`ChildSetup`]) as the `pre_exec` hook of `cmd`.
+pub fn install_pre_exec(cmd: &mut Command, ident: SpawnIdentity) {
+    let setup = ChildSetup::new(ident);
     // SAFETY: the hook runs in the forked child before exec. It only makes direct syscalls
     // (open and write of /proc/self/oom_score_adj through a static C string, write of the
-    // cgroup.procs fd, setsid, fchdir, umask, setrlimit, setgroups, setgid,
-    // setuid) on values computed before the fork; it does
-    // not allocate (the group vector was built in the parent and is only borrowed), take
-    // locks, or touch state shared with other threads, so it is async-signal-safe.
+    // cgroup.procs fd, setsid, fchdir, umask, setrlimit, setgroups, setgid, setuid) on
+    // values computed before the fork; it does not allocate (the group vector was built in
+    // the parent and is only borrowed), take locks, or touch state shared with other
+    // threads, so it is async-signal-safe.
     unsafe {
-        cmd.pre_exec(hook);
+        cmd.pre_exec(move || setup.run());
+    }
+}
+
+/// `CLONE_INTO_CGROUP` of `clone3(2)` (bit 33: wider than libc's `c_int` constant).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` of `clone3(2)` (the fields up to `cgroup`, Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Why [`spawn_into_cgroup`] started nothing.
+#[derive(Debug)]
+pub enum CloneError {
+    /// `clone3` itself failed (ENOSYS, EINVAL on a kernel without `CLONE_INTO_CGROUP`, ...).
+    Clone(io::Error),
+    /// The child failed in its setup or exec (and has exited).
+    Child(io::Error),
+}
+
+/// Start `argv` with `envp` directly inside the cgroup whose directory is `cgroup`
+/// (`clone3` with `CLONE_INTO_CGROUP`, Linux 5.7+), so it never has to migrate there (a
+/// migration waits for an RCU grace period); `stdio` become its descriptors 0, 1 and 2 and
+/// `setup` runs before the exec. Returns the child's pid once it has exec'd, or why it
+/// could not ([`CloneError`]: on a `Clone` error the caller falls back to a migration).
+pub fn spawn_into_cgroup(
+    argv: &[std::ffi::CString],
+    envp: &[std::ffi::CString],
+    stdio: [BorrowedFd<'_>; 3],
+    setup: &ChildSetup,
+    cgroup: BorrowedFd<'_>,
+) -> Result<i32, CloneError> {
+    let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+    if argv_p.len() < 2 {
+        return Err(CloneError::Child(io::Error::from_raw_os_error(
+            libc::EINVAL,
+        )));
+    }
+    let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| CloneError::Clone(e.into()))?;
+    let raw = [
+        stdio[0].as_raw_fd(),
+        stdio[1].as_raw_fd(),
+        stdio[2].as_raw_fd(),
+    ];
+    let err_fd = err_w.as_raw_fd();
+    let mut args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM or a stack is a fork: the child gets a copy of this
+    // address space with one thread. The pointers handed over stay valid in both (they are
+    // locals of this frame, copied into the child). In the child only `exec_child` runs,
+    // which makes direct syscalls on values prepared above and never returns.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 {
+        return Err(CloneError::Clone(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: we are the child of the clone3 above (see there); `exec_child` only calls
+        // async-signal-safe functions and ends in execve or _exit.
+        unsafe { exec_child(&argv_p, &envp_p, raw, setup, err_fd) }
+    }
+    drop(err_w);
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match rustix::io::read(&err_r, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            // Cannot tell how the child fared: it runs (or ran) on, the reaper collects it.
+            Err(_) => break,
+        }
+    }
+    if got == 4 {
+        // The child failed before its exec and has exited (127); the reaper collects it.
+        return Err(CloneError::Child(io::Error::from_raw_os_error(
+            i32::from_ne_bytes(buf),
+        )));
+    }
+    Ok(pid as i32)
+}
+
+/// The child's side of [`spawn_into_cgroup`]: signals back to default, the standard
+/// descriptors, the setup, the exec; on a failure the errno goes to `err_fd` and the child
+/// exits 127.
+///
+/// # Safety
+/// Only in the child of a fork-like clone, before exec.
+unsafe fn exec_child(
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    stdio: [libc::c_int; 3],
+    setup: &ChildSetup,
+    err_fd: libc::c_int,
+) -> ! {
+    let fail = |e: i32| -> ! {
+        let b = e.to_ne_bytes();
+        // SAFETY: write and _exit are async-signal-safe; `b` lives on this stack.
+        unsafe {
+            libc::write(err_fd, b.as_ptr().cast(), b.len());
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: async-signal-safe calls on values of this frame: an emptied signal mask and
+    // SIGPIPE back to its default (the agent ignores it; what it runs must not), then the
+    // standard descriptors.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        for (i, fd) in stdio.iter().enumerate() {
+            if libc::dup2(*fd, i as libc::c_int) < 0 {
+                fail(*libc::__errno_location());
+            }
+        }
+    }
+    if let Err(e) = setup.run() {
+        fail(e.raw_os_error().unwrap_or(libc::EIO));
+    }
+    // SAFETY: `argv` and `envp` are NUL-terminated arrays of pointers to NUL-terminated
+    // strings owned by the parent's frame (copied into this address space).
+    unsafe {
+        libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
+        fail(*libc::__errno_location())
     }
 }
 

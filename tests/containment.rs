@@ -464,3 +464,55 @@ fn cgroup_events_tell_when_a_cgroup_empties() {
     assert_eq!(n, 1, "no event within 5 s");
     assert_eq!(procagent::cgroup::populated(&dir), Some(false));
 }
+
+/// With containment the command is created inside its cgroup (`clone3` with
+/// `CLONE_INTO_CGROUP`), and starts as any command does: no signal blocked, SIGPIPE not
+/// ignored (the agent ignores it; what it runs must not), its environment, its cwd.
+#[test]
+fn a_contained_command_starts_clean_inside_its_cgroup() {
+    let env = TestEnv::new();
+    let Some((sub, d)) = setup(&env) else { return };
+    let prog = program_at(&env.path().join("bin"), "clean");
+    d.register(
+        NS,
+        "clean",
+        spec(&env, format!("exec {prog} 100000"), "", "clean"),
+    );
+    assert_eq!(d.op(NS, "clean", 0)["error_code"], json!(0));
+    let pid = d.status(NS, "clean")["pid"].as_i64().unwrap_or(-1) as i32;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .expect(field)
+    };
+    assert_eq!(mask("SigBlk:"), 0, "no signal blocked");
+    assert_eq!(
+        mask("SigIgn:") & (1 << (13 - 1)),
+        0,
+        "SIGPIPE is not ignored"
+    );
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+    assert!(
+        vars.contains(&&b"PROCAGENT_NAME=clean"[..]),
+        "its environment"
+    );
+    assert!(
+        vars.iter().any(|v| v.starts_with(b"PROCAGENT_SPAWN=")),
+        "its lineage token"
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        env.path()
+    );
+    let cg = sub.root.join(format!("procs/{NS}/clean/0"));
+    assert!(procagent::cgroup::procs(&cg).contains(&pid));
+    assert!(
+        !d.log_text().contains("clone3 into a cgroup unavailable"),
+        "clone3 was not used"
+    );
+    d.op(NS, "clean", 1);
+}

@@ -557,6 +557,7 @@ fn spawn_keeper(dir: &Path, s: &Settings) -> std::io::Result<()> {
             nofile: None,
             cwd: None,
             cgroup_procs: None,
+            cgroup_dir: None,
             reset_oom: false,
         },
     );
