@@ -7,9 +7,11 @@
 //!   and registration with tokio's reactor;
 //! * the child-subreaper flag and the reaper's `waitid` calls (peek at an exited child with
 //!   `WNOWAIT`, then reap that pid);
-//! * the `pre_exec` hook that puts a command in its own session and switches its identity
-//!   (setgroups, setgid, setuid, umask), async-signal-safe because every id was resolved in
-//!   the parent;
+//! * the child's setup ([`ChildSetup`]) that puts a command in its own session and switches
+//!   its identity (setgroups, setgid, setuid, umask), async-signal-safe because every id was
+//!   resolved in the parent: as the `pre_exec` hook of a `Command`, or after a `clone3` that
+//!   creates the command inside its cgroup (`CLONE_INTO_CGROUP`, [`spawn_into_cgroup`]);
+//! * registration of owned descriptors (pidfds, inotify) with tokio's reactor;
 //! * the boot-time clock, to compare with `/proc/PID/stat` start times.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` note. The crate root denies `unsafe_code`; this
