@@ -2,7 +2,7 @@
 //! [`ProcSpec`] by [`SpecPatch::apply`], which does every check and fills every default.
 //!
 //! The three readers (the GSE JSON spec in `proto.rs`, `operate_process` v2 entries in
-//! `api/gsekit.rs`, TOML `[[process]]` tables in `config.rs`) only map their own names into
+//! `api/gsekit/operate.rs`, TOML `[[process]]` tables in `config.rs`) only map their own names into
 //! a patch, and map the [`FieldError`]s back to their own names (and, for the TOML reader,
 //! its own phrasing, from [`Rule`]). A field the patch leaves out keeps the base's value:
 //! the defaults ([`ProcSpec::default`]) for a new definition, the registered spec for a v2
