@@ -69,29 +69,8 @@ pub fn v2_mount(mountinfo: &str) -> Option<PathBuf> {
         let (left, right) = l.split_once(" - ")?;
         let fstype = right.split_whitespace().next()?;
         let point = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(point)))
+        (fstype == "cgroup2").then(|| crate::procinfo::mountinfo_path(point))
     })
-}
-
-/// Mount points escape space, tab, newline and backslash as `\ooo`.
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The cgroup v2 path of a process in the text of `/proc/PID/cgroup` (the `0::PATH` line).

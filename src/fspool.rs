@@ -121,31 +121,9 @@ fn mount_table() -> &'static RwLock<Arc<Vec<PathBuf>>> {
 
 /// The mount points listed in a mountinfo text (field 5, octal escapes undone).
 fn parse_mountinfo(text: &str) -> Vec<PathBuf> {
-    use std::os::unix::ffi::OsStringExt;
     text.lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .map(|f| {
-            let b = f.as_bytes();
-            let mut out = Vec::with_capacity(b.len());
-            let mut i = 0;
-            while i < b.len() {
-                let oct = b
-                    .get(i + 1..i + 4)
-                    .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-                match oct {
-                    Some(d) => {
-                        let v = d.iter().fold(0u32, |a, c| a * 8 + u32::from(c - b'0'));
-                        out.push(v as u8);
-                        i += 4;
-                    }
-                    None => {
-                        out.push(b[i]);
-                        i += 1;
-                    }
-                }
-            }
-            PathBuf::from(std::ffi::OsString::from_vec(out))
-        })
+        .map(crate::procinfo::mountinfo_path)
         .collect()
 }
 

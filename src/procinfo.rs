@@ -9,7 +9,7 @@
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use procfs::FromRead;
@@ -405,6 +405,32 @@ pub fn read_pid_file(path: &Path) -> Result<i32, PidFileError> {
     let text = String::from_utf8_lossy(&buf);
     parse_pid_text(&text, pid_max(), std::process::id() as i32)
         .map_err(|reason| PidFileError::Invalid { path: disp, reason })
+}
+
+/// A path field of `/proc/PID/mountinfo` (a mount point or root), its octal escapes
+/// (`\\040` for a space, ...) undone.
+pub fn mountinfo_path(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match oct {
+            Some(d) => {
+                let v = d.iter().fold(0u32, |a, c| a * 8 + u32::from(c - b'0'));
+                out.push(v as u8);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 /// `PF_KTHREAD` in the `flags` field of `/proc/PID/stat`: a kernel thread.
