@@ -436,37 +436,28 @@ async fn clear_leftovers(
     };
     let dir = tree.instance(key, i);
     let deadline = Instant::now() + secs(op_timeout.max(1));
-    let mut killed = false;
+    let (mut signalled, mut killed) = (false, false);
     let mut step = Duration::from_millis(2);
     loop {
         let (t, d) = (tree.clone(), dir.clone());
         let now = Instant::now();
         let kill = now >= deadline && !killed;
-        let first = step == Duration::from_millis(2);
+        let term = !signalled;
         let populated = engine
             .fs
             .run_unkeyed("clearing a cgroup", Duration::from_secs(5), move || {
                 let populated = crate::cgroup::populated(&d) == Some(true);
                 if populated && kill {
                     let _ = crate::cgroup::kill(&d);
-                } else if populated && first {
-                    for p in crate::cgroup::procs(&d) {
-                        if let Ok(fd) = crate::sys::pidfd_open(p)
-                            && t.holds(&d, p)
-                        {
-                            let _ = crate::sys::pidfd_signal(
-                                std::os::fd::AsFd::as_fd(&fd),
-                                Signal::SIGTERM,
-                            );
-                        }
-                    }
+                } else if populated && term {
+                    t.signal_members(&d, Signal::SIGTERM);
                 }
                 populated
             })
             .await
             .map_err(|e| e.to_string())?;
         if !populated {
-            if !first {
+            if signalled {
                 engine.events.emit(
                     Some(key),
                     "leftovers_stopped",
@@ -480,6 +471,7 @@ async fn clear_leftovers(
             }
             return Ok(());
         }
+        signalled = true;
         if kill {
             killed = true;
         } else if killed && now >= deadline + Duration::from_secs(5) {

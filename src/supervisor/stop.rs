@@ -66,21 +66,6 @@ impl Targets {
         }
     }
 
-    /// The processes of the instance's cgroup (containment on), each pinned by a pidfd and
-    /// checked, through it, to be still in the cgroup.
-    fn cgroup_members(&self) -> Vec<(i32, OwnedFd)> {
-        let Some((tree, dir)) = &self.cgroup else {
-            return Vec::new();
-        };
-        crate::cgroup::procs(dir)
-            .into_iter()
-            .filter_map(|p| {
-                let fd = crate::sys::pidfd_open(p).ok()?;
-                tree.holds(dir, p).then_some((p, fd))
-            })
-            .collect()
-    }
-
     /// What is left, from one /proc snapshot: the instance if alive, and the members of its
     /// groups that may be signalled for the definition.
     pub fn left(&self, engine: &Engine) -> Vec<i32> {
@@ -134,16 +119,14 @@ impl Targets {
     /// signalled for the definition, each through a pidfd after its checks.
     pub fn signal(&self, engine: &Engine, sig: Signal) {
         let Some(claim) = &self.claim else { return };
-        if let Some((_, dir)) = &self.cgroup {
+        if let Some((tree, dir)) = &self.cgroup {
             // Everything the instance started is in its cgroup, whatever session it made.
             if sig == Signal::SIGKILL
                 && let Err(e) = crate::cgroup::kill(dir)
             {
                 tracing::warn!(cgroup = %dir.display(), error = %e, "cgroup.kill failed; signalling its processes one by one");
             }
-            for (_, fd) in self.cgroup_members() {
-                let _ = crate::sys::pidfd_signal(std::os::fd::AsFd::as_fd(&fd), sig);
-            }
+            tree.signal_members(dir, sig);
         }
         let snap = crate::procinfo::Snapshot::take();
         let _ = claim.with_claim(engine, None, |c| {
