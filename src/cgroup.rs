@@ -144,16 +144,6 @@ impl Tree {
         }
         std::fs::create_dir_all(dir)
     }
-
-    /// Open `dir`'s `cgroup.procs` for writing (the child writes `0` into it before exec).
-    /// Creates `dir` first. Blocking.
-    pub fn open_procs(&self, dir: &Path) -> io::Result<std::os::fd::OwnedFd> {
-        self.ensure(dir)?;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join("cgroup.procs"))?;
-        Ok(std::os::fd::OwnedFd::from(f))
-    }
 }
 
 /// Where a command is placed: a cgroup of the agent's subtree.
@@ -164,13 +154,12 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Create the cgroup if missing and open it for the child: its directory (to create the
-    /// child inside it, `clone3` with `CLONE_INTO_CGROUP`) and its `cgroup.procs` (for a
-    /// kernel without that, where the child moves itself). Blocking.
-    pub fn open(&self) -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
-        let procs = self.tree.open_procs(&self.dir)?;
-        let dir = std::fs::File::open(&self.dir)?;
-        Ok((std::os::fd::OwnedFd::from(dir), procs))
+    /// Create the cgroup if missing and open its directory for the child (created inside
+    /// it: `clone3` with `CLONE_INTO_CGROUP`; on a kernel without that, the child moves
+    /// itself through the directory's `cgroup.procs`). Blocking.
+    pub fn open(&self) -> io::Result<std::os::fd::OwnedFd> {
+        self.tree.ensure(&self.dir)?;
+        Ok(std::os::fd::OwnedFd::from(std::fs::File::open(&self.dir)?))
     }
 }
 

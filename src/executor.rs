@@ -279,8 +279,7 @@ impl Executor {
                     dir: dir.display().to_string(),
                     reason: e.to_string(),
                 })?;
-            ident.cgroup_dir = Some(std::sync::Arc::new(fd.0));
-            ident.cgroup_procs = Some(std::sync::Arc::new(fd.1));
+            ident.cgroup_dir = Some(std::sync::Arc::new(fd));
         }
         let header = format!(
             "{} {} as {}: {}",
@@ -448,12 +447,21 @@ fn fork_command(
     // After the definition's env: a definition cannot set (or unset) its own lineage.
     env.insert(crate::util::LINEAGE_VAR.into(), format!("{token:032x}"));
     let spawned_ticks = crate::procinfo::now_ticks_floor();
+    let mut ident = ident;
     if let Some(dir) = ident.cgroup_dir.clone() {
         match spawn_in_cgroup(req, &env, &ident, &dir, &out, &err_out) {
             Ok(pid) => return Ok((pid, spawned_ticks, token)),
             Err(sys::CloneError::Clone(e)) => {
                 // An older kernel: the child moves itself (cgroup.procs) instead.
                 tracing::debug!(error = %e, "clone3 into a cgroup unavailable; the command moves itself");
+                let procs = rustix::fs::openat(
+                    &*dir,
+                    "cgroup.procs",
+                    rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .map_err(|e| ExecError::Spawn(e.into()))?;
+                ident.cgroup_procs = Some(std::sync::Arc::new(procs));
             }
             Err(sys::CloneError::Child(e)) => return Err(ExecError::Spawn(e)),
         }
