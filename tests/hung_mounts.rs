@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::sec::{Cast, HungFuse, accounts_available, call_as, cli_copy};
+use common::sec::{Cast, HungFuse, accounts_available, call_as, cli_copy, owned_dir};
 use common::*;
 use serde_json::{Value, json};
 
@@ -320,19 +320,6 @@ fn many_pid_files_on_one_hung_mount_do_not_stop_the_agent_acting_elsewhere() {
     );
     drop(d);
     drop(fuse);
-}
-
-/// A directory `name` in the test's dir owned by `u`.
-fn owned_dir(env: &TestEnv, name: &str, u: &common::sec::User) -> std::path::PathBuf {
-    let dir = env.path().join(name);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    nix::unistd::chown(
-        &dir,
-        Some(nix::unistd::Uid::from_raw(u.uid)),
-        Some(nix::unistd::Gid::from_raw(u.gid)),
-    )
-    .expect("chown");
-    dir
 }
 
 /// With one hung mount on the host (a dead NFS server), an admin registers definitions of

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::sec::{Accounts, User, accounts_available, call_as, cli_copy, run_as};
+use common::sec::{Accounts, User, accounts_available, call_as, cli_copy, owned_dir, run_as};
 use common::*;
 use serde_json::{Value, json};
 
@@ -267,18 +267,6 @@ fn op_as(cli: &str, d: &Daemon, user: &User, name: &str, op: i64) -> Value {
         .to_string();
     assert!(!task.is_empty(), "{r}");
     d.wait_task(&task, &Daemon::key(NS, name))
-}
-
-fn owned_dir(env: &TestEnv, name: &str, u: &User) -> std::path::PathBuf {
-    let dir = env.path().join(name);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    nix::unistd::chown(
-        &dir,
-        Some(nix::unistd::Uid::from_raw(u.uid)),
-        Some(nix::unistd::Gid::from_raw(u.gid)),
-    )
-    .expect("chown");
-    dir
 }
 
 #[test]

@@ -173,6 +173,20 @@ impl Cast {
     }
 }
 
+/// A directory `name` in the test's temp dir, owned by `u` (where that account may write its
+/// own pid files, symlinks, ...).
+pub fn owned_dir(env: &super::TestEnv, name: &str, u: &User) -> PathBuf {
+    let dir = env.path().join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    nix::unistd::chown(
+        &dir,
+        Some(nix::unistd::Uid::from_raw(u.uid)),
+        Some(nix::unistd::Gid::from_raw(u.gid)),
+    )
+    .expect("chown");
+    dir
+}
+
 /// The CLI, copied where every account can execute it.
 pub fn cli_copy(env: &super::TestEnv) -> String {
     use std::os::unix::fs::PermissionsExt;
