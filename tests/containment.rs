@@ -45,6 +45,13 @@ impl Subtree {
         Ok(Subtree { root })
     }
 
+    /// [`Subtree::create`], or None with the reason printed (the test then skips).
+    fn or_skip(env: &TestEnv) -> Option<Subtree> {
+        Subtree::create(env)
+            .map_err(|why| eprintln!("skipped: {why}"))
+            .ok()
+    }
+
     fn config(&self) -> String {
         format!(
             "[supervisor]\ncgroup_root = \"{}\"\n{FAST}",
@@ -82,13 +89,7 @@ impl Drop for Subtree {
 }
 
 fn setup(env: &TestEnv) -> Option<(Subtree, Daemon)> {
-    let sub = match Subtree::create(env) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return None;
-        }
-    };
+    let sub = Subtree::or_skip(env)?;
     let d = Daemon::start(env, &sub.config());
     let h = d.get("/v1/healthz");
     let mode = h["data"]["containment"].as_str().unwrap_or("").to_string();
@@ -268,10 +269,7 @@ fn a_restart_cmd_outliving_the_agent_is_never_followed_by_a_second_copy() {
 #[test]
 fn cgroups_of_unknown_keys_are_removed_once_empty_and_only_then() {
     let env = TestEnv::new();
-    let Some(sub) = Subtree::create(&env)
-        .map_err(|why| eprintln!("skipped: {why}"))
-        .ok()
-    else {
+    let Some(sub) = Subtree::or_skip(&env) else {
         return;
     };
     let stale = sub.root.join("procs/gone/old");
@@ -317,10 +315,7 @@ fn cgroups_of_unknown_keys_are_removed_once_empty_and_only_then() {
 #[test]
 fn cpu_done_by_a_child_counts_for_its_process() {
     let env = TestEnv::new();
-    let Some(sub) = Subtree::create(&env)
-        .map_err(|why| eprintln!("skipped: {why}"))
-        .ok()
-    else {
+    let Some(sub) = Subtree::or_skip(&env) else {
         return;
     };
     let config = format!("{}\n[metrics]\nsample_interval = \"200ms\"\n", sub.config());
@@ -359,10 +354,7 @@ fn cpu_done_by_a_child_counts_for_its_process() {
 #[test]
 fn processes_of_an_agent_without_containment_are_adopted_and_moved_in() {
     let env = TestEnv::new();
-    let Some(sub) = Subtree::create(&env)
-        .map_err(|why| eprintln!("skipped: {why}"))
-        .ok()
-    else {
+    let Some(sub) = Subtree::or_skip(&env) else {
         return;
     };
     let prog = program_at(&env.path().join("bin"), "old");
@@ -438,10 +430,7 @@ fn a_process_in_another_definitions_cgroup_is_never_adopted() {
 #[test]
 fn cgroup_events_tell_when_a_cgroup_empties() {
     let env = TestEnv::new();
-    let Some(sub) = Subtree::create(&env)
-        .map_err(|why| eprintln!("skipped: {why}"))
-        .ok()
-    else {
+    let Some(sub) = Subtree::or_skip(&env) else {
         return;
     };
     let dir = sub.root.join("w");
