@@ -318,11 +318,8 @@ impl Engine {
         let Some(tree) = self.cgroups.tree().cloned() else {
             return;
         };
-        let known: std::collections::HashSet<PathBuf> = self
-            .views()
-            .iter()
-            .map(|v| tree.process_dir(&v.def.key))
-            .collect();
+        let known: std::collections::HashSet<PathBuf> =
+            self.keys().iter().map(|k| tree.process_dir(k)).collect();
         let fs = self.fs.clone();
         tokio::spawn(async move {
             let _ = fs
