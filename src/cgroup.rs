@@ -214,19 +214,6 @@ impl Tree {
         self.cgroup_of(pid).is_some_and(|c| c.starts_with(dir))
     }
 
-    /// Send `sig` to every process of cgroup `dir`, each pinned by a pidfd and checked,
-    /// through it, to be still in the cgroup (so a pid reused meanwhile is never hit).
-    /// Blocking.
-    pub fn signal_members(&self, dir: &Path, sig: nix::sys::signal::Signal) {
-        for p in procs(dir) {
-            if let Ok(fd) = crate::sys::pidfd_open(p)
-                && self.holds(dir, p)
-            {
-                let _ = crate::sys::pidfd_signal(std::os::fd::AsFd::as_fd(&fd), sig);
-            }
-        }
-    }
-
     /// Move `pid` into cgroup `dir` (created if missing). Blocking.
     pub fn move_into(&self, dir: &Path, pid: i32) -> io::Result<()> {
         self.ensure(dir)?;

@@ -55,6 +55,10 @@ pub enum FsError {
         mount: String,
         secs: f64,
     },
+    #[error(
+        "{path} was not tried: it goes through {link}, another process's view of the file system, which the agent does not follow"
+    )]
+    Opaque { path: String, link: String },
     #[error("{what} did not finish within {secs:.1}s")]
     Slow { what: String, secs: f64 },
     #[error(
@@ -72,7 +76,10 @@ impl FsError {
     pub fn blames_path(&self) -> bool {
         matches!(
             self,
-            FsError::Timeout { .. } | FsError::Busy { .. } | FsError::MountHung { .. }
+            FsError::Timeout { .. }
+                | FsError::Busy { .. }
+                | FsError::MountHung { .. }
+                | FsError::Opaque { .. }
         )
     }
 }
@@ -727,7 +734,8 @@ impl FsPool {
     /// `readlink` for a symlink, at most 40), before job `id` touches it: each step is first
     /// placed on its mount, and the job's mount set to it, so that a step that hangs leaves
     /// the job stuck on the mount that really hangs (whose check then fails new work there
-    /// fast), and a step onto a mount already known to hang refuses the job at once. A
+    /// fast), and a step onto a mount already known to hang refuses the job at once, as does a
+    /// step through a `/proc/PID/...` link (whose text does not say where it leads). A
     /// component that cannot be read ends the walk: the job itself reports what is wrong.
     fn walk(&self, id: u64, path: &Path) -> Result<(), FsError> {
         let mut todo: VecDeque<std::ffi::OsString> = lexical(path)
@@ -765,6 +773,14 @@ impl FsPool {
             if !meta.file_type().is_symlink() {
                 cur = next;
                 continue;
+            }
+            // `/proc/PID/root`, `cwd`, `fd/N`, ...: their text says nothing of where they
+            // lead (another mount namespace, a detached mount), so no mount could be charged.
+            if next.starts_with("/proc") && next.components().count() > 3 {
+                return Err(FsError::Opaque {
+                    path: path.display().to_string(),
+                    link: next.display().to_string(),
+                });
             }
             links += 1;
             let Ok(target) = std::fs::read_link(&next) else {

@@ -434,28 +434,45 @@ async fn clear_leftovers(
     let Some(tree) = engine.cgroups.tree().cloned() else {
         return Ok(());
     };
+    let Some(claim) = engine.claim_of(key) else {
+        return Ok(());
+    };
+    let claim = Arc::new(claim);
     let dir = tree.instance(key, i);
     let deadline = Instant::now() + secs(op_timeout.max(1));
     let (mut signalled, mut killed) = (false, false);
     let mut step = Duration::from_millis(2);
     loop {
-        let (t, d) = (tree.clone(), dir.clone());
+        let (t, d, c, e2) = (tree.clone(), dir.clone(), claim.clone(), engine.clone());
         let now = Instant::now();
         let kill = now >= deadline && !killed;
         let term = !signalled;
-        let populated = engine
+        let (populated, foreign) = engine
             .fs
             .run_unkeyed("clearing a cgroup", Duration::from_secs(5), move || {
                 let populated = crate::cgroup::populated(&d) == Some(true);
-                if populated && kill {
-                    let _ = crate::cgroup::kill(&d);
-                } else if populated && term {
-                    t.signal_members(&d, Signal::SIGTERM);
-                }
-                populated
+                let sig = if kill {
+                    Signal::SIGKILL
+                } else {
+                    Signal::SIGTERM
+                };
+                let foreign = if populated && (kill || term) {
+                    super::stop::signal_cgroup(&e2, &t, &d, &c, sig)
+                } else {
+                    Vec::new()
+                };
+                (populated, foreign)
             })
             .await
             .map_err(|e| e.to_string())?;
+        if !foreign.is_empty() {
+            // Never ended for this definition: what another account left here stays, and
+            // nothing is started beside it.
+            return Err(format!(
+                "its cgroup {} holds processes that do not belong to it (pids {foreign:?}); they are left alone",
+                dir.display()
+            ));
+        }
         if !populated {
             if signalled {
                 engine.events.emit(

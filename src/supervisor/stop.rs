@@ -76,30 +76,23 @@ impl Targets {
             .filter(|i| snap.alive(i.pid, i.starttime))
             .map(|i| i.pid)
             .collect();
-        // Containment: the cgroup is the truth; what is in it is left (zombies included,
-        // until reaped: cgroup.events says populated 0 only once they are gone).
-        if let Some((_, dir)) = &self.cgroup
-            && crate::cgroup::populated(dir) == Some(true)
-        {
-            for p in crate::cgroup::procs(dir) {
-                if !left.contains(&p) {
-                    left.push(p);
-                }
-            }
-            if left.is_empty() {
-                // Populated but no pid listed yet (a race with an exit): look again.
-                left.push(-1);
-            }
-        }
         let Some(claim) = &self.claim else {
             return left;
         };
-        let members: Vec<i32> = self
-            .groups
-            .iter()
-            .flat_map(|g| snap.group(*g).map(|s| s.pid))
-            .filter(|p| !left.contains(p))
-            .collect();
+        // Containment: the cgroup's members are left like the groups' (what may be signalled
+        // for the definition: a reused key's cgroup may hold another account's leftovers).
+        let mut members: Vec<i32> = Vec::new();
+        if let Some((_, dir)) = &self.cgroup
+            && crate::cgroup::populated(dir) == Some(true)
+        {
+            members.extend(crate::cgroup::procs(dir));
+        }
+        members.extend(
+            self.groups
+                .iter()
+                .flat_map(|g| snap.group(*g).map(|s| s.pid))
+                .filter(|p| !left.contains(p)),
+        );
         if members.is_empty() {
             return left;
         }
@@ -121,12 +114,7 @@ impl Targets {
         let Some(claim) = &self.claim else { return };
         if let Some((tree, dir)) = &self.cgroup {
             // Everything the instance started is in its cgroup, whatever session it made.
-            if sig == Signal::SIGKILL
-                && let Err(e) = crate::cgroup::kill(dir)
-            {
-                tracing::warn!(cgroup = %dir.display(), error = %e, "cgroup.kill failed; signalling its processes one by one");
-            }
-            tree.signal_members(dir, sig);
+            signal_cgroup(engine, tree, dir, claim, sig);
         }
         let snap = crate::procinfo::Snapshot::take();
         let _ = claim.with_claim(engine, None, |c| {
@@ -143,4 +131,51 @@ impl Targets {
             }
         });
     }
+}
+
+/// Send `sig` to the processes of cgroup `dir` that may be signalled for `claim` (the
+/// ownership rule's points 1 and 2: a cgroup a key reuses may still hold what an earlier,
+/// unregistered definition of another account left there), each pinned by a pidfd and
+/// checked through it to be still in the cgroup; a SIGKILL kills the whole cgroup at once
+/// (`cgroup.kill`) only when every member may be signalled. Returns the members that may not.
+/// Blocking: run on the file-system pool.
+pub(crate) fn signal_cgroup(
+    engine: &Engine,
+    tree: &crate::cgroup::Tree,
+    dir: &std::path::Path,
+    claim: &ClaimData,
+    sig: Signal,
+) -> Vec<i32> {
+    let members: Vec<(i32, OwnedFd)> = crate::cgroup::procs(dir)
+        .into_iter()
+        .filter_map(|p| {
+            let fd = crate::sys::pidfd_open(p).ok()?;
+            tree.holds(dir, p).then_some((p, fd))
+        })
+        .collect();
+    // Which members may be signalled; all of them count as foreign when the claim cannot be
+    // built (the account does not resolve), so nothing is signalled blindly.
+    let may: Vec<bool> = claim
+        .with_claim(engine, None, |c| {
+            members
+                .iter()
+                .map(|(p, _)| {
+                    crate::procinfo::read_facts(*p).is_some_and(|f| watch::may_signal_member(&f, c))
+                })
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![false; members.len()]);
+    let (ours, foreign): (Vec<_>, Vec<_>) = members.into_iter().zip(may).partition(|(_, may)| *may);
+    let ours: Vec<OwnedFd> = ours.into_iter().map(|((_, fd), _)| fd).collect();
+    let foreign: Vec<i32> = foreign.into_iter().map(|((p, _), _)| p).collect();
+    if sig == Signal::SIGKILL
+        && foreign.is_empty()
+        && let Err(e) = crate::cgroup::kill(dir)
+    {
+        tracing::warn!(cgroup = %dir.display(), error = %e, "cgroup.kill failed; signalling its processes one by one");
+    }
+    for fd in &ours {
+        let _ = crate::sys::pidfd_signal(std::os::fd::AsFd::as_fd(fd), sig);
+    }
+    foreign
 }

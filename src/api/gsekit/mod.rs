@@ -186,22 +186,30 @@ impl<'de> Deserialize<'de> for Bool {
 
 /// Most values in one id list of a process_status filter (`scope.bk_process_ids`, ...).
 pub const MAX_ID_VALUES: usize = limits::MAX_RESULT_KEYS;
-/// Most matching work one process_status request may take: the pattern tokens of its
-/// expression_scope times the rows they are matched against (each test costs about the
-/// name's length). Ordinary GSEKit expressions are a few dozen tokens.
-pub const MAX_MATCH_WORK: usize = 20_000_000;
+/// Most matching work one process_status request may take: for each row and field, the
+/// pattern tokens of its expression_scope times the length of the value they are matched
+/// against. Ordinary GSEKit expressions are a few dozen tokens against names of a few dozen
+/// characters.
+pub const MAX_MATCH_WORK: usize = 200_000_000;
 /// Refuse a query whose expression_scope would take more than [`MAX_MATCH_WORK`] against
-/// `rows` rows.
-fn check_match_work(q: &Query, rows: usize) -> Result<(), ApiError> {
+/// rows whose five expression fields are `lens` long: matching a field costs its pattern
+/// tokens times the value's length (plus one), summed over the fields and the rows.
+fn check_match_work(q: &Query, lens: impl IntoIterator<Item = [usize; 5]>) -> Result<(), ApiError> {
     let Selection::Expr(_, x) = &q.selection else {
         return Ok(());
     };
-    let tokens: usize = x.fields.iter().map(Expression::size).sum();
-    let work = tokens.saturating_mul(rows);
-    if work > MAX_MATCH_WORK {
-        return Err(ApiError::bad(format!(
-            "expression_scope: its expressions compile to {tokens} pattern tokens; matched against {rows} processes that is {work} token tests, more than the {MAX_MATCH_WORK} one request may take"
-        )));
+    let sizes: Vec<usize> = x.fields.iter().map(Expression::size).collect();
+    let mut work: usize = 0;
+    for row in lens {
+        for (t, len) in sizes.iter().zip(row) {
+            work = work.saturating_add(t.saturating_mul(len + 1));
+        }
+        if work > MAX_MATCH_WORK {
+            let tokens: usize = sizes.iter().sum();
+            return Err(ApiError::bad(format!(
+                "expression_scope: its expressions compile to {tokens} pattern tokens; matched against the names of the registered processes that is more than the {MAX_MATCH_WORK} token-by-character tests one request may take"
+            )));
+        }
     }
     Ok(())
 }
@@ -247,11 +255,15 @@ mod tests {
                 "service_instance_name": "*", "bk_process_name": "*", "bk_process_id": "*"}});
             parse_query(body.to_string().as_bytes()).unwrap()
         };
+        let rows = |n: usize, set_name: usize| std::iter::repeat_n([set_name, 8, 8, 8, 4], n);
         let long = "a".repeat(60_000);
-        assert!(check_match_work(&q(&long), 300).is_ok());
-        let e = check_match_work(&q(&long), 400).unwrap_err();
+        // 60 000 tokens × 11 characters per row.
+        assert!(check_match_work(&q(&long), rows(300, 10)).is_ok());
+        let e = check_match_work(&q(&long), rows(400, 10)).unwrap_err();
         assert!(e.message.starts_with("expression_scope: "), "{}", e.message);
-        assert!(check_match_work(&q("web[1-3]"), 100_000).is_ok());
+        assert!(check_match_work(&q("web[1-3]"), rows(100_000, 10)).is_ok());
+        // A short expression against one very long name is refused as well.
+        assert!(check_match_work(&q(&long), rows(1, 1_000_000)).is_err());
     }
 
     fn snap(ns: &str, name: &str, labels: Value, status: i64, managed: bool) -> Snapshot {

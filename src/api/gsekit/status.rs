@@ -850,7 +850,10 @@ pub fn process_status(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
         bk_cloud_id: engine.host.bk_cloud_id,
     };
     let rows = build_rows(snaps, &host);
-    check_match_work(&q, rows.len())?;
+    check_match_work(
+        &q,
+        rows.iter().map(|r| r.expression_fields().map(|f| f.len())),
+    )?;
     let rows = select(rows, &q);
     let count = rows.len();
     let list: Vec<ProcessStatusRow> = page_of(rows, q.page, q.pagesize)
