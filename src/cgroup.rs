@@ -43,10 +43,10 @@ impl Mode {
             Mode::On(t) => format!(
                 "on at {} (controllers: {})",
                 t.root.display(),
-                if t.controllers.is_empty() {
-                    "none".to_string()
-                } else {
-                    t.controllers.join(" ")
+                match (&t.enabled[..], &t.no_controllers) {
+                    ([], Some(why)) => format!("none ({why})"),
+                    ([], None) => "none".to_string(),
+                    (on, _) => on.join(" "),
                 }
             ),
         }
@@ -61,7 +61,15 @@ pub struct Tree {
     pub root: PathBuf,
     /// The controllers available in it (`cgroup.controllers` of the root).
     pub controllers: Vec<String>,
+    /// The controllers enabled for the processes' cgroups ([`WANTED`] of `controllers`,
+    /// written into `cgroup.subtree_control` from the root down to each process's directory).
+    pub enabled: Vec<String>,
+    /// Why none is enabled although some are available (the root holds processes itself).
+    pub no_controllers: Option<String>,
 }
+
+/// The controllers the agent enables for its processes where the subtree has them.
+pub const WANTED: [&str; 4] = ["cpu", "memory", "io", "pids"];
 
 /// The cgroup v2 mount point in the text of `/proc/self/mountinfo` (the first `cgroup2`).
 pub fn v2_mount(mountinfo: &str) -> Option<PathBuf> {
@@ -133,17 +141,165 @@ impl Tree {
         self.process_dir(key).join("control")
     }
 
-    /// Create `dir` (and its parents below the root) if missing. Blocking.
+    /// Is controller `c` enabled for the processes' cgroups?
+    pub fn has(&self, c: &str) -> bool {
+        self.enabled.iter().any(|e| e == c)
+    }
+
+    /// Create `dir` (and its parents below the root) if missing. With controllers enabled,
+    /// each level above `dir` gets them in its `cgroup.subtree_control` (written only when
+    /// missing), so `dir` has their files. Blocking.
     pub fn ensure(&self, dir: &Path) -> io::Result<()> {
-        if !dir.starts_with(&self.root) {
+        let Ok(below) = dir.strip_prefix(&self.root) else {
             return Err(io::Error::other(format!(
                 "{} is outside the agent's cgroup subtree {}",
                 dir.display(),
                 self.root.display()
             )));
+        };
+        if self.enabled.is_empty() {
+            return std::fs::create_dir_all(dir);
         }
-        std::fs::create_dir_all(dir)
+        let mut level = self.root.clone();
+        let parts: Vec<_> = below.components().collect();
+        for (n, part) in parts.iter().enumerate() {
+            level.push(part);
+            match std::fs::create_dir(&level) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            if n + 1 < parts.len() {
+                enable_controllers(&level, &self.enabled)?;
+            }
+        }
+        Ok(())
     }
+}
+
+/// Make `dir`'s `cgroup.subtree_control` hold `controllers` (only the missing ones are
+/// written). Blocking.
+pub fn enable_controllers(dir: &Path, controllers: &[String]) -> io::Result<()> {
+    let file = dir.join("cgroup.subtree_control");
+    let have = std::fs::read_to_string(&file)?;
+    let have: Vec<&str> = have.split_whitespace().collect();
+    let missing: Vec<String> = controllers
+        .iter()
+        .filter(|c| !have.contains(&c.as_str()))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    std::fs::write(&file, missing.join(" "))
+}
+
+/// The limits of one instance's cgroup, from its definition (`None`: no limit, `max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// `memory.high`: `mem_lmt` of MemTotal. Over it the kernel throttles the cgroup and
+    /// counts a `high` event, which the agent answers with GSE's stop path.
+    pub memory_high: Option<u64>,
+    /// `memory.max`: above `memory.high` by the margin, the backstop that protects the host
+    /// while stop_cmd runs (with `memory.oom.group` 1: an OOM kill takes the whole cgroup).
+    pub memory_max: Option<u64>,
+    /// `cpu.max` quota per 100 ms period (throttling, when chosen instead of stopping).
+    pub cpu_quota_usec: Option<u64>,
+}
+
+/// The period of `cpu.max` (the kernel's default).
+pub const CPU_PERIOD_USEC: u64 = 100_000;
+
+impl Limits {
+    /// The limits of a definition: `mem_lmt` and `cpu_lmt` are percents (of MemTotal, of
+    /// the whole machine); 0 is none. `margin` is `memory.max` above `memory.high`, a
+    /// percent of it; `throttle` says whether cpu is throttled (`cpu.max`) or polled.
+    pub fn of(
+        mem_lmt: f64,
+        cpu_lmt: f64,
+        mem_total: u64,
+        cpus: usize,
+        margin: f64,
+        throttle: bool,
+    ) -> Limits {
+        let memory_high = (mem_lmt > 0.0 && mem_lmt.is_finite())
+            .then(|| ((mem_total as f64) * mem_lmt.min(100.0) / 100.0) as u64)
+            .map(|b| b.max(1 << 20));
+        let memory_max = memory_high.map(|h| {
+            let m = (h as f64 * (1.0 + margin.clamp(0.0, 1000.0) / 100.0)) as u64;
+            m.max(h + (1 << 20))
+        });
+        let cpu_quota_usec = (throttle && cpu_lmt > 0.0 && cpu_lmt.is_finite()).then(|| {
+            let q = CPU_PERIOD_USEC as f64 * cpus.max(1) as f64 * cpu_lmt.min(100.0) / 100.0;
+            // The kernel refuses a quota under 1 ms.
+            (q as u64).max(1000)
+        });
+        Limits {
+            memory_high,
+            memory_max,
+            cpu_quota_usec,
+        }
+    }
+
+    /// Write them into cgroup `dir`, for the controllers `tree` enabled (`max` where there
+    /// is no limit, so a limit removed from the definition is lifted). Blocking.
+    pub fn apply(&self, tree: &Tree, dir: &Path) -> io::Result<()> {
+        let num = |v: Option<u64>| v.map_or_else(|| "max".to_string(), |b| b.to_string());
+        if tree.has("memory") {
+            // max first when raising, high first when lowering: high never above max.
+            std::fs::write(dir.join("memory.max"), num(self.memory_max))?;
+            std::fs::write(dir.join("memory.high"), num(self.memory_high))?;
+            std::fs::write(dir.join("memory.oom.group"), "1")?;
+        }
+        if tree.has("cpu") {
+            std::fs::write(
+                dir.join("cpu.max"),
+                format!("{} {CPU_PERIOD_USEC}", num(self.cpu_quota_usec)),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The counts of a cgroup's `memory.events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryEvents {
+    /// Times usage went over `memory.high` (and was throttled).
+    pub high: u64,
+    /// Times usage reached `memory.max`.
+    pub max: u64,
+    /// Processes the OOM killer killed in it.
+    pub oom_kill: u64,
+    /// Times the OOM killer killed the whole group (`memory.oom.group`).
+    pub oom_group_kill: u64,
+}
+
+/// Parse a `memory.events` text (unknown lines ignored).
+pub fn parse_memory_events(text: &str) -> MemoryEvents {
+    let mut e = MemoryEvents::default();
+    for l in text.lines() {
+        let Some((k, v)) = l.split_once(' ') else {
+            continue;
+        };
+        let Ok(v) = v.trim().parse::<u64>() else {
+            continue;
+        };
+        match k {
+            "high" => e.high = v,
+            "max" => e.max = v,
+            "oom_kill" => e.oom_kill = v,
+            "oom_group_kill" => e.oom_group_kill = v,
+            _ => {}
+        }
+    }
+    e
+}
+
+/// Read cgroup `dir`'s `memory.events` (`None` without the memory controller). Blocking.
+pub fn memory_events(dir: &Path) -> Option<MemoryEvents> {
+    std::fs::read_to_string(dir.join("memory.events"))
+        .ok()
+        .map(|t| parse_memory_events(&t))
 }
 
 /// Where a command is placed: a cgroup of the agent's subtree.
@@ -219,6 +375,41 @@ impl Tree {
         self.ensure(dir)?;
         std::fs::write(dir.join("cgroup.procs"), pid.to_string())
     }
+
+    /// Would moving a process out of cgroup `from` take it out of a limit? The first limit
+    /// (`memory.max`, `memory.high`, `cpu.max`, `pids.max`, `io.max`) set in `from` or an
+    /// ancestor that is not also an ancestor of the agent's subtree (whose limits stay with
+    /// it), as "PATH: FILE VALUE". Blocking.
+    pub fn limit_left_behind(&self, from: &Path) -> Option<String> {
+        let mut dir = from;
+        while dir.starts_with(&self.mount) && dir != self.mount && !self.root.starts_with(dir) {
+            if let Some(l) = limit_in(dir) {
+                return Some(format!("{}: {l}", dir.display()));
+            }
+            dir = dir.parent()?;
+        }
+        None
+    }
+}
+
+/// The first limit set in cgroup `dir` ("FILE VALUE"), of the files that exist there.
+pub fn limit_in(dir: &Path) -> Option<String> {
+    for f in ["memory.max", "memory.high", "cpu.max", "pids.max", "io.max"] {
+        let Ok(t) = std::fs::read_to_string(dir.join(f)) else {
+            continue;
+        };
+        let t = t.trim();
+        let unlimited = match f {
+            // "max 100000": no quota; io.max lists only the devices that have a limit.
+            "cpu.max" => t.split_whitespace().next() == Some("max"),
+            "io.max" => t.is_empty(),
+            _ => t == "max",
+        };
+        if !unlimited {
+            return Some(format!("{f} {t}"));
+        }
+    }
+    None
 }
 
 /// Remove `key`'s cgroups that hold no process (leaves first). Blocking.
@@ -377,16 +568,50 @@ fn open_tree(mount: &Path, root: &Path) -> io::Result<Tree> {
         return Err(io::Error::other("not a cgroup directory"));
     }
     rustix::fs::access(root, rustix::fs::Access::WRITE_OK).map_err(io::Error::from)?;
-    let controllers = std::fs::read_to_string(root.join("cgroup.controllers"))
+    let controllers: Vec<String> = std::fs::read_to_string(root.join("cgroup.controllers"))
         .unwrap_or_default()
         .split_whitespace()
         .map(str::to_string)
         .collect();
-    std::fs::create_dir_all(root.join("procs"))?;
+    let procs = root.join("procs");
+    std::fs::create_dir_all(&procs)?;
+    let wanted: Vec<String> = WANTED
+        .iter()
+        .filter(|w| controllers.iter().any(|c| c == *w))
+        .map(|w| w.to_string())
+        .collect();
+    let (enabled, no_controllers) = if wanted.is_empty() {
+        (Vec::new(), None)
+    } else if !self::procs(root).is_empty() {
+        // The "no internal processes" rule: a cgroup that holds processes cannot give
+        // domain controllers to its children. Under systemd this is the agent itself in its
+        // unit's cgroup (systemd before 254 has no DelegateSubgroup=).
+        (
+            Vec::new(),
+            Some(format!(
+                "{} holds processes itself (the agent? under systemd, DelegateSubgroup=agent needs systemd 254 or later)",
+                root.display()
+            )),
+        )
+    } else {
+        match enable_controllers(root, &wanted).and_then(|()| enable_controllers(&procs, &wanted)) {
+            Ok(()) => (wanted, None),
+            Err(e) => (
+                Vec::new(),
+                Some(format!(
+                    "cannot enable {} in {}: {e}",
+                    wanted.join(" "),
+                    root.display()
+                )),
+            ),
+        }
+    };
     Ok(Tree {
         mount: mount.to_path_buf(),
         root: root.to_path_buf(),
         controllers,
+        enabled,
+        no_controllers,
     })
 }
 
@@ -458,6 +683,8 @@ mod tests {
             mount: PathBuf::from("/sys/fs/cgroup/unified"),
             root: PathBuf::from("/sys/fs/cgroup/unified/test"),
             controllers: vec![],
+            enabled: vec![],
+            no_controllers: None,
         };
         let k = ProcKey::new("ns", "web.1");
         assert_eq!(
@@ -469,5 +696,92 @@ mod tests {
             PathBuf::from("/sys/fs/cgroup/unified/test/procs/ns/web%2E1/control")
         );
         assert!(t.ensure(Path::new("/sys/fs/cgroup/unified/other")).is_err());
+    }
+
+    #[test]
+    fn limits_of_a_definition() {
+        const GIB: u64 = 1 << 30;
+        // 10 % of 24 GiB, max 20 % above; cpu 50 % of 2 cores is one core per period.
+        let l = Limits::of(10.0, 50.0, 24 * GIB, 2, 20.0, true);
+        assert_eq!(l.memory_high, Some(24 * GIB / 10));
+        assert_eq!(l.memory_max, Some((24 * GIB / 10) * 12 / 10));
+        assert_eq!(l.cpu_quota_usec, Some(CPU_PERIOD_USEC));
+        // Polled cpu: no cpu.max; no limit: nothing.
+        assert_eq!(
+            Limits::of(10.0, 50.0, 24 * GIB, 2, 20.0, false).cpu_quota_usec,
+            None
+        );
+        assert_eq!(
+            Limits::of(0.0, 0.0, 24 * GIB, 2, 20.0, true),
+            Limits::default()
+        );
+        // Tiny figures are raised to what the kernel takes: 1 MiB, a margin of 1 MiB, 1 ms.
+        let t = Limits::of(0.000_001, 0.001, 24 * GIB, 2, 0.0, true);
+        assert_eq!(t.memory_high, Some(1 << 20));
+        assert_eq!(t.memory_max, Some(2 << 20));
+        assert_eq!(t.cpu_quota_usec, Some(1000));
+        // Nonsense is no limit, not a panic or a zero.
+        assert_eq!(
+            Limits::of(f64::NAN, f64::INFINITY, GIB, 2, 10.0, true),
+            Limits::default()
+        );
+    }
+
+    #[test]
+    fn limits_are_written_for_the_enabled_controllers_only() {
+        let d = tempfile::tempdir().unwrap();
+        let mut t = Tree {
+            mount: d.path().to_path_buf(),
+            root: d.path().to_path_buf(),
+            controllers: vec!["memory".into(), "cpu".into()],
+            enabled: vec!["memory".into()],
+            no_controllers: None,
+        };
+        let l = Limits {
+            memory_high: Some(100 << 20),
+            memory_max: Some(120 << 20),
+            cpu_quota_usec: Some(50_000),
+        };
+        l.apply(&t, d.path()).unwrap();
+        let read = |f: &str| std::fs::read_to_string(d.path().join(f)).ok();
+        assert_eq!(read("memory.high").as_deref(), Some("104857600"));
+        assert_eq!(read("memory.max").as_deref(), Some("125829120"));
+        assert_eq!(read("memory.oom.group").as_deref(), Some("1"));
+        assert_eq!(read("cpu.max"), None);
+        t.enabled.push("cpu".into());
+        Limits::default().apply(&t, d.path()).unwrap();
+        assert_eq!(read("memory.high").as_deref(), Some("max"));
+        assert_eq!(read("memory.max").as_deref(), Some("max"));
+        assert_eq!(read("cpu.max").as_deref(), Some("max 100000"));
+    }
+
+    #[test]
+    fn only_missing_controllers_are_enabled() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("cgroup.subtree_control");
+        std::fs::write(&f, "cpu io\n").unwrap();
+        enable_controllers(d.path(), &["cpu".into(), "memory".into()]).unwrap();
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "+memory");
+        std::fs::write(&f, "cpu memory\n").unwrap();
+        enable_controllers(d.path(), &["cpu".into(), "memory".into()]).unwrap();
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "cpu memory\n");
+    }
+
+    #[test]
+    fn memory_events_counts() {
+        let t = "low 0\nhigh 12\nmax 3\noom 1\noom_kill 1\noom_group_kill 1\nsock_throttled 0\n";
+        assert_eq!(
+            parse_memory_events(t),
+            MemoryEvents {
+                high: 12,
+                max: 3,
+                oom_kill: 1,
+                oom_group_kill: 1
+            }
+        );
+        assert_eq!(
+            parse_memory_events("garbage\nhigh x\n"),
+            MemoryEvents::default()
+        );
     }
 }

@@ -85,6 +85,21 @@ pub struct SupervisorConfig {
     /// Containment ([`crate::cgroup::detect`]): `"auto"`, a cgroup v2 directory, or `""`
     /// (off).
     pub cgroup_root: String,
+    /// Containment with the memory controller: `memory.max` is this percent above
+    /// `memory.high` (the definition's `mem_lmt`), the backstop while stop_cmd runs.
+    pub memory_max_margin: f64,
+    /// Containment with the cpu controller: what `cpu_lmt` does.
+    pub cpu_limit: CpuLimit,
+}
+
+/// What a process over its `cpu_lmt` gets (`[supervisor] cpu_limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuLimit {
+    /// GSE's semantics (the default): stopped with its stop command and restarted if managed.
+    Stop,
+    /// Throttled by `cpu.max` at its limit and left running (needs the cpu controller;
+    /// without it, `Stop`).
+    Throttle,
 }
 
 /// Socket API limits and roles.
@@ -536,6 +551,18 @@ pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> 
         health_failures: s.int("health_failures", 3, 1, 1000) as u32,
         umask: s.int("umask", 0o022, 0, 0o777) as u32,
         cgroup_root: s.string("cgroup_root", "auto"),
+        memory_max_margin: s.float("memory_max_margin", 10.0, 0.0, 1000.0),
+        cpu_limit: match s.string("cpu_limit", "stop").as_str() {
+            "stop" => CpuLimit::Stop,
+            "throttle" => CpuLimit::Throttle,
+            other => {
+                s.err(
+                    "cpu_limit",
+                    format!("{other:?} must be \"stop\" or \"throttle\""),
+                );
+                CpuLimit::Stop
+            }
+        },
     };
     if supervisor.backoff_max < supervisor.backoff_initial {
         s.err("backoff_max", "must not be smaller than backoff_initial");
@@ -784,6 +811,9 @@ fn read_process(
                         "label values must be strings, numbers or booleans",
                     ),
                 }
+            }
+            for e in crate::spec::validate_labels(&m) {
+                s.err(e.field.trim_start_matches("meta."), e.message);
             }
             m
         }

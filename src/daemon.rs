@@ -228,6 +228,8 @@ pub async fn run(
     );
     let loop_task = tokio::spawn(engine.clone().run_loop(stop_rx.clone()));
     let sampler = tokio::spawn(crate::probe::run_sampler(engine.clone(), stop_rx.clone()));
+    // Containment with the memory controller: memory.high and OOM kills answered at once.
+    let memwatch = tokio::spawn(engine.clone().memwatch_loop(stop_rx.clone()));
     // The socket (and its directory) belong to socket_group, else to the admin group.
     let api_cfg = &engine.config.api;
     for (what, g) in [
@@ -303,6 +305,7 @@ pub async fn run(
     }
     let _ = loop_task.await;
     let _ = sampler.await;
+    let _ = memwatch.await;
     if let Some(t) = metrics_tcp {
         let _ = t.await;
     }

@@ -29,6 +29,7 @@
 
 pub mod api;
 pub mod cgroup;
+pub mod cgwatch;
 pub mod cli;
 pub mod config;
 pub mod daemon;

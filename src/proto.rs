@@ -758,6 +758,15 @@ pub struct ProcDetail {
     /// The latest such stop: "UNIX_SECONDS: cause".
     #[serde(default)]
     pub last_limit: Option<String>,
+    /// How `mem_lmt` is enforced: "none" (no limit), "polled" (samples, the stop path
+    /// after `metrics.limit_samples` of them) or "memory.high" (containment with the memory
+    /// controller: the cgroup's limit, answered at once).
+    #[serde(default)]
+    pub mem_limit_by: String,
+    /// How `cpu_lmt` is enforced: "none", "polled" or "cpu.max" (throttled, with
+    /// `supervisor.cpu_limit = "throttle"` and the cpu controller).
+    #[serde(default)]
+    pub cpu_limit_by: String,
     pub health: Option<String>,
     pub busy: Option<String>,
     pub spec: ProcSpec,

@@ -83,6 +83,18 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK).map_err(io::Error::from)
 }
 
+/// Has the process behind `fd` exited (its pidfd is readable)? Never waits.
+pub fn pidfd_exited(fd: BorrowedFd<'_>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // An error (EINTR) says nothing: take it as not exited, the caller checks again later.
+    poll(&mut fds, Some(&zero)).is_ok_and(|n| n > 0)
+}
+
 /// Send `sig` through a pidfd. Cannot hit a recycled pid. `ESRCH` means it already exited.
 pub fn pidfd_signal(fd: BorrowedFd<'_>, sig: nix::sys::signal::Signal) -> io::Result<()> {
     let sig = rustix::process::Signal::from_named_raw(sig as i32)

@@ -505,3 +505,277 @@ fn a_contained_command_starts_clean_inside_its_cgroup() {
     );
     d.op(NS, "clean", 1);
 }
+
+/// The controllers of the test's subtree (`cgroup.controllers`: what its parent gives it).
+fn controllers(sub: &Subtree) -> Vec<String> {
+    std::fs::read_to_string(sub.root.join("cgroup.controllers"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// [`setup`] where the subtree has controller `c`, else None with the reason printed (this
+/// host keeps the controllers in its cgroup v1 hierarchies: the test stays for hosts with
+/// them).
+fn setup_with(env: &TestEnv, c: &str, extra: &str) -> Option<(Subtree, Daemon)> {
+    let sub = Subtree::or_skip(env)?;
+    if !controllers(&sub).iter().any(|x| x == c) {
+        eprintln!(
+            "skipped: the {c} controller is not available in {} (cgroup.controllers: {:?}; on this host the controllers are bound to cgroup v1)",
+            sub.root.display(),
+            controllers(&sub)
+        );
+        return None;
+    }
+    let d = Daemon::start(env, &format!("{}{extra}", sub.config()));
+    let h = d.get("/v1/healthz");
+    let mode = h["data"]["containment"].as_str().unwrap_or("").to_string();
+    assert!(
+        mode.starts_with("on at ") && mode.contains(c),
+        "containment is on with {c} enabled: {h}"
+    );
+    Some((sub, d))
+}
+
+fn mem_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .expect("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("MemTotal")
+        * 1024
+}
+
+/// A python3 process that allocates `mb` MiB in 4 MiB steps, then idles.
+fn allocator(env: &TestEnv, name: &str, mb: u64) -> String {
+    let py = env.script(
+        &format!("{name}.py"),
+        &format!(
+            "import time\nheld = []\nfor _ in range({}):\n    held.append(bytearray(4 << 20))\n    time.sleep(0.02)\ntime.sleep(100000)\n",
+            mb / 4
+        ),
+    );
+    format!("exec python3 {py}")
+}
+
+/// Without the controllers, limits are polled, and status says so for each limit; with
+/// them, memory.high carries mem_lmt (and cpu stays polled under the default cpu_limit).
+#[test]
+fn each_process_says_how_its_limits_are_enforced() {
+    let env = TestEnv::new();
+    let Some((sub, d)) = setup(&env) else { return };
+    let prog = program_at(&env.path().join("bin"), "lim");
+    let mut s = spec(&env, format!("exec {prog} 100000"), "", "lim");
+    s["resource"] = json!({"mem": 50, "cpu": 90});
+    d.register(NS, "lim", s);
+    let mut none = spec(&env, format!("exec {prog} 100000"), "", "lim");
+    none["identity"]["proc_name"] = json!("free");
+    d.register(NS, "free", none);
+    let v = d.detail(NS, "lim");
+    let memory = controllers(&sub).iter().any(|c| c == "memory");
+    assert_eq!(
+        v["mem_limit_by"],
+        json!(if memory { "memory.high" } else { "polled" }),
+        "{v}"
+    );
+    assert_eq!(v["cpu_limit_by"], json!("polled"), "{v}");
+    let f = d.detail(NS, "free");
+    assert_eq!(
+        (&f["mem_limit_by"], &f["cpu_limit_by"]),
+        (&json!("none"), &json!("none")),
+        "{f}"
+    );
+    let h = d.get("/v1/healthz");
+    let mode = h["data"]["containment"].as_str().unwrap_or("");
+    if !memory {
+        assert!(mode.contains("controllers: none"), "{h}");
+    }
+    // The CLI's status --json carries the same fields.
+    let (code, out, err) = d.cli(&["status", "--json", &format!("{NS}/lim")]);
+    assert!(out.contains("\"mem_limit_by\""), "{code} {out} {err}");
+}
+
+/// With the memory controller, mem_lmt is the instance cgroup's memory.high, memory.max is
+/// above it by the margin, and reaching memory.high runs the stop path at once (the polled
+/// check, every 3 s and after two samples, would come later); the process is restarted.
+#[test]
+fn memory_high_runs_the_stop_path_at_once() {
+    let env = TestEnv::new();
+    let Some((sub, d)) = setup_with(
+        &env,
+        "memory",
+        "memory_max_margin = 50\n[metrics]\nlimit_samples = 1000\n",
+    ) else {
+        return;
+    };
+    // 64 MiB as percent of MemTotal.
+    let lmt = 64.0 * (1u64 << 20) as f64 / mem_total() as f64 * 100.0;
+    let mut s = spec(&env, allocator(&env, "grow", 160), "", "python3");
+    s["resource"] = json!({"mem": lmt});
+    d.register(NS, "grow", s);
+    assert_eq!(d.op(NS, "grow", 0)["error_code"], json!(0));
+    let dir = sub.root.join(format!("procs/{NS}/grow/0"));
+    let high: u64 = std::fs::read_to_string(dir.join("memory.high"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(high.abs_diff(64 << 20) < 1 << 20, "memory.high {high}");
+    let max: u64 = std::fs::read_to_string(dir.join("memory.max"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(max, high * 3 / 2);
+    let first = d.status(NS, "grow")["pid"].as_i64().unwrap_or(-1);
+    let ev = wait_for("a memory.high breach", Duration::from_secs(60), || {
+        d.events(&format!("{NS}/grow"))
+            .into_iter()
+            .find(|e| e["kind"] == json!("limit_exceeded"))
+    });
+    assert!(
+        ev["message"].as_str().unwrap_or("").contains("memory.high"),
+        "{ev}"
+    );
+    wait_for("restarted", Duration::from_secs(60), || {
+        let p = d.status(NS, "grow")["pid"].as_i64()?;
+        (p > 0 && p != first).then_some(())
+    });
+    assert!(d.detail(NS, "grow")["limit_stops"].as_u64().unwrap_or(0) >= 1);
+    d.op(NS, "grow", 1);
+}
+
+/// memory.max is the backstop while stop_cmd runs: a process that goes on allocating past
+/// it is killed by the OOM killer (its whole cgroup), and status and events say so.
+#[test]
+fn an_oom_kill_is_reported_as_one() {
+    let env = TestEnv::new();
+    let Some((_sub, d)) = setup_with(&env, "memory", "memory_max_margin = 10\n") else {
+        return;
+    };
+    let lmt = 32.0 * (1u64 << 20) as f64 / mem_total() as f64 * 100.0;
+    let mut s = spec(&env, allocator(&env, "hog", 400), "", "python3");
+    s["resource"] = json!({"mem": lmt});
+    // A stop that takes its time: the kernel's limit acts before it.
+    s["control"]["stop_cmd"] = json!("sleep 30");
+    s["monitor_policy"]["auto_type"] = json!(2);
+    d.register(NS, "hog", s);
+    d.op(NS, "hog", 0);
+    let ev = wait_for("an oom_kill event", Duration::from_secs(90), || {
+        d.events(&format!("{NS}/hog"))
+            .into_iter()
+            .find(|e| e["kind"] == json!("oom_kill"))
+    });
+    assert!(ev["message"].as_str().unwrap_or("").contains("OOM"), "{ev}");
+    wait_for(
+        "the exit told as an OOM kill",
+        Duration::from_secs(60),
+        || {
+            let v = d.detail(NS, "hog");
+            v["last_exit"]
+                .as_str()?
+                .contains("OOM killer")
+                .then_some(())
+        },
+    );
+}
+
+/// With `cpu_limit = "throttle"` and the cpu controller, cpu_lmt is cpu.max and a process
+/// over it keeps running (never stopped for cpu).
+#[test]
+fn cpu_throttle_sets_cpu_max_and_never_stops() {
+    let env = TestEnv::new();
+    let Some((sub, d)) = setup_with(
+        &env,
+        "cpu",
+        "cpu_limit = \"throttle\"\n[metrics]\nsample_interval = \"200ms\"\nlimit_samples = 2\n",
+    ) else {
+        return;
+    };
+    let main = program_at(&env.path().join("bin"), "spin");
+    let script = env.script(
+        "spin.sh",
+        &format!("#!/bin/sh\n(while :; do :; done) &\nexec {main} 100000\n"),
+    );
+    let mut s = spec(&env, format!("exec sh {script}"), "", "spin");
+    s["resource"] = json!({"cpu": 10});
+    d.register(NS, "spin", s);
+    assert_eq!(d.op(NS, "spin", 0)["error_code"], json!(0));
+    let pid = d.status(NS, "spin")["pid"].as_i64().unwrap_or(-1);
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    let want = format!("{} 100000", 100_000 * cpus / 10);
+    let got = std::fs::read_to_string(sub.root.join(format!("procs/{NS}/spin/0/cpu.max"))).unwrap();
+    assert_eq!(got.trim(), want);
+    assert_eq!(d.detail(NS, "spin")["cpu_limit_by"], json!("cpu.max"));
+    // Ten samples later: the same process, no limit stop.
+    let start = std::time::Instant::now();
+    wait_for("ten samples", Duration::from_secs(20), || {
+        (start.elapsed() > Duration::from_secs(2)).then_some(())
+    });
+    let v = d.detail(NS, "spin");
+    assert_eq!(v["pids"][0].as_i64(), Some(pid), "{v}");
+    assert_eq!(v["limit_stops"], json!(0), "{v}");
+    d.op(NS, "spin", 1);
+}
+
+/// A process adopted from a cgroup that has a limit of its own (here pids.max) is left
+/// there: moving it into the agent's cgroup would free it of that limit.
+#[test]
+fn an_adopted_process_is_not_moved_out_of_a_limited_cgroup() {
+    let env = TestEnv::new();
+    let Some(sub) = Subtree::or_skip(&env) else {
+        return;
+    };
+    if !controllers(&sub).iter().any(|c| c == "pids") {
+        eprintln!(
+            "skipped: the pids controller is not available in {} (on this host the controllers are bound to cgroup v1)",
+            sub.root.display()
+        );
+        return;
+    }
+    // The agent's tree and a limited cgroup beside it, both in the test's subtree.
+    std::fs::write(sub.root.join("cgroup.subtree_control"), "+pids").unwrap();
+    let outer = sub.root.join("outer");
+    std::fs::create_dir(&outer).unwrap();
+    std::fs::write(outer.join("pids.max"), "1000").unwrap();
+    let agent_root = sub.root.join("agent");
+    std::fs::create_dir(&agent_root).unwrap();
+    let prog = program_at(&env.path().join("bin"), "kept");
+    let pidfile = env.p("kept.pid");
+    let mut child = std::process::Command::new(&prog)
+        .arg("100000")
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    std::fs::write(outer.join("cgroup.procs"), pid.to_string()).unwrap();
+    std::fs::write(&pidfile, format!("{pid}\n")).unwrap();
+    let d = Daemon::start(
+        &env,
+        &format!(
+            "[supervisor]\ncgroup_root = \"{}\"\n{FAST}",
+            agent_root.display()
+        ),
+    );
+    d.register(
+        NS,
+        "kept",
+        spec(&env, format!("exec {prog} 100000"), &pidfile, "kept"),
+    );
+    wait_for("adopted", Duration::from_secs(20), || {
+        (d.status(NS, "kept")["pid"] == json!(pid)).then_some(())
+    });
+    let ev = wait_for("not_contained", Duration::from_secs(10), || {
+        d.events(&format!("{NS}/kept"))
+            .into_iter()
+            .find(|e| e["kind"] == json!("not_contained"))
+    });
+    assert!(
+        ev["message"].as_str().unwrap_or("").contains("pids.max"),
+        "{ev}"
+    );
+    assert!(procagent::cgroup::procs(&outer).contains(&pid));
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -401,13 +401,19 @@ fn a_reader_cannot_burn_cpu_with_an_expression_against_a_long_label() {
     let cast = Cast::new();
     let cli = cli_copy(&env);
     let d = Daemon::start(&env, &cast.api_config("request_timeout = \"5s\"\n"));
-    let long = "a".repeat(1_000_000);
+    // The longest label value a definition may have now (a_label_value_is_bounded_at_registration).
+    let long = "a".repeat(procagent::spec::MAX_LABEL_VALUE);
     let r = d.call(
         "register_proc_info",
         &json!({"meta": {"namespace": "long", "name": "p", "labels": {"bk_set_name": long, "bk_biz_id": "2"}},
                 "hosts": [Daemon::host()], "spec": daemon_spec(&env, "p", json!({}))}),
     );
     assert_eq!(r["result"], json!(true), "{r}");
+    assert_eq!(
+        r["data"][Daemon::key("long", "p")]["error_code"],
+        json!(0),
+        "{r}"
+    );
     let pattern = format!("*{}b", "a".repeat(65_000));
     let body = json!({"bk_biz_id": 2, "page": 1, "pagesize": 10,
         "expression_scope": {"bk_set_env": "*", "bk_set_name": pattern, "bk_module_name": "*",
@@ -437,5 +443,48 @@ fn a_reader_cannot_burn_cpu_with_an_expression_against_a_long_label() {
     assert!(
         burnt < 1.0,
         "after answering the reader's process_status (in {took:?}), the agent burnt {burnt:.1}s of CPU in 4s: matching goes on, unbounded by the work budget"
+    );
+}
+
+/// Attacker review, round three: label values had no length limit, so any admin could make
+/// every label match of every reader cost a megabyte. A definition's labels are bounded
+/// where it is written: at most 64, names up to 128 bytes, values up to 1024.
+#[test]
+fn a_label_value_is_bounded_at_registration() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let long = "a".repeat(1_000_000);
+    let r = d.call(
+        "register_proc_info",
+        &json!({"meta": {"namespace": "long", "name": "p", "labels": {"bk_set_name": long}},
+                "hosts": [Daemon::host()], "spec": daemon_spec(&env, "p", json!({}))}),
+    );
+    let item = &r["data"][Daemon::key("long", "p")];
+    assert_eq!(item["error_code"], json!(830), "{r}");
+    let msg = item["error_msg"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("meta.labels.bk_set_name") && msg.contains("1024"),
+        "{msg}"
+    );
+    let r = d.call(
+        "get_proc_status",
+        &json!({"meta": {"namespace": "long", "name": "p"}, "hosts": [Daemon::host()]}),
+    );
+    assert!(
+        !r.to_string().contains("aaaaaaaaaa"),
+        "the refused definition was stored: {}",
+        r.to_string().chars().take(300).collect::<String>()
+    );
+    // The bound as such: 1024 bytes is taken.
+    let ok = "a".repeat(procagent::spec::MAX_LABEL_VALUE);
+    let r = d.call(
+        "register_proc_info",
+        &json!({"meta": {"namespace": "long", "name": "q", "labels": {"bk_set_name": ok}},
+                "hosts": [Daemon::host()], "spec": daemon_spec(&env, "q", json!({}))}),
+    );
+    assert_eq!(
+        r["data"][Daemon::key("long", "q")]["error_code"],
+        json!(0),
+        "{r}"
     );
 }

@@ -117,16 +117,88 @@ pub async fn authorize_off_runtime(
             peer,
         });
     }
+    let Some(p) = peer else {
+        return Err(forbidden("the peer's credentials are unknown; refused"));
+    };
     let e = engine.clone();
-    let lookup = tokio::task::spawn_blocking(move || authorize(&e, peer));
+    let lookup = LOOKUPS.get((p.uid, p.gid), move || authorize(&e, peer))?;
     match tokio::time::timeout(ROLE_LOOKUP_TIMEOUT, lookup).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => Err(forbidden(format!("the role lookup failed: {e}"))),
+        // The lookup may have been another connection's of the same peer: the role is
+        // the same, the peer is this one.
+        Ok(r) => r.map(|a| Access { role: a.role, peer }),
         Err(_) => Err(forbidden(format!(
             "the role of uid {} could not be looked up within {}s (the account database does not answer); refused",
-            peer.map(|p| p.uid).unwrap_or(0),
+            p.uid,
             ROLE_LOOKUP_TIMEOUT.as_secs()
         ))),
+    }
+}
+
+/// Role lookups that may be in flight at once. A lookup that does not answer keeps its
+/// blocking thread until the account database answers (a thread cannot be cancelled), so
+/// this bounds what a hung NSS can hold.
+pub const MAX_ROLE_LOOKUPS: usize = 8;
+
+type Lookup = futures_util::future::Shared<
+    futures_util::future::BoxFuture<'static, Result<Access, ApiError>>,
+>;
+
+/// The role lookups in flight: one per (uid, gid), shared by every connection of that peer
+/// that arrives while it runs, at most [`MAX_ROLE_LOOKUPS`] of them. Process-wide, as the
+/// account database (NSS) it guards is.
+pub struct Lookups {
+    inflight: std::sync::Mutex<std::collections::HashMap<(u32, u32), Lookup>>,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+static LOOKUPS: std::sync::LazyLock<Lookups> =
+    std::sync::LazyLock::new(|| Lookups::new(MAX_ROLE_LOOKUPS));
+
+impl Lookups {
+    pub fn new(max: usize) -> Lookups {
+        Lookups {
+            inflight: std::sync::Mutex::new(std::collections::HashMap::new()),
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
+        }
+    }
+
+    /// The lookup of `key`: the one in flight, or `f` started on a blocking thread. Refused
+    /// at once when [`MAX_ROLE_LOOKUPS`] lookups of other peers are all in flight (hung).
+    pub fn get<F>(&'static self, key: (u32, u32), f: F) -> Result<Lookup, ApiError>
+    where
+        F: FnOnce() -> Result<Access, ApiError> + Send + 'static,
+    {
+        use futures_util::FutureExt;
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = inflight.get(&key) {
+            return Ok(l.clone());
+        }
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Err(forbidden(format!(
+                "{} role lookups are waiting for the account database; uid {} refused until one answers",
+                inflight.len(),
+                key.0
+            )));
+        };
+        let handle = tokio::task::spawn_blocking(move || {
+            let r = f();
+            // The thread is free again: so are its permit and its place in the map.
+            self.inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+            drop(permit);
+            r
+        });
+        let l: Lookup = async move {
+            handle
+                .await
+                .unwrap_or_else(|e| Err(forbidden(format!("the role lookup failed: {e}"))))
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, l.clone());
+        Ok(l)
     }
 }
 
@@ -183,4 +255,95 @@ pub fn authorize(engine: &Engine, peer: Option<Peer>) -> Result<Access, ApiError
         "uid {} is not allowed to use this socket: {rule} may",
         p.uid
     )))
+}
+
+#[cfg(test)]
+mod lookup_tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn ok() -> Result<Access, ApiError> {
+        Ok(Access {
+            role: Role::ReadOnly,
+            peer: None,
+        })
+    }
+
+    // A hung account database: lookups that never answer hold at most `max` threads, the
+    // connections of one peer share one, and a lookup that answers frees its place.
+    #[tokio::test]
+    async fn hung_lookups_hold_a_bounded_number_of_threads() {
+        let lookups: &'static Lookups = Box::leak(Box::new(Lookups::new(2)));
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = std::sync::Arc::new(std::sync::Mutex::new(release_rx));
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hung = |n: &std::sync::Arc<std::sync::atomic::AtomicUsize>| {
+            let (rx, n) = (release_rx.clone(), n.clone());
+            move || {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = rx.lock().unwrap().recv();
+                ok()
+            }
+        };
+        // Ten connections of uid 1000 share one lookup.
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            waits.push(lookups.get((1000, 1000), hung(&started)).unwrap());
+        }
+        let other = lookups.get((1001, 1001), hung(&started)).unwrap();
+        // Both places taken: a third peer is refused at once, and nothing is started for it.
+        let refused = lookups.get((1002, 1002), hung(&started)).unwrap_err();
+        assert!(
+            refused.message.contains("waiting for the account database"),
+            "{}",
+            refused.message
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while started.load(std::sync::atomic::Ordering::SeqCst) < 2
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            started.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "one thread per peer"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), waits[0].clone())
+                .await
+                .is_err()
+        );
+        // The database answers: every waiter gets the answer, and the places are free.
+        release_tx.send(()).unwrap();
+        release_tx.send(()).unwrap();
+        for w in waits {
+            assert!(
+                tokio::time::timeout(Duration::from_secs(10), w)
+                    .await
+                    .unwrap()
+                    .is_ok()
+            );
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), other)
+                .await
+                .unwrap()
+                .is_ok()
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match lookups.get((1002, 1002), ok) {
+                Ok(l) => {
+                    assert!(l.await.is_ok());
+                    break;
+                }
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(e) => panic!("the places were not freed: {}", e.message),
+            }
+        }
+    }
 }

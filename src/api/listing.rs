@@ -60,6 +60,8 @@ pub(crate) fn procs(engine: &Engine, body: &[u8], access: &Access) -> Result<Val
         .iter()
         .map(|v| {
             let mut d = super::wire::detail(v);
+            let (mem, cpu) = engine.enforcement(&v.def.spec);
+            (d.mem_limit_by, d.cpu_limit_by) = (mem.to_string(), cpu.to_string());
             // Environment values often carry credentials: only a caller who may change
             // the process sees them; others see the names.
             if access.may_use_account(&d.spec.account).is_err() {

@@ -24,7 +24,9 @@ fn join_pids(p: &[i32]) -> String {
 pub fn def_error(e: &DefError) -> KeyResult {
     let code = match e {
         DefError::AlreadyRegistered(_) => codes::ALREADY_REGISTERED,
-        DefError::DeclaredInConfig(_) | DefError::Conflict(_) => codes::SPEC_INVALID,
+        DefError::DeclaredInConfig(_) | DefError::Conflict(_) | DefError::Invalid(_) => {
+            codes::SPEC_INVALID
+        }
         DefError::Forbidden(_) => codes::FORBIDDEN,
         DefError::Store(_) => codes::OP_FAILED,
         DefError::NotRegistered(_) => codes::PROC_NOT_RUNNING,
@@ -255,9 +257,14 @@ pub fn detail(v: &ProcView) -> ProcDetail {
         next_restart_in: v.next_restart_in.filter(|_| v.flag == 1 && v.managed),
         last_exit: v.last_exit.as_ref().map(|x| {
             format!(
-                "pid {} {}{}",
+                "pid {} {}{}{}",
                 x.pid,
                 x.exit,
+                if x.oom {
+                    " (killed by the OOM killer)"
+                } else {
+                    ""
+                },
                 if x.by_operator {
                     " (by an operation)"
                 } else {
@@ -298,6 +305,9 @@ pub fn detail(v: &ProcView) -> ProcDetail {
             .last_limit
             .as_ref()
             .map(|l| format!("{}: {}", l.at, l.cause)),
+        // Filled by the caller, which knows the containment (`Engine::enforcement`).
+        mem_limit_by: String::new(),
+        cpu_limit_by: String::new(),
         health: v.health.clone(),
         busy: v.busy.map(str::to_string),
         spec: v.def.spec.clone(),

@@ -317,10 +317,73 @@ pub fn validate_key(key: &ProcKey) -> Vec<FieldError> {
     errs
 }
 
+/// Labels one definition may carry.
+pub const MAX_LABELS: usize = 64;
+/// Bytes of a label's key.
+pub const MAX_LABEL_KEY: usize = 128;
+/// Bytes of a label's value (a string's bytes, else its JSON text): every selector and
+/// expression matched against labels costs their length, so it is bounded where they are
+/// written.
+pub const MAX_LABEL_VALUE: usize = 1024;
+
+/// Check a definition's labels: how many, and the length of each key and value.
+pub fn validate_labels(labels: &Labels) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    if labels.len() > MAX_LABELS {
+        errs.push(FieldError::new(
+            "meta.labels",
+            format!("has {} labels; at most {MAX_LABELS}", labels.len()),
+        ));
+    }
+    for (k, v) in labels {
+        let field = format!("meta.labels.{}", k.chars().take(64).collect::<String>());
+        if k.is_empty() || k.len() > MAX_LABEL_KEY || k.chars().any(|c| c.is_control()) {
+            errs.push(FieldError::new(
+                &field,
+                format!(
+                    "a label's name must be 1 to {MAX_LABEL_KEY} bytes without control characters"
+                ),
+            ));
+        }
+        let len = match v {
+            serde_json::Value::String(s) => s.len(),
+            other => other.to_string().len(),
+        };
+        if len > MAX_LABEL_VALUE {
+            errs.push(FieldError::new(
+                &field,
+                format!("value of {len} bytes; at most {MAX_LABEL_VALUE}"),
+            ));
+        }
+    }
+    errs
+}
+
 #[cfg(test)]
 mod tests {
     use super::patch::tests::valid;
     use super::*;
+
+    #[test]
+    fn labels_are_bounded() {
+        let mut l = Labels::new();
+        l.insert("app".into(), serde_json::json!("web"));
+        l.insert("n".into(), serde_json::json!(7));
+        assert!(validate_labels(&l).is_empty());
+        l.insert(
+            "big".into(),
+            serde_json::json!("x".repeat(MAX_LABEL_VALUE + 1)),
+        );
+        l.insert("k".repeat(MAX_LABEL_KEY + 1), serde_json::json!(1));
+        l.insert("arr".into(), serde_json::json!(vec![1; 600]));
+        let errs = validate_labels(&l);
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs.iter().any(|e| e.field == "meta.labels.big"));
+        let many: Labels = (0..MAX_LABELS + 1)
+            .map(|i| (format!("l{i}"), serde_json::json!(i)))
+            .collect();
+        assert_eq!(validate_labels(&many).len(), 1);
+    }
 
     #[test]
     fn key_parse_and_display() {

@@ -15,7 +15,7 @@ use super::lifecycle::{Input, ProcInput};
 use super::registry::{Entry, ProcState};
 use crate::config::ProcessConfig;
 use crate::proto::FLAG_RUNNING;
-use crate::spec::{Definition, Identity, Labels, ProcKey, ProcSpec, Source};
+use crate::spec::{Definition, FieldError, Identity, Labels, ProcKey, ProcSpec, Source};
 use crate::store::ItemNote;
 
 /// Why a definition write was refused.
@@ -39,6 +39,9 @@ pub enum DefError {
     /// unregister of a key that does not exist.
     #[error("{0}")]
     NotRegistered(String),
+    /// The definition breaks a bound (its labels).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// How a definition write treats an existing key.
@@ -150,6 +153,11 @@ impl Engine {
         mode: PutMode,
         w: &Writer,
     ) -> Result<DefChange, DefError> {
+        // Every way a definition is written comes here: the bounds on labels hold for all.
+        let errs = crate::spec::validate_labels(&labels);
+        if !errs.is_empty() {
+            return Err(DefError::Invalid(FieldError::joined(&errs)));
+        }
         self.no_operation(key).await;
         let now = crate::util::unix_now();
         let existing = self.definition(key);
@@ -256,6 +264,9 @@ impl Engine {
         }
         if created {
             self.discover_untracked();
+        } else {
+            // Containment: running instances get a changed limit now.
+            self.reapply_limits(&key);
         }
         let instances = self
             .reg()

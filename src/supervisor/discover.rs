@@ -142,6 +142,7 @@ impl Engine {
                 at: crate::util::unix_now(),
                 exit: crate::sys::ExitInfo::Unknown,
                 by_operator: false,
+                oom: false,
             });
         }
         let i = self

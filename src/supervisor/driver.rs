@@ -353,8 +353,10 @@ impl Engine {
             return false;
         }
         let pid = att.pid;
-        if att.outside_cgroup {
-            self.move_into_cgroup(key, i, pid);
+        if att.outside_cgroup
+            && let Some(spec) = reg.get(key).map(|e| e.def.spec.clone())
+        {
+            self.move_into_cgroup(key, i, spec, &att);
         }
         if !reg.get(key).is_some_and(|e| e.tracked.contains_key(&pid)) {
             self.track_locked(&mut reg, key, att, true);
@@ -384,6 +386,7 @@ impl Engine {
                 at: crate::util::unix_now(),
                 exit,
                 by_operator: false,
+                oom: false,
             });
         }
         self.feed_locked(
@@ -423,8 +426,10 @@ impl Engine {
         let Some(i) = i.or_else(|| e.idle_instance()) else {
             return false;
         };
-        if att.outside_cgroup {
-            self.move_into_cgroup(key, i, pid);
+        if att.outside_cgroup
+            && let Some(spec) = reg.get(key).map(|e| e.def.spec.clone())
+        {
+            self.move_into_cgroup(key, i, spec, &att);
         }
         self.track_locked(&mut reg, key, att, by_agent);
         self.feed_locked(
@@ -467,11 +472,15 @@ impl Engine {
         }
         let i = e.instance_of(pid);
         let hold = i.and_then(|i| e.life.instances[i].state.hold());
+        // Containment with the memory controller: the cgroup says whether the OOM killer
+        // did it (a small read of memory.events, only for a SIGKILL).
+        let oom = matches!(exit, ExitInfo::Signal(9)) && i.is_some_and(|i| self.took_oom(key, i));
         e.last_exit = Some(LastExit {
             pid,
             at: crate::util::unix_now(),
             exit,
             by_operator: hold.is_some_and(Hold::by_operator),
+            oom,
         });
         match i {
             Some(i) => {
@@ -480,7 +489,10 @@ impl Engine {
                     key,
                     ProcInput::Instance {
                         i,
-                        input: exited(pid, exit),
+                        input: Input::Exited {
+                            pid,
+                            exit: Exit { info: exit, oom },
+                        },
                     },
                 );
             }
@@ -642,39 +654,5 @@ fn exited(pid: i32, exit: crate::sys::ExitInfo) -> Input {
             info: exit,
             oom: false,
         },
-    }
-}
-
-impl Engine {
-    /// Containment: a process adopted from outside every cgroup of the agent (started before
-    /// containment was turned on, or by hand) is moved into instance `i`'s cgroup, so what
-    /// it starts from now on stays there. On the pool; a failure is logged.
-    fn move_into_cgroup(self: &Arc<Self>, key: &ProcKey, i: usize, pid: i32) {
-        let Some(tree) = self.cgroups.tree().cloned() else {
-            return;
-        };
-        let dir = tree.instance(key, i);
-        let (fs, key) = (self.fs.clone(), key.clone());
-        tokio::spawn(async move {
-            let d = dir.clone();
-            let r = fs
-                .run_unkeyed(
-                    "moving a process into its cgroup",
-                    Duration::from_secs(5),
-                    move || tree.move_into(&d, pid),
-                )
-                .await;
-            match r {
-                Ok(Ok(())) => {
-                    tracing::info!(process = %key, pid, cgroup = %dir.display(), "adopted process moved into its cgroup")
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(process = %key, pid, error = %e, "cannot move an adopted process into its cgroup")
-                }
-                Err(e) => {
-                    tracing::warn!(process = %key, pid, error = %e, "cannot move an adopted process into its cgroup")
-                }
-            }
-        });
     }
 }

@@ -277,11 +277,13 @@ impl Engine {
                     .instances
                     .iter()
                     .any(|i| matches!(i.state, State::Running { .. }));
+                // A cpu limit throttled by cpu.max is the kernel's to keep, not a stop.
+                let throttled = self.enforcement(&e.def.spec).1 == "cpu.max";
                 let v = limits::check(&limits::Input {
                     eligible: e.life.intent.managed && running && !e.life.busy(),
                     cpu_usage: s.cpu_usage,
                     mem_usage: s.mem_usage,
-                    cpu_lmt: e.def.spec.cpu_lmt,
+                    cpu_lmt: if throttled { 0.0 } else { e.def.spec.cpu_lmt },
                     mem_lmt: e.def.spec.mem_lmt,
                     cpus,
                     over_limit: e.over_limit,

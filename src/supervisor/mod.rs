@@ -19,6 +19,7 @@
 //! interleaved; commands of operations and supervisor starts take a permit of
 //! `supervisor.max_parallel_ops`, health and version commands one of their own budget.
 
+pub mod contain;
 pub mod defs;
 pub mod discover;
 pub mod driver;
@@ -90,6 +91,10 @@ pub struct Engine {
     pub subreaper: bool,
     /// Containment: off, or the agent's cgroup subtree.
     pub cgroups: crate::cgroup::Mode,
+    /// Containment with the memory controller: the watches of instances' `memory.events`.
+    pub memwatch: Option<Arc<crate::cgwatch::Watcher>>,
+    /// MemTotal and cpus, read once when a cgroup limit is first computed.
+    host_figures: std::sync::OnceLock<crate::probe::HostFigures>,
     pub started: Instant,
     pub started_unix: i64,
     /// Metrics hooks (API request counter etc.).
@@ -204,6 +209,16 @@ impl Engine {
             jitter: config.supervisor.backoff_jitter,
         };
         let ops = config.supervisor.max_parallel_ops;
+        let memwatch = match cgroups.tree() {
+            Some(t) if t.has("memory") => match crate::cgwatch::Watcher::new() {
+                Ok(w) => Some(Arc::new(w)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch memory events (inotify); memory limits are polled");
+                    None
+                }
+            },
+            _ => None,
+        };
         Arc::new(Engine {
             config,
             host,
@@ -216,6 +231,8 @@ impl Engine {
             detection,
             subreaper,
             cgroups,
+            memwatch,
+            host_figures: std::sync::OnceLock::new(),
             started: Instant::now(),
             started_unix: crate::util::unix_now(),
             counters: crate::probe::Counters::default(),

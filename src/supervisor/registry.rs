@@ -48,6 +48,10 @@ pub struct LastExit {
     pub exit: ExitInfo,
     /// Whether an operator's operation caused it.
     pub by_operator: bool,
+    /// The OOM killer ended it (containment with the memory controller: its cgroup's
+    /// `memory.events` counted an OOM kill).
+    #[serde(default)]
+    pub oom: bool,
 }
 
 /// A stop for exceeding a resource limit.

@@ -66,6 +66,9 @@ pub async fn start(
     let Some(command) = spec.command(which) else {
         return fail(StartFailure::Command(format!("{} is empty", which.field())));
     };
+    if let Err(why) = engine.prepare_instance(&key, i, &spec).await {
+        return fail(StartFailure::Command(format!("not started: {why}")));
+    }
     let permit = engine.ops.clone().acquire_owned().await;
     let mut req = engine.command_request(&key, &spec, which.field(), command);
     // Containment: the start command runs in the instance's own cgroup, so whatever it
