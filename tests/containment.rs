@@ -592,6 +592,15 @@ fn each_process_says_how_its_limits_are_enforced() {
     if !memory {
         assert!(mode.contains("controllers: none"), "{h}");
     }
+    // /metrics says the mode and the controllers.
+    let (_, body) = d.http("GET", "/metrics", b"").expect("metrics");
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.lines().any(|l| l.starts_with("procagent_containment{")
+            && l.contains("mode=\"on\"")
+            && l.contains(&format!("root=\"{}\"", sub.root.display()))),
+        "{text}"
+    );
     // The CLI's status --json carries the same fields.
     let (code, out, err) = d.cli(&["status", "--json", &format!("{NS}/lim")]);
     assert!(out.contains("\"mem_limit_by\""), "{code} {out} {err}");

@@ -190,6 +190,24 @@ pub fn render(engine: &Engine) -> String {
         "Processes with at least one running instance",
         g(n_running as f64),
     );
+    // Containment as labels of a constant 1 (the "info" idiom): mode, subtree, controllers.
+    let containment = FGauge::default();
+    let (mode, root, controllers) = match &engine.cgroups {
+        crate::cgroup::Mode::Off { .. } => ("off", String::new(), String::new()),
+        crate::cgroup::Mode::On(t) => ("on", t.root.display().to_string(), t.enabled.join(" ")),
+    };
+    containment
+        .get_or_create(&vec![
+            ("mode".into(), mode.into()),
+            ("root".into(), root),
+            ("controllers".into(), controllers),
+        ])
+        .set(1.0);
+    reg.register(
+        "containment",
+        "Containment (cgroups): mode on or off, the agent's cgroup subtree and the controllers enabled for its processes; always 1",
+        containment,
+    );
     reg.register_with_unit(
         "sample_duration",
         "Duration of each sampling pass over all tracked instances",
