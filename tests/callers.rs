@@ -595,3 +595,67 @@ fn a_start_killed_at_op_timeout_answers_with_its_output() {
         "{msg}"
     );
 }
+
+/// restart (op 7) of a process without restart_cmd stops it and starts it again (what the
+/// agent's own restart of a managed process does), running or not; reload without
+/// reload_cmd is a per-key error that says so.
+#[test]
+fn restart_without_restart_cmd_stops_then_starts() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let pidfile = env.p("plain.pid");
+    let spec = daemon_spec(&env, "plain", json!({"restart_cmd": "", "reload_cmd": ""}));
+    let op = |op: i64| -> Value {
+        let body = json!({"proc_operate_req": [{
+            "meta": {"namespace": "nodeman", "name": "plain"},
+            "op_type": op,
+            "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}],
+            "spec": spec.clone()
+        }], "no_request": true});
+        let r = d.call("operate_proc_multi", &body);
+        assert_eq!(r["result"], json!(true), "{r}");
+        let task = r["data"]["task_id"].as_str().unwrap().to_string();
+        let key = "0:127.0.0.1:nodeman:plain".to_string();
+        poll_v2(&d, &task, std::slice::from_ref(&key))[&key].clone()
+    };
+    assert_eq!(op(0)["error_code"], json!(0));
+    let first = read_pid(&pidfile).unwrap();
+    // running: stopped (its stop_cmd), then started
+    let r = op(7);
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    let second = read_pid(&pidfile).unwrap();
+    assert_ne!(second, first, "a new process");
+    assert!(alive(second));
+    wait_for("the old process is gone", Duration::from_secs(10), || {
+        (!alive(first)).then_some(())
+    });
+    let st = d.status("nodeman", "plain");
+    assert_eq!(
+        (
+            st["status"].clone(),
+            st["isauto"].clone(),
+            st["pid"].clone()
+        ),
+        (json!(1), json!(true), json!(second)),
+        "{st}"
+    );
+    // stopped: started
+    assert_eq!(op(1)["error_code"], json!(0));
+    assert!(!alive(second));
+    let r = op(7);
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    let third = read_pid(&pidfile).unwrap();
+    assert!(third != second && alive(third));
+    // reload without reload_cmd: 830 naming it, the process untouched
+    let r = op(8);
+    assert_eq!(r["error_code"], json!(830), "{r}");
+    assert!(
+        r["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("reload_cmd is empty"),
+        "{r}"
+    );
+    assert!(alive(third));
+    assert_eq!(d.status("nodeman", "plain")["pid"], json!(third));
+}
