@@ -299,13 +299,28 @@ fn start_failures_are_reported() {
             })
             .then_some(())
     });
-    // an op whose command is absent: per-key error naming it
+    // restart without restart_cmd: a stop (nothing runs), then a start
     let r = d.op(NS, "bad3", 7);
-    assert_eq!(r["error_code"], json!(830), "{r}");
-    assert!(
-        r["error_msg"].as_str().unwrap().contains("restart_cmd"),
-        "{r}"
-    );
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    let pid = read_pid(&env.p("bad3.pid")).unwrap();
+    assert!(alive(pid));
+    assert_eq!(d.status(NS, "bad3")["pid"], json!(pid));
+    // an op whose command is absent: per-key error naming it
+    let mut spec = daemon_spec(&env, "bad4", json!({}));
+    spec["control"]["restart_cmd"] = json!("");
+    spec["control"]["start_cmd"] = json!("");
+    d.register(NS, "bad4", spec);
+    for (op, field) in [(0, "start_cmd"), (7, "start_cmd"), (8, "reload_cmd")] {
+        let r = d.op(NS, "bad4", op);
+        assert_eq!(r["error_code"], json!(830), "op {op}: {r}");
+        assert!(
+            r["error_msg"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{field} is empty")),
+            "op {op}: {r}"
+        );
+    }
 }
 
 #[test]

@@ -530,3 +530,132 @@ fn two_different_asks_on_one_key_are_refused_never_dropped() {
     assert_eq!(res.as_object().map(|m| m.len()), Some(1), "{res}");
     assert_eq!(res[&key]["error_code"], json!(851));
 }
+
+/// A start command that never finishes is killed at op_timeout, and its answer carries what
+/// it printed (65535, the output in error_msg), as any other failed start does.
+#[test]
+fn a_start_killed_at_op_timeout_answers_with_its_output() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let hang = env.program("hangs");
+    let mut spec = daemon_spec(&env, "slow", json!({}));
+    spec["control"]["start_cmd"] = json!(format!(
+        "echo waiting for the database; echo no route to db.local >&2; {hang} 1000"
+    ));
+    spec["monitor_policy"]["op_timeout"] = json!(2);
+    let body = json!({"proc_operate_req": [{
+        "meta": {"namespace": "slow", "name": "slow_1"},
+        "op_type": 0,
+        "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}],
+        "spec": spec
+    }], "no_request": true});
+    let r = d.call("operate_proc_multi", &body);
+    assert_eq!(r["result"], json!(true), "{r}");
+    let task = r["data"]["task_id"].as_str().unwrap().to_string();
+    let key = "0:127.0.0.1:slow:slow_1".to_string();
+    let res = poll_v2(&d, &task, std::slice::from_ref(&key))[&key].clone();
+    assert_eq!(res["error_code"], json!(65535), "{res}");
+    let msg = res["error_msg"].as_str().unwrap();
+    assert!(msg.contains("op_timeout 2s"), "{msg}");
+    assert!(
+        msg.contains("waiting for the database") && msg.contains("no route to db.local"),
+        "the command's output is in the answer: {msg}"
+    );
+    wait_for(
+        "the hung command is killed",
+        Duration::from_secs(10),
+        || {
+            env.processes()
+                .iter()
+                .all(|p| {
+                    std::fs::read_link(format!("/proc/{p}/exe"))
+                        .map(|x| !x.ends_with("hangs"))
+                        .unwrap_or(true)
+                })
+                .then_some(())
+        },
+    );
+
+    // The other op_timeout of a start: the command returned, but the process its pid file
+    // names never became the program. That answer carries the command's output too.
+    let other = env.program("other");
+    let pidfile = env.p("slow.pid");
+    spec["control"]["start_cmd"] = json!(format!(
+        "echo launching the wrong binary; setsid {other} 1000 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}"
+    ));
+    let mut body = body;
+    body["proc_operate_req"][0]["spec"] = spec;
+    let r = d.call("operate_proc_multi", &body);
+    let task = r["data"]["task_id"].as_str().unwrap().to_string();
+    let res = poll_v2(&d, &task, std::slice::from_ref(&key))[&key].clone();
+    assert_eq!(res["error_code"], json!(836), "{res}");
+    let msg = res["error_msg"].as_str().unwrap();
+    assert!(
+        msg.contains("within op_timeout 2s") && msg.contains("launching the wrong binary"),
+        "{msg}"
+    );
+}
+
+/// restart (op 7) of a process without restart_cmd stops it and starts it again (what the
+/// agent's own restart of a managed process does), running or not; reload without
+/// reload_cmd is a per-key error that says so.
+#[test]
+fn restart_without_restart_cmd_stops_then_starts() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let pidfile = env.p("plain.pid");
+    let spec = daemon_spec(&env, "plain", json!({"restart_cmd": "", "reload_cmd": ""}));
+    let op = |op: i64| -> Value {
+        let body = json!({"proc_operate_req": [{
+            "meta": {"namespace": "nodeman", "name": "plain"},
+            "op_type": op,
+            "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}],
+            "spec": spec.clone()
+        }], "no_request": true});
+        let r = d.call("operate_proc_multi", &body);
+        assert_eq!(r["result"], json!(true), "{r}");
+        let task = r["data"]["task_id"].as_str().unwrap().to_string();
+        let key = "0:127.0.0.1:nodeman:plain".to_string();
+        poll_v2(&d, &task, std::slice::from_ref(&key))[&key].clone()
+    };
+    assert_eq!(op(0)["error_code"], json!(0));
+    let first = read_pid(&pidfile).unwrap();
+    // running: stopped (its stop_cmd), then started
+    let r = op(7);
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    let second = read_pid(&pidfile).unwrap();
+    assert_ne!(second, first, "a new process");
+    assert!(alive(second));
+    wait_for("the old process is gone", Duration::from_secs(10), || {
+        (!alive(first)).then_some(())
+    });
+    let st = d.status("nodeman", "plain");
+    assert_eq!(
+        (
+            st["status"].clone(),
+            st["isauto"].clone(),
+            st["pid"].clone()
+        ),
+        (json!(1), json!(true), json!(second)),
+        "{st}"
+    );
+    // stopped: started
+    assert_eq!(op(1)["error_code"], json!(0));
+    assert!(!alive(second));
+    let r = op(7);
+    assert_eq!(r["error_code"], json!(0), "{r}");
+    let third = read_pid(&pidfile).unwrap();
+    assert!(third != second && alive(third));
+    // reload without reload_cmd: 830 naming it, the process untouched
+    let r = op(8);
+    assert_eq!(r["error_code"], json!(830), "{r}");
+    assert!(
+        r["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("reload_cmd is empty"),
+        "{r}"
+    );
+    assert!(alive(third));
+    assert_eq!(d.status("nodeman", "plain")["pid"], json!(third));
+}

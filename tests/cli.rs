@@ -544,6 +544,30 @@ fn batch_operations_by_label_and_expression() {
     );
 }
 
+/// `restart --all` restarts processes that have no restart_cmd (stop, then start).
+#[test]
+fn restart_all_without_restart_cmd() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    for name in ["rs-1", "rs-2", "rs-3"] {
+        d.register(NS, name, daemon_spec(&env, name, json!({})));
+    }
+    let (code, out, err) = d.cli(&["start", "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let before: Vec<i64> = ["rs-1", "rs-2", "rs-3"]
+        .iter()
+        .map(|n| wait_running(&d, n))
+        .collect();
+    let (code, out, err) = d.cli(&["restart", "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("3 processes, 3 ok, 0 failed"), "{out}");
+    for (name, old) in ["rs-1", "rs-2", "rs-3"].iter().zip(before) {
+        let new = wait_running(&d, name);
+        assert_ne!(new, old, "{name} was restarted");
+        assert!(alive(new as i32) && !alive(old as i32), "{name}");
+    }
+}
+
 #[test]
 fn completions_and_man_page() {
     for shell in ["bash", "zsh", "fish"] {

@@ -1061,13 +1061,17 @@ fn operate_process_value_key_collisions() {
     let a = v2_info(&env, "twin", json!({}));
     let b = with(a.clone(), json!({"pid_path": env.p("twin-2.pid")}));
 
-    // the same setup_path + proc_name twice, no value_key: refused, saying why
-    let (code, msg) = refused(
-        &d,
+    // the same setup_path + proc_name twice, no value_key: refused for its key, saying why
+    let twin_key = v2_key(
+        0,
+        "127.0.0.1",
         "operate_process",
-        &json!({"bk_biz_id": 5, "op_type": 1, "process_infos": [a.clone(), b.clone()]}),
+        &format!("twin@{}", env.path().display()),
     );
-    assert_eq!(code, BAD_REQUEST);
+    let task = v2(&d, 1, json!([a.clone(), b.clone()]));
+    let r = d.wait_task(&task, &twin_key);
+    assert_eq!(r["error_code"], json!(830), "{r}");
+    let msg = r["error_msg"].as_str().unwrap();
     assert!(
         msg.contains("process_infos[0]")
             && msg.contains("process_infos[1]")
@@ -1098,13 +1102,30 @@ fn operate_process_value_key_collisions() {
             format!("twin@{}", env.path().display())
         ]
     );
-    // one value_key with two different specs in one request
-    let (_, msg) = refused(
+    // one value_key with two different specs in one request: refused for its key
+    let task = v2(
         &d,
-        "operate_process",
-        &json!({"bk_biz_id": 5, "op_type": 1, "process_infos": [a1.clone(), with(a1.clone(), json!({"pid_path": env.p("other.pid")}))]}),
+        1,
+        json!([
+            a1.clone(),
+            with(a1.clone(), json!({"pid_path": env.p("other.pid")}))
+        ]),
     );
+    let k1 = v2_key(0, "127.0.0.1", "operate_process", "twin-1");
+    let r = d.wait_task(&task, &k1);
+    assert_eq!(r["error_code"], json!(830), "{r}");
+    let msg = r["error_msg"].as_str().unwrap();
     assert!(msg.contains("value_key \"twin-1\""), "{msg}");
+    // ... and for a status query, which stores no spec, they are one query
+    let task = v2(
+        &d,
+        2,
+        json!([
+            a1.clone(),
+            with(a1.clone(), json!({"pid_path": env.p("other.pid")}))
+        ]),
+    );
+    assert_eq!(d.wait_task(&task, &k1)["error_code"], json!(0));
     // a value_key names its process even when the paths change: an update
     let moved = with(a1.clone(), json!({"pid_path": env.p("moved.pid")}));
     let task = v2(&d, 1, json!([moved]));
@@ -1132,24 +1153,121 @@ fn operate_process_value_key_collisions() {
     );
 
     // two meta definitions sharing setup_path + proc_name (GSEKit's instances of one
-    // process): v2 cannot tell them apart without value_keys, and says so
+    // process): v2 cannot tell them apart without value_keys, and says so for the entry
     let mut s1 = daemon_spec(&env, "multi", json!({}));
     s1["identity"]["pid_path"] = json!(env.p("multi_1.pid"));
     let mut s2 = s1.clone();
     s2["identity"]["pid_path"] = json!(env.p("multi_2.pid"));
     d.register("GSEKIT_BIZ_5", "multi_1", s1);
     d.register("GSEKIT_BIZ_5", "multi_2", s2);
-    let (code, msg) = refused(
-        &d,
-        "operate_process",
-        &json!({"bk_biz_id": 5, "op_type": 2, "process_infos": [v2_info(&env, "multi", json!({}))]}),
+    let task = v2(&d, 2, json!([v2_info(&env, "multi", json!({}))]));
+    let r = d.wait_task(
+        &task,
+        &v2_key(
+            0,
+            "127.0.0.1",
+            "operate_process",
+            &format!("multi@{}", env.path().display()),
+        ),
     );
-    assert_eq!(code, BAD_REQUEST);
+    assert_eq!(r["error_code"], json!(830), "{r}");
+    let msg = r["error_msg"].as_str().unwrap();
     assert!(
         msg.contains("GSEKIT_BIZ_5/multi_1")
             && msg.contains("GSEKIT_BIZ_5/multi_2")
             && msg.contains("distinct value_keys"),
         "{msg}"
+    );
+}
+
+/// Poll get_proc_operate_result_v2 until no key is pending; every key of `want` is there.
+fn v2_results(d: &Daemon, task: &str, want: &[&String]) -> Value {
+    wait_for(&format!("task {task}"), Duration::from_secs(60), || {
+        let r = d.call("get_proc_operate_result_v2", &json!({ "task_id": task }));
+        assert_eq!(r["result"], json!(true), "{r}");
+        let data = r["data"].as_object().expect("data");
+        for k in want {
+            assert!(data.contains_key(k.as_str()), "{k} missing from {r}");
+        }
+        (!data.values().any(|v| v["error_code"] == json!(115))).then(|| r["data"].clone())
+    })
+}
+
+/// An entry that names several registered processes, and two entries of one request that
+/// name one key with different specs, are answered per entry (830 under their own result
+/// key, saying why); the other entries of the request run.
+#[test]
+fn operate_process_ambiguous_entries_are_answered_per_entry() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    // GSEKit's instances of one process: two meta definitions with one setup_path +
+    // proc_name, both running
+    let mut s1 = daemon_spec(&env, "multi", json!({}));
+    s1["identity"]["pid_path"] = json!(env.p("multi_1.pid"));
+    s1["control"]["start_cmd"] = json!(env.daemon_start_cmd("multi", &env.p("multi_1.pid")));
+    let mut s2 = s1.clone();
+    s2["identity"]["pid_path"] = json!(env.p("multi_2.pid"));
+    s2["control"]["start_cmd"] = json!(env.daemon_start_cmd("multi", &env.p("multi_2.pid")));
+    d.register("GSEKIT_BIZ_5", "multi_1", s1);
+    d.register("GSEKIT_BIZ_5", "multi_2", s2);
+    for n in ["multi_1", "multi_2"] {
+        assert_eq!(d.op("GSEKIT_BIZ_5", n, 0)["error_code"], json!(0), "{n}");
+    }
+    let m1 = read_pid(&env.p("multi_1.pid")).unwrap();
+    let m2 = read_pid(&env.p("multi_2.pid")).unwrap();
+    let solo = v2_info(&env, "solo", json!({}));
+    let task = v2(&d, 0, json!([solo.clone()]));
+    let solo_key = v2_key(
+        0,
+        "127.0.0.1",
+        "operate_process",
+        &format!("solo@{}", env.path().display()),
+    );
+    assert_eq!(
+        v2_results(&d, &task, &[&solo_key])[&solo_key]["error_code"],
+        json!(0)
+    );
+    let solo_pid = read_pid(&env.p("solo.pid")).unwrap();
+
+    let dir = env.path().display().to_string();
+    let multi = v2_info(&env, "multi", json!({}));
+    let twin = v2_info(&env, "twin", json!({}));
+    let twin_b = with(twin.clone(), json!({"pid_path": env.p("twin-2.pid")}));
+    // one request: the ambiguous entry, a good one, two that disagree on one key
+    let task = v2(&d, 1, json!([multi, solo, twin, twin_b]));
+    let multi_key = v2_key(0, "127.0.0.1", "operate_process", &format!("multi@{dir}"));
+    let twin_key = v2_key(0, "127.0.0.1", "operate_process", &format!("twin@{dir}"));
+    let data = v2_results(&d, &task, &[&multi_key, &solo_key, &twin_key]);
+    assert_eq!(data.as_object().unwrap().len(), 3, "{data}");
+
+    let r = &data[&multi_key];
+    assert_eq!(r["error_code"], json!(830), "{r}");
+    let m = r["error_msg"].as_str().unwrap();
+    assert!(
+        m.starts_with("process_infos[0]: ")
+            && m.contains("value_key")
+            && m.contains("GSEKIT_BIZ_5/multi_1")
+            && m.contains("GSEKIT_BIZ_5/multi_2"),
+        "{m}"
+    );
+    assert!(alive(m1) && alive(m2), "neither instance was stopped");
+
+    assert_eq!(data[&solo_key]["error_code"], json!(0), "{data}");
+    wait_for("solo stopped", Duration::from_secs(10), || {
+        (!alive(solo_pid)).then_some(())
+    });
+
+    let r = &data[&twin_key];
+    assert_eq!(r["error_code"], json!(830), "{r}");
+    let m = r["error_msg"].as_str().unwrap();
+    assert!(
+        m.contains("process_infos[2]") && m.contains("process_infos[3]") && m.contains("value_key"),
+        "{m}"
+    );
+    assert_eq!(
+        keys_in(&d, "operate_process"),
+        vec![format!("solo@{dir}")],
+        "nothing was stored for the twins"
     );
 }
 

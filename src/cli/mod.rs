@@ -143,7 +143,7 @@ pub enum Command {
     Start(OpArgs),
     /// Stop processes (and stop managing them).
     Stop(OpArgs),
-    /// Restart processes with their restart_cmd.
+    /// Restart processes: their restart_cmd, or a stop then a start when they have none.
     Restart(OpArgs),
     /// Without a process: reload the agent's config (its [[process]] definitions); with a
     /// process or a selection: run their reload_cmd.

@@ -185,9 +185,13 @@ pub async fn start(
         }
         if now >= op_deadline && shell_exit.is_some() {
             let stray = end_stray(&engine, &key, &spec, &sp).await;
+            let out = engine.exec.collect(&sp).await;
             return fail(StartFailure::Check(format!(
-                "start check failed: the process in pid file {} never became {:?} within op_timeout {}s{stray}",
-                spec.pid_path, spec.proc_name, spec.op_timeout
+                "start check failed: the process in pid file {} never became {:?} within op_timeout {}s{stray}{}",
+                spec.pid_path,
+                spec.proc_name,
+                spec.op_timeout,
+                with_output(&out)
             )));
         }
         if now >= op_deadline {

@@ -16,13 +16,17 @@
 //!    labelled `bk_biz_id`.
 //!
 //! The identity of a definition ([`Identity::of`]) is its spec's `value_key` when not empty, else its
-//! `setup_path` + `proc_name`. Collisions are request errors that say what collides: two
-//! entries of one request with the same identity but different specs ("two processes with
-//! the same setup_path and proc_name need distinct value_keys"), an identity that several
-//! registered definitions share, and a synthetic key already taken by another identity.
+//! `setup_path` + `proc_name`. An entry that names no single process is refused for itself
+//! ([`Refusal`], 830 under its own result keys, saying what collides) while the other
+//! entries run: an identity that several registered definitions share, entries of one
+//! request named by one key that differ (two identities, or one identity with two specs
+//! for an operation that stores its spec: "two processes with the same setup_path and
+//! proc_name need distinct value_keys"), a synthetic key already taken by another identity
+//! or too long.
 //!
 //! Matching is linear: the registry's identities are indexed once per request
-//! ([`IdentityIndex`]), and the entries of a request are compared through hash maps. The
+//! ([`IdentityIndex`]), and the entries of a request are grouped by key, each compared with
+//! its key's first entry. The
 //! sizes are bounded by [`super::limits`] (process_infos, hosts per `ip_list`, result keys)
 //! before any entry is resolved.
 //!
@@ -648,6 +652,124 @@ mod tests {
         .ok()
         .unwrap();
         assert_eq!(r.len(), MAX_PROCESS_INFOS);
+    }
+
+    /// Entries that do not name one process are refused one by one (every entry of a
+    /// shared key with all its reasons); the others resolve as usual.
+    #[test]
+    fn entries_that_name_no_single_process_are_refused_per_entry() {
+        let def = |ns: &str, name: &str, vk: &str| crate::spec::Definition {
+            key: ProcKey::new(ns, name),
+            labels: Labels::new(),
+            spec: ProcSpec {
+                setup_path: "/opt/m".into(),
+                proc_name: "m".into(),
+                pid_path: format!("/opt/m/{name}.pid"),
+                value_key: vk.into(),
+                ..ProcSpec::default()
+            },
+            source: Source::Api,
+            register_time: 0,
+            updated_time: 0,
+        };
+        let mut reg = Registry::default();
+        for d in [
+            def("G", "m_1", ""),
+            def("G", "m_2", ""),
+            def(V2_NAMESPACE, "taken", "other"),
+        ] {
+            reg.insert(d.key.clone(), d);
+        }
+        let info = |extra: Value| {
+            let mut v = json!({"setup_path": "/opt/m", "proc_name": "m", "pid_path": "/opt/m/m.pid",
+                               "ip_list": [{"ip": "10.0.0.1"}]});
+            if let (Some(o), Some(x)) = (v.as_object_mut(), extra.as_object()) {
+                o.extend(x.clone());
+            }
+            v
+        };
+        let decode = |op: i64, infos: Vec<Value>| {
+            let body = json!({"bk_biz_id": 1, "op_type": op, "process_infos": infos}).to_string();
+            decode_operate_process(&reg, body.as_bytes())
+                .ok()
+                .unwrap()
+                .3
+        };
+        let refusal = |r: &Resolved| r.refusal().map(|f| f.message.clone());
+        let long = "v".repeat(300);
+        let r = decode(
+            1,
+            vec![
+                info(json!({})),                                       // 0: two registered
+                info(json!({"value_key": "ok"})),                      // 1: fine
+                info(json!({"value_key": "d", "cfg_path": "/etc/a"})), // 2 and 3 disagree
+                info(json!({"value_key": "d", "cfg_path": "/etc/b"})),
+                info(json!({"proc_name": "x", "setup_path": "/y"})), // 4 and 5: one key
+                info(json!({"value_key": "x@/y"})),
+                info(json!({"value_key": long})),    // 6: too long
+                info(json!({"value_key": "taken"})), // 7: name in use
+                info(json!({"value_key": "ok"})),    // 8: 1 again
+            ],
+        );
+        let m = refusal(&r[0]).unwrap();
+        assert!(
+            m.starts_with("process_infos[0]: value_key is empty")
+                && m.contains("G/m_1, G/m_2")
+                && m.contains("2 registered processes"),
+            "{m}"
+        );
+        assert_eq!(r[0].key(), &ProcKey::new(V2_NAMESPACE, "m@/opt/m"));
+        assert_eq!(
+            r[0].refusal().unwrap().matched,
+            vec![ProcKey::new("G", "m_1"), ProcKey::new("G", "m_2")]
+        );
+        assert!(refusal(&r[1]).is_none() && refusal(&r[8]).is_none());
+        let m = refusal(&r[2]).unwrap();
+        assert!(
+            m.contains("process_infos[2] and process_infos[3] give different specs"),
+            "{m}"
+        );
+        assert_eq!(refusal(&r[3]), Some(m));
+        let m = refusal(&r[4]).unwrap();
+        assert!(
+            m.contains("process_infos[4]")
+                && m.contains("process_infos[5]")
+                && m.contains("would both be named operate_process/x@/y"),
+            "{m}"
+        );
+        assert_eq!(refusal(&r[5]), Some(m));
+        assert!(refusal(&r[6]).unwrap().contains("not a valid name"));
+        let m = refusal(&r[7]).unwrap();
+        assert!(
+            m.contains("belongs to the process with value_key \"other\""),
+            "{m}"
+        );
+        // A status query stores no spec: two specs of one process are one query.
+        let r = decode(
+            2,
+            vec![
+                info(json!({"value_key": "d", "cfg_path": "/etc/a"})),
+                info(json!({"value_key": "d", "cfg_path": "/etc/b"})),
+            ],
+        );
+        assert!(r.iter().all(|r| r.refusal().is_none()));
+        // Many entries disagreeing on one key: a bounded message, the rest counted.
+        let r = decode(
+            1,
+            (0..100)
+                .map(|i| info(json!({"value_key": "d", "cfg_path": format!("/etc/{i}")})))
+                .collect(),
+        );
+        let m = refusal(&r[99]).unwrap();
+        assert!(
+            m.ends_with("; and 94 more entries name operate_process/d differently"),
+            "{m}"
+        );
+        assert!(m.len() < 2000, "{m}");
+        // An ambiguous entry twice: one reason, said once.
+        let r = decode(1, vec![info(json!({})), info(json!({}))]);
+        let m = refusal(&r[1]).unwrap();
+        assert_eq!(m.matches("registered processes share").count(), 1, "{m}");
     }
 
     #[test]

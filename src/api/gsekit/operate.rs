@@ -186,11 +186,38 @@ pub(super) fn required_text(
 pub struct Resolved {
     index: usize,
     identity: Identity,
+    /// The registry key its results are keyed by: the definition it names, else the key a
+    /// new definition would get.
     key: ProcKey,
     /// The registered definition's spec, source and account, when there is one.
     existing: Option<(ProcSpec, Source)>,
     spec: Result<ProcSpec, Vec<FieldError>>,
     hosts: Vec<HostWire>,
+    /// Why the entry does not name one process (nothing runs for it; its keys answer this).
+    refused: Option<Refusal>,
+}
+
+/// An entry that names no single process: several registered definitions share its
+/// identity, another entry of the request names its key differently, or its key is not
+/// usable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub message: String,
+    /// The registered definitions it matched (the caller must be allowed to operate them to
+    /// be told).
+    pub matched: Vec<ProcKey>,
+}
+
+impl Resolved {
+    /// Why this entry is answered with an error instead of run, if it is.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        self.refused.as_ref()
+    }
+
+    /// The registry key its results are keyed by.
+    pub fn key(&self) -> &ProcKey {
+        &self.key
+    }
 }
 
 pub(super) fn resolve(
@@ -222,25 +249,36 @@ pub(super) fn resolve(
         &proc_name,
     );
     let found = index.find(&identity);
+    let refuse = |key: ProcKey, message: String, matched: Vec<ProcKey>| Resolved {
+        index: i,
+        identity: identity.clone(),
+        key,
+        existing: None,
+        spec: Ok(ProcSpec::default()),
+        hosts: hosts.clone(),
+        refused: Some(Refusal { message, matched }),
+    };
     let (key, existing) = match found {
         [] => {
             let key = synthetic_key(&identity);
             let errs = validate_key(&key);
             if !errs.is_empty() {
-                return Err(ApiError::bad(format!(
+                let message = format!(
                     "{prefix}: the process would be named {key}, which is not a valid name ({}); give it a shorter value_key",
                     errs.iter()
                         .map(|e| e.message.clone())
                         .collect::<Vec<_>>()
                         .join("; ")
-                )));
+                );
+                return Ok(refuse(key, message, Vec::new()));
             }
             if let Some(d) = reg.get(&key) {
-                return Err(ApiError::bad(format!(
+                let message = format!(
                     "{prefix}: the process with {} would be named {key}, but that name belongs to the process with {}; give it a distinct value_key",
                     identity.describe(),
                     Identity::of(&d.spec).describe()
-                )));
+                );
+                return Ok(refuse(key.clone(), message, vec![key]));
             }
             (key, None)
         }
@@ -251,15 +289,17 @@ pub(super) fn resolve(
             (one.clone(), Some((d.spec.clone(), d.source.clone())))
         }
         many => {
-            return Err(ApiError::bad(format!(
-                "{prefix}: {} identifies {} registered processes ({}); two processes with the same setup_path and proc_name need distinct value_keys: give each its own value_key, or operate them by meta with operate_proc",
+            // Only setup_path + proc_name can be shared: a value_key names one definition.
+            let message = format!(
+                "{prefix}: value_key is empty, so the process is named by its {}, which {} registered processes share ({}); two processes with the same setup_path and proc_name need distinct value_keys: give each its own value_key, or operate them by meta with operate_proc",
                 identity.describe(),
                 many.len(),
                 many.iter()
                     .map(|k| k.to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
-            )));
+            );
+            return Ok(refuse(synthetic_key(&identity), message, many.to_vec()));
         }
     };
     let base = existing
@@ -274,12 +314,110 @@ pub(super) fn resolve(
         existing,
         spec,
         hosts,
+        refused: None,
     })
+}
+
+/// Why two entries of one request that are named by the same key cannot both run: they are
+/// different processes (two identities), or they give one process two specs (which only
+/// matters to an operation that stores the spec). `None`: the same entry twice.
+fn disagreement(a: &Resolved, b: &Resolved, mutating: bool) -> Option<String> {
+    if a.identity != b.identity {
+        return Some(format!(
+            "process_infos[{}] ({}) and process_infos[{}] ({}) would both be named {}; give them distinct value_keys",
+            a.index,
+            a.identity.describe(),
+            b.index,
+            b.identity.describe(),
+            a.key
+        ));
+    }
+    if !mutating || a.spec == b.spec {
+        return None;
+    }
+    Some(match &a.identity {
+        Identity::Path { .. } => format!(
+            "process_infos[{}] and process_infos[{}] are two different processes with the same {} and no value_key; two processes with the same setup_path and proc_name need distinct value_keys",
+            a.index,
+            b.index,
+            a.identity.describe()
+        ),
+        Identity::ValueKey(_) => format!(
+            "process_infos[{}] and process_infos[{}] give different specs for the same {}; a value_key names one process",
+            a.index,
+            b.index,
+            a.identity.describe()
+        ),
+    })
+}
+
+/// Most reasons one refusal lists (the others are counted): a request of thousands of
+/// entries naming one key must not make a message per entry of all of them.
+const MAX_REASONS: usize = 5;
+
+/// Refuse, per entry, every entry whose key another entry names differently: all the
+/// entries named by such a key are refused with the reasons given for it (the entries' own,
+/// once per identity, and each disagreement with the key's first entry), so whichever entry
+/// answers for the key says it all. Linear: each entry is compared with its key's first.
+fn refuse_disagreements(resolved: &mut [Resolved], mutating: bool) {
+    let mut by_key: HashMap<ProcKey, Vec<usize>> = HashMap::new();
+    for (j, r) in resolved.iter().enumerate() {
+        by_key.entry(r.key.clone()).or_default().push(j);
+    }
+    let mut groups: Vec<Vec<usize>> = by_key.into_values().filter(|g| g.len() > 1).collect();
+    groups.sort();
+    for g in groups {
+        let first = g[0];
+        let mut reasons: Vec<String> = Vec::new();
+        let mut more = 0usize;
+        let mut add = |why: String, reasons: &mut Vec<String>| {
+            if reasons.len() < MAX_REASONS {
+                reasons.push(why);
+            } else {
+                more += 1;
+            }
+        };
+        let mut matched: Vec<ProcKey> = Vec::new();
+        let mut identities: HashSet<&Identity> = HashSet::new();
+        for &j in &g {
+            let r = &resolved[j];
+            if identities.insert(&r.identity)
+                && let Some(f) = &r.refused
+            {
+                add(f.message.clone(), &mut reasons);
+                matched.extend(f.matched.iter().cloned());
+            }
+            if j != first
+                && let Some(why) = disagreement(&resolved[first], r, mutating)
+            {
+                add(why, &mut reasons);
+            }
+        }
+        if reasons.is_empty() {
+            continue;
+        }
+        if more > 0 {
+            reasons.push(format!(
+                "and {more} more entries name {} differently",
+                resolved[first].key
+            ));
+        }
+        matched.sort();
+        matched.dedup();
+        let f = Refusal {
+            message: reasons.join("; "),
+            matched,
+        };
+        for &j in &g {
+            resolved[j].refused = Some(f.clone());
+        }
+    }
 }
 
 /// Decode and validate an `operate_process` body against the registry (which processes
 /// the identities name), without changing anything: bk_biz_id, op_type, every
-/// `process_infos` entry resolved to a registry key and a merged spec, collisions refused.
+/// `process_infos` entry resolved to a registry key and a merged spec, or to a [`Refusal`]
+/// when it names no single process.
 /// The handler and the fuzz target both call it.
 pub fn decode_operate_process(
     reg: &Registry,
@@ -323,45 +461,10 @@ pub fn decode_operate_process(
     }
     let index = IdentityIndex::new(reg);
     let mut resolved: Vec<Resolved> = Vec::with_capacity(infos.len());
-    // Where each identity and each key was first seen in `resolved`.
-    let mut by_identity: HashMap<Identity, usize> = HashMap::new();
-    let mut by_key: HashMap<ProcKey, usize> = HashMap::new();
     for (i, w) in infos.iter().enumerate() {
-        let r = resolve(reg, &index, i, w)?;
-        if let Some(prev) = by_identity.get(&r.identity).map(|&j| &resolved[j]) {
-            if prev.spec != r.spec {
-                let why = match &r.identity {
-                    Identity::Path { .. } => format!(
-                        "process_infos[{}] and process_infos[{}] are two different processes with the same {}; two processes with the same setup_path and proc_name need distinct value_keys",
-                        prev.index,
-                        i,
-                        r.identity.describe()
-                    ),
-                    Identity::ValueKey(_) => format!(
-                        "process_infos[{}] and process_infos[{}] give different specs for the same {}; a value_key names one process",
-                        prev.index,
-                        i,
-                        r.identity.describe()
-                    ),
-                };
-                return Err(ApiError::bad(why));
-            }
-        } else if let Some(prev) = by_key.get(&r.key).map(|&j| &resolved[j]) {
-            return Err(ApiError::bad(format!(
-                "process_infos[{}] ({}) and process_infos[{}] ({}) would both be named {}; give them distinct value_keys",
-                prev.index,
-                prev.identity.describe(),
-                i,
-                r.identity.describe(),
-                r.key
-            )));
-        } else {
-            by_identity.insert(r.identity.clone(), resolved.len());
-            by_key.insert(r.key.clone(), resolved.len());
-        }
-        resolved.push(r);
+        resolved.push(resolve(reg, &index, i, w)?);
     }
-
+    refuse_disagreements(&mut resolved, op.mutating());
     Ok((biz, code, op, resolved))
 }
 
@@ -388,6 +491,31 @@ pub async fn operate_process(
     };
     for r in &resolved {
         let tg: Vec<Target> = r.hosts.iter().cloned().map(Target::Host).collect();
+        if let Some(f) = &r.refused {
+            // Nothing runs for it; the caller must still be allowed to operate what it named.
+            handlers::check_op_access(engine, access, op, &r.key, None)?;
+            for k in &f.matched {
+                handlers::check_op_access(engine, access, op, k, None)?;
+            }
+            for (rk, t) in handlers::distinct_targets(&tg, KeyStyle::V2, &r.key) {
+                let immediate = if handlers::is_me(engine, t) {
+                    KeyResult::err(codes::SPEC_INVALID, f.message.clone())
+                } else {
+                    handlers::not_me(engine, t)
+                };
+                push(
+                    Plan {
+                        result_key: rk,
+                        key: Some(r.key.clone()),
+                        op,
+                        immediate: Some(immediate),
+                        work: Work::Operate(None),
+                    },
+                    &mut plans,
+                );
+            }
+            continue;
+        }
         match &r.spec {
             // A status query uses no spec: it answers for what is registered (851 if
             // nothing is), whatever the request's fields say.

@@ -296,7 +296,8 @@ impl Process {
     ) {
         let missing = match op {
             Op::Start | Op::Manage if !base.has_start_cmd => Some("start_cmd"),
-            Op::Restart if !base.has_restart_cmd => Some("restart_cmd"),
+            // Without restart_cmd a restart is a stop, then a start: it needs start_cmd.
+            Op::Restart if !base.has_restart_cmd && !base.has_start_cmd => Some("start_cmd"),
             Op::Reload if !base.has_reload_cmd => Some("reload_cmd"),
             _ => None,
         };

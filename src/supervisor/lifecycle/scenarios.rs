@@ -685,7 +685,7 @@ fn missing_commands_are_answered_without_acting() {
     for (id, op, field) in [
         (1, Op::Start, "start_cmd"),
         (2, Op::Manage, "start_cmd"),
-        (3, Op::Restart, "restart_cmd"),
+        (3, Op::Restart, "start_cmd"),
         (4, Op::Reload, "reload_cmd"),
     ] {
         let (_, fx) = proc_step(&p, &c, ProcInput::Op { id, op, only: None }, now);
@@ -698,6 +698,49 @@ fn missing_commands_are_answered_without_acting() {
             }]
         );
     }
+}
+
+/// A process without restart_cmd is restarted by a stop and a start (never refused for the
+/// missing restart_cmd); only a process without start_cmd as well is refused, before
+/// anything is stopped.
+#[test]
+fn a_restart_without_restart_cmd_needs_only_start_cmd() {
+    let now = Instant::now();
+    let p = Process::new(Intent::default(), vec![running(now, 60)]);
+    let restart = ProcInput::Op {
+        id: 1,
+        op: Op::Restart,
+        only: None,
+    };
+    let c = Ctx {
+        has_restart_cmd: false,
+        ..ctx()
+    };
+    let (_, fx) = proc_step(&p, &c, restart.clone(), now);
+    assert!(
+        fx.iter().any(|e| matches!(
+            e,
+            ProcEffect::Instance {
+                effect: Effect::RunStop { kill: false },
+                ..
+            }
+        )),
+        "{fx:?}"
+    );
+    assert!(answers(&fx).is_empty(), "{fx:?}");
+    let c = Ctx {
+        has_start_cmd: false,
+        ..c
+    };
+    let (_, fx) = proc_step(&p, &c, restart, now);
+    assert_eq!(
+        fx,
+        vec![ProcEffect::Answer {
+            id: 1,
+            outcome: Outcome::MissingCommand("start_cmd"),
+            not_durable: None
+        }]
+    );
 }
 
 /// A config reload's stop-and-start (Replace) whose new start fails keeps the process's
