@@ -530,3 +530,157 @@ fn two_different_asks_on_one_key_are_refused_never_dropped() {
     assert_eq!(res.as_object().map(|m| m.len()), Some(1), "{res}");
     assert_eq!(res[&key]["error_code"], json!(851));
 }
+
+/// The finished `data` of a task as one result endpoint (`get_proc_operate_result` or
+/// `get_proc_operate_result_v2`) answers it, asked at `path` (`/v1/...`, the ESB root path,
+/// or the APIGW path).
+fn finished(d: &Daemon, path: &str, task: &str) -> serde_json::Map<String, Value> {
+    wait_for(
+        &format!("task {task} at {path}"),
+        Duration::from_secs(60),
+        || {
+            let r = d.call_raw(path, json!({ "task_id": task }).to_string().as_bytes());
+            assert_eq!(r["result"], json!(true), "{path}: {r}");
+            let data = r["data"].as_object().unwrap().clone();
+            (!data.values().any(|v| v["error_code"] == json!(115))).then_some(data)
+        },
+    )
+}
+
+/// The result keys of `data`, sorted.
+fn keys_of(data: &serde_json::Map<String, Value>) -> Vec<String> {
+    let mut k: Vec<String> = data.keys().cloned().collect();
+    k.sort();
+    k
+}
+
+fn task_of(r: &Value) -> String {
+    assert_eq!(r["result"], json!(true), "{r}");
+    r["data"]["task_id"].as_str().unwrap().to_string()
+}
+
+/// BKDocs define the key per result endpoint: get_proc_operate_result answers
+/// `cloud:supplier:ip:namespace:name`, get_proc_operate_result_v2 `cloud:ip:namespace:name`
+/// (or `agent_id:namespace:name` for agent ids), whichever API submitted the task and
+/// however its hosts were written.
+#[test]
+fn result_keys_follow_the_endpoint_that_is_polled() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let v1 = "/v1/get_proc_operate_result";
+    let v2 = "/v1/get_proc_operate_result_v2";
+    let host_v2 = json!([{"ip": "127.0.0.1", "bk_cloud_id": 0}]);
+
+    // operate_proc_multi (GSE 1.0 hosts) starting a real process, polled both ways.
+    let spec = daemon_spec(&env, "keyed", json!({}));
+    let t = task_of(&d.call(
+        "operate_proc_multi",
+        &json!({"proc_operate_req": [{"meta": {"namespace": "keys", "name": "multi"}, "op_type": 0,
+                "hosts": host_v2, "spec": spec}]}),
+    ));
+    let a = finished(&d, v2, &t);
+    assert_eq!(keys_of(&a), vec!["0:127.0.0.1:keys:multi"], "{a:?}");
+    assert_eq!(a["0:127.0.0.1:keys:multi"]["error_code"], json!(0), "{a:?}");
+    let b = finished(&d, v1, &t);
+    assert_eq!(keys_of(&b), vec!["0:0:127.0.0.1:keys:multi"], "{b:?}");
+    assert_eq!(b["0:0:127.0.0.1:keys:multi"], a["0:127.0.0.1:keys:multi"]);
+    let pid = read_pid(&env.p("keyed.pid")).unwrap();
+    assert!(alive(pid));
+    // The task log names its items as get_proc_operate_result does (`procagent task ID`
+    // joins the two).
+    let listed = d.call("tasks", &json!({ "task_id": t }));
+    let item = &listed["data"]["list"][0]["items"][0];
+    assert_eq!(item["key"], json!("0:0:127.0.0.1:keys:multi"), "{listed}");
+    assert_eq!(item["definition"], json!("registered"), "{listed}");
+    let (code, out, err) = d.cli(&["task", &t]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("0:0:127.0.0.1:keys:multi") && l.contains("registered")),
+        "{out}"
+    );
+
+    // operate_proc (v1 hosts, with the supplier) polled by v2: four parts.
+    let t = task_of(&d.call(
+        "operate_proc",
+        &json!({"meta": {"namespace": "keys", "name": "multi"}, "op_type": 2,
+                "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0, "bk_supplier_id": 0}]}),
+    ));
+    let a = finished(&d, v2, &t);
+    assert_eq!(keys_of(&a), vec!["0:127.0.0.1:keys:multi"], "{a:?}");
+    let c: Value =
+        serde_json::from_str(a["0:127.0.0.1:keys:multi"]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(c["process"][0]["instance"][0]["pid"], json!(pid), "{c}");
+    assert_eq!(
+        keys_of(&finished(&d, v1, &t)),
+        vec!["0:0:127.0.0.1:keys:multi"]
+    );
+
+    // operate_proc and operate_proc_v2 with GSE 1.0 hosts `[{ip, bk_cloud_id}]`: the key
+    // of each endpoint, not of the operate API.
+    for api in ["operate_proc", "operate_proc_v2"] {
+        let t = task_of(&d.call(
+            api,
+            &json!({"meta": {"namespace": "keys", "name": "multi"}, "op_type": 2, "hosts": host_v2}),
+        ));
+        assert_eq!(
+            keys_of(&finished(&d, v1, &t)),
+            vec!["0:0:127.0.0.1:keys:multi"],
+            "{api} polled by v1"
+        );
+        assert_eq!(
+            keys_of(&finished(&d, v2, &t)),
+            vec!["0:127.0.0.1:keys:multi"],
+            "{api} polled by v2"
+        );
+    }
+
+    // Agent ids: v2 answers the agent-id form; v1 answers five parts where the id says
+    // which host it is (this agent's id, or the `cloud:ip` fallback form), else the
+    // agent-id form.
+    let opaque = "020000000242010a00002f17521298676503";
+    let t = task_of(&d.call(
+        "operate_proc_multi",
+        &json!({"proc_operate_req": [{"meta": {"namespace": "keys", "name": "multi"}, "op_type": 2,
+                "agent_id_list": ["agent-under-test", "2:10.0.0.9", opaque]}]}),
+    ));
+    let a = finished(&d, v2, &t);
+    let mut want = vec![
+        format!("{opaque}:keys:multi"),
+        "2:10.0.0.9:keys:multi".to_string(),
+        "agent-under-test:keys:multi".to_string(),
+    ];
+    want.sort();
+    assert_eq!(keys_of(&a), want, "{a:?}");
+    assert_eq!(a["agent-under-test:keys:multi"]["error_code"], json!(0));
+    assert_eq!(a["2:10.0.0.9:keys:multi"]["error_code"], json!(117));
+    let b = finished(&d, v1, &t);
+    let mut want = vec![
+        "0:0:127.0.0.1:keys:multi".to_string(),
+        format!("{opaque}:keys:multi"),
+        "2:0:10.0.0.9:keys:multi".to_string(),
+    ];
+    want.sort();
+    assert_eq!(keys_of(&b), want, "{b:?}");
+    assert_eq!(
+        b["0:0:127.0.0.1:keys:multi"],
+        a["agent-under-test:keys:multi"]
+    );
+
+    // GSEKit's operate_process polled by v1: five parts as well.
+    let t = d.call(
+        "operate_process",
+        &json!({"bk_biz_id": 1, "op_type": 2, "process_infos": [{
+            "setup_path": env.path().display().to_string(), "proc_name": "keyed",
+            "pid_path": env.p("keyed.pid"), "ip_list": [{"ip": "127.0.0.1", "bk_cloud_id": 0}]}]}),
+    );
+    let t = t["data"]["bk_gse_taskid"].as_str().unwrap().to_string();
+    assert_eq!(
+        keys_of(&finished(&d, v1, &t)),
+        vec!["0:0:127.0.0.1:keys:multi"]
+    );
+    assert_eq!(
+        keys_of(&finished(&d, v2, &t)),
+        vec!["0:127.0.0.1:keys:multi"]
+    );
+}

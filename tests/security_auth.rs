@@ -28,15 +28,19 @@ fn call_as(cli: &str, d: &Daemon, user: &User, api: &str, body: &Value) -> (i32,
     (code, v, err)
 }
 
+/// Poll a task as `user` with get_proc_operate_result until `key` (a v1 key) answers.
 fn wait_task_as(cli: &str, d: &Daemon, user: &User, task: &str, key: &str) -> Value {
+    wait_task_at_as(cli, d, user, "get_proc_operate_result", task, key)
+}
+
+/// Poll a task as `user` with get_proc_operate_result_v2 until `key` (a v2 key) answers.
+fn wait_task_v2_as(cli: &str, d: &Daemon, user: &User, task: &str, key: &str) -> Value {
+    wait_task_at_as(cli, d, user, "get_proc_operate_result_v2", task, key)
+}
+
+fn wait_task_at_as(cli: &str, d: &Daemon, user: &User, api: &str, task: &str, key: &str) -> Value {
     wait_for("task result", Duration::from_secs(60), || {
-        let (_, v, _) = call_as(
-            cli,
-            d,
-            user,
-            "get_proc_operate_result",
-            &json!({ "task_id": task }),
-        );
+        let (_, v, _) = call_as(cli, d, user, api, &json!({ "task_id": task }));
         let r = v["data"][key].clone();
         (r.is_object() && r["error_code"] != json!(115)).then_some(r)
     })
@@ -761,14 +765,14 @@ fn multi_status_items_from_a_reader_register_nothing_and_writes_are_refused() {
     let (code, v, err) = call_as(&r.cli, &d, &r.reader, "operate_proc_multi", &items(2));
     assert_eq!((code, v["result"].clone()), (0, json!(true)), "{v} {err}");
     let task = v["data"]["task_id"].as_str().unwrap().to_string();
-    let a = wait_task_as(
+    let a = wait_task_v2_as(
         &r.cli,
         &d,
         &r.reader,
         &task,
         &format!("0:127.0.0.1:{NS}:rsvc"),
     );
-    let b = wait_task_as(
+    let b = wait_task_v2_as(
         &r.cli,
         &d,
         &r.reader,
@@ -812,7 +816,7 @@ fn multi_status_items_from_a_reader_register_nothing_and_writes_are_refused() {
     assert_eq!(v["result"], json!(true), "{v} {err}");
     let task = v["data"]["bk_gse_taskid"].as_str().unwrap().to_string();
     let k = "0:127.0.0.1:operate_process:v2p@".to_string() + &env.path().display().to_string();
-    let res = wait_task_as(&r.cli, &d, &r.reader, &task, &k);
+    let res = wait_task_v2_as(&r.cli, &d, &r.reader, &task, &k);
     assert_eq!(res["error_code"], json!(851), "{res}");
     for op in [0, 4] {
         let (_, v, _) = call_as(
@@ -1037,7 +1041,7 @@ fn status_of_a_process_started_outside_the_agent_runs_no_version_cmd() {
             "pid_path": pidfile, "ip_list": [{"ip": "127.0.0.1", "bk_cloud_id": 0}]}]}),
     );
     let task = r["data"]["bk_gse_taskid"].as_str().unwrap().to_string();
-    let res = d.wait_task(&task, &format!("0:127.0.0.1:{NS}:outside"));
+    let res = d.wait_task_v2(&task, &format!("0:127.0.0.1:{NS}:outside"));
     assert_eq!(res["error_code"], json!(0), "{res}");
     let _ = d.status(NS, "outside");
     assert!(
