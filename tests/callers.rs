@@ -684,3 +684,45 @@ fn result_keys_follow_the_endpoint_that_is_polled() {
         vec!["0:127.0.0.1:keys:multi"]
     );
 }
+
+/// get_proc_status_v2 by agent id: an entry for an agent that is not this one carries that
+/// agent id and none of this agent's addresses (bk-nodeman keys its entries by the host
+/// or bk_agent_id it finds in them).
+#[test]
+fn status_entries_for_another_agent_carry_its_id_not_our_ip() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let spec = daemon_spec(&env, "other", json!({}));
+    d.register("foreign", "f1", spec);
+    let opaque = "020000000242010a00002f17521298676503";
+    let s = d.call(
+        "get_proc_status_v2",
+        &json!({"meta": {"namespace": "foreign", "name": "f1"},
+                "agent_id_list": ["agent-under-test", opaque, "3:10.0.0.7"]}),
+    );
+    assert_eq!(s["result"], json!(true), "{s}");
+    let infos = s["data"]["proc_infos"].as_array().unwrap();
+    assert_eq!(infos.len(), 3, "{s}");
+    let mine = &infos[0];
+    assert_eq!(mine["bk_agent_id"], json!("agent-under-test"));
+    assert_eq!(mine["host"]["ip"], json!("127.0.0.1"), "{s}");
+    let other = &infos[1];
+    assert_eq!(other["bk_agent_id"], json!(opaque), "{s}");
+    assert_eq!(other["host"]["bk_agent_id"], json!(opaque), "{s}");
+    assert!(
+        !other.to_string().contains("127.0.0.1"),
+        "no address of this agent in another agent's entry: {other}"
+    );
+    assert_eq!(other["status"], json!(0));
+    let fallback = &infos[2];
+    assert_eq!(fallback["bk_agent_id"], json!("3:10.0.0.7"), "{s}");
+    assert_eq!(
+        (
+            fallback["host"]["ip"].clone(),
+            fallback["host"]["bk_cloud_id"].clone()
+        ),
+        (json!("10.0.0.7"), json!(3)),
+        "the host the fallback id names: {fallback}"
+    );
+    assert!(!fallback.to_string().contains("127.0.0.1"), "{fallback}");
+}

@@ -359,16 +359,27 @@ pub fn not_me(engine: &Engine, t: &Target) -> KeyResult {
     )
 }
 
+/// The `host` of a status entry. An agent id's entry says which agent it is for
+/// (`bk_agent_id`) and the host that agent id names: this agent's ip and cloud id for one of
+/// its own ids, the `cloud:ip` of another agent's fallback-form id, and no address at all
+/// for another agent's id (its host is unknown here; never this agent's address).
 pub(crate) fn host_json(engine: &Engine, t: &Target, style: KeyStyle) -> Value {
     match (t, style) {
+        (Target::Agent(a), _) => {
+            let a = a.trim();
+            if engine.host.is_my_agent_id(a) {
+                json!({"ip": engine.host.ip, "bk_cloud_id": engine.host.bk_cloud_id, "bk_agent_id": a})
+            } else if let Some((cloud, ip)) = fallback_agent_host(a) {
+                json!({"ip": ip, "bk_cloud_id": cloud, "bk_agent_id": a})
+            } else {
+                json!({ "bk_agent_id": a })
+            }
+        }
         (Target::Host(h), KeyStyle::V1) => json!({
             "ip": h.ip.trim(), "bk_cloud_id": h.bk_cloud_id.unwrap_or(0), "bk_supplier_id": h.bk_supplier_id.unwrap_or(0)
         }),
         (Target::Host(h), KeyStyle::V2) => {
             json!({"ip": h.ip.trim(), "bk_cloud_id": h.bk_cloud_id.unwrap_or(0)})
-        }
-        (Target::Agent(_), _) => {
-            json!({"ip": engine.host.ip, "bk_cloud_id": engine.host.bk_cloud_id})
         }
     }
 }
