@@ -685,6 +685,101 @@ fn result_keys_follow_the_endpoint_that_is_polled() {
     );
 }
 
+/// The ESB forwards GSE APIs at the gateway root (`/operate_proc_multi/`,
+/// `/get_proc_operate_result_v2/`, ...): every GSE API is served there, with and without
+/// the trailing slash, as it is under /v1/.
+#[test]
+fn esb_root_paths_serve_every_gse_api() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let spec = daemon_spec(&env, "esb", json!({}));
+    let meta = json!({"namespace": "esb", "name": "e1"});
+    let host = json!([{"ip": "127.0.0.1", "bk_cloud_id": 0}]);
+    let post = |path: &str, body: Value| -> Value {
+        let r = d.call_raw(path, body.to_string().as_bytes());
+        assert_eq!(r["result"], json!(true), "{path}: {r}");
+        r
+    };
+    let r = post(
+        "/register_proc_info/",
+        json!({"meta": meta, "hosts": [Daemon::host()], "spec": spec}),
+    );
+    assert_eq!(
+        r["data"][Daemon::key("esb", "e1")]["error_code"],
+        json!(0),
+        "{r}"
+    );
+    let r = post(
+        "/update_proc_info",
+        json!({"meta": meta, "hosts": [Daemon::host()], "spec": spec}),
+    );
+    assert_eq!(
+        r["data"][Daemon::key("esb", "e1")]["error_code"],
+        json!(0),
+        "{r}"
+    );
+    let t = task_of(&post(
+        "/operate_proc_multi/",
+        json!({"proc_operate_req": [{"meta": meta, "op_type": 0, "hosts": host}],
+               "bk_app_code": "bk_gsekit", "bk_app_secret": "s", "bk_username": "admin"}),
+    ));
+    let a = finished(&d, "/get_proc_operate_result_v2/", &t);
+    assert_eq!(a["0:127.0.0.1:esb:e1"]["error_code"], json!(0), "{a:?}");
+    let b = finished(&d, "/get_proc_operate_result", &t);
+    assert_eq!(b["0:0:127.0.0.1:esb:e1"]["error_code"], json!(0), "{b:?}");
+    for path in ["/get_proc_status_v2/", "/get_proc_status_v2"] {
+        let s = post(path, json!({"meta": meta, "hosts": host}));
+        assert_eq!(
+            s["data"]["proc_infos"][0]["status"],
+            json!(1),
+            "{path}: {s}"
+        );
+    }
+    let s = post(
+        "/get_proc_status/",
+        json!({"meta": meta, "hosts": [Daemon::host()]}),
+    );
+    assert_eq!(s["data"]["proc_infos"][0]["status"], json!(1), "{s}");
+    let s = post(
+        "/sync_proc_status/",
+        json!({"meta": {"namespace": "esb"}, "page": {"start": 0, "limit": 10, "return_total": true}}),
+    );
+    assert_eq!(s["data"]["count"], json!(1), "{s}");
+    for (path, op) in [("/operate_proc/", 2), ("/operate_proc_v2", 2)] {
+        let t = task_of(&post(
+            path,
+            json!({"meta": meta, "op_type": op, "hosts": host}),
+        ));
+        let a = finished(&d, "/get_proc_operate_result_v2", &t);
+        assert_eq!(
+            a["0:127.0.0.1:esb:e1"]["error_code"],
+            json!(0),
+            "{path}: {a:?}"
+        );
+    }
+    let t = task_of(&post(
+        "/operate_proc_multi",
+        json!({"proc_operate_req": [{"meta": meta, "op_type": 1, "hosts": host}]}),
+    ));
+    let a = finished(&d, "/get_proc_operate_result/", &t);
+    assert_eq!(a["0:0:127.0.0.1:esb:e1"]["error_code"], json!(0), "{a:?}");
+    let r = post(
+        "/unregister_proc_info/",
+        json!({"meta": meta, "hosts": [Daemon::host()]}),
+    );
+    assert_eq!(
+        r["data"][Daemon::key("esb", "e1")]["error_code"],
+        json!(0),
+        "{r}"
+    );
+    // Only GSE's APIs are at the root: the agent's own stay under /v1/.
+    let r = d.call_raw("/procs/", b"{}");
+    assert_eq!(r["code"], json!(1_000_404), "{r}");
+    // A GET is refused as on /v1/.
+    let (status, _) = d.http("GET", "/operate_proc_multi/", b"").unwrap();
+    assert_eq!(status, 405);
+}
+
 /// get_proc_status_v2 by agent id: an entry for an agent that is not this one carries that
 /// agent id and none of this agent's addresses (bk-nodeman keys its entries by the host
 /// or bk_agent_id it finds in them).
