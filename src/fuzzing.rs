@@ -7,7 +7,7 @@ use crate::api::ApiError;
 use crate::api::gsekit::{
     HostView, Registry, Snapshot, build_rows, decode_operate_process, page_of, parse_query, select,
 };
-use crate::api::handlers::{KeyStyle, Target, result_key, username};
+use crate::api::handlers::{KeyStyle, Target, polled_key, result_key, username};
 use crate::api::listing::{decode_procs, decode_tasks};
 use crate::api::operate::{decode_multi, decode_operate, decode_task_query};
 use crate::api::register::decode_register;
@@ -56,9 +56,18 @@ pub fn api_decode(data: &[u8]) {
 pub fn fuzz_decode(api: &str, body: &[u8]) -> Result<(), ApiError> {
     let _ = username(body);
     let keys = |tg: &[Target], key: &ProcKey| {
+        let me = crate::host::HostIdentity {
+            ip: "10.0.0.1".into(),
+            bk_cloud_id: 0,
+            bk_supplier_id: 0,
+            agent_id: "fuzz-agent".into(),
+        };
         for t in tg {
             let _ = result_key(t, KeyStyle::V1, key);
             let _ = result_key(t, KeyStyle::V2, key);
+            let h = t.item_host();
+            let _ = polled_key(&h, KeyStyle::V1, key, &me);
+            let _ = polled_key(&h, KeyStyle::V2, key, &me);
         }
     };
     let r = match api {

@@ -191,6 +191,23 @@ pub struct HostWire {
     pub bk_supplier_id: Option<i64>,
 }
 
+/// Whom a task item answers for, as its request named the host: stored with the item, and
+/// written into the key form of the result endpoint that is polled
+/// (`crate::api::handlers::polled_key`), whichever API submitted the task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemHost {
+    /// `{ip, bk_cloud_id[, bk_supplier_id]}` (the ip trimmed, an absent cloud id 0).
+    Host {
+        ip: String,
+        bk_cloud_id: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bk_supplier_id: Option<i64>,
+    },
+    /// An `agent_id_list` entry (trimmed).
+    Agent(String),
+}
+
 /// GSE `spec.identity`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IdentityWire {
@@ -575,7 +592,8 @@ pub struct TaskView {
 /// One (host, process) item of a listed task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskItemView {
-    /// The result key (`cloud:ip:ns:name`, ...).
+    /// The result key as get_proc_operate_result answers it (`cloud:supplier:ip:ns:name`,
+    /// ...), so that a task's listing and its results name items alike.
     pub key: String,
     pub result: KeyResult,
     /// What the item did to the process's definition; `None` when it wrote none (and from

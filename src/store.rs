@@ -39,7 +39,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, params};
 use tokio::sync::oneshot;
 
-use crate::proto::{Event, KeyResult};
+use crate::proto::{Event, ItemHost, KeyResult};
 use crate::reserve::Reserve;
 use crate::spec::ProcKey;
 
@@ -92,6 +92,10 @@ pub struct TaskItemRecord {
     /// What the item did to the process's definition (`registered`, `updated: field, ...`,
     /// `unchanged`); `None` when it wrote none.
     pub definition: Option<String>,
+    /// The host the request named for this item, from which each result endpoint writes its
+    /// own key; `None` for the entries of synchronous requests and for items recorded before
+    /// schema v3, which answer `result_key` as it was written.
+    pub target: Option<ItemHost>,
 }
 
 /// The task item on whose behalf a definition is written: its change is recorded in the
@@ -180,7 +184,7 @@ struct Dirty {
     marker: bool,
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_secs(5))?;
@@ -222,6 +226,13 @@ const SCHEMA_V2: &str = "BEGIN;
      PRAGMA user_version = 2;
      COMMIT;";
 
+/// v2 -> v3: the host each task item names (JSON of [`ItemHost`]; NULL for older rows,
+/// which keep answering the key they were written with).
+const SCHEMA_V3: &str = "BEGIN;
+     ALTER TABLE task_items ADD COLUMN target TEXT;
+     PRAGMA user_version = 3;
+     COMMIT;";
+
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if v < 1 {
@@ -229,6 +240,9 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     }
     if v < 2 {
         conn.execute_batch(SCHEMA_V2)?;
+    }
+    if v < 3 {
+        conn.execute_batch(SCHEMA_V3)?;
     }
     Ok(())
 }
@@ -586,8 +600,8 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
                 params![t.task_id, t.created_ms, t.finished_ms, t.api, t.op_type, t.peer_uid, t.peer_pid, t.username],
             )?;
             let mut stmt = conn.prepare_cached(
-                "INSERT OR REPLACE INTO task_items (task_id, idx, result_key, namespace, name, op_type, done, error_code, error_msg, content, definition)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT OR REPLACE INTO task_items (task_id, idx, result_key, namespace, name, op_type, done, error_code, error_msg, content, definition, target)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?;
             for (i, it) in t.items.iter().enumerate() {
                 let (done, code, msg, content) = match &it.result {
@@ -610,7 +624,10 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
                     code,
                     msg,
                     content,
-                    it.definition
+                    it.definition,
+                    it.target
+                        .as_ref()
+                        .and_then(|h| serde_json::to_string(h).ok())
                 ])?;
             }
         }
@@ -975,7 +992,7 @@ fn read_task(conn: &Connection, task_id: &str) -> rusqlite::Result<Option<TaskRe
         items: Vec::new(),
     };
     let mut stmt = conn.prepare_cached(
-        "SELECT result_key, namespace, name, op_type, done, error_code, error_msg, content, definition
+        "SELECT result_key, namespace, name, op_type, done, error_code, error_msg, content, definition, target
          FROM task_items WHERE task_id = ?1 ORDER BY idx",
     )?;
     t.items = stmt
@@ -1000,6 +1017,10 @@ fn read_task(conn: &Connection, task_id: &str) -> rusqlite::Result<Option<TaskRe
                     None
                 },
                 definition: r.get(8)?,
+                // A target this agent cannot read answers the key it was written with.
+                target: r
+                    .get::<_, Option<String>>(9)?
+                    .and_then(|j| serde_json::from_str(&j).ok()),
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -1058,6 +1079,7 @@ mod tests {
                 op_type: 0,
                 result: None,
                 definition: None,
+                target: None,
             }],
         }
     }
@@ -1208,6 +1230,67 @@ mod tests {
         let (s, _) = Store::open(&db, 10, 10, 0).unwrap();
         let got = s.read_task("GSETASK:2").unwrap().unwrap();
         assert_eq!(got.items[0].definition.as_deref(), Some("unchanged"));
+    }
+
+    #[tokio::test]
+    async fn a_v2_database_gains_item_targets_and_its_items_keep_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        {
+            // As the agent of schema v2 left it.
+            let c = Connection::open(&db).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute_batch(SCHEMA_V2).unwrap();
+            c.execute_batch(
+                "INSERT INTO tasks VALUES ('GSETASK:1', 1000, 1001, 'operate_proc', 0, 0, 7, 'u');
+                 INSERT INTO task_items (task_id, idx, result_key, namespace, name, op_type, done, error_code, error_msg, content)
+                 VALUES ('GSETASK:1', 0, '0:0:1.2.3.4:ns:a', 'ns', 'a', 0, 1, 0, 'success', '');",
+            )
+            .unwrap();
+        }
+        let (s, loaded) = Store::open(&db, 10, 10, 0).unwrap();
+        let old = &loaded.tasks[0].items[0];
+        assert_eq!(
+            (old.result_key.as_str(), &old.target),
+            ("0:0:1.2.3.4:ns:a", &None)
+        );
+        let mut t = task("GSETASK:2");
+        let hosts = [
+            ItemHost::Host {
+                ip: "1.2.3.4".into(),
+                bk_cloud_id: 2,
+                bk_supplier_id: Some(3),
+            },
+            ItemHost::Host {
+                ip: "fe80::1".into(),
+                bk_cloud_id: 0,
+                bk_supplier_id: None,
+            },
+            ItemHost::Agent("0:1.2.3.4".into()),
+        ];
+        t.items = hosts
+            .iter()
+            .map(|h| TaskItemRecord {
+                target: Some(h.clone()),
+                ..t.items[0].clone()
+            })
+            .collect();
+        s.insert_task(t).await.unwrap();
+        let got = s.read_task("GSETASK:2").unwrap().unwrap();
+        let targets: Vec<Option<ItemHost>> = got.items.iter().map(|i| i.target.clone()).collect();
+        assert_eq!(targets, hosts.map(Some).to_vec());
+        // A target this agent cannot read falls back to the written key.
+        s.flush().await.unwrap();
+        drop(s);
+        let c = Connection::open(&db).unwrap();
+        c.execute("UPDATE task_items SET target = '{\"moon\": 1}' WHERE task_id = 'GSETASK:2' AND idx = 0", [])
+            .unwrap();
+        drop(c);
+        let (s, _) = Store::open(&db, 10, 10, 0).unwrap();
+        assert_eq!(
+            s.read_task("GSETASK:2").unwrap().unwrap().items[0].target,
+            None
+        );
     }
 
     #[test]

@@ -215,6 +215,7 @@ mod tests {
                     op_type: *o,
                     result: None,
                     definition: None,
+                    target: None,
                 })
                 .collect(),
         }

@@ -658,4 +658,294 @@ fn restart_without_restart_cmd_stops_then_starts() {
     );
     assert!(alive(third));
     assert_eq!(d.status("nodeman", "plain")["pid"], json!(third));
+
+/// The finished `data` of a task as one result endpoint (`get_proc_operate_result` or
+/// `get_proc_operate_result_v2`) answers it, asked at `path` (`/v1/...`, the ESB root path,
+/// or the APIGW path).
+fn finished(d: &Daemon, path: &str, task: &str) -> serde_json::Map<String, Value> {
+    wait_for(
+        &format!("task {task} at {path}"),
+        Duration::from_secs(60),
+        || {
+            let r = d.call_raw(path, json!({ "task_id": task }).to_string().as_bytes());
+            assert_eq!(r["result"], json!(true), "{path}: {r}");
+            let data = r["data"].as_object().unwrap().clone();
+            (!data.values().any(|v| v["error_code"] == json!(115))).then_some(data)
+        },
+    )
+}
+
+/// The result keys of `data`, sorted.
+fn keys_of(data: &serde_json::Map<String, Value>) -> Vec<String> {
+    let mut k: Vec<String> = data.keys().cloned().collect();
+    k.sort();
+    k
+}
+
+fn task_of(r: &Value) -> String {
+    assert_eq!(r["result"], json!(true), "{r}");
+    r["data"]["task_id"].as_str().unwrap().to_string()
+}
+
+/// BKDocs define the key per result endpoint: get_proc_operate_result answers
+/// `cloud:supplier:ip:namespace:name`, get_proc_operate_result_v2 `cloud:ip:namespace:name`
+/// (or `agent_id:namespace:name` for agent ids), whichever API submitted the task and
+/// however its hosts were written.
+#[test]
+fn result_keys_follow_the_endpoint_that_is_polled() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let v1 = "/v1/get_proc_operate_result";
+    let v2 = "/v1/get_proc_operate_result_v2";
+    let host_v2 = json!([{"ip": "127.0.0.1", "bk_cloud_id": 0}]);
+
+    // operate_proc_multi (GSE 1.0 hosts) starting a real process, polled both ways.
+    let spec = daemon_spec(&env, "keyed", json!({}));
+    let t = task_of(&d.call(
+        "operate_proc_multi",
+        &json!({"proc_operate_req": [{"meta": {"namespace": "keys", "name": "multi"}, "op_type": 0,
+                "hosts": host_v2, "spec": spec}]}),
+    ));
+    let a = finished(&d, v2, &t);
+    assert_eq!(keys_of(&a), vec!["0:127.0.0.1:keys:multi"], "{a:?}");
+    assert_eq!(a["0:127.0.0.1:keys:multi"]["error_code"], json!(0), "{a:?}");
+    let b = finished(&d, v1, &t);
+    assert_eq!(keys_of(&b), vec!["0:0:127.0.0.1:keys:multi"], "{b:?}");
+    assert_eq!(b["0:0:127.0.0.1:keys:multi"], a["0:127.0.0.1:keys:multi"]);
+    let pid = read_pid(&env.p("keyed.pid")).unwrap();
+    assert!(alive(pid));
+    // The task log names its items as get_proc_operate_result does (`procagent task ID`
+    // joins the two).
+    let listed = d.call("tasks", &json!({ "task_id": t }));
+    let item = &listed["data"]["list"][0]["items"][0];
+    assert_eq!(item["key"], json!("0:0:127.0.0.1:keys:multi"), "{listed}");
+    assert_eq!(item["definition"], json!("registered"), "{listed}");
+    let (code, out, err) = d.cli(&["task", &t]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("0:0:127.0.0.1:keys:multi") && l.contains("registered")),
+        "{out}"
+    );
+
+    // operate_proc (v1 hosts, with the supplier) polled by v2: four parts.
+    let t = task_of(&d.call(
+        "operate_proc",
+        &json!({"meta": {"namespace": "keys", "name": "multi"}, "op_type": 2,
+                "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0, "bk_supplier_id": 0}]}),
+    ));
+    let a = finished(&d, v2, &t);
+    assert_eq!(keys_of(&a), vec!["0:127.0.0.1:keys:multi"], "{a:?}");
+    let c: Value =
+        serde_json::from_str(a["0:127.0.0.1:keys:multi"]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(c["process"][0]["instance"][0]["pid"], json!(pid), "{c}");
+    assert_eq!(
+        keys_of(&finished(&d, v1, &t)),
+        vec!["0:0:127.0.0.1:keys:multi"]
+    );
+
+    // operate_proc and operate_proc_v2 with GSE 1.0 hosts `[{ip, bk_cloud_id}]`: the key
+    // of each endpoint, not of the operate API.
+    for api in ["operate_proc", "operate_proc_v2"] {
+        let t = task_of(&d.call(
+            api,
+            &json!({"meta": {"namespace": "keys", "name": "multi"}, "op_type": 2, "hosts": host_v2}),
+        ));
+        assert_eq!(
+            keys_of(&finished(&d, v1, &t)),
+            vec!["0:0:127.0.0.1:keys:multi"],
+            "{api} polled by v1"
+        );
+        assert_eq!(
+            keys_of(&finished(&d, v2, &t)),
+            vec!["0:127.0.0.1:keys:multi"],
+            "{api} polled by v2"
+        );
+    }
+
+    // Agent ids: v2 answers the agent-id form; v1 answers five parts where the id says
+    // which host it is (this agent's id, or the `cloud:ip` fallback form), else the
+    // agent-id form.
+    let opaque = "020000000242010a00002f17521298676503";
+    let t = task_of(&d.call(
+        "operate_proc_multi",
+        &json!({"proc_operate_req": [{"meta": {"namespace": "keys", "name": "multi"}, "op_type": 2,
+                "agent_id_list": ["agent-under-test", "2:10.0.0.9", opaque]}]}),
+    ));
+    let a = finished(&d, v2, &t);
+    let mut want = vec![
+        format!("{opaque}:keys:multi"),
+        "2:10.0.0.9:keys:multi".to_string(),
+        "agent-under-test:keys:multi".to_string(),
+    ];
+    want.sort();
+    assert_eq!(keys_of(&a), want, "{a:?}");
+    assert_eq!(a["agent-under-test:keys:multi"]["error_code"], json!(0));
+    assert_eq!(a["2:10.0.0.9:keys:multi"]["error_code"], json!(117));
+    let b = finished(&d, v1, &t);
+    let mut want = vec![
+        "0:0:127.0.0.1:keys:multi".to_string(),
+        format!("{opaque}:keys:multi"),
+        "2:0:10.0.0.9:keys:multi".to_string(),
+    ];
+    want.sort();
+    assert_eq!(keys_of(&b), want, "{b:?}");
+    assert_eq!(
+        b["0:0:127.0.0.1:keys:multi"],
+        a["agent-under-test:keys:multi"]
+    );
+
+    // GSEKit's operate_process polled by v1: five parts as well.
+    let t = d.call(
+        "operate_process",
+        &json!({"bk_biz_id": 1, "op_type": 2, "process_infos": [{
+            "setup_path": env.path().display().to_string(), "proc_name": "keyed",
+            "pid_path": env.p("keyed.pid"), "ip_list": [{"ip": "127.0.0.1", "bk_cloud_id": 0}]}]}),
+    );
+    let t = t["data"]["bk_gse_taskid"].as_str().unwrap().to_string();
+    assert_eq!(
+        keys_of(&finished(&d, v1, &t)),
+        vec!["0:0:127.0.0.1:keys:multi"]
+    );
+    assert_eq!(
+        keys_of(&finished(&d, v2, &t)),
+        vec!["0:127.0.0.1:keys:multi"]
+    );
+}
+
+/// The ESB forwards GSE APIs at the gateway root (`/operate_proc_multi/`,
+/// `/get_proc_operate_result_v2/`, ...): every GSE API is served there, with and without
+/// the trailing slash, as it is under /v1/.
+#[test]
+fn esb_root_paths_serve_every_gse_api() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let spec = daemon_spec(&env, "esb", json!({}));
+    let meta = json!({"namespace": "esb", "name": "e1"});
+    let host = json!([{"ip": "127.0.0.1", "bk_cloud_id": 0}]);
+    let post = |path: &str, body: Value| -> Value {
+        let r = d.call_raw(path, body.to_string().as_bytes());
+        assert_eq!(r["result"], json!(true), "{path}: {r}");
+        r
+    };
+    let r = post(
+        "/register_proc_info/",
+        json!({"meta": meta, "hosts": [Daemon::host()], "spec": spec}),
+    );
+    assert_eq!(
+        r["data"][Daemon::key("esb", "e1")]["error_code"],
+        json!(0),
+        "{r}"
+    );
+    let r = post(
+        "/update_proc_info",
+        json!({"meta": meta, "hosts": [Daemon::host()], "spec": spec}),
+    );
+    assert_eq!(
+        r["data"][Daemon::key("esb", "e1")]["error_code"],
+        json!(0),
+        "{r}"
+    );
+    let t = task_of(&post(
+        "/operate_proc_multi/",
+        json!({"proc_operate_req": [{"meta": meta, "op_type": 0, "hosts": host}],
+               "bk_app_code": "bk_gsekit", "bk_app_secret": "s", "bk_username": "admin"}),
+    ));
+    let a = finished(&d, "/get_proc_operate_result_v2/", &t);
+    assert_eq!(a["0:127.0.0.1:esb:e1"]["error_code"], json!(0), "{a:?}");
+    let b = finished(&d, "/get_proc_operate_result", &t);
+    assert_eq!(b["0:0:127.0.0.1:esb:e1"]["error_code"], json!(0), "{b:?}");
+    for path in ["/get_proc_status_v2/", "/get_proc_status_v2"] {
+        let s = post(path, json!({"meta": meta, "hosts": host}));
+        assert_eq!(
+            s["data"]["proc_infos"][0]["status"],
+            json!(1),
+            "{path}: {s}"
+        );
+    }
+    let s = post(
+        "/get_proc_status/",
+        json!({"meta": meta, "hosts": [Daemon::host()]}),
+    );
+    assert_eq!(s["data"]["proc_infos"][0]["status"], json!(1), "{s}");
+    let s = post(
+        "/sync_proc_status/",
+        json!({"meta": {"namespace": "esb"}, "page": {"start": 0, "limit": 10, "return_total": true}}),
+    );
+    assert_eq!(s["data"]["count"], json!(1), "{s}");
+    for (path, op) in [("/operate_proc/", 2), ("/operate_proc_v2", 2)] {
+        let t = task_of(&post(
+            path,
+            json!({"meta": meta, "op_type": op, "hosts": host}),
+        ));
+        let a = finished(&d, "/get_proc_operate_result_v2", &t);
+        assert_eq!(
+            a["0:127.0.0.1:esb:e1"]["error_code"],
+            json!(0),
+            "{path}: {a:?}"
+        );
+    }
+    let t = task_of(&post(
+        "/operate_proc_multi",
+        json!({"proc_operate_req": [{"meta": meta, "op_type": 1, "hosts": host}]}),
+    ));
+    let a = finished(&d, "/get_proc_operate_result/", &t);
+    assert_eq!(a["0:0:127.0.0.1:esb:e1"]["error_code"], json!(0), "{a:?}");
+    let r = post(
+        "/unregister_proc_info/",
+        json!({"meta": meta, "hosts": [Daemon::host()]}),
+    );
+    assert_eq!(
+        r["data"][Daemon::key("esb", "e1")]["error_code"],
+        json!(0),
+        "{r}"
+    );
+    // Only GSE's APIs are at the root: the agent's own stay under /v1/.
+    let r = d.call_raw("/procs/", b"{}");
+    assert_eq!(r["code"], json!(1_000_404), "{r}");
+    // A GET is refused as on /v1/.
+    let (status, _) = d.http("GET", "/operate_proc_multi/", b"").unwrap();
+    assert_eq!(status, 405);
+}
+
+/// get_proc_status_v2 by agent id: an entry for an agent that is not this one carries that
+/// agent id and none of this agent's addresses (bk-nodeman keys its entries by the host
+/// or bk_agent_id it finds in them).
+#[test]
+fn status_entries_for_another_agent_carry_its_id_not_our_ip() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let spec = daemon_spec(&env, "other", json!({}));
+    d.register("foreign", "f1", spec);
+    let opaque = "020000000242010a00002f17521298676503";
+    let s = d.call(
+        "get_proc_status_v2",
+        &json!({"meta": {"namespace": "foreign", "name": "f1"},
+                "agent_id_list": ["agent-under-test", opaque, "3:10.0.0.7"]}),
+    );
+    assert_eq!(s["result"], json!(true), "{s}");
+    let infos = s["data"]["proc_infos"].as_array().unwrap();
+    assert_eq!(infos.len(), 3, "{s}");
+    let mine = &infos[0];
+    assert_eq!(mine["bk_agent_id"], json!("agent-under-test"));
+    assert_eq!(mine["host"]["ip"], json!("127.0.0.1"), "{s}");
+    let other = &infos[1];
+    assert_eq!(other["bk_agent_id"], json!(opaque), "{s}");
+    assert_eq!(other["host"]["bk_agent_id"], json!(opaque), "{s}");
+    assert!(
+        !other.to_string().contains("127.0.0.1"),
+        "no address of this agent in another agent's entry: {other}"
+    );
+    assert_eq!(other["status"], json!(0));
+    let fallback = &infos[2];
+    assert_eq!(fallback["bk_agent_id"], json!("3:10.0.0.7"), "{s}");
+    assert_eq!(
+        (
+            fallback["host"]["ip"].clone(),
+            fallback["host"]["bk_cloud_id"].clone()
+        ),
+        (json!("10.0.0.7"), json!(3)),
+        "the host the fallback id names: {fallback}"
+    );
+    assert!(!fallback.to_string().contains("127.0.0.1"), "{fallback}");
 }

@@ -891,13 +891,13 @@ fn operate_process_start_stop_round_trip_defined_only_inline() {
 
     // start
     let task = v2(&d, 0, json!([info.clone()]));
-    let first = d.call("get_proc_operate_result", &json!({ "task_id": task }));
+    let first = d.call("get_proc_operate_result_v2", &json!({ "task_id": task }));
     assert_eq!(first["result"], json!(true), "{first}");
     assert!(
         first["data"][&key].is_object(),
         "key {key} present from the first poll: {first}"
     );
-    let r = d.wait_task(&task, &key);
+    let r = d.wait_task_v2(&task, &key);
     assert_eq!(r["error_code"], json!(0), "start: {r}");
     let pid = read_pid(&pidfile).expect("pid file");
     assert!(alive(pid));
@@ -931,19 +931,19 @@ fn operate_process_start_stop_round_trip_defined_only_inline() {
 
     // start again: 828, nothing duplicated
     let task = v2(&d, 0, json!([info.clone()]));
-    assert_eq!(d.wait_task(&task, &key)["error_code"], json!(828));
+    assert_eq!(d.wait_task_v2(&task, &key)["error_code"], json!(828));
     assert_eq!(keys_in(&d, "operate_process").len(), 1);
 
     // status query (op 2): GSE content with the pid
     let task = v2(&d, 2, json!([info.clone()]));
-    let r = d.wait_task(&task, &key);
+    let r = d.wait_task_v2(&task, &key);
     assert_eq!(r["error_code"], json!(0), "{r}");
     let content: Value = serde_json::from_str(r["content"].as_str().unwrap()).unwrap();
     assert_eq!(content["process"][0]["instance"][0]["pid"], json!(pid));
 
     // stop
     let task = v2(&d, 1, json!([info.clone()]));
-    let r = d.wait_task(&task, &key);
+    let r = d.wait_task_v2(&task, &key);
     assert_eq!(r["error_code"], json!(0), "stop: {r}");
     wait_for("process gone", Duration::from_secs(10), || {
         (!alive(pid)).then_some(())
@@ -954,7 +954,7 @@ fn operate_process_start_stop_round_trip_defined_only_inline() {
         (json!(2), json!(false))
     );
     let task = v2(&d, 1, json!([info]));
-    assert_eq!(d.wait_task(&task, &key)["error_code"], json!(829));
+    assert_eq!(d.wait_task_v2(&task, &key)["error_code"], json!(829));
     assert_eq!(keys_in(&d, "operate_process").len(), 1);
 
     // the task is in the audit trail under its API name
@@ -978,7 +978,7 @@ fn operate_process_register_updates_and_shares_the_meta_registry() {
     let info = v2_info(&env, "regsvc", json!({"value_key": "regsvc-key"}));
     let key = v2_key(0, "127.0.0.1", "operate_process", "regsvc-key");
     let task = v2(&d, 3, json!([info.clone()]));
-    assert_eq!(d.wait_task(&task, &key)["error_code"], json!(0));
+    assert_eq!(d.wait_task_v2(&task, &key)["error_code"], json!(0));
     let pid = wait_for("started by supervision", Duration::from_secs(15), || {
         read_pid(&env.p("regsvc.pid")).filter(|p| alive(*p))
     });
@@ -989,7 +989,7 @@ fn operate_process_register_updates_and_shares_the_meta_registry() {
     // op 3 again with a changed field updates the same definition
     let changed = with(info.clone(), json!({"contact": "someone else"}));
     let task = v2(&d, 3, json!([changed]));
-    assert_eq!(d.wait_task(&task, &key)["error_code"], json!(0));
+    assert_eq!(d.wait_task_v2(&task, &key)["error_code"], json!(0));
     assert_eq!(
         keys_in(&d, "operate_process"),
         vec!["regsvc-key".to_string()]
@@ -1000,14 +1000,14 @@ fn operate_process_register_updates_and_shares_the_meta_registry() {
     );
     // op 4 unmanages it, leaving it running
     let task = v2(&d, 4, json!([info.clone()]));
-    assert_eq!(d.wait_task(&task, &key)["error_code"], json!(0));
+    assert_eq!(d.wait_task_v2(&task, &key)["error_code"], json!(0));
     assert!(alive(pid));
     assert_eq!(
         d.status("operate_process", "regsvc-key")["isauto"],
         json!(false)
     );
     let task = v2(&d, 1, json!([info]));
-    assert_eq!(d.wait_task(&task, &key)["error_code"], json!(0));
+    assert_eq!(d.wait_task_v2(&task, &key)["error_code"], json!(0));
 
     // op 4 on a process nobody registered does not create one
     let ghost = v2_info(&env, "ghost", json!({}));
@@ -1018,11 +1018,11 @@ fn operate_process_register_updates_and_shares_the_meta_registry() {
         &format!("ghost@{}", env.path().display()),
     );
     let task = v2(&d, 4, json!([ghost.clone()]));
-    let r = d.wait_task(&task, &gkey);
+    let r = d.wait_task_v2(&task, &gkey);
     assert_eq!(r["error_code"], json!(851), "{r}");
     // nor does a status query
     let task = v2(&d, 2, json!([ghost]));
-    assert_eq!(d.wait_task(&task, &gkey)["error_code"], json!(851));
+    assert_eq!(d.wait_task_v2(&task, &gkey)["error_code"], json!(851));
     assert_eq!(
         keys_in(&d, "operate_process"),
         vec!["regsvc-key".to_string()]
@@ -1034,7 +1034,7 @@ fn operate_process_register_updates_and_shares_the_meta_registry() {
     let info = v2_info(&env, "metasvc", json!({}));
     let key = v2_key(0, "127.0.0.1", "core", "metasvc");
     let task = v2(&d, 0, json!([info.clone()]));
-    let r = d.wait_task(&task, &key);
+    let r = d.wait_task_v2(&task, &key);
     assert_eq!(r["error_code"], json!(0), "{r}");
     assert_eq!(d.status("core", "metasvc")["status"], json!(1));
     assert_eq!(
@@ -1051,7 +1051,7 @@ fn operate_process_register_updates_and_shares_the_meta_registry() {
     let data = ps(&d, &json!({"bk_biz_id": "*", "page": 1, "pagesize": 100}));
     assert_eq!(data["count"], json!(2), "{data}");
     let task = v2(&d, 1, json!([info]));
-    assert_eq!(d.wait_task(&task, &key)["error_code"], json!(0));
+    assert_eq!(d.wait_task_v2(&task, &key)["error_code"], json!(0));
 }
 
 #[test]
@@ -1081,7 +1081,7 @@ fn operate_process_value_key_collisions() {
     assert!(keys_in(&d, "operate_process").is_empty(), "nothing stored");
     // the same entry twice is not a collision
     let task = v2(&d, 1, json!([a.clone(), a.clone()]));
-    let r = d.call("get_proc_operate_result", &json!({ "task_id": task }));
+    let r = d.call("get_proc_operate_result_v2", &json!({ "task_id": task }));
     assert_eq!(r["data"].as_object().unwrap().len(), 1, "{r}");
 
     // distinct value_keys: two processes
@@ -1090,7 +1090,7 @@ fn operate_process_value_key_collisions() {
     let task = v2(&d, 1, json!([a1.clone(), b2.clone()]));
     for vk in ["twin-1", "twin-2"] {
         let k = v2_key(0, "127.0.0.1", "operate_process", vk);
-        assert_eq!(d.wait_task(&task, &k)["error_code"], json!(829), "{vk}");
+        assert_eq!(d.wait_task_v2(&task, &k)["error_code"], json!(829), "{vk}");
     }
     let mut names = keys_in(&d, "operate_process");
     names.sort();
@@ -1130,7 +1130,7 @@ fn operate_process_value_key_collisions() {
     let moved = with(a1.clone(), json!({"pid_path": env.p("moved.pid")}));
     let task = v2(&d, 1, json!([moved]));
     let k = v2_key(0, "127.0.0.1", "operate_process", "twin-1");
-    assert_eq!(d.wait_task(&task, &k)["error_code"], json!(829));
+    assert_eq!(d.wait_task_v2(&task, &k)["error_code"], json!(829));
     assert_eq!(
         d.detail("operate_process", "twin-1")["spec"]["pid_path"],
         json!(env.p("moved.pid"))
@@ -1292,7 +1292,7 @@ fn operate_process_ip_list_naming_another_host() {
         v2_key(0, "10.255.0.9", "operate_process", &name),
         v2_key(2, "127.0.0.1", "operate_process", &name),
     ];
-    let first = d.call("get_proc_operate_result", &json!({ "task_id": task }));
+    let first = d.call("get_proc_operate_result_v2", &json!({ "task_id": task }));
     let data = first["data"].as_object().expect("data");
     assert_eq!(
         data.len(),
@@ -1309,7 +1309,7 @@ fn operate_process_ip_list_naming_another_host() {
             "{first}"
         );
     }
-    assert_eq!(d.wait_task(&task, &mine)["error_code"], json!(0));
+    assert_eq!(d.wait_task_v2(&task, &mine)["error_code"], json!(0));
     let pid = read_pid(&env.p("hostsvc.pid")).unwrap();
     assert!(alive(pid));
     // only other hosts: per-host errors, nothing registered or started
@@ -1325,12 +1325,12 @@ fn operate_process_ip_list_naming_another_host() {
         "operate_process",
         &format!("awaysvc@{}", env.path().display()),
     );
-    assert_eq!(d.wait_task(&task, &k)["error_code"], json!(117));
+    assert_eq!(d.wait_task_v2(&task, &k)["error_code"], json!(117));
     assert_eq!(keys_in(&d, "operate_process"), vec![name.clone()]);
     assert!(read_pid(&env.p("awaysvc.pid")).is_none());
     // clean stop
     let task = v2(&d, 1, json!([v2_info(&env, prog, json!({}))]));
-    assert_eq!(d.wait_task(&task, &mine)["error_code"], json!(0));
+    assert_eq!(d.wait_task_v2(&task, &mine)["error_code"], json!(0));
     assert!(!alive(pid));
 }
 
@@ -1385,7 +1385,7 @@ fn operate_process_bad_requests() {
         json!({"type": 0, "cycle_time": 0, "value_key": "bad"}),
     );
     let task = v2(&d, 0, json!([bad]));
-    let r = d.wait_task(&task, &v2_key(0, "127.0.0.1", "operate_process", "bad"));
+    let r = d.wait_task_v2(&task, &v2_key(0, "127.0.0.1", "operate_process", "bad"));
     assert_eq!(r["error_code"], json!(830), "{r}");
     assert!(
         r["error_msg"]

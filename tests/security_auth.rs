@@ -28,15 +28,19 @@ fn call_as(cli: &str, d: &Daemon, user: &User, api: &str, body: &Value) -> (i32,
     (code, v, err)
 }
 
+/// Poll a task as `user` with get_proc_operate_result until `key` (a v1 key) answers.
 fn wait_task_as(cli: &str, d: &Daemon, user: &User, task: &str, key: &str) -> Value {
+    wait_task_at_as(cli, d, user, "get_proc_operate_result", task, key)
+}
+
+/// Poll a task as `user` with get_proc_operate_result_v2 until `key` (a v2 key) answers.
+fn wait_task_v2_as(cli: &str, d: &Daemon, user: &User, task: &str, key: &str) -> Value {
+    wait_task_at_as(cli, d, user, "get_proc_operate_result_v2", task, key)
+}
+
+fn wait_task_at_as(cli: &str, d: &Daemon, user: &User, api: &str, task: &str, key: &str) -> Value {
     wait_for("task result", Duration::from_secs(60), || {
-        let (_, v, _) = call_as(
-            cli,
-            d,
-            user,
-            "get_proc_operate_result",
-            &json!({ "task_id": task }),
-        );
+        let (_, v, _) = call_as(cli, d, user, api, &json!({ "task_id": task }));
         let r = v["data"][key].clone();
         (r.is_object() && r["error_code"] != json!(115)).then_some(r)
     })
@@ -761,14 +765,14 @@ fn multi_status_items_from_a_reader_register_nothing_and_writes_are_refused() {
     let (code, v, err) = call_as(&r.cli, &d, &r.reader, "operate_proc_multi", &items(2));
     assert_eq!((code, v["result"].clone()), (0, json!(true)), "{v} {err}");
     let task = v["data"]["task_id"].as_str().unwrap().to_string();
-    let a = wait_task_as(
+    let a = wait_task_v2_as(
         &r.cli,
         &d,
         &r.reader,
         &task,
         &format!("0:127.0.0.1:{NS}:rsvc"),
     );
-    let b = wait_task_as(
+    let b = wait_task_v2_as(
         &r.cli,
         &d,
         &r.reader,
@@ -812,7 +816,7 @@ fn multi_status_items_from_a_reader_register_nothing_and_writes_are_refused() {
     assert_eq!(v["result"], json!(true), "{v} {err}");
     let task = v["data"]["bk_gse_taskid"].as_str().unwrap().to_string();
     let k = "0:127.0.0.1:operate_process:v2p@".to_string() + &env.path().display().to_string();
-    let res = wait_task_as(&r.cli, &d, &r.reader, &task, &k);
+    let res = wait_task_v2_as(&r.cli, &d, &r.reader, &task, &k);
     assert_eq!(res["error_code"], json!(851), "{res}");
     for op in [0, 4] {
         let (_, v, _) = call_as(
@@ -1037,7 +1041,7 @@ fn status_of_a_process_started_outside_the_agent_runs_no_version_cmd() {
             "pid_path": pidfile, "ip_list": [{"ip": "127.0.0.1", "bk_cloud_id": 0}]}]}),
     );
     let task = r["data"]["bk_gse_taskid"].as_str().unwrap().to_string();
-    let res = d.wait_task(&task, &format!("0:127.0.0.1:{NS}:outside"));
+    let res = d.wait_task_v2(&task, &format!("0:127.0.0.1:{NS}:outside"));
     assert_eq!(res["error_code"], json!(0), "{res}");
     let _ = d.status(NS, "outside");
     assert!(
@@ -1121,4 +1125,72 @@ fn an_item_is_authorized_again_when_it_runs() {
     );
     assert_eq!(d.detail(NS, "slow")["spec"]["account"], json!(""));
     assert_eq!(d.op(NS, "slow", 1)["error_code"], json!(0));
+}
+
+/// POST `body` to `path` on the daemon's socket as `user` (curl, since the CLI only speaks
+/// /v1/): the envelope, or null.
+fn post_as(d: &Daemon, user: &User, path: &str, body: &Value) -> Value {
+    let sock = d.socket.display().to_string();
+    let url = format!("http://agent{path}");
+    let (_, out, err) = run_as(
+        user,
+        "/usr/bin/curl",
+        &["-s", "--unix-socket", &sock, "-d", &body.to_string(), &url],
+    );
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{path}: {e}: {out} {err}"))
+}
+
+/// The ESB root paths (`/operate_proc_multi/`, ...) and the APIGW paths are authorized
+/// exactly as /v1/ is: a reader may query and not operate, a uid without a role may do
+/// nothing, an admin may operate its own processes.
+#[test]
+fn esb_root_paths_are_authorized_as_the_v1_routes() {
+    let env = TestEnv::new();
+    let Some(r) = Roles::new(&env) else {
+        return;
+    };
+    if !have("/usr/bin/curl") {
+        eprintln!("skipped: /usr/bin/curl is not installed");
+        return;
+    }
+    let d = r.daemon(&env, "");
+    let spec = daemon_spec(&env, "esbauth", json!({}));
+    d.register(NS, "esbauth", spec.clone());
+    let host = json!([{"ip": "127.0.0.1", "bk_cloud_id": 0}]);
+    let multi = |op: i64| json!({"proc_operate_req": [{"meta": meta("esbauth"), "op_type": op, "hosts": host, "spec": spec}]});
+    let status = json!({"meta": meta("esbauth"), "hosts": host});
+    for prefix in ["/v1/", "/", "/api/v2/proc/"] {
+        for slash in ["", "/"] {
+            let at = |api: &str| format!("{prefix}{api}{slash}");
+            let path = at("operate_proc_multi");
+            // A reader may run status queries (an inline spec stores nothing) and no start.
+            refused(&post_as(&d, &r.reader, &path, &multi(0)), &path);
+            let v = post_as(&d, &r.reader, &path, &multi(2));
+            assert_eq!(v["result"], json!(true), "{path}: {v}");
+            let v = post_as(&d, &r.reader, &at("get_proc_status_v2"), &status);
+            assert_eq!(v["result"], json!(true), "{path}: {v}");
+            refused(
+                &post_as(
+                    &d,
+                    &r.reader,
+                    &at("register_proc_info"),
+                    &json!({"meta": meta("esbauth"), "hosts": [Daemon::host()], "spec": spec}),
+                ),
+                &at("register_proc_info"),
+            );
+            // Without a role: nothing, not even a read.
+            refused(&post_as(&d, &r.other, &path, &multi(2)), &path);
+            refused(
+                &post_as(&d, &r.other, &at("get_proc_status_v2"), &status),
+                &at("get_proc_status_v2"),
+            );
+            // An admin may not operate root's process (its account is root's).
+            refused(&post_as(&d, &r.admin, &path, &multi(0)), &path);
+        }
+    }
+    assert_eq!(
+        d.status(NS, "esbauth")["status"],
+        json!(2),
+        "nothing started"
+    );
 }

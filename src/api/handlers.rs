@@ -21,7 +21,8 @@ use serde_json::{Value, json};
 use super::ApiError;
 use super::auth::Access;
 use super::limits::{self, MAX_HOSTS};
-use crate::proto::{HostWire, KeyResult, OpType, codes};
+use crate::host::HostIdentity;
+use crate::proto::{HostWire, ItemHost, KeyResult, OpType, codes};
 use crate::spec::{FieldError, ProcKey, ProcSpec, validate_key};
 use crate::supervisor::Engine;
 use crate::supervisor::defs::{self, PutMode};
@@ -124,8 +125,9 @@ pub async fn call_authorized(
             super::operate::operate_proc(engine, body, access, api, KeyStyle::V1).await
         }
         "operate_proc_multi" => super::operate::operate_proc_multi(engine, body, access).await,
-        "get_proc_operate_result" | "get_proc_operate_result_v2" => {
-            super::operate::get_result(engine, body).await
+        "get_proc_operate_result" => super::operate::get_result(engine, body, KeyStyle::V1).await,
+        "get_proc_operate_result_v2" => {
+            super::operate::get_result(engine, body, KeyStyle::V2).await
         }
         "get_proc_status" => super::status::get_proc_status(engine, body, KeyStyle::V1),
         "get_proc_status_v2" => super::status::get_proc_status(engine, body, KeyStyle::V2),
@@ -159,9 +161,11 @@ pub async fn call_authorized(
 /// How per-host result keys are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyStyle {
-    /// `cloud:supplier:ip:ns:name` (v1 documents).
+    /// `cloud:supplier:ip:ns:name` (v1 documents: get_proc_operate_result, and the
+    /// synchronous answers of requests whose hosts carry a supplier).
     V1,
-    /// `cloud:ip:ns:name` (v2 and operate_proc_multi).
+    /// `cloud:ip:ns:name`, or `agent_id:ns:name` for agent ids (v2 documents:
+    /// get_proc_operate_result_v2).
     V2,
 }
 
@@ -216,7 +220,76 @@ pub fn targets(hosts: &[HostWire], agent_ids: &[String]) -> Result<Vec<Target>, 
     Ok(t)
 }
 
-/// The result key of a target and process.
+impl Target {
+    /// The host as a task item stores it (the ip and agent id trimmed, an absent cloud id 0).
+    pub fn item_host(&self) -> ItemHost {
+        match self {
+            Target::Host(h) => ItemHost::Host {
+                ip: h.ip.trim().to_string(),
+                bk_cloud_id: h.bk_cloud_id.unwrap_or(0),
+                bk_supplier_id: h.bk_supplier_id,
+            },
+            Target::Agent(a) => ItemHost::Agent(a.trim().to_string()),
+        }
+    }
+}
+
+/// The `(bk_cloud_id, ip)` an agent id names when it is in the fallback form
+/// `"{bk_cloud_id}:{ip}"` that callers use for a host without an agent id.
+pub fn fallback_agent_host(id: &str) -> Option<(i64, &str)> {
+    let (cloud, ip) = id.trim().split_once(':')?;
+    let cloud = cloud.parse::<i64>().ok()?;
+    let ip = ip.trim();
+    (!ip.is_empty()).then_some((cloud, ip))
+}
+
+/// The key of a task item as a result endpoint answers it: `style` is the endpoint's
+/// (get_proc_operate_result [`KeyStyle::V1`], get_proc_operate_result_v2
+/// [`KeyStyle::V2`]), whatever API submitted the task.
+///
+/// * v2: `cloud:ip:ns:name` for a host, `agent_id:ns:name` for an agent id.
+/// * v1: `cloud:supplier:ip:ns:name` for a host (an absent supplier is 0); for an agent id,
+///   the host it names: this agent's cloud, supplier and ip when it is this agent's id (or
+///   its fallback form), `cloud:0:ip` for another agent's fallback form `cloud:ip`, and the
+///   agent-id form `agent_id:ns:name` for another agent's id, whose host is unknown here.
+pub fn polled_key(h: &ItemHost, style: KeyStyle, key: &ProcKey, me: &HostIdentity) -> String {
+    let (ns, name) = (&key.namespace, &key.name);
+    match (h, style) {
+        (
+            ItemHost::Host {
+                ip, bk_cloud_id, ..
+            },
+            KeyStyle::V2,
+        ) => format!("{bk_cloud_id}:{ip}:{ns}:{name}"),
+        (
+            ItemHost::Host {
+                ip,
+                bk_cloud_id,
+                bk_supplier_id,
+            },
+            KeyStyle::V1,
+        ) => format!(
+            "{bk_cloud_id}:{}:{ip}:{ns}:{name}",
+            bk_supplier_id.unwrap_or(0)
+        ),
+        (ItemHost::Agent(a), KeyStyle::V2) => format!("{a}:{ns}:{name}"),
+        (ItemHost::Agent(a), KeyStyle::V1) => {
+            if me.is_my_agent_id(a) {
+                format!(
+                    "{}:{}:{}:{ns}:{name}",
+                    me.bk_cloud_id, me.bk_supplier_id, me.ip
+                )
+            } else if let Some((cloud, ip)) = fallback_agent_host(a) {
+                format!("{cloud}:0:{ip}:{ns}:{name}")
+            } else {
+                format!("{a}:{ns}:{name}")
+            }
+        }
+    }
+}
+
+/// The result key of a target and process as one request writes it (what the request
+/// deduplicates on; result endpoints write theirs with [`polled_key`]).
 pub fn result_key(t: &Target, style: KeyStyle, key: &ProcKey) -> String {
     match (t, style) {
         (Target::Agent(a), _) => format!("{}:{}:{}", a.trim(), key.namespace, key.name),
@@ -286,16 +359,27 @@ pub fn not_me(engine: &Engine, t: &Target) -> KeyResult {
     )
 }
 
+/// The `host` of a status entry. An agent id's entry says which agent it is for
+/// (`bk_agent_id`) and the host that agent id names: this agent's ip and cloud id for one of
+/// its own ids, the `cloud:ip` of another agent's fallback-form id, and no address at all
+/// for another agent's id (its host is unknown here; never this agent's address).
 pub(crate) fn host_json(engine: &Engine, t: &Target, style: KeyStyle) -> Value {
     match (t, style) {
+        (Target::Agent(a), _) => {
+            let a = a.trim();
+            if engine.host.is_my_agent_id(a) {
+                json!({"ip": engine.host.ip, "bk_cloud_id": engine.host.bk_cloud_id, "bk_agent_id": a})
+            } else if let Some((cloud, ip)) = fallback_agent_host(a) {
+                json!({"ip": ip, "bk_cloud_id": cloud, "bk_agent_id": a})
+            } else {
+                json!({ "bk_agent_id": a })
+            }
+        }
         (Target::Host(h), KeyStyle::V1) => json!({
             "ip": h.ip.trim(), "bk_cloud_id": h.bk_cloud_id.unwrap_or(0), "bk_supplier_id": h.bk_supplier_id.unwrap_or(0)
         }),
         (Target::Host(h), KeyStyle::V2) => {
             json!({"ip": h.ip.trim(), "bk_cloud_id": h.bk_cloud_id.unwrap_or(0)})
-        }
-        (Target::Agent(_), _) => {
-            json!({"ip": engine.host.ip, "bk_cloud_id": engine.host.bk_cloud_id})
         }
     }
 }
@@ -416,6 +500,126 @@ mod tests {
         let same = vec![host("10.0.0.9", Some(0), None); MAX_HOSTS];
         let tg = targets(&same, &[]).unwrap();
         assert_eq!(distinct_targets(&tg, KeyStyle::V2, &key).len(), 1);
+    }
+
+    fn me() -> HostIdentity {
+        HostIdentity {
+            ip: "10.0.0.1".into(),
+            bk_cloud_id: 2,
+            bk_supplier_id: 5,
+            agent_id: "aid-me".into(),
+        }
+    }
+
+    #[test]
+    fn each_result_endpoint_writes_its_own_key_form() {
+        let key = ProcKey::new("ns", "p");
+        let ih = |ip: &str, cloud, supplier| ItemHost::Host {
+            ip: ip.into(),
+            bk_cloud_id: cloud,
+            bk_supplier_id: supplier,
+        };
+        let agent = |a: &str| ItemHost::Agent(a.into());
+        let cases: Vec<(ItemHost, &str, &str)> = vec![
+            (
+                ih("10.0.0.1", 2, None),
+                "2:0:10.0.0.1:ns:p",
+                "2:10.0.0.1:ns:p",
+            ),
+            (
+                ih("10.0.0.1", 2, Some(5)),
+                "2:5:10.0.0.1:ns:p",
+                "2:10.0.0.1:ns:p",
+            ),
+            (
+                ih("10.9.9.9", 0, Some(3)),
+                "0:3:10.9.9.9:ns:p",
+                "0:10.9.9.9:ns:p",
+            ),
+            (ih("fe80::1", 0, None), "0:0:fe80::1:ns:p", "0:fe80::1:ns:p"),
+            // This agent by its id and by its fallback form: its own cloud, supplier, ip.
+            (agent("aid-me"), "2:5:10.0.0.1:ns:p", "aid-me:ns:p"),
+            (agent("2:10.0.0.1"), "2:5:10.0.0.1:ns:p", "2:10.0.0.1:ns:p"),
+            // Another agent's fallback form names its host; an opaque id does not.
+            (agent("3:10.9.9.9"), "3:0:10.9.9.9:ns:p", "3:10.9.9.9:ns:p"),
+            (agent("0:fe80::2"), "0:0:fe80::2:ns:p", "0:fe80::2:ns:p"),
+            (agent("0200abc"), "0200abc:ns:p", "0200abc:ns:p"),
+            (agent("x:10.0.0.1"), "x:10.0.0.1:ns:p", "x:10.0.0.1:ns:p"),
+        ];
+        for (h, v1, v2) in cases {
+            assert_eq!(polled_key(&h, KeyStyle::V1, &key, &me()), v1, "{h:?}");
+            assert_eq!(polled_key(&h, KeyStyle::V2, &key, &me()), v2, "{h:?}");
+        }
+        // A target stores what the request said, trimmed, the cloud id defaulted.
+        let t = Target::Host(host(" 10.0.0.1 ", None, Some(5)));
+        assert_eq!(t.item_host(), ih("10.0.0.1", 0, Some(5)));
+        assert_eq!(Target::Agent(" a ".into()).item_host(), agent("a"));
+        assert_eq!(fallback_agent_host("0:"), None);
+        assert_eq!(fallback_agent_host(":1.2.3.4"), None);
+        assert_eq!(fallback_agent_host("7:1.2.3.4"), Some((7, "1.2.3.4")));
+    }
+
+    #[test]
+    fn a_key_two_items_share_answers_once_for_this_agent() {
+        use crate::api::operate::task_results;
+        use crate::store::TaskItemRecord;
+        let key = ProcKey::new("ns", "p");
+        let item = |h: ItemHost, r: Option<KeyResult>| TaskItemRecord {
+            result_key: "as-written".into(),
+            key: Some(key.clone()),
+            op_type: 0,
+            result: r,
+            definition: None,
+            target: Some(h),
+        };
+        let mine = || ItemHost::Agent("aid-me".into());
+        let fallback = || ItemHost::Agent("2:10.0.0.1".into());
+        let other_supplier = || ItemHost::Host {
+            ip: "10.0.0.1".into(),
+            bk_cloud_id: 2,
+            bk_supplier_id: Some(9),
+        };
+        let ok = KeyResult::ok("");
+        let started = KeyResult::err(codes::PROC_RUNNING, "already running");
+        let away = KeyResult::err(codes::AGENT_NOT_FOUND, "not served");
+        // This agent named twice: one v1 key, 115 while either runs, then the first.
+        let items = vec![item(mine(), Some(ok.clone())), item(fallback(), None)];
+        let v1 = task_results(items.clone(), KeyStyle::V1, &me());
+        assert_eq!(v1.len(), 1, "{v1:?}");
+        assert_eq!(v1["2:5:10.0.0.1:ns:p"].error_code, codes::RUNNING);
+        let v2 = task_results(items, KeyStyle::V2, &me());
+        assert_eq!(v2.len(), 2, "{v2:?}");
+        let items = vec![
+            item(mine(), Some(started.clone())),
+            item(fallback(), Some(ok.clone())),
+        ];
+        assert_eq!(
+            task_results(items, KeyStyle::V1, &me())["2:5:10.0.0.1:ns:p"],
+            started
+        );
+        // Two suppliers of one cloud:ip (one is not this agent): v2 answers for this agent.
+        let items = vec![
+            item(other_supplier(), Some(away.clone())),
+            item(mine(), Some(ok.clone())),
+        ];
+        let v2 = task_results(items.clone(), KeyStyle::V2, &me());
+        assert_eq!(v2.len(), 2);
+        let items = vec![
+            item(other_supplier(), Some(away.clone())),
+            item(fallback(), Some(ok.clone())),
+        ];
+        let v2 = task_results(items, KeyStyle::V2, &me());
+        assert_eq!(v2.len(), 1, "{v2:?}");
+        assert_eq!(v2["2:10.0.0.1:ns:p"], ok);
+        // An item without a host answers the key it was written with.
+        let mut old = item(mine(), Some(ok.clone()));
+        old.target = None;
+        assert_eq!(
+            task_results(vec![old], KeyStyle::V2, &me())
+                .keys()
+                .collect::<Vec<_>>(),
+            vec!["as-written"]
+        );
     }
 
     #[test]

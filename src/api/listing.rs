@@ -117,7 +117,10 @@ pub(crate) async fn tasks(engine: &Engine, body: &[u8]) -> Result<Value, ApiErro
                 .items
                 .into_iter()
                 .map(|i| TaskItemView {
-                    key: i.result_key,
+                    key: match (&i.target, &i.key) {
+                        (Some(h), Some(k)) => polled_key(h, KeyStyle::V1, k, &engine.host),
+                        _ => i.result_key,
+                    },
                     result: i.result.unwrap_or_else(KeyResult::running),
                     definition: i.definition,
                 })

@@ -18,8 +18,10 @@
 //!   and discards what the client still sends (a body it did not read) for a bounded time
 //!   and byte count before closing ([`linger`]), so a client still writing its body gets the
 //!   answer instead of EPIPE or a reset.
-//! * Routes: every GSE API at `POST /v1/<api_name>`, also at `POST /api/v2/proc/<api_name>/`
-//!   (trailing slash optional); `GET /v1/healthz`, `GET /v1/events`, `GET /v1/logs`,
+//! * Routes: every API at `POST /v1/<api_name>` and `POST /api/v2/proc/<api_name>/` (the
+//!   APIGW path), the GSE APIs ([`GSE_APIS`]) also at `POST /<api_name>/` (the ESB root
+//!   path), trailing slashes optional, all through one [`dispatch`] (one authorization);
+//!   `GET /v1/healthz`, `GET /v1/events`, `GET /v1/logs`,
 //!   `POST /v1/reload`, `GET /metrics` (also `/v1/metrics`; see [`metrics`]).
 //!   Every answer, errors included, is the GSE envelope `{result, code, message, data,
 //!   request_id}`; every refusal is logged, rate-limited ([`refusals`]).
@@ -346,6 +348,23 @@ pub fn chown_socket(path: &Path, group: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// The GSE APIs, also served at the gateway root (`POST /<api_name>/`), where the ESB
+/// forwards them; the agent's own APIs (`procs`, `tasks`, GSEKit's `operate_process`) are
+/// not GSE's and stay under `/v1/` and `/api/v2/proc/`.
+pub const GSE_APIS: &[&str] = &[
+    "operate_proc",
+    "operate_proc_v2",
+    "operate_proc_multi",
+    "get_proc_operate_result",
+    "get_proc_operate_result_v2",
+    "get_proc_status",
+    "get_proc_status_v2",
+    "sync_proc_status",
+    "register_proc_info",
+    "update_proc_info",
+    "unregister_proc_info",
+];
+
 /// The router.
 pub fn router(engine: Arc<Engine>) -> Router {
     let state = AppState { engine };
@@ -378,8 +397,22 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/api/v2/proc/{api}/", any(dispatch))
         .route("/v2/gsekit/api/process/process_status", any(gsekit_status))
         .route("/v2/gsekit/api/process/process_status/", any(gsekit_status))
+        .merge(esb_root_routes())
         .fallback(not_found)
         .with_state(state)
+}
+
+/// `POST /<api>` and `POST /<api>/` for every GSE API: the same [`dispatch`] as `/v1/<api>`.
+fn esb_root_routes() -> Router<AppState> {
+    let mut root = Router::new();
+    for &api in GSE_APIS {
+        let at =
+            move |st: State<AppState>, req: Request| dispatch(st, AxPath(api.to_string()), req);
+        root = root
+            .route(&format!("/{api}"), any(at))
+            .route(&format!("/{api}/"), any(at));
+    }
+    root
 }
 
 /// A GET endpoint asked with another method: the envelope, 405.

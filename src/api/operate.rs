@@ -1,5 +1,6 @@
 //! operate_proc (v1 and v2) and operate_proc_multi: decoding, authorizing by effect and planning
-//! the items of a task, submitting it; get_proc_operate_result.
+//! the items of a task, submitting it; get_proc_operate_result (v1 and v2), which key every
+//! task's items in their own form ([`task_results`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,10 +11,12 @@ use super::ApiError;
 use super::auth::Access;
 use super::limits::{self, KeyBudget, MAX_MULTI_ITEMS};
 use super::submit::{Plan, Work, submit};
+use crate::host::HostIdentity;
 use crate::proto::{
     KeyResult, OpType, OperateMultiReq, OperateProcReq, TaskIdResp, TaskQuery, TaskResults, codes,
 };
 use crate::spec::{FieldError, Labels, ProcKey, ProcSpec};
+use crate::store::TaskItemRecord;
 use crate::supervisor::Engine;
 
 use super::handlers::*;
@@ -141,6 +144,7 @@ pub(crate) fn plan_request(
                 .into_iter()
                 .map(|(rk, t)| Plan {
                     result_key: rk,
+                    target: t.item_host(),
                     key: Some(key.clone()),
                     op,
                     immediate: Some(if is_me(engine, t) {
@@ -185,6 +189,7 @@ pub fn plan_items(
             let me = is_me(engine, t);
             Plan {
                 result_key: rk,
+                target: t.item_host(),
                 key: Some(key.clone()),
                 op,
                 immediate: if me { None } else { Some(not_me(engine, t)) },
@@ -244,7 +249,14 @@ pub(crate) async fn operate_proc_multi(
     Ok(to_data(&TaskIdResp { task_id }))
 }
 
-pub(crate) async fn get_result(engine: &Engine, body: &[u8]) -> Result<Value, ApiError> {
+/// get_proc_operate_result (`style` [`KeyStyle::V1`]) and get_proc_operate_result_v2
+/// ([`KeyStyle::V2`]): every item of the task under the key this endpoint writes
+/// ([`polled_key`]), whatever API submitted it.
+pub(crate) async fn get_result(
+    engine: &Engine,
+    body: &[u8],
+    style: KeyStyle,
+) -> Result<Value, ApiError> {
     let task_id = decode_task_query(body)?;
     let Some(t) = engine.tasks.get(&task_id).await else {
         return Err(ApiError::new(
@@ -252,10 +264,34 @@ pub(crate) async fn get_result(engine: &Engine, body: &[u8]) -> Result<Value, Ap
             format!("task {task_id:?} does not exist"),
         ));
     };
-    let m: TaskResults = t
-        .items
+    Ok(to_data(&task_results(t.items, style, &engine.host)))
+}
+
+/// The results of a task's items by the key `style` writes. Items recorded without a host
+/// (synchronous requests' entries, tasks of an older agent) keep the key they were written
+/// with. Items of one request are distinct in the request's own key form, but two may share
+/// the other form (this agent named by its agent id and by `cloud:ip`, or two suppliers of
+/// one `cloud:ip`): such a key answers 115 while any of its items runs, then the first of
+/// them (in request order) that names this agent, else the first.
+pub fn task_results(items: Vec<TaskItemRecord>, style: KeyStyle, me: &HostIdentity) -> TaskResults {
+    let mut groups: HashMap<String, Vec<KeyResult>> = HashMap::new();
+    for it in items {
+        let rk = match (&it.target, &it.key) {
+            (Some(h), Some(k)) => polled_key(h, style, k, me),
+            _ => it.result_key,
+        };
+        groups
+            .entry(rk)
+            .or_default()
+            .push(it.result.unwrap_or_else(KeyResult::running));
+    }
+    groups
         .into_iter()
-        .map(|it| (it.result_key, it.result.unwrap_or_else(KeyResult::running)))
-        .collect();
-    Ok(to_data(&m))
+        .map(|(rk, rs)| {
+            let pending = rs.iter().find(|r| r.error_code == codes::RUNNING);
+            let mine = rs.iter().find(|r| r.error_code != codes::AGENT_NOT_FOUND);
+            let r = pending.or(mine).or(rs.first()).cloned();
+            (rk, r.unwrap_or_else(KeyResult::running))
+        })
+        .collect()
 }

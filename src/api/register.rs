@@ -57,6 +57,7 @@ pub(crate) async fn audit(
             op_type: -1,
             result: Some(k.result.clone()),
             definition: k.definition.clone(),
+            target: None,
         })
         .collect();
     let rec = record(engine.tasks.next_id(), api, -1, access, user, items, true);

@@ -202,6 +202,7 @@ async fn restart_task(
         .filter_map(|k| k.parse::<ProcKey>().ok())
         .map(|k| Plan {
             result_key: result_key(&me, KeyStyle::V2, &k),
+            target: me.item_host(),
             key: Some(k),
             op: OpType::Restart,
             immediate: None,

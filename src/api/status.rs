@@ -71,7 +71,14 @@ pub(crate) fn get_proc_status(
             let mut pi = super::wire::proc_info(&key, None, &req.meta.labels, host, agent);
             pi.meta.namespace = key.namespace.clone();
             pi.meta.name = key.name.clone();
-            pi.message = not_me(engine, t).error_msg;
+            pi.message = match t {
+                // Another agent's entry names none of this agent's addresses.
+                Target::Agent(a) => format!(
+                    "agent {:?} is not this agent: its processes are not known here",
+                    a.trim()
+                ),
+                Target::Host(_) => not_me(engine, t).error_msg,
+            };
             infos.push(pi);
         }
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::ApiError;
 use super::auth::Access;
 use super::handlers::writer;
-use crate::proto::{KeyResult, OpType, codes};
+use crate::proto::{ItemHost, KeyResult, OpType, codes};
 use crate::spec::{Labels, ProcKey, ProcSpec};
 use crate::store::{StoreError, TaskItemRecord, TaskRecord};
 use crate::supervisor::Engine;
@@ -30,7 +30,11 @@ pub enum Work {
 /// One item of an operate task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// The item's key as its request writes it: what one request deduplicates on, and what
+    /// the task history shows. Result endpoints write their own form from `target`.
     pub result_key: String,
+    /// The host the request named for this item.
+    pub target: ItemHost,
     pub key: Option<ProcKey>,
     pub op: OpType,
     /// `None`: run the work; `Some`: answered at once.
@@ -95,6 +99,7 @@ pub async fn submit(
             op_type: p.op.code(),
             result: p.immediate.clone(),
             definition: None,
+            target: Some(p.target.clone()),
         })
         .collect();
     let rec = record(task_id.clone(), api, op_code, access, user, items, false);

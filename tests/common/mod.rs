@@ -344,14 +344,25 @@ impl Daemon {
         self.wait_task(&task, &Self::key(ns, name))
     }
 
-    /// Poll a task until `key` is no longer 115.
+    /// Poll a task with get_proc_operate_result until `key` (a v1 key,
+    /// `cloud:supplier:ip:ns:name`) is no longer 115.
     pub fn wait_task(&self, task: &str, key: &str) -> Value {
+        self.wait_task_at("get_proc_operate_result", task, key)
+    }
+
+    /// Poll a task with get_proc_operate_result_v2 until `key` (a v2 key,
+    /// `cloud:ip:ns:name` or `agent_id:ns:name`) is no longer 115.
+    pub fn wait_task_v2(&self, task: &str, key: &str) -> Value {
+        self.wait_task_at("get_proc_operate_result_v2", task, key)
+    }
+
+    fn wait_task_at(&self, api: &str, task: &str, key: &str) -> Value {
         wait_for(
             &format!("task {task} key {key}"),
             Duration::from_secs(120),
             || {
-                let r = self.call("get_proc_operate_result", &json!({ "task_id": task }));
-                assert_eq!(r["result"], json!(true), "get_proc_operate_result: {r}");
+                let r = self.call(api, &json!({ "task_id": task }));
+                assert_eq!(r["result"], json!(true), "{api}: {r}");
                 let v = r["data"][key].clone();
                 assert!(v.is_object(), "key {key} missing from {r}");
                 if v["error_code"] == json!(115) {

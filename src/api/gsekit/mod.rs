@@ -34,9 +34,10 @@
 //! out keep their registered values (a new definition gets the defaults). Every operation
 //! but 2 (status) and 4 (unmanage) stores the resulting spec first (creating the definition
 //! when it is new); 4 updates an existing definition but never creates one; 2 changes
-//! nothing. Result keys are `{bk_cloud_id}:{ip}:{namespace}:{name}` for every `ip_list`
-//! member × process, present from the first poll of get_proc_operate_result (115 while
-//! pending); members that are not this host get a per-host 117.
+//! nothing. There is a result key for every `ip_list` member × process, in the form of the
+//! result endpoint polled (`{bk_cloud_id}:{ip}:{namespace}:{name}` from
+//! get_proc_operate_result_v2, with the supplier from get_proc_operate_result), present from
+//! the first poll (115 while pending); members that are not this host get a per-host 117.
 //!
 //! # process_status: topology from labels
 //!
