@@ -658,6 +658,7 @@ fn restart_without_restart_cmd_stops_then_starts() {
     );
     assert!(alive(third));
     assert_eq!(d.status("nodeman", "plain")["pid"], json!(third));
+}
 
 /// The finished `data` of a task as one result endpoint (`get_proc_operate_result` or
 /// `get_proc_operate_result_v2`) answers it, asked at `path` (`/v1/...`, the ESB root path,

@@ -1069,7 +1069,7 @@ fn operate_process_value_key_collisions() {
         &format!("twin@{}", env.path().display()),
     );
     let task = v2(&d, 1, json!([a.clone(), b.clone()]));
-    let r = d.wait_task(&task, &twin_key);
+    let r = d.wait_task_v2(&task, &twin_key);
     assert_eq!(r["error_code"], json!(830), "{r}");
     let msg = r["error_msg"].as_str().unwrap();
     assert!(
@@ -1112,7 +1112,7 @@ fn operate_process_value_key_collisions() {
         ]),
     );
     let k1 = v2_key(0, "127.0.0.1", "operate_process", "twin-1");
-    let r = d.wait_task(&task, &k1);
+    let r = d.wait_task_v2(&task, &k1);
     assert_eq!(r["error_code"], json!(830), "{r}");
     let msg = r["error_msg"].as_str().unwrap();
     assert!(msg.contains("value_key \"twin-1\""), "{msg}");
@@ -1125,7 +1125,7 @@ fn operate_process_value_key_collisions() {
             with(a1.clone(), json!({"pid_path": env.p("other.pid")}))
         ]),
     );
-    assert_eq!(d.wait_task(&task, &k1)["error_code"], json!(0));
+    assert_eq!(d.wait_task_v2(&task, &k1)["error_code"], json!(0));
     // a value_key names its process even when the paths change: an update
     let moved = with(a1.clone(), json!({"pid_path": env.p("moved.pid")}));
     let task = v2(&d, 1, json!([moved]));
@@ -1161,7 +1161,7 @@ fn operate_process_value_key_collisions() {
     d.register("GSEKIT_BIZ_5", "multi_1", s1);
     d.register("GSEKIT_BIZ_5", "multi_2", s2);
     let task = v2(&d, 2, json!([v2_info(&env, "multi", json!({}))]));
-    let r = d.wait_task(
+    let r = d.wait_task_v2(
         &task,
         &v2_key(
             0,

@@ -506,6 +506,7 @@ pub async fn operate_process(
                 push(
                     Plan {
                         result_key: rk,
+                        target: t.item_host(),
                         key: Some(r.key.clone()),
                         op,
                         immediate: Some(immediate),
