@@ -246,7 +246,8 @@ impl Limits {
     pub fn apply(&self, tree: &Tree, dir: &Path) -> io::Result<()> {
         let num = |v: Option<u64>| v.map_or_else(|| "max".to_string(), |b| b.to_string());
         if tree.has("memory") {
-            // max first when raising, high first when lowering: high never above max.
+            // The kernel takes them in either order (high may exceed max). A limit lowered
+            // under the current usage acts at once: reclaim, the high event, or an OOM kill.
             std::fs::write(dir.join("memory.max"), num(self.memory_max))?;
             std::fs::write(dir.join("memory.high"), num(self.memory_high))?;
             std::fs::write(dir.join("memory.oom.group"), "1")?;
@@ -435,6 +436,9 @@ pub struct Figures {
     pub memory_bytes: Option<u64>,
     /// `pids.current` (the pids controller), else the lines of `cgroup.procs`.
     pub pids: u64,
+    /// `io.stat` `rbytes + wbytes` over every device (the io controller), cumulative since
+    /// the cgroup was created.
+    pub io_bytes: Option<u64>,
     /// Pressure stall `some avg10` of cpu, memory and io (PSI, where the kernel has it).
     pub psi_cpu: Option<f64>,
     pub psi_memory: Option<f64>,
@@ -446,6 +450,17 @@ pub fn parse_cpu_usage(text: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("usage_usec "))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// The bytes read and written (`rbytes` + `wbytes`) over the devices of an `io.stat` text.
+pub fn parse_io_bytes(text: &str) -> u64 {
+    text.split_whitespace()
+        .filter_map(|f| {
+            f.strip_prefix("rbytes=")
+                .or_else(|| f.strip_prefix("wbytes="))
+        })
+        .filter_map(|v| v.parse::<u64>().ok())
+        .fold(0u64, u64::saturating_add)
 }
 
 /// The `some avg10=` figure of a `*.pressure` text.
@@ -464,6 +479,7 @@ pub fn figures(dir: &Path) -> Figures {
         cpu_usec: read("cpu.stat").and_then(|t| parse_cpu_usage(&t)),
         memory_bytes: num("memory.current"),
         pids: num("pids.current").unwrap_or_else(|| procs(dir).len() as u64),
+        io_bytes: read("io.stat").map(|t| parse_io_bytes(&t)),
         psi_cpu: read("cpu.pressure").and_then(|t| parse_pressure_some_avg10(&t)),
         psi_memory: read("memory.pressure").and_then(|t| parse_pressure_some_avg10(&t)),
         psi_io: read("io.pressure").and_then(|t| parse_pressure_some_avg10(&t)),
@@ -675,6 +691,9 @@ mod tests {
         let p = "some avg10=1.50 avg60=0.20 avg300=0.00 total=1234\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
         assert_eq!(parse_pressure_some_avg10(p), Some(1.5));
         assert_eq!(parse_pressure_some_avg10("full avg10=3.00 total=1\n"), None);
+        let io = "8:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n259:0 rbytes=1 wbytes=2 rios=1 wios=1 dbytes=9 dios=1\n";
+        assert_eq!(parse_io_bytes(io), 4096 + 8192 + 3);
+        assert_eq!(parse_io_bytes(""), 0);
     }
 
     #[test]

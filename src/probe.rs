@@ -612,8 +612,9 @@ impl Sampler {
 
     /// Containment: the figures of `t`'s instance cgroups (the whole tree of each) replace
     /// the main processes' where the kernel has them: cpu from `cpu.stat` (the first pass of
-    /// a cgroup reads 0, as a new process does), memory from `memory.current`, the number of
-    /// processes, and the pressure stall figures (the highest over the instances).
+    /// a cgroup reads 0, as a new process does), memory from `memory.current`, disk from
+    /// `io.stat`, the number of processes, and the pressure stall figures (the highest over
+    /// the instances).
     fn cgroup_figures(
         &mut self,
         t: &Target,
@@ -622,6 +623,7 @@ impl Sampler {
         seen: &mut HashMap<std::path::PathBuf, (u64, Instant)>,
     ) {
         let (mut cpu, mut cpu_known, mut mem, mut pids) = (0.0, false, None::<u64>, 0);
+        let mut io = None::<u64>;
         let max = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(x), Some(y)) => Some(x.max(y)),
             (x, y) => x.or(y),
@@ -642,6 +644,9 @@ impl Sampler {
             if let Some(m) = f.memory_bytes {
                 mem = Some(mem.unwrap_or(0).saturating_add(m));
             }
+            if let Some(b) = f.io_bytes {
+                io = Some(io.unwrap_or(0).saturating_add(b));
+            }
             s.psi_cpu = max(s.psi_cpu, f.psi_cpu);
             s.psi_memory = max(s.psi_memory, f.psi_memory);
             s.psi_io = max(s.psi_io, f.psi_io);
@@ -651,6 +656,9 @@ impl Sampler {
         }
         if let Some(m) = mem {
             s.rss_bytes = m;
+        }
+        if let Some(b) = io {
+            s.disk = b.min(i64::MAX as u64) as i64;
         }
         s.pids = pids;
         s.from_cgroup = true;
