@@ -80,31 +80,13 @@ fn op_as(cli: &str, d: &Daemon, user: &User, name: &str, op: i64) -> Value {
     d.wait_task(&task, &Daemon::key(NS, name))
 }
 
-/// Root's definition box/svc is unregistered while its daemon runs ("the process is no
-/// longer watched": it keeps running, in the cgroup procs/box/svc/0, which prune cannot
-/// remove while it is populated). An admin then registers box/svc for their own account
-/// and starts it: clear_leftovers SIGTERMs (then cgroup.kill's) everything in that cgroup,
-/// with no account check, so root's daemon dies. The cgroup is keyed by the name alone,
-/// and the name was free.
-#[test]
-fn an_admin_reusing_an_unregistered_root_key_never_kills_roots_leftover_in_its_cgroup() {
-    if !accounts_available() {
-        return;
-    }
-    let env = TestEnv::new();
-    let sub = match Subtree::create(&env) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
-    };
-    let cast = Cast::new();
-    let cli = cli_copy(&env);
-    let d = Daemon::start(&env, &cast.api_config(&sub.config()));
-    // root's daemon, started by root's definition.
+/// Root's definition box/svc, started (its daemon in procs/box/svc/0), then unregistered:
+/// its daemon keeps running in that cgroup, which prune cannot remove while it is
+/// populated, and the name is free for anyone to register. Returns the daemon's pid and
+/// the cgroup.
+fn roots_leftover(env: &TestEnv, d: &Daemon, sub: &Subtree) -> (i32, PathBuf) {
     let setup = env.path().join("rootsvc");
-    std::fs::create_dir_all(&setup).unwrap();
+    std::fs::create_dir_all(&setup).expect("mkdir");
     let prog = program_at(&setup, "rootd");
     let pidfile = env.p("rootd.pid");
     d.register(
@@ -133,6 +115,32 @@ fn an_admin_reusing_an_unregistered_root_key_never_kills_roots_leftover_in_its_c
     assert_eq!(r["result"], json!(true), "{r}");
     std::thread::sleep(Duration::from_millis(500));
     assert!(alive(root_pid), "unregistering leaves the process running");
+    (root_pid, cg)
+}
+
+/// Root's definition box/svc is unregistered while its daemon runs ("the process is no
+/// longer watched": it keeps running, in the cgroup procs/box/svc/0, which prune cannot
+/// remove while it is populated). An admin then registers box/svc for their own account
+/// and starts it: clear_leftovers SIGTERMs (then cgroup.kill's) everything in that cgroup,
+/// with no account check, so root's daemon dies. The cgroup is keyed by the name alone,
+/// and the name was free.
+#[test]
+fn an_admin_reusing_an_unregistered_root_key_never_kills_roots_leftover_in_its_cgroup() {
+    if !accounts_available() {
+        return;
+    }
+    let env = TestEnv::new();
+    let sub = match Subtree::create(&env) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let cast = Cast::new();
+    let cli = cli_copy(&env);
+    let d = Daemon::start(&env, &cast.api_config(&sub.config()));
+    let (root_pid, cg) = roots_leftover(&env, &d, &sub);
 
     // The admin takes the freed name, for their own account.
     let home = owned_dir(&env, "home-a", &cast.admin);
@@ -171,6 +179,101 @@ fn an_admin_reusing_an_unregistered_root_key_never_kills_roots_leftover_in_its_c
         "the admin's start/kill of its own definition killed root's process {root_pid} (left in the reused cgroup {})",
         cg.display()
     );
+}
+
+/// Attacker review, round four: containment's limits. The start of a reused key refuses to
+/// run beside root's leftover, but an adoption did not: an admin who registers the freed
+/// name box/svc with a pid file naming a process of their own (started outside the agent)
+/// had it moved into procs/box/svc/0, beside root's daemon, and that cgroup prepared for
+/// it: with the memory controller, the admin's mem_lmt written as its memory.high and
+/// memory.max (memory.oom.group 1: an OOM kill takes the whole cgroup, root's daemon
+/// with it). A cgroup holding another account's processes is never prepared: the process
+/// stays where it is, tracked without containment.
+#[test]
+fn an_admin_adopting_into_a_reused_cgroup_never_joins_roots_leftover() {
+    if !accounts_available() {
+        return;
+    }
+    let env = TestEnv::new();
+    let sub = match Subtree::create(&env) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let cast = Cast::new();
+    let cli = cli_copy(&env);
+    let d = Daemon::start(&env, &cast.api_config(&sub.config()));
+    let (root_pid, cg) = roots_leftover(&env, &d, &sub);
+
+    // The admin's own process, started by hand outside every cgroup of the agent.
+    let home = owned_dir(&env, "home-a", &cast.admin);
+    let prog = program_at(&home, "admind");
+    let mut own = common::sec::as_user(&cast.admin, &prog)
+        .arg("100000")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the admin's process");
+    let own_pid = own.id() as i32;
+    let pidfile = home.join("admind.pid");
+    std::fs::write(&pidfile, format!("{own_pid}\n")).unwrap();
+    nix::unistd::chown(
+        &pidfile,
+        Some(nix::unistd::Uid::from_raw(cast.admin.uid)),
+        Some(nix::unistd::Gid::from_raw(cast.admin.gid)),
+    )
+    .unwrap();
+    let spec = json!({
+        "identity": {"proc_name": "admind", "setup_path": home.display().to_string(), "pid_path": pidfile.display().to_string(), "user": cast.admin.name},
+        "control": {"start_cmd": format!("exec {prog} 100000"), "stop_cmd": ""},
+        "monitor_policy": {"auto_type": 1, "start_check_secs": 1, "op_timeout": 3},
+        "resource": {"mem": 0.001},
+    });
+    let (_, r, _) = call_as(
+        &cli,
+        &d.socket,
+        &cast.admin,
+        "register_proc_info",
+        &json!({"meta": {"namespace": NS, "name": "svc"}, "hosts": [Daemon::host()], "spec": spec}),
+    );
+    assert_eq!(r["result"], json!(true), "admin registers box/svc: {r}");
+    wait_for(
+        "the admin's process adopted",
+        Duration::from_secs(20),
+        || (d.status(NS, "svc")["pid"] == json!(own_pid)).then_some(()),
+    );
+    // Moved in, or left out (and told so).
+    let moved = wait_for("the move decided", Duration::from_secs(20), || {
+        if procagent::cgroup::procs(&cg).contains(&own_pid) {
+            return Some(true);
+        }
+        d.events(&format!("{NS}/svc"))
+            .iter()
+            .any(|e| e["kind"] == json!("not_contained"))
+            .then_some(false)
+    });
+    let events = d.events(&format!("{NS}/svc"));
+    let _ = own.kill();
+    let _ = own.wait();
+    let root_alive = alive(root_pid);
+    if root_alive {
+        kill9(root_pid);
+    }
+    assert!(root_alive, "root's leftover {root_pid} died");
+    assert!(
+        !moved,
+        "the admin's process {own_pid} was moved into {}, which holds root's process {root_pid}, and that cgroup was given the admin's limits",
+        cg.display()
+    );
+    let ev = events
+        .iter()
+        .find(|e| e["kind"] == json!("not_contained"))
+        .expect("not_contained");
+    let msg = ev["message"].as_str().unwrap_or("");
+    assert!(msg.contains(&root_pid.to_string()), "{ev}");
 }
 
 /// A FUSE mount that never answers, mounted only in a private mount namespace: the agent's

@@ -121,7 +121,7 @@ pub async fn authorize_off_runtime(
         return Err(forbidden("the peer's credentials are unknown; refused"));
     };
     let e = engine.clone();
-    let lookup = LOOKUPS.get((p.uid, p.gid), move || authorize(&e, peer))?;
+    let lookup = LOOKUPS.get((p.uid, p.gid), move || authorize(&e, peer));
     match tokio::time::timeout(ROLE_LOOKUP_TIMEOUT, lookup).await {
         // The lookup may have been another connection's of the same peer: the role is
         // the same, the peer is this one.
@@ -143,9 +143,16 @@ type Lookup = futures_util::future::Shared<
     futures_util::future::BoxFuture<'static, Result<Access, ApiError>>,
 >;
 
-/// The role lookups in flight: one per (uid, gid), shared by every connection of that peer
-/// that arrives while it runs, at most [`MAX_ROLE_LOOKUPS`] of them. Process-wide, as the
+/// The role lookups in flight or waiting for a place: one per (uid, gid), shared by every
+/// connection of that peer that arrives meanwhile; at most [`MAX_ROLE_LOOKUPS`] of them run
+/// at once, the others wait for a place in the order they came. Process-wide, as the
 /// account database (NSS) it guards is.
+///
+/// Waiting, not refusing, is what keeps a slow (not hung) database from locking admins out:
+/// peers without a role that ask again as soon as they are answered would otherwise hold
+/// every place whenever a new peer arrives; in turn, that peer is answered after the
+/// lookups ahead of it, one per peer. A hung database holds the places: each waiter is
+/// refused at its caller's deadline ([`ROLE_LOOKUP_TIMEOUT`]).
 pub struct Lookups {
     inflight: std::sync::Mutex<std::collections::HashMap<(u32, u32), Lookup>>,
     permits: std::sync::Arc<tokio::sync::Semaphore>,
@@ -153,6 +160,20 @@ pub struct Lookups {
 
 static LOOKUPS: std::sync::LazyLock<Lookups> =
     std::sync::LazyLock::new(|| Lookups::new(MAX_ROLE_LOOKUPS));
+
+/// A lookup's place and its entry in the map, given back when its thread is done with it,
+/// however it ended (a lookup that panics included: its peer is looked up again next time).
+struct Place {
+    lookups: &'static Lookups,
+    key: (u32, u32),
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.lookups.forget(self.key);
+    }
+}
 
 impl Lookups {
     pub fn new(max: usize) -> Lookups {
@@ -162,43 +183,51 @@ impl Lookups {
         }
     }
 
-    /// The lookup of `key`: the one in flight, or `f` started on a blocking thread. Refused
-    /// at once when [`MAX_ROLE_LOOKUPS`] lookups of other peers are all in flight (hung).
-    pub fn get<F>(&'static self, key: (u32, u32), f: F) -> Result<Lookup, ApiError>
+    fn forget(&self, key: (u32, u32)) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+    }
+
+    /// The lookup of `key`: the one in flight (or waiting), or `f`, run on a blocking thread
+    /// once a place is free. The lookup is a task of its own, so it keeps its turn (and
+    /// then runs and frees its place) whether or not its callers still wait.
+    pub fn get<F>(&'static self, key: (u32, u32), f: F) -> Lookup
     where
         F: FnOnce() -> Result<Access, ApiError> + Send + 'static,
     {
         use futures_util::FutureExt;
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(l) = inflight.get(&key) {
-            return Ok(l.clone());
+            return l.clone();
         }
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            return Err(forbidden(format!(
-                "{} role lookups are waiting for the account database; uid {} refused until one answers",
-                inflight.len(),
-                key.0
-            )));
-        };
-        let handle = tokio::task::spawn_blocking(move || {
-            let r = f();
-            // The thread is free again: so are its permit and its place in the map.
-            self.inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
-            drop(permit);
-            r
+        let permits = self.permits.clone();
+        let task = tokio::spawn(async move {
+            let Ok(permit) = permits.acquire_owned().await else {
+                self.forget(key);
+                return Err(forbidden("the role lookup failed: no place"));
+            };
+            let place = Place {
+                lookups: self,
+                key,
+                _permit: permit,
+            };
+            tokio::task::spawn_blocking(move || {
+                let _place = place;
+                f()
+            })
+            .await
+            .unwrap_or_else(|e| Err(forbidden(format!("the role lookup failed: {e}"))))
         });
         let l: Lookup = async move {
-            handle
-                .await
+            task.await
                 .unwrap_or_else(|e| Err(forbidden(format!("the role lookup failed: {e}"))))
         }
         .boxed()
         .shared();
         inflight.insert(key, l.clone());
-        Ok(l)
+        l
     }
 }
 
@@ -270,6 +299,61 @@ mod lookup_tests {
         })
     }
 
+    // A slow (not hung) account database, every place taken by peers without a role that
+    // ask again as soon as they are answered: a further peer (an admin) waits its turn
+    // and is answered within the caller's deadline, not refused at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_database_answers_a_further_peer_in_turn() {
+        let lookups: &'static Lookups = Box::leak(Box::new(Lookups::new(2)));
+        let slow = || {
+            std::thread::sleep(Duration::from_millis(150));
+            ok()
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut floods = Vec::new();
+        for uid in [2000, 2001] {
+            let stop = stop.clone();
+            floods.push(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _ = lookups.get((uid, uid), slow).await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..5 {
+            // A further peer waits its turn; it is not refused at once.
+            let l = lookups.get((1000, 1000), slow);
+            let r = tokio::time::timeout(ROLE_LOOKUP_TIMEOUT, l).await;
+            assert!(r.is_ok_and(|r| r.is_ok()), "answered within the deadline");
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for f in floods {
+            let _ = f.await;
+        }
+    }
+
+    // A lookup that panics (a broken NSS module) answers its waiters with an error and
+    // frees its place: the peer's next request is looked up again.
+    #[tokio::test]
+    async fn a_lookup_that_panics_does_not_wedge_its_peer() {
+        let lookups: &'static Lookups = Box::leak(Box::new(Lookups::new(2)));
+        let l = lookups.get((1000, 1000), || -> Result<Access, ApiError> {
+            panic!("a broken NSS module")
+        });
+        let r = tokio::time::timeout(Duration::from_secs(10), l)
+            .await
+            .expect("answered");
+        assert!(r.is_err());
+        let l = lookups.get((1000, 1000), ok);
+        let r = tokio::time::timeout(Duration::from_secs(10), l)
+            .await
+            .expect("answered");
+        assert!(
+            r.is_ok(),
+            "the panicked lookup's answer was kept for the peer"
+        );
+    }
+
     // A hung account database: lookups that never answer hold at most `max` threads, the
     // connections of one peer share one, and a lookup that answers frees its place.
     #[tokio::test]
@@ -289,35 +373,37 @@ mod lookup_tests {
         // Ten connections of uid 1000 share one lookup.
         let mut waits = Vec::new();
         for _ in 0..10 {
-            waits.push(lookups.get((1000, 1000), hung(&started)).unwrap());
+            waits.push(lookups.get((1000, 1000), hung(&started)));
         }
-        let other = lookups.get((1001, 1001), hung(&started)).unwrap();
-        // Both places taken: a third peer is refused at once, and nothing is started for it.
-        let refused = lookups.get((1002, 1002), hung(&started)).unwrap_err();
-        assert!(
-            refused.message.contains("waiting for the account database"),
-            "{}",
-            refused.message
-        );
+        let other = lookups.get((1001, 1001), hung(&started));
+        // Both places taken: a third peer waits for one (its caller's deadline refuses it
+        // while the database hangs), and nothing is started for it.
+        let third = lookups.get((1002, 1002), hung(&started));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while started.load(std::sync::atomic::Ordering::SeqCst) < 2
             && std::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), third.clone())
+                .await
+                .is_err()
+        );
         assert_eq!(
             started.load(std::sync::atomic::Ordering::SeqCst),
             2,
-            "one thread per peer"
+            "one thread per peer, no more than the places"
         );
         assert!(
             tokio::time::timeout(Duration::from_millis(50), waits[0].clone())
                 .await
                 .is_err()
         );
-        // The database answers: every waiter gets the answer, and the places are free.
-        release_tx.send(()).unwrap();
-        release_tx.send(()).unwrap();
+        // The database answers: every waiter gets the answer, the third peer gets its turn.
+        for _ in 0..3 {
+            release_tx.send(()).unwrap();
+        }
         for w in waits {
             assert!(
                 tokio::time::timeout(Duration::from_secs(10), w)
@@ -332,18 +418,20 @@ mod lookup_tests {
                 .unwrap()
                 .is_ok()
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match lookups.get((1002, 1002), ok) {
-                Ok(l) => {
-                    assert!(l.await.is_ok());
-                    break;
-                }
-                Err(_) if std::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(5)).await
-                }
-                Err(e) => panic!("the places were not freed: {}", e.message),
-            }
-        }
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), third)
+                .await
+                .unwrap()
+                .is_ok()
+        );
+        assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // The places are free: a new lookup runs at once.
+        let l = lookups.get((1003, 1003), ok);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), l)
+                .await
+                .unwrap()
+                .is_ok()
+        );
     }
 }

@@ -77,10 +77,13 @@ impl Engine {
         )
     }
 
-    /// Before instance `i` of `key` starts (or a process is moved into it): create its
+    /// Before instance `i` of `key` starts (or a process is moved into it): refuse when its
+    /// cgroup holds processes that do not belong to the definition ([`Engine::foreign_in`]:
+    /// what another account's definition of the same key left running there, which the
+    /// definition's limits, its OOM group and its commands must never reach); create the
     /// cgroup with the controllers, write the definition's limits (`max` where it has none,
     /// so a removed limit is lifted) and watch its memory events from their counts now.
-    /// Nothing to do without controllers. Blocking.
+    /// Only the check without controllers. Blocking.
     pub(crate) fn prepare_instance_blocking(
         &self,
         key: &ProcKey,
@@ -90,10 +93,19 @@ impl Engine {
         let Some(tree) = self.cgroups.tree() else {
             return Ok(());
         };
+        let dir = tree.instance(key, i);
+        let foreign = self
+            .foreign_in(tree, key, &dir)
+            .map_err(std::io::Error::other)?;
+        if !foreign.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "{} holds processes that do not belong to it (pids {foreign:?}); they are left alone and the cgroup is not given this definition's limits",
+                dir.display()
+            )));
+        }
         if tree.enabled.is_empty() {
             return Ok(());
         }
-        let dir = tree.instance(key, i);
         tree.ensure(&dir)?;
         self.cgroup_limits(spec).apply(tree, &dir)?;
         if let Some(w) = &self.memwatch
@@ -111,7 +123,7 @@ impl Engine {
         i: usize,
         spec: &ProcSpec,
     ) -> Result<(), String> {
-        if self.cgroups.tree().is_none_or(|t| t.enabled.is_empty()) {
+        if self.cgroups.tree().is_none() {
             return Ok(());
         }
         let (e, k, s) = (self.clone(), key.clone(), spec.clone());
@@ -148,6 +160,25 @@ impl Engine {
                 }
             });
         }
+    }
+
+    /// The processes in cgroup `dir` of `key` that may not be signalled for its definition
+    /// (the ownership rule's points 1 and 2, as a stop decides): a key's cgroups outlive
+    /// its definitions, so a key registered again, by another account, may find there what
+    /// the earlier one left running. Nothing when `dir` holds no process. Blocking.
+    pub(crate) fn foreign_in(
+        &self,
+        tree: &Tree,
+        key: &ProcKey,
+        dir: &std::path::Path,
+    ) -> Result<Vec<i32>, String> {
+        if crate::cgroup::populated(dir) != Some(true) {
+            return Ok(Vec::new());
+        }
+        let claim = self
+            .claim_of(key)
+            .ok_or_else(|| format!("{key} has no valid definition"))?;
+        Ok(super::stop::cgroup_members(self, tree, dir, &claim).1)
     }
 
     /// Was instance `i`'s last exit an OOM kill (memory.events counted one since its start)?
@@ -257,6 +288,9 @@ enum Moved {
     Done,
     /// Left where it is: moving it would take it out of a limit of its own cgroup.
     Limited(String),
+    /// Left where it is: the instance's cgroup holds these processes, which do not belong
+    /// to the definition.
+    Foreign(Vec<i32>),
     /// It exited around the move.
     Gone,
 }
@@ -266,9 +300,11 @@ impl Engine {
     /// containment was turned on, or by hand) is moved into instance `i`'s cgroup, with the
     /// definition's limits, so what it starts from now on stays there. A process whose own
     /// cgroup (or an ancestor outside the agent's) has a limit is left there, since the
-    /// move would free it of that limit. The move is by pid (the kernel takes nothing
-    /// else), so the process's pidfd checks that it was the one moved. On the pool; the
-    /// outcome is logged.
+    /// move would free it of that limit; so is one whose instance cgroup holds processes that
+    /// do not belong to the definition (a reused key's: nothing joins them, and their cgroup
+    /// is never given this definition's limits). The move is by pid (the kernel takes
+    /// nothing else), so the process's pidfd checks that it was the one moved. On the pool;
+    /// the outcome is logged.
     /// Called with the registry locked: it only spawns the move.
     pub(crate) fn move_into_cgroup(
         self: &Arc<Self>,
@@ -304,6 +340,15 @@ impl Engine {
                 Ok(Ok(Moved::Gone)) => {
                     tracing::info!(process = %key, pid, "an adopted process exited while it was moved into its cgroup")
                 }
+                Ok(Ok(Moved::Foreign(pids))) => {
+                    tracing::warn!(process = %key, pid, cgroup = %dir.display(), foreign = ?pids, "adopted process left in its own cgroup: the instance's cgroup holds processes of another definition");
+                    e.events.emit(
+                        Some(&key),
+                        "not_contained",
+                        format!("pid {pid} stays in its own cgroup: {} holds processes that do not belong to this definition (pids {pids:?}), left by an earlier definition of the key; it is tracked without containment", dir.display()),
+                        serde_json::json!({"pid": pid, "foreign": pids}),
+                    );
+                }
                 Ok(Ok(Moved::Limited(why))) => {
                     tracing::warn!(process = %key, pid, limit = %why, "adopted process left in its own cgroup: moving it would lift a limit");
                     e.events.emit(
@@ -326,8 +371,11 @@ impl Engine {
 
 /// The move itself. The pidfd was opened (and the ownership rule checked) before: while it
 /// says the process runs, `pid` is that process, so a check after the write shows that the
-/// write moved it. If it exited meanwhile, whatever may have been given its pid since and
-/// moved with it is put back beside its parent. Blocking.
+/// write moved it. The cgroup is prepared first (its limits' writes can take a while: the
+/// kernel reclaims down to a lowered limit), and the pidfd checked right before the write,
+/// so the window in which the pid could be reused is the write's own. If it exited
+/// meanwhile, whatever may have been given its pid since and moved with it is put back
+/// beside its parent. Blocking.
 #[allow(clippy::too_many_arguments)]
 fn move_checked(
     engine: &Engine,
@@ -354,7 +402,16 @@ fn move_checked(
     if let Some(why) = tree.limit_left_behind(&from) {
         return Ok(Moved::Limited(why));
     }
+    let foreign = engine
+        .foreign_in(tree, key, dir)
+        .map_err(std::io::Error::other)?;
+    if !foreign.is_empty() {
+        return Ok(Moved::Foreign(foreign));
+    }
     engine.prepare_instance_blocking(key, i, spec)?;
+    if gone() {
+        return Ok(Moved::Gone);
+    }
     let wrote = tree.move_into(dir, pid);
     if gone() {
         // The pid may have been reused between the check and the write: a process that is

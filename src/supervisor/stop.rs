@@ -133,19 +133,18 @@ impl Targets {
     }
 }
 
-/// Send `sig` to the processes of cgroup `dir` that may be signalled for `claim` (the
+/// The members of cgroup `dir`, split by whether they may be signalled for `claim` (the
 /// ownership rule's points 1 and 2: a cgroup a key reuses may still hold what an earlier,
-/// unregistered definition of another account left there), each pinned by a pidfd and
-/// checked through it to be still in the cgroup; a SIGKILL kills the whole cgroup at once
-/// (`cgroup.kill`) only when every member may be signalled. Returns the members that may not.
-/// Blocking: run on the file-system pool.
-pub(crate) fn signal_cgroup(
+/// unregistered definition of another account left there): the pidfds of those that may
+/// (each checked through it to be still in the cgroup), and the pids of those that may not.
+/// All of them count as foreign when the claim cannot be built (the account does not
+/// resolve). Blocking: run on the file-system pool.
+pub(crate) fn cgroup_members(
     engine: &Engine,
     tree: &crate::cgroup::Tree,
     dir: &std::path::Path,
     claim: &ClaimData,
-    sig: Signal,
-) -> Vec<i32> {
+) -> (Vec<OwnedFd>, Vec<i32>) {
     let members: Vec<(i32, OwnedFd)> = crate::cgroup::procs(dir)
         .into_iter()
         .filter_map(|p| {
@@ -153,8 +152,6 @@ pub(crate) fn signal_cgroup(
             tree.holds(dir, p).then_some((p, fd))
         })
         .collect();
-    // Which members may be signalled; all of them count as foreign when the claim cannot be
-    // built (the account does not resolve), so nothing is signalled blindly.
     let may: Vec<bool> = claim
         .with_claim(engine, None, |c| {
             members
@@ -168,6 +165,21 @@ pub(crate) fn signal_cgroup(
     let (ours, foreign): (Vec<_>, Vec<_>) = members.into_iter().zip(may).partition(|(_, may)| *may);
     let ours: Vec<OwnedFd> = ours.into_iter().map(|((_, fd), _)| fd).collect();
     let foreign: Vec<i32> = foreign.into_iter().map(|((p, _), _)| p).collect();
+    (ours, foreign)
+}
+
+/// Send `sig` to the processes of cgroup `dir` that may be signalled for `claim`
+/// ([`cgroup_members`]), through their pidfds; a SIGKILL kills the whole cgroup at once
+/// (`cgroup.kill`) only when every member may be signalled, so nothing is signalled
+/// blindly. Returns the members that may not. Blocking: run on the file-system pool.
+pub(crate) fn signal_cgroup(
+    engine: &Engine,
+    tree: &crate::cgroup::Tree,
+    dir: &std::path::Path,
+    claim: &ClaimData,
+    sig: Signal,
+) -> Vec<i32> {
+    let (ours, foreign) = cgroup_members(engine, tree, dir, claim);
     if sig == Signal::SIGKILL
         && foreign.is_empty()
         && let Err(e) = crate::cgroup::kill(dir)
