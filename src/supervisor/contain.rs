@@ -215,6 +215,10 @@ impl Engine {
                 },
                 _ = shutdown.changed() => return,
             };
+            // Cleared before the read: an event that arrives while it runs makes the
+            // descriptor ready again, so it is never left for the one after it.
+            guard.clear_ready();
+            drop(guard);
             let w2 = w.clone();
             let reports = self
                 .fs
@@ -223,7 +227,6 @@ impl Engine {
                 })
                 .await
                 .unwrap_or_default();
-            guard.clear_ready();
             self.on_memory_reports(reports);
         }
     }
