@@ -124,6 +124,11 @@ fn a_healthy_process_killed_five_times_is_restarted_at_once_each_time() {
         metric(&d, "procagent_process_consecutive_failures", "healthy"),
         Some(0.0)
     );
+    assert_eq!(
+        metric(&d, "procagent_process_last_exit_code", "healthy"),
+        Some(137.0),
+        "killed by SIGKILL"
+    );
 }
 
 #[test]

@@ -21,6 +21,7 @@
 //! | `procagent_process_restart_delay_seconds` | gauge | delay before the latest or scheduled restart |
 //! | `procagent_process_next_restart_timestamp_seconds` | gauge | when the next attempt comes (in backoff only) |
 //! | `procagent_process_last_exit_timestamp_seconds` | gauge | when it last exited (once known) |
+//! | `procagent_process_last_exit_code` | gauge | its code, or 128 + the signal; -1 unknown |
 //! | `procagent_process_cpu_usage_percent` | gauge | percent of one core (sum over instances) |
 //! | `procagent_process_memory_usage_percent` | gauge | RSS as percent of MemTotal |
 //! | `procagent_process_resident_memory_bytes` | gauge | RSS |
@@ -64,6 +65,7 @@ fn register_restarts(reg: &mut Registry, views: &[crate::supervisor::view::ProcV
     let delay = FGauge::default();
     let next = FGauge::default();
     let last_exit = FGauge::default();
+    let last_code = FGauge::default();
     let now_ms = crate::util::unix_millis() as f64;
     for v in views {
         let l: Labels = vec![
@@ -80,6 +82,13 @@ fn register_restarts(reg: &mut Registry, views: &[crate::supervisor::view::ProcV
         }
         if let Some(x) = &v.last_exit {
             last_exit.get_or_create(&l).set(x.at as f64);
+            // As a shell reports it: the code, or 128 + the signal; unknown is -1.
+            let code = match x.exit {
+                crate::sys::ExitInfo::Code(c) => c,
+                crate::sys::ExitInfo::Signal(s) => 128 + s,
+                crate::sys::ExitInfo::Unknown => -1,
+            };
+            last_code.get_or_create(&l).set(f64::from(code));
         }
     }
     reg.register(
@@ -114,6 +123,11 @@ fn register_restarts(reg: &mut Registry, views: &[crate::supervisor::view::ProcV
         "Unix time of the process's last exit",
         Unit::Seconds,
         last_exit,
+    );
+    reg.register(
+        "process_last_exit_code",
+        "The last exit: its code, or 128 + the signal that killed it; -1 when unknown",
+        last_code,
     );
 }
 
