@@ -267,9 +267,19 @@ fn max_restarts_gives_up_into_fatal_and_an_operator_start_leaves_it() {
         "{code} {out}"
     );
     assert_eq!(metric(&d, "procagent_process_fatal", "doomed"), Some(1.0));
-    // It stays given up: the store and the status say so after the agent's timers ran.
     let (_, list, _) = d.cli(&["--json", "status", &format!("{NS}/doomed")]);
     assert!(list.contains("\"fatal\""), "{list}");
+    // It stays given up across the agent's own restart (the state is stored): not started.
+    let mut d = d;
+    d.terminate().expect("the agent stopped");
+    let d = Daemon::start_with(&env, &env.path().join("agent.toml"));
+    let det = d.detail(NS, "doomed");
+    assert_eq!(det["state"], json!("fatal"), "{det}");
+    assert!(
+        det["message"].as_str().unwrap().contains("max_restarts"),
+        "{det}"
+    );
+    assert_eq!(events_of(&d, "doomed", "start_failed").len(), 3);
     // The operator fixes it and starts it: it leaves fatal and runs, its count reset.
     std::fs::write(env.p("doomed.secs"), "100000").unwrap();
     let r = d.op(NS, "doomed", 0);
