@@ -192,14 +192,13 @@ fn measure(kills: usize, out: &Path, pid_of: impl Fn() -> Option<i32>) -> Result
         Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
     };
     for i in 0..kills {
-        // The supervisor must know the current process (its start finished) before the kill.
+        // The supervisor must know the current process (its start finished, and for procagent
+        // its start check passed: a healthy run, restarted at once) before the kill.
         let pid = wait(Duration::from_secs(30), || {
             let (p, _) = read()?;
             (pid_of() == Some(p) && alive(p)).then_some(p)
         })
         .ok_or_else(|| format!("kill {i}: supervisor never reported the running marker"))?;
-        // Let the restart policy see a healthy run (backoff_reset is short in this config).
-        std::thread::sleep(Duration::from_millis(300));
         let t0 = now_ns();
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -276,7 +275,7 @@ impl Agent {
         std::fs::write(
             &cfg,
             format!(
-                "[agent]\nsocket = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"warn\"\n[host]\nip = \"127.0.0.1\"\n[supervisor]\nbackoff_reset = \"200ms\"\ncgroup_root = \"{}\"\n",
+                "[agent]\nsocket = \"{}\"\nstate_dir = \"{}\"\nlog_level = \"warn\"\n[host]\nip = \"127.0.0.1\"\n[supervisor]\ncgroup_root = \"{}\"\n",
                 socket.display(),
                 dir.join("state").display(),
                 cgroup_root
@@ -319,7 +318,7 @@ impl Agent {
             "spec": {
                 "identity": {"proc_name": "restart_latency", "setup_path": "/tmp", "pid_path": pid_path},
                 "control": {"start_cmd": start},
-                "monitor_policy": {"auto_type": 1, "start_check_secs": 0, "op_timeout": 10}
+                "monitor_policy": {"auto_type": 1, "start_check_secs": 1, "op_timeout": 10}
             }
         });
         let r = self.call("POST", "/v1/register_proc_info", &body.to_string())?;

@@ -65,12 +65,13 @@ pub struct SupervisorConfig {
     pub poll_interval: Duration,
     /// Period of the reaper sweep and of the supervisor's housekeeping tick.
     pub sweep_interval: Duration,
-    /// First delay of the restart backoff (the very first restart after a healthy run is
-    /// immediate).
+    /// Delay after the first failure in a row (a failed start check, a limit or liveness
+    /// stop); a restart after a healthy run never waits.
     pub backoff_initial: Duration,
     /// Cap of the restart backoff.
     pub backoff_max: Duration,
-    /// A process that stayed up this long has its failure count reset.
+    /// A process that stayed up this long has its failure count reset (a healthy run's death
+    /// resets it anyway; this matters for the stops the agent causes).
     pub backoff_reset: Duration,
     /// Random spread applied to each backoff delay, as a fraction (0.1 = ±10 %).
     pub backoff_jitter: f64,
@@ -904,6 +905,7 @@ fn read_process(
         instance_num: s.opt_integer("instance_num"),
         start_retries: s.opt_integer("start_retries"),
         start_interval: s.opt_integer("start_interval"),
+        max_restarts: s.opt_integer("max_restarts"),
         env,
     };
     let spec = match patch.apply(&ProcSpec::default()) {
@@ -1096,12 +1098,14 @@ proc_name = "web"
 pid_path = "run/web.pid"
 start_cmd = "./web"
 auto_type = "resident"
+max_restarts = 7
 "#,
         )
         .unwrap();
         let c = load_with_base(&f, dir.path()).unwrap();
         assert_eq!(c.state_dir, dir.path().join("state"));
         let p = &c.processes[0];
+        assert_eq!(p.definition.spec.max_restarts, Some(7));
         assert_eq!(p.definition.key, ProcKey::new("demo", "web"));
         assert_eq!(
             p.definition.spec.setup_path,
@@ -1157,6 +1161,10 @@ auto_type = "resident"
             (
                 "start_retries = 101",
                 "process[0] (n/x).start_retries: 101 is out of range 0..=100",
+            ),
+            (
+                "max_restarts = -1",
+                "process[0] (n/x).max_restarts: -1 is out of range 0..=1000000",
             ),
             (
                 "start_check_begin_time = 4000",

@@ -270,6 +270,10 @@ pub struct PolicyWire {
     pub start_retries: Option<i64>,
     #[serde(default, deserialize_with = "de_opt_i64")]
     pub start_interval: Option<i64>,
+    /// Failures in a row after which a managed process is given up (`fatal`); absent:
+    /// never (procagent's own field).
+    #[serde(default, deserialize_with = "de_opt_i64")]
+    pub max_restarts: Option<i64>,
     #[serde(default, deserialize_with = "de_opt_i64")]
     pub op_timeout: Option<i64>,
     #[serde(default, deserialize_with = "de_opt_i64")]
@@ -349,6 +353,7 @@ impl SpecWire {
             instance_num: pol.instance_num,
             start_retries: pol.start_retries,
             start_interval: pol.start_interval,
+            max_restarts: pol.max_restarts,
             ..SpecPatch::default()
         }
     }
@@ -736,8 +741,15 @@ pub struct ProcDetail {
     pub instance_num: u32,
     pub restarts: u64,
     pub consecutive_failures: u32,
-    /// Seconds until the next restart attempt, when one is scheduled.
+    /// Seconds until the next restart attempt, when one is scheduled (in backoff).
     pub next_restart_in: Option<f64>,
+    /// Unix seconds of that attempt.
+    #[serde(default)]
+    pub next_restart_at: Option<i64>,
+    /// The delay the agent chose before the latest restart attempt, or before the scheduled
+    /// one in backoff: 0 after a healthy run (restarted at once).
+    #[serde(default)]
+    pub restart_delay_secs: f64,
     pub last_exit: Option<String>,
     pub last_exit_time: i64,
     pub message: String,
@@ -1037,6 +1049,33 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&l).unwrap(),
             serde_json::to_value(&l).unwrap().to_string()
+        );
+    }
+
+    #[test]
+    fn max_restarts_is_typed_in_the_monitor_policy() {
+        let w: SpecWire = serde_json::from_str(
+            r#"{"identity":{"proc_name":"p","setup_path":"/opt"},
+                "monitor_policy":{"auto_type":1,"max_restarts":"4"}}"#,
+        )
+        .unwrap();
+        assert_eq!(w.to_spec().unwrap().max_restarts, Some(4));
+        let none: SpecWire =
+            serde_json::from_str(r#"{"identity":{"proc_name":"p","setup_path":"/opt"}}"#).unwrap();
+        assert_eq!(none.to_spec().unwrap().max_restarts, None, "unlimited");
+        let bad: SpecWire = serde_json::from_str(
+            r#"{"identity":{"proc_name":"p","setup_path":"/opt"},"monitor_policy":{"max_restarts":-2}}"#,
+        )
+        .unwrap();
+        let msgs: Vec<String> = bad
+            .to_spec()
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(
+            msgs,
+            ["spec.monitor_policy.max_restarts: must not be negative, got -2"]
         );
     }
 

@@ -38,6 +38,7 @@ fn example_loads_and_states_the_defaults() {
     assert_eq!(s.auto_type, d.auto_type);
     assert_eq!(s.start_retries, d.start_retries);
     assert_eq!(s.start_interval, d.start_interval);
+    assert_eq!(s.max_restarts, d.max_restarts);
     assert!(p.autostart);
 }
 

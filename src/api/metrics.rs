@@ -15,6 +15,13 @@
 //! | `procagent_process_managed` | gauge | 1 when the agent keeps it running (托管) |
 //! | `procagent_process_restarts_total` | counter | restarts by supervision |
 //! | `procagent_process_limit_stops_total` | counter | stops for exceeding cpu_lmt/mem_lmt |
+//! | `procagent_process_consecutive_failures` | gauge | failures in a row (0 after a healthy run) |
+//! | `procagent_process_backoff` | gauge | 1 while waiting to restart after a failure |
+//! | `procagent_process_fatal` | gauge | 1 when given up after `max_restarts` failures |
+//! | `procagent_process_restart_delay_seconds` | gauge | delay before the latest or scheduled restart |
+//! | `procagent_process_next_restart_timestamp_seconds` | gauge | when the next attempt comes (in backoff only) |
+//! | `procagent_process_last_exit_timestamp_seconds` | gauge | when it last exited (once known) |
+//! | `procagent_process_last_exit_code` | gauge | its code, or 128 + the signal; -1 unknown |
 //! | `procagent_process_cpu_usage_percent` | gauge | percent of one core (sum over instances) |
 //! | `procagent_process_memory_usage_percent` | gauge | RSS as percent of MemTotal |
 //! | `procagent_process_resident_memory_bytes` | gauge | RSS |
@@ -50,6 +57,80 @@ fn unit(s: &str) -> Unit {
     Unit::Other(s.to_string())
 }
 
+/// The restart series of every process: a crash loop shows as one.
+fn register_restarts(reg: &mut Registry, views: &[crate::supervisor::view::ProcView]) {
+    let failures = FGauge::default();
+    let backoff = FGauge::default();
+    let fatal = FGauge::default();
+    let delay = FGauge::default();
+    let next = FGauge::default();
+    let last_exit = FGauge::default();
+    let last_code = FGauge::default();
+    let now_ms = crate::util::unix_millis() as f64;
+    for v in views {
+        let l: Labels = vec![
+            ("namespace".into(), v.def.key.namespace.clone()),
+            ("name".into(), v.def.key.name.clone()),
+        ];
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        failures.get_or_create(&l).set(f64::from(v.failures));
+        backoff.get_or_create(&l).set(flag(v.state == "backoff"));
+        fatal.get_or_create(&l).set(flag(v.state == "fatal"));
+        delay.get_or_create(&l).set(v.restart_delay);
+        if let Some(s) = v.next_restart_in.filter(|_| v.managed) {
+            next.get_or_create(&l).set((now_ms + s * 1000.0) / 1000.0);
+        }
+        if let Some(x) = &v.last_exit {
+            last_exit.get_or_create(&l).set(x.at as f64);
+            // As a shell reports it: the code, or 128 + the signal; unknown is -1.
+            let code = match x.exit {
+                crate::sys::ExitInfo::Code(c) => c,
+                crate::sys::ExitInfo::Signal(s) => 128 + s,
+                crate::sys::ExitInfo::Unknown => -1,
+            };
+            last_code.get_or_create(&l).set(f64::from(code));
+        }
+    }
+    reg.register(
+        "process_consecutive_failures",
+        "Failures in a row (failed start checks, liveness and limit stops); 0 after a healthy run",
+        failures,
+    );
+    reg.register(
+        "process_backoff",
+        "1 while the process waits to be restarted after a failure",
+        backoff,
+    );
+    reg.register(
+        "process_fatal",
+        "1 when the process was given up after max_restarts failures in a row",
+        fatal,
+    );
+    reg.register_with_unit(
+        "process_restart_delay",
+        "Delay before the latest restart attempt, or the scheduled one in backoff; 0 after a healthy run",
+        Unit::Seconds,
+        delay,
+    );
+    reg.register_with_unit(
+        "process_next_restart_timestamp",
+        "Unix time of the next restart attempt, while in backoff",
+        Unit::Seconds,
+        next,
+    );
+    reg.register_with_unit(
+        "process_last_exit_timestamp",
+        "Unix time of the process's last exit",
+        Unit::Seconds,
+        last_exit,
+    );
+    reg.register(
+        "process_last_exit_code",
+        "The last exit: its code, or 128 + the signal that killed it; -1 when unknown",
+        last_code,
+    );
+}
+
 /// Encode the current figures.
 pub fn render(engine: &Engine) -> String {
     let mut reg = Registry::with_prefix("procagent");
@@ -67,8 +148,9 @@ pub fn render(engine: &Engine) -> String {
     let procs = FGauge::default();
     let pressure = FGauge::default();
     let (mut n_reg, mut n_managed, mut n_running) = (0i64, 0i64, 0i64);
+    let views = engine.views();
     {
-        for v in engine.views() {
+        for v in &views {
             let l: Labels = vec![
                 ("namespace".into(), v.def.key.namespace.clone()),
                 ("name".into(), v.def.key.name.clone()),
@@ -169,6 +251,8 @@ pub fn render(engine: &Engine) -> String {
         "Open TCP and UDP sockets (IPv4 and IPv6), summed over instances",
         net,
     );
+
+    register_restarts(&mut reg, &views);
 
     let g = |v: f64| {
         let x = Gauge::<f64, AtomicU64>::default();

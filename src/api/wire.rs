@@ -255,6 +255,11 @@ pub fn detail(v: &ProcView) -> ProcDetail {
         restarts: v.restarts,
         consecutive_failures: v.failures,
         next_restart_in: v.next_restart_in.filter(|_| v.flag == 1 && v.managed),
+        next_restart_at: v
+            .next_restart_in
+            .filter(|_| v.flag == 1 && v.managed)
+            .map(|s| (crate::util::unix_millis() + (s * 1000.0).ceil() as i64) / 1000),
+        restart_delay_secs: v.restart_delay,
         last_exit: v.last_exit.as_ref().map(|x| {
             format!(
                 "pid {} {}{}{}",

@@ -354,6 +354,31 @@ fn dur(secs: i64) -> String {
     }
 }
 
+/// The MESSAGE cell: a process in backoff says it is a crash loop (failures in a row, when the
+/// next attempt comes, the last exit) before why.
+fn status_message(p: &ProcDetail) -> String {
+    let why = if p.message == p.state {
+        ""
+    } else {
+        p.message.as_str()
+    };
+    if p.state != "backoff" {
+        return why.chars().take(80).collect();
+    }
+    let mut m = format!("failure {} in a row", p.consecutive_failures);
+    if let Some(s) = p.next_restart_in {
+        m.push_str(&format!(", next attempt in {s:.1}s"));
+    }
+    if let Some(x) = &p.last_exit {
+        m.push_str(&format!(", last exit {x}"));
+    }
+    if !why.is_empty() {
+        m.push_str("; ");
+        m.push_str(why);
+    }
+    m.chars().take(160).collect()
+}
+
 /// The `status` table.
 pub fn status_table(list: &[ProcDetail], color: bool) -> String {
     let headers = [
@@ -376,11 +401,7 @@ pub fn status_table(list: &[ProcDetail], color: bool) -> String {
                 p.uptime_secs.map(dur).unwrap_or_else(|| "-".into()),
                 format!("{:.1}", p.cpu_usage),
                 format!("{:.1}", p.mem_usage),
-                if p.message == p.state {
-                    String::new()
-                } else {
-                    p.message.chars().take(80).collect()
-                },
+                status_message(p),
             ]
         })
         .collect();
@@ -390,7 +411,7 @@ pub fn status_table(list: &[ProcDetail], color: bool) -> String {
         }
         match cell {
             "running" => Some("32"),
-            "backoff" | "exited" => Some("31"),
+            "backoff" | "exited" | "fatal" => Some("31"),
             "starting" | "stopping" => Some("33"),
             _ => None,
         }

@@ -162,6 +162,9 @@ pub struct ProcSpec {
     pub instance_num: u32,
     pub start_retries: Option<u32>,
     pub start_interval: Option<u64>,
+    /// Failures in a row (failed start checks, liveness and limit stops) after which a
+    /// managed process is given up (the `fatal` state). `None`: never given up.
+    pub max_restarts: Option<u32>,
     pub cmd_shell_ext: String,
     /// Extra environment for every command (config files only).
     pub env: BTreeMap<String, String>,
@@ -199,6 +202,7 @@ impl Default for ProcSpec {
             instance_num: 1,
             start_retries: None,
             start_interval: None,
+            max_restarts: None,
             cmd_shell_ext: String::new(),
             env: BTreeMap::new(),
         }

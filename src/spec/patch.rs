@@ -120,6 +120,7 @@ pub struct SpecPatch {
     pub instance_num: Option<i64>,
     pub start_retries: Option<i64>,
     pub start_interval: Option<i64>,
+    pub max_restarts: Option<i64>,
     pub env: Option<BTreeMap<String, String>>,
 }
 
@@ -130,6 +131,7 @@ fn int_bounds(field: &str) -> (i64, i64, &'static str) {
         "instance_num" => (1, 256, "must be between 1 and 256"),
         "cycle_time" => (0, 31_536_000, "must be at most one year"),
         "start_retries" => (0, 100, "must be at most 100"),
+        "max_restarts" => (0, 1_000_000, "must be at most 1000000"),
         // start_check_secs, start_check_begin_time, start_check_end_time, stop_check_secs,
         // start_interval
         _ => (0, 3_600, "must be at most 3600 seconds"),
@@ -217,6 +219,9 @@ impl SpecPatch {
         }
         if let Some(v) = nonneg("start_interval", self.start_interval) {
             s.start_interval = Some(v);
+        }
+        if let Some(v) = nonneg("max_restarts", self.max_restarts) {
+            s.max_restarts = Some(small(v));
         }
         if let Some(v) = self.cpu_lmt {
             s.cpu_lmt = v;
@@ -317,7 +322,7 @@ impl ProcSpec {
                 ));
             }
         }
-        let ints: [(&str, Option<u64>); 9] = [
+        let ints: [(&str, Option<u64>); 10] = [
             ("op_timeout", Some(self.op_timeout)),
             ("start_check_secs", Some(self.start_check_secs)),
             ("stop_check_secs", Some(self.stop_check_secs)),
@@ -327,6 +332,7 @@ impl ProcSpec {
             ("cycle_time", Some(self.cycle_time)),
             ("start_retries", self.start_retries.map(u64::from)),
             ("start_interval", self.start_interval),
+            ("max_restarts", self.max_restarts.map(u64::from)),
         ];
         for (name, v) in ints {
             let (min, max, msg) = int_bounds(name);

@@ -33,7 +33,7 @@ impl Engine {
             cycle: Duration::from_secs(s.cycle_time.max(1)),
             start_retries: s.start_retries.unwrap_or(0),
             start_interval: Duration::from_secs(s.start_interval.unwrap_or(10)),
-            max_restarts: None,
+            max_restarts: s.max_restarts,
             has_start_cmd: valid && s.command(CommandKind::Start).is_some(),
             has_stop_cmd: s.command(CommandKind::Stop).is_some(),
             has_kill_cmd: s.command(CommandKind::Kill).is_some(),
@@ -246,8 +246,19 @@ impl Engine {
             Effect::Emit {
                 kind,
                 message,
-                data,
-            } => self.events.emit(Some(key), kind, message, data),
+                mut data,
+            } => {
+                // A backoff says when its attempt comes, in wall-clock time (the lifecycle
+                // knows only the delay).
+                if kind == "backoff"
+                    && let Some(d) = data.get("delay_secs").and_then(serde_json::Value::as_f64)
+                    && let Some(m) = data.as_object_mut()
+                {
+                    let at = crate::util::unix_millis() + (d * 1000.0).round() as i64;
+                    m.insert("next_attempt_ms".into(), at.into());
+                }
+                self.events.emit(Some(key), kind, message, data)
+            }
             Effect::Answer { id, outcome } => self.complete(id, (outcome, None)),
             Effect::Untrack { pid } => {
                 reg.untrack(key, pid);

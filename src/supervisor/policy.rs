@@ -2,11 +2,15 @@
 //! cycles and health verdicts. Nothing here does I/O or reads a clock: `now` and randomness are parameters, so
 //! every rule is table-tested below.
 //!
-//! Backoff: the first failure after a healthy run restarts at once (delay 0, the fast path
-//! that makes restarts take milliseconds); each further consecutive failure doubles the delay
-//! from `initial` up to `max`, with ±`jitter` spread. A process that stays up `reset_after`
-//! has its failure count reset. A crash-looping process is retried forever at the capped
-//! delay: never a fork storm, never silently given up.
+//! Restarts: the death of a healthy run (one that passed its start check, and lasted at least
+//! [`MIN_HEALTHY_RUN`] from its start) is not a failure: the count of consecutive failures
+//! goes back to 0 and the restart is immediate (delay 0), however often it happens. Failures
+//! are the runs that did not pass their start check and the stops the agent itself caused
+//! (limit stops, liveness failures); the n-th failure in a row waits `initial` · 2^(n-1), up
+//! to `max`, with ±`jitter` spread. A run that stays up `reset_after` also resets the count (so
+//! a limit stop after a long run starts the backoff from its first step again). A
+//! crash-looping process is retried forever at the capped delay, unless its `max_restarts`
+//! gives it up: never a fork storm, never silently given up.
 
 use std::time::{Duration, Instant};
 
@@ -31,27 +35,39 @@ impl Default for Backoff {
     }
 }
 
+/// A run shorter than this from its start is never healthy, whatever its start check said:
+/// with a start check window of 0 s there is no check, and a process that dies at once must
+/// back off rather than be restarted in a tight loop (runit waits 1 s for the same reason).
+pub const MIN_HEALTHY_RUN: Duration = Duration::from_secs(1);
+
 impl Backoff {
     /// The delay before the next attempt after `failures` consecutive failures (counting the
-    /// one that just happened). `unit` is a random number in [0, 1).
+    /// one that just happened; 0 after a healthy run). `unit` is a random number in [0, 1).
     pub fn delay(&self, failures: u32, unit: f64) -> Duration {
-        if failures <= 1 {
+        if failures == 0 {
             return Duration::ZERO;
         }
-        let exp = (failures - 2).min(30);
+        let exp = (failures - 1).min(30);
         let base = self.initial.saturating_mul(1u32 << exp).min(self.max);
         let factor = 1.0 + self.jitter * (2.0 * unit.clamp(0.0, 1.0) - 1.0);
         base.mul_f64(factor.max(0.0)).min(self.max)
     }
 
-    /// The failure count after an instance died having run for `uptime` (`None` when it never
-    /// passed its start check).
-    pub fn failures_after_exit(&self, failures: u32, uptime: Option<Duration>) -> u32 {
-        match uptime {
-            Some(u) if u >= self.reset_after => 1,
-            _ => failures.saturating_add(1),
+    /// The failure count after an instance died by itself: 0 when the run was healthy, one
+    /// more otherwise.
+    pub fn failures_after_exit(&self, failures: u32, healthy: bool) -> u32 {
+        if healthy {
+            0
+        } else {
+            failures.saturating_add(1)
         }
     }
+}
+
+/// Was a run healthy? It passed its start check (`passed`), and from its start (the check
+/// window `check_secs`, then `uptime` since the check passed) it lasted [`MIN_HEALTHY_RUN`].
+pub fn healthy_run(passed: bool, check_secs: u64, uptime: Duration) -> bool {
+    passed && Duration::from_secs(check_secs).saturating_add(uptime) >= MIN_HEALTHY_RUN
 }
 
 /// When a periodic cycle that was due at `due` starts at `now`: keep the schedule aligned
@@ -108,51 +124,76 @@ mod tests {
             jitter: 0.0,
             ..Backoff::default()
         };
+        // (failures in a row, delay): 0 is the death of a healthy run, restarted at once.
         let cases = [
             (0, 0),
-            (1, 0),
-            (2, 1),
-            (3, 2),
-            (4, 4),
-            (5, 8),
-            (6, 16),
-            (7, 32),
+            (1, 1),
+            (2, 2),
+            (3, 4),
+            (4, 8),
+            (5, 16),
+            (6, 32),
+            (7, 60),
             (8, 60),
-            (9, 60),
             (100, 60),
+            (u32::MAX, 60),
         ];
         for (failures, want) in cases {
             assert_eq!(b.delay(failures, 0.5), s(want), "failures={failures}");
         }
+        // Jitter never delays a healthy run's restart.
+        assert_eq!(Backoff::default().delay(0, 0.99), Duration::ZERO);
     }
 
     #[test]
     fn backoff_jitter_stays_in_band_and_under_cap() {
         let b = Backoff::default();
         for u in [0.0, 0.25, 0.5, 0.75, 0.999] {
-            let d = b.delay(3, u); // base 2 s
+            let d = b.delay(2, u); // base 2 s
             assert!(
                 d >= Duration::from_millis(1800) && d <= Duration::from_millis(2200),
                 "{d:?}"
             );
             assert!(b.delay(50, u) <= s(60));
         }
-        assert_ne!(b.delay(3, 0.0), b.delay(3, 0.99));
+        assert_ne!(b.delay(2, 0.0), b.delay(2, 0.99));
     }
 
     #[test]
     fn failure_counting() {
         let b = Backoff::default();
+        // (failures, healthy, after): a healthy run resets however many came before.
         let cases = [
-            (0, Some(s(100)), 1),
-            (5, Some(s(100)), 1),
-            (5, Some(s(29)), 6),
-            (0, None, 1),
-            (3, None, 4),
-            (u32::MAX, None, u32::MAX),
+            (0, true, 0),
+            (5, true, 0),
+            (u32::MAX, true, 0),
+            (0, false, 1),
+            (3, false, 4),
+            (u32::MAX, false, u32::MAX),
         ];
-        for (failures, uptime, want) in cases {
-            assert_eq!(b.failures_after_exit(failures, uptime), want);
+        for (failures, healthy, want) in cases {
+            assert_eq!(b.failures_after_exit(failures, healthy), want);
+        }
+    }
+
+    #[test]
+    fn a_healthy_run_passed_its_check_and_lasted_a_second() {
+        let ms = Duration::from_millis;
+        // (passed, check window s, uptime since the check, healthy)
+        let cases = [
+            (true, 1, ms(0), true),
+            (true, 5, ms(2), true),
+            (true, 0, ms(999), false),
+            (true, 0, ms(1000), true),
+            (true, 0, s(100), true),
+            (false, 5, s(100), false),
+        ];
+        for (passed, check, up, want) in cases {
+            assert_eq!(
+                healthy_run(passed, check, up),
+                want,
+                "{passed} {check} {up:?}"
+            );
         }
     }
 

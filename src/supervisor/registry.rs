@@ -77,6 +77,9 @@ pub struct ProcState {
     /// A single-run process that already ran to completion under supervision.
     #[serde(default)]
     pub completed: bool,
+    /// Given up after `max_restarts` failures in a row (an operator start leaves it).
+    #[serde(default)]
+    pub fatal: bool,
     /// Times the agent stopped it for staying over `cpu_lmt` / `mem_lmt`.
     #[serde(default)]
     pub limit_stops: u64,
@@ -95,6 +98,7 @@ impl Default for ProcState {
             restarts: 0,
             last_exit: None,
             completed: false,
+            fatal: false,
             limit_stops: 0,
             last_limit: None,
         }
@@ -174,12 +178,18 @@ impl Entry {
     /// attaches the recorded ones).
     pub fn new(def: Definition, st: ProcState) -> Entry {
         let n = def.spec.instance_num.max(1) as usize;
-        let idle = if st.completed {
+        let idle = if st.fatal {
+            State::Fatal
+        } else if st.completed {
             State::Completed
         } else {
             State::Stopped
         };
-        let lives = vec![Life::new(idle); n];
+        let mut life = Life::new(idle);
+        if st.fatal {
+            life.message = "given up after max_restarts failures in a row (before the agent restarted); start or manage it to try again".into();
+        }
+        let lives = vec![life; n];
         let boot = crate::procinfo::boot_id();
         let recorded = st
             .instances
@@ -247,6 +257,7 @@ impl Entry {
                 .instances
                 .iter()
                 .any(|i| i.state == State::Completed),
+            fatal: self.life.instances.iter().any(|i| i.state == State::Fatal),
             limit_stops: self.limit_stops,
             last_limit: self.last_limit.clone(),
         }

@@ -28,6 +28,9 @@ pub struct ProcView {
     pub failures: u32,
     /// Seconds until the next restart attempt, when one is scheduled.
     pub next_restart_in: Option<f64>,
+    /// The delay before the latest restart attempt, or the scheduled one in backoff (the
+    /// most of any instance): zero after a healthy run.
+    pub restart_delay: f64,
     pub last_exit: Option<LastExit>,
     /// Why it is in its state, when the state does not say it.
     pub message: String,
@@ -101,6 +104,10 @@ impl ProcView {
             restarts: e.restarts(),
             failures,
             next_restart_in,
+            restart_delay: lives
+                .iter()
+                .map(|i| i.delay.as_secs_f64())
+                .fold(0.0, f64::max),
             last_exit: e.last_exit.clone(),
             message,
             version: e.version.clone(),

@@ -23,6 +23,7 @@ impl Instance {
             last_cycle: None,
             message: String::new(),
             limit_cause: None,
+            delay: Duration::ZERO,
         }
     }
 
@@ -142,11 +143,15 @@ impl Instance {
                 Self::answer(fx, id, Outcome::AlreadyRunning(vec![pid]));
             }
             (Op::Start, _) => {
+                // An operator's start is a fresh attempt: it leaves backoff or fatal, and
+                // the count of failures in a row starts again.
                 self.tries = 1;
+                self.fresh_count();
                 self.start(ctx, hold, StartCmd::Start, None, now, fx);
             }
             (Op::Restart, st) if ctx.has_restart_cmd && op != Op::Replace => {
                 self.tries = 1;
+                self.fresh_count();
                 self.start(ctx, hold, StartCmd::Restart, st.pid(), now, fx);
             }
             // Without restart_cmd (and always to replace a definition): stop, then start.
@@ -159,6 +164,7 @@ impl Instance {
             }
             (Op::Restart, _) => {
                 self.tries = 1;
+                self.fresh_count();
                 self.start(ctx, hold, StartCmd::Start, None, now, fx);
             }
             (Op::Stop | Op::Kill, State::Running { pid, .. }) => {
@@ -173,7 +179,7 @@ impl Instance {
             (Op::Manage, State::Completed | State::Fatal) => {
                 // Managing a finished single run, or a process given up, runs it again.
                 self.state = State::Stopped;
-                self.failures = 0;
+                self.fresh_count();
                 self.message.clear();
                 Self::answer(fx, id, Outcome::Done(String::new()));
             }
@@ -190,6 +196,12 @@ impl Instance {
                 fx.push(Effect::RunReload);
             }
         }
+    }
+
+    /// Forget the failures in a row (an operator's fresh attempt).
+    fn fresh_count(&mut self) {
+        self.failures = 0;
+        self.delay = Duration::ZERO;
     }
 
     fn start(
@@ -355,17 +367,37 @@ impl Instance {
         if self.gives_up(ctx, fx) {
             return;
         }
-        let delay = ctx.backoff.delay(self.failures.max(2), rng);
+        self.back_off(ctx, "start_failed", now, rng, fx);
+    }
+
+    /// A failure was counted and the process is not given up: wait `initial` · 2^(n-1) (to
+    /// the cap) before the next attempt, visibly. `cause` says which failure: start_failed,
+    /// exited (a run that was not healthy), health, limit.
+    fn back_off(
+        &mut self,
+        ctx: &Ctx,
+        cause: &'static str,
+        now: Instant,
+        rng: f64,
+        fx: &mut Vec<Effect>,
+    ) -> Duration {
+        let delay = ctx.backoff.delay(self.failures.max(1), rng);
+        self.delay = delay;
         self.state = State::Backoff { until: now + delay };
         fx.push(Effect::Emit {
             kind: "backoff",
             message: format!(
-                "next start attempt in {:.1}s (failure {} in a row)",
+                "next start attempt in {:.1}s (failure {} in a row: {cause})",
                 delay.as_secs_f64(),
                 self.failures
             ),
-            data: serde_json::json!({"delay_secs": delay.as_secs_f64(), "failures": self.failures}),
+            data: serde_json::json!({
+                "delay_secs": delay.as_secs_f64(),
+                "failures": self.failures,
+                "cause": cause,
+            }),
         });
+        delay
     }
 
     /// `max_restarts` failures in a row: give up, visibly.
@@ -377,11 +409,13 @@ impl Instance {
                     "given up after {} failures in a row (max_restarts {max}); start or manage it to try again",
                     self.failures
                 );
+                self.delay = Duration::ZERO;
                 fx.push(Effect::Emit {
                     kind: "fatal",
                     message: self.message.clone(),
-                    data: serde_json::json!({"failures": self.failures}),
+                    data: serde_json::json!({"failures": self.failures, "max_restarts": max}),
                 });
+                fx.push(Effect::Persist);
                 true
             }
             _ => false,
@@ -405,6 +439,7 @@ impl Instance {
             } if p == pid => {
                 fx.push(Effect::Untrack { pid });
                 let uptime = now.saturating_duration_since(since);
+                let healthy = super::super::policy::healthy_run(healthy, check_secs(ctx), uptime);
                 let kind = if ctx.auto_type == AutoType::Periodic {
                     "cycle_finished"
                 } else {
@@ -416,9 +451,14 @@ impl Instance {
                         "pid {pid} exited ({exit}) after {:.1}s",
                         uptime.as_secs_f64()
                     ),
-                    data: serde_json::json!({"pid": pid, "exit": exit.info, "uptime_secs": uptime.as_secs_f64()}),
+                    data: serde_json::json!({
+                        "pid": pid,
+                        "exit": exit.info,
+                        "uptime_secs": uptime.as_secs_f64(),
+                        "healthy": healthy,
+                    }),
                 });
-                self.on_death(ctx, exit, healthy.then_some(uptime), now, rng, fx);
+                self.on_death(ctx, exit, healthy, now, rng, fx);
                 fx.push(Effect::Persist);
             }
             State::Checking {
@@ -472,28 +512,27 @@ impl Instance {
     }
 
     /// What follows the death of a running process that nothing held: the one place that
-    /// decides it (module docs). `healthy_uptime`: how long it ran, when it had passed its
-    /// start check.
+    /// decides it (module docs). `healthy`: the run passed its start check (and lasted
+    /// [`super::super::policy::MIN_HEALTHY_RUN`]).
     pub fn on_death(
         &mut self,
         ctx: &Ctx,
         exit: Exit,
-        healthy_uptime: Option<Duration>,
+        healthy: bool,
         now: Instant,
         rng: f64,
         fx: &mut Vec<Effect>,
     ) {
         match ctx.auto_type {
             AutoType::Resident if ctx.wants_running() => {
-                self.failures = ctx
-                    .backoff
-                    .failures_after_exit(self.failures, healthy_uptime);
-                self.backoff_or_restart(ctx, now, rng, fx, |delay, failures| {
-                    format!(
-                        "restart in {:.1}s (failure {failures} in a row)",
-                        delay.as_secs_f64()
-                    )
-                });
+                self.failures = ctx.backoff.failures_after_exit(self.failures, healthy);
+                if !healthy {
+                    self.message = format!(
+                        "exited ({exit}) less than {}s after its start",
+                        super::super::policy::MIN_HEALTHY_RUN.as_secs()
+                    );
+                }
+                self.backoff_or_restart(ctx, now, rng, fx);
             }
             AutoType::Resident => {
                 self.state = State::Exited;
@@ -513,37 +552,36 @@ impl Instance {
         }
     }
 
-    /// After a failure was counted: give up, restart at once (no delay), or back off.
-    fn backoff_or_restart(
-        &mut self,
-        ctx: &Ctx,
-        now: Instant,
-        rng: f64,
-        fx: &mut Vec<Effect>,
-        note: impl FnOnce(Duration, u32) -> String,
-    ) {
+    /// After a death was counted: a healthy run's (no failure) restarts at once, a failure
+    /// backs off, too many failures in a row give up.
+    fn backoff_or_restart(&mut self, ctx: &Ctx, now: Instant, rng: f64, fx: &mut Vec<Effect>) {
+        if self.failures == 0 {
+            self.delay = Duration::ZERO;
+            self.message.clear();
+            self.restart_now(ctx, now, fx);
+            return;
+        }
         if self.gives_up(ctx, fx) {
             return;
         }
-        let delay = ctx.backoff.delay(self.failures, rng);
-        if delay.is_zero() {
-            self.restart_now(ctx, now, fx);
-        } else {
-            self.state = State::Backoff { until: now + delay };
-            fx.push(Effect::Emit {
-                kind: "backoff",
-                message: note(delay, self.failures),
-                data: serde_json::json!({"delay_secs": delay.as_secs_f64(), "failures": self.failures}),
-            });
-        }
+        self.back_off(ctx, "exited", now, rng, fx);
     }
 
+    /// Start again after a death: at once, or at the end of a backoff (`delay` says which).
     fn restart_now(&mut self, ctx: &Ctx, now: Instant, fx: &mut Vec<Effect>) {
         self.restarts += 1;
         fx.push(Effect::Emit {
             kind: "restarting",
-            message: format!("restart attempt (restart {})", self.restarts),
-            data: serde_json::json!({"restarts": self.restarts}),
+            message: format!(
+                "restart attempt (restart {}, after {:.1}s)",
+                self.restarts,
+                self.delay.as_secs_f64()
+            ),
+            data: serde_json::json!({
+                "restarts": self.restarts,
+                "delay_secs": self.delay.as_secs_f64(),
+                "failures": self.failures,
+            }),
         });
         self.start(
             ctx,
@@ -596,8 +634,15 @@ impl Instance {
             hold, step, pid, ..
         } = self.state
         else {
-            if let State::Running { pid, .. } = self.state {
+            if let State::Running {
+                pid,
+                healthy,
+                since,
+            } = self.state
+            {
                 // The tree emptied without an exit report: it died.
+                let uptime = now.saturating_duration_since(since);
+                let healthy = super::super::policy::healthy_run(healthy, check_secs(ctx), uptime);
                 fx.push(Effect::Untrack { pid });
                 fx.push(Effect::Emit {
                     kind: "exited",
@@ -608,7 +653,7 @@ impl Instance {
                     info: ExitInfo::Unknown,
                     oom: false,
                 };
-                self.on_death(ctx, exit, None, now, rng, fx);
+                self.on_death(ctx, exit, healthy, now, rng, fx);
                 fx.push(Effect::Persist);
             }
             return;
@@ -639,8 +684,7 @@ impl Instance {
                 if self.gives_up(ctx, fx) {
                     return;
                 }
-                let delay = ctx.backoff.delay(self.failures, rng);
-                self.state = State::Backoff { until: now + delay };
+                let delay = self.back_off(ctx, "health", now, rng, fx);
                 fx.push(Effect::Emit {
                     kind: "stopped",
                     message: format!(
@@ -674,8 +718,7 @@ impl Instance {
                 if self.gives_up(ctx, fx) {
                     return;
                 }
-                let delay = ctx.backoff.delay(self.failures, rng);
-                self.state = State::Backoff { until: now + delay };
+                let delay = self.back_off(ctx, "limit", now, rng, fx);
                 self.message = format!(
                     "stopped for exceeding its limit ({cause}); restart in {:.1}s",
                     delay.as_secs_f64()
@@ -908,6 +951,11 @@ impl Instance {
 }
 
 /// The words for the step that ended a stop.
+/// How long the start check lasts, seconds after the start command.
+fn check_secs(ctx: &Ctx) -> u64 {
+    ctx.check.0.max(ctx.check.1)
+}
+
 fn step_text(step: StopStep, hold: Hold, ctx: &Ctx) -> String {
     let kill = hold.op().is_some_and(|(_, op)| op == Op::Kill);
     match step {

@@ -36,9 +36,11 @@
 //!
 //! # What happens when a managed process dies
 //! [`Instance::on_death`], the one place: a resident process that is managed is restarted at
-//! once or after a backoff delay; after `max_restarts` failures in a row it is given up; a
+//! once after a healthy run (it passed its start check), after a backoff delay otherwise (the
+//! rules are [`super::policy`]'s); after `max_restarts` failures in a row it is given up; a
 //! single run completes; a periodic job waits for its next cycle; an unmanaged process is left
-//! exited.
+//! exited. The stops the agent causes itself (liveness, limits) are failures: they back off
+//! too.
 
 mod instance;
 mod process;
@@ -464,6 +466,9 @@ pub struct Instance {
     pub message: String,
     /// The cause of a limit stop in progress.
     pub limit_cause: Option<String>,
+    /// The delay before the latest restart attempt, or before the scheduled one while in
+    /// backoff: zero after a healthy run.
+    pub delay: Duration,
 }
 
 impl Default for Instance {

@@ -1,7 +1,7 @@
 //! Sequences through the lifecycle: backoff timing, periodic cycles, start retries, the
 //! supervisor's stops, and how an operation commits its intent.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::testutil::*;
 use super::*;
@@ -37,29 +37,22 @@ fn backoff_until(i: &Instance) -> Option<Instant> {
     }
 }
 
+fn data_of(fx: &[Effect], kind: &str) -> Option<serde_json::Value> {
+    fx.iter().find_map(|e| match e {
+        Effect::Emit { kind: k, data, .. } if *k == kind => Some(data.clone()),
+        _ => None,
+    })
+}
+
 #[test]
-fn a_crash_loop_backs_off_doubling_to_the_cap_and_a_long_run_resets_it() {
+fn a_healthy_run_is_restarted_at_once_every_time() {
     let c = ctx();
     let mut now = Instant::now();
-    // After a long healthy run the first death restarts at once.
-    let (mut i, fx) = run(
-        &c,
-        running(now, 100),
-        now,
-        vec![Input::Exited {
-            pid: 100,
-            exit: code(1),
-        }],
-    );
-    assert!(fx[0].contains(&"start(Start)".to_string()), "{fx:?}");
-    assert_eq!(i.failures, 1);
-    // Every quick death after that waits longer: 1, 2, 4, ... 60 s.
-    let mut delays = Vec::new();
-    for _ in 0..9 {
-        let (n, _) = i.step(&c, Input::Found { pid: 100 }, now, 0.5);
-        let (n, _) = n.step(&c, Input::CheckPassed, now + s(1), 0.5);
+    let mut i = running(now, 100);
+    // Killed ten times, each time soon after its start check passed: never a backoff.
+    for round in 1..=10u64 {
         now += s(2);
-        let (n, _) = n.step(
+        let (n, fx) = i.step(
             &c,
             Input::Exited {
                 pid: 100,
@@ -68,22 +61,82 @@ fn a_crash_loop_backs_off_doubling_to_the_cap_and_a_long_run_resets_it() {
             now,
             0.5,
         );
+        assert!(
+            matches!(n.state, State::Starting { .. }),
+            "round {round}: {n:?}"
+        );
+        assert_eq!((n.failures, n.delay), (0, Duration::ZERO), "round {round}");
+        let k = kinds(&fx);
+        assert!(!k.contains(&"emit:backoff".to_string()), "{k:?}");
+        assert!(!k.contains(&"timer".to_string()), "no timer: {k:?}");
+        let d = data_of(&fx, "restarting").expect("restarting");
+        assert_eq!(d["delay_secs"], serde_json::json!(0.0));
+        assert_eq!(data_of(&fx, "exited").expect("exited")["healthy"], true);
+        assert_eq!(n.restarts, round);
+        let (n, _) = n.step(&c, Input::Found { pid: 100 }, now, 0.5);
+        let (n, _) = n.step(&c, Input::CheckPassed, now + s(1), 0.5);
+        now += s(1);
+        i = n;
+    }
+}
+
+#[test]
+fn failures_back_off_doubling_to_the_cap_and_a_long_run_resets_them() {
+    let c = ctx();
+    let mut now = Instant::now();
+    let mut i = inst(State::Starting {
+        hold: Hold::Supervise { after_death: true },
+        cmd: StartCmd::Start,
+        prev: None,
+    });
+    // Every failed start check waits longer: 1, 2, 4, ... 60 s.
+    let mut delays = Vec::new();
+    for _ in 0..9 {
+        let (n, _) = i.step(&c, Input::Found { pid: 100 }, now, 0.5);
+        let (n, fx) = n.step(
+            &c,
+            Input::StartFailed(StartFailure::Check("exited".into())),
+            now + s(1),
+            0.5,
+        );
         let until = backoff_until(&n).expect("backoff");
-        delays.push(until.duration_since(now).as_secs());
+        assert_eq!(until - (now + s(1)), n.delay);
+        assert_eq!(
+            data_of(&fx, "backoff").expect("backoff")["delay_secs"],
+            serde_json::json!(n.delay.as_secs_f64())
+        );
+        delays.push(n.delay.as_secs());
         let (n, fx) = n.step(&c, Input::Timer, until, 0.5);
-        assert!(kinds(&fx).contains(&"emit:restarting".to_string()));
+        assert_eq!(
+            data_of(&fx, "restarting").expect("restarting")["delay_secs"],
+            serde_json::json!(n.delay.as_secs_f64())
+        );
         now = until;
         i = n;
     }
     assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
-    assert_eq!(i.restarts, 10, "every attempt after a death counts");
-    // Running for reset_after (30 s) resets the count.
+    assert_eq!(i.restarts, 9, "every attempt after a backoff counts");
+    // A run that passes its check keeps the count until it stayed up reset_after (30 s)...
     let (n, _) = i.step(&c, Input::Found { pid: 100 }, now, 0.5);
     let (n, _) = n.step(&c, Input::CheckPassed, now + s(1), 0.5);
+    assert_eq!(n.failures, 9);
     let since = now + s(1);
     assert_eq!(n.deadline(&c), Some(since + s(30)));
-    let (n, _) = n.step(&c, Input::Timer, since + s(30), 0.5);
-    assert_eq!(n.failures, 0);
+    let (reset, _) = n.step(&c, Input::Timer, since + s(30), 0.5);
+    assert_eq!(reset.failures, 0);
+    // ...or until it dies by itself: a healthy run, so restarted at once.
+    let (died, fx) = n.step(
+        &c,
+        Input::Exited {
+            pid: 100,
+            exit: code(1),
+        },
+        since + s(3),
+        0.5,
+    );
+    assert!(matches!(died.state, State::Starting { .. }), "{died:?}");
+    assert_eq!((died.failures, died.delay), (0, Duration::ZERO));
+    assert!(!kinds(&fx).contains(&"emit:backoff".to_string()));
 }
 
 #[test]
@@ -119,18 +172,20 @@ fn max_restarts_gives_up_visibly_and_manage_tries_again() {
         ..ctx()
     };
     let now = Instant::now();
-    let mut i = running(now, 1);
+    let mut i = inst(State::Starting {
+        hold: Hold::Supervise { after_death: true },
+        cmd: StartCmd::Start,
+        prev: None,
+    });
     i.failures = 2;
     let (i, fx) = run(
         &c,
         i,
         now,
-        vec![Input::Exited {
-            pid: 100,
-            exit: code(1),
-        }],
+        vec![Input::StartFailed(StartFailure::Check("exited".into()))],
     );
     assert_eq!(i.state, State::Fatal);
+    assert_eq!(i.failures, 3);
     assert!(fx[0].contains(&"emit:fatal".to_string()));
     assert!(i.message.contains("max_restarts 2"));
     // Nothing starts it again by itself...
