@@ -33,9 +33,10 @@
 //! its whole tree ([`crate::cgroup::figures`]).
 //!
 //! # Cost
-//! For each instance the sampler keeps three handles open across passes (`/proc/PID`, its
-//! `stat` and its `io`), so a pass is one `pread` of `stat`, one of `io` and one `stat` of
-//! the `fd` directory (whose size is the descriptor count) per instance: opening the files
+//! For each instance the sampler keeps four handles open across passes (`/proc/PID`, its
+//! `stat`, its `io` and its main thread's `children` file), so a pass is one `pread` of
+//! `stat`, one of `io`, one of `children` (a single-threaded process) and one `stat` of the
+//! `fd` directory (whose size is the descriptor count) per instance: opening the files
 //! costs several times more than reading them. The start time is checked on every read, and
 //! a handle to a process that has exited cannot read a newer process with the same pid, so
 //! figures never mix two processes. The handles are kept for at most [`handle_budget`]
@@ -217,6 +218,8 @@ pub struct StatFields {
     /// Clock ticks since boot (the identity check).
     pub starttime: u64,
     pub rss_pages: u64,
+    /// Threads (field 20): a single-threaded process's children are in one file.
+    pub threads: i64,
 }
 
 /// Parse the fields the sampler needs from `/proc/PID/stat`, with the `procfs` crate's
@@ -230,6 +233,7 @@ pub fn parse_stat_fields(text: &[u8]) -> Option<StatFields> {
         stime: st.stime,
         starttime: st.starttime,
         rss_pages: st.rss_pages,
+        threads: st.num_threads,
     })
 }
 
@@ -261,6 +265,7 @@ pub struct Raw {
     pub fds: u64,
     /// `read_bytes + write_bytes` (0 when `/proc/PID/io` is unreadable).
     pub io_bytes: u64,
+    pub threads: i64,
 }
 
 fn read_file_at(dir: &OwnedFd, name: &std::ffi::CStr, buf: &mut Vec<u8>) -> std::io::Result<()> {
@@ -277,9 +282,24 @@ fn children_files() -> bool {
     *HAS.get_or_init(|| std::path::Path::new("/proc/thread-self/children").exists())
 }
 
-/// The children of the process behind `dir` (of all its threads). Empty when it is gone.
-fn children_of(dir: &OwnedFd, buf: &mut Vec<u8>) -> Vec<i32> {
+/// The children of process `pid` behind `dir` (of all its `threads` threads). Empty when it
+/// is gone. A single-threaded process (the common case) costs one small file read.
+fn children_of(dir: &OwnedFd, pid: i32, threads: i64, buf: &mut Vec<u8>) -> Vec<i32> {
     let mut out = Vec::new();
+    if threads == 1 {
+        if let Ok(path) = std::ffi::CString::new(format!("task/{pid}/children"))
+            && let Ok(fd) = rustix::fs::openat(
+                dir,
+                path.as_c_str(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            && pread_all(&fd, buf).is_ok()
+        {
+            parse_children(buf, &mut out);
+        }
+        return out;
+    }
     let Ok(task) = rustix::fs::openat(
         dir,
         c"task",
@@ -313,9 +333,9 @@ fn children_of(dir: &OwnedFd, buf: &mut Vec<u8>) -> Vec<i32> {
     out
 }
 
-/// Open `/proc/PID` of a tree member: the directory handle, its start time and its
+/// Open `/proc/PID` of a tree member: the directory handle, its `stat` fields and its
 /// descriptor count (0 where the kernel does not give it as the `fd` directory's size).
-fn open_member(pid: i32, buf: &mut Vec<u8>) -> Option<(OwnedFd, u64, u64)> {
+fn open_member(pid: i32, buf: &mut Vec<u8>) -> Option<(OwnedFd, StatFields, u64)> {
     let dir = rustix::fs::openat(
         rustix::fs::CWD,
         format!("/proc/{pid}").as_str(),
@@ -324,11 +344,11 @@ fn open_member(pid: i32, buf: &mut Vec<u8>) -> Option<(OwnedFd, u64, u64)> {
     )
     .ok()?;
     read_file_at(&dir, c"stat", buf).ok()?;
-    let start = parse_stat_fields(buf)?.starttime;
+    let st = parse_stat_fields(buf)?;
     let fds = rustix::fs::statat(&dir, c"fd", rustix::fs::AtFlags::empty())
         .map(|st| st.st_size.max(0) as u64)
         .unwrap_or(0);
-    Some((dir, start, fds))
+    Some((dir, st, fds))
 }
 
 /// List `/proc/PID/fd`: the number of descriptors and the inodes of the sockets among them.
@@ -373,6 +393,9 @@ pub struct Handles {
     stat: OwnedFd,
     /// `None` when unreadable (another account's process without privilege).
     io: Option<OwnedFd>,
+    /// Its main thread's `children` file (the network figures' tree walk), where the kernel
+    /// has one.
+    children: Option<OwnedFd>,
 }
 
 impl Handles {
@@ -399,11 +422,23 @@ impl Handles {
         .ok()?;
         let io =
             rustix::fs::openat(&dir, c"io", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok();
-        Some(Handles { dir, stat, io })
+        let children = rustix::fs::openat(
+            &dir,
+            format!("task/{pid}/children").as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok();
+        Some(Handles {
+            dir,
+            stat,
+            io,
+            children,
+        })
     }
 
     /// Descriptors these handles hold.
-    pub const FDS: usize = 3;
+    pub const FDS: usize = 4;
 }
 
 /// Read a whole single-record `/proc` file (`stat`, `io`) from offset 0: such files are
@@ -437,6 +472,7 @@ pub fn read_raw(h: &Handles, starttime: u64, buf: &mut Vec<u8>) -> Option<Raw> {
     let mut raw = Raw {
         cpu_ticks: st.utime.saturating_add(st.stime),
         rss_bytes: st.rss_pages.saturating_mul(crate::procinfo::page_size()),
+        threads: st.threads,
         ..Raw::default()
     };
     // Another account's io and fd directory are unreadable without privilege: then 0.
@@ -565,16 +601,23 @@ impl TreeWalk<'_> {
     /// The sockets of `root`'s descendants (not `root` itself), by parent links.
     fn descendants(
         &mut self,
-        root_dir: &OwnedFd,
-        root: i32,
+        root: &Handles,
+        pid: i32,
+        root_threads: i64,
         visited: &mut HashSet<i32>,
         out: &mut Vec<u64>,
     ) {
+        let (root_dir, root_children, root) = (&root.dir, &root.children, pid);
         let mut todo: Vec<(i32, Option<u64>)> = if self.walk_children {
-            children_of(root_dir, &mut self.buf)
-                .into_iter()
-                .map(|p| (p, None))
-                .collect()
+            let mut kids = Vec::new();
+            // One thread: its kept children file is all there is (a pread, no open).
+            match root_children {
+                Some(f) if root_threads == 1 && pread_all(f, &mut self.buf).is_ok() => {
+                    parse_children(&self.buf, &mut kids)
+                }
+                _ => kids = children_of(root_dir, root, root_threads, &mut self.buf),
+            }
+            kids.into_iter().map(|p| (p, None)).collect()
         } else {
             self.snapshot
                 .get_or_insert_with(crate::procinfo::Snapshot::take)
@@ -593,13 +636,13 @@ impl TreeWalk<'_> {
             let Some((dir, st, fds)) = open_member(pid, &mut self.buf) else {
                 continue;
             };
-            if start.is_some_and(|s| s != st) {
+            if start.is_some_and(|s| s != st.starttime) {
                 continue;
             }
-            self.member(&dir, (pid, st), fds, out);
+            self.member(&dir, (pid, st.starttime), fds, out);
             if start.is_none() {
                 todo.extend(
-                    children_of(&dir, &mut self.buf)
+                    children_of(&dir, pid, st.threads, &mut self.buf)
                         .into_iter()
                         .map(|p| (p, None)),
                 );
@@ -623,7 +666,7 @@ impl TreeWalk<'_> {
                     continue;
                 }
                 if let Some((dir, st, fds)) = open_member(pid, &mut self.buf) {
-                    self.member(&dir, (pid, st), fds, out);
+                    self.member(&dir, (pid, st.starttime), fds, out);
                 }
             }
         }
@@ -745,7 +788,7 @@ impl Sampler {
                 {
                     w.member(&handles.dir, (pid, start), raw.fds, &mut tree_sockets);
                     if t.cgroups.is_empty() {
-                        w.descendants(&handles.dir, pid, &mut visited, &mut tree_sockets);
+                        w.descendants(&handles, pid, raw.threads, &mut visited, &mut tree_sockets);
                     }
                 }
                 any = true;
@@ -1041,6 +1084,7 @@ mod tests {
         stime: 300,
         starttime: 123456,
         rss_pages: 250,
+        threads: 1,
     };
 
     /// The sampler's `stat` parser survives a `comm` with spaces and parentheses (the
@@ -1098,7 +1142,7 @@ mod tests {
             v.extend_from_slice(&comm);
             v.extend_from_slice(format!(") R 1 77 77 0 -1 0 0 0 0 0 {utime} {stime} 0 0 20 0 1 0 {start} 0 9 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n").as_bytes());
             let f = parse_stat_fields(&v).expect("parses");
-            proptest::prop_assert_eq!(f, StatFields { utime, stime, starttime: start, rss_pages: 9 });
+            proptest::prop_assert_eq!(f, StatFields { utime, stime, starttime: start, rss_pages: 9, threads: 1 });
         }
     }
 
@@ -1299,13 +1343,18 @@ mod tests {
             }
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             let port = l.local_addr().expect("addr").port();
-            // The parent connects, forks, and the child sends 1000 bytes on the shared
-            // socket; the child then waits for a line on stdin, closes, and sleeps.
+            // The parent (two threads: its children are found through the task directory)
+            // connects and forks; the child (one thread: its own children file) sends 1000
+            // bytes on the shared socket and 500 on one of its own, then waits for a line on
+            // stdin, closes the shared one, and sleeps.
             let script = format!(
-                "import os, socket, sys, time\n\
+                "import os, socket, sys, threading, time\n\
+                 threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n\
                  c = socket.create_connection(('127.0.0.1', {port}))\n\
                  if os.fork() == 0:\n\
                  \x20   c.sendall(b'z' * 1000)\n\
+                 \x20   d = socket.create_connection(('127.0.0.1', {port}))\n\
+                 \x20   d.sendall(b'w' * 500)\n\
                  \x20   sys.stdin.readline()\n\
                  \x20   c.close()\n\
                  time.sleep(60)\n"
@@ -1320,6 +1369,8 @@ mod tests {
             let (mut a, _) = l.accept().expect("accept");
             let mut got = [0u8; 1000];
             a.read_exact(&mut got).expect("1000 bytes");
+            let (mut b, _) = l.accept().expect("accept the child's own");
+            b.read_exact(&mut got[..500]).expect("500 bytes");
             let target = Target {
                 key: ProcKey::new("t", "tree"),
                 instances: vec![(
@@ -1337,19 +1388,19 @@ mod tests {
             let first = loop {
                 let (out, _) = s.pass(std::slice::from_ref(&target), Instant::now(), 1);
                 let x = out[0].clone().expect("sample");
-                if x.net_sent_bytes >= 1000 {
+                if x.net_sent_bytes >= 1502 {
                     break x;
                 }
                 assert!(Instant::now() < deadline, "{walk_children}: {x:?}");
                 std::thread::sleep(Duration::from_millis(20));
             };
-            // bytes_acked counts the SYN as a byte; the parent's and the child's copy of
-            // the socket count once (2000 would be twice).
+            // bytes_acked counts each SYN as a byte; the parent's and the child's copy of the
+            // shared socket count once (2502 would be twice).
             assert_eq!(
-                first.net_sent_bytes, 1001,
+                first.net_sent_bytes, 1502,
                 "{walk_children}: once, {first:?}"
             );
-            assert_eq!(first.net_sockets, 1, "{walk_children}: {first:?}");
+            assert_eq!(first.net_sockets, 2, "{walk_children}: {first:?}");
             // The child closes its copy: the parent still holds the socket.
             let stdin = child.stdin.as_mut().expect("stdin");
             stdin.write_all(b"\n").expect("write");
@@ -1365,7 +1416,7 @@ mod tests {
                 assert!(Instant::now() < deadline, "{walk_children}: {x:?}");
                 std::thread::sleep(Duration::from_millis(20));
             };
-            assert_eq!(later.net_sent_bytes, 1001, "{later:?}");
+            assert_eq!(later.net_sent_bytes, 1502, "{later:?}");
             assert_eq!(later.net_received_bytes, 300, "{later:?}");
             // The whole tree exits: no sample.
             let _ = child.kill();
