@@ -222,7 +222,7 @@ between runs; the reference and the ratios, measured side by side, move less.
 
 | | min | median | p95 | max |
 |---|---|---|---|---|
-| procagent sampler pass (stat + io + fd count + sockets) | $S_MIN ms | $S_MED ms | $S_P95 ms | $S_MAX ms |
+| procagent sampler pass (stat + io + fd count + children + socket dump) | $S_MIN ms | $S_MED ms | $S_P95 ms | $S_MAX ms |
 
 Interleaved with a reference pass using the procfs crate's own calls (\`Process::new\` +
 \`stat()\` + \`io()\` + \`fd_count()\` per process, no sockets), same processes, same moments:
@@ -245,8 +245,8 @@ daemon (all threads, utime + stime from /proc/PID/stat) over the window, and its
 | open descriptors | $PA_FDS | $PB_FDS | $SV_FDS | | |
 | time until all $N ran | $PA_START_S s | $PB_START_S s | $SV_START_S s | | |
 
-procagentd holds one pidfd per managed process and, while sampling, three read handles per
-instance (\`/proc/PID\`, its \`stat\` and \`io\`, kept open because opening them costs more than
+procagentd holds one pidfd per managed process and, while sampling, four read handles per
+instance (\`/proc/PID\`, its \`stat\`, \`io\` and main thread's \`children\`, kept open because opening them costs more than
 reading them; bounded by the descriptor limit); supervisord holds three pipe ends per program. Start: procagentd
 runs 64 starts at once, each held through a 1 s start check; supervisord \`startsecs=1\`.
 With sampling, procagentd read all $N processes every 3 s during the window (cpu, memory,

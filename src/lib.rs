@@ -20,7 +20,8 @@
 //! * [`host`], [`util`]: this host's identity; small shared helpers.
 //! * [`fspool`]: the bounded pool for file-system work on caller-chosen paths (hung mounts).
 //! * `fuzzing` (feature `fuzzing`): the fuzz harness, outside the default build.
-//! * [`probe`]: resource sampling and metrics.
+//! * [`probe`]: resource sampling and metrics; [`sockdiag`] the host's TCP/UDP socket dump
+//!   (netlink sock_diag) and [`nettally`] the network figures of a process tree from it.
 //! * [`api`]: the HTTP/1.1 + JSON socket server, authorization, and the client.
 //! * [`cli`]: the `procagent` command.
 //! * [`daemon`]: [`daemon::run`], the entry point the binary and the tests share.
@@ -40,12 +41,14 @@ pub mod fspool;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod host;
+pub mod nettally;
 pub mod output;
 pub mod probe;
 pub mod procinfo;
 pub mod proto;
 pub mod reaper;
 pub mod reserve;
+pub mod sockdiag;
 pub mod spec;
 pub mod store;
 pub mod supervisor;

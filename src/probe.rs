@@ -13,10 +13,17 @@
 //!   it started (`/proc/PID/io` `read_bytes + write_bytes`; writes are counted when pages are
 //!   dirtied, so they show before writeback; page-cache hits and tmpfs do not count; the I/O
 //!   of children it has reaped is included, as the kernel folds it into the parent).
-//! * `net`: the number of open TCP and UDP sockets (IPv4 and IPv6, listening ones included)
-//!   the process holds: its socket descriptors joined, by inode, with the
-//!   `net/{tcp,tcp6,udp,udp6}` tables of its network namespace. Not bytes. A socket that is
-//!   neither bound nor connected is in no table and is not counted.
+//! * network, for the **whole tree** of each instance (its descendants by parent links, or
+//!   with containment every process of its cgroup): the TCP sockets its processes hold, found
+//!   by joining the socket inodes of their descriptors (`/proc/PID/fd`) with one host-wide
+//!   `sock_diag` dump per pass ([`crate::sockdiag`]), each socket once however many of the
+//!   tree's processes hold it. `net_sent_bytes` / `net_received_bytes` are cumulative
+//!   (`tcp_info` `bytes_acked` / `bytes_received`, kept per socket so a closed connection's
+//!   bytes stay counted, [`crate::nettally`]); `net` is their sum's rate in bytes per second
+//!   over the last sample; `net_sockets` counts the TCP and UDP sockets held (listening ones
+//!   included). Not counted: UDP bytes, unix sockets, sockets of other network namespaces,
+//!   and connections that open and close between two samples. The counters start from 0
+//!   when the set of instances changes (a restart), as `disk` does.
 //!
 //! A definition with several instances (`instance_num`) reports the **sum** over its
 //! instances (so `cpu_usage` can exceed 100). Children and other descendants of an instance
@@ -26,19 +33,25 @@
 //! its whole tree ([`crate::cgroup::figures`]).
 //!
 //! # Cost
-//! For each instance the sampler keeps three handles open across passes (`/proc/PID`, its
-//! `stat` and its `io`), so a pass is one `pread` of `stat`, one of `io` and one `stat` of
-//! the `fd` directory (whose size is the descriptor count) per instance: opening the files
+//! For each instance the sampler keeps four handles open across passes (`/proc/PID`, its
+//! `stat`, its `io` and its main thread's `children` file), so a pass is one `pread` of
+//! `stat`, one of `io`, one of `children` (a single-threaded process) and one `stat` of the
+//! `fd` directory (whose size is the descriptor count) per instance: opening the files
 //! costs several times more than reading them. The start time is checked on every read, and
 //! a handle to a process that has exited cannot read a newer process with the same pid, so
 //! figures never mix two processes. The handles are kept for at most [`handle_budget`]
-//! instances (derived from the descriptor limit); others are opened and closed each pass. Counting sockets
-//! means listing the descriptors and reading each link, the most expensive read, so it is
-//! done only when an instance's descriptor count changed since the previous pass, and
-//! otherwise every [`NET_RESCAN_PASSES`] passes (staggered by pid); in between the last count
-//! stands. The socket tables of a network namespace are read at most once per pass, and only
-//! when some process being counted there holds a socket. Status queries never read `/proc`:
-//! they report the latest sample.
+//! instances (derived from the descriptor limit); others are opened and closed each pass.
+//!
+//! The network figures add, per pass, one `sock_diag` dump (every TCP and UDP socket of the
+//! host's namespace, at most [`crate::sockdiag::MAX_SOCKETS`]) and, per process of a tree
+//! (at most [`MAX_TREE`] per definition), a read of its `task/*/children` files and a `stat`
+//! of its `fd` directory. Finding its sockets means listing the descriptors and reading each
+//! link, the most expensive read, so it is done only when the process's descriptor count
+//! changed since the previous pass, when one of the sockets it held is gone from the dump
+//! (closed: it may have been replaced under the same count), and otherwise every
+//! [`NET_RESCAN_PASSES`] passes (staggered by pid); in between the last listing stands, and
+//! a socket that was listed unconnected is picked up as soon as the dump shows it. Status
+//! queries never read `/proc` nor the dump: they report the latest sample.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
@@ -183,26 +196,18 @@ pub fn socket_inode(link: &[u8]) -> Option<u64> {
     std::str::from_utf8(inner).ok()?.parse().ok()
 }
 
-/// Add the socket inodes of a `/proc/net/{tcp,tcp6,udp,udp6}` table to `out` (the header
-/// line is skipped; inode is the tenth column; inode 0, a socket no process owns any more
-/// such as TIME_WAIT, is skipped). Returns the number of rows read.
-pub fn parse_net_table(text: &[u8], out: &mut HashSet<u64>) -> usize {
-    let mut rows = 0;
-    for line in text.split(|b| *b == b'\n').skip(1) {
-        let Ok(line) = std::str::from_utf8(line) else {
-            continue;
-        };
-        let Some(inode) = line.split_ascii_whitespace().nth(9) else {
-            continue;
-        };
-        if let Ok(ino) = inode.parse::<u64>() {
-            rows += 1;
-            if ino != 0 {
-                out.insert(ino);
-            }
+/// The pids of a `/proc/PID/task/TID/children` file (space-separated); anything that is
+/// not a positive pid is skipped.
+pub fn parse_children(text: &[u8], out: &mut Vec<i32>) {
+    for w in text.split(|b| b.is_ascii_whitespace()) {
+        if let Some(pid) = std::str::from_utf8(w)
+            .ok()
+            .and_then(|w| w.parse::<i32>().ok())
+            .filter(|p| *p > 0)
+        {
+            out.push(pid);
         }
     }
-    rows
 }
 
 /// The fields of `/proc/PID/stat` the sampler uses.
@@ -213,6 +218,8 @@ pub struct StatFields {
     /// Clock ticks since boot (the identity check).
     pub starttime: u64,
     pub rss_pages: u64,
+    /// Threads (field 20): a single-threaded process's children are in one file.
+    pub threads: i64,
 }
 
 /// Parse the fields the sampler needs from `/proc/PID/stat`, with the `procfs` crate's
@@ -226,6 +233,7 @@ pub fn parse_stat_fields(text: &[u8]) -> Option<StatFields> {
         stime: st.stime,
         starttime: st.starttime,
         rss_pages: st.rss_pages,
+        threads: st.num_threads,
     })
 }
 
@@ -257,12 +265,8 @@ pub struct Raw {
     pub fds: u64,
     /// `read_bytes + write_bytes` (0 when `/proc/PID/io` is unreadable).
     pub io_bytes: u64,
-    /// Open TCP + UDP sockets, when the descriptors were listed in this read.
-    pub net: Option<u64>,
+    pub threads: i64,
 }
-
-/// Socket inodes of TCP/UDP tables, by network namespace inode; filled lazily in a pass.
-pub type NetTables = HashMap<u64, HashSet<u64>>;
 
 fn read_file_at(dir: &OwnedFd, name: &std::ffi::CStr, buf: &mut Vec<u8>) -> std::io::Result<()> {
     let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
@@ -271,15 +275,80 @@ fn read_file_at(dir: &OwnedFd, name: &std::ffi::CStr, buf: &mut Vec<u8>) -> std:
     Ok(())
 }
 
-fn read_net_tables(dir: &OwnedFd, buf: &mut Vec<u8>) -> HashSet<u64> {
-    let mut set = HashSet::new();
-    for name in [c"net/tcp", c"net/tcp6", c"net/udp", c"net/udp6"] {
-        // A table can be missing (IPv6 disabled): then it has no sockets.
-        if read_file_at(dir, name, buf).is_ok() {
-            parse_net_table(buf, &mut set);
+/// Does the kernel have `/proc/PID/task/TID/children` (`CONFIG_PROC_CHILDREN`)? Without it
+/// a tree is found from a scan of every process's parent.
+fn children_files() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| std::path::Path::new("/proc/thread-self/children").exists())
+}
+
+/// The children of process `pid` behind `dir` (of all its `threads` threads). Empty when it
+/// is gone. A single-threaded process (the common case) costs one small file read.
+fn children_of(dir: &OwnedFd, pid: i32, threads: i64, buf: &mut Vec<u8>) -> Vec<i32> {
+    let mut out = Vec::new();
+    if threads == 1 {
+        if let Ok(path) = std::ffi::CString::new(format!("task/{pid}/children"))
+            && let Ok(fd) = rustix::fs::openat(
+                dir,
+                path.as_c_str(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            && pread_all(&fd, buf).is_ok()
+        {
+            parse_children(buf, &mut out);
+        }
+        return out;
+    }
+    let Ok(task) = rustix::fs::openat(
+        dir,
+        c"task",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return out;
+    };
+    let Ok(mut threads) = rustix::fs::Dir::new(task) else {
+        return out;
+    };
+    let mut tids = Vec::new();
+    while let Some(Ok(ent)) = threads.read() {
+        if let Some(tid) = ent
+            .file_name()
+            .to_str()
+            .ok()
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            tids.push(tid);
         }
     }
-    set
+    for tid in tids {
+        let Ok(path) = std::ffi::CString::new(format!("task/{tid}/children")) else {
+            continue;
+        };
+        if read_file_at(dir, &path, buf).is_ok() {
+            parse_children(buf, &mut out);
+        }
+    }
+    out
+}
+
+/// Open `/proc/PID` of a tree member: the directory handle, its `stat` fields and its
+/// descriptor count (0 where the kernel does not give it as the `fd` directory's size).
+fn open_member(pid: i32, buf: &mut Vec<u8>) -> Option<(OwnedFd, StatFields, u64)> {
+    let dir = rustix::fs::openat(
+        rustix::fs::CWD,
+        format!("/proc/{pid}").as_str(),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    read_file_at(&dir, c"stat", buf).ok()?;
+    let st = parse_stat_fields(buf)?;
+    let fds = rustix::fs::statat(&dir, c"fd", rustix::fs::AtFlags::empty())
+        .map(|st| st.st_size.max(0) as u64)
+        .unwrap_or(0);
+    Some((dir, st, fds))
 }
 
 /// List `/proc/PID/fd`: the number of descriptors and the inodes of the sockets among them.
@@ -312,8 +381,9 @@ fn list_fds(dir: &OwnedFd) -> Option<(u64, Vec<u64>)> {
     Some((n, sockets))
 }
 
-/// Read handles on one process: `/proc/PID` (a directory handle, for the descriptor count
-/// and the occasional socket count), and its `stat` and `io` files, re-read with `pread`.
+/// Read handles on one process: `/proc/PID` (a directory handle, for the descriptor count,
+/// its children and the occasional socket listing), and its `stat` and `io` files, re-read
+/// with `pread`.
 /// Kept open across passes they make a pass several times cheaper than opening the files
 /// each time (opening, not reading, dominates), and they stay bound to the process they were
 /// opened on: once it is gone every read fails (ESRCH), even if its pid is reused.
@@ -323,6 +393,9 @@ pub struct Handles {
     stat: OwnedFd,
     /// `None` when unreadable (another account's process without privilege).
     io: Option<OwnedFd>,
+    /// Its main thread's `children` file (the network figures' tree walk), where the kernel
+    /// has one.
+    children: Option<OwnedFd>,
 }
 
 impl Handles {
@@ -349,11 +422,23 @@ impl Handles {
         .ok()?;
         let io =
             rustix::fs::openat(&dir, c"io", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok();
-        Some(Handles { dir, stat, io })
+        let children = rustix::fs::openat(
+            &dir,
+            format!("task/{pid}/children").as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok();
+        Some(Handles {
+            dir,
+            stat,
+            io,
+            children,
+        })
     }
 
     /// Descriptors these handles hold.
-    pub const FDS: usize = 3;
+    pub const FDS: usize = 4;
 }
 
 /// Read a whole single-record `/proc` file (`stat`, `io`) from offset 0: such files are
@@ -377,17 +462,8 @@ fn pread_all(fd: &OwnedFd, buf: &mut Vec<u8>) -> std::io::Result<()> {
 }
 
 /// Read the counters of the process behind `h` if it still has start time `starttime`
-/// (`None` when it is gone or is another process). `buf` is scratch space; `net` caches the
-/// socket tables of each network namespace for the current pass. `list` is asked, with the
-/// descriptor count, whether to list the descriptors and count sockets now (the expensive
-/// part of a read).
-pub fn read_raw(
-    h: &Handles,
-    starttime: u64,
-    buf: &mut Vec<u8>,
-    net: &mut NetTables,
-    list: impl FnOnce(u64) -> bool,
-) -> Option<Raw> {
+/// (`None` when it is gone or is another process). `buf` is scratch space.
+pub fn read_raw(h: &Handles, starttime: u64, buf: &mut Vec<u8>) -> Option<Raw> {
     pread_all(&h.stat, buf).ok()?;
     let st = parse_stat_fields(buf)?;
     if st.starttime != starttime {
@@ -396,6 +472,7 @@ pub fn read_raw(
     let mut raw = Raw {
         cpu_ticks: st.utime.saturating_add(st.stime),
         rss_bytes: st.rss_pages.saturating_mul(crate::procinfo::page_size()),
+        threads: st.threads,
         ..Raw::default()
     };
     // Another account's io and fd directory are unreadable without privilege: then 0.
@@ -406,31 +483,15 @@ pub fn read_raw(
     }
     let dir = &h.dir;
     // Linux 6.2+ gives the descriptor count as the size of the fd directory; older kernels
-    // say 0, and then (or when sockets are to be counted) the directory is listed.
+    // say 0, and then the directory is listed.
     let quick = rustix::fs::statat(dir, c"fd", rustix::fs::AtFlags::empty())
         .ok()
         .map(|st| st.st_size.max(0) as u64)
         .filter(|n| *n > 0);
-    let listed = match quick {
-        Some(n) if !list(n) => {
-            raw.fds = n;
-            None
-        }
-        _ => list_fds(dir),
+    raw.fds = match quick {
+        Some(n) => n,
+        None => list_fds(dir).map(|(n, _)| n).unwrap_or(0),
     };
-    if let Some((n, sockets)) = listed {
-        raw.fds = n;
-        let mut count = 0;
-        if !sockets.is_empty()
-            && let Ok(ns) = rustix::fs::statat(dir, c"ns/net", rustix::fs::AtFlags::empty())
-        {
-            let table = net
-                .entry(ns.st_ino)
-                .or_insert_with(|| read_net_tables(dir, buf));
-            count = sockets.iter().filter(|i| table.contains(i)).count() as u64;
-        }
-        raw.net = Some(count);
-    }
     Some(raw)
 }
 
@@ -459,17 +520,164 @@ pub struct Target {
     pub cgroups: Vec<std::path::PathBuf>,
 }
 
-/// Sockets are recounted at least every this many passes (staggered by pid), besides
-/// whenever a process's descriptor count changes.
+/// A process's descriptors are listed for sockets at least every this many passes
+/// (staggered by pid), besides whenever its descriptor count changes or one of its sockets
+/// closes.
 pub const NET_RESCAN_PASSES: u64 = 20;
+
+/// The most processes of one definition's trees the network figures walk in a pass (a
+/// fork bomb costs the sampler no more than this).
+pub const MAX_TREE: usize = 4096;
+
+/// What the sampler remembers of one process of a tree between passes (its sockets).
+#[derive(Debug, Clone, Default)]
+struct MemberMemo {
+    /// Descriptor count at the latest listing check.
+    fds: u64,
+    /// Socket inodes of its descriptors, at the latest listing.
+    sockets: Vec<u64>,
+    /// Those of them the latest dump had.
+    inet: Vec<u64>,
+}
+
+/// What the sampler remembers of one definition's network figures between passes.
+#[derive(Debug, Clone)]
+struct NetMemo {
+    /// The instances the counters are for; another set starts them again.
+    instances: Vec<(i32, u64)>,
+    tally: crate::nettally::Tally,
+    /// `tally.total()` at `at`, for the rate.
+    total: u64,
+    at: Instant,
+    sockets: u64,
+    /// `total`, `at` and `sockets` come from a dump (else there is no reading yet).
+    dumped: bool,
+}
+
+/// The network part of one pass: the dump, and the listings of the trees' processes.
+struct TreeWalk<'a> {
+    table: &'a crate::sockdiag::SockTable,
+    passes: u64,
+    old: HashMap<(i32, u64), MemberMemo>,
+    seen: HashMap<(i32, u64), MemberMemo>,
+    /// Every process's parent, where the kernel has no children files (taken once a pass).
+    snapshot: Option<crate::procinfo::Snapshot>,
+    buf: Vec<u8>,
+    walk_children: bool,
+}
+
+impl TreeWalk<'_> {
+    /// The sockets of the process behind `dir` (identity `id`, `fds` descriptors), listed
+    /// anew only when needed (module docs), added to `out`.
+    fn member(&mut self, dir: &OwnedFd, id: (i32, u64), fds: u64, out: &mut Vec<u64>) {
+        if let Some(m) = self.seen.get(&id) {
+            out.extend_from_slice(&m.inet);
+            return;
+        }
+        let old = self.old.remove(&id);
+        let relist = match &old {
+            None => true,
+            Some(m) => {
+                fds == 0
+                    || m.fds != fds
+                    || (self.passes + id.0 as u64).is_multiple_of(NET_RESCAN_PASSES)
+                    || m.inet.iter().any(|i| !self.table.contains_key(i))
+            }
+        };
+        let sockets = if relist {
+            list_fds(dir).map(|(_, s)| s).unwrap_or_default()
+        } else {
+            old.map(|m| m.sockets).unwrap_or_default()
+        };
+        let inet: Vec<u64> = sockets
+            .iter()
+            .copied()
+            .filter(|i| self.table.contains_key(i))
+            .collect();
+        out.extend_from_slice(&inet);
+        self.seen.insert(id, MemberMemo { fds, sockets, inet });
+    }
+
+    /// The sockets of `root`'s descendants (not `root` itself), by parent links.
+    fn descendants(
+        &mut self,
+        root: &Handles,
+        pid: i32,
+        root_threads: i64,
+        visited: &mut HashSet<i32>,
+        out: &mut Vec<u64>,
+    ) {
+        let (root_dir, root_children, root) = (&root.dir, &root.children, pid);
+        let mut todo: Vec<(i32, Option<u64>)> = if self.walk_children {
+            let mut kids = Vec::new();
+            // One thread: its kept children file is all there is (a pread, no open).
+            match root_children {
+                Some(f) if root_threads == 1 && pread_all(f, &mut self.buf).is_ok() => {
+                    parse_children(&self.buf, &mut kids)
+                }
+                _ => kids = children_of(root_dir, root, root_threads, &mut self.buf),
+            }
+            kids.into_iter().map(|p| (p, None)).collect()
+        } else {
+            self.snapshot
+                .get_or_insert_with(crate::procinfo::Snapshot::take)
+                .descendants(root)
+                .into_iter()
+                .map(|s| (s.pid, Some(s.starttime)))
+                .collect()
+        };
+        while let Some((pid, start)) = todo.pop() {
+            if visited.len() >= MAX_TREE {
+                return;
+            }
+            if !visited.insert(pid) {
+                continue;
+            }
+            let Some((dir, st, fds)) = open_member(pid, &mut self.buf) else {
+                continue;
+            };
+            if start.is_some_and(|s| s != st.starttime) {
+                continue;
+            }
+            self.member(&dir, (pid, st.starttime), fds, out);
+            if start.is_none() {
+                todo.extend(
+                    children_of(&dir, pid, st.threads, &mut self.buf)
+                        .into_iter()
+                        .map(|p| (p, None)),
+                );
+            }
+        }
+    }
+
+    /// The sockets of every process of the cgroups `dirs` (containment: the whole tree).
+    fn cgroup_members(
+        &mut self,
+        dirs: &[std::path::PathBuf],
+        visited: &mut HashSet<i32>,
+        out: &mut Vec<u64>,
+    ) {
+        for d in dirs {
+            for pid in crate::cgroup::procs(d) {
+                if visited.len() >= MAX_TREE {
+                    return;
+                }
+                if !visited.insert(pid) {
+                    continue;
+                }
+                if let Some((dir, st, fds)) = open_member(pid, &mut self.buf) {
+                    self.member(&dir, (pid, st.starttime), fds, out);
+                }
+            }
+        }
+    }
+}
 
 /// What the sampler remembers of one instance between passes.
 #[derive(Debug)]
 struct Memo {
     cpu_ticks: u64,
     at: Instant,
-    fds: u64,
-    net: Option<u64>,
     /// Kept open while within the budget.
     handles: Option<Handles>,
 }
@@ -479,12 +687,19 @@ pub struct Sampler {
     host: HostFigures,
     memo: HashMap<(i32, u64), Memo>,
     buf: Vec<u8>,
-    net: NetTables,
     ticks_per_sec: u64,
     passes: u64,
     budget: usize,
     /// The previous `cpu.stat` reading of each instance cgroup, and when.
     cgroup_cpu: HashMap<std::path::PathBuf, (u64, Instant)>,
+    /// The sockets of each process of the trees, at the previous pass.
+    members: HashMap<(i32, u64), MemberMemo>,
+    /// The network figures of each definition, at the previous pass.
+    nets: HashMap<ProcKey, NetMemo>,
+    /// A failed dump was logged (once, until one succeeds).
+    dump_failed: bool,
+    /// Trees are walked through `task/*/children` (else through a scan of every process).
+    walk_children: bool,
 }
 
 impl Sampler {
@@ -498,11 +713,14 @@ impl Sampler {
             host,
             memo: HashMap::new(),
             buf: Vec::with_capacity(4096),
-            net: NetTables::new(),
             ticks_per_sec: crate::procinfo::ticks_per_second(),
             passes: 0,
             budget,
             cgroup_cpu: HashMap::new(),
+            members: HashMap::new(),
+            nets: HashMap::new(),
+            dump_failed: false,
+            walk_children: children_files(),
         }
     }
 
@@ -519,18 +737,26 @@ impl Sampler {
     /// entry per target, in order (`None` when none of its instances could be read: gone
     /// between the listing and the read), and the number of instances read.
     ///
-    /// Listing a process's descriptors (to count its sockets) is the most expensive read, so
-    /// `net` is recounted only when its descriptor count changed since the last pass, and
-    /// otherwise every [`NET_RESCAN_PASSES`] passes; in between the last count is reported.
+    /// The network figures come from one socket dump per pass and the sockets of each
+    /// instance's tree (module docs, "Cost").
     pub fn pass(
         &mut self,
         targets: &[Target],
         now: Instant,
         at_unix: i64,
     ) -> (Vec<Option<Sample>>, usize) {
-        self.net.clear();
         self.passes += 1;
-        let passes = self.passes;
+        let table = self.dump(targets);
+        let mut walk = table.as_ref().map(|table| TreeWalk {
+            table,
+            passes: self.passes,
+            old: std::mem::take(&mut self.members),
+            seen: HashMap::new(),
+            snapshot: None,
+            buf: Vec::with_capacity(1024),
+            walk_children: self.walk_children,
+        });
+        let mut old_nets = std::mem::take(&mut self.nets);
         let mut seen: HashMap<(i32, u64), Memo> = HashMap::with_capacity(self.memo.len());
         let mut out = Vec::with_capacity(targets.len());
         let mut read = 0;
@@ -542,6 +768,8 @@ impl Sampler {
                 ..Sample::default()
             };
             let mut any = false;
+            let mut tree_sockets = Vec::new();
+            let mut visited = HashSet::new();
             for &(pid, start) in &t.instances {
                 let mut old = self.memo.remove(&(pid, start));
                 let handles = match old.as_mut().and_then(|m| m.handles.take()) {
@@ -551,16 +779,18 @@ impl Sampler {
                 let Some(handles) = handles else {
                     continue;
                 };
-                let prev_fds = old.as_ref().filter(|m| m.net.is_some()).map(|m| m.fds);
-                let list = |fds: u64| match prev_fds {
-                    Some(f) if f == fds => (passes + pid as u64).is_multiple_of(NET_RESCAN_PASSES),
-                    _ => true,
-                };
-                let Some(raw) = read_raw(&handles, start, &mut self.buf, &mut self.net, list)
-                else {
+                let Some(raw) = read_raw(&handles, start, &mut self.buf) else {
                     // Gone (or another process): its handles are closed here.
                     continue;
                 };
+                if let Some(w) = walk.as_mut()
+                    && visited.insert(pid)
+                {
+                    w.member(&handles.dir, (pid, start), raw.fds, &mut tree_sockets);
+                    if t.cgroups.is_empty() {
+                        w.descendants(&handles, pid, raw.threads, &mut visited, &mut tree_sockets);
+                    }
+                }
                 any = true;
                 read += 1;
                 s.pids += 1;
@@ -573,7 +803,6 @@ impl Sampler {
                         self.host.cpus,
                     );
                 }
-                let net = raw.net.or(old.as_ref().and_then(|m| m.net));
                 let keep = kept < self.budget;
                 kept += usize::from(keep);
                 seen.insert(
@@ -581,8 +810,6 @@ impl Sampler {
                     Memo {
                         cpu_ticks: raw.cpu_ticks,
                         at: now,
-                        fds: raw.fds,
-                        net,
                         handles: keep.then_some(handles),
                     },
                 );
@@ -591,12 +818,21 @@ impl Sampler {
                 s.disk = s
                     .disk
                     .saturating_add(raw.io_bytes.min(i64::MAX as u64) as i64);
-                s.net += net.unwrap_or(0) as i64;
             }
             if !any {
                 out.push(None);
                 continue;
             }
+            if let Some(w) = walk.as_mut()
+                && !t.cgroups.is_empty()
+            {
+                w.cgroup_members(&t.cgroups, &mut visited, &mut tree_sockets);
+            }
+            let memo = old_nets
+                .remove(&t.key)
+                .filter(|m| m.instances == t.instances);
+            let memo = net_figures(memo, t, table.as_ref(), &tree_sockets, now, &mut s);
+            self.nets.insert(t.key.clone(), memo);
             if !t.cgroups.is_empty() {
                 self.cgroup_figures(t, now, &mut s, &mut cg_seen);
             }
@@ -607,7 +843,30 @@ impl Sampler {
         }
         self.memo = seen;
         self.cgroup_cpu = cg_seen;
+        if let Some(w) = walk {
+            self.members = w.seen;
+        }
         (out, read)
+    }
+
+    /// The socket dump of this pass (`None` when there is nothing to sample or it failed; a
+    /// failure is logged once until a dump succeeds again).
+    fn dump(&mut self, targets: &[Target]) -> Option<crate::sockdiag::SockTable> {
+        if targets.iter().all(|t| t.instances.is_empty()) {
+            return None;
+        }
+        match crate::sockdiag::dump() {
+            Ok(t) => {
+                self.dump_failed = false;
+                Some(t)
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.dump_failed, true) {
+                    tracing::warn!(error = %e, "sock_diag dump failed: no network figures until it works");
+                }
+                None
+            }
+        }
     }
 
     /// Containment: the figures of `t`'s instance cgroups (the whole tree of each) replace
@@ -674,7 +933,13 @@ pub struct Sample {
     pub rss_bytes: u64,
     pub fd: i64,
     pub disk: i64,
+    /// Network I/O of the trees: TCP bytes sent + received per second over the last sample.
     pub net: i64,
+    /// TCP bytes sent (acknowledged by the peer) and received by the trees, cumulative.
+    pub net_sent_bytes: u64,
+    pub net_received_bytes: u64,
+    /// TCP and UDP sockets the trees hold.
+    pub net_sockets: u64,
     /// Processes counted: the instances, or (containment) every process of their cgroups.
     pub pids: u64,
     /// Pressure stall `some avg10` (containment, where the kernel has PSI).
@@ -683,6 +948,46 @@ pub struct Sample {
     pub psi_io: Option<f64>,
     /// cpu (and memory, with the memory controller) came from the cgroups.
     pub from_cgroup: bool,
+}
+
+/// The network figures of target `t` from this pass's dump (`table`) and the sockets its
+/// trees hold; `memo` is the previous pass's for the same instances. Without a dump the
+/// previous counters stand (they never go back) and the rate reads 0.
+fn net_figures(
+    memo: Option<NetMemo>,
+    t: &Target,
+    table: Option<&crate::sockdiag::SockTable>,
+    tree_sockets: &[u64],
+    now: Instant,
+    s: &mut Sample,
+) -> NetMemo {
+    let mut m = memo.unwrap_or_else(|| NetMemo {
+        instances: t.instances.clone(),
+        tally: crate::nettally::Tally::default(),
+        total: 0,
+        at: now,
+        sockets: 0,
+        dumped: false,
+    });
+    if let Some(table) = table {
+        let held = crate::nettally::held(tree_sockets, table);
+        m.tally.update(&held.tcp, table);
+        let total = m.tally.total();
+        // The first figures of these instances have no previous reading: 0, as for cpu.
+        s.net = if m.dumped {
+            crate::nettally::rate(m.total, total, now.saturating_duration_since(m.at))
+        } else {
+            0
+        };
+        m.total = total;
+        m.at = now;
+        m.sockets = held.sockets;
+        m.dumped = true;
+    }
+    s.net_sent_bytes = m.tally.sent();
+    s.net_received_bytes = m.tally.received();
+    s.net_sockets = m.sockets;
+    m
 }
 
 /// What one pass did.
@@ -767,17 +1072,12 @@ mod tests {
     }
 
     #[test]
-    fn net_tables() {
-        let tcp = b"  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 31337 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:1F90 0100007F:C350 06 00000000:00000000 03:00000F9F 00000000     0        0 0 3 0000000000000000\n   2: 0100007F:C350 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1000        0 424242 1 0000000000000000 20 4 30 10 -1\n";
-        let mut set = HashSet::new();
-        assert_eq!(parse_net_table(tcp, &mut set), 3);
-        assert_eq!(set, HashSet::from([31337, 424242]));
-        let udp6 = b"  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n  113: 00000000000000000000000000000000:0044 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 5555 2 0000000000000000 0\n";
-        assert_eq!(parse_net_table(udp6, &mut set), 1);
-        assert!(set.contains(&5555));
-        assert_eq!(parse_net_table(b"header only\n", &mut set), 0);
-        assert_eq!(parse_net_table(b"", &mut set), 0);
-        assert_eq!(parse_net_table(b"h\ngarbage line\n", &mut set), 0);
+    fn children_files() {
+        let mut out = Vec::new();
+        parse_children(b"12 345 6\n", &mut out);
+        parse_children(b"", &mut out);
+        parse_children(b"x -1 0 7 99999999999", &mut out);
+        assert_eq!(out, vec![12, 345, 6, 7]);
     }
 
     fn stat_line(comm: &[u8]) -> Vec<u8> {
@@ -792,6 +1092,7 @@ mod tests {
         stime: 300,
         starttime: 123456,
         rss_pages: 250,
+        threads: 1,
     };
 
     /// The sampler's `stat` parser survives a `comm` with spaces and parentheses (the
@@ -849,7 +1150,7 @@ mod tests {
             v.extend_from_slice(&comm);
             v.extend_from_slice(format!(") R 1 77 77 0 -1 0 0 0 0 0 {utime} {stime} 0 0 20 0 1 0 {start} 0 9 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n").as_bytes());
             let f = parse_stat_fields(&v).expect("parses");
-            proptest::prop_assert_eq!(f, StatFields { utime, stime, starttime: start, rss_pages: 9 });
+            proptest::prop_assert_eq!(f, StatFields { utime, stime, starttime: start, rss_pages: 9, threads: 1 });
         }
     }
 
@@ -876,21 +1177,18 @@ mod tests {
         let me = std::process::id() as i32;
         let st = crate::procinfo::read_stat(me).expect("own stat");
         let mut buf = Vec::new();
-        let mut net = NetTables::new();
         let _held: Vec<std::fs::File> = (0..5)
             .map(|_| std::fs::File::open("/dev/null").expect("open"))
             .collect();
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
         let h = Handles::open(me).expect("own handles");
-        let r = read_raw(&h, st.starttime, &mut buf, &mut net, |_| true).expect("readable");
-        assert!(r.fds >= 8, "{r:?}");
+        let r = read_raw(&h, st.starttime, &mut buf).expect("readable");
+        assert!(r.fds >= 10, "{r:?}");
         assert!(r.rss_bytes > 0);
-        assert!(r.net >= Some(2), "{r:?}");
-        let quick = read_raw(&h, st.starttime, &mut buf, &mut net, |_| false).expect("readable");
-        assert_eq!(quick.net, None, "not listed");
-        assert!(quick.fds >= 10, "{quick:?}");
-        assert!(read_raw(&h, st.starttime + 1, &mut buf, &mut net, |_| true).is_none());
+        let (n, sockets) = list_fds(&h.dir).expect("own fds");
+        assert!(n >= 10 && sockets.len() >= 2, "{n} {sockets:?}");
+        assert!(read_raw(&h, st.starttime + 1, &mut buf).is_none());
         assert!(Handles::open(-1).is_none());
         assert!(Handles::open(0).is_none());
         drop((l, u));
@@ -974,11 +1272,11 @@ mod tests {
         let pid = child.id() as i32;
         let st = crate::procinfo::read_stat(pid).expect("child stat");
         let h = Handles::open(pid).expect("handles");
-        let (mut buf, mut net) = (Vec::new(), NetTables::new());
-        assert!(read_raw(&h, st.starttime, &mut buf, &mut net, |_| false).is_some());
+        let mut buf = Vec::new();
+        assert!(read_raw(&h, st.starttime, &mut buf).is_some());
         let _ = child.kill();
         let _ = child.wait();
-        assert!(read_raw(&h, st.starttime, &mut buf, &mut net, |_| true).is_none());
+        assert!(read_raw(&h, st.starttime, &mut buf).is_none());
     }
 
     #[test]
@@ -1035,5 +1333,104 @@ mod tests {
         let _ = s.pass(&targets, Instant::now(), 3);
         assert_eq!(s.open_handles(), 0);
         assert!(handle_budget() > 0);
+    }
+
+    /// The network figures cover the whole tree: a socket made by a process and shared with
+    /// its forked child counts once, with the bytes that went over it, through the children
+    /// files and through the scan of every process alike.
+    #[test]
+    fn tree_sockets_count_once_and_keep_their_bytes() {
+        use std::io::{Read, Write};
+        if crate::sockdiag::dump().is_err() {
+            eprintln!("no sock_diag here: skipped");
+            return;
+        }
+        for walk_children in [true, false] {
+            if walk_children && !super::children_files() {
+                continue;
+            }
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let port = l.local_addr().expect("addr").port();
+            // The parent (two threads: its children are found through the task directory)
+            // connects and forks; the child (one thread: its own children file) sends 1000
+            // bytes on the shared socket and 500 on one of its own, then waits for a line on
+            // stdin, closes the shared one, and sleeps.
+            let script = format!(
+                "import os, socket, sys, threading, time\n\
+                 threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n\
+                 c = socket.create_connection(('127.0.0.1', {port}))\n\
+                 if os.fork() == 0:\n\
+                 \x20   c.sendall(b'z' * 1000)\n\
+                 \x20   d = socket.create_connection(('127.0.0.1', {port}))\n\
+                 \x20   d.sendall(b'w' * 500)\n\
+                 \x20   sys.stdin.readline()\n\
+                 \x20   c.close()\n\
+                 time.sleep(60)\n"
+            );
+            let mut child = std::process::Command::new("python3")
+                .arg("-c")
+                .arg(&script)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3");
+            let pid = child.id() as i32;
+            let (mut a, _) = l.accept().expect("accept");
+            let mut got = [0u8; 1000];
+            a.read_exact(&mut got).expect("1000 bytes");
+            let (mut b, _) = l.accept().expect("accept the child's own");
+            b.read_exact(&mut got[..500]).expect("500 bytes");
+            let target = Target {
+                key: ProcKey::new("t", "tree"),
+                instances: vec![(
+                    pid,
+                    crate::procinfo::read_stat(pid).expect("stat").starttime,
+                )],
+                cgroups: Vec::new(),
+            };
+            let mut s = Sampler::new(HostFigures {
+                mem_total_bytes: 1 << 30,
+                cpus: 2,
+            });
+            s.walk_children = walk_children;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let first = loop {
+                let (out, _) = s.pass(std::slice::from_ref(&target), Instant::now(), 1);
+                let x = out[0].clone().expect("sample");
+                if x.net_sent_bytes >= 1502 {
+                    break x;
+                }
+                assert!(Instant::now() < deadline, "{walk_children}: {x:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            // bytes_acked counts each SYN as a byte; the parent's and the child's copy of the
+            // shared socket count once (2502 would be twice).
+            assert_eq!(
+                first.net_sent_bytes, 1502,
+                "{walk_children}: once, {first:?}"
+            );
+            assert_eq!(first.net_sockets, 2, "{walk_children}: {first:?}");
+            // The child closes its copy: the parent still holds the socket.
+            let stdin = child.stdin.as_mut().expect("stdin");
+            stdin.write_all(b"\n").expect("write");
+            stdin.flush().expect("flush");
+            a.write_all(&[1u8; 300]).expect("reply");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let later = loop {
+                let (out, _) = s.pass(std::slice::from_ref(&target), Instant::now(), 2);
+                let x = out[0].clone().expect("sample");
+                if x.net_received_bytes >= 300 {
+                    break x;
+                }
+                assert!(Instant::now() < deadline, "{walk_children}: {x:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert_eq!(later.net_sent_bytes, 1502, "{later:?}");
+            assert_eq!(later.net_received_bytes, 300, "{later:?}");
+            // The whole tree exits: no sample.
+            let _ = child.kill();
+            let _ = child.wait();
+            let (out, _) = s.pass(std::slice::from_ref(&target), Instant::now(), 3);
+            assert!(out[0].is_none(), "the instance is gone");
+        }
     }
 }

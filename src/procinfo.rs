@@ -29,6 +29,8 @@ pub struct ProcStat {
     pub rss_pages: u64,
     /// The kernel's flags word (`PF_*`).
     pub flags: u32,
+    /// Threads of the process (field 20).
+    pub num_threads: i64,
 }
 
 impl ProcStat {
@@ -50,6 +52,7 @@ impl ProcStat {
             starttime: s.starttime,
             rss_pages: s.rss,
             flags: s.flags,
+            num_threads: s.num_threads,
         }
     }
 }
@@ -721,6 +724,7 @@ mod tests {
             starttime: pid as u64,
             rss_pages: 0,
             flags: 0,
+            num_threads: 1,
         };
         let snap = Snapshot::of(vec![
             st(10, 1, 10, 'S'),

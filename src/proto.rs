@@ -762,7 +762,18 @@ pub struct ProcDetail {
     pub rss_bytes: u64,
     pub fd: i64,
     pub disk: i64,
+    /// Network I/O: TCP bytes sent + received per second over the last sample, by the
+    /// instances' whole trees.
     pub net: i64,
+    /// TCP bytes sent (acknowledged by the peers) by the trees since the instances started.
+    #[serde(default)]
+    pub net_sent_bytes: u64,
+    /// TCP bytes received by the trees since the instances started.
+    #[serde(default)]
+    pub net_received_bytes: u64,
+    /// TCP and UDP sockets the trees hold (listening ones included).
+    #[serde(default)]
+    pub net_sockets: u64,
     /// Unix seconds of the sample the figures come from (0: not sampled).
     #[serde(default)]
     pub sampled_at: i64,

@@ -788,3 +788,59 @@ fn an_adopted_process_is_not_moved_out_of_a_limited_cgroup() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// With containment the network figures cover every process of the instance's cgroup: a
+/// child that daemonized itself away (reparented, no longer a descendant by parent links)
+/// still counts for its process.
+#[test]
+fn tcp_bytes_of_a_daemonized_child_count_for_its_process() {
+    use std::io::Read;
+    const N: usize = 200_000;
+    let env = TestEnv::new();
+    let Some(sub) = Subtree::or_skip(&env) else {
+        return;
+    };
+    let config = format!("{}\n[metrics]\nsample_interval = \"200ms\"\n", sub.config());
+    let d = Daemon::start(&env, &config);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let Ok((mut c, _)) = l.accept() else { return };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+        let mut buf = vec![0u8; 64 * 1024];
+        while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let main = program_at(&env.path().join("bin"), "idle");
+    let talker = env.script(
+        "talker.py",
+        &format!(
+            "import socket, time\nc = socket.create_connection(('127.0.0.1', {port}))\nc.sendall(b'x' * {N})\ntime.sleep(100000)\n"
+        ),
+    );
+    // The subshell exits at once: the talker is reparented to the agent (the subreaper).
+    let script = env.script(
+        "net.sh",
+        &format!("#!/bin/sh\n( setsid python3 {talker} </dev/null >/dev/null 2>&1 & )\nexec {main} 100000\n"),
+    );
+    d.register(
+        NS,
+        "net",
+        spec(&env, format!("exec sh {script}"), "", "idle"),
+    );
+    assert_eq!(d.op(NS, "net", 0)["error_code"], json!(0));
+    let v = wait_for(
+        "the daemonized child's bytes",
+        Duration::from_secs(30),
+        || {
+            let v = d.detail(NS, "net");
+            (v["figures_from"] == json!("cgroup") && v["net_sent_bytes"].as_u64()? >= N as u64)
+                .then_some(v)
+        },
+    );
+    assert_eq!(v["net_sockets"], json!(1), "{v}");
+    assert!(
+        v["net_sent_bytes"].as_u64().unwrap_or(0) < N as u64 + 1024,
+        "{v}"
+    );
+    d.op(NS, "net", 1);
+}

@@ -179,11 +179,13 @@ fn fds_disk_sockets_and_a_hostile_comm() {
     );
 
     let v = wait_detail(&d, "m", "net", "4 sockets", |v| {
-        v["net"].as_i64() == Some(4)
+        v["net_sockets"].as_u64() == Some(4)
     });
-    assert_eq!(d.status("m", "net")["net"], json!(4), "{v}");
+    // Nothing flows on them: no network I/O.
+    assert_eq!(v["net"], json!(0), "{v}");
+    assert_eq!(d.status("m", "net")["net"], json!(0), "{v}");
     // The other processes hold no sockets.
-    assert_eq!(d.detail("m", "files")["net"], json!(0));
+    assert_eq!(d.detail("m", "files")["net_sockets"], json!(0));
 
     let pid = d.status("m", "odd")["pid"].as_i64().unwrap();
     wait_for("the comm rename", Duration::from_secs(20), || {
@@ -197,6 +199,163 @@ fn fds_disk_sockets_and_a_hostile_comm() {
     for n in ["files", "writer", "net", "odd"] {
         assert_eq!(d.op("m", n, 1)["error_code"], json!(0), "stop {n}");
     }
+}
+
+/// A local TCP server for [`tcp_bytes_of_the_whole_tree`]: accepts connections, answers each
+/// with `reply` bytes once it has read `first` bytes from it, then reads until EOF. Counts the
+/// connections it accepted. Ends with the test (its listener and threads are dropped with the
+/// process); every read has a timeout so no thread outlives a stuck peer for long.
+fn byte_sink(first: usize, reply: usize) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = accepted.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            seen.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+                let mut buf = vec![0u8; 64 * 1024];
+                let (mut got, mut answered) = (0usize, false);
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    got += n;
+                    if !answered && got >= first {
+                        answered = true;
+                        if c.write_all(&vec![b'r'; reply]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+/// `net` is network I/O: the TCP bytes of the process's whole tree (a forked child here does
+/// the talking), sent and received as cumulative counters that do not go back when a
+/// connection closes, `net` their rate over the last sample, and the socket count on its own.
+#[test]
+fn tcp_bytes_of_the_whole_tree() {
+    const N: usize = 3 * 1024 * 1024;
+    const REPLY: usize = 5000;
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, FAST);
+    let (port, accepted) = byte_sink(N, REPLY);
+    let trigger = env.p("second");
+    // The parent only waits (and takes its child along when it is stopped); its child
+    // sends N bytes, reads the reply, keeps the connection until the trigger file appears,
+    // then closes it and trickles 1 KiB every 20 ms over a second connection.
+    let body = format!(
+        "import os, signal, socket, time\n\
+         kid = os.fork()\n\
+         if kid == 0:\n\
+         \x20   c = socket.create_connection(('127.0.0.1', {port}))\n\
+         \x20   c.sendall(b'x' * {N})\n\
+         \x20   got = 0\n\
+         \x20   while got < {REPLY}:\n\
+         \x20       got += len(c.recv(65536))\n\
+         \x20   while not os.path.exists({trigger:?}):\n\
+         \x20       time.sleep(0.05)\n\
+         \x20   c.close()\n\
+         \x20   d = socket.create_connection(('127.0.0.1', {port}))\n\
+         \x20   while True:\n\
+         \x20       d.sendall(b'y' * 1024)\n\
+         \x20       time.sleep(0.02)\n\
+         signal.signal(signal.SIGTERM, lambda *_: (os.kill(kid, 9), os._exit(0)))\n\
+         while True:\n\
+         \x20   time.sleep(1)\n"
+    );
+    d.register(
+        "m",
+        "talker",
+        py_spec(&env, "talker", &body, json!({"cpu": 0, "mem": 0})),
+    );
+    start(&d, "m", "talker");
+    let v = wait_detail(&d, "m", "talker", "N bytes sent, the reply received", |v| {
+        v["net_sent_bytes"].as_u64().unwrap_or(0) >= N as u64
+            && v["net_received_bytes"].as_u64().unwrap_or(0) >= REPLY as u64
+    });
+    assert_eq!(
+        v["net_sockets"],
+        json!(1),
+        "one open connection in the tree: {v}"
+    );
+    assert!(
+        v["net_sent_bytes"].as_u64().unwrap() < N as u64 + 64 * 1024,
+        "the bytes of this connection, not the host's: {v}"
+    );
+    // Close the first connection; the counters never go back while the second one runs.
+    std::fs::write(&trigger, "1").expect("trigger");
+    let mut last = v["net_sent_bytes"].as_u64().unwrap();
+    let v = wait_for(
+        "a positive rate on the second connection",
+        Duration::from_secs(60),
+        || {
+            let v = d.detail("m", "talker");
+            let sent = v["net_sent_bytes"].as_u64().unwrap_or(0);
+            assert!(sent >= last, "sent went back from {last} to {sent}: {v}");
+            last = sent;
+            let done = accepted.load(std::sync::atomic::Ordering::SeqCst) >= 2
+                && sent > N as u64
+                && v["net"].as_i64().unwrap_or(0) > 0;
+            done.then_some(v)
+        },
+    );
+    assert!(
+        v["net_received_bytes"].as_u64().unwrap() >= REPLY as u64,
+        "{v}"
+    );
+    // The CLI's status --json and GSE's get_proc_status carry the same figures.
+    let (code, out, err) = d.cli(&["--json", "status", "m/talker"]);
+    assert_eq!(code, 0, "{err}");
+    let cli: Value = serde_json::from_str(&out).expect("status --json");
+    let row = &cli["list"][0];
+    assert!(row["net_sent_bytes"].as_u64().unwrap() > N as u64, "{row}");
+    assert!(
+        row["net_received_bytes"].as_u64().unwrap() >= REPLY as u64,
+        "{row}"
+    );
+    assert!(row["net_sockets"].as_u64().is_some(), "{row}");
+    assert!(row["net"].as_i64().is_some(), "{row}");
+    let st = d.status("m", "talker");
+    assert!(st["net"].as_i64().is_some(), "{st}");
+    // /metrics: the two counters and the socket gauge.
+    let (status, body) = d.http("GET", "/metrics", b"").expect("metrics");
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).expect("utf-8");
+    let fams = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let sent = family(&fams, "procagent_process_net_sent_bytes");
+    assert_eq!(sent.kind, "counter");
+    assert!(
+        value_of(
+            sent,
+            "procagent_process_net_sent_bytes_total",
+            "m",
+            "talker"
+        )
+        .unwrap()
+            > N as f64
+    );
+    let recv = family(&fams, "procagent_process_net_received_bytes");
+    assert_eq!(recv.kind, "counter");
+    assert!(
+        value_of(
+            recv,
+            "procagent_process_net_received_bytes_total",
+            "m",
+            "talker"
+        )
+        .unwrap()
+            >= REPLY as f64
+    );
+    assert_eq!(family(&fams, "procagent_process_net_sockets").kind, "gauge");
+    assert_eq!(d.op("m", "talker", 1)["error_code"], json!(0));
 }
 
 fn events_of(d: &Daemon, key: &str, kind: &str) -> Vec<Value> {
@@ -824,7 +983,7 @@ fn top_shows_a_table_and_json() {
     assert_eq!(
         header,
         [
-            "PROCESS", "STATE", "PID", "CPU%", "MEM%", "RSS", "FD", "DISK", "DISK/S", "NET",
+            "PROCESS", "STATE", "PID", "CPU%", "MEM%", "RSS", "FD", "DISK", "DISK/S", "NET/S",
             "RESTARTS", "LIMIT"
         ],
         "{out}"

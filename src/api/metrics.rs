@@ -27,7 +27,9 @@
 //! | `procagent_process_resident_memory_bytes` | gauge | RSS |
 //! | `procagent_process_open_fds` | gauge | open descriptors |
 //! | `procagent_process_disk_io_bytes_total` | counter | read_bytes + write_bytes since start |
-//! | `procagent_process_net_sockets` | gauge | open TCP + UDP sockets |
+//! | `procagent_process_net_sent_bytes_total` | counter | TCP bytes sent by the trees |
+//! | `procagent_process_net_received_bytes_total` | counter | TCP bytes received by the trees |
+//! | `procagent_process_net_sockets` | gauge | TCP + UDP sockets the trees hold |
 //!
 //! The resource series exist only for processes with a current sample (running ones).
 
@@ -144,7 +146,9 @@ pub fn render(engine: &Engine) -> String {
     let rss = FGauge::default();
     let fds = FGauge::default();
     let disk = FCounter::default();
-    let net = FGauge::default();
+    let net_sent = FCounter::default();
+    let net_received = FCounter::default();
+    let net_sockets = FGauge::default();
     let procs = FGauge::default();
     let pressure = FGauge::default();
     let (mut n_reg, mut n_managed, mut n_running) = (0i64, 0i64, 0i64);
@@ -171,7 +175,9 @@ pub fn render(engine: &Engine) -> String {
                 rss.get_or_create(&l).set(s.rss_bytes as f64);
                 fds.get_or_create(&l).set(s.fd as f64);
                 disk.get_or_create(&l).inc_by(s.disk.max(0) as u64);
-                net.get_or_create(&l).set(s.net as f64);
+                net_sent.get_or_create(&l).inc_by(s.net_sent_bytes);
+                net_received.get_or_create(&l).inc_by(s.net_received_bytes);
+                net_sockets.get_or_create(&l).set(s.net_sockets as f64);
                 procs.get_or_create(&l).set(s.pids as f64);
                 for (resource, v) in [
                     ("cpu", s.psi_cpu),
@@ -246,10 +252,22 @@ pub fn render(engine: &Engine) -> String {
         Unit::Bytes,
         disk,
     );
+    reg.register_with_unit(
+        "process_net_sent",
+        "TCP bytes sent (acknowledged by the peers) by the instances' process trees since they started (sock_diag tcp_info bytes_acked)",
+        Unit::Bytes,
+        net_sent,
+    );
+    reg.register_with_unit(
+        "process_net_received",
+        "TCP bytes received by the instances' process trees since they started (sock_diag tcp_info bytes_received)",
+        Unit::Bytes,
+        net_received,
+    );
     reg.register(
         "process_net_sockets",
-        "Open TCP and UDP sockets (IPv4 and IPv6), summed over instances",
-        net,
+        "TCP and UDP sockets (IPv4 and IPv6, listening ones included) the instances' process trees hold",
+        net_sockets,
     );
 
     register_restarts(&mut reg, &views);

@@ -293,6 +293,9 @@ pub fn detail(v: &ProcView) -> ProcDetail {
         fd: s.fd,
         disk: s.disk,
         net: s.net,
+        net_sent_bytes: s.net_sent_bytes,
+        net_received_bytes: s.net_received_bytes,
+        net_sockets: s.net_sockets,
         sampled_at: s.at,
         processes: s.pids,
         figures_from: if v.sample.is_none() {

@@ -156,7 +156,7 @@ pub fn frame(
                 fig(human_bytes(disk as f64)),
                 rate.map(|r| format!("{}/s", human_bytes(r)))
                     .unwrap_or_else(|| "-".into()),
-                fig(p.net.to_string()),
+                fig(format!("{}/s", human_bytes(p.net.max(0) as f64))),
                 p.restarts.to_string(),
                 p.limit_stops.to_string(),
             ]
@@ -164,7 +164,7 @@ pub fn frame(
         .collect();
     out.push_str(&render::table(
         &[
-            "PROCESS", "STATE", "PID", "CPU%", "MEM%", "RSS", "FD", "DISK", "DISK/S", "NET",
+            "PROCESS", "STATE", "PID", "CPU%", "MEM%", "RSS", "FD", "DISK", "DISK/S", "NET/S",
             "RESTARTS", "LIMIT",
         ],
         &table_rows,
