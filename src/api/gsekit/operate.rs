@@ -468,6 +468,26 @@ pub fn decode_operate_process(
     Ok((biz, code, op, resolved))
 }
 
+/// The plans of an entry refused as a whole: 830 with `message` for each distinct host of
+/// `tg` that is this agent, the other hosts' own answer otherwise; nothing runs.
+fn refused(engine: &Engine, tg: &[Target], key: &ProcKey, op: OpType, message: &str) -> Vec<Plan> {
+    handlers::distinct_targets(tg, KeyStyle::V2, key)
+        .into_iter()
+        .map(|(rk, t)| Plan {
+            result_key: rk,
+            target: t.item_host(),
+            key: Some(key.clone()),
+            op,
+            immediate: Some(if handlers::is_me(engine, t) {
+                KeyResult::err(codes::SPEC_INVALID, message.to_string())
+            } else {
+                handlers::not_me(engine, t)
+            }),
+            work: Work::Operate(None),
+        })
+        .collect()
+}
+
 /// `POST /v1/operate_process`.
 pub async fn operate_process(
     engine: &Arc<Engine>,
@@ -497,23 +517,8 @@ pub async fn operate_process(
             for k in &f.matched {
                 handlers::check_op_access(engine, access, op, k, None)?;
             }
-            for (rk, t) in handlers::distinct_targets(&tg, KeyStyle::V2, &r.key) {
-                let immediate = if handlers::is_me(engine, t) {
-                    KeyResult::err(codes::SPEC_INVALID, f.message.clone())
-                } else {
-                    handlers::not_me(engine, t)
-                };
-                push(
-                    Plan {
-                        result_key: rk,
-                        target: t.item_host(),
-                        key: Some(r.key.clone()),
-                        op,
-                        immediate: Some(immediate),
-                        work: Work::Operate(None),
-                    },
-                    &mut plans,
-                );
+            for p in refused(engine, &tg, &r.key, op, &f.message) {
+                push(p, &mut plans);
             }
             continue;
         }
@@ -523,23 +528,8 @@ pub async fn operate_process(
             Err(errs) if op.mutating() => {
                 handlers::check_op_access(engine, access, op, &r.key, None)?;
                 let msg = FieldError::joined(errs);
-                for (rk, t) in handlers::distinct_targets(&tg, KeyStyle::V2, &r.key) {
-                    let immediate = if handlers::is_me(engine, t) {
-                        KeyResult::err(codes::SPEC_INVALID, msg.clone())
-                    } else {
-                        handlers::not_me(engine, t)
-                    };
-                    push(
-                        Plan {
-                            result_key: rk,
-                            target: t.item_host(),
-                            key: Some(r.key.clone()),
-                            op,
-                            immediate: Some(immediate),
-                            work: Work::Operate(None),
-                        },
-                        &mut plans,
-                    );
+                for p in refused(engine, &tg, &r.key, op, &msg) {
+                    push(p, &mut plans);
                 }
             }
             spec => {
