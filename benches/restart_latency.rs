@@ -10,18 +10,15 @@
 //! does is write the wall-clock time to OUT, so "first instruction" is main's entry (after
 //! exec and the Rust runtime's few microseconds of setup).
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
+use common::{cleanup, contained_root, now_ns, remove_tree};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -155,33 +152,6 @@ fn measure_procagent(
     Ok(())
 }
 
-/// A cgroup v2 directory for the bench (root only), below the v2 mount.
-fn contained_root(dir: &Path) -> Result<PathBuf, String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Err("needs root".into());
-    }
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
-    let mount = procagent::cgroup::v2_mount(&mi).ok_or("no cgroup v2 mount")?;
-    let root = mount.join(format!(
-        "procagent-bench-{}",
-        dir.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    std::fs::create_dir(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-    Ok(root)
-}
-
-/// Remove a cgroup tree, leaves first.
-fn remove_tree(d: &Path) {
-    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_tree(&e.path());
-        }
-    }
-    let _ = std::fs::remove_dir(d);
-}
-
 /// Kill the current process `kills` times; each time, the latency until the replacement
 /// wrote its start time into `out`.
 fn measure(kills: usize, out: &Path, pid_of: impl Fn() -> Option<i32>) -> Result<Vec<f64>, String> {
@@ -241,26 +211,6 @@ fn which(name: &str) -> Option<PathBuf> {
         .split(':')
         .map(|d| Path::new(d).join(name))
         .find(|p| p.is_file())
-}
-
-/// Kill every process whose argv mentions the bench dir.
-fn cleanup(dir: &Path) {
-    let needle = dir.display().to_string();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == std::process::id() as i32 {
-            continue;
-        }
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd).contains(&needle) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
 }
 
 struct Agent {
