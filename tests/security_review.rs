@@ -8,61 +8,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::cgroup::Subtree;
 use common::sec::{Cast, User, accounts_available, call_as, cli_copy, owned_dir};
 use common::*;
 use serde_json::{Value, json};
 
 const NS: &str = "box";
-const FAST: &str =
-    "backoff_initial = \"100ms\"\nbackoff_max = \"500ms\"\nsweep_interval = \"200ms\"\n";
-
-/// The test's own cgroup subtree (as tests/containment.rs): emptied and removed on drop.
-struct Subtree {
-    root: PathBuf,
-}
-
-impl Subtree {
-    fn create(env: &TestEnv) -> Result<Subtree, String> {
-        if !is_root() {
-            return Err("needs root".into());
-        }
-        let mountinfo =
-            std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
-        let mount = procagent::cgroup::v2_mount(&mountinfo).ok_or("no cgroup v2 mount")?;
-        let tag = env
-            .path()
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "x".into());
-        let root = mount.join(format!("procagent-review3-{tag}"));
-        std::fs::create_dir(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-        if !root.join("cgroup.kill").exists() {
-            let _ = std::fs::remove_dir(&root);
-            return Err("cgroup.kill is not supported (Linux 5.14+)".into());
-        }
-        Ok(Subtree { root })
-    }
-
-    fn config(&self) -> String {
-        format!(
-            "[supervisor]\ncgroup_root = \"{}\"\n{FAST}",
-            self.root.display()
-        )
-    }
-}
-
-impl Drop for Subtree {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.root.join("cgroup.kill"), b"1");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while procagent::cgroup::populated(&self.root) == Some(true)
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        procagent::cgroup::remove_empty(&self.root);
-    }
-}
 
 fn op_as(cli: &str, d: &Daemon, user: &User, name: &str, op: i64) -> Value {
     let (_, r, _) = call_as(
@@ -130,12 +81,8 @@ fn an_admin_reusing_an_unregistered_root_key_never_kills_roots_leftover_in_its_c
         return;
     }
     let env = TestEnv::new();
-    let sub = match Subtree::create(&env) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some(sub) = Subtree::or_skip(&env) else {
+        return;
     };
     let cast = Cast::new();
     let cli = cli_copy(&env);
@@ -195,12 +142,8 @@ fn an_admin_adopting_into_a_reused_cgroup_never_joins_roots_leftover() {
         return;
     }
     let env = TestEnv::new();
-    let sub = match Subtree::create(&env) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some(sub) = Subtree::or_skip(&env) else {
+        return;
     };
     let cast = Cast::new();
     let cli = cli_copy(&env);
