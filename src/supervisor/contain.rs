@@ -50,13 +50,6 @@ impl Engine {
             .get_or_init(crate::probe::HostFigures::read)
     }
 
-    /// Does a limit of `spec` go into its cgroups (a controller it needs is enabled)?
-    pub fn limits_in_cgroup(&self, spec: &ProcSpec) -> bool {
-        let (mem, cpu) =
-            enforcement_names(self.cgroups.tree(), spec, self.config.supervisor.cpu_limit);
-        mem == "memory.high" || cpu == "cpu.max"
-    }
-
     /// How `spec`'s memory and cpu limits are enforced: "none", "polled", "memory.high",
     /// "cpu.max".
     pub fn enforcement(&self, spec: &ProcSpec) -> (&'static str, &'static str) {
