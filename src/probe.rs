@@ -45,7 +45,9 @@
 //! The network figures add, per pass, one `sock_diag` dump (every TCP and UDP socket of the
 //! host's namespace, at most [`crate::sockdiag::MAX_SOCKETS`]) and, per process of a tree
 //! (at most [`MAX_TREE`] per definition), a read of its `task/*/children` files and a `stat`
-//! of its `fd` directory. Finding its sockets means listing the descriptors and reading each
+//! of its `fd` directory. Descriptor listings are bounded per definition and pass as well
+//! ([`MAX_TREE_FDS`] entries read and kept; a socket on many descriptors is kept once), since
+//! processes can share one descriptor table. Finding its sockets means listing the descriptors and reading each
 //! link, the most expensive read, so it is done only when the process's descriptor count
 //! changed since the previous pass, when one of the sockets it held is gone from the dump
 //! (closed: it may have been replaced under the same count), and otherwise every
@@ -351,8 +353,10 @@ fn open_member(pid: i32, buf: &mut Vec<u8>) -> Option<(OwnedFd, StatFields, u64)
     Some((dir, st, fds))
 }
 
-/// List `/proc/PID/fd`: the number of descriptors and the inodes of the sockets among them.
-fn list_fds(dir: &OwnedFd) -> Option<(u64, Vec<u64>)> {
+/// List `/proc/PID/fd`, reading at most `limit` entries: the number of descriptors read and
+/// the distinct inodes of the sockets among them (a socket duplicated on many descriptors is
+/// one entry).
+fn list_fds(dir: &OwnedFd, limit: usize) -> Option<(u64, Vec<u64>)> {
     let fd_dir = rustix::fs::openat(
         dir,
         c"fd",
@@ -365,6 +369,9 @@ fn list_fds(dir: &OwnedFd) -> Option<(u64, Vec<u64>)> {
     let mut sockets = Vec::new();
     let mut link = [0u8; 64];
     while let Some(Ok(ent)) = entries.read() {
+        if n as usize >= limit {
+            break;
+        }
         let name = ent.file_name();
         if name.to_bytes().first() == Some(&b'.') {
             continue;
@@ -378,6 +385,8 @@ fn list_fds(dir: &OwnedFd) -> Option<(u64, Vec<u64>)> {
             sockets.push(ino);
         }
     }
+    sockets.sort_unstable();
+    sockets.dedup();
     Some((n, sockets))
 }
 
@@ -490,7 +499,7 @@ pub fn read_raw(h: &Handles, starttime: u64, buf: &mut Vec<u8>) -> Option<Raw> {
         .filter(|n| *n > 0);
     raw.fds = match quick {
         Some(n) => n,
-        None => list_fds(dir).map(|(n, _)| n).unwrap_or(0),
+        None => list_fds(dir, usize::MAX).map(|(n, _)| n).unwrap_or(0),
     };
     Some(raw)
 }
@@ -529,6 +538,13 @@ pub const NET_RESCAN_PASSES: u64 = 20;
 /// fork bomb costs the sampler no more than this).
 pub const MAX_TREE: usize = 4096;
 
+/// The most descriptors of one definition's trees the network figures list, and socket
+/// entries they keep, in a pass. Processes may share one descriptor table (`clone` with
+/// `CLONE_FILES`), so without it 4096 processes sharing 65536 descriptors would cost 2^28
+/// reads and as many kept entries a pass; past it the remaining processes' sockets are not
+/// counted in that pass.
+pub const MAX_TREE_FDS: usize = 1 << 16;
+
 /// What the sampler remembers of one process of a tree between passes (its sockets).
 #[derive(Debug, Clone, Default)]
 struct MemberMemo {
@@ -564,6 +580,9 @@ struct TreeWalk<'a> {
     snapshot: Option<crate::procinfo::Snapshot>,
     buf: Vec<u8>,
     walk_children: bool,
+    /// Descriptor listings the current definition may still read or keep
+    /// ([`MAX_TREE_FDS`]); reset for each definition.
+    budget: usize,
 }
 
 impl TreeWalk<'_> {
@@ -571,7 +590,10 @@ impl TreeWalk<'_> {
     /// anew only when needed (module docs), added to `out`.
     fn member(&mut self, dir: &OwnedFd, id: (i32, u64), fds: u64, out: &mut Vec<u64>) {
         if let Some(m) = self.seen.get(&id) {
-            out.extend_from_slice(&m.inet);
+            if m.inet.len() <= self.budget {
+                self.budget -= m.inet.len();
+                out.extend_from_slice(&m.inet);
+            }
             return;
         }
         let old = self.old.remove(&id);
@@ -584,10 +606,19 @@ impl TreeWalk<'_> {
                     || m.inet.iter().any(|i| !self.table.contains_key(i))
             }
         };
-        let sockets = if relist {
-            list_fds(dir).map(|(_, s)| s).unwrap_or_default()
+        let kept = old.map(|m| m.sockets).unwrap_or_default();
+        let (fds, sockets) = if !relist && kept.len() <= self.budget {
+            self.budget -= kept.len();
+            (fds, kept)
+        } else if relist && self.budget > 0 {
+            let (read, sockets) = list_fds(dir, self.budget).unwrap_or_default();
+            self.budget = self
+                .budget
+                .saturating_sub((read as usize).max(sockets.len()));
+            (fds, sockets)
         } else {
-            old.map(|m| m.sockets).unwrap_or_default()
+            // Over the budget: not counted this pass, and listed anew when next reached.
+            (0, Vec::new())
         };
         let inet: Vec<u64> = sockets
             .iter()
@@ -755,6 +786,7 @@ impl Sampler {
             snapshot: None,
             buf: Vec::with_capacity(1024),
             walk_children: self.walk_children,
+            budget: MAX_TREE_FDS,
         });
         let mut old_nets = std::mem::take(&mut self.nets);
         let mut seen: HashMap<(i32, u64), Memo> = HashMap::with_capacity(self.memo.len());
@@ -770,6 +802,9 @@ impl Sampler {
             let mut any = false;
             let mut tree_sockets = Vec::new();
             let mut visited = HashSet::new();
+            if let Some(w) = walk.as_mut() {
+                w.budget = MAX_TREE_FDS;
+            }
             for &(pid, start) in &t.instances {
                 let mut old = self.memo.remove(&(pid, start));
                 let handles = match old.as_mut().and_then(|m| m.handles.take()) {
@@ -1186,7 +1221,7 @@ mod tests {
         let r = read_raw(&h, st.starttime, &mut buf).expect("readable");
         assert!(r.fds >= 10, "{r:?}");
         assert!(r.rss_bytes > 0);
-        let (n, sockets) = list_fds(&h.dir).expect("own fds");
+        let (n, sockets) = list_fds(&h.dir, usize::MAX).expect("own fds");
         assert!(n >= 10 && sockets.len() >= 2, "{n} {sockets:?}");
         assert!(read_raw(&h, st.starttime + 1, &mut buf).is_none());
         assert!(Handles::open(-1).is_none());
@@ -1431,6 +1466,89 @@ mod tests {
             let _ = child.wait();
             let (out, _) = s.pass(std::slice::from_ref(&target), Instant::now(), 3);
             assert!(out[0].is_none(), "the instance is gone");
+        }
+    }
+
+    /// A managed account's processes may share one descriptor table (`clone` with
+    /// `CLONE_FILES`): each is a member of the tree whose `/proc/PID/fd` lists the same
+    /// descriptors. 41 such processes over 3000 descriptors must not make the root sampler
+    /// read and keep 41 x 3000 entries a pass (4096 x 65536 in the worst case): what one
+    /// definition's trees cost is bounded, and a socket duplicated on every descriptor is one.
+    #[test]
+    fn processes_sharing_a_descriptor_table_cost_the_sampler_a_bounded_listing() {
+        let script = concat!(
+            "import ctypes, os, resource, socket, sys, time\n",
+            "n, kids, distinct = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == '1'\n",
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n",
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 64), hard))\n",
+            "keep = []\n",
+            "base = socket.socket(); base.bind(('127.0.0.1', 0)); base.listen()\n",
+            "for _ in range(n):\n",
+            "    keep.append(socket.socketpair()[0] if distinct else os.dup(base.fileno()))\n",
+            "libc = ctypes.CDLL(None, use_errno=True)\n",
+            "for _ in range(kids):\n",
+            "    if libc.syscall(56, 0x400 | 17, 0, 0, 0, 0) == 0:\n",
+            "        time.sleep(60); os._exit(0)\n",
+            "print('ready', flush=True)\n",
+            "time.sleep(60)\n",
+        );
+        if !cfg!(target_arch = "x86_64")
+            || std::process::Command::new("python3")
+                .arg("-c")
+                .arg("1")
+                .status()
+                .map_or(true, |s| !s.success())
+        {
+            eprintln!("skipped: needs python3 on x86_64 (raw clone)");
+            return;
+        }
+        for distinct in ["0", "1"] {
+            let mut child = std::process::Command::new("python3")
+                .args(["-c", script, "3000", "40", distinct])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3");
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+                &mut line,
+            )
+            .expect("ready");
+            assert_eq!(line.trim(), "ready");
+            let pid = child.id() as i32;
+            let st = crate::procinfo::read_stat(pid).expect("stat");
+            let mut s = Sampler::new(HostFigures {
+                mem_total_bytes: 1 << 30,
+                cpus: 2,
+            });
+            let t = Target {
+                key: ProcKey::new("t", "shared"),
+                instances: vec![(pid, st.starttime)],
+                cgroups: Vec::new(),
+            };
+            let (out, _) = s.pass(std::slice::from_ref(&t), Instant::now(), 1);
+            let sample = out[0].clone().expect("sample");
+            let members = s.members.len();
+            let kept: usize = s
+                .members
+                .values()
+                .map(|m| m.sockets.len() + m.inet.len())
+                .sum();
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(members >= 41, "the tree's processes: {members}");
+            assert!(
+                kept <= 1 << 16,
+                "distinct={distinct}: {kept} socket entries kept for one definition"
+            );
+            if distinct == "0" {
+                assert_eq!(sample.net_sockets, 1, "{sample:?}");
+                assert!(
+                    kept <= 2 * members,
+                    "one socket on every descriptor: {kept}"
+                );
+            }
         }
     }
 }
