@@ -746,6 +746,13 @@ pub struct ProcDetail {
     /// Unix seconds of that attempt.
     #[serde(default)]
     pub next_restart_at: Option<i64>,
+    /// Seconds until a periodic job's next run, while it waits between runs (state
+    /// `waiting`: status 2, pid -1, managed, flag 1).
+    #[serde(default)]
+    pub next_run_in: Option<f64>,
+    /// Unix seconds of that run.
+    #[serde(default)]
+    pub next_run_at: Option<i64>,
     /// The delay the agent chose before the latest restart attempt, or before the scheduled
     /// one in backoff: 0 after a healthy run (restarted at once).
     #[serde(default)]

@@ -950,3 +950,131 @@ fn status_entries_for_another_agent_carry_its_id_not_our_ip() {
     );
     assert!(!fallback.to_string().contains("127.0.0.1"), "{fallback}");
 }
+
+/// A nodeman plugin start (op 0) of a periodic job whose run is short, the normal case: the
+/// first run is the start check, so the start answers 0 and the job then runs every
+/// cycle_time; between runs every API says "waiting" the same way, and `procagent status`
+/// exits 0 for it. A first run that fails answers 836 with its output, and nothing repeats.
+#[test]
+fn a_periodic_job_starts_on_its_first_run_and_then_runs_every_cycle() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let runs = env.p("runs.txt");
+    let spec = |cmd: String| {
+        json!({
+            "identity": {"proc_name": "date", "setup_path": env.path().display().to_string(),
+                         "pid_path": env.p("never-written.pid"), "user": user()},
+            "control": {"start_cmd": cmd},
+            "monitor_policy": {"auto_type": 0, "cycle_time": 3},
+        })
+    };
+    let op0 = |name: &str, spec: Value| -> Value {
+        let body = json!({"proc_operate_req": [{
+            "meta": {"namespace": "nodeman", "name": name},
+            "op_type": 0,
+            "hosts": [{"ip": "127.0.0.1", "bk_cloud_id": 0}],
+            "spec": spec
+        }], "no_request": true});
+        let task = task_of(&d.call("operate_proc_multi", &body));
+        let key = format!("0:127.0.0.1:nodeman:{name}");
+        poll_v2(&d, &task, std::slice::from_ref(&key))[&key].clone()
+    };
+    let r = op0("cron", spec(format!("date +%s%N >> {runs}")));
+    assert_eq!(r["error_code"], json!(0), "the first run exited 0: {r}");
+    let stamps = wait_for("three runs", Duration::from_secs(20), || {
+        let t = std::fs::read_to_string(&runs).unwrap_or_default();
+        let v: Vec<u128> = t.lines().filter_map(|l| l.parse().ok()).collect();
+        (v.len() >= 3).then_some(v)
+    });
+    for w in stamps.windows(2) {
+        let gap_ms = (w[1] - w[0]) / 1_000_000;
+        assert!(
+            (2_900..6_000).contains(&gap_ms),
+            "one run per cycle_time: {stamps:?}"
+        );
+    }
+    // Between runs: the same answer in every API.
+    let det = wait_for("waiting between runs", Duration::from_secs(10), || {
+        let det = d.detail("nodeman", "cron");
+        (det["state"] == json!("waiting")).then_some(det)
+    });
+    assert_eq!(
+        (
+            det["status"].clone(),
+            det["flag"].clone(),
+            det["managed"].clone(),
+            det["pids"].clone()
+        ),
+        (json!(2), json!(1), json!(true), json!([])),
+        "{det}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = det["next_run_at"].as_i64().expect("next_run_at");
+    assert!(at >= now - 1 && at <= now + 4, "{det}");
+    assert!(
+        det["message"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for its next run"),
+        "{det}"
+    );
+    let st = wait_for(
+        "get_proc_status between runs",
+        Duration::from_secs(10),
+        || {
+            let st = d.status("nodeman", "cron");
+            (st["pid"] == json!(-1)).then_some(st)
+        },
+    );
+    assert_eq!(
+        (
+            st["status"].clone(),
+            st["isauto"].clone(),
+            st["flag"].clone()
+        ),
+        (json!(2), json!(true), json!(1)),
+        "{st}"
+    );
+    let r = d.call(
+        "sync_proc_status",
+        &json!({"meta": {"namespace": "nodeman"}, "page": {"start": 0, "limit": 10}}),
+    );
+    let e = &r["data"]["proc_infos"][0];
+    assert_eq!(e["isauto"], json!(true), "{r}");
+    assert_eq!(e["flag"], json!(1), "{r}");
+    let (code, out, err) = wait_for("the CLI shows it waiting", Duration::from_secs(10), || {
+        let (code, out, err) = d.cli(&["status", "nodeman/cron"]);
+        out.contains("waiting for its next run at")
+            .then_some((code, out, err))
+    });
+    assert_eq!(code, 0, "a job between runs is not down: {out}{err}");
+    assert!(out.contains("waiting"), "{out}");
+
+    // A first run that fails: 836 with its output, not managed, never run again.
+    let marks = env.p("bad-runs.txt");
+    let r = op0(
+        "broken",
+        spec(format!(
+            "echo run >> {marks}; echo missing config file; exit 1"
+        )),
+    );
+    assert_eq!(r["error_code"], json!(836), "{r}");
+    let msg = r["error_msg"].as_str().unwrap();
+    assert!(
+        msg.contains("first run") && msg.contains("missing config file"),
+        "{msg}"
+    );
+    let det = d.detail("nodeman", "broken");
+    assert_eq!(
+        (det["managed"].clone(), det["state"].clone()),
+        (json!(false), json!("stopped")),
+        "{det}"
+    );
+    std::thread::sleep(Duration::from_millis(3_500));
+    let n = std::fs::read_to_string(&marks).unwrap().lines().count();
+    assert_eq!(n, 1, "a failed start is not put on the schedule");
+    d.op("nodeman", "cron", 1);
+}

@@ -20,6 +20,7 @@
 //! | `procagent_process_fatal` | gauge | 1 when given up after `max_restarts` failures |
 //! | `procagent_process_restart_delay_seconds` | gauge | delay before the latest or scheduled restart |
 //! | `procagent_process_next_restart_timestamp_seconds` | gauge | when the next attempt comes (in backoff only) |
+//! | `procagent_process_next_run_timestamp_seconds` | gauge | a periodic job's next run (while waiting between runs) |
 //! | `procagent_process_last_exit_timestamp_seconds` | gauge | when it last exited (once known) |
 //! | `procagent_process_last_exit_code` | gauge | its code, or 128 + the signal; -1 unknown |
 //! | `procagent_process_cpu_usage_percent` | gauge | percent of one core (sum over instances) |
@@ -66,6 +67,7 @@ fn register_restarts(reg: &mut Registry, views: &[crate::supervisor::view::ProcV
     let fatal = FGauge::default();
     let delay = FGauge::default();
     let next = FGauge::default();
+    let next_run = FGauge::default();
     let last_exit = FGauge::default();
     let last_code = FGauge::default();
     let now_ms = crate::util::unix_millis() as f64;
@@ -81,6 +83,11 @@ fn register_restarts(reg: &mut Registry, views: &[crate::supervisor::view::ProcV
         delay.get_or_create(&l).set(v.restart_delay);
         if let Some(s) = v.next_restart_in.filter(|_| v.managed) {
             next.get_or_create(&l).set((now_ms + s * 1000.0) / 1000.0);
+        }
+        if let Some(s) = v.next_run_in.filter(|_| v.managed) {
+            next_run
+                .get_or_create(&l)
+                .set((now_ms + s * 1000.0) / 1000.0);
         }
         if let Some(x) = &v.last_exit {
             last_exit.get_or_create(&l).set(x.at as f64);
@@ -119,6 +126,12 @@ fn register_restarts(reg: &mut Registry, views: &[crate::supervisor::view::ProcV
         "Unix time of the next restart attempt, while in backoff",
         Unit::Seconds,
         next,
+    );
+    reg.register_with_unit(
+        "process_next_run_timestamp",
+        "Unix time of a periodic job's next run, while it waits between runs",
+        Unit::Seconds,
+        next_run,
     );
     reg.register_with_unit(
         "process_last_exit_timestamp",

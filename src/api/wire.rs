@@ -259,6 +259,10 @@ pub fn detail(v: &ProcView) -> ProcDetail {
             .next_restart_in
             .filter(|_| v.flag == 1 && v.managed)
             .map(|s| (crate::util::unix_millis() + (s * 1000.0).ceil() as i64) / 1000),
+        next_run_in: v.next_run_in,
+        next_run_at: v
+            .next_run_in
+            .map(|s| (crate::util::unix_millis() + (s * 1000.0).ceil() as i64) / 1000),
         restart_delay_secs: v.restart_delay,
         last_exit: v.last_exit.as_ref().map(|x| {
             format!(

@@ -644,7 +644,11 @@ async fn status(
                 format!("{p} is not registered"),
             ));
         }
-        if list.iter().all(|p| p.proc.status != FLAG_RUNNING) {
+        // A periodic job between runs is where it should be (waiting), not down.
+        if list
+            .iter()
+            .all(|p| p.proc.status != FLAG_RUNNING && p.proc.state != "waiting")
+        {
             return Ok(exit::NOT_RUNNING);
         }
     }

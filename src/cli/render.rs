@@ -362,6 +362,21 @@ fn status_message(p: &ProcDetail) -> String {
     } else {
         p.message.as_str()
     };
+    if p.state == "waiting" {
+        // A periodic job between runs: when the next one comes, and how the last one ended.
+        let mut m = String::from("waiting for its next run");
+        if let Some(at) = p.next_run_at {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(at.max(0) as u64);
+            m.push_str(&format!(" at {}", humantime::format_rfc3339_seconds(t)));
+        }
+        if let Some(s) = p.next_run_in {
+            m.push_str(&format!(" (in {})", dur(s.ceil() as i64)));
+        }
+        if let Some(x) = &p.last_exit {
+            m.push_str(&format!(", last run {x}"));
+        }
+        return m.chars().take(160).collect();
+    }
     if p.state != "backoff" {
         return why.chars().take(80).collect();
     }
@@ -413,6 +428,7 @@ pub fn status_table(list: &[ProcDetail], color: bool) -> String {
             "running" => Some("32"),
             "backoff" | "exited" | "fatal" => Some("31"),
             "starting" | "stopping" => Some("33"),
+            "waiting" => Some("36"),
             _ => None,
         }
     };

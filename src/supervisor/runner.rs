@@ -14,7 +14,7 @@ use super::lifecycle::{Hold, Input, StartCmd, StartFailure};
 use super::ownership::{Origin, Spawn};
 use super::stop::Targets;
 use super::{Detection, Engine, watch};
-use crate::spec::{CommandKind, ProcKey, ProcSpec};
+use crate::spec::{AutoType, CommandKind, ProcKey, ProcSpec};
 use crate::sys::ExitInfo;
 
 fn secs(s: u64) -> Duration {
@@ -88,6 +88,11 @@ pub async fn start(
     );
     let t0 = Instant::now();
     let before = engine.tracked_pids(&key);
+    // A periodic job is the command itself whoever starts it; started by an operator (or
+    // after a failure) its first run is its start check: a clean exit within the window
+    // passes, as does a run still alive at its end.
+    let periodic = spec.auto_type == AutoType::Periodic;
+    let foreground = job || periodic;
     let (begin, end) = if job {
         (0, 0)
     } else {
@@ -98,7 +103,7 @@ pub async fn start(
     // When the process is found through its pid file, give the file at least a second to
     // appear (a daemon often writes it after its start command has returned) before deciding
     // that the command itself, still running, is the process, or that nothing started.
-    let settle_at = if spec.pid_path.is_empty() || job {
+    let settle_at = if spec.pid_path.is_empty() || foreground {
         t0
     } else {
         begin_at.max(t0 + secs(1))
@@ -129,7 +134,7 @@ pub async fn start(
             // the program (`exec prog`): a shell that is still busy daemonizing is not the
             // process (taking it made the daemon it then started a duplicate). A periodic or
             // single-run job is the command itself, pid file or not.
-            if let Some(att) = attach_command(&engine, &key, sp.pid, job).await {
+            if let Some(att) = attach_command(&engine, &key, sp.pid, foreground).await {
                 if !engine.feed_found(&key, i, att) {
                     return;
                 }
@@ -148,6 +153,17 @@ pub async fn start(
                         which.field(),
                         out.trim()
                     )));
+                }
+                return;
+            }
+            if periodic {
+                // The first run ended before it could be attached to: it is the verdict.
+                if ex.success() {
+                    engine.feed_job_ended(&key, i, sp.pid, ex);
+                    engine.feed_instance(&key, i, Input::CheckPassed);
+                } else {
+                    let out = engine.exec.collect(&sp).await;
+                    fail(first_run_failed(ex, &out));
                 }
                 return;
             }
@@ -220,6 +236,13 @@ pub async fn start(
     loop {
         match engine.checking(&key, i) {
             None => return,
+            Some(Some(exit)) if periodic && exit.info.success() => {
+                return engine.feed_instance(&key, i, Input::CheckPassed);
+            }
+            Some(Some(exit)) if periodic => {
+                let out = engine.exec.collect(&sp).await;
+                return fail(first_run_failed(exit.info, &out));
+            }
             Some(Some(exit)) => {
                 let out = engine.exec.collect(&sp).await;
                 return fail(StartFailure::Check(format!(
@@ -236,6 +259,14 @@ pub async fn start(
         }
         tokio::time::sleep((end_at - now).min(Duration::from_millis(100))).await;
     }
+}
+
+/// A periodic job's first run, its start check, failed.
+fn first_run_failed(exit: ExitInfo, out: &str) -> StartFailure {
+    StartFailure::Check(format!(
+        "start check failed: the first run of the periodic job exited ({exit}){}",
+        with_output(out)
+    ))
 }
 
 /// What the pid file says during a start.

@@ -28,6 +28,8 @@ pub struct ProcView {
     pub failures: u32,
     /// Seconds until the next restart attempt, when one is scheduled.
     pub next_restart_in: Option<f64>,
+    /// Seconds until a periodic job's next run, while it waits between runs.
+    pub next_run_in: Option<f64>,
     /// The delay before the latest restart attempt, or the scheduled one in backoff (the
     /// most of any instance): zero after a healthy run.
     pub restart_delay: f64,
@@ -75,6 +77,15 @@ impl ProcView {
                 _ => None,
             })
             .reduce(f64::min);
+        let next_run_in = lives
+            .iter()
+            .filter_map(|i| match i.state {
+                State::Waiting { until } => {
+                    Some(until.saturating_duration_since(now).as_secs_f64())
+                }
+                _ => None,
+            })
+            .reduce(f64::min);
         let message = if let Some(why) = &e.invalid {
             why.clone()
         } else {
@@ -84,6 +95,10 @@ impl ProcView {
                     State::Backoff { .. } => {
                         format!("restarting (failure {} in a row)", i.failures)
                     }
+                    State::Waiting { .. } => format!(
+                        "waiting for its next run (every {}s)",
+                        e.def.spec.cycle_time.max(1)
+                    ),
                     s => s.name().to_string(),
                 },
                 None => "stopped".into(),
@@ -104,6 +119,7 @@ impl ProcView {
             restarts: e.restarts(),
             failures,
             next_restart_in,
+            next_run_in,
             restart_delay: lives
                 .iter()
                 .map(|i| i.delay.as_secs_f64())

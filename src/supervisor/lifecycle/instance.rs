@@ -364,6 +364,13 @@ impl Instance {
             self.state = State::Stopped;
             return;
         }
+        if ctx.auto_type == AutoType::Periodic {
+            // A failed run of a managed job is a failed cycle: the schedule goes on.
+            self.state = State::Waiting {
+                until: self.next_cycle(ctx, now),
+            };
+            return;
+        }
         if self.gives_up(ctx, fx) {
             return;
         }
@@ -812,6 +819,11 @@ impl Instance {
             return;
         };
         if let Some(exit) = exited {
+            if ctx.auto_type == AutoType::Periodic && exit.info.success() {
+                // A periodic job's start check is its first run: it ran to a clean end.
+                self.first_run_done(ctx, hold, pid, exit, now, fx);
+                return;
+            }
             let (begin, end) = ctx.check;
             let f = StartFailure::Check(format!(
                 "start check failed: pid {pid} exited within {}s of the start ({exit})",
@@ -839,6 +851,42 @@ impl Instance {
         fx.push(Effect::Persist);
         if let Some((id, _)) = hold.op() {
             Self::answer(fx, id, Outcome::Done(String::new()));
+        }
+    }
+
+    /// A periodic job's first run, started by an operator (or by a restart after a failure),
+    /// exited 0 within its start check: the start passed, and the job waits for its next
+    /// cycle (an operator's start or restart makes it managed).
+    fn first_run_done(
+        &mut self,
+        ctx: &Ctx,
+        hold: Hold,
+        pid: i32,
+        exit: Exit,
+        now: Instant,
+        fx: &mut Vec<Effect>,
+    ) {
+        let will_run =
+            ctx.wants_running() || matches!(hold.op(), Some((_, Op::Start | Op::Restart)));
+        self.state = if will_run {
+            State::Waiting {
+                until: self.next_cycle(ctx, now),
+            }
+        } else {
+            State::Stopped
+        };
+        self.tries = 0;
+        self.failures = 0;
+        self.delay = Duration::ZERO;
+        self.message.clear();
+        fx.push(Effect::Emit {
+            kind: "cycle_finished",
+            message: format!("pid {pid} exited ({exit}): the first run passed its start check"),
+            data: serde_json::json!({"pid": pid, "exit": exit.info, "healthy": true}),
+        });
+        fx.push(Effect::Persist);
+        if let Some((id, _)) = hold.op() {
+            Self::answer(fx, id, Outcome::Done("first run exited 0".into()));
         }
     }
 

@@ -861,3 +861,97 @@ fn a_replace_whose_start_fails_keeps_the_previous_intent() {
         p.instances[0].state
     );
 }
+
+/// An operator's start (op 0) or restart (op 7) of a periodic job: the start check is the
+/// first run's outcome. Each row: the context, the operation, how the first run goes (the
+/// inputs the runner feeds after `Found`), the answer, and where the instance is left.
+#[test]
+fn an_operator_start_of_a_periodic_job_is_judged_by_its_first_run() {
+    let managed = Ctx {
+        auto_type: AutoType::Periodic,
+        cycle: s(10),
+        ..ctx()
+    };
+    let fresh = Ctx {
+        has_restart_cmd: false,
+        ..unmanaged_periodic()
+    };
+    let t0 = Instant::now();
+    let exited = |c: i32| Input::Exited {
+        pid: 100,
+        exit: code(c),
+    };
+    let failed = || {
+        Input::StartFailed(StartFailure::Check(
+            "first run failed (exit 1); output: boom".into(),
+        ))
+    };
+    type Row = (&'static str, Ctx, Op, Vec<Input>, &'static str, State);
+    let rows: Vec<Row> = vec![
+        (
+            "a short run that exits 0 passes; the job waits for its next cycle",
+            fresh,
+            Op::Start,
+            vec![exited(0), Input::CheckPassed],
+            "done",
+            State::Waiting { until: t0 + s(10) },
+        ),
+        (
+            "a run still alive at the end of the window passes",
+            fresh,
+            Op::Start,
+            vec![Input::CheckPassed],
+            "done",
+            State::Running {
+                pid: 100,
+                healthy: true,
+                since: t0,
+            },
+        ),
+        (
+            "a run that fails answers the failure and leaves an unmanaged job stopped",
+            fresh,
+            Op::Start,
+            vec![exited(1), failed()],
+            "836",
+            State::Stopped,
+        ),
+        (
+            "restart without restart_cmd is a start: same rule",
+            fresh,
+            Op::Restart,
+            vec![exited(0), Input::CheckPassed],
+            "done",
+            State::Waiting { until: t0 + s(10) },
+        ),
+        (
+            "a managed job whose first run fails keeps its schedule (no backoff)",
+            Ctx {
+                has_restart_cmd: false,
+                ..managed
+            },
+            Op::Restart,
+            vec![exited(1), failed()],
+            "836",
+            State::Waiting { until: t0 + s(10) },
+        ),
+    ];
+    for (why, c, op, inputs, want_answer, want_state) in rows {
+        let (mut i, fx) = inst(State::Stopped).step(&c, Input::Op { id: 1, op }, t0, 0.5);
+        assert_eq!(kinds(&fx)[0], "start(Start)", "{why}");
+        let mut answers = Vec::new();
+        let (n, _) = i.step(&c, Input::Found { pid: 100 }, t0, 0.5);
+        i = n;
+        for input in inputs {
+            let (n, fx) = i.step(&c, input, t0, 0.5);
+            i = n;
+            answers.extend(fx.iter().filter_map(|e| match e {
+                Effect::Answer { outcome, .. } => Some(outcome_name(outcome)),
+                _ => None,
+            }));
+        }
+        assert_eq!(answers, [want_answer], "{why}");
+        assert_eq!(i.state, want_state, "{why}");
+        assert_eq!(i.failures, u32::from(want_answer != "done"), "{why}");
+    }
+}
