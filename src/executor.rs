@@ -448,24 +448,31 @@ fn fork_command(
     env.insert(crate::util::LINEAGE_VAR.into(), format!("{token:032x}"));
     let spawned_ticks = crate::procinfo::now_ticks_floor();
     let mut ident = ident;
-    if let Some(dir) = ident.cgroup_dir.clone() {
-        match spawn_in_cgroup(req, &env, &ident, &dir, &out, &err_out) {
-            Ok(pid) => return Ok((pid, spawned_ticks, token)),
-            Err(sys::CloneError::Clone(e)) => {
-                // An older kernel: the child moves itself (cgroup.procs) instead.
-                tracing::debug!(error = %e, "clone3 into a cgroup unavailable; the command moves itself");
-                let procs = rustix::fs::openat(
-                    &*dir,
-                    "cgroup.procs",
-                    rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
-                    rustix::fs::Mode::empty(),
-                )
-                .map_err(|e| ExecError::Spawn(e.into()))?;
-                ident.cgroup_procs = Some(std::sync::Arc::new(procs));
-            }
-            Err(sys::CloneError::Child(e)) => return Err(ExecError::Spawn(e)),
+    let cgroup = ident.cgroup_dir.clone();
+    match spawn_direct(req, &env, &ident, cgroup.as_deref(), &out, &err_out) {
+        Ok(pid) => return Ok((pid, spawned_ticks, token)),
+        Err(sys::CloneError::Child(e)) => return Err(ExecError::Spawn(e)),
+        Err(sys::CloneError::Clone(e)) => {
+            tracing::debug!(error = %e, "clone3 unavailable; falling back");
         }
     }
+    if let Some(dir) = cgroup {
+        // An older kernel: no CLONE_INTO_CGROUP; the command moves itself (cgroup.procs).
+        let procs = rustix::fs::openat(
+            &*dir,
+            "cgroup.procs",
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| ExecError::Spawn(e.into()))?;
+        ident.cgroup_procs = Some(std::sync::Arc::new(procs));
+        match spawn_direct(req, &env, &ident, None, &out, &err_out) {
+            Ok(pid) => return Ok((pid, spawned_ticks, token)),
+            Err(sys::CloneError::Child(e)) => return Err(ExecError::Spawn(e)),
+            Err(sys::CloneError::Clone(_)) => {}
+        }
+    }
+    // No clone3 at all (before Linux 5.3): std's fork with the same setup.
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(&req.command)
@@ -485,12 +492,13 @@ fn fork_command(
     Ok((pid, spawned_ticks, token))
 }
 
-/// [`fork_command`]'s containment path: the command created inside its cgroup.
-fn spawn_in_cgroup(
+/// [`fork_command`]'s spawn: `sh -c CMD` created by [`sys::spawn_command`], inside its
+/// cgroup when `cgroup` is given.
+fn spawn_direct(
     req: &CommandRequest,
     env: &BTreeMap<String, String>,
     ident: &SpawnIdentity,
-    dir: &OwnedFd,
+    cgroup: Option<&OwnedFd>,
     out: &OwnedFd,
     err_out: &OwnedFd,
 ) -> Result<i32, sys::CloneError> {
@@ -511,16 +519,20 @@ fn spawn_in_cgroup(
         .collect::<Result<Vec<_>, _>>()?;
     let null = std::fs::File::open("/dev/null").map_err(sys::CloneError::Child)?;
     // Created inside the cgroup: the setup has nothing to move.
-    let setup = sys::ChildSetup::new(SpawnIdentity {
-        cgroup_procs: None,
-        ..ident.clone()
+    let setup = sys::ChildSetup::new(if cgroup.is_some() {
+        SpawnIdentity {
+            cgroup_procs: None,
+            ..ident.clone()
+        }
+    } else {
+        ident.clone()
     });
-    sys::spawn_into_cgroup(
+    sys::spawn_command(
         &argv,
         &envp,
         [null.as_fd(), out.as_fd(), err_out.as_fd()],
         &setup,
-        dir.as_fd(),
+        cgroup.map(|d| d.as_fd()),
     )
 }
 

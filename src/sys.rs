@@ -9,8 +9,9 @@
 //!   `WNOWAIT`, then reap that pid);
 //! * the child's setup ([`ChildSetup`]) that puts a command in its own session and switches
 //!   its identity (setgroups, setgid, setuid, umask), async-signal-safe because every id was
-//!   resolved in the parent: as the `pre_exec` hook of a `Command`, or after a `clone3` that
-//!   creates the command inside its cgroup (`CLONE_INTO_CGROUP`, [`spawn_into_cgroup`]);
+//!   resolved in the parent: after the `clone3` of [`spawn_command`] (posix_spawn-like,
+//!   `CLONE_VM | CLONE_VFORK`, optionally inside its cgroup with `CLONE_INTO_CGROUP`), or as
+//!   the `pre_exec` hook of a `Command` (the output keeper, and the fallback without clone3);
 //! * registration of owned descriptors (pidfds, inotify) with tokio's reactor;
 //! * the boot-time clock, to compare with `/proc/PID/stat` start times.
 //!
@@ -277,8 +278,8 @@ pub struct SpawnIdentity {
 /// reset, the working directory, umask, open-file limit, then supplementary groups, gid,
 /// uid in that order.
 pub struct ChildSetup {
-    groups: Vec<nix::unistd::Gid>,
-    ids: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
+    groups: Vec<libc::gid_t>,
+    ids: Option<(libc::uid_t, libc::gid_t)>,
     mask: nix::sys::stat::Mode,
     nofile: Option<(u64, u64)>,
     cwd: Option<Arc<OwnedFd>>,
@@ -292,14 +293,9 @@ impl ChildSetup {
             groups: ident
                 .switch_to
                 .as_ref()
-                .map(|(_, _, g)| g.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect())
+                .map(|(_, _, g)| g.clone())
                 .unwrap_or_default(),
-            ids: ident.switch_to.as_ref().map(|(u, g, _)| {
-                (
-                    nix::unistd::Uid::from_raw(*u),
-                    nix::unistd::Gid::from_raw(*g),
-                )
-            }),
+            ids: ident.switch_to.as_ref().map(|(u, g, _)| (*u, *g)),
             mask: nix::sys::stat::Mode::from_bits_truncate(ident.umask as libc::mode_t),
             nofile: ident.nofile,
             cwd: ident.cwd,
@@ -309,6 +305,9 @@ impl ChildSetup {
     }
 
     /// Run in the child, before exec: direct syscalls only, on values prepared in the parent.
+    /// The identity switch uses the raw syscalls, never libc's `setuid` family: those
+    /// broadcast the change to every thread libc knows of, which in a child created by
+    /// `clone3` (sharing or copying the agent's memory) are the agent's own threads.
     fn run(&self) -> io::Result<()> {
         if self.reset_oom {
             // The agent's own shield (OOMScoreAdjust=) is not for what it runs. Raising the
@@ -338,9 +337,25 @@ impl ChildSetup {
             );
         }
         if let Some((uid, gid)) = self.ids {
-            nix::unistd::setgroups(&self.groups).map_err(io::Error::from)?;
-            nix::unistd::setgid(gid).map_err(io::Error::from)?;
-            nix::unistd::setuid(uid).map_err(io::Error::from)?;
+            let check = |r: libc::c_long| {
+                if r < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            // SAFETY: raw setgroups/setresgid/setresuid on this (single-threaded) child: the
+            // group list is a slice of gid_t that lives in the parent's frame (borrowed, not
+            // freed before the exec), its length passed with it.
+            unsafe {
+                check(libc::syscall(
+                    libc::SYS_setgroups,
+                    self.groups.len(),
+                    self.groups.as_ptr(),
+                ))?;
+                check(libc::syscall(libc::SYS_setresgid, gid, gid, gid))?;
+                check(libc::syscall(libc::SYS_setresuid, uid, uid, uid))?;
+            }
         }
         Ok(())
     }
@@ -380,7 +395,7 @@ struct CloneArgs {
     cgroup: u64,
 }
 
-/// Why [`spawn_into_cgroup`] started nothing.
+/// Why [`spawn_command`] started nothing.
 #[derive(Debug)]
 pub enum CloneError {
     /// `clone3` itself failed (ENOSYS, EINVAL on a kernel without `CLONE_INTO_CGROUP`, ...).
@@ -389,17 +404,40 @@ pub enum CloneError {
     Child(io::Error),
 }
 
-/// Start `argv` with `envp` directly inside the cgroup whose directory is `cgroup`
-/// (`clone3` with `CLONE_INTO_CGROUP`, Linux 5.7+), so it never has to migrate there (a
-/// migration waits for an RCU grace period); `stdio` become its descriptors 0, 1 and 2 and
-/// `setup` runs before the exec. Returns the child's pid once it has exec'd, or why it
-/// could not ([`CloneError`]: on a `Clone` error the caller falls back to a migration).
-pub fn spawn_into_cgroup(
+/// The stack a `CLONE_VM` child runs on until its exec: its own, never the parent's.
+const CHILD_STACK: usize = 128 * 1024;
+
+/// What the child of [`spawn_command`] needs, prepared in the parent and only read by the
+/// child (its `err` slot aside).
+struct ChildArgs<'a> {
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    stdio: [libc::c_int; 3],
+    setup: &'a ChildSetup,
+    /// The errno of a failed setup or exec, written by the child before it exits (the
+    /// memory is shared with `CLONE_VM`; with a copy, the child writes `err_fd` instead).
+    err: &'a std::sync::atomic::AtomicI32,
+    err_fd: libc::c_int,
+}
+
+/// Start `argv` with `envp`, `stdio` as its descriptors 0, 1 and 2 and `setup` run before
+/// the exec, inside the cgroup whose directory is `cgroup` when given (`CLONE_INTO_CGROUP`,
+/// Linux 5.7+, so it never has to migrate there: a migration waits for an RCU grace period).
+/// Returns the child's pid once it has exec'd, or why it could not ([`CloneError`]: on a
+/// `Clone` error the caller falls back to a fork, or to a migration into the cgroup).
+///
+/// On x86_64 the child is created like `posix_spawn` creates one: `clone3` with `CLONE_VM |
+/// CLONE_VFORK` on a stack of its own, so no page of the agent is copied or write-protected
+/// (a fork of the multi-threaded agent made every thread fault and flush TLBs across CPUs
+/// after each fork: at a thousand starts that was most of the agent's time). The calling
+/// thread waits until the child has exec'd or failed; other threads run on. Elsewhere the
+/// clone is a plain fork.
+pub fn spawn_command(
     argv: &[std::ffi::CString],
     envp: &[std::ffi::CString],
     stdio: [BorrowedFd<'_>; 3],
     setup: &ChildSetup,
-    cgroup: BorrowedFd<'_>,
+    cgroup: Option<BorrowedFd<'_>>,
 ) -> Result<i32, CloneError> {
     let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_p.push(std::ptr::null());
@@ -410,28 +448,184 @@ pub fn spawn_into_cgroup(
             libc::EINVAL,
         )));
     }
-    let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-        .map_err(|e| CloneError::Clone(e.into()))?;
-    let raw = [
+    let cgroup_flags = cgroup.map_or(0, |_| CLONE_INTO_CGROUP);
+    let cgroup_fd = cgroup.map_or(0, |fd| fd.as_raw_fd() as u64);
+    let err = std::sync::atomic::AtomicI32::new(0);
+    let stdio = [
         stdio[0].as_raw_fd(),
         stdio[1].as_raw_fd(),
         stdio[2].as_raw_fd(),
     ];
-    let err_fd = err_w.as_raw_fd();
-    let mut args = CloneArgs {
-        flags: CLONE_INTO_CGROUP,
+    #[cfg(target_arch = "x86_64")]
+    {
+        let args = ChildArgs {
+            argv: &argv_p,
+            envp: &envp_p,
+            stdio,
+            setup,
+            err: &err,
+            err_fd: -1,
+        };
+        // One stack per spawning thread, reused (freeing it after every spawn would cost a
+        // TLB flush on every CPU each time): this thread waits while its child uses it.
+        thread_local! {
+            static STACK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        }
+        let stack = STACK.with(|s| {
+            if s.get() == 0 {
+                // Never freed: one per thread of the pool, for the agent's lifetime; u128
+                // elements keep its top 16-byte aligned, as the ABI wants at a call.
+                let v: &'static mut [std::mem::MaybeUninit<u128>] =
+                    Box::leak(Box::new_uninit_slice(CHILD_STACK / 16));
+                s.set(v.as_mut_ptr() as usize);
+            }
+            s.get()
+        });
+        let mut clone = CloneArgs {
+            flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64 | cgroup_flags,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: stack as u64,
+            stack_size: CHILD_STACK as u64,
+            cgroup: cgroup_fd,
+            ..CloneArgs::default()
+        };
+        // No handler of the agent may run in the child, which shares the agent's memory:
+        // every signal stays blocked from before the clone until the child has reset the
+        // handlers (it unblocks them just before its exec).
+        let blocked = block_all_signals();
+        // SAFETY: clone3 with CLONE_VM | CLONE_VFORK and a stack of its own (`stack`, this
+        // thread's, never freed and used by no one else while this thread is suspended until
+        // the child exec'd or exited). The child starts on that stack in the asm below, which calls
+        // `vfork_child` at once and never returns to Rust code of this frame; the parent
+        // resumes after the `syscall` with the pid (or -errno) in rax. rcx and r11 are
+        // clobbered by `syscall`; r12/r13 carry the child's entry and argument across it.
+        let pid: i64 = unsafe {
+            let ret: i64;
+            std::arch::asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                // The child: on its own stack (16-byte aligned top), no frame to return to.
+                "xor ebp, ebp",
+                "mov rdi, r12",
+                "call r13",
+                "ud2",
+                "2:",
+                inlateout("rax") libc::SYS_clone3 => ret,
+                in("rdi") &mut clone as *mut CloneArgs,
+                in("rsi") std::mem::size_of::<CloneArgs>(),
+                in("r12") &args as *const ChildArgs as usize,
+                in("r13") vfork_child as *const () as usize,
+                lateout("rcx") _,
+                lateout("r11") _,
+            );
+            ret
+        };
+        restore_signals(blocked);
+        if pid < 0 {
+            return Err(CloneError::Clone(io::Error::from_raw_os_error(-pid as i32)));
+        }
+        let e = err.load(std::sync::atomic::Ordering::Acquire);
+        if e != 0 {
+            // The child failed before its exec and has exited (127); the reaper collects it.
+            return Err(CloneError::Child(io::Error::from_raw_os_error(e)));
+        }
+        Ok(pid as i32)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        fork_child(
+            &argv_p,
+            &envp_p,
+            stdio,
+            setup,
+            cgroup_flags,
+            cgroup_fd,
+            &err,
+        )
+    }
+}
+
+/// The block of every signal around a `CLONE_VM` clone; returns the mask to restore.
+fn block_all_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigfillset and pthread_sigmask only write the sets
+    // passed, on this thread.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        old
+    }
+}
+
+fn restore_signals(old: libc::sigset_t) {
+    // SAFETY: restores this thread's mask saved by `block_all_signals`.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+}
+
+/// The entry of the `CLONE_VM` child, on its own stack, every signal blocked.
+#[cfg(target_arch = "x86_64")]
+extern "C" fn vfork_child(args: *const ChildArgs<'_>) -> ! {
+    // SAFETY: `args` points at the parent's `ChildArgs`, alive while the parent waits
+    // (CLONE_VFORK); the child only reads it and stores into its atomic `err`.
+    let args = unsafe { &*args };
+    // SAFETY: sigaction on this child's own handler table (a copy: no CLONE_SIGHAND):
+    // every caught signal goes back to its default, so no handler of the agent can run on
+    // the shared memory once the mask is emptied in `exec_child`.
+    unsafe {
+        for sig in 1..=libc::SIGRTMAX() {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction != libc::SIG_IGN
+                && old.sa_sigaction != libc::SIG_DFL
+            {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        exec_child(args)
+    }
+}
+
+/// The fork-like clone of [`spawn_command`] (architectures without the `CLONE_VM` path):
+/// the child gets a copy of the address space; failures come back through a pipe.
+#[cfg(not(target_arch = "x86_64"))]
+fn fork_child(
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    stdio: [libc::c_int; 3],
+    setup: &ChildSetup,
+    cgroup_flags: u64,
+    cgroup_fd: u64,
+    err: &std::sync::atomic::AtomicI32,
+) -> Result<i32, CloneError> {
+    let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| CloneError::Clone(e.into()))?;
+    let args = ChildArgs {
+        argv,
+        envp,
+        stdio,
+        setup,
+        err,
+        err_fd: err_w.as_raw_fd(),
+    };
+    let mut clone = CloneArgs {
+        flags: cgroup_flags,
         exit_signal: libc::SIGCHLD as u64,
-        cgroup: cgroup.as_raw_fd() as u64,
+        cgroup: cgroup_fd,
         ..CloneArgs::default()
     };
     // SAFETY: clone3 without CLONE_VM or a stack is a fork: the child gets a copy of this
-    // address space with one thread. The pointers handed over stay valid in both (they are
-    // locals of this frame, copied into the child). In the child only `exec_child` runs,
-    // which makes direct syscalls on values prepared above and never returns.
+    // address space with one thread. In the child only `exec_child` runs, which makes direct
+    // syscalls on values prepared above and never returns.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone3,
-            &mut args as *mut CloneArgs,
+            &mut clone as *mut CloneArgs,
             std::mem::size_of::<CloneArgs>(),
         )
     };
@@ -439,9 +633,8 @@ pub fn spawn_into_cgroup(
         return Err(CloneError::Clone(io::Error::last_os_error()));
     }
     if pid == 0 {
-        // SAFETY: we are the child of the clone3 above (see there); `exec_child` only calls
-        // async-signal-safe functions and ends in execve or _exit.
-        unsafe { exec_child(&argv_p, &envp_p, raw, setup, err_fd) }
+        // SAFETY: we are the child of the clone3 above.
+        unsafe { exec_child(&args) }
     }
     drop(err_w);
     let mut buf = [0u8; 4];
@@ -451,12 +644,10 @@ pub fn spawn_into_cgroup(
             Ok(0) => break,
             Ok(n) => got += n,
             Err(rustix::io::Errno::INTR) => continue,
-            // Cannot tell how the child fared: it runs (or ran) on, the reaper collects it.
             Err(_) => break,
         }
     }
     if got == 4 {
-        // The child failed before its exec and has exited (127); the reaper collects it.
         return Err(CloneError::Child(io::Error::from_raw_os_error(
             i32::from_ne_bytes(buf),
         )));
@@ -464,48 +655,45 @@ pub fn spawn_into_cgroup(
     Ok(pid as i32)
 }
 
-/// The child's side of [`spawn_into_cgroup`]: signals back to default, the standard
-/// descriptors, the setup, the exec; on a failure the errno goes to `err_fd` and the child
-/// exits 127.
+/// The child's side of [`spawn_command`]: the signal mask emptied and SIGPIPE back to its
+/// default, the standard descriptors, the setup, the exec; on a failure the errno goes to
+/// the parent (`err`, or `err_fd`) and the child exits 127.
 ///
 /// # Safety
-/// Only in the child of a fork-like clone, before exec.
-unsafe fn exec_child(
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-    stdio: [libc::c_int; 3],
-    setup: &ChildSetup,
-    err_fd: libc::c_int,
-) -> ! {
+/// Only in the child of a clone, before exec.
+unsafe fn exec_child(args: &ChildArgs<'_>) -> ! {
     let fail = |e: i32| -> ! {
-        let b = e.to_ne_bytes();
-        // SAFETY: write and _exit are async-signal-safe; `b` lives on this stack.
-        unsafe {
-            libc::write(err_fd, b.as_ptr().cast(), b.len());
-            libc::_exit(127)
+        args.err.store(e, std::sync::atomic::Ordering::Release);
+        if args.err_fd >= 0 {
+            let b = e.to_ne_bytes();
+            // SAFETY: write is async-signal-safe; `b` lives on this stack.
+            unsafe {
+                libc::write(args.err_fd, b.as_ptr().cast(), b.len());
+            }
         }
+        // SAFETY: _exit ends this child only (it is its own process).
+        unsafe { libc::_exit(127) }
     };
-    // SAFETY: async-signal-safe calls on values of this frame: an emptied signal mask and
-    // SIGPIPE back to its default (the agent ignores it; what it runs must not), then the
-    // standard descriptors.
+    // SAFETY: async-signal-safe calls on values of this frame: SIGPIPE back to its default
+    // (the agent ignores it; what it runs must not), the standard descriptors, then an
+    // emptied signal mask.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        for (i, fd) in stdio.iter().enumerate() {
+        for (i, fd) in args.stdio.iter().enumerate() {
             if libc::dup2(*fd, i as libc::c_int) < 0 {
                 fail(*libc::__errno_location());
             }
         }
     }
-    if let Err(e) = setup.run() {
+    if let Err(e) = args.setup.run() {
         fail(e.raw_os_error().unwrap_or(libc::EIO));
     }
-    // SAFETY: `argv` and `envp` are NUL-terminated arrays of pointers to NUL-terminated
-    // strings owned by the parent's frame (copied into this address space).
+    // SAFETY: as above; then `argv` and `envp` are NUL-terminated arrays of pointers to
+    // NUL-terminated strings owned by the parent's frame.
     unsafe {
-        libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
+        let set: libc::sigset_t = std::mem::zeroed();
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::execve(args.argv[0], args.argv.as_ptr(), args.envp.as_ptr());
         fail(*libc::__errno_location())
     }
 }

@@ -183,6 +183,26 @@ fn runs_commands_as_another_account() {
             .all(|u| u == nobody.uid.to_string()),
         "{uid_line}"
     );
+    let gid_line = status.lines().find(|l| l.starts_with("Gid:")).unwrap();
+    assert!(
+        gid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|g| g == nobody.gid.to_string()),
+        "{gid_line}"
+    );
+    // The switch happened in the child only: every thread of the agent is still root (a
+    // libc setuid in a clone3 child would broadcast to the agent's threads).
+    for t in std::fs::read_dir(format!("/proc/{}/task", d.pid())).unwrap() {
+        let st = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        for field in ["Uid:", "Gid:"] {
+            let l = st.lines().find(|l| l.starts_with(field)).unwrap();
+            assert!(
+                l.split_whitespace().skip(1).all(|v| v == "0"),
+                "agent thread: {l}"
+            );
+        }
+    }
     let who = std::fs::read_to_string(&out).unwrap();
     let f: Vec<&str> = who.split_whitespace().collect();
     assert_eq!(f[0], "nobody", "{who}");
