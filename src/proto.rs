@@ -817,7 +817,9 @@ pub struct ProcDetail {
     pub cpu_limit_by: String,
     pub health: Option<String>,
     pub busy: Option<String>,
-    pub spec: ProcSpec,
+    /// The whole definition; absent when the query asked for `brief` entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<ProcSpec>,
 }
 
 /// `POST /v1/procs` filter.
@@ -830,6 +832,9 @@ pub struct ProcsQuery {
     /// `key=value` selectors, all must match.
     #[serde(default, deserialize_with = "de_vec")]
     pub labels: Vec<String>,
+    /// Leave out each entry's `spec` (what a status table needs: half the bytes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub brief: bool,
 }
 
 /// `GET /v1/healthz` data.

@@ -800,6 +800,18 @@ fn answers_the_cli_reads_are_their_shared_types() {
     let r = d.call("procs", &json!({"namespace": NS}));
     let p: ProcList = same("procs", &r["data"]);
     assert_eq!((p.count, p.list[0].name.as_str()), (1, "typed"));
+    assert!(p.list[0].spec.is_some(), "procs carries each definition");
+    // brief (the status table's query): the same entries without their definitions.
+    let r = d.call("procs", &json!({"namespace": NS, "brief": true}));
+    let b: ProcList = same("procs brief", &r["data"]);
+    assert_eq!(
+        (b.count, b.list[0].state.as_str()),
+        (1, p.list[0].state.as_str())
+    );
+    assert!(
+        b.list[0].spec.is_none() && r["data"]["list"][0].get("spec").is_none(),
+        "{r}"
+    );
     let r = d.call(
         "process_status",
         &json!({"bk_biz_id": "*", "page": 1, "pagesize": 10}),

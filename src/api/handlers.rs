@@ -139,7 +139,15 @@ pub async fn call_authorized(
             super::register::register(engine, body, access, PutMode::Upsert, api).await
         }
         "unregister_proc_info" => super::register::unregister(engine, body, access).await,
-        "procs" => super::listing::procs(engine, body, access),
+        "procs" => {
+            // Encoded in one go off the async workers (see `listing::procs_encoded`); decoded
+            // here only for callers of this function, the route serves the bytes.
+            let bytes = procs_blocking(engine, body, access).await?;
+            serde_json::from_slice::<crate::proto::Envelope<Value>>(&bytes)
+                .ok()
+                .and_then(|e| e.data)
+                .ok_or_else(|| ApiError::new(codes::INTERNAL, "procs: cannot re-read the answer"))
+        }
         "tasks" => super::listing::tasks(engine, body).await,
         "operate_process" => super::gsekit::operate_process(engine, body, access).await,
         "process_status" => {
@@ -156,6 +164,18 @@ pub async fn call_authorized(
             message: format!("unknown API {other:?}"),
         }),
     }
+}
+
+/// `procs` on a blocking thread: the whole answer, encoded.
+pub async fn procs_blocking(
+    engine: &Arc<Engine>,
+    body: &[u8],
+    access: &Access,
+) -> Result<Vec<u8>, ApiError> {
+    let (e, b, a) = (Arc::clone(engine), body.to_vec(), access.clone());
+    tokio::task::spawn_blocking(move || super::listing::procs_encoded(&e, &b, &a))
+        .await
+        .map_err(|e| ApiError::new(codes::INTERNAL, format!("procs: {e}")))?
 }
 
 /// How per-host result keys are written.

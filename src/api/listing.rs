@@ -47,7 +47,14 @@ pub fn decode_tasks(body: &[u8]) -> Result<(usize, Option<String>), ApiError> {
 /// What a process's `env` shows to a caller who may not change that process.
 pub const HIDDEN_ENV_VALUE: &str = "(hidden)";
 
-pub(crate) fn procs(engine: &Engine, body: &[u8], access: &Access) -> Result<Value, ApiError> {
+/// `procs`, answered as the whole envelope already encoded: the entries are serialized
+/// straight from their types (building a `Value` of a thousand entries first cost most of
+/// the time). Blocking work for large registries: run off the async workers.
+pub(crate) fn procs_encoded(
+    engine: &Engine,
+    body: &[u8],
+    access: &Access,
+) -> Result<Vec<u8>, ApiError> {
     let (q, selectors) = decode_procs(body)?;
     let list: Vec<crate::proto::ProcDetail> = engine
         .views_where(|def| {
@@ -59,23 +66,32 @@ pub(crate) fn procs(engine: &Engine, body: &[u8], access: &Access) -> Result<Val
         })
         .iter()
         .map(|v| {
-            let mut d = super::wire::detail(v);
+            let mut d = super::wire::detail(v, !q.brief);
             let (mem, cpu) = engine.enforcement(&v.def.spec);
             (d.mem_limit_by, d.cpu_limit_by) = (mem.to_string(), cpu.to_string());
             // Environment values often carry credentials: only a caller who may change
             // the process sees them; others see the names.
-            if access.may_use_account(&d.spec.account).is_err() {
-                for v in d.spec.env.values_mut() {
+            if let Some(spec) = &mut d.spec
+                && access.may_use_account(&spec.account).is_err()
+            {
+                for v in spec.env.values_mut() {
                     *v = HIDDEN_ENV_VALUE.to_string();
                 }
             }
             d
         })
         .collect();
-    Ok(to_data(&ProcList {
-        count: list.len(),
-        list,
-    }))
+    let env = crate::proto::Envelope {
+        result: true,
+        code: codes::SUCCESS,
+        message: "success".to_string(),
+        data: Some(ProcList {
+            count: list.len(),
+            list,
+        }),
+        request_id: crate::util::request_id(),
+    };
+    serde_json::to_vec(&env).map_err(|e| ApiError::new(codes::INTERNAL, format!("procs: {e}")))
 }
 
 /// A label selector `k=v` matches a string value equal to `v`, or a non-string value whose

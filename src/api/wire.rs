@@ -234,8 +234,9 @@ pub fn proc_info(
     }
 }
 
-/// The agent's detailed view of one process (`POST /v1/procs`, the CLI's status).
-pub fn detail(v: &ProcView) -> ProcDetail {
+/// The agent's detailed view of one process (`POST /v1/procs`, the CLI's status), with its
+/// definition when `with_spec`.
+pub fn detail(v: &ProcView, with_spec: bool) -> ProcDetail {
     let s = v.sample.clone().unwrap_or_default();
     ProcDetail {
         namespace: v.def.key.namespace.clone(),
@@ -322,6 +323,6 @@ pub fn detail(v: &ProcView) -> ProcDetail {
         cpu_limit_by: String::new(),
         health: v.health.clone(),
         busy: v.busy.map(str::to_string),
-        spec: v.def.spec.clone(),
+        spec: with_spec.then(|| v.def.spec.clone()),
     }
 }

@@ -578,12 +578,8 @@ async fn procs(client: &Client, q: &ProcsQuery) -> Result<Vec<Listed>, CliError>
         .collect()
 }
 
-/// The registered processes (their `procs` entries) that match labels and an expression.
-async fn select(
-    client: &Client,
-    labels: &[String],
-    expr: Option<&str>,
-) -> Result<Vec<Listed>, CliError> {
+/// `--label` selectors, checked to be KEY=VALUE.
+fn check_labels(labels: &[String]) -> Result<Vec<String>, CliError> {
     for l in labels {
         if l.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
             return Err(CliError::new(
@@ -592,12 +588,26 @@ async fn select(
             ));
         }
     }
-    let ex = expr
-        .map(KeyExpr::parse)
+    Ok(labels.to_vec())
+}
+
+/// `--expr`, parsed.
+fn parse_expr(expr: Option<&str>) -> Result<Option<KeyExpr>, CliError> {
+    expr.map(KeyExpr::parse)
         .transpose()
-        .map_err(|e| CliError::new(exit::USAGE, e))?;
+        .map_err(|e| CliError::new(exit::USAGE, e))
+}
+
+/// The registered processes (their `procs` entries) that match labels and an expression.
+async fn select(
+    client: &Client,
+    labels: &[String],
+    expr: Option<&str>,
+) -> Result<Vec<Listed>, CliError> {
+    let labels = check_labels(labels)?;
+    let ex = parse_expr(expr)?;
     let q = ProcsQuery {
-        labels: labels.to_vec(),
+        labels,
         ..ProcsQuery::default()
     };
     let mut list = procs(client, &q).await?;
@@ -614,40 +624,62 @@ async fn status(
     labels: &[String],
     expr: Option<&str>,
 ) -> Result<u8, CliError> {
-    let list = if let Some(p) = process {
-        let k = parse_key(p)?;
-        let q = ProcsQuery {
-            namespace: k.namespace,
-            name: k.name,
-            labels: labels.to_vec(),
+    let procs: Vec<ProcDetail> = if json_out {
+        let list = match process {
+            Some(p) => {
+                let k = parse_key(p)?;
+                let q = ProcsQuery {
+                    namespace: k.namespace,
+                    name: k.name,
+                    labels: labels.to_vec(),
+                    brief: false,
+                };
+                procs(client, &q).await?
+            }
+            None => select(client, labels, expr).await?,
         };
-        procs(client, &q).await?
-    } else {
-        select(client, labels, expr).await?
-    };
-    if json_out {
         print_json(&ProcList {
             count: list.len(),
             list: list.iter().map(|p| &p.raw).collect(),
         });
+        list.into_iter().map(|p| p.proc).collect()
     } else {
-        let procs: Vec<ProcDetail> = list.iter().map(|p| p.proc.clone()).collect();
+        // The table needs no definitions: brief entries, decoded straight into their type.
+        let mut q = ProcsQuery {
+            labels: check_labels(labels)?,
+            brief: true,
+            ..ProcsQuery::default()
+        };
+        if let Some(p) = process {
+            let k = parse_key(p)?;
+            (q.namespace, q.name) = (k.namespace, k.name);
+        }
+        let mut list = client
+            .call_typed::<_, ProcList<ProcDetail>>("procs", &q)
+            .await?
+            .list;
+        if process.is_none()
+            && let Some(ex) = parse_expr(expr)?
+        {
+            list.retain(|p| ex.matches(&p.namespace, &p.name));
+        }
         out(&render::fit(
-            &render::status_table(&procs, render::color_enabled()),
+            &render::status_table(&list, render::color_enabled()),
             render::term_width(),
         ));
-    }
+        list
+    };
     if let Some(p) = process {
-        if list.is_empty() {
+        if procs.is_empty() {
             return Err(CliError::new(
                 exit::NOT_REGISTERED,
                 format!("{p} is not registered"),
             ));
         }
         // A periodic job between runs is where it should be (waiting), not down.
-        if list
+        if procs
             .iter()
-            .all(|p| p.proc.status != FLAG_RUNNING && p.proc.state != "waiting")
+            .all(|p| p.status != FLAG_RUNNING && p.state != "waiting")
         {
             return Ok(exit::NOT_RUNNING);
         }
