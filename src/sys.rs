@@ -775,3 +775,432 @@ pub fn mark_inherited_fds_cloexec() -> usize {
     }
     n
 }
+
+/// Review tests of [`spawn_command`]'s `CLONE_VM | CLONE_VFORK` child: concurrent spawns
+/// under allocation and signal load, the identity switch, failures before the exec, and
+/// what the shared address space must not change in the agent.
+#[cfg(test)]
+mod vfork_tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    static USR1_SEEN: AtomicUsize = AtomicUsize::new(0);
+    static USR1_ELSEWHERE: AtomicBool = AtomicBool::new(false);
+    static TEST_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+    extern "C" fn on_usr1(_: libc::c_int) {
+        // SAFETY: getpid is async-signal-safe.
+        if unsafe { libc::getpid() } != TEST_PID.load(Ordering::Relaxed) {
+            USR1_ELSEWHERE.store(true, Ordering::Relaxed);
+        }
+        USR1_SEEN.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    fn ident(switch_to: Option<(u32, u32, Vec<u32>)>, cwd: Option<OwnedFd>) -> SpawnIdentity {
+        SpawnIdentity {
+            switch_to,
+            umask: 0o027,
+            nofile: None,
+            cwd: cwd.map(Arc::new),
+            cgroup_procs: None,
+            cgroup_dir: None,
+            reset_oom: false,
+        }
+    }
+
+    /// Run `sh -c script` with `env` through [`spawn_command`]; returns the pid (or the
+    /// error) and what it wrote on stdout.
+    fn run_sh(
+        script: &str,
+        env: &[String],
+        setup: &ChildSetup,
+    ) -> (Result<i32, CloneError>, String) {
+        let argv: Vec<CString> = ["/bin/sh", "-c", script]
+            .iter()
+            .map(|s| CString::new(*s).unwrap())
+            .collect();
+        run_argv(&argv, env, setup)
+    }
+
+    fn run_argv(
+        argv: &[CString],
+        env: &[String],
+        setup: &ChildSetup,
+    ) -> (Result<i32, CloneError>, String) {
+        let envp: Vec<CString> = env
+            .iter()
+            .map(|s| CString::new(s.as_str()).unwrap())
+            .collect();
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let res = spawn_command(
+            argv,
+            &envp,
+            [null.as_fd(), w.as_fd(), w.as_fd()],
+            setup,
+            None,
+        );
+        drop(w);
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        (res, out)
+    }
+
+    /// Reap `pid` (ours), returning its wait status.
+    fn reap(pid: i32) -> i32 {
+        let mut status = 0;
+        // SAFETY: waitpid on our own child, status is a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(r, pid, "waitpid({pid})");
+        status
+    }
+
+    /// Children of this process that exited and wait to be reaped (pid, comm).
+    fn zombie_children() -> Vec<i32> {
+        let me = std::process::id().to_string();
+        let mut z = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            if f.first() == Some(&"Z") && f.get(1) == Some(&me.as_str()) {
+                z.push(pid);
+            }
+        }
+        z
+    }
+
+    fn status_field(path: &str, field: &str) -> String {
+        let st = std::fs::read_to_string(path).unwrap();
+        st.lines()
+            .find(|l| l.starts_with(field))
+            .unwrap_or("")
+            .trim_start_matches(field)
+            .trim()
+            .to_string()
+    }
+
+    /// Every thread of this process: (Uid, Gid, Groups) lines.
+    fn thread_ids() -> Vec<(String, String, String)> {
+        let mut v = Vec::new();
+        for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let p = t.path().join("status");
+            let p = p.to_str().unwrap();
+            if std::fs::metadata(p).is_err() {
+                continue; // the thread ended meanwhile
+            }
+            v.push((
+                status_field(p, "Uid:"),
+                status_field(p, "Gid:"),
+                status_field(p, "Groups:"),
+            ));
+        }
+        v
+    }
+
+    /// Several threads spawn at once while others allocate and signals (SIGUSR1 with a
+    /// handler, SIGCHLD) hit the process: every child sees exactly its own argv, env, cwd
+    /// and umask, exits 0, and no handler ever runs outside this process.
+    #[test]
+    fn concurrent_spawns_under_allocation_and_signals() {
+        TEST_PID.store(std::process::id() as i32, Ordering::Relaxed);
+        // SAFETY: installs a handler that only touches atomics and calls getpid.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_usr1 as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut load = Vec::new();
+        for _ in 0..2 {
+            let stop = stop.clone();
+            load.push(std::thread::spawn(move || {
+                let mut keep: Vec<Vec<u8>> = Vec::new();
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    keep.push(vec![n as u8; 1 + (n * 7919) % 200_000]);
+                    if keep.len() > 64 {
+                        keep.drain(..32);
+                    }
+                    n += 1;
+                }
+                n
+            }));
+        }
+        {
+            let stop = stop.clone();
+            load.push(std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    // SAFETY: signals to this process; SIGUSR1 has a handler, SIGCHLD is
+                    // ignored by default or handled by whatever installed one.
+                    unsafe {
+                        libc::kill(libc::getpid(), libc::SIGUSR1);
+                        libc::kill(libc::getpid(), libc::SIGCHLD);
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let spawners: Vec<_> = dirs
+            .iter()
+            .enumerate()
+            .map(|(t, d)| {
+                let path = d.path().to_path_buf();
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        let cwd = rustix::fs::open(
+                            &path,
+                            rustix::fs::OFlags::RDONLY
+                                | rustix::fs::OFlags::DIRECTORY
+                                | rustix::fs::OFlags::CLOEXEC,
+                            rustix::fs::Mode::empty(),
+                        )
+                        .unwrap();
+                        let setup = ChildSetup::new(ident(None, Some(cwd)));
+                        let tag = format!("t{t}-i{i}");
+                        let (res, out) = run_sh(
+                            "printf '%s|%s|%s|%s' \"$TAG\" \"$0\" \"$(pwd)\" \"$(umask)\"",
+                            &[format!("TAG={tag}"), "PATH=/usr/bin:/bin".into()],
+                            &setup,
+                        );
+                        let pid = match res {
+                            Ok(p) => p,
+                            Err(e) => panic!("spawn {tag}: {e:?}"),
+                        };
+                        let status = reap(pid);
+                        assert!(
+                            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                            "{tag}: status {status:#x}, out {out:?}"
+                        );
+                        let want = format!("{tag}|/bin/sh|{}|0027", path.display());
+                        assert_eq!(out, want);
+                    }
+                })
+            })
+            .collect();
+        for s in spawners {
+            s.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let counts: Vec<usize> = load.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(counts.iter().all(|n| *n > 0), "{counts:?}");
+        assert!(USR1_SEEN.load(Ordering::Relaxed) > 0);
+        assert!(
+            !USR1_ELSEWHERE.load(Ordering::Relaxed),
+            "the agent's SIGUSR1 handler ran in another process (a CLONE_VM child)"
+        );
+        // The parent still allocates and spawns normally.
+        let v: Vec<u64> = (0..1_000_000).collect();
+        assert_eq!(v.iter().sum::<u64>(), 499_999_500_000);
+    }
+
+    /// A setup that fails (fchdir into a file) reports its errno, leaves one child that
+    /// exited 127 (for the reaper), and nothing else.
+    #[test]
+    fn failed_setup_reports_errno_and_exits_127() {
+        let before = zombie_children();
+        let file = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        let setup = ChildSetup::new(ident(None, Some(file)));
+        let (res, out) = run_sh("echo ran", &[], &setup);
+        match res {
+            Err(CloneError::Child(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(out, "", "the command must not have run");
+        // The failed child exits right away; give the kernel a moment to make it a zombie.
+        let mut new = Vec::new();
+        for _ in 0..200 {
+            new = zombie_children()
+                .into_iter()
+                .filter(|p| !before.contains(p))
+                .collect();
+            if !new.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(new.len(), 1, "{new:?}");
+        let status = reap(new[0]);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 127);
+    }
+
+    /// An exec that fails reports ENOENT and the child exits 127.
+    #[test]
+    fn failed_exec_reports_enoent() {
+        let setup = ChildSetup::new(ident(None, None));
+        let argv = [CString::new("/nonexistent/procagent-review").unwrap()];
+        let (res, _) = run_argv(&argv, &[], &setup);
+        match res {
+            Err(CloneError::Child(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Root: the command runs as nobody with exactly the supplementary groups given, while
+    /// every thread of this process keeps uid 0, gid 0 and its groups.
+    #[test]
+    fn switches_identity_in_the_child_only() {
+        if !is_root() {
+            eprintln!("skipped: not root");
+            return;
+        }
+        let agent_before = thread_ids();
+        let groups = vec![65534, 100, 4242];
+        let setup = ChildSetup::new(ident(Some((65534, 65534, groups)), None));
+        let (res, out) = run_sh("cat /proc/self/status", &[], &setup);
+        let pid = res.unwrap();
+        assert_eq!(reap(pid) & 0xffff, 0);
+        let field = |f: &str| {
+            out.lines()
+                .find(|l| l.starts_with(f))
+                .unwrap()
+                .trim_start_matches(f)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(field("Uid:"), ["65534"; 4], "{out}");
+        assert_eq!(field("Gid:"), ["65534"; 4], "{out}");
+        let mut g = field("Groups:");
+        g.sort();
+        assert_eq!(g, ["100", "4242", "65534"], "{out}");
+        for (u, gid, _) in thread_ids() {
+            assert!(
+                u.split_whitespace().all(|v| v == "0"),
+                "agent thread Uid: {u}"
+            );
+            assert!(
+                gid.split_whitespace().all(|v| v == "0"),
+                "agent thread Gid: {gid}"
+            );
+        }
+        let groups_before: std::collections::BTreeSet<_> =
+            agent_before.iter().map(|t| t.2.clone()).collect();
+        for t in thread_ids() {
+            assert!(groups_before.contains(&t.2), "agent thread Groups: {}", t.2);
+        }
+    }
+
+    /// Root: a failing setgroups (more groups than NGROUPS_MAX) is reported (EINVAL) and
+    /// changes nothing in this process.
+    #[test]
+    fn failed_setgroups_is_reported() {
+        if !is_root() {
+            eprintln!("skipped: not root");
+            return;
+        }
+        let groups: Vec<u32> = (1..=70_000).collect();
+        let setup = ChildSetup::new(ident(Some((65534, 65534, groups)), None));
+        let (res, out) = run_sh("echo ran", &[], &setup);
+        match res {
+            Err(CloneError::Child(e)) => assert_eq!(e.raw_os_error(), Some(libc::EINVAL)),
+            other => panic!("{other:?} {out:?}"),
+        }
+        assert_eq!(status_field("/proc/self/status", "Uid:"), "0\t0\t0\t0");
+    }
+
+    /// Root: an account whose uid/gid is `(uid_t)-1` must not run as root. libc's setuid
+    /// (the code before this change) refused it with EINVAL; raw setresuid(-1, -1, -1) means
+    /// "leave every id unchanged" and succeeds.
+    #[test]
+    fn uid_minus_one_never_runs_as_root() {
+        if !is_root() {
+            eprintln!("skipped: not root");
+            return;
+        }
+        let setup = ChildSetup::new(ident(Some((u32::MAX, u32::MAX, vec![])), None));
+        let (res, out) = run_sh("id -u; id -g", &[], &setup);
+        if let Ok(pid) = res {
+            reap(pid);
+            let ids: Vec<&str> = out.split_whitespace().collect();
+            assert!(
+                ids.iter().all(|v| *v != "0"),
+                "a command for uid/gid 4294967295 ran as uid {ids:?}"
+            );
+        }
+    }
+
+    /// Root: the identity switch is the child's alone; the agent's address space (shared by
+    /// the CLONE_VM child until its exec) must keep its dumpable flag. commit_creds() sets
+    /// `task->mm`'s dumpable to fs.suid_dumpable on a uid change, and that mm is the agent's.
+    #[test]
+    fn identity_switch_keeps_the_agent_dumpable() {
+        if !is_root() {
+            eprintln!("skipped: not root");
+            return;
+        }
+        // SAFETY: prctl PR_GET_DUMPABLE/PR_SET_DUMPABLE on this process.
+        let dumpable = || unsafe { libc::prctl(libc::PR_GET_DUMPABLE) };
+        // SAFETY: as above.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1) };
+        assert_eq!(dumpable(), 1);
+        let setup = ChildSetup::new(ident(Some((65534, 65534, vec![65534])), None));
+        let (res, _) = run_sh("true", &[], &setup);
+        reap(res.unwrap());
+        let after = dumpable();
+        // SAFETY: as above (restore, for the other tests).
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1) };
+        assert_eq!(
+            after, 1,
+            "the agent became non-dumpable after one spawn as another account"
+        );
+    }
+
+    /// The child's stack is per spawning thread; a thread that ends must not leave its
+    /// 128 KiB behind (the file-system pool's threads end after 30 s idle and new ones take
+    /// their place, for the agent's whole life).
+    #[test]
+    fn child_stacks_of_ended_threads_are_freed() {
+        let vm = |f: &str| -> u64 {
+            status_field("/proc/self/status", f)
+                .trim_end_matches(" kB")
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let run_threads = |n: usize| {
+            for _ in 0..n {
+                std::thread::spawn(|| {
+                    let setup = ChildSetup::new(ident(None, None));
+                    let (res, _) = run_sh("exit 0", &[], &setup);
+                    reap(res.unwrap());
+                })
+                .join()
+                .unwrap();
+            }
+        };
+        run_threads(8); // warm up malloc (arenas, mmap threshold)
+        let before = vm("VmData:");
+        run_threads(200);
+        let grown = vm("VmData:").saturating_sub(before);
+        assert!(
+            grown < 8 * 1024,
+            "VmData grew by {grown} kB over 200 short-lived spawning threads (leaked child stacks)"
+        );
+    }
+}
