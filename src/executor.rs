@@ -43,6 +43,10 @@ pub enum ExecError {
         "the agent runs as uid {agent_uid} and cannot run commands as account {account:?} (only root can switch accounts)"
     )]
     CannotSwitch { agent_uid: u32, account: String },
+    #[error(
+        "account {account:?} has uid {uid} / gid {gid}: 4294967295 is not an id (to the kernel it means \"leave unchanged\"), so nothing runs as it"
+    )]
+    InvalidIds { account: String, uid: u32, gid: u32 },
     #[error("setup_path {0} does not exist or is not a directory")]
     NoSetupPath(String),
     #[error("setup_path {path}: {reason}")]
@@ -205,6 +209,13 @@ impl Executor {
     /// Resolve the identity a command runs with (an NSS lookup: blocking).
     fn identity(&self, account: &str) -> Result<(SpawnIdentity, Account), ExecError> {
         let acct = resolve_account(account)?;
+        if acct.uid == libc::uid_t::MAX || acct.gid == libc::gid_t::MAX {
+            return Err(ExecError::InvalidIds {
+                account: account.to_string(),
+                uid: acct.uid,
+                gid: acct.gid,
+            });
+        }
         let switch_to = if acct.uid == self.agent_uid {
             None
         } else if self.agent_uid == 0 {
@@ -449,12 +460,23 @@ fn fork_command(
     let spawned_ticks = crate::procinfo::now_ticks_floor();
     let mut ident = ident;
     let cgroup = ident.cgroup_dir.clone();
+    // Only the answers that mean "this kernel cannot" fall back; any other (EAGAIN at a
+    // full pids.max above all: a migration would bypass it) fails the start.
+    let unsupported = |e: &std::io::Error, cgroup: bool| {
+        let codes: &[i32] = if cgroup {
+            &[libc::ENOSYS, libc::EPERM, libc::EINVAL, libc::E2BIG]
+        } else {
+            &[libc::ENOSYS, libc::EPERM]
+        };
+        e.raw_os_error().is_some_and(|c| codes.contains(&c))
+    };
     match spawn_direct(req, &env, &ident, cgroup.as_deref(), &out, &err_out) {
         Ok(pid) => return Ok((pid, spawned_ticks, token)),
         Err(sys::CloneError::Child(e)) => return Err(ExecError::Spawn(e)),
-        Err(sys::CloneError::Clone(e)) => {
+        Err(sys::CloneError::Clone(e)) if unsupported(&e, cgroup.is_some()) => {
             tracing::debug!(error = %e, "clone3 unavailable; falling back");
         }
+        Err(sys::CloneError::Clone(e)) => return Err(ExecError::Spawn(e)),
     }
     if let Some(dir) = cgroup {
         // An older kernel: no CLONE_INTO_CGROUP; the command moves itself (cgroup.procs).
@@ -469,7 +491,8 @@ fn fork_command(
         match spawn_direct(req, &env, &ident, None, &out, &err_out) {
             Ok(pid) => return Ok((pid, spawned_ticks, token)),
             Err(sys::CloneError::Child(e)) => return Err(ExecError::Spawn(e)),
-            Err(sys::CloneError::Clone(_)) => {}
+            Err(sys::CloneError::Clone(e)) if unsupported(&e, false) => {}
+            Err(sys::CloneError::Clone(e)) => return Err(ExecError::Spawn(e)),
         }
     }
     // No clone3 at all (before Linux 5.3): std's fork with the same setup.
