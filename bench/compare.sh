@@ -9,6 +9,7 @@
 # default target/release/procagentd; the CLI is the procagent next to it, or PROCAGENT),
 # IDLE (seconds of the idle CPU window, 30), SETTLE (seconds before RSS and idle CPU, 10),
 # KILLS (restart samples, 20), LOG_LEVEL (procagentd's, default its own default "info"),
+# PHASES (default "procagent-config procagent-api supervisord runit": which to run),
 # KEEP=1 keeps the temporary directory.
 #
 # The worker's first instruction reads CLOCK_MONOTONIC; it appends "<ns> <pid>" to the file
@@ -42,7 +43,12 @@ LOG_LEVEL=${LOG_LEVEL:-info}
 STATUS_RUNS=5
 CMDLINE="N=\"$N_LIST\" IDLE=$IDLE SETTLE=$SETTLE KILLS=$KILLS PROCAGENTD=$PROCAGENTD bash bench/compare.sh"
 
-die() { log "FAILED: $*"; exit 1; }
+DIAG=()         # a command run when a step fails, to show the supervisor's view
+die() {
+  log "FAILED: $*"
+  if [ "${#DIAG[@]}" -gt 0 ]; then "${DIAG[@]}" >&2 || true; fi
+  exit 1
+}
 
 [ -x "$PROCAGENTD" ] || die "no procagentd at $PROCAGENTD (cargo build --release --bins)"
 [ -x "$PROCAGENT" ] || die "no procagent CLI at $PROCAGENT"
@@ -55,9 +61,10 @@ ROOTS=()       # pids of supervisors launched by this script (procagentd, superv
 
 # Is PID one of ours: its command line, executable or working directory names $TMP?
 ours() {
-  local p=$1
+  local p=$1 argv=()
   [ -d "/proc/$p" ] || return 1
-  tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline" | grep -qF "$TMP" && return 0
+  mapfile -d '' argv 2>/dev/null <"/proc/$p/cmdline" || return 1
+  [[ "${argv[*]}" == *"$TMP"* ]] && return 0
   case "$(readlink "/proc/$p/exe" 2>/dev/null)$(readlink "/proc/$p/cwd" 2>/dev/null)" in
     *"$TMP"*) return 0 ;;
   esac
@@ -78,27 +85,23 @@ descendants() {
 
 # Worker pids named by the stamp files (the last line of each: the newest start).
 stamp_pids() {
-  local f
-  for f in "$TMP"/*/stamps/*; do
-    [ -s "$f" ] && tail -n 1 "$f" | awk '{ print $2 }'
-  done 2>/dev/null
+  find "$TMP" -path '*/stamps/*' -type f -size +0c -exec tail -q -n 1 {} + 2>/dev/null | awk '{ print $2 }'
   return 0
 }
 
 # Kill the supervisor ROOT and everything it started, by pid: the tree under it (taken while
-# it lives), then the workers its stamps name, each only if it is ours.
+# it lives), then the workers the stamps name, each only if it is ours.
 kill_tree() {
-  local root=$1 p victims
+  local root=$1 p victims alive
   victims=$(descendants "$root")
   kill -KILL "$root" 2>/dev/null || true
   for p in $victims $(stamp_pids); do
-    ours "$p" && kill -KILL "$p" 2>/dev/null
+    if ours "$p"; then kill -KILL "$p" 2>/dev/null || true; fi
   done
-  # Reap the root if it is our child; wait for the others to be gone (bounded).
   wait "$root" 2>/dev/null || true
   for _ in $(seq 1 100); do
-    local alive=0
-    for p in $victims; do ours "$p" && alive=1 && break; done
+    alive=0
+    for p in $victims; do if ours "$p"; then alive=1 && break; fi; done
     [ $alive = 0 ] && break
     sleep 0.05
   done
@@ -108,8 +111,12 @@ kill_tree() {
 cleanup() {
   local rc=$? r
   trap - EXIT INT TERM
-  for r in "${ROOTS[@]}"; do kill_tree "$r"; done
-  for r in $(stamp_pids); do ours "$r" && kill -KILL "$r" 2>/dev/null; done
+  for r in "${ROOTS[@]}"; do
+    if [ -d "/proc/$r" ]; then kill_tree "$r"; fi
+  done
+  for r in $(stamp_pids); do
+    if ours "$r"; then kill -KILL "$r" 2>/dev/null || true; fi
+  done
   if [ "${KEEP:-0}" = 1 ]; then log "kept $TMP"; else rm -rf "$TMP"; fi
   exit $rc
 }
@@ -347,6 +354,26 @@ EOT
   done
 }
 
+# What a procagent sees, for a failed step: its states counted, stamps written, its log's end.
+pa_diag() {
+  log "diagnostics: $(find "$1/stamps" -type f -size +0c | wc -l) stamp files written"
+  "$PROCAGENT" --socket "$1/run/agent.sock" status 2>&1 | awk 'NR > 1 { print $2 }' | sort | uniq -c
+  "$PROCAGENT" --socket "$1/run/agent.sock" status 2>&1 | grep -v ' running ' | head -5
+  tail -n 15 "$1/agent.log"
+}
+
+# Have all the tasks in DIR/multi.out finished (no key 115)? Leaves the results in results.out.
+pa_tasks_done() {
+  local id
+  : >"$1/results.out"
+  while read -r id; do
+    curl -s --unix-socket "$1/run/agent.sock" -H 'Content-Type: application/json' \
+      -d "{\"task_id\": \"$id\"}" http://agent/v1/get_proc_operate_result_v2 >>"$1/results.out" || return 1
+    echo >>"$1/results.out"
+  done < <(grep -o 'GSETASK:[0-9:]*' "$1/multi.out")
+  ! grep -q '"error_code":115' "$1/results.out"
+}
+
 pa_healthy() { curl -sf --unix-socket "$1" http://agent/v1/healthz >/dev/null 2>&1; }
 
 run_procagent_config() {
@@ -357,6 +384,7 @@ run_procagent_config() {
   "$MONO" exec "$d/t0" "$PROCAGENTD" --config "$d/agent.toml" 2>"$d/agent.log" &
   pid=$!
   ROOTS+=("$pid")
+  DIAG=(pa_diag "$d")
   wait_for $((120 + n / 5)) "procagent (config) N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
   t0=$(cat "$d/t0") t1=$(last_first_stamp "$d/stamps")
   PA_START=$(ns_to_s $((t1 - t0)))
@@ -386,13 +414,14 @@ run_procagent_config() {
 }
 
 run_procagent_api() {
-  local n=$1 d=$TMP/pa-api-$1 pid t0 t1 t_reg i c ok reg_ms op_ms rss pss start chunk items body
+  local n=$1 d=$TMP/pa-api-$1 pid t0 t1 t_reg t_done failed why i c ok reg_ms op_ms rss pss start chunk items body
   mkdir -p "$d/stamps" "$d/pids" "$d/req"
   pa_config "$d" 0 >"$d/agent.toml"
   log "procagent (API) N=$n: starting an empty agent"
   "$PROCAGENTD" --config "$d/agent.toml" 2>"$d/agent.log" &
   pid=$!
   ROOTS+=("$pid")
+  DIAG=(pa_diag "$d")
   wait_for 30 "procagent (API) N=$n: healthz" pa_healthy "$d/run/agent.sock"
   sleep 2
   # One curl for the N registrations (one connection when curl keeps it), then
@@ -431,15 +460,31 @@ run_procagent_api() {
   [ "$c" -ge "$(wc -l <"$d/multi.list")" ] || { head -c 600 "$d/multi.out" >&2; die "procagent (API) N=$n: operate_proc_multi gave no task id"; }
   reg_ms=$(awk -v a="$t0" -v b="$t_reg" 'BEGIN { printf "%.0f", (b - a) / 1e6 }')
   op_ms=$(awk -v a="$t_reg" -v b="$t1" 'BEGIN { printf "%.0f", (b - a) / 1e6 }')
-  wait_for $((120 + n / 5)) "procagent (API) N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
+  # The tasks' results: polled until no key answers 115 (still running); a start that failed
+  # is not retried by the agent (op 0 leaves it stopped), so it is reported, not waited for.
+  wait_for $((120 + n / 5)) "procagent (API) N=$n: operate_proc_multi tasks finished" pa_tasks_done "$d"
+  t_done=$("$MONO" now)
+  failed=$(grep -o '"error_code":[0-9]*' "$d/results.out" | grep -vc '"error_code":0$' || true)
+  if [ "$failed" -gt 0 ]; then
+    why=$("$PY" -c 'import json, sys, collections
+c = collections.Counter()
+for line in open(sys.argv[1]):
+    for v in json.loads(line)["data"].values():
+        if v["error_code"]: c["%s: %s" % (v["error_code"], v["error_msg"][:160])] += 1
+print("; ".join("%d x %s" % (k, m) for m, k in c.most_common(3)))' "$d/results.out")
+    log "procagent (API) N=$n: $failed of $n starts failed: $why"
+    DETAILS+=("procagent (API): $failed of $n starts FAILED ($why)")
+  fi
+  wait_for 60 "procagent (API) N=$n: $((n - failed)) workers' first stamps" stamps_written "$d/stamps" $((n - failed))
   t1=$(last_first_stamp "$d/stamps")
-  PA_API_START=$(ns_to_s $((t1 - t0)))
-  DETAILS+=("procagent (API): $(stamp_spread "$d/stamps" "$t0")")
-  log "procagent (API) N=$n: start-all $PA_API_START s (registrations ${reg_ms} ms, task id after ${op_ms} ms); settling ${SETTLE} s"
+  PA_API_START="$(ns_to_s $((t1 - t0))) s"
+  if [ "$failed" -gt 0 ]; then PA_API_START="$PA_API_START for $((n - failed)) ($failed failed)"; fi
+  DETAILS+=("procagent (API): $(stamp_spread "$d/stamps" "$t0"); every task finished (no key 115) $(ns_to_s $((t_done - t0))) s after the first request")
+  log "procagent (API) N=$n: start-all $PA_API_START (registrations ${reg_ms} ms, task id after ${op_ms} ms); settling ${SETTLE} s"
   sleep "$SETTLE"
   own_pids "$pid" >"$d/own"
   read -r rss pss < <(mem_of <"$d/own")
-  row "procagent (API)" "$PA_API_START s (register $reg_ms ms, task id $op_ms ms)" "–" \
+  row "procagent (API)" "$PA_API_START (register $reg_ms ms, task id $op_ms ms)" "–" \
     "$(kib_to_mib "$rss") MiB (PSS $(kib_to_mib "$pss"))" "–" "–" "–"
   kill_tree "$pid"
 }
@@ -544,21 +589,27 @@ MACHINE="$(nproc) CPUs, MemTotal $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 104
 OUT=$TMP/tables.md
 : >"$OUT"
 for n in $N_LIST; do
-  ROWS=() DETAILS=()
+  ROWS=() DETAILS=() PA_FDS='' SD_FDS='' PA_LOG_LINES='' PA_WARN=''
   T_N=$SECONDS
   log "=== N=$n (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-  run_procagent_config "$n"
-  run_procagent_api "$n"
-  run_supervisord "$n"
-  run_runit "$n"
+  for phase in ${PHASES:-procagent-config procagent-api supervisord runit}; do
+    DIAG=()
+    case $phase in
+      procagent-config) run_procagent_config "$n" ;;
+      procagent-api) run_procagent_api "$n" ;;
+      supervisord) run_supervisord "$n" ;;
+      runit) run_runit "$n" ;;
+      *) die "unknown phase $phase" ;;
+    esac
+  done
   {
     echo
     echo "| N = $n | start-all | status | RSS | CPU / ${IDLE} s idle | restart median | restart p95 |"
     echo "|---|---|---|---|---|---|---|"
     printf '%s\n' "${ROWS[@]}"
     echo
-    echo "procagentd descriptors per process: $PA_FDS; supervisord holds $SD_FDS descriptors."
-    echo "procagentd log: $PA_LOG_LINES lines, $PA_WARN WARN/ERROR. This size took $((SECONDS - T_N)) s;" \
+    echo "procagentd descriptors per process: ${PA_FDS:-–}; supervisord holds ${SD_FDS:-–} descriptors."
+    echo "procagentd log (config case): ${PA_LOG_LINES:-–} lines, ${PA_WARN:-–} WARN/ERROR. This size took $((SECONDS - T_N)) s;" \
       "load average at its end $(cut -d' ' -f1-3 /proc/loadavg)."
     echo
     printf -- '- %s\n' "${DETAILS[@]}"
