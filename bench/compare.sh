@@ -1,0 +1,628 @@
+#!/usr/bin/env bash
+# Side by side (issue 16): procagent, supervisord and runit supervising N copies of one tiny C
+# worker, in one run on this machine, and a markdown table of the figures.
+#
+#   bash bench/compare.sh                      # N="100 1000", IDLE=30
+#   N=100 IDLE=30 PROCAGENTD=/path/to/procagentd bash bench/compare.sh
+#
+# Knobs (environment): N (list of sizes, default "100 1000"), PROCAGENTD (the daemon measured,
+# default target/release/procagentd; the CLI is the procagent next to it, or PROCAGENT),
+# IDLE (seconds of the idle CPU window, 30), SETTLE (seconds before RSS and idle CPU, 10),
+# KILLS (restart samples, 20), LOG_LEVEL (procagentd's, default its own default "info"),
+# PHASES (default "procagent-config procagent-api supervisord runit": which to run),
+# KEEP=1 keeps the temporary directory.
+#
+# The worker's first instruction reads CLOCK_MONOTONIC; it appends "<ns> <pid>" to the file
+# named by its argument, then pause()s. Every start time below is taken with the same clock
+# (bin/mono, just before the exec or the request), so figures are stamp differences:
+#   start-all   from just before the supervisor is launched (procagent API: just before the
+#               first register_proc_info request) to the last worker's first stamp;
+#   status      median of 5 runs of the CLI listing all N;
+#   RSS / PSS   after SETTLE s, summed over the supervisor's own processes (procagent: the
+#               daemon and its output keeper; runit: runsvdir and every runsv);
+#   CPU         utime + stime of those processes over IDLE s of idleness after SETTLE s;
+#   restart     kill -9 of KILLS different workers, one at a time, at least 1 s apart: from
+#               just before kill(2) to the replacement's first stamp; median and p95;
+#   fds         descriptors of the procagentd process divided by N.
+# Installs runit (apt, binaries only: no service is enabled) and supervisor (pip, pinned
+# below) when missing. Root is expected (apt, smaps_rollup of every process).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+
+SUPERVISOR_VERSION=4.2.5
+N_LIST=${N:-"100 1000"}
+PROCAGENTD=${PROCAGENTD:-$ROOT/target/release/procagentd}
+PROCAGENT=${PROCAGENT:-$(dirname "$PROCAGENTD")/procagent}
+IDLE=${IDLE:-30}
+SETTLE=${SETTLE:-10}
+KILLS=${KILLS:-20}
+LOG_LEVEL=${LOG_LEVEL:-info}
+STATUS_RUNS=5
+CMDLINE="N=\"$N_LIST\" IDLE=$IDLE SETTLE=$SETTLE KILLS=$KILLS PROCAGENTD=$PROCAGENTD bash bench/compare.sh"
+
+DIAG=()         # a command run when a step fails, to show the supervisor's view
+die() {
+  log "FAILED: $*"
+  if [ "${#DIAG[@]}" -gt 0 ]; then "${DIAG[@]}" >&2 || true; fi
+  exit 1
+}
+
+[ -x "$PROCAGENTD" ] || die "no procagentd at $PROCAGENTD (cargo build --release --bins)"
+[ -x "$PROCAGENT" ] || die "no procagent CLI at $PROCAGENT"
+command -v gcc >/dev/null || die "gcc is needed"
+command -v curl >/dev/null || die "curl is needed"
+
+# ---------------------------------------------------------------- cleanup (by pid only)
+TMP=$(mktemp -d /tmp/pa-compare.XXXXXX)
+ROOTS=()       # pids of supervisors launched by this script (procagentd, supervisord, runsvdir)
+
+# Is PID one of ours: its command line, executable or working directory names $TMP?
+ours() {
+  local p=$1 argv=()
+  [ -d "/proc/$p" ] || return 1
+  mapfile -d '' argv 2>/dev/null <"/proc/$p/cmdline" || return 1
+  [[ "${argv[*]}" == *"$TMP"* ]] && return 0
+  case "$(readlink "/proc/$p/exe" 2>/dev/null)$(readlink "/proc/$p/cwd" 2>/dev/null)" in
+    *"$TMP"*) return 0 ;;
+  esac
+  return 1
+}
+
+# Every pid below $1 (one ps, walked in awk).
+descendants() {
+  ps -eo pid=,ppid= | awk -v root="$1" '
+    { par[$1] = $2 }
+    END {
+      inset[root] = 1; changed = 1
+      while (changed) { changed = 0
+        for (p in par) if (!(p in inset) && (par[p] in inset)) { inset[p] = 1; changed = 1 } }
+      for (p in inset) if (p != root) print p
+    }'
+}
+
+# Worker pids named by the stamp files (the last line of each: the newest start).
+stamp_pids() {
+  find "$TMP" -path '*/stamps/*' -type f -size +0c -exec tail -q -n 1 {} + 2>/dev/null | awk '{ print $2 }'
+  return 0
+}
+
+# Kill the supervisor ROOT and everything it started, by pid: the tree under it (taken while
+# it lives), then the workers the stamps name, each only if it is ours.
+kill_tree() {
+  local root=$1 p victims alive
+  victims=$(descendants "$root")
+  kill -KILL "$root" 2>/dev/null || true
+  for p in $victims $(stamp_pids); do
+    if ours "$p"; then kill -KILL "$p" 2>/dev/null || true; fi
+  done
+  wait "$root" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    alive=0
+    for p in $victims; do if ours "$p"; then alive=1 && break; fi; done
+    [ $alive = 0 ] && break
+    sleep 0.05
+  done
+  return 0
+}
+
+cleanup() {
+  local rc=$? r
+  trap - EXIT INT TERM
+  for r in "${ROOTS[@]}"; do
+    if [ -d "/proc/$r" ]; then kill_tree "$r"; fi
+  done
+  for r in $(stamp_pids); do
+    if ours "$r"; then kill -KILL "$r" 2>/dev/null || true; fi
+  done
+  if [ "${KEEP:-0}" = 1 ]; then log "kept $TMP"; else rm -rf "$TMP"; fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- peers
+PY=$(python3 -c 'import sys; print(sys.executable)')   # the interpreter itself, not a pyenv shim
+if ! command -v runsvdir >/dev/null || ! command -v runsv >/dev/null || ! command -v sv >/dev/null; then
+  log "installing runit (apt)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y runit >"$TMP/apt.log" 2>&1 ||
+    { apt-get update >>"$TMP/apt.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y runit >>"$TMP/apt.log" 2>&1; } ||
+    { tail -20 "$TMP/apt.log" >&2; die "apt-get install runit"; }
+fi
+if [ "$("$PY" -c 'import supervisor.options as o; print(o.VERSION)' 2>/dev/null)" != "$SUPERVISOR_VERSION" ]; then
+  log "installing supervisor==$SUPERVISOR_VERSION (pip)"
+  "$PY" -m pip install --quiet "supervisor==$SUPERVISOR_VERSION" || die "pip install supervisor==$SUPERVISOR_VERSION"
+fi
+SUPERVISOR_SEEN=$("$PY" -c 'import supervisor.options as o; print(o.VERSION)')
+RUNSVDIR=$(command -v runsvdir) SV=$(command -v sv)
+
+# ---------------------------------------------------------------- the C worker and clock
+mkdir -p "$TMP/bin"
+cat >"$TMP/bin/worker.c" <<'EOC'
+/* worker STAMPFILE: first the CLOCK_MONOTONIC time, appended as "<ns> <pid>\n"; then pause. */
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    if (argc < 2) return 2;
+    char line[64];
+    int n = snprintf(line, sizeof line, "%lld %d\n",
+                     (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec, (int)getpid());
+    int fd = open(argv[1], O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0 || write(fd, line, n) != n) return 1;
+    close(fd);
+    for (;;) pause();
+}
+EOC
+cat >"$TMP/bin/mono.c" <<'EOC'
+/* mono now            print CLOCK_MONOTONIC ns
+ * mono exec FILE CMD  write CLOCK_MONOTONIC ns to FILE, then exec CMD
+ * mono kill PID       print CLOCK_MONOTONIC ns taken just before kill(PID, SIGKILL) */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+static long long now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+int main(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "now")) { printf("%lld\n", now()); return 0; }
+    if (argc >= 4 && !strcmp(argv[1], "exec")) {
+        FILE *f = fopen(argv[2], "w");
+        if (!f) { perror(argv[2]); return 1; }
+        fprintf(f, "%lld\n", now());
+        fclose(f);
+        execvp(argv[3], argv + 3);
+        perror(argv[3]);
+        return 127;
+    }
+    if (argc >= 3 && !strcmp(argv[1], "kill")) {
+        pid_t pid = (pid_t)atoi(argv[2]);
+        long long t = now();
+        if (pid <= 1 || kill(pid, SIGKILL) != 0) { fprintf(stderr, "kill %d: %s\n", pid, strerror(errno)); return 1; }
+        printf("%lld\n", t);
+        return 0;
+    }
+    fprintf(stderr, "usage: mono now | exec FILE CMD... | kill PID\n");
+    return 2;
+}
+EOC
+gcc -O2 -o "$TMP/bin/worker" "$TMP/bin/worker.c" || die "gcc worker.c"
+gcc -O2 -o "$TMP/bin/mono" "$TMP/bin/mono.c" || die "gcc mono.c"
+WORKER=$TMP/bin/worker MONO=$TMP/bin/mono
+CLK_TCK=$(getconf CLK_TCK)
+
+# ---------------------------------------------------------------- measuring helpers
+# wait_for SECS WHAT CMD...: poll CMD until it succeeds; past SECS, fail naming WHAT.
+wait_for() {
+  local secs=$1 what=$2 deadline
+  shift 2
+  deadline=$((SECONDS + secs))
+  until "$@"; do
+    ((SECONDS < deadline)) || die "timed out after ${secs} s: $what"
+    sleep 0.05
+  done
+}
+
+stamps_written() { [ "$(find "$1" -type f -size +0c | wc -l)" -ge "$2" ]; }
+# The latest first stamp of the files in DIR (ns).
+last_first_stamp() { awk 'FNR == 1 && $1 + 0 > m + 0 { m = $1 } END { print m }' "$1"/*; }
+# When the workers of DIR wrote their first stamps, from T0 (ns): "10% A s, 50% B s, 90% C s".
+stamp_spread() {
+  awk 'FNR == 1 { print $1 }' "$1"/* | sort -n | awk -v t0="$2" '{ v[NR] = $1 }
+    END { printf "first stamps after launch: 10%% %.2f s, 50%% %.2f s, 90%% %.2f s, last %.2f s",
+      (v[int(NR * .1) + 1] - t0) / 1e9, (v[int(NR * .5) + 1] - t0) / 1e9, (v[int(NR * .9) + 1] - t0) / 1e9, (v[NR] - t0) / 1e9 }'
+}
+# The largest mappings of PID by RSS (smaps, grouped by name): "name MiB, ...".
+smaps_top() {
+  awk '/^[0-9a-f]+-[0-9a-f]+ / { name = (NF >= 6) ? $6 : "[anon]"; sub(/.*\//, "", name) }
+       $1 == "Rss:" { rss[name] += $2 }
+       END { for (n in rss) printf "%d %s\n", rss[n], n }' "/proc/$1/smaps" 2>/dev/null |
+    sort -rn | head -5 | awk '{ printf "%s%s %.1f MiB", (NR > 1 ? ", " : ""), $2, $1 / 1024 }'
+}
+ns_to_s() { awk -v d="$1" 'BEGIN { printf "%.2f", d / 1e9 }'; }
+# Median and p95 (nearest rank) of the numbers on stdin: "median p95".
+stats() { sort -g | awk '{ v[NR] = $1 } END { if (!NR) { print "- -"; exit }
+  m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+  r = int(0.95 * NR); if (r < 0.95 * NR) r++; printf "%.1f %.1f\n", m, v[r] }'; }
+
+# Sum over the pids on stdin: "rss_kB pss_kB" (smaps_rollup).
+mem_of() {
+  local p rss=0 pss=0 r s
+  while read -r p; do
+    r=$(awk '$1 == "Rss:" { print $2 }' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)
+    s=$(awk '$1 == "Pss:" { print $2 }' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)
+    rss=$((rss + ${r:-0})) pss=$((pss + ${s:-0}))
+  done
+  echo "$rss $pss"
+}
+# utime + stime in ticks summed over the pids on stdin (fields after the ")" of the comm).
+ticks_of() {
+  local p t=0 v
+  while read -r p; do
+    v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0)
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+kib_to_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+# Median wall time in ms of STATUS_RUNS runs of CMD, checking each listed at least N rows
+# matching PATTERN: time_status N PATTERN CMD...
+time_status() {
+  local n=$1 pat=$2 i t0 t1 rows
+  shift 2
+  for i in $(seq 1 "$STATUS_RUNS"); do
+    t0=$EPOCHREALTIME
+    "$@" >"$TMP/status.out" 2>&1 || true
+    t1=$EPOCHREALTIME
+    rows=$(grep -o -E "$pat" "$TMP/status.out" | wc -l)
+    [ "$rows" -ge "$n" ] || { head -5 "$TMP/status.out" >&2; die "status run $i of '$*' listed $rows of $n"; }
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", (b - a) * 1000 }'
+  done | stats | awk '{ print $1 }'
+}
+
+# Restart latency of KILLS workers spread over 1..N whose stamp files are in DIR; prints the
+# latencies (ms), one a line, to FILE: restarts DIR N FILE
+restarts() {
+  local dir=$1 n=$2 out=$3 k i f pid before t_kill t_new lines deadline
+  : >"$out"
+  for k in $(seq 0 $((KILLS - 1))); do
+    i=$((1 + k * n / KILLS))
+    f=$dir/p$i
+    mapfile -t lines <"$f"
+    before=${#lines[@]}
+    pid=${lines[before - 1]#* }
+    ours "$pid" || die "restart: worker p$i (pid $pid) is not running"
+    t_kill=$("$MONO" kill "$pid") || die "restart: kill p$i (pid $pid)"
+    deadline=$((SECONDS + 15))
+    while :; do
+      mapfile -t lines <"$f"
+      [ "${#lines[@]}" -gt "$before" ] && break
+      ((SECONDS < deadline)) || die "timed out after 15 s: restart of p$i (killed pid $pid)"
+      sleep 0.01
+    done
+    t_new=${lines[before]%% *}
+    awk -v a="$t_kill" -v b="$t_new" 'BEGIN { printf "%.3f\n", (b - a) / 1e6 }' >>"$out"
+    sleep 1
+  done
+}
+
+# Our processes under ROOT that are not workers, and ROOT itself.
+own_pids() {
+  local root=$1 p
+  echo "$root"
+  for p in $(descendants "$root"); do
+    [ "$(readlink "/proc/$p/exe" 2>/dev/null)" = "$WORKER" ] || echo "$p"
+  done
+}
+
+# CPU seconds over IDLE s of the pids in FILE.
+idle_cpu() {
+  local a b
+  a=$(ticks_of <"$1")
+  sleep "$IDLE"
+  b=$(ticks_of <"$1")
+  awk -v d=$((b - a)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", d / hz }'
+}
+
+# Show what the supervisor's own processes are (to the log).
+show_pids() { log "$1 processes: $(ps -o pid=,rss=,args= -p "$(paste -sd, "$2")" | tr -s ' ' | paste -sd ';')"; }
+
+ROWS=() DETAILS=()
+row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 |"); }
+
+# ---------------------------------------------------------------- procagent
+pa_config() { # pa_config DIR N
+  local d=$1 n=$2 i
+  cat <<EOT
+[agent]
+socket = "$d/run/agent.sock"
+state_dir = "$d/state"
+log_level = "$LOG_LEVEL"
+log_target = "stderr"
+
+[host]
+ip = "127.0.0.1"
+bk_cloud_id = 0
+bk_supplier_id = 0
+EOT
+  for i in $(seq 1 "$n"); do
+    cat <<EOT
+
+[[process]]
+namespace = "bench"
+name = "p$i"
+setup_path = "$d"
+proc_name = "worker"
+pid_path = "$d/pids/p$i.pid"
+start_cmd = "echo \$\$ > $d/pids/p$i.pid && exec $WORKER $d/stamps/p$i"
+start_check_secs = 1
+autostart = true
+EOT
+  done
+}
+
+# What a procagent sees, for a failed step: its states counted, stamps written, its log's end.
+pa_diag() {
+  log "diagnostics: $(find "$1/stamps" -type f -size +0c | wc -l) stamp files written"
+  "$PROCAGENT" --socket "$1/run/agent.sock" status 2>&1 | awk 'NR > 1 { print $2 }' | sort | uniq -c
+  "$PROCAGENT" --socket "$1/run/agent.sock" status 2>&1 | grep -v ' running ' | head -5
+  tail -n 15 "$1/agent.log"
+}
+
+# Have all the tasks in DIR/multi.out finished (no key 115)? Leaves the results in results.out.
+pa_tasks_done() {
+  local id
+  : >"$1/results.out"
+  while read -r id; do
+    curl -s --unix-socket "$1/run/agent.sock" -H 'Content-Type: application/json' \
+      -d "{\"task_id\": \"$id\"}" http://agent/v1/get_proc_operate_result_v2 >>"$1/results.out" || return 1
+    echo >>"$1/results.out"
+  done < <(grep -o 'GSETASK:[0-9:]*' "$1/multi.out")
+  ! grep -q '"error_code":115' "$1/results.out"
+}
+
+pa_healthy() { curl -sf --unix-socket "$1" http://agent/v1/healthz >/dev/null 2>&1; }
+
+run_procagent_config() {
+  local n=$1 d=$TMP/pa-config-$1 pid t0 t1 rss pss cpu st stj fds med p95
+  mkdir -p "$d/stamps" "$d/pids"
+  pa_config "$d" "$n" >"$d/agent.toml"
+  log "procagent (config) N=$n: starting"
+  "$MONO" exec "$d/t0" "$PROCAGENTD" --config "$d/agent.toml" 2>"$d/agent.log" &
+  pid=$!
+  ROOTS+=("$pid")
+  DIAG=(pa_diag "$d")
+  wait_for $((120 + n / 5)) "procagent (config) N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
+  t0=$(cat "$d/t0") t1=$(last_first_stamp "$d/stamps")
+  PA_START=$(ns_to_s $((t1 - t0)))
+  DETAILS+=("procagent (config): $(stamp_spread "$d/stamps" "$t0")")
+  log "procagent (config) N=$n: start-all $PA_START s; settling ${SETTLE} s"
+  wait_for 30 "procagent (config) N=$n: healthz" pa_healthy "$d/run/agent.sock"
+  sleep "$SETTLE"
+  own_pids "$pid" >"$d/own"
+  show_pids procagent "$d/own"
+  DETAILS+=("procagentd after settle: $(awk '$1 == "Threads:" { print $2 }' "/proc/$pid/status") threads, VmHWM $(status_kb "$pid" VmHWM) kB; largest mappings by RSS: $(smaps_top "$pid")")
+  DETAILS+=("its processes: $(ps -o pid=,rss=,args= -p "$(paste -sd, "$d/own")" | awk '{ printf "%s%s (%s, RSS %.1f MiB)", (NR > 1 ? "; " : ""), $3, $1, $2 / 1024 }')")
+  read -r rss pss < <(mem_of <"$d/own")
+  log "procagent (config) N=$n: idle CPU over ${IDLE} s"
+  cpu=$(idle_cpu "$d/own")
+  st=$(time_status "$n" 'bench/p[0-9]+' "$PROCAGENT" --socket "$d/run/agent.sock" status)
+  stj=$(time_status "$n" '"name": ?"p[0-9]+"' "$PROCAGENT" --socket "$d/run/agent.sock" status --json)
+  fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 | wc -l)
+  PA_FDS=$(awk -v f="$fds" -v n="$n" 'BEGIN { printf "%.2f (%d in all)", f / n, f }')
+  log "procagent (config) N=$n: $KILLS restarts"
+  restarts "$d/stamps" "$n" "$d/restarts"
+  read -r med p95 < <(stats <"$d/restarts")
+  row "procagent (config)" "$PA_START s" "$st ms (--json $stj ms)" \
+    "$(kib_to_mib "$rss") MiB (PSS $(kib_to_mib "$pss"))" "$cpu s" "$med ms" "$p95 ms"
+  PA_LOG_LINES=$(wc -l <"$d/agent.log")
+  PA_WARN=$(grep -c -E 'WARN|ERROR' "$d/agent.log" || true)
+  kill_tree "$pid"
+}
+
+run_procagent_api() {
+  local n=$1 d=$TMP/pa-api-$1 pid t0 t1 t_reg t_done failed why i c ok reg_ms op_ms rss pss start chunk items body
+  mkdir -p "$d/stamps" "$d/pids" "$d/req"
+  pa_config "$d" 0 >"$d/agent.toml"
+  log "procagent (API) N=$n: starting an empty agent"
+  "$PROCAGENTD" --config "$d/agent.toml" 2>"$d/agent.log" &
+  pid=$!
+  ROOTS+=("$pid")
+  DIAG=(pa_diag "$d")
+  wait_for 30 "procagent (API) N=$n: healthz" pa_healthy "$d/run/agent.sock"
+  sleep 2
+  # One curl for the N registrations (one connection when curl keeps it), then
+  # operate_proc_multi (start, op 0) in chunks of at most 1000 items.
+  : >"$d/register.curl"
+  for i in $(seq 1 "$n"); do
+    [ "$i" -gt 1 ] && echo next >>"$d/register.curl"
+    printf '{"meta":{"namespace":"bench","name":"p%d"},"hosts":[{"ip":"127.0.0.1","bk_cloud_id":0}],"spec":{"identity":{"proc_name":"worker","setup_path":"%s","pid_path":"%s/pids/p%d.pid"},"control":{"start_cmd":"echo $$ > %s/pids/p%d.pid && exec %s %s/stamps/p%d"},"monitor_policy":{"auto_type":1,"start_check_secs":1}}}' \
+      "$i" "$d" "$d" "$i" "$d" "$i" "$WORKER" "$d" "$i" >"$d/req/r$i.json"
+    printf 'unix-socket = "%s"\nurl = "http://agent/v1/register_proc_info"\ndata-binary = "@%s"\nheader = "Content-Type: application/json"\nwrite-out = "\\n"\n' \
+      "$d/run/agent.sock" "$d/req/r$i.json" >>"$d/register.curl"
+  done
+  : >"$d/multi.list"
+  for ((start = 1; start <= n; start += 1000)); do
+    chunk=$((start + 999 < n ? start + 999 : n))
+    items=$(for i in $(seq "$start" "$chunk"); do
+      printf '{"meta":{"namespace":"bench","name":"p%d"},"op_type":0,"hosts":[{"ip":"127.0.0.1","bk_cloud_id":0}]}\n' "$i"
+    done | paste -sd,)
+    body=$d/req/multi$start.json
+    printf '{"proc_operate_req":[%s]}' "$items" >"$body"
+    echo "$body" >>"$d/multi.list"
+  done
+  log "procagent (API) N=$n: register $n + operate_proc_multi"
+  t0=$("$MONO" now)
+  curl -s -K "$d/register.curl" >"$d/register.out" || die "procagent (API) N=$n: register curl failed"
+  t_reg=$("$MONO" now)
+  while read -r body; do
+    curl -s --unix-socket "$d/run/agent.sock" -H 'Content-Type: application/json' \
+      --data-binary "@$body" http://agent/v1/operate_proc_multi >>"$d/multi.out" || die "procagent (API) N=$n: operate_proc_multi curl failed"
+    echo >>"$d/multi.out"
+  done <"$d/multi.list"
+  t1=$("$MONO" now)
+  ok=$(grep -o '"error_code":0' "$d/register.out" | wc -l)
+  [ "$ok" -ge "$n" ] || { head -c 600 "$d/register.out" >&2; die "procagent (API) N=$n: $ok of $n registrations succeeded"; }
+  c=$(grep -c '"task_id"' "$d/multi.out" || true)
+  [ "$c" -ge "$(wc -l <"$d/multi.list")" ] || { head -c 600 "$d/multi.out" >&2; die "procagent (API) N=$n: operate_proc_multi gave no task id"; }
+  reg_ms=$(awk -v a="$t0" -v b="$t_reg" 'BEGIN { printf "%.0f", (b - a) / 1e6 }')
+  op_ms=$(awk -v a="$t_reg" -v b="$t1" 'BEGIN { printf "%.0f", (b - a) / 1e6 }')
+  # The tasks' results: polled until no key answers 115 (still running); a start that failed
+  # is not retried by the agent (op 0 leaves it stopped), so it is reported, not waited for.
+  wait_for $((120 + n / 5)) "procagent (API) N=$n: operate_proc_multi tasks finished" pa_tasks_done "$d"
+  t_done=$("$MONO" now)
+  failed=$(grep -o '"error_code":[0-9]*' "$d/results.out" | grep -vc '"error_code":0$' || true)
+  if [ "$failed" -gt 0 ]; then
+    why=$("$PY" -c 'import json, sys, collections
+c = collections.Counter()
+for line in open(sys.argv[1]):
+    for v in json.loads(line)["data"].values():
+        if v["error_code"]: c["%s: %s" % (v["error_code"], v["error_msg"][:160])] += 1
+print("; ".join("%d x %s" % (k, m) for m, k in c.most_common(3)))' "$d/results.out")
+    log "procagent (API) N=$n: $failed of $n starts failed: $why"
+    DETAILS+=("procagent (API): $failed of $n starts FAILED ($why)")
+  fi
+  wait_for 60 "procagent (API) N=$n: $((n - failed)) workers' first stamps" stamps_written "$d/stamps" $((n - failed))
+  t1=$(last_first_stamp "$d/stamps")
+  PA_API_START="$(ns_to_s $((t1 - t0))) s"
+  if [ "$failed" -gt 0 ]; then PA_API_START="$PA_API_START for $((n - failed)) ($failed failed)"; fi
+  DETAILS+=("procagent (API): $(stamp_spread "$d/stamps" "$t0"); every task finished (no key 115) $(ns_to_s $((t_done - t0))) s after the first request")
+  log "procagent (API) N=$n: start-all $PA_API_START (registrations ${reg_ms} ms, task id after ${op_ms} ms); settling ${SETTLE} s"
+  sleep "$SETTLE"
+  own_pids "$pid" >"$d/own"
+  read -r rss pss < <(mem_of <"$d/own")
+  row "procagent (API)" "$PA_API_START (register $reg_ms ms, task id $op_ms ms)" "–" \
+    "$(kib_to_mib "$rss") MiB (PSS $(kib_to_mib "$pss"))" "–" "–" "–"
+  kill_tree "$pid"
+}
+
+# ---------------------------------------------------------------- supervisord
+run_supervisord() {
+  local n=$1 d=$TMP/sd-$1 pid t0 t1 i rss pss cpu st med p95 minfds
+  mkdir -p "$d/stamps" "$d/logs"
+  minfds=$((4 * n + 256))
+  [ "$minfds" -lt 1024 ] && minfds=1024
+  {
+    cat <<EOT
+[unix_http_server]
+file = $d/supervisor.sock
+
+[supervisord]
+nodaemon = true
+logfile = $d/supervisord.log
+pidfile = $d/supervisord.pid
+childlogdir = $d/logs
+minfds = $minfds
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl = unix://$d/supervisor.sock
+EOT
+    for i in $(seq 1 "$n"); do
+      printf '\n[program:p%d]\ncommand = %s %s/stamps/p%d\nautostart = true\nautorestart = true\nstartsecs = 1\n' \
+        "$i" "$WORKER" "$d" "$i"
+    done
+  } >"$d/supervisord.conf"
+  log "supervisord $SUPERVISOR_SEEN N=$n: starting"
+  "$MONO" exec "$d/t0" "$PY" -m supervisor.supervisord -c "$d/supervisord.conf" >"$d/stdout.log" 2>&1 &
+  pid=$!
+  ROOTS+=("$pid")
+  wait_for $((120 + n / 5)) "supervisord N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
+  t0=$(cat "$d/t0") t1=$(last_first_stamp "$d/stamps")
+  SD_START=$(ns_to_s $((t1 - t0)))
+  DETAILS+=("supervisord: $(stamp_spread "$d/stamps" "$t0")")
+  log "supervisord N=$n: start-all $SD_START s; settling ${SETTLE} s"
+  sleep "$SETTLE"
+  own_pids "$pid" >"$d/own"
+  show_pids supervisord "$d/own"
+  read -r rss pss < <(mem_of <"$d/own")
+  log "supervisord N=$n: idle CPU over ${IDLE} s"
+  cpu=$(idle_cpu "$d/own")
+  st=$(time_status "$n" 'RUNNING' "$PY" -m supervisor.supervisorctl -c "$d/supervisord.conf" status)
+  log "supervisord N=$n: $KILLS restarts"
+  restarts "$d/stamps" "$n" "$d/restarts"
+  read -r med p95 < <(stats <"$d/restarts")
+  row "supervisord $SUPERVISOR_SEEN" "$SD_START s" "$st ms" \
+    "$(kib_to_mib "$rss") MiB (PSS $(kib_to_mib "$pss"))" "$cpu s" "$med ms" "$p95 ms"
+  SD_FDS=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 | wc -l)
+  kill_tree "$pid"
+}
+
+# ---------------------------------------------------------------- runit
+sv_loop() { local s; for s in "$1"/*; do "$SV" status "$s"; done; }
+
+run_runit() {
+  local n=$1 d=$TMP/rn-$1 pid t0 t1 i rss pss cpu st stl med p95
+  mkdir -p "$d/stamps" "$d/service"
+  for i in $(seq 1 "$n"); do
+    mkdir -p "$d/service/p$i"
+    printf '#!/bin/sh\nexec %s %s/stamps/p%d\n' "$WORKER" "$d" "$i" >"$d/service/p$i/run"
+    chmod +x "$d/service/p$i/run"
+  done
+  log "runit N=$n: starting runsvdir"
+  "$MONO" exec "$d/t0" "$RUNSVDIR" "$d/service" >"$d/runsvdir.log" 2>&1 &
+  pid=$!
+  ROOTS+=("$pid")
+  wait_for $((120 + n / 5)) "runit N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
+  t0=$(cat "$d/t0") t1=$(last_first_stamp "$d/stamps")
+  RN_START=$(ns_to_s $((t1 - t0)))
+  DETAILS+=("runit: $(stamp_spread "$d/stamps" "$t0")")
+  log "runit N=$n: start-all $RN_START s; settling ${SETTLE} s"
+  sleep "$SETTLE"
+  own_pids "$pid" >"$d/own"
+  log "runit processes: $(wc -l <"$d/own") (runsvdir + runsv)"
+  read -r rss pss < <(mem_of <"$d/own")
+  log "runit N=$n: idle CPU over ${IDLE} s"
+  cpu=$(idle_cpu "$d/own")
+  st=$(time_status "$n" '^run: ' "$SV" status "$d"/service/*)
+  stl=$(time_status "$n" '^run: ' sv_loop "$d/service")
+  log "runit N=$n: $KILLS restarts"
+  restarts "$d/stamps" "$n" "$d/restarts"
+  read -r med p95 < <(stats <"$d/restarts")
+  row "runit" "$RN_START s" "$st ms (one sv per dir: $stl ms)" \
+    "$(kib_to_mib "$rss") MiB summed, PSS $(kib_to_mib "$pss") MiB" "$cpu s" "$med ms" "$p95 ms"
+  kill_tree "$pid"
+}
+
+# ---------------------------------------------------------------- run
+STARTED=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
+T_BEGIN=$SECONDS
+COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=
+if git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null | grep -q .; then DIRTY=+dirty; fi
+MACHINE="$(nproc) CPUs, MemTotal $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo), Linux $(uname -r)"
+OUT=$TMP/tables.md
+: >"$OUT"
+for n in $N_LIST; do
+  ROWS=() DETAILS=() PA_FDS='' SD_FDS='' PA_LOG_LINES='' PA_WARN=''
+  T_N=$SECONDS
+  log "=== N=$n (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+  for phase in ${PHASES:-procagent-config procagent-api supervisord runit}; do
+    DIAG=()
+    case $phase in
+      procagent-config) run_procagent_config "$n" ;;
+      procagent-api) run_procagent_api "$n" ;;
+      supervisord) run_supervisord "$n" ;;
+      runit) run_runit "$n" ;;
+      *) die "unknown phase $phase" ;;
+    esac
+  done
+  {
+    echo
+    echo "| N = $n | start-all | status | RSS | CPU / ${IDLE} s idle | restart median | restart p95 |"
+    echo "|---|---|---|---|---|---|---|"
+    printf '%s\n' "${ROWS[@]}"
+    echo
+    echo "procagentd descriptors per process: ${PA_FDS:-–}; supervisord holds ${SD_FDS:-–} descriptors."
+    echo "procagentd log (config case): ${PA_LOG_LINES:-–} lines, ${PA_WARN:-–} WARN/ERROR. This size took $((SECONDS - T_N)) s;" \
+      "load average at its end $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo
+    printf -- '- %s\n' "${DETAILS[@]}"
+  } >>"$OUT"
+done
+
+echo "## bench/compare.sh"
+echo
+echo "- command: \`$CMDLINE\`"
+echo "- date: $STARTED; commit: $COMMIT$DIRTY; procagentd: $PROCAGENTD"
+echo "- machine: $MACHINE"
+echo "- peers: supervisor $SUPERVISOR_SEEN (pip), runit $(dpkg-query -W -f='${Version}' runit 2>/dev/null || echo '?') (apt)"
+echo "- restart: $KILLS kills of different workers, at least 1 s apart; status: median of $STATUS_RUNS"
+cat "$OUT"
+echo
+echo "Whole run: $((SECONDS - T_BEGIN)) s."
