@@ -2,8 +2,9 @@
 //! command and find its process, then watch it through its start check; run a stop, kill or
 //! reload command; signal a process tree; watch until it is gone.
 //!
-//! Commands take a permit of `supervisor.max_parallel_ops` while they run and while their
-//! process is looked for; a start check only waits (a timer, not a permit).
+//! Commands take a permit of `supervisor.max_parallel_ops` while they are prepared, while
+//! they run and while their process is looked for; a start check only waits (a timer, not a
+//! permit).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +44,11 @@ pub async fn start(
     hold: Hold,
 ) {
     let fail = |f: StartFailure| engine.feed_instance(&key, i, Input::StartFailed(f));
+    // The permit covers the whole way to the process being found, its preparation
+    // included: a thousand starts at once (a host coming up, an operate_proc_multi) then
+    // reach the file-system pool at most `max_parallel_ops` at a time instead of flooding
+    // it past its deadlines.
+    let permit = engine.ops.clone().acquire_owned().await;
     if hold.op().is_none() {
         match engine.discover(&key, Some(i)).await {
             Ok(true) => return,
@@ -69,7 +75,6 @@ pub async fn start(
     if let Err(why) = engine.prepare_instance(&key, i, &spec).await {
         return fail(StartFailure::Command(format!("not started: {why}")));
     }
-    let permit = engine.ops.clone().acquire_owned().await;
     let mut req = engine.command_request(&key, &spec, which.field(), command);
     // Containment: the start command runs in the instance's own cgroup, so whatever it
     // forks or daemonizes stays there.
