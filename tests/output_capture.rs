@@ -521,3 +521,52 @@ fn utf8_percent(s: &str) -> String {
         })
         .collect()
 }
+
+/// The agent holds a duplicate of every captured pipe (so no writer breaks while the keeper
+/// is replaced) and lets each go once its writers are gone: after processes end, the agent's
+/// descriptors come back to where they were.
+#[test]
+fn pipe_duplicates_are_released_when_their_writers_end() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, FAST);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    let sleeper = env.program("holder");
+    let names: Vec<String> = (0..10).map(|i| format!("h{i}")).collect();
+    for n in &names {
+        let spec = json!({
+            "identity": {"proc_name": "holder", "setup_path": env.path().display().to_string(), "pid_path": ""},
+            "control": {"start_cmd": format!("exec {sleeper} 1000")},
+            "monitor_policy": {"auto_type": 1, "start_check_secs": 0, "op_timeout": 10},
+        });
+        d.register(NS, n, spec);
+    }
+    // One start and stop first, so lazily opened descriptors (store readers, the keeper's
+    // connection) count in the baseline.
+    assert_eq!(d.op(NS, &names[0], 0)["error_code"], json!(0));
+    assert_eq!(d.op(NS, &names[0], 1)["error_code"], json!(0));
+    let base = wait_for("the first pipes released", Duration::from_secs(10), || {
+        let n = fds();
+        std::thread::sleep(Duration::from_millis(300));
+        (fds() == n).then_some(n)
+    });
+    for n in &names {
+        assert_eq!(d.op(NS, n, 0)["error_code"], json!(0));
+    }
+    let running = fds();
+    assert!(
+        running >= base + 20,
+        "two held read ends per running process: {base} -> {running}"
+    );
+    for n in &names {
+        assert_eq!(d.op(NS, n, 1)["error_code"], json!(0));
+    }
+    wait_for(
+        "the held read ends released",
+        Duration::from_secs(10),
+        || (fds() <= base).then_some(()),
+    );
+}

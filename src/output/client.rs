@@ -206,6 +206,11 @@ struct Worker {
     failed_at: Option<Instant>,
     /// Duplicates of the pipe read ends the keeper reads, by pipe inode.
     held: HashMap<u64, (HeldPipe, OwnedFd)>,
+    /// An epoll set of the held read ends, asking for no event: it reports only those whose
+    /// writers are all gone (HUP), so a check costs what ended, not what is held (polling
+    /// two thousand pipes every second was a visible share of an idle agent's CPU). `None`
+    /// when it could not be created: the check then polls every held pipe.
+    hup: Option<OwnedFd>,
     checked: Instant,
 }
 
@@ -218,6 +223,7 @@ impl Worker {
             conn_no: 0,
             failed_at: None,
             held: HashMap::new(),
+            hup: rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC).ok(),
             checked: Instant::now(),
         }
     }
@@ -269,29 +275,95 @@ impl Worker {
 
     /// Drop duplicates of pipes nobody writes to any more, and replace a keeper that went
     /// away while pipes are held (their writers would block once the pipes fill).
+    /// Hold a duplicate of a pipe read end, watched for its end.
+    fn hold(&mut self, h: HeldPipe, fd: OwnedFd) {
+        let ino = h.pipe;
+        if let Some(ep) = &self.hup
+            && rustix::event::epoll::add(
+                ep,
+                &fd,
+                rustix::event::epoll::EventData::new_u64(ino),
+                rustix::event::epoll::EventFlags::empty(),
+            )
+            .is_err()
+        {
+            // Cannot watch this one: fall back to polling them all.
+            self.hup = None;
+        }
+        if let Some((_, old)) = self.held.insert(ino, (h, fd)) {
+            self.unwatch(&old);
+        }
+    }
+
+    /// Stop watching a held read end before it is dropped (the pipe lives on in the keeper,
+    /// so closing ours would not take it out of the epoll set).
+    fn unwatch(&self, fd: &OwnedFd) {
+        if let Some(ep) = &self.hup {
+            let _ = rustix::event::epoll::delete(ep, fd);
+        }
+    }
+
+    /// The held pipes whose writers are all gone.
+    fn ended_pipes(&self) -> Vec<u64> {
+        use rustix::event::{PollFd, PollFlags};
+        if let Some(ep) = &self.hup {
+            let mut ended = Vec::new();
+            let mut events: Vec<rustix::event::epoll::Event> = Vec::with_capacity(256);
+            let zero = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            loop {
+                events.clear();
+                if rustix::event::epoll::wait(
+                    ep,
+                    rustix::buffer::spare_capacity(&mut events),
+                    Some(&zero),
+                )
+                .is_err()
+                {
+                    break;
+                }
+                let n = events.len();
+                ended.extend(events.iter().map(|e| e.data.u64()));
+                if n < 256 || ended.len() >= self.held.len() {
+                    break;
+                }
+                // More than a batch ended: the ones seen are removed before the next wait,
+                // so it reports the others (level-triggered, the same ones would come back).
+                for ino in &ended[ended.len() - n..] {
+                    if let Some((_, fd)) = self.held.get(ino) {
+                        self.unwatch(fd);
+                    }
+                }
+            }
+            return ended;
+        }
+        let inos: Vec<u64> = self.held.keys().copied().collect();
+        let mut fds: Vec<PollFd<'_>> = inos
+            .iter()
+            .filter_map(|i| self.held.get(i))
+            .map(|(_, fd)| PollFd::new(fd, PollFlags::IN))
+            .collect();
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let _ = rustix::event::poll(&mut fds, Some(&zero));
+        inos.iter()
+            .zip(fds.iter())
+            .filter(|(_, f)| f.revents().contains(PollFlags::HUP))
+            .map(|(i, _)| *i)
+            .collect()
+    }
+
     fn check(&mut self) {
         use rustix::event::{PollFd, PollFlags};
         if !self.held.is_empty() {
-            let inos: Vec<u64> = self.held.keys().copied().collect();
-            let ended: Vec<u64> = {
-                let mut fds: Vec<PollFd<'_>> = inos
-                    .iter()
-                    .filter_map(|i| self.held.get(i))
-                    .map(|(_, fd)| PollFd::new(fd, PollFlags::IN))
-                    .collect();
-                let zero = rustix::event::Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                };
-                let _ = rustix::event::poll(&mut fds, Some(&zero));
-                inos.iter()
-                    .zip(fds.iter())
-                    .filter(|(_, f)| f.revents().contains(PollFlags::HUP))
-                    .map(|(i, _)| *i)
-                    .collect()
-            };
-            for i in ended {
-                self.held.remove(&i);
+            for i in self.ended_pipes() {
+                if let Some((_, fd)) = self.held.remove(&i) {
+                    self.unwatch(&fd);
+                }
             }
         }
         if let Some(c) = &self.conn {
@@ -325,6 +397,7 @@ impl Worker {
         let handed = self.held.len();
         wire::send(c.as_fd(), &Request::Held, &[], &[])?;
         let mut taken = 0;
+        let mut new: HashMap<u64, (HeldPipe, OwnedFd)> = HashMap::new();
         loop {
             let m = wire::recv::<Reply>(c.as_fd(), false)?
                 .ok_or_else(|| std::io::Error::other("the keeper closed the connection"))?;
@@ -332,14 +405,17 @@ impl Worker {
                 return Err(std::io::Error::other("unexpected answer to held"));
             };
             for (h, fd) in pipes.into_iter().zip(m.fds) {
-                if let std::collections::hash_map::Entry::Vacant(v) = self.held.entry(h.pipe) {
+                if !self.held.contains_key(&h.pipe) && !new.contains_key(&h.pipe) {
                     taken += 1;
-                    v.insert((h, fd));
+                    new.insert(h.pipe, (h, fd));
                 }
             }
             if !more {
                 break;
             }
+        }
+        for (_, (h, fd)) in new {
+            self.hold(h, fd);
         }
         if handed > 0 || taken > 0 {
             tracing::info!(
@@ -418,7 +494,7 @@ impl Worker {
                             stem: stem.to_string(),
                             stream,
                         };
-                        self.held.insert(ino, (h, fd));
+                        self.hold(h, fd);
                     }
                     Ok((id, self.conn_no, fds))
                 }
