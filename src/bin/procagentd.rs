@@ -86,6 +86,7 @@ fn init_logging(cfg: &procagent::config::Config) {
 }
 
 fn main() -> ExitCode {
+    procagent::sys::limit_malloc_arenas();
     let args = Args::parse();
     if let Some(dir) = &args.output_keeper {
         return output_keeper(dir);
