@@ -248,7 +248,7 @@ impl Engine {
             match reg.get_mut(&key) {
                 Some(e) => {
                     e.life.account = def.spec.account.clone();
-                    e.def = def;
+                    e.def = std::sync::Arc::new(def);
                     e.invalid = None;
                     e.life.resize(n);
                     false

@@ -74,7 +74,7 @@ impl Engine {
 
     /// A copy of a process's definition.
     pub fn definition(&self, key: &ProcKey) -> Option<Definition> {
-        self.reg().get(key).map(|e| e.def.clone())
+        self.reg().get(key).map(|e| (*e.def).clone())
     }
 
     /// Every registered key, in order.

@@ -137,7 +137,7 @@ pub struct Health {
 /// Everything the supervisor holds about one definition.
 #[derive(Debug)]
 pub struct Entry {
-    pub def: Definition,
+    pub def: std::sync::Arc<Definition>,
     /// Why the stored definition cannot be acted on (it fails today's validation): reported,
     /// never started, adopted or signalled.
     pub invalid: Option<String>,
@@ -224,7 +224,7 @@ impl Entry {
             over_limit: 0,
             version: String::new(),
             health: Health::default(),
-            def,
+            def: std::sync::Arc::new(def),
         }
     }
 

@@ -13,7 +13,7 @@ use crate::spec::Definition;
 /// One process, as it is now.
 #[derive(Debug, Clone)]
 pub struct ProcView {
-    pub def: Definition,
+    pub def: std::sync::Arc<Definition>,
     /// GSE flag: the expected state, 1 running or 2 stopped.
     pub flag: i64,
     /// GSE status: 1 when an instance runs, else 2.

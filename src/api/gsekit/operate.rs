@@ -498,7 +498,7 @@ pub async fn operate_process(
         let reg: Registry = engine
             .views()
             .into_iter()
-            .map(|v| (v.def.key.clone(), v.def))
+            .map(|v| (v.def.key.clone(), (*v.def).clone()))
             .collect();
         decode_operate_process(&reg, body)?
     };
