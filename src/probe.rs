@@ -43,7 +43,9 @@
 //! instances (derived from the descriptor limit); others are opened and closed each pass.
 //!
 //! The network figures add, per pass, one `sock_diag` dump (every TCP and UDP socket of the
-//! host's namespace, at most [`crate::sockdiag::MAX_SOCKETS`]) and, per process of a tree
+//! host's namespace, at most [`crate::sockdiag::MAX_SOCKETS`]; only while some tree held a
+//! socket at its last listing, so a socket that appears is counted from the next pass) and,
+//! per process of a tree
 //! (at most [`MAX_TREE`] per definition), a read of its `task/*/children` files and a `stat`
 //! of its `fd` directory. Descriptor listings are bounded per definition and pass as well
 //! ([`MAX_TREE_FDS`] entries read and kept; a socket on many descriptors is kept once), since
@@ -572,7 +574,9 @@ struct NetMemo {
 
 /// The network part of one pass: the dump, and the listings of the trees' processes.
 struct TreeWalk<'a> {
-    table: &'a crate::sockdiag::SockTable,
+    /// This pass's dump; `None` when no tree held a socket at the previous pass (or the dump
+    /// failed): descriptors are still listed, so a new socket is seen, and dumped next pass.
+    table: Option<&'a crate::sockdiag::SockTable>,
     passes: u64,
     old: HashMap<(i32, u64), MemberMemo>,
     seen: HashMap<(i32, u64), MemberMemo>,
@@ -603,7 +607,9 @@ impl TreeWalk<'_> {
                 fds == 0
                     || m.fds != fds
                     || (self.passes + id.0 as u64).is_multiple_of(NET_RESCAN_PASSES)
-                    || m.inet.iter().any(|i| !self.table.contains_key(i))
+                    || self
+                        .table
+                        .is_some_and(|t| m.inet.iter().any(|i| !t.contains_key(i)))
             }
         };
         let kept = old.map(|m| m.sockets).unwrap_or_default();
@@ -620,11 +626,14 @@ impl TreeWalk<'_> {
             // Over the budget: not counted this pass, and listed anew when next reached.
             (0, Vec::new())
         };
-        let inet: Vec<u64> = sockets
-            .iter()
-            .copied()
-            .filter(|i| self.table.contains_key(i))
-            .collect();
+        let inet: Vec<u64> = match self.table {
+            Some(t) => sockets
+                .iter()
+                .copied()
+                .filter(|i| t.contains_key(i))
+                .collect(),
+            None => Vec::new(),
+        };
         out.extend_from_slice(&inet);
         self.seen.insert(id, MemberMemo { fds, sockets, inet });
     }
@@ -729,6 +738,8 @@ pub struct Sampler {
     nets: HashMap<ProcKey, NetMemo>,
     /// A failed dump was logged (once, until one succeeds).
     dump_failed: bool,
+    /// Socket dumps asked for so far.
+    dumps: u64,
     /// Trees are walked through `task/*/children` (else through a scan of every process).
     walk_children: bool,
 }
@@ -751,6 +762,7 @@ impl Sampler {
             members: HashMap::new(),
             nets: HashMap::new(),
             dump_failed: false,
+            dumps: 0,
             walk_children: children_files(),
         }
     }
@@ -777,9 +789,15 @@ impl Sampler {
         at_unix: i64,
     ) -> (Vec<Option<Sample>>, usize) {
         self.passes += 1;
-        let table = self.dump(targets);
-        let mut walk = table.as_ref().map(|table| TreeWalk {
-            table,
+        // The host's sockets are asked for only while some tree holds one (at its last
+        // listing): a host of processes without sockets costs no dump.
+        let table = if self.members.values().any(|m| !m.sockets.is_empty()) {
+            self.dump(targets)
+        } else {
+            None
+        };
+        let mut walk = Some(TreeWalk {
+            table: table.as_ref(),
             passes: self.passes,
             old: std::mem::take(&mut self.members),
             seen: HashMap::new(),
@@ -890,6 +908,7 @@ impl Sampler {
         if targets.iter().all(|t| t.instances.is_empty()) {
             return None;
         }
+        self.dumps += 1;
         match crate::sockdiag::dump() {
             Ok(t) => {
                 self.dump_failed = false;
@@ -1475,6 +1494,76 @@ mod tests {
     /// read and keep 41 x 3000 entries a pass (4096 x 65536 in the worst case): what one
     /// definition's trees cost is bounded, and a socket duplicated on every descriptor is one.
     #[test]
+    fn the_host_sockets_are_dumped_only_while_a_tree_holds_a_socket() {
+        let host = HostFigures {
+            mem_total_bytes: 1 << 30,
+            cpus: 2,
+        };
+        let target = |child: &std::process::Child, name: &str| {
+            let pid = child.id() as i32;
+            Target {
+                key: ProcKey::new("t", name),
+                instances: vec![(
+                    pid,
+                    crate::procinfo::read_stat(pid).expect("stat").starttime,
+                )],
+                cgroups: Vec::new(),
+            }
+        };
+        let quiet = |cmd: &mut std::process::Command| {
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn")
+        };
+        // No socket anywhere in the tree: three passes, no dump.
+        let mut plain = quiet(std::process::Command::new("sleep").arg("30"));
+        let t = target(&plain, "plain");
+        let mut s = Sampler::new(host);
+        for at in 1..=3 {
+            let (out, _) = s.pass(std::slice::from_ref(&t), Instant::now(), at);
+            assert_eq!(out[0].as_ref().expect("sample").net_sockets, 0);
+        }
+        assert_eq!(s.dumps, 0, "no tree holds a socket");
+        let _ = plain.kill();
+        let _ = plain.wait();
+        // A listening socket: found by the first pass, dumped and counted from the second.
+        if std::process::Command::new("python3")
+            .arg("-c")
+            .arg("1")
+            .status()
+            .map_or(true, |st| !st.success())
+        {
+            eprintln!("skipped the socket half: needs python3");
+            return;
+        }
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket,sys,time\ns=socket.socket(); s.bind(('127.0.0.1',0)); s.listen()\nprint('ready',flush=True)\ntime.sleep(30)",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("ready");
+        let t = target(&child, "listener");
+        let mut s = Sampler::new(host);
+        let _ = s.pass(std::slice::from_ref(&t), Instant::now(), 1);
+        let (out, _) = s.pass(std::slice::from_ref(&t), Instant::now(), 2);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(s.dumps, 1, "dumped once the tree was seen holding a socket");
+        assert_eq!(out[0].as_ref().expect("sample").net_sockets, 1);
+    }
+
+    #[test]
     fn processes_sharing_a_descriptor_table_cost_the_sampler_a_bounded_listing() {
         let script = concat!(
             "import ctypes, os, resource, socket, sys, time\n",
@@ -1527,14 +1616,19 @@ mod tests {
                 instances: vec![(pid, st.starttime)],
                 cgroups: Vec::new(),
             };
+            // The first pass finds the sockets; the dump that places them comes with the
+            // next one.
+            let _ = s.pass(std::slice::from_ref(&t), Instant::now(), 1);
             let (out, _) = s.pass(std::slice::from_ref(&t), Instant::now(), 1);
             let sample = out[0].clone().expect("sample");
             let members = s.members.len();
-            let kept: usize = s
-                .members
-                .values()
-                .map(|m| m.sockets.len() + m.inet.len())
-                .sum();
+            // The budget bounds the socket entries listed or kept; `inet` is a subset of them.
+            let listed: usize = s.members.values().map(|m| m.sockets.len()).sum();
+            assert!(
+                s.members.values().all(|m| m.inet.len() <= m.sockets.len()),
+                "inet entries are sockets the listing found"
+            );
+            let kept = listed;
             let _ = child.kill();
             let _ = child.wait();
             assert!(members >= 41, "the tree's processes: {members}");
