@@ -383,12 +383,42 @@ fn authorization_matrix_with_real_users() {
     assert_eq!(code, 4);
 
     // --- a uid outside the socket group cannot even connect --------------------------
+    // It is told so as a permission problem (exit 4) naming the socket's group and mode, not
+    // "is procagentd running?" (69).
     let (code, _, err) = run_as(&outsider, &cli, &["--socket", &sock, "health"]);
-    assert_eq!(code, 69, "{err}");
+    assert_eq!(code, 4, "{err}");
+    // What stands in the way here is the socket's directory (group-only): it is named with
+    // its group and mode.
+    let dir = std::path::Path::new(&sock).parent().unwrap();
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir).unwrap().permissions().mode() & 0o7777
+    };
     assert!(
-        err.to_lowercase().contains("permission denied"),
-        "the refusal is the kernel's: {err}"
+        err.to_lowercase().contains("permission denied")
+            && err.contains(&dir.display().to_string())
+            && err.contains(&format!("group {sock_g}"))
+            && err.contains(&format!("mode {mode:04o}"))
+            && !err.contains("is procagentd running"),
+        "{err}"
     );
+    // With the directory open to all, the socket itself is what refuses: its group and mode.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let sock_mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o7777;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o005)).unwrap();
+        let (code, _, err) = run_as(&outsider, &cli, &["--socket", &sock, "health"]);
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        if sock_mode & 0o006 == 0 {
+            assert_eq!(code, 4, "{err}");
+            assert!(
+                err.contains(&format!(
+                    "the socket is group {sock_g}, mode {sock_mode:04o}"
+                )),
+                "{err}"
+            );
+        }
+    }
 
     // --- the audit trail ------------------------------------------------------------
     d.register(NS, "rootapi", daemon_spec(&env, "rootapi", json!({})));

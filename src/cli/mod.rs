@@ -232,10 +232,54 @@ impl CliError {
     }
 }
 
+/// A socket this account may not open: a permission problem, said with the socket's group
+/// and mode (the agent may well be running).
+fn socket_denied(path: &str, source: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let group = group_name(m.gid());
+            format!(
+                "cannot connect to the agent at {path}: {source}: the socket is group {group}, mode {:04o}; only members of group {group} (and root) may connect (ask for membership, or run as root)",
+                m.mode() & 0o7777
+            )
+        }
+        Err(e) => {
+            // The socket cannot even be looked at: name the directory in the way.
+            let barrier = std::path::Path::new(path).ancestors().skip(1).find(|d| {
+                d.parent().is_some_and(|up| {
+                    nix::unistd::access(up, nix::unistd::AccessFlags::X_OK).is_ok()
+                }) && nix::unistd::access(*d, nix::unistd::AccessFlags::X_OK).is_err()
+            });
+            match barrier.and_then(|d| std::fs::metadata(d).ok().map(|m| (d, m))) {
+                Some((d, m)) => format!(
+                    "cannot connect to the agent at {path}: {source}: its directory {} is group {}, mode {:04o}, and this account may not enter it; only members of that group (and root) may connect",
+                    d.display(),
+                    group_name(m.gid()),
+                    m.mode() & 0o7777
+                ),
+                None => format!("cannot connect to the agent at {path}: {source} ({e})"),
+            }
+        }
+    }
+}
+
+fn group_name(gid: u32) -> String {
+    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map_or_else(|| gid.to_string(), |g| g.name)
+}
+
 impl From<ClientError> for CliError {
     fn from(e: ClientError) -> CliError {
         match e {
             ClientError::Refused(env) => api_error(&env),
+            ClientError::Connect { path, source }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                CliError::new(exit::FORBIDDEN, socket_denied(&path, &source))
+            }
             ClientError::Connect { .. } => CliError::new(exit::UNAVAILABLE, e.to_string()),
             _ => CliError::new(exit::FAILED, e.to_string()),
         }
