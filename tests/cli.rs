@@ -715,3 +715,45 @@ fn json_output_of_every_read_command_parses() {
     assert!(serde_json::from_str::<Value>(&out).is_err());
     assert!(!out.contains('\x1b'), "{out:?}");
 }
+
+/// 828 and 829 are answers, not failures: `start` of a running process says "already
+/// running (pid N)", `stop` of a stopped one "not running", both exit 0, single and batch.
+#[test]
+fn already_in_the_state_asked_for_is_an_answer_not_a_failure() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    for name in ["same-1", "same-2"] {
+        let r = d.call(
+            "register_proc_info",
+            &json!({"meta": {"namespace": NS, "name": name, "labels": {"app": "same"}}, "hosts": [Daemon::host()], "spec": daemon_spec(&env, name, json!({}))}),
+        );
+        assert_eq!(r["result"], json!(true), "{r}");
+    }
+    let (code, out, err) = d.cli(&["start", "ops/same-1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let pid = wait_running(&d, "same-1");
+    let (code, out, err) = d.cli(&["start", "ops/same-1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("ops/same-1: already running (pid {pid})"))
+            && !out.contains("failed"),
+        "{out}"
+    );
+    let (code, out, err) = d.cli(&["stop", "ops/same-2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("ops/same-2: not running") && !out.contains("failed"),
+        "{out}"
+    );
+    // The batch form: one row each, none failed.
+    let (code, out, err) = d.cli(&["start", "--label", "app=same"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("already running (pid"), "{out}");
+    assert!(out.contains("2 processes, 2 ok, 0 failed"), "{out}");
+    let (code, out, err) = d.cli(&["stop", "--label", "app=same"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = d.cli(&["stop", "--label", "app=same"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("not running"), "{out}");
+    assert!(out.contains("2 processes, 2 ok, 0 failed"), "{out}");
+}

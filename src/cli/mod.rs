@@ -894,6 +894,9 @@ pub struct BatchRow {
     pub ok: bool,
     pub code: i64,
     pub message: String,
+    /// "already running (pid N)" / "not running" for the answers that are not failures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub said: Option<String>,
 }
 
 /// Match a task's results (keyed `cloud:ip:ns:name`) back to the processes asked for.
@@ -906,13 +909,15 @@ pub fn batch_rows(keys: &[ProcKey], results: &TaskResults, op: OpType) -> Vec<Ba
                 .find(|(rk, _)| rk.ends_with(&suffix))
                 .map(|(_, v)| v);
             let code = r.map(|r| r.error_code).unwrap_or(-1);
+            let message = r
+                .map(|r| r.error_msg.clone())
+                .unwrap_or_else(|| "no result".to_string());
             BatchRow {
                 process: k.to_string(),
                 ok: code_ok(code, Some(op)),
                 code,
-                message: r
-                    .map(|r| r.error_msg.clone())
-                    .unwrap_or_else(|| "no result".to_string()),
+                said: render::already(code, Some(op), &message),
+                message,
             }
         })
         .collect()

@@ -108,7 +108,9 @@ pub fn batch_table(rows: &[super::BatchRow], color: bool) -> String {
                 r.process.clone(),
                 if r.ok { "ok".into() } else { "failed".into() },
                 r.code.to_string(),
-                r.message.replace('\n', " ").chars().take(300).collect(),
+                r.said
+                    .clone()
+                    .unwrap_or_else(|| r.message.replace('\n', " ").chars().take(300).collect()),
             ]
         })
         .collect();
@@ -546,7 +548,9 @@ pub fn op_summary(key: &ProcKey, op: OpType, task_id: &str, d: &TaskResults) -> 
     for v in d.values() {
         let code = v.error_code;
         let msg = &v.error_msg;
-        if code == 0 {
+        if let Some(said) = already(code, Some(op), msg) {
+            out.push_str(&format!("{key}: {said}\n"));
+        } else if code == 0 {
             out.push_str(&format!("{key}: {name} ok ({msg})\n"));
         } else {
             out.push_str(&format!("{key}: {name} failed with {code}: {msg}\n"));
@@ -554,6 +558,24 @@ pub fn op_summary(key: &ProcKey, op: OpType, task_id: &str, d: &TaskResults) -> 
     }
     out.push_str(&format!("task {task_id}\n"));
     out
+}
+
+/// The words for "already in the state asked for" (828 to a start, 829 to a stop, kill or
+/// unmanage): an answer, not a failure (see [`super::code_ok`]).
+pub fn already(code: i64, op: Option<OpType>, msg: &str) -> Option<String> {
+    if code == 0 || !super::code_ok(code, op) {
+        return None;
+    }
+    if code == crate::proto::codes::PROC_RUNNING {
+        // "process is already running (pid 12, 13); ...": keep the pids.
+        let pids = msg
+            .split_once("(pid ")
+            .and_then(|(_, r)| r.split_once(')'))
+            .map(|(p, _)| format!(" (pid {p})"))
+            .unwrap_or_default();
+        return Some(format!("already running{pids}"));
+    }
+    Some("not running".to_string())
 }
 
 /// One event as a line.
