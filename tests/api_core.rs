@@ -670,8 +670,12 @@ fn cli_status_operations_and_json() {
     assert_eq!(code, 3, "LSB: not running");
     let (code, _, err) = d.cli(&["start", "core/nope"]);
     assert_eq!(code, 5, "{err}");
+    // A bare NAME is a process name in any namespace; this one matches none.
     let (code, _, err) = d.cli(&["start", "noslash"]);
-    assert_eq!(code, 2, "{err}");
+    assert_eq!(code, 5, "{err}");
+    let (code, _, err) = d.cli(&["start", "cli2"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("did you mean core/cli1"), "{err}");
     let (code, out, _) = d.cli(&["start", "--no-wait", "core/cli1"]);
     assert_eq!(code, 0);
     let task = out.trim().to_string();

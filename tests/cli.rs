@@ -757,3 +757,64 @@ fn already_in_the_state_asked_for_is_an_answer_not_a_failure() {
     assert!(out.contains("not running"), "{out}");
     assert!(out.contains("2 processes, 2 ok, 0 failed"), "{out}");
 }
+
+/// Naming what an operation acts on: several names, globs in either part, a bare NAME when
+/// it is unique, and a name that matches nothing answered with the closest names, exit 5,
+/// no task recorded.
+#[test]
+fn several_names_globs_bare_names_and_did_you_mean() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    for (ns, name) in [
+        (NS, "web-1"),
+        (NS, "web-2"),
+        (NS, "api"),
+        ("extra", "api"),
+        ("extra", "lonely"),
+    ] {
+        let r = d.call(
+            "register_proc_info",
+            &json!({"meta": {"namespace": ns, "name": name}, "hosts": [Daemon::host()], "spec": daemon_spec(&env, &format!("{ns}-{name}"), json!({}))}),
+        );
+        assert_eq!(r["result"], json!(true), "{r}");
+    }
+    let (code, out, err) = d.cli(&["start", "ops/web-1", "ops/api"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 processes, 2 ok, 0 failed"), "{out}");
+    assert!(
+        out.contains("ops/web-1") && out.contains("ops/api") && !out.contains("ops/web-2"),
+        "{out}"
+    );
+    let (code, out, err) = d.cli(&["stop", "ops/web-*", "*/lonely"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("3 processes, 3 ok, 0 failed"), "{out}");
+    let (code, out, err) = d.cli(&["start", "lonely"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("extra/lonely: start ok"),
+        "a bare unique name: {out}"
+    );
+    let (code, out, err) = d.cli(&["start", "api"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("ops/api") && err.contains("extra/api"),
+        "ambiguous: {err}"
+    );
+    let tasks = |d: &Daemon| {
+        d.call("tasks", &json!({"limit": 1000}))["data"]["list"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = tasks(&d);
+    let (code, out, err) = d.cli(&["stop", "ops/wbe-1"]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(err.contains("did you mean ops/web-1"), "{err}");
+    let (code, _, err) = d.cli(&["stop", "ops/web-1", "nothing/here"]);
+    assert_eq!(code, 5, "{err}");
+    assert_eq!(
+        tasks(&d),
+        before,
+        "nothing was recorded for a name that matches nothing"
+    );
+}

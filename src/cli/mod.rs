@@ -79,9 +79,10 @@ pub struct Cli {
 /// Which processes an operation acts on: one by name, or a selection.
 #[derive(Debug, Clone, Default, Args)]
 pub struct Selector {
-    /// The process, as NAMESPACE/NAME.
-    #[arg(conflicts_with_all = ["labels", "expr", "all"])]
-    pub process: Option<String>,
+    /// The processes: NAMESPACE/NAME, several of them, globs (`*`, `?`) in either part
+    /// (`demo/*`, `*/web`), or a bare NAME when one namespace alone has it.
+    #[arg(value_name = "PROCESS", conflicts_with_all = ["labels", "expr", "all"])]
+    pub process: Vec<String>,
     /// Every process with this label (KEY=VALUE); repeatable, all must match.
     #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
@@ -100,7 +101,7 @@ impl Selector {
         !self.labels.is_empty() || self.expr.is_some() || self.all
     }
     fn is_empty(&self) -> bool {
-        self.process.is_none() && !self.is_batch()
+        self.process.is_empty() && !self.is_batch()
     }
 }
 
@@ -743,15 +744,25 @@ async fn my_host(client: &Client) -> Result<HostWire, CliError> {
 
 async fn operate(client: &Client, json_out: bool, a: &OpArgs, op: OpType) -> Result<u8, CliError> {
     if a.select.is_batch() {
-        return operate_many(client, json_out, a, op).await;
+        let list = select(client, &a.select.labels, a.select.expr.as_deref()).await?;
+        let keys = list
+            .iter()
+            .map(|p| ProcKey::new(p.proc.namespace.clone(), p.proc.name.clone()))
+            .collect();
+        return operate_many(client, json_out, a, op, keys).await;
     }
-    let Some(process) = &a.select.process else {
+    if a.select.process.is_empty() {
         return Err(CliError::new(
             exit::USAGE,
             "name a process (NAMESPACE/NAME), or select processes with --label, --expr or --all",
         ));
+    }
+    let keys = resolve_names(client, &a.select.process).await?;
+    let single = a.select.process.len() == 1 && !a.select.process[0].contains(['*', '?', '[']);
+    let key = match keys.as_slice() {
+        [k] if single => k.clone(),
+        _ => return operate_many(client, json_out, a, op, keys).await,
     };
-    let key = parse_key(process)?;
     let host = my_host(client).await?;
     let TaskIdResp { task_id } = client
         .call_typed("operate_proc", &OperateProcReq::new(&key, op, vec![host]))
@@ -783,6 +794,103 @@ async fn operate(client: &Client, json_out: bool, a: &OpArgs, op: OpType) -> Res
     Ok(task_exit(&d, Some(op)))
 }
 
+/// The processes the names of an operation stand for, in the order named, each once: each
+/// name is NAMESPACE/NAME or a bare NAME, either part a glob (see [`KeyExpr`]). A bare name
+/// without a glob must be unique across namespaces. A name that matches nothing fails the
+/// whole command before anything is asked of the agent (exit 5), with the closest names.
+async fn resolve_names(client: &Client, names: &[String]) -> Result<Vec<ProcKey>, CliError> {
+    let q = ProcsQuery {
+        brief: true,
+        ..ProcsQuery::default()
+    };
+    let all: Vec<ProcKey> = client
+        .call_typed::<_, ProcList<ProcDetail>>("procs", &q)
+        .await?
+        .list
+        .into_iter()
+        .map(|p| ProcKey::new(p.namespace, p.name))
+        .collect();
+    let mut out: Vec<ProcKey> = Vec::new();
+    for n in names {
+        let ex = KeyExpr::parse(n)
+            .map_err(|e| CliError::new(exit::USAGE, e.replacen("--expr", "process name", 1)))?;
+        let hits: Vec<&ProcKey> = all
+            .iter()
+            .filter(|k| ex.matches(&k.namespace, &k.name))
+            .collect();
+        if hits.is_empty() {
+            let near = closest(n, &all);
+            let hint = if near.is_empty() {
+                String::new()
+            } else {
+                format!("; did you mean {}?", near.join(" or "))
+            };
+            return Err(CliError::new(
+                exit::NOT_REGISTERED,
+                format!("{n}: no registered process has this name{hint}"),
+            ));
+        }
+        let glob = n.contains(['*', '?', '[']);
+        if !glob && !n.contains('/') && hits.len() > 1 {
+            let which: Vec<String> = hits.iter().map(|k| k.to_string()).collect();
+            return Err(CliError::new(
+                exit::USAGE,
+                format!(
+                    "{n}: several namespaces have a process of this name ({}); name one as NAMESPACE/NAME",
+                    which.join(", ")
+                ),
+            ));
+        }
+        for k in hits {
+            if !out.contains(k) {
+                out.push(k.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Up to three registered names closest to `name` (edit distance, within a third of its
+/// length and at least 2), nearest first.
+fn closest(name: &str, all: &[ProcKey]) -> Vec<String> {
+    let bare = !name.contains('/');
+    let mut scored: Vec<(usize, String)> = all
+        .iter()
+        .map(|k| {
+            let full = k.to_string();
+            let d = if bare {
+                edit_distance(name, &k.name)
+            } else {
+                edit_distance(name, &full)
+            };
+            (d, full)
+        })
+        .filter(|(d, _)| *d <= (name.chars().count() / 3).max(2))
+        .collect();
+    scored.sort();
+    scored.into_iter().take(3).map(|(_, k)| k).collect()
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(cur).min(row[j])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 /// Most items in one operate_proc_multi call (the API's limit).
 const MULTI_CHUNK: usize = crate::api::limits::MAX_MULTI_ITEMS;
 
@@ -794,19 +902,15 @@ async fn operate_many(
     json_out: bool,
     a: &OpArgs,
     op: OpType,
+    keys: Vec<ProcKey>,
 ) -> Result<u8, CliError> {
-    let list = select(client, &a.select.labels, a.select.expr.as_deref()).await?;
-    if list.is_empty() {
+    if keys.is_empty() {
         return Err(CliError::new(
             exit::NOT_REGISTERED,
             "no registered process matches the selection",
         ));
     }
     let host = my_host(client).await?;
-    let keys: Vec<ProcKey> = list
-        .iter()
-        .map(|p| ProcKey::new(p.proc.namespace.clone(), p.proc.name.clone()))
-        .collect();
     let mut tasks = Vec::new();
     for chunk in keys.chunks(MULTI_CHUNK) {
         let req = OperateMultiReq {
@@ -1227,6 +1331,32 @@ pub fn url_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn edit_distances_and_closest_names() {
+        for (a, b, d) in [
+            ("", "", 0),
+            ("web", "web", 0),
+            ("wbe", "web", 2),
+            ("web-1", "web-2", 1),
+            ("api", "", 3),
+            ("ops/wbe-1", "ops/web-1", 2),
+        ] {
+            assert_eq!(edit_distance(a, b), d, "{a} {b}");
+        }
+        let all = vec![
+            ProcKey::new("ops", "web-1"),
+            ProcKey::new("ops", "api"),
+            ProcKey::new("x", "database"),
+        ];
+        assert_eq!(closest("ops/wbe-1", &all), ["ops/web-1"]);
+        assert_eq!(
+            closest("databse", &all),
+            ["x/database"],
+            "a bare name is compared by name"
+        );
+        assert!(closest("zzzzzz", &all).is_empty());
+    }
 
     #[test]
     fn key_expressions() {
