@@ -314,15 +314,27 @@ fn reload_dry_run_apply_and_rejected_config() {
     wait_running(&d, "beta");
 
     // Nothing changed yet.
-    let (code, out, err) = d.cli(&["reload", "--dry-run"]);
+    let (code, out, err) = d.cli(&["config", "diff"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("0 to add, 0 to change, 0 to remove"), "{out}");
+    let (code, out, err) = d.cli(&["config", "check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(": ok; 0 definition change(s) pending"),
+        "{out}"
+    );
 
     // alpha's start_cmd and labels change, beta goes, gamma comes, and [api] changes.
     let a2 = proc_toml(&env, "alpha", "200000", r#"app = "web", tier = "front""#);
     let g = proc_toml(&env, "gamma", "100000", r#"app = "db""#);
     write_config(&env, &format!("{a2}{g}\n[api]\nmax_connections = 100\n"));
-    let (code, out, err) = d.cli(&["reload", "--dry-run"]);
+    let (code, out, _) = d.cli(&["config", "check"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("3 definition change(s) pending (see `procagent config diff`)"),
+        "{out}"
+    );
+    let (code, out, err) = d.cli(&["config", "diff"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("dry run: nothing applied"), "{out}");
     assert!(out.contains("+ ops/gamma"), "{out}");
@@ -339,9 +351,9 @@ fn reload_dry_run_apply_and_rejected_config() {
     assert_eq!(running_pid(&d, "alpha"), Some(pid_a));
     assert_eq!(d.detail(NS, "gamma"), Value::Null);
 
-    let (code, out, _) = d.cli(&["--json", "reload", "--dry-run"]);
+    let (code, out, _) = d.cli(&["--json", "config", "diff"]);
     assert_eq!(code, 0);
-    let v = parse_json(&out, "reload --dry-run --json");
+    let v = parse_json(&out, "config diff --json");
     assert_eq!(v["dry_run"], json!(true));
     assert_eq!(v["added"], json!(["ops/gamma"]));
     assert_eq!(v["removed"], json!(["ops/beta"]));
@@ -367,7 +379,7 @@ fn reload_dry_run_apply_and_rejected_config() {
         ),
     )
     .unwrap();
-    let (code, out, err) = d.cli(&["reload"]);
+    let (code, out, err) = d.cli(&["config", "apply"]);
     assert_eq!(code, 6, "LSB 'not configured': {out}{err}");
     for needle in [
         "bogus_key: unknown key",
@@ -395,10 +407,14 @@ fn reload_dry_run_apply_and_rejected_config() {
     let v = parse_json(&out, "rejected reload --json");
     assert!(v["errors"].as_array().unwrap().len() >= 4, "{v}");
 
+    let (code, _, _) = d.cli(&["config", "check"]);
+    assert_eq!(code, 6);
     // Apply the good one: alpha restarted with its new command, gamma started, beta gone.
+    // `reload` without a process still does it, with a note pointing to the new command.
     std::fs::write(env.path().join("agent.toml"), &good).unwrap();
     let (code, out, err) = d.cli(&["reload"]);
     assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("`procagent config apply`"), "{err}");
     assert!(out.contains("(applied)"), "{out}");
     assert!(
         out.contains("ops/alpha") && out.contains("ok"),
@@ -415,7 +431,7 @@ fn reload_dry_run_apply_and_rejected_config() {
     assert_eq!(d.detail(NS, "beta"), Value::Null, "beta unregistered");
     assert_eq!(d.detail(NS, "alpha")["labels"]["tier"], json!("front"));
     // Applied once: a second reload finds nothing to do.
-    let (_, out, _) = d.cli(&["reload", "--dry-run"]);
+    let (_, out, _) = d.cli(&["config", "diff"]);
     assert!(out.contains("0 to add, 0 to change, 0 to remove"), "{out}");
     // --dry-run with a process is a usage error.
     let (code, _, _) = d.cli(&["reload", "--dry-run", "ops/alpha"]);

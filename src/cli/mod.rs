@@ -118,6 +118,34 @@ pub struct OpArgs {
     pub timeout: u64,
 }
 
+/// `procagent config ...`: the agent's own configuration (its `[[process]]` definitions and
+/// settings), read again by the agent from its config file and `conf_dir`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ConfigAction {
+    /// Read the config as the agent would and report its errors; change nothing.
+    Check,
+    /// Show what applying the config would add, change, remove and restart; change nothing.
+    Diff,
+    /// Apply the config: add, change and remove definitions, restart what changed.
+    Apply {
+        /// Return at once instead of waiting for the restarts.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting for the restarts after this many seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+}
+
+/// How a config reload is asked for and shown.
+struct ConfigRun {
+    dry_run: bool,
+    /// Only whether it is valid (and how much would change), not the whole diff.
+    check: bool,
+    no_wait: bool,
+    timeout: u64,
+}
+
 /// `reload`: with a process selection, run their reload_cmd; without, reload the config.
 #[derive(Debug, Clone, Args)]
 pub struct ReloadArgs {
@@ -146,9 +174,14 @@ pub enum Command {
     Stop(OpArgs),
     /// Restart processes: their restart_cmd, or a stop then a start when they have none.
     Restart(OpArgs),
-    /// Without a process: reload the agent's config (its [[process]] definitions); with a
-    /// process or a selection: run their reload_cmd.
+    /// Run the reload_cmd of processes. (Without a process it still reloads the agent's
+    /// config, as `procagent config apply` does; `--dry-run` is `config diff`.)
     Reload(ReloadArgs),
+    /// The agent's config: `check` it, `diff` it against what runs, `apply` it.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Kill processes (kill_cmd, else SIGKILL to the process group).
     Kill(OpArgs),
     /// Manage (托管) processes: keep them running.
@@ -424,7 +457,17 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
         Command::Restart(a) => operate(&client, json_out, a, OpType::Restart).await,
         Command::Reload(r) => {
             if r.op.select.is_empty() {
-                reload_config(&client, json_out, r).await
+                eprintln!(
+                    "note: `procagent reload` without a process reloads the agent's config; that is now `procagent config {}` (`reload NAME` runs reload_cmd)",
+                    if r.dry_run { "diff" } else { "apply" }
+                );
+                let run = ConfigRun {
+                    dry_run: r.dry_run,
+                    check: false,
+                    no_wait: r.op.no_wait,
+                    timeout: r.op.timeout,
+                };
+                reload_config(&client, json_out, &run).await
             } else if r.dry_run {
                 Err(CliError::new(
                     exit::USAGE,
@@ -435,6 +478,29 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             }
         }
         Command::Kill(a) => operate(&client, json_out, a, OpType::Kill).await,
+        Command::Config { action } => {
+            let run = match action {
+                ConfigAction::Check => ConfigRun {
+                    dry_run: true,
+                    check: true,
+                    no_wait: true,
+                    timeout: 0,
+                },
+                ConfigAction::Diff => ConfigRun {
+                    dry_run: true,
+                    check: false,
+                    no_wait: true,
+                    timeout: 0,
+                },
+                ConfigAction::Apply { no_wait, timeout } => ConfigRun {
+                    dry_run: false,
+                    check: false,
+                    no_wait: *no_wait,
+                    timeout: *timeout,
+                },
+            };
+            reload_config(&client, json_out, &run).await
+        }
         Command::Task { task_id } => {
             let api = "get_proc_operate_result";
             let raw = client
@@ -1127,7 +1193,7 @@ pub fn task_exit(d: &TaskResults, op: Option<OpType>) -> u8 {
 }
 
 /// `procagent reload [--dry-run]` without a process: the config reload.
-async fn reload_config(client: &Client, json_out: bool, r: &ReloadArgs) -> Result<u8, CliError> {
+async fn reload_config(client: &Client, json_out: bool, r: &ConfigRun) -> Result<u8, CliError> {
     let req = ReloadReq { dry_run: r.dry_run };
     let raw = match client.call_data("reload", &req).await {
         Ok(d) => d,
@@ -1169,10 +1235,22 @@ async fn reload_config(client: &Client, json_out: bool, r: &ReloadArgs) -> Resul
         Err(e) => return Err(e.into()),
     };
     let report: ReloadReport = decode_data("reload", raw.clone())?;
-    if !json_out {
+    if r.check && !json_out {
+        let d = &report.diff;
+        let pending = d.added.len() + d.changed.len() + d.removed.len();
+        outln(&format!(
+            "{}: ok; {pending} definition change(s) pending{}",
+            report.file,
+            if pending > 0 {
+                " (see `procagent config diff`)"
+            } else {
+                ""
+            }
+        ));
+    } else if !json_out {
         out(&render::reload_report(&report, render::color_enabled()));
     }
-    let Some(task_id) = report.task_id.clone().filter(|_| !r.op.no_wait) else {
+    let Some(task_id) = report.task_id.clone().filter(|_| !r.no_wait) else {
         if json_out {
             print_json(&raw);
         }
@@ -1182,7 +1260,7 @@ async fn reload_config(client: &Client, json_out: bool, r: &ReloadArgs) -> Resul
     let results = wait_tasks(
         client,
         std::slice::from_ref(&task_id),
-        Duration::from_secs(r.op.timeout),
+        Duration::from_secs(r.timeout),
         Some(OpType::Restart),
     )
     .await?;
