@@ -758,6 +758,10 @@ pub struct ProcDetail {
     #[serde(default)]
     pub restart_delay_secs: f64,
     pub last_exit: Option<String>,
+    /// The last exit in a word or two: `exit 3`, `SIGKILL`, `unknown` (`OOM` appended when the
+    /// OOM killer ended it); for tables.
+    #[serde(default)]
+    pub last_exit_brief: Option<String>,
     pub last_exit_time: i64,
     pub message: String,
     pub version: String,

@@ -834,3 +834,36 @@ fn several_names_globs_bare_names_and_did_you_mean() {
         "nothing was recorded for a name that matches nothing"
     );
 }
+
+/// The status table at a glance: RSS in human units for what runs, and for what does not,
+/// how it last ended and how long ago.
+#[test]
+fn status_shows_rss_and_the_last_exit() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    d.register(NS, "up", daemon_spec(&env, "up", json!({})));
+    let mut spec = daemon_spec(&env, "ends", json!({}));
+    spec["control"]["start_cmd"] = json!("sleep 2; exit 3");
+    spec["identity"]["pid_path"] = json!("");
+    spec["monitor_policy"]["start_check_secs"] = json!(1);
+    d.register(NS, "ends", spec);
+    assert_eq!(d.op(NS, "up", 0)["error_code"], json!(0));
+    assert_eq!(d.op(NS, "ends", 0)["error_code"], json!(0));
+    d.op(NS, "ends", 4); // unmanaged: its exit is not followed by a restart
+    let out = wait_for("the exit shows", Duration::from_secs(20), || {
+        let (_, out, _) = d.cli(&["status"]);
+        out.contains("exit 3, ").then_some(out)
+    });
+    let head = out.lines().next().unwrap();
+    assert!(
+        head.contains("RSS") && head.contains("LAST EXIT") && !head.contains("MEM%"),
+        "{out}"
+    );
+    let up = out.lines().find(|l| l.starts_with("ops/up")).unwrap();
+    assert!(
+        up.contains('K') || up.contains('M'),
+        "RSS in human units: {up}"
+    );
+    let ends = out.lines().find(|l| l.starts_with("ops/ends")).unwrap();
+    assert!(ends.contains("exit 3, ") && ends.contains(" ago"), "{ends}");
+}

@@ -282,6 +282,14 @@ pub fn detail(v: &ProcView, with_spec: bool) -> ProcDetail {
                 }
             )
         }),
+        last_exit_brief: v.last_exit.as_ref().map(|x| {
+            let how = match x.exit {
+                crate::sys::ExitInfo::Code(c) => format!("exit {c}"),
+                crate::sys::ExitInfo::Signal(s) => crate::sys::signal_name(s).to_string(),
+                crate::sys::ExitInfo::Unknown => "unknown".to_string(),
+            };
+            if x.oom { format!("{how} OOM") } else { how }
+        }),
         last_exit_time: v.last_exit.as_ref().map(|x| x.at).unwrap_or(0),
         message: v.message.clone(),
         version: v.version.clone(),

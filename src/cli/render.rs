@@ -356,6 +356,40 @@ fn dur(secs: i64) -> String {
     }
 }
 
+/// Bytes in human units, 1024-based: `512B`, `230K`, `1.4M`, `2.1G`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
+    if b < 1024 {
+        return format!("{b}B");
+    }
+    let mut v = b as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if v < 10.0 && u > 0 {
+        format!("{v:.1}{}", UNITS[u])
+    } else {
+        format!("{v:.0}{}", UNITS[u])
+    }
+}
+
+/// The LAST EXIT cell of a process that is not running: how it ended and how long ago
+/// (`exit 3, 5m ago`, `SIGKILL, 2s ago`); `-` while it runs or before any exit.
+fn last_exit_cell(p: &ProcDetail, now: i64) -> String {
+    match &p.last_exit_brief {
+        Some(how) if p.pids.is_empty() => {
+            if p.last_exit_time > 0 {
+                format!("{how}, {} ago", dur((now - p.last_exit_time).max(0)))
+            } else {
+                how.clone()
+            }
+        }
+        _ => "-".into(),
+    }
+}
+
 /// The MESSAGE cell: a process in backoff says it is a crash loop (failures in a row, when the
 /// next attempt comes, the last exit) before why.
 fn status_message(p: &ProcDetail) -> String {
@@ -399,8 +433,20 @@ fn status_message(p: &ProcDetail) -> String {
 /// The `status` table.
 pub fn status_table(list: &[ProcDetail], color: bool) -> String {
     let headers = [
-        "PROCESS", "STATE", "PID", "MANAGED", "RESTARTS", "UPTIME", "CPU%", "MEM%", "MESSAGE",
+        "PROCESS",
+        "STATE",
+        "PID",
+        "MANAGED",
+        "RESTARTS",
+        "UPTIME",
+        "CPU%",
+        "RSS",
+        "LAST EXIT",
+        "MESSAGE",
     ];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|p| {
@@ -417,7 +463,12 @@ pub fn status_table(list: &[ProcDetail], color: bool) -> String {
                 p.restarts.to_string(),
                 p.uptime_secs.map(dur).unwrap_or_else(|| "-".into()),
                 format!("{:.1}", p.cpu_usage),
-                format!("{:.1}", p.mem_usage),
+                if p.pids.is_empty() {
+                    "-".into()
+                } else {
+                    human_bytes(p.rss_bytes)
+                },
+                last_exit_cell(p, now),
                 status_message(p),
             ]
         })
@@ -604,6 +655,20 @@ mod tests {
         let cut = fit(coloured, Some(5));
         assert_eq!(strip_ansi(&cut), "runn…");
         assert!(cut.ends_with("\x1b[0m"));
+    }
+
+    #[test]
+    fn human_units() {
+        for (b, want) in [
+            (0, "0B"),
+            (1023, "1023B"),
+            (1024, "1K"),
+            (235_520, "230K"),
+            (1_468_006, "1.4M"),
+            (2_254_857_830, "2.1G"),
+        ] {
+            assert_eq!(human_bytes(b), want, "{b}");
+        }
     }
 
     #[test]
