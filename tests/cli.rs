@@ -290,6 +290,14 @@ fn events_follow_human_and_json() {
     assert!(v["events"].as_array().is_some_and(|a| !a.is_empty()), "{v}");
     let (code, _, err) = d.cli(&["events", "--since", "soon"]);
     assert_eq!(code, 2, "{err}");
+    // `events NS/NAME`, as for status and logs: only that process's events.
+    let (code, out, err) = d.cli(&["events", "ops/ev"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("ops/ev") && out.contains("registered"),
+        "{out}"
+    );
+    assert!(!out.contains("agent_started"), "{out}");
     // The agent going away ends a follow with 69 (unavailable).
     let mut human = human;
     d.terminate();

@@ -204,10 +204,13 @@ pub enum Command {
     Top(top::TopArgs),
     /// Show the supervision event history.
     Events {
+        /// Only this process (NAMESPACE/NAME), as for status and logs.
+        #[arg(value_name = "PROCESS", conflicts_with = "process")]
+        key: Option<String>,
         /// Keep following new events.
         #[arg(short, long)]
         follow: bool,
-        /// Only this process (NAMESPACE/NAME).
+        /// Only this process (NAMESPACE/NAME); the same as the positional PROCESS.
         #[arg(long)]
         process: Option<String>,
         /// Only events newer than this (e.g. 10m, 2h).
@@ -559,6 +562,7 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
         }
         Command::Top(a) => top::run(&client, cli.json, a).await,
         Command::Events {
+            key,
             follow,
             process,
             since,
@@ -568,7 +572,7 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
                 &client,
                 json_out,
                 *follow,
-                process.as_deref(),
+                key.as_deref().or(process.as_deref()),
                 since.as_deref(),
                 *limit,
             )
