@@ -796,7 +796,7 @@ impl Sampler {
         } else {
             None
         };
-        let mut walk = Some(TreeWalk {
+        let mut walk = TreeWalk {
             table: table.as_ref(),
             passes: self.passes,
             old: std::mem::take(&mut self.members),
@@ -805,7 +805,7 @@ impl Sampler {
             buf: Vec::with_capacity(1024),
             walk_children: self.walk_children,
             budget: MAX_TREE_FDS,
-        });
+        };
         let mut old_nets = std::mem::take(&mut self.nets);
         let mut seen: HashMap<(i32, u64), Memo> = HashMap::with_capacity(self.memo.len());
         let mut out = Vec::with_capacity(targets.len());
@@ -820,9 +820,7 @@ impl Sampler {
             let mut any = false;
             let mut tree_sockets = Vec::new();
             let mut visited = HashSet::new();
-            if let Some(w) = walk.as_mut() {
-                w.budget = MAX_TREE_FDS;
-            }
+            walk.budget = MAX_TREE_FDS;
             for &(pid, start) in &t.instances {
                 let mut old = self.memo.remove(&(pid, start));
                 let handles = match old.as_mut().and_then(|m| m.handles.take()) {
@@ -836,12 +834,16 @@ impl Sampler {
                     // Gone (or another process): its handles are closed here.
                     continue;
                 };
-                if let Some(w) = walk.as_mut()
-                    && visited.insert(pid)
-                {
-                    w.member(&handles.dir, (pid, start), raw.fds, &mut tree_sockets);
+                if visited.insert(pid) {
+                    walk.member(&handles.dir, (pid, start), raw.fds, &mut tree_sockets);
                     if t.cgroups.is_empty() {
-                        w.descendants(&handles, pid, raw.threads, &mut visited, &mut tree_sockets);
+                        walk.descendants(
+                            &handles,
+                            pid,
+                            raw.threads,
+                            &mut visited,
+                            &mut tree_sockets,
+                        );
                     }
                 }
                 any = true;
@@ -876,10 +878,8 @@ impl Sampler {
                 out.push(None);
                 continue;
             }
-            if let Some(w) = walk.as_mut()
-                && !t.cgroups.is_empty()
-            {
-                w.cgroup_members(&t.cgroups, &mut visited, &mut tree_sockets);
+            if !t.cgroups.is_empty() {
+                walk.cgroup_members(&t.cgroups, &mut visited, &mut tree_sockets);
             }
             let memo = old_nets
                 .remove(&t.key)
@@ -896,9 +896,7 @@ impl Sampler {
         }
         self.memo = seen;
         self.cgroup_cpu = cg_seen;
-        if let Some(w) = walk {
-            self.members = w.seen;
-        }
+        self.members = walk.seen;
         (out, read)
     }
 
@@ -1488,11 +1486,33 @@ mod tests {
         }
     }
 
-    /// A managed account's processes may share one descriptor table (`clone` with
-    /// `CLONE_FILES`): each is a member of the tree whose `/proc/PID/fd` lists the same
-    /// descriptors. 41 such processes over 3000 descriptors must not make the root sampler
-    /// read and keep 41 x 3000 entries a pass (4096 x 65536 in the worst case): what one
-    /// definition's trees cost is bounded, and a socket duplicated on every descriptor is one.
+    /// `python3 ARGS` with its stdout piped, once it printed `ready`; `None` (the reason
+    /// printed) where there is no python3.
+    fn python_ready(args: &[&str]) -> Option<std::process::Child> {
+        let have = std::process::Command::new("python3")
+            .args(["-c", "1"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !have {
+            eprintln!("skipped: needs python3");
+            return None;
+        }
+        let mut child = std::process::Command::new("python3")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("ready");
+        assert_eq!(line.trim(), "ready");
+        Some(child)
+    }
+
     #[test]
     fn the_host_sockets_are_dumped_only_while_a_tree_holds_a_socket() {
         let host = HostFigures {
@@ -1529,30 +1549,12 @@ mod tests {
         let _ = plain.kill();
         let _ = plain.wait();
         // A listening socket: found by the first pass, dumped and counted from the second.
-        if std::process::Command::new("python3")
-            .arg("-c")
-            .arg("1")
-            .status()
-            .map_or(true, |st| !st.success())
-        {
-            eprintln!("skipped the socket half: needs python3");
+        let Some(mut child) = python_ready(&[
+            "-c",
+            "import socket,sys,time\ns=socket.socket(); s.bind(('127.0.0.1',0)); s.listen()\nprint('ready',flush=True)\ntime.sleep(30)",
+        ]) else {
             return;
-        }
-        let mut child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import socket,sys,time\ns=socket.socket(); s.bind(('127.0.0.1',0)); s.listen()\nprint('ready',flush=True)\ntime.sleep(30)",
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-            &mut line,
-        )
-        .expect("ready");
+        };
         let t = target(&child, "listener");
         let mut s = Sampler::new(host);
         let _ = s.pass(std::slice::from_ref(&t), Instant::now(), 1);
@@ -1563,6 +1565,11 @@ mod tests {
         assert_eq!(out[0].as_ref().expect("sample").net_sockets, 1);
     }
 
+    /// A managed account's processes may share one descriptor table (`clone` with
+    /// `CLONE_FILES`): each is a member of the tree whose `/proc/PID/fd` lists the same
+    /// descriptors. 41 such processes over 3000 descriptors must not make the root sampler
+    /// read and keep 41 x 3000 entries a pass (4096 x 65536 in the worst case): what one
+    /// definition's trees cost is bounded, and a socket duplicated on every descriptor is one.
     #[test]
     fn processes_sharing_a_descriptor_table_cost_the_sampler_a_bounded_listing() {
         let script = concat!(
@@ -1581,30 +1588,14 @@ mod tests {
             "print('ready', flush=True)\n",
             "time.sleep(60)\n",
         );
-        if !cfg!(target_arch = "x86_64")
-            || std::process::Command::new("python3")
-                .arg("-c")
-                .arg("1")
-                .status()
-                .map_or(true, |s| !s.success())
-        {
-            eprintln!("skipped: needs python3 on x86_64 (raw clone)");
+        if !cfg!(target_arch = "x86_64") {
+            eprintln!("skipped: needs x86_64 (raw clone)");
             return;
         }
         for distinct in ["0", "1"] {
-            let mut child = std::process::Command::new("python3")
-                .args(["-c", script, "3000", "40", distinct])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("python3");
-            let mut line = String::new();
-            std::io::BufRead::read_line(
-                &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-                &mut line,
-            )
-            .expect("ready");
-            assert_eq!(line.trim(), "ready");
+            let Some(mut child) = python_ready(&["-c", script, "3000", "40", distinct]) else {
+                return;
+            };
             let pid = child.id() as i32;
             let st = crate::procinfo::read_stat(pid).expect("stat");
             let mut s = Sampler::new(HostFigures {
