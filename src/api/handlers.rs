@@ -113,14 +113,21 @@ pub fn username(body: &[u8]) -> String {
         .unwrap_or_default()
 }
 
+/// What a handler answers: the envelope's `data`, or (for the largest answer, `procs`) the
+/// whole envelope already encoded.
+pub enum Answer {
+    Data(Value),
+    Encoded(Vec<u8>),
+}
+
 /// Dispatch an API call by name for a caller already authorized (see [`auth::authorize`]).
 pub async fn call_authorized(
     engine: &Arc<Engine>,
     api: &str,
     body: &[u8],
     access: &Access,
-) -> Result<Value, ApiError> {
-    match api {
+) -> Result<Answer, ApiError> {
+    let data = match api {
         "operate_proc" | "operate_proc_v2" => {
             super::operate::operate_proc(engine, body, access, api, KeyStyle::V1).await
         }
@@ -139,14 +146,11 @@ pub async fn call_authorized(
             super::register::register(engine, body, access, PutMode::Upsert, api).await
         }
         "unregister_proc_info" => super::register::unregister(engine, body, access).await,
+        // Encoded in one go off the async workers (see `listing::procs_encoded`).
         "procs" => {
-            // Encoded in one go off the async workers (see `listing::procs_encoded`); decoded
-            // here only for callers of this function, the route serves the bytes.
-            let bytes = procs_blocking(engine, body, access).await?;
-            serde_json::from_slice::<crate::proto::Envelope<Value>>(&bytes)
-                .ok()
-                .and_then(|e| e.data)
-                .ok_or_else(|| ApiError::new(codes::INTERNAL, "procs: cannot re-read the answer"))
+            return procs_blocking(engine, body, access)
+                .await
+                .map(Answer::Encoded);
         }
         "tasks" => super::listing::tasks(engine, body).await,
         "operate_process" => super::gsekit::operate_process(engine, body, access).await,
@@ -163,11 +167,12 @@ pub async fn call_authorized(
             code: codes::NOT_FOUND,
             message: format!("unknown API {other:?}"),
         }),
-    }
+    };
+    data.map(Answer::Data)
 }
 
 /// `procs` on a blocking thread: the whole answer, encoded.
-pub async fn procs_blocking(
+async fn procs_blocking(
     engine: &Arc<Engine>,
     body: &[u8],
     access: &Access,

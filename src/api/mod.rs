@@ -469,20 +469,14 @@ async fn dispatch(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    if api == "procs" {
-        // Served as encoded (the largest answer: every process in detail).
-        return match handlers::procs_blocking(&st.engine, &body, &access).await {
-            Ok(bytes) => (
-                StatusCode::OK,
-                [("content-type", "application/json")],
-                bytes,
-            )
-                .into_response(),
-            Err(e) => e.into_response(),
-        };
-    }
     match handlers::call_authorized(&st.engine, &api, &body, &access).await {
-        Ok(data) => ok(data),
+        Ok(handlers::Answer::Data(data)) => ok(data),
+        Ok(handlers::Answer::Encoded(bytes)) => (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            bytes,
+        )
+            .into_response(),
         Err(e) => e.into_response(),
     }
 }
