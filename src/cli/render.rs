@@ -356,25 +356,6 @@ fn dur(secs: i64) -> String {
     }
 }
 
-/// Bytes in human units, 1024-based: `512B`, `230K`, `1.4M`, `2.1G`.
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
-    if b < 1024 {
-        return format!("{b}B");
-    }
-    let mut v = b as f64 / 1024.0;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if v < 10.0 && u > 0 {
-        format!("{v:.1}{}", UNITS[u])
-    } else {
-        format!("{v:.0}{}", UNITS[u])
-    }
-}
-
 /// The LAST EXIT cell of a process that is not running: how it ended and how long ago
 /// (`exit 3, 5m ago`, `SIGKILL, 2s ago`); `-` while it runs or before any exit.
 fn last_exit_cell(p: &ProcDetail, now: i64) -> String {
@@ -466,7 +447,7 @@ pub fn status_table(list: &[ProcDetail], color: bool) -> String {
                 if p.pids.is_empty() {
                     "-".into()
                 } else {
-                    human_bytes(p.rss_bytes)
+                    super::top::human_bytes(p.rss_bytes as f64)
                 },
                 last_exit_cell(p, now),
                 status_message(p),
@@ -655,20 +636,6 @@ mod tests {
         let cut = fit(coloured, Some(5));
         assert_eq!(strip_ansi(&cut), "runn…");
         assert!(cut.ends_with("\x1b[0m"));
-    }
-
-    #[test]
-    fn human_units() {
-        for (b, want) in [
-            (0, "0B"),
-            (1023, "1023B"),
-            (1024, "1K"),
-            (235_520, "230K"),
-            (1_468_006, "1.4M"),
-            (2_254_857_830, "2.1G"),
-        ] {
-            assert_eq!(human_bytes(b), want, "{b}");
-        }
     }
 
     #[test]
