@@ -320,7 +320,9 @@ pub fn parse_pid_text(text: &str, pid_max: i64, own_pid: i32) -> Result<i32, Str
         return Err("empty".into());
     }
     if !t.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("not a decimal number: {:?}", truncate(t, 32)));
+        // Never its text: the file is read as root, and an admin may name any file as a
+        // pid file; its content would reach every reader through the event history.
+        return Err(format!("not a decimal number ({} bytes)", t.len()));
     }
     if t.len() > 10 {
         return Err("number too large".into());
@@ -338,10 +340,6 @@ pub fn parse_pid_text(text: &str, pid_max: i64, own_pid: i32) -> Result<i32, Str
     // Never truncate: a pid_max above i32 (a corrupt read) must not wrap to another pid
     // (found by fuzzing).
     i32::try_from(n).map_err(|_| format!("pid {n} does not fit a pid"))
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
 }
 
 /// Read and validate a pid file without side effects: the path is first examined with
@@ -532,6 +530,13 @@ pub fn parse_status_uid(status: &str) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pid_file_that_is_no_number_is_refused_without_its_content() {
+        let e = super::parse_pid_text("adm2-private-data\n", 4_194_304, 1).unwrap_err();
+        assert!(!e.contains("private"), "{e}");
+        assert_eq!(e, "not a decimal number (17 bytes)");
+    }
+
     use super::*;
 
     #[test]
