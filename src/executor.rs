@@ -15,8 +15,9 @@
 //! * Waiting: the reaper reports the shell's exit; on `op_timeout` the command's whole process
 //!   group (its session) is killed with SIGKILL.
 //! * Off the runtime: `setup_path` (a caller's path, perhaps on a hung mount) is opened as a
-//!   directory on the [`FsPool`], and the child enters it with `fchdir` (no path lookup after
-//!   the fork); the account lookup (NSS) and the fork run on the pool too, never on an async
+//!   directory on the [`FsPool`], with the file-system identity of the account the command
+//!   runs as ([`sys::as_account_fs`]: root never opens a directory for an account that could
+//!   not enter it), and the child enters it with `fchdir` (no path lookup after the fork); the account lookup (NSS) and the fork run on the pool too, never on an async
 //!   worker.
 
 use std::collections::BTreeMap;
@@ -245,15 +246,28 @@ impl Executor {
     /// nothing else); the account is resolved (NSS) and the command forked on the pool too;
     /// its stdout and stderr are pipes from the output keeper.
     pub async fn spawn(&self, req: &CommandRequest) -> Result<Spawned, ExecError> {
+        let pool_err = ExecError::Pool;
+        let this = self.clone();
+        let account = req.account.clone();
+        let (mut ident, acct) = self
+            .fs
+            .run_unkeyed("resolving an account", Duration::from_secs(30), move || {
+                this.identity(&account)
+            })
+            .await
+            .map_err(pool_err)??;
         let cwd = req.cwd.clone();
         let unavailable = |reason: String| ExecError::SetupPathUnavailable {
             path: req.cwd.display().to_string(),
             reason,
         };
+        // Opened with the account's own permissions: a command never starts in a directory
+        // its account could not enter by itself.
+        let as_account = ident.fs_identity();
         let dir = self
             .fs
             .run(&req.cwd, crate::fspool::PROBE_DEADLINE, move || {
-                open_dir(&cwd)
+                open_dir_as(as_account.as_ref(), &cwd)
             })
             .await
             .map_err(|e| {
@@ -265,16 +279,6 @@ impl Executor {
                     ExecError::Pool(e)
                 }
             })??;
-        let pool_err = ExecError::Pool;
-        let this = self.clone();
-        let account = req.account.clone();
-        let (mut ident, acct) = self
-            .fs
-            .run_unkeyed("resolving an account", Duration::from_secs(30), move || {
-                this.identity(&account)
-            })
-            .await
-            .map_err(pool_err)??;
         ident.cwd = Some(std::sync::Arc::new(dir));
         if let Some(place) = req.cgroup.clone() {
             let fd = self
@@ -559,6 +563,20 @@ fn spawn_direct(
     )
 }
 
+/// Open `setup_path` as a directory for the child's `fchdir`, as the account the command runs
+/// as (`None`: the agent's own), so that root never opens a way in for it.
+fn open_dir_as(account: Option<&sys::FsIdentity>, path: &Path) -> Result<OwnedFd, ExecError> {
+    match account {
+        None => open_dir(path),
+        Some(who) => sys::as_account_fs(who, || open_dir(path)).map_err(|e| {
+            ExecError::SetupPathUnavailable {
+                path: path.display().to_string(),
+                reason: format!("cannot take on the account's file-system identity: {e}"),
+            }
+        })?,
+    }
+}
+
 /// Open `setup_path` as a directory (`O_PATH`, no side effects) for the child's `fchdir`.
 fn open_dir(path: &Path) -> Result<OwnedFd, ExecError> {
     use rustix::fs::{Mode, OFlags};
@@ -567,7 +585,13 @@ fn open_dir(path: &Path) -> Result<OwnedFd, ExecError> {
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|_| ExecError::NoSetupPath(path.display().to_string()))
+    .map_err(|e| match e {
+        rustix::io::Errno::ACCESS | rustix::io::Errno::PERM => ExecError::SetupPathUnavailable {
+            path: path.display().to_string(),
+            reason: "permission denied: the account cannot enter it".into(),
+        },
+        _ => ExecError::NoSetupPath(path.display().to_string()),
+    })
 }
 
 /// The file name stem of a process's output files.

@@ -13,7 +13,9 @@
 //!   `CLONE_VM | CLONE_VFORK`, optionally inside its cgroup with `CLONE_INTO_CGROUP`), or as
 //!   the `pre_exec` hook of a `Command` (the output keeper, and the fallback without clone3);
 //! * registration of owned descriptors (pidfds, inotify) with tokio's reactor;
-//! * the boot-time clock, to compare with `/proc/PID/stat` start times.
+//! * the boot-time clock, to compare with `/proc/PID/stat` start times;
+//! * [`as_account_fs`]: the calling thread alone takes on an account's file-system identity
+//!   (fsuid, fsgid, supplementary groups) while the agent opens a path on its behalf.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` note. The crate root denies `unsafe_code`; this
 //! module alone allows it.
@@ -270,6 +272,20 @@ pub struct SpawnIdentity {
     /// The command resets its `oom_score_adj` to 0 when the agent's is negative (every
     /// managed command; not the output keeper, which is part of the agent).
     pub reset_oom: bool,
+}
+
+impl SpawnIdentity {
+    /// The file-system identity of the account switched to, for the paths the agent opens on
+    /// the command's behalf (`None`: the command keeps the agent's identity).
+    pub fn fs_identity(&self) -> Option<FsIdentity> {
+        self.switch_to
+            .as_ref()
+            .map(|(uid, gid, groups)| FsIdentity {
+                uid: *uid,
+                gid: *gid,
+                groups: groups.clone(),
+            })
+    }
 }
 
 /// What a child does between the fork and the exec, prepared in the parent (no lookups,
@@ -791,6 +807,98 @@ unsafe fn exec_child(args: &ChildArgs<'_>) -> ! {
     }
 }
 
+/// An account's file-system identity: what the kernel checks when the agent opens a path for
+/// a command that runs as that account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsIdentity {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// Run `f` with the calling thread's fsuid, fsgid and supplementary groups set to `who`'s,
+/// and restore root's after it (also when it panics), so that a path a caller named (a
+/// `setup_path`, a pid file) is reached with the permissions of the account the definition
+/// runs as, never with root's. Only this thread changes: the raw `setgroups`, `setfsgid` and
+/// `setfsuid` syscalls act on the calling task (glibc's `setgroups` would change every
+/// thread of the agent). A non-zero fsuid also drops the file-system capabilities
+/// (`CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH`, ...) from the thread's effective set; setting
+/// it back to 0 raises them again. Needs `CAP_SETUID`/`CAP_SETGID` (an agent running as
+/// root); the error when the switch did not take, before `f` runs.
+pub fn as_account_fs<R>(who: &FsIdentity, f: impl FnOnce() -> R) -> io::Result<R> {
+    if who.uid == u32::MAX || who.gid == u32::MAX {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let saved = nix::unistd::getgroups().map_err(io::Error::from)?;
+    let saved: Vec<libc::gid_t> = saved.into_iter().map(|g| g.as_raw()).collect();
+    let guard = FsRestore {
+        uid: fs_id(libc::SYS_setfsuid),
+        gid: fs_id(libc::SYS_setfsgid),
+        groups: saved,
+    };
+    set_thread_groups(&who.groups)?;
+    // SAFETY: setfsgid/setfsuid take one integer and change only the calling thread's
+    // credentials; their return value is the previous id whatever happened, so success is
+    // checked by reading the id back.
+    unsafe {
+        libc::syscall(libc::SYS_setfsgid, who.gid as libc::c_long);
+        libc::syscall(libc::SYS_setfsuid, who.uid as libc::c_long);
+    }
+    if fs_id(libc::SYS_setfsgid) != who.gid || fs_id(libc::SYS_setfsuid) != who.uid {
+        return Err(io::Error::from_raw_os_error(libc::EPERM));
+    }
+    let r = f();
+    drop(guard);
+    Ok(r)
+}
+
+/// The calling thread's current fsuid (`SYS_setfsuid`) or fsgid (`SYS_setfsgid`): an id of
+/// -1 is never valid, so the call changes nothing and returns the current one.
+fn fs_id(nr: libc::c_long) -> u32 {
+    // SAFETY: an invalid id changes nothing; the call only returns the current id.
+    unsafe { libc::syscall(nr, -1 as libc::c_long) as u32 }
+}
+
+/// The calling thread's supplementary groups, set with the raw syscall (per thread).
+fn set_thread_groups(groups: &[u32]) -> io::Result<()> {
+    let list: Vec<libc::gid_t> = groups.to_vec();
+    // SAFETY: `list` is a valid array of `list.len()` gid_t for the duration of the call; the
+    // kernel copies it.
+    let r = unsafe { libc::syscall(libc::SYS_setgroups, list.len(), list.as_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Puts a thread's file-system identity back when dropped.
+struct FsRestore {
+    uid: u32,
+    gid: u32,
+    groups: Vec<libc::gid_t>,
+}
+
+impl Drop for FsRestore {
+    fn drop(&mut self) {
+        // SAFETY: as in `as_account_fs`; ids the thread held a moment ago.
+        unsafe {
+            libc::syscall(libc::SYS_setfsuid, self.uid as libc::c_long);
+            libc::syscall(libc::SYS_setfsgid, self.gid as libc::c_long);
+        }
+        let groups_back = set_thread_groups(&self.groups).is_ok();
+        if !groups_back
+            || fs_id(libc::SYS_setfsuid) != self.uid
+            || fs_id(libc::SYS_setfsgid) != self.gid
+        {
+            // A pool thread that kept an account's identity would do the agent's later
+            // file-system work as that account: never go on.
+            eprintln!("procagentd: cannot restore a thread's file-system identity; aborting");
+            std::process::abort();
+        }
+    }
+}
+
 /// Limit glibc's malloc to two arenas (instead of eight per core): the agent's threads
 /// are few and mostly idle, and each extra arena kept a few hundred KiB to MiBs of freed
 /// memory resident (about 3 MiB of RSS at a thousand processes, bench/compare.sh). A no-op
@@ -1306,5 +1414,86 @@ mod vfork_tests {
             "{} child stacks alive after 50 spawning threads ended (were {before})",
             live()
         );
+    }
+}
+
+#[cfg(test)]
+mod account_fs_tests {
+    use super::*;
+
+    /// The fs uid, fs gid and groups of thread `tid` of this process, from /proc.
+    fn creds_of(tid: i32) -> (u32, u32, String) {
+        let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        let field = |k: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        };
+        let last = |v: String| v.split_whitespace().last().unwrap_or("").parse().unwrap();
+        (last(field("Uid:")), last(field("Gid:")), field("Groups:"))
+    }
+
+    fn tid() -> i32 {
+        nix::unistd::gettid().as_raw()
+    }
+
+    /// Only the calling thread takes on the account, for the closure alone; a 0700 directory
+    /// of root's is closed to it; root's identity (and its capabilities) comes back after,
+    /// and after a panic in the closure too.
+    #[test]
+    fn the_account_reaches_paths_as_itself_on_this_thread_only() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to take on another account's identity");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let closed = dir.path().join("closed");
+        std::fs::create_dir(&closed).unwrap();
+        std::fs::write(closed.join("f"), "x").unwrap();
+        std::fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let who = FsIdentity {
+            uid: 65534,
+            gid: 65533,
+            groups: vec![65533, 4242],
+        };
+        let main = tid();
+        let before = creds_of(main);
+        let (err, inside, other) = std::thread::scope(|s| {
+            s.spawn(|| {
+                as_account_fs(&who, || {
+                    let err = std::fs::read(closed.join("f")).unwrap_err().kind();
+                    (err, creds_of(tid()), creds_of(main))
+                })
+                .unwrap()
+            })
+            .join()
+            .unwrap()
+        });
+        assert_eq!(err, io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            (inside.0, inside.1, inside.2.as_str()),
+            (65534, 65533, "4242 65533")
+        );
+        assert_eq!(other, before, "another thread changed");
+        // The same thread gets root's identity back, also after a panic.
+        std::thread::spawn(move || {
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                as_account_fs(&who, || panic!("inside"))
+            }));
+            assert!(caught.is_err());
+            assert_eq!(creds_of(tid()), before);
+            assert_eq!(std::fs::read(closed.join("f")).unwrap(), b"x");
+        })
+        .join()
+        .unwrap();
+        let invalid = FsIdentity {
+            uid: u32::MAX,
+            gid: 1,
+            groups: vec![],
+        };
+        assert!(as_account_fs(&invalid, || ()).is_err());
     }
 }

@@ -1224,3 +1224,130 @@ fn esb_root_paths_are_authorized_as_the_v1_routes() {
         "nothing started"
     );
 }
+
+/// An admin's command runs as the admin from the moment its working directory is entered,
+/// and the agent reads the admin's pid files as the admin: a `setup_path` under another
+/// account's private (0700) directory is refused, never entered on root's behalf, and a pid
+/// file in it says the same whether or not it exists (its existence is not disclosed).
+#[test]
+fn an_admins_paths_are_reached_with_the_admins_own_permissions() {
+    let env = TestEnv::new();
+    let Some(mut r) = Roles::new(&env) else {
+        return;
+    };
+    let (admin, cli) = (r.admin.clone(), r.cli.clone());
+    let victim = r.acc.user("v", None, &[]);
+    let d = r.daemon(&env, "");
+    let adir = r.admin_dir(&env);
+    // The victim's private directory, with a world-readable directory and files inside.
+    let private = env.path().join("victim");
+    let public = private.join("pub");
+    std::fs::create_dir_all(&public).unwrap();
+    std::fs::write(public.join("secret"), "victim-secret-5521\n").unwrap();
+    std::fs::write(public.join("real.pid"), format!("{}\n", std::process::id())).unwrap();
+    for (p, mode) in [
+        (&private, 0o700),
+        (&public, 0o755),
+        (&public.join("secret"), 0o644),
+        (&public.join("real.pid"), 0o644),
+    ] {
+        nix::unistd::chown(
+            p.as_path(),
+            Some(nix::unistd::Uid::from_raw(victim.uid)),
+            Some(nix::unistd::Gid::from_raw(victim.gid)),
+        )
+        .unwrap();
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    let leak = adir.join("leak");
+    let register = |name: &str, setup: &std::path::Path, pid_path: &str, cmd: &str| {
+        let spec = json!({
+            "identity": {"proc_name": name, "setup_path": setup.display().to_string(),
+                         "pid_path": pid_path, "user": admin.name},
+            "control": {"start_cmd": cmd},
+            "monitor_policy": {"auto_type": 1, "start_check_secs": 1, "op_timeout": 10},
+        });
+        let (_, v, _) = call_as(
+            &cli,
+            &d,
+            &admin,
+            "register_proc_info",
+            &json!({"meta": meta(name), "hosts": [Daemon::host()], "spec": spec}),
+        );
+        assert_eq!(
+            v["data"][Daemon::key(NS, name)]["error_code"],
+            json!(0),
+            "{v}"
+        );
+    };
+    // 1. setup_path inside the victim's 0700 directory: the start fails, nothing is read.
+    register(
+        "peek",
+        &public,
+        "",
+        &format!("cat secret > {}; exec sleep 60", leak.display()),
+    );
+    let (_, v, _) = call_as(
+        &cli,
+        &d,
+        &admin,
+        "operate_proc",
+        &json!({"meta": meta("peek"), "op_type": 0, "hosts": [Daemon::host()]}),
+    );
+    let res = wait_task_as(
+        &cli,
+        &d,
+        &admin,
+        v["data"]["task_id"].as_str().expect("task id"),
+        &Daemon::key(NS, "peek"),
+    );
+    assert_ne!(res["error_code"], json!(0), "the start must fail: {res}");
+    let msg = res["error_msg"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("setup_path") && msg.contains("permission denied"),
+        "{res}"
+    );
+    assert!(
+        !leak.exists(),
+        "the admin's command ran inside another account's private directory and read {:?}",
+        std::fs::read_to_string(&leak).unwrap_or_default()
+    );
+
+    // 2. Pid files under the victim's directory: an existing one and a missing one read the
+    // same to the admin.
+    let mut seen = Vec::new();
+    for (name, file) in [("pidreal", "real.pid"), ("pidnone", "none.pid")] {
+        let pid_path = public.join(file).display().to_string();
+        register(name, &adir, &pid_path, "exec sleep 60");
+        let (_, v, _) = call_as(
+            &cli,
+            &d,
+            &admin,
+            "operate_proc",
+            &json!({"meta": meta(name), "op_type": 2, "hosts": [Daemon::host()]}),
+        );
+        let res = wait_task_as(
+            &cli,
+            &d,
+            &admin,
+            v["data"]["task_id"].as_str().expect("task id"),
+            &Daemon::key(NS, name),
+        );
+        let events: std::collections::BTreeSet<String> = d
+            .events(&format!("{NS}/{name}"))
+            .iter()
+            .map(|e| format!("{} {}", e["kind"], e["message"]).replace(file, "FILE"))
+            .collect();
+        seen.push((
+            res["error_msg"]
+                .as_str()
+                .unwrap_or("")
+                .replace(file, "FILE"),
+            events,
+        ));
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "an existing and a missing pid file in another account's private directory read differently"
+    );
+}

@@ -14,8 +14,9 @@ use crate::spec::ProcKey;
 /// can run off the async workers.
 #[derive(Debug, Clone)]
 pub struct ClaimData {
-    /// The account's uid, once resolved.
-    uid: std::sync::OnceLock<u32>,
+    /// The account, once resolved: its uid, and the file-system identity its pid file is
+    /// read with (`None`: the agent's own).
+    acct: std::sync::OnceLock<(u32, Option<crate::sys::FsIdentity>)>,
     pub key: ProcKey,
     pub account: String,
     pub proc_name: String,
@@ -45,7 +46,7 @@ impl ClaimData {
             return None;
         }
         Some(ClaimData {
-            uid: std::sync::OnceLock::new(),
+            acct: std::sync::OnceLock::new(),
             key: e.def.key.clone(),
             account: e.def.spec.account.clone(),
             proc_name: e.def.spec.proc_name.clone(),
@@ -65,15 +66,7 @@ impl ClaimData {
         setup_real: Option<&str>,
         f: impl FnOnce(&watch::Claim<'_>) -> R,
     ) -> Result<R, String> {
-        let uid = match self.uid.get() {
-            Some(u) => *u,
-            None => {
-                let u = crate::executor::resolve_account(&self.account)
-                    .map_err(|e| e.to_string())?
-                    .uid;
-                *self.uid.get_or_init(|| u)
-            }
-        };
+        let uid = self.account()?.0;
         let key = self.key.clone();
         let elsewhere = move |pid: i32| engine.tracked_elsewhere(pid, &key);
         let claim = watch::Claim {
@@ -90,6 +83,39 @@ impl ClaimData {
             cgroup: self.cgroup.as_ref().map(|(t, d)| (t, d.as_path())),
         };
         Ok(f(&claim))
+    }
+
+    /// The account resolved (an NSS lookup, once): its uid and, when the agent runs as root
+    /// and the account is another, its file-system identity. Blocking.
+    fn account(&self) -> Result<&(u32, Option<crate::sys::FsIdentity>), String> {
+        if let Some(a) = self.acct.get() {
+            return Ok(a);
+        }
+        let a = crate::executor::resolve_account(&self.account).map_err(|e| e.to_string())?;
+        let agent = nix::unistd::getuid().as_raw();
+        let fs = (agent == 0 && a.uid != agent).then(|| crate::sys::FsIdentity {
+            uid: a.uid,
+            gid: a.gid,
+            groups: a.groups.clone(),
+        });
+        Ok(self.acct.get_or_init(|| (a.uid, fs)))
+    }
+
+    /// Read the definition's pid file with its account's permissions (root never reads a
+    /// pid file for an account that could not read it: neither its number nor whether it
+    /// exists is disclosed). Blocking; run it on the file-system pool.
+    pub fn read_pid_file(&self) -> Result<i32, crate::procinfo::PidFileError> {
+        use crate::procinfo::{PidFileError, read_pid_file};
+        let path = std::path::Path::new(&self.pid_path);
+        let unreadable = |reason: String| PidFileError::Unreadable {
+            path: self.pid_path.clone(),
+            reason,
+        };
+        match &self.account().map_err(unreadable)?.1 {
+            None => read_pid_file(path),
+            Some(who) => crate::sys::as_account_fs(who, || read_pid_file(path))
+                .map_err(|e| unreadable(format!("cannot take on the account's identity: {e}")))?,
+        }
     }
 
     /// Attach to `pid` under the ownership rule. Blocking; run it on the file-system pool.
@@ -114,7 +140,7 @@ impl ClaimData {
         want_fd: bool,
         setup_real: Option<String>,
     ) -> Result<Probe, String> {
-        let pid = match crate::procinfo::read_pid_file(std::path::Path::new(&self.pid_path)) {
+        let pid = match self.read_pid_file() {
             Ok(p) => p,
             Err(crate::procinfo::PidFileError::Missing(_)) => return Ok(Probe::Nothing),
             Err(e) => return Ok(Probe::Refused(e.to_string())),

@@ -294,7 +294,7 @@ async fn find_fresh(engine: &Arc<Engine>, key: &ProcKey, min_ticks: u64, before:
     let e2 = engine.clone();
     let path = std::path::PathBuf::from(&claim.pid_path);
     let job = move || -> Fresh {
-        let Ok(pid) = crate::procinfo::read_pid_file(std::path::Path::new(&claim.pid_path)) else {
+        let Ok(pid) = claim.read_pid_file() else {
             return Fresh::Nothing;
         };
         if before.contains(&pid) {
@@ -365,7 +365,7 @@ async fn end_stray(
     let e2 = engine.clone();
     let path = std::path::PathBuf::from(&spec.pid_path);
     let job = move || -> Option<(i32, String)> {
-        let pid = crate::procinfo::read_pid_file(std::path::Path::new(&claim.pid_path)).ok()?;
+        let pid = claim.read_pid_file().ok()?;
         let fd = Arc::new(crate::sys::pidfd_open(pid).ok()?);
         let f = crate::procinfo::read_facts(pid)?;
         let ours = f.starttime >= min_ticks
