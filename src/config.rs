@@ -3,8 +3,9 @@
 //! Every key is documented, with its default, in `agent.toml.example`. Loading is strict: an
 //! unknown key or a bad value anywhere (main file or `conf.d/*.toml`) is an error, and every
 //! error is collected and reported together as `FILE: section.key: message`, so an operator
-//! fixes a config in one pass. Relative paths are resolved against the directory the agent
-//! was started in and stored absolute.
+//! fixes a config in one pass (a misspelled key is answered with the key meant). Relative
+//! paths are the file's: the main file's resolve against its directory, a `conf_dir` file's
+//! against the `conf_dir`; they are stored absolute.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
@@ -197,6 +198,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub store: StoreConfig,
     pub processes: Vec<ProcessConfig>,
+    /// How relative paths of `[[process]]` tables were resolved, one line each (what
+    /// `procagentd --check` prints beside "ok").
+    pub notes: Vec<String>,
 }
 
 /// Every error found in a config, one line each.
@@ -388,8 +392,24 @@ impl<'a> Section<'a> {
             .collect();
         unknown.sort();
         for k in unknown {
-            self.err(k, "unknown key");
+            match self.nearest_key(k) {
+                Some(near) => self.err(k, format!("unknown key; did you mean {near}?")),
+                None => self.err(k, "unknown key"),
+            }
         }
+    }
+
+    /// The known key of this section closest to a misspelled one (within a third of its
+    /// length, at least 2 edits), if any. Every known key was asked for before `finish`.
+    fn nearest_key(&self, unknown: &str) -> Option<&str> {
+        let limit = (unknown.chars().count() / 3).max(2);
+        self.seen
+            .iter()
+            .filter(|k| !self.table.contains_key(k.as_str()))
+            .map(|k| (crate::util::edit_distance(unknown, k), k.as_str()))
+            .filter(|(d, _)| *d <= limit)
+            .min()
+            .map(|(_, k)| k)
     }
 }
 
@@ -417,15 +437,19 @@ fn secs(d: Duration) -> Duration {
     d
 }
 
-/// Load and validate a config file (and its `conf_dir`), relative paths resolved against the
-/// current directory.
+/// Load and validate a config file (and its `conf_dir`). Relative paths are the file's: those
+/// in the main file resolve against its directory, those in a `conf_dir` file against the
+/// `conf_dir`, whatever directory the agent or the CLI was started in.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let cwd = std::env::current_dir()
         .map_err(|e| ConfigErrors(vec![format!("cannot read the current directory: {e}")]))?;
-    load_with_base(path, &cwd)
+    let file = absolutize(&cwd, &path.to_string_lossy());
+    let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+    load_with_base(&file, &base)
 }
 
-/// Load a config with relative paths resolved against `base`.
+/// Load a config with the main file's relative paths resolved against `base` (the file
+/// itself, when relative, too).
 pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> {
     let file = absolutize(base, &path.to_string_lossy());
     let fname = file.display().to_string();
@@ -659,14 +683,17 @@ pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> 
     }
     st.finish();
 
-    let mut processes = Vec::new();
-    read_processes(&mut root, &fname, base, &errs, &mut processes);
+    let mut found = Found::default();
+    read_processes(&mut root, &fname, base, &errs, &mut found);
     root.finish();
 
     if let Some(dir) = &conf_dir {
-        read_conf_dir(dir, base, &errs, &mut processes);
+        read_conf_dir(dir, &errs, &mut found);
     }
-    check_duplicates(&processes, &errs);
+    check_duplicates(&found.declared, &errs);
+    let Found {
+        processes, notes, ..
+    } = found;
 
     let errs = errs.into_inner();
     if !errs.is_empty() {
@@ -687,10 +714,13 @@ pub fn load_with_base(path: &Path, base: &Path) -> Result<Config, ConfigErrors> 
         metrics,
         store,
         processes,
+        notes,
     })
 }
 
-fn read_conf_dir(dir: &Path, base: &Path, errs: &Errs, out: &mut Vec<ProcessConfig>) {
+/// The `*.toml` files of `conf_dir`, in name order; their relative paths resolve against
+/// `conf_dir` itself.
+fn read_conf_dir(dir: &Path, errs: &Errs, out: &mut Found) {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
@@ -724,38 +754,61 @@ fn read_conf_dir(dir: &Path, base: &Path, errs: &Errs, out: &mut Vec<ProcessConf
             }
         };
         let mut root = Section::new(&fname, "", &table, errs);
-        read_processes(&mut root, &fname, base, errs, out);
+        read_processes(&mut root, &fname, dir, errs, out);
         root.finish();
     }
 }
 
-fn check_duplicates(processes: &[ProcessConfig], errs: &Errs) {
-    let mut seen: BTreeMap<&ProcKey, &Source> = BTreeMap::new();
-    for p in processes {
-        if let Some(prev) = seen.insert(&p.definition.key, &p.definition.source) {
-            let prev_file = match prev {
-                Source::Config { file } => file.as_str(),
-                Source::Api => "",
-            };
-            let file = match &p.definition.source {
-                Source::Config { file } => file.as_str(),
-                Source::Api => "",
-            };
+fn check_duplicates(declared: &[(ProcKey, String)], errs: &Errs) {
+    let mut seen: BTreeMap<&ProcKey, &str> = BTreeMap::new();
+    for (key, file) in declared {
+        if let Some(prev_file) = seen.insert(key, file) {
             errs.borrow_mut().push(format!(
-                "{file}: process {}: already declared in {prev_file}",
-                p.definition.key
+                "{file}: process {key}: already declared in {prev_file}"
             ));
         }
     }
 }
 
-fn read_processes(
-    root: &mut Section<'_>,
-    fname: &str,
-    base: &Path,
-    errs: &Errs,
-    out: &mut Vec<ProcessConfig>,
-) {
+/// What `procagentd --check` warns about without failing: a `setup_path` that is not a
+/// directory on this host (yet; a deployment may create it later), each with its file.
+/// Blocking (stats every `setup_path`): for the check, never on the agent's runtime.
+pub fn path_warnings(cfg: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in &cfg.processes {
+        let d = &p.definition;
+        let file = match &d.source {
+            Source::Config { file } => file.as_str(),
+            Source::Api => "",
+        };
+        match std::fs::metadata(&d.spec.setup_path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => out.push(format!(
+                "{file}: process {}: setup_path {} is not a directory",
+                d.key, d.spec.setup_path
+            )),
+            Err(e) => out.push(format!(
+                "{file}: process {}: setup_path {}: {e} (its commands cannot start until it exists)",
+                d.key, d.spec.setup_path
+            )),
+        }
+    }
+    out
+}
+
+/// What the `[[process]]` tables of every file held.
+#[derive(Default)]
+struct Found {
+    /// The valid ones.
+    processes: Vec<ProcessConfig>,
+    /// Every key declared, valid or not, with its file: a duplicate is reported in the same
+    /// pass as the other errors of either table.
+    declared: Vec<(ProcKey, String)>,
+    /// How relative paths were resolved.
+    notes: Vec<String>,
+}
+
+fn read_processes(root: &mut Section<'_>, fname: &str, base: &Path, errs: &Errs, out: &mut Found) {
     let list = match root.get("process") {
         None => return,
         Some(toml::Value::Array(a)) => a,
@@ -771,8 +824,14 @@ fn read_processes(
                 .push(format!("{fname}: {prefix}: expected a table"));
             continue;
         };
-        if let Some(p) = read_process(fname, &prefix, t, base, errs) {
-            out.push(p);
+        let text = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let (ns, name) = (text("namespace"), text("name"));
+        if !name.is_empty() {
+            out.declared
+                .push((ProcKey::new(ns, name), fname.to_string()));
+        }
+        if let Some(p) = read_process(fname, &prefix, t, base, errs, &mut out.notes) {
+            out.processes.push(p);
         }
     }
 }
@@ -783,6 +842,7 @@ fn read_process(
     t: &toml::Table,
     base: &Path,
     errs: &Errs,
+    notes: &mut Vec<String>,
 ) -> Option<ProcessConfig> {
     let before = errs.borrow().len();
     let mut s = Section::new(fname, prefix, t, errs);
@@ -819,9 +879,18 @@ fn read_process(
             m
         }
     };
-    let path_field = |s: &mut Section<'_>, key: &str| -> String {
+    let mut path_field = |s: &mut Section<'_>, key: &str| -> String {
         match s.opt_string(key) {
-            Some(p) if !p.is_empty() => absolutize(base, &p).display().to_string(),
+            Some(p) if !p.is_empty() => {
+                let abs = absolutize(base, &p).display().to_string();
+                if !Path::new(&p).is_absolute() {
+                    notes.push(format!(
+                        "{fname}: {}: {key} {p:?} is relative: it resolves to {abs}",
+                        s.prefix
+                    ));
+                }
+                abs
+            }
             _ => String::new(),
         }
     };
@@ -1139,6 +1208,88 @@ max_restarts = 7
         std::fs::remove_file(dir.path().join("conf.d/b.toml")).unwrap();
         let c = load_with_base(&f, dir.path()).unwrap();
         assert_eq!(c.processes.len(), 1);
+    }
+
+    /// One pass finds every error: a duplicate of a process that has errors of its own, and
+    /// a misspelled key is answered with the key meant.
+    #[test]
+    fn one_pass_finds_duplicates_of_invalid_processes_and_suggests_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        std::fs::write(
+            dir.path().join("conf.d/a.toml"),
+            "[[process]]\nnamespace='n'\nname='x'\nproc_name='x'\nsetup_path='/tmp'\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("conf.d/b.toml"),
+            "[[process]]\nnamespace='n'\nname='x'\nproc_name='x'\nsetup_path='/tmp'\nop_timeout=0\nstat_cmd='./run'\n",
+        )
+        .unwrap();
+        let f = dir.path().join("agent.toml");
+        std::fs::write(&f, "[agent]\nconf_dir = 'conf.d'\nsockt = 'x.sock'\n").unwrap();
+        let err = load(&f).unwrap_err();
+        let all = err.0.join("\n");
+        for needle in [
+            "b.toml: process n/x: already declared in",
+            "op_timeout: 0 is out of range",
+            "stat_cmd: unknown key; did you mean start_cmd?",
+            "agent.sockt: unknown key; did you mean socket?",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    /// Relative paths are the config file's: the main file's against its directory, a
+    /// conf_dir file's against the conf_dir, whatever the current directory is.
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir_all(etc.join("conf.d")).unwrap();
+        std::fs::write(
+            etc.join("conf.d/web.toml"),
+            "[[process]]\nnamespace='n'\nname='web'\nproc_name='web'\nsetup_path='../app'\npid_path='web.pid'\n",
+        )
+        .unwrap();
+        let f = etc.join("agent.toml");
+        std::fs::write(
+            &f,
+            "[agent]\nstate_dir = 'state'\nsocket = 'run/a.sock'\nconf_dir = 'conf.d'\n[[process]]\nnamespace='n'\nname='db'\nproc_name='db'\nsetup_path='db'\n",
+        )
+        .unwrap();
+        assert_ne!(std::env::current_dir().unwrap(), etc);
+        let c = load(&f).unwrap();
+        assert_eq!(c.state_dir, etc.join("state"));
+        assert_eq!(c.socket, etc.join("run/a.sock"));
+        assert_eq!(c.conf_dir.as_deref(), Some(etc.join("conf.d").as_path()));
+        let spec = |name: &str| {
+            c.processes
+                .iter()
+                .find(|p| p.definition.key.name == name)
+                .unwrap()
+                .definition
+                .spec
+                .clone()
+        };
+        assert_eq!(spec("db").setup_path, etc.join("db").display().to_string());
+        assert_eq!(
+            spec("web").setup_path,
+            etc.join("conf.d/../app").display().to_string()
+        );
+        assert_eq!(
+            spec("web").pid_path,
+            etc.join("conf.d/web.pid").display().to_string()
+        );
+        // --check says how relative paths were resolved.
+        assert!(
+            c.notes
+                .iter()
+                .any(|n| n.contains("setup_path \"db\" is relative")
+                    && n.contains(&etc.join("db").display().to_string())),
+            "{:?}",
+            c.notes
+        );
     }
 
     /// The `[[process]]` reader maps config keys into a spec patch and phrases the patch's

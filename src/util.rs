@@ -1,4 +1,5 @@
-//! Small helpers shared across modules: wall-clock time, random numbers, file-name-safe keys.
+//! Small helpers shared across modules: wall-clock time, random numbers, file-name-safe keys,
+//! the edit distance behind every "did you mean".
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,6 +125,26 @@ pub fn tail_bounded(text: &str, max: usize) -> String {
         start += 1;
     }
     format!("[... {} bytes cut ...]\n{}", start, &text[start..])
+}
+
+/// Levenshtein distance, by characters.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(cur).min(row[j])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]

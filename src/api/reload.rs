@@ -106,9 +106,8 @@ pub async fn reload(
     access: &Access,
 ) -> Result<ReloadReport, ReloadError> {
     let _g = RELOAD_LOCK.lock().await;
-    let base = std::env::current_dir().unwrap_or_else(|_| std::path::PathBuf::from("/"));
     let file = engine.config.file.clone();
-    let new = match crate::config::load_with_base(&file, &base) {
+    let new = match crate::config::load(&file) {
         Ok(c) => c,
         Err(e) => {
             if !dry_run {

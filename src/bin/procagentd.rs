@@ -99,9 +99,15 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
+        for note in &cfg.notes {
+            println!("note: {note}");
+        }
+        for w in procagent::config::path_warnings(&cfg) {
+            println!("warning: {w}");
+        }
         println!(
             "{}: ok ({} processes declared)",
-            args.config.display(),
+            cfg.file.display(),
             cfg.processes.len()
         );
         return ExitCode::SUCCESS;

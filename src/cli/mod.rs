@@ -347,18 +347,29 @@ fn configured_sockets(config: Option<&std::path::Path>) -> Result<(PathBuf, Path
         let root = crate::config::root_socket_for(&default);
         return Ok((default, root));
     };
-    let text = std::fs::read_to_string(c)
-        .map_err(|e| CliError::new(exit::USAGE, format!("cannot read {}: {e}", c.display())))?;
-    let t: toml::Table = text
-        .parse()
-        .map_err(|e| CliError::new(exit::USAGE, format!("{}: {e}", c.display())))?;
+    let instead = "name the agent's socket instead with --socket PATH or PROCAGENT_SOCKET=PATH";
+    let text = std::fs::read_to_string(c).map_err(|e| {
+        CliError::new(
+            exit::USAGE,
+            format!("cannot read {}: {e}; {instead}", c.display()),
+        )
+    })?;
+    let t: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        CliError::new(
+            exit::USAGE,
+            format!("{}: {}; {instead}", c.display(), e.to_string().trim()),
+        )
+    })?;
+    // Relative paths are the config file's, as the agent reads them.
     let cwd = std::env::current_dir().map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let dir = cwd.join(c);
+    let dir = dir.parent().unwrap_or(&cwd);
     let get = |table: &str, key: &str| {
         t.get(table)
             .and_then(|a| a.get(key))
             .and_then(|s| s.as_str())
             .filter(|s| !s.is_empty())
-            .map(|s| cwd.join(s))
+            .map(|s| dir.join(s))
     };
     let main = get("agent", "socket").unwrap_or(default);
     let root = get("api", "root_socket").unwrap_or_else(|| crate::config::root_socket_for(&main));
@@ -929,9 +940,9 @@ fn closest(name: &str, all: &[ProcKey]) -> Vec<String> {
         .map(|k| {
             let full = k.to_string();
             let d = if bare {
-                edit_distance(name, &k.name)
+                crate::util::edit_distance(name, &k.name)
             } else {
-                edit_distance(name, &full)
+                crate::util::edit_distance(name, &full)
             };
             (d, full)
         })
@@ -939,26 +950,6 @@ fn closest(name: &str, all: &[ProcKey]) -> Vec<String> {
         .collect();
     scored.sort();
     scored.into_iter().take(3).map(|(_, k)| k).collect()
-}
-
-/// Levenshtein distance, by characters.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = if ca == *cb {
-                prev
-            } else {
-                1 + prev.min(cur).min(row[j])
-            };
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// Most items in one operate_proc_multi call (the API's limit).
@@ -1424,7 +1415,7 @@ mod tests {
             ("api", "", 3),
             ("ops/wbe-1", "ops/web-1", 2),
         ] {
-            assert_eq!(edit_distance(a, b), d, "{a} {b}");
+            assert_eq!(crate::util::edit_distance(a, b), d, "{a} {b}");
         }
         let all = vec![
             ProcKey::new("ops", "web-1"),

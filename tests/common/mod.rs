@@ -226,6 +226,23 @@ impl Daemon {
 
     /// Start `program` (the daemon, or a copy of it: an upgrade) with an existing config file.
     pub fn start_program(env: &TestEnv, program: &str, config: &Path) -> Daemon {
+        Self::start_in(
+            env,
+            program,
+            config,
+            env.path(),
+            &env.path().join("run/agent.sock"),
+        )
+    }
+
+    /// Start `program` with `config`, in the directory `cwd`, answering on `socket`.
+    pub fn start_in(
+        env: &TestEnv,
+        program: &str,
+        config: &Path,
+        cwd: &Path,
+        socket: &Path,
+    ) -> Daemon {
         let log = env.path().join("daemon.log");
         let logf = std::fs::OpenOptions::new()
             .create(true)
@@ -235,7 +252,7 @@ impl Daemon {
         let child = Command::new(program)
             .arg("--config")
             .arg(config)
-            .current_dir(env.path())
+            .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log"))
             .stderr(logf)
@@ -243,7 +260,7 @@ impl Daemon {
             .expect("spawn procagentd");
         let d = Daemon {
             child: Some(child),
-            socket: env.path().join("run/agent.sock"),
+            socket: socket.to_path_buf(),
             config: config.to_path_buf(),
             state: env.path().join("state"),
             log,
