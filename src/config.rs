@@ -770,6 +770,24 @@ fn check_duplicates(declared: &[(ProcKey, String)], errs: &Errs) {
     }
 }
 
+/// One `[[process]]` table read as the loader reads it (the same keys, checks and defaults;
+/// errors as `FILE: key: message`), its relative paths resolved against `base`: what
+/// `procagent add` sends.
+pub fn process_from_table(
+    fname: &str,
+    table: &toml::Table,
+    base: &Path,
+) -> Result<ProcessConfig, ConfigErrors> {
+    let errs: Errs = RefCell::new(Vec::new());
+    let mut notes = Vec::new();
+    let p = read_process(fname, "", table, base, &errs, &mut notes);
+    let errs = errs.into_inner();
+    match p {
+        Some(p) if errs.is_empty() => Ok(p),
+        _ => Err(ConfigErrors(errs)),
+    }
+}
+
 /// What `procagentd --check` warns about without failing: a `setup_path` that is not a
 /// directory on this host (yet; a deployment may create it later), each with its file.
 /// Blocking (stats every `setup_path`): for the check, never on the agent's runtime.
@@ -848,7 +866,7 @@ fn read_process(
     let mut s = Section::new(fname, prefix, t, errs);
     let namespace = s.string("namespace", "");
     let name = s.string("name", "");
-    let prefix_named = if name.is_empty() {
+    let prefix_named = if name.is_empty() || prefix.is_empty() {
         prefix.to_string()
     } else {
         format!("{prefix} ({namespace}/{name})")

@@ -308,6 +308,54 @@ pub struct SpecWire {
 }
 
 impl SpecWire {
+    /// The wire spec that registers `s` (every field the API carries; `env`, `contact`,
+    /// `func_id` and `instance_id` are config-file fields the API has no place for).
+    pub fn from_spec(s: &ProcSpec) -> SpecWire {
+        let int = |v: u64| Some(i64::try_from(v).unwrap_or(i64::MAX));
+        let opt = |v: Option<u64>| v.and_then(int);
+        SpecWire {
+            identity: Some(IdentityWire {
+                proc_name: s.proc_name.clone(),
+                setup_path: s.setup_path.clone(),
+                pid_path: s.pid_path.clone(),
+                config_path: s.config_path.clone(),
+                log_path: s.log_path.clone(),
+                user: s.account.clone(),
+                value_key: s.value_key.clone(),
+            }),
+            control: Some(ControlWire {
+                start_cmd: s.start_cmd.clone(),
+                stop_cmd: s.stop_cmd.clone(),
+                restart_cmd: s.restart_cmd.clone(),
+                reload_cmd: s.reload_cmd.clone(),
+                kill_cmd: s.kill_cmd.clone(),
+                version_cmd: s.version_cmd.clone(),
+                health_cmd: s.health_cmd.clone(),
+                cmd_shell_ext: String::new(),
+            }),
+            resource: Some(ResourceWire {
+                cpu: Some(s.cpu_lmt),
+                mem: Some(s.mem_lmt),
+            }),
+            monitor_policy: Some(PolicyWire {
+                auto_type: Some(s.auto_type.code()),
+                start_check_secs: int(s.start_check_secs),
+                stop_check_secs: int(s.stop_check_secs),
+                start_retries: s.start_retries.map(i64::from),
+                start_interval: opt(s.start_interval),
+                max_restarts: s.max_restarts.map(i64::from),
+                op_timeout: int(s.op_timeout),
+                cycle_time: int(s.cycle_time),
+                instance_num: Some(i64::from(s.instance_num)),
+                start_check_begin_time: opt(s.start_check_begin_time),
+                start_check_end_time: opt(s.start_check_end_time),
+                cmd_shell_ext: String::new(),
+            }),
+            alive_monitor_policy: None,
+            cmd_shell_ext: s.cmd_shell_ext.clone(),
+        }
+    }
+
     /// The patch this wire spec stands for: only names are mapped here (`user` is
     /// `account`, `resource.cpu` is `cpu_lmt`, ...); every check and default is
     /// [`SpecPatch::apply`]'s. `monitor_policy` wins over `alive_monitor_policy`;
@@ -983,6 +1031,45 @@ pub struct Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A spec sent through the wire comes back the same: every API field is carried.
+    #[test]
+    fn a_spec_round_trips_through_the_wire() {
+        let spec = ProcSpec {
+            setup_path: "/opt/app".into(),
+            proc_name: "app".into(),
+            pid_path: "/run/app.pid".into(),
+            config_path: "/etc/app.conf".into(),
+            log_path: "/var/log/app".into(),
+            account: "svc".into(),
+            value_key: "k".into(),
+            start_cmd: "./app".into(),
+            stop_cmd: "kill 1".into(),
+            restart_cmd: "r".into(),
+            reload_cmd: "l".into(),
+            kill_cmd: "k".into(),
+            version_cmd: "v".into(),
+            health_cmd: "h".into(),
+            cpu_lmt: 12.5,
+            mem_lmt: 3.0,
+            auto_type: crate::spec::AutoType::Periodic,
+            start_check_secs: 4,
+            start_check_begin_time: Some(1),
+            start_check_end_time: Some(6),
+            stop_check_secs: 7,
+            op_timeout: 30,
+            cycle_time: 60,
+            instance_num: 2,
+            start_retries: Some(5),
+            start_interval: Some(9),
+            max_restarts: Some(11),
+            ..ProcSpec::default()
+        };
+        let wire: SpecWire =
+            serde_json::from_value(serde_json::to_value(SpecWire::from_spec(&spec)).unwrap())
+                .unwrap();
+        assert_eq!(wire.to_spec().unwrap(), spec);
+    }
 
     #[test]
     fn lenient_numbers_and_nulls() {

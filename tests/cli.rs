@@ -875,3 +875,122 @@ fn status_shows_rss_and_the_last_exit() {
     let ends = out.lines().find(|l| l.starts_with("ops/ends")).unwrap();
     assert!(ends.contains("exit 3, ") && ends.contains(" ago"), "{ends}");
 }
+
+/// `add` and `remove` without hand-written JSON: flags or a `[[process]]` file (the config
+/// file's keys, errors and did-you-mean), `--start`, refusals of keys declared in the config
+/// file or that the API cannot carry, `remove` leaving the process running unless `--stop`.
+#[test]
+fn add_and_remove_processes_from_flags_and_files() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, &proc_toml(&env, "cfgd", "", "app = \"cfg\""));
+    let dir = env.path().display().to_string();
+    // From flags, started at once.
+    let (code, out, err) = d.cli(&[
+        "add",
+        "ops/web",
+        "--start-cmd",
+        "exec sleep 300",
+        "--setup-path",
+        &dir,
+        "--label",
+        "tier=front",
+        "--start-check-secs",
+        "1",
+        "--start",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ops/web: registered"), "{out}");
+    let pid = wait_running(&d, "web");
+    let det = d.detail(NS, "web");
+    assert_eq!(det["spec"]["proc_name"], json!("sleep"), "{det}");
+    assert_eq!(det["labels"]["tier"], json!("front"), "{det}");
+    // Again: already registered. A config-declared key: refused, naming the file.
+    let (code, _, err) = d.cli(&["add", "ops/web", "--start-cmd", "exec sleep 300"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("already registered"), "{err}");
+    let (code, _, err) = d.cli(&["add", "ops/cfgd", "--start-cmd", "exec sleep 300"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("declared in the config file") && err.contains("agent.toml"),
+        "{err}"
+    );
+    // Errors name the field as the config file does.
+    let (code, _, err) = d.cli(&["add", "ops/bad", "--start-cmd", "x", "--op-timeout", "0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("procagent add: op_timeout: 0 is out of range 1..=86400"),
+        "{err}"
+    );
+    let (code, _, err) = d.cli(&["add", "ops/bad"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("start_cmd: is required"), "{err}");
+
+    // From a file: the keys of a [[process]] table, relative paths the file's.
+    let file = env.path().join("filed.toml");
+    std::fs::write(
+        &file,
+        "stat_cmd = 'exec sleep 300'\nenv = { A = '1' }\nlabels = { app = 'filed' }\n",
+    )
+    .unwrap();
+    let fs = file.display().to_string();
+    let (code, _, err) = d.cli(&["add", "ops/filed", "-f", &fs]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{fs}: env: only a config file can set it")),
+        "{err}"
+    );
+    std::fs::write(
+        &file,
+        "stat_cmd = 'exec sleep 300'\nlabels = { app = 'filed' }\n",
+    )
+    .unwrap();
+    let (code, _, err) = d.cli(&["add", "ops/filed", "-f", &fs]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{fs}: stat_cmd: unknown key; did you mean start_cmd?"
+        )),
+        "{err}"
+    );
+    std::fs::write(
+        &file,
+        format!(
+            "[[process]]\nname = 'filed'\nstart_cmd = 'exec sleep 300'\nlog_path = 'filed.log'\nsetup_path = '{dir}'\nstart_check_secs = 1\nlabels = {{ app = 'filed' }}\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = d.cli(&["add", "ops/filed", "-f", &fs]);
+    assert_eq!(code, 0, "{out}{err}");
+    let det = d.detail(NS, "filed");
+    assert_eq!(det["spec"]["log_path"], json!(env.p("filed.log")), "{det}");
+    assert_eq!(det["labels"]["app"], json!("filed"), "{det}");
+    let (code, out, err) = d.cli(&["start", "ops/filed"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let filed_pid = wait_running(&d, "filed");
+
+    // remove: the process is left running, unwatched; with --stop it is stopped first.
+    let (code, out, err) = d.cli(&["remove", "ops/web"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "ops/web: removed; its process (pid {pid}) is left running"
+        )),
+        "{out}"
+    );
+    assert!(alive(pid as i32));
+    let (code, _, _) = d.cli(&["status", "ops/web"]);
+    assert_eq!(code, 5, "no longer registered");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let (code, out, err) = d.cli(&["remove", "ops/filed", "--stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ops/filed: removed"), "{out}");
+    wait_for("filed stopped", Duration::from_secs(15), || {
+        (!alive(filed_pid as i32)).then_some(())
+    });
+    let (code, _, err) = d.cli(&["remove", "ops/cfgd"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("declared in the config file"), "{err}");
+}

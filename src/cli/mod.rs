@@ -15,6 +15,7 @@
 //! API's data instead, on every command that reads, as one JSON document (or one JSON
 //! object per line for streams: `events -f`, `logs`).
 
+pub mod define;
 pub mod ps;
 pub mod render;
 pub mod top;
@@ -182,6 +183,12 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Register a process: from flags, or `-f FILE` with the keys of a `[[process]]` table
+    /// (as in the config file); `--start` starts it too. Keys declared in the agent's config
+    /// files are refused (change them there).
+    Add(Box<define::AddArgs>),
+    /// Unregister processes, leaving them running (no longer watched) unless `--stop`.
+    Remove(define::RemoveArgs),
     /// Kill processes (kill_cmd, else SIGKILL to the process group).
     Kill(OpArgs),
     /// Manage (托管) processes: keep them running.
@@ -464,6 +471,8 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             )
             .await
         }
+        Command::Add(a) => define::add(&client, json_out, a).await,
+        Command::Remove(a) => define::remove(&client, json_out, a).await,
         Command::Start(a) => operate(&client, json_out, a, OpType::Start).await,
         Command::Stop(a) => operate(&client, json_out, a, OpType::Stop).await,
         Command::Manage(a) => operate(&client, json_out, a, OpType::Delegate).await,
@@ -844,11 +853,23 @@ async fn operate(client: &Client, json_out: bool, a: &OpArgs, op: OpType) -> Res
         [k] if single => k.clone(),
         _ => return operate_many(client, json_out, a, op, keys).await,
     };
+    operate_one(client, json_out, &key, op, a.no_wait, a.timeout).await
+}
+
+/// One operation on one process: its task, waited for (unless `no_wait`) and summed up.
+async fn operate_one(
+    client: &Client,
+    json_out: bool,
+    key: &ProcKey,
+    op: OpType,
+    no_wait: bool,
+    timeout: u64,
+) -> Result<u8, CliError> {
     let host = my_host(client).await?;
     let TaskIdResp { task_id } = client
-        .call_typed("operate_proc", &OperateProcReq::new(&key, op, vec![host]))
+        .call_typed("operate_proc", &OperateProcReq::new(key, op, vec![host]))
         .await?;
-    if a.no_wait {
+    if no_wait {
         if json_out {
             print_json_line(&TaskIdResp {
                 task_id: task_id.clone(),
@@ -858,7 +879,7 @@ async fn operate(client: &Client, json_out: bool, a: &OpArgs, op: OpType) -> Res
         }
         return Ok(exit::OK);
     }
-    let d = wait_task(client, &task_id, Duration::from_secs(a.timeout)).await?;
+    let d = wait_task(client, &task_id, Duration::from_secs(timeout)).await?;
     if json_out {
         #[derive(Serialize)]
         struct Done<'a> {
@@ -870,7 +891,7 @@ async fn operate(client: &Client, json_out: bool, a: &OpArgs, op: OpType) -> Res
             result: &d,
         });
     } else {
-        out(&render::op_summary(&key, op, &task_id, &d));
+        out(&render::op_summary(key, op, &task_id, &d));
     }
     Ok(task_exit(&d, Some(op)))
 }
