@@ -467,7 +467,8 @@ mod tests {
             ("PORT=80 exec /usr/bin/python3 app.py", Some("python3")),
             ("nohup ./worker &", Some("worker")),
             ("", None),
-            ("$HOME/run", None),
+            ("$HOME/bin/run", Some("run")),
+            ("$PROG --fast", None),
         ] {
             assert_eq!(program_of(cmd).as_deref(), want, "{cmd}");
         }
