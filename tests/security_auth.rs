@@ -1351,3 +1351,312 @@ fn an_admins_paths_are_reached_with_the_admins_own_permissions() {
         "an existing and a missing pid file in another account's private directory read differently"
     );
 }
+
+/// Another account's private corner for the path tests: `env/victim` (0700, the victim's)
+/// holding `pub` (0755) with `secret` and `real.pid` (0644), and a process of the victim's
+/// (killed when the returned handle drops) whose working directory is `pub`: what the
+/// victim's own managed processes look like (they run in their setup_path).
+fn victim_with_a_process_inside(
+    env: &TestEnv,
+    victim: &User,
+) -> (std::path::PathBuf, common::sec::AsUser, i32) {
+    let private = env.path().join("victim");
+    let public = private.join("pub");
+    std::fs::create_dir_all(&public).unwrap();
+    std::fs::write(public.join("secret"), "victim-secret-5521\n").unwrap();
+    std::fs::write(public.join("real.pid"), format!("{}\n", std::process::id())).unwrap();
+    for (p, mode) in [
+        (&private, 0o700),
+        (&public, 0o755),
+        (&public.join("secret"), 0o644),
+        (&public.join("real.pid"), 0o644),
+    ] {
+        nix::unistd::chown(
+            p.as_path(),
+            Some(nix::unistd::Uid::from_raw(victim.uid)),
+            Some(nix::unistd::Gid::from_raw(victim.gid)),
+        )
+        .unwrap();
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    let script = format!("cd '{}' && echo in && exec sleep 600", public.display());
+    let mut sleeper = common::sec::AsUser::spawn(Some(victim), "sh", &["-c", &script]);
+    assert_eq!(
+        sleeper.line("the victim's process", Duration::from_secs(10)),
+        "in"
+    );
+    let pid = sleeper.child.id() as i32;
+    // The victim's process sits in `pub`; the admin alone cannot follow its cwd link.
+    let cwd = format!("/proc/{pid}/cwd");
+    wait_for("the victim's cwd", Duration::from_secs(10), || {
+        (std::fs::read_link(&cwd).ok()? == public).then_some(())
+    });
+    (public, sleeper, pid)
+}
+
+/// In `dir`: `a -> D10` and `D10/b -> D11` (relative symlinks into directories nested 10 and
+/// 11 deep, 200-byte names) and `D10/D11/p -> target`: `dir/a/b/p` is a short path whose
+/// resolved form is longer than PATH_MAX, which the kernel follows without complaint.
+fn long_way_to(dir: &std::path::Path, target: &str) {
+    use rustix::fs::{Mode, OFlags};
+    let name = "d".repeat(200);
+    let chain = |k: usize| vec![name.as_str(); k].join("/");
+    let open = |at: &std::os::fd::OwnedFd, p: &str| {
+        rustix::fs::openat(at, p, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap()
+    };
+    let mkdirs = |at: &std::os::fd::OwnedFd, k: usize| {
+        let mut fd = open(at, ".");
+        for _ in 0..k {
+            let _ = rustix::fs::mkdirat(&fd, name.as_str(), Mode::from_raw_mode(0o755));
+            fd = open(&fd, &name);
+        }
+        fd
+    };
+    let top = rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+    let d10 = mkdirs(&top, 10);
+    let d11 = mkdirs(&d10, 11);
+    rustix::fs::symlinkat(chain(10).as_str(), &top, "a").unwrap();
+    rustix::fs::symlinkat(chain(11).as_str(), &d10, "b").unwrap();
+    rustix::fs::symlinkat(target, &d11, "p").unwrap();
+}
+
+/// Register `name` as the admin, running `cmd` once (auto_type 2) in `setup` with `pid_path`.
+fn register_as_admin(r: &Roles, d: &Daemon, name: &str, setup: &str, pid_path: &str, cmd: &str) {
+    let spec = json!({
+        "identity": {"proc_name": name, "setup_path": setup, "pid_path": pid_path,
+                     "user": r.admin.name},
+        "control": {"start_cmd": cmd},
+        "monitor_policy": {"auto_type": 2, "start_check_secs": 1, "op_timeout": 10},
+    });
+    let (_, v, _) = call_as(
+        &r.cli,
+        d,
+        &r.admin,
+        "register_proc_info",
+        &json!({"meta": meta(name), "hosts": [Daemon::host()], "spec": spec}),
+    );
+    assert_eq!(
+        v["data"][Daemon::key(NS, name)]["error_code"],
+        json!(0),
+        "{v}"
+    );
+}
+
+/// operate_proc `op` on `name` as the admin: its task result.
+fn op_as_admin(r: &Roles, d: &Daemon, name: &str, op: i64) -> Value {
+    let (_, v, _) = call_as(
+        &r.cli,
+        d,
+        &r.admin,
+        "operate_proc",
+        &json!({"meta": meta(name), "op_type": op, "hosts": [Daemon::host()]}),
+    );
+    wait_task_as(
+        &r.cli,
+        d,
+        &r.admin,
+        v["data"]["task_id"].as_str().expect("task id"),
+        &Daemon::key(NS, name),
+    )
+}
+
+/// The pool thread that opens an admin's setup_path (and reads their pid files) has the
+/// admin's fsuid but keeps root's other capabilities, CAP_SYS_PTRACE among them: it may
+/// follow `/proc/PID/cwd` of any process, which the admin may not. The root-side walk that
+/// refuses `/proc/PID/...` links gives up (lets the job go on) when a component cannot be
+/// lstat'ed, so a path whose resolved form exceeds PATH_MAX hides the link from it. The
+/// admin's command then starts inside a directory below another account's 0700 one and
+/// reads it; a pid file there is read too (its number, the victim's uid and its existence
+/// disclosed).
+#[test]
+fn an_admins_paths_do_not_reach_another_accounts_directory_through_a_process_cwd() {
+    let env = TestEnv::new();
+    let Some(mut r) = Roles::new(&env) else {
+        return;
+    };
+    let victim = r.acc.user("v", None, &[]);
+    let d = r.daemon(&env, "");
+    let adir = r.admin_dir(&env);
+    let (_public, _sleeper, vpid) = victim_with_a_process_inside(&env, &victim);
+    // What the admin may do alone: not follow the victim's cwd link.
+    let (code, _, _) = run_as(&r.admin, "ls", &[&format!("/proc/{vpid}/cwd/")]);
+    assert_ne!(
+        code, 0,
+        "the admin can follow the victim's cwd by themselves"
+    );
+    long_way_to(&adir, &format!("/proc/{vpid}/cwd"));
+    let way = adir.join("a/b/p").display().to_string();
+    // The direct link is refused by the walk; the long way is not.
+    let leak = adir.join("leak");
+    let cmd = format!(
+        "pwd > {0}; cat secret >> {0}; exec sleep 60",
+        leak.display()
+    );
+    register_as_admin(&r, &d, "deep", &way, "", &cmd);
+    let res = op_as_admin(&r, &d, "deep", 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let got = std::fs::read_to_string(&leak).unwrap_or_default();
+    assert!(
+        !got.contains("victim-secret"),
+        "the admin's command started in another account's directory ({res}) and read: {got:?}"
+    );
+    // The same way to a pid file: an existing one and a missing one read the same.
+    let mut seen = Vec::new();
+    for (name, file) in [("pidreal", "real.pid"), ("pidnone", "none.pid")] {
+        register_as_admin(
+            &r,
+            &d,
+            name,
+            &adir.display().to_string(),
+            &format!("{way}/{file}"),
+            "exec sleep 60",
+        );
+        let res = op_as_admin(&r, &d, name, 2);
+        let events: std::collections::BTreeSet<String> = d
+            .events(&format!("{NS}/{name}"))
+            .iter()
+            .map(|e| format!("{} {}", e["kind"], e["message"]).replace(file, "FILE"))
+            .collect();
+        seen.push((
+            res["error_msg"]
+                .as_str()
+                .unwrap_or("")
+                .replace(file, "FILE"),
+            events,
+        ));
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "a pid file reached through another process's cwd was read for the admin"
+    );
+}
+
+/// The walk (as root) and the open (as the admin) look the path up twice: a symlink of the
+/// admin's that points at a directory of their own while the walk looks, and at
+/// `/proc/PID/cwd` of another account's process when the open follows it, takes the
+/// admin's command into that process's directory (the open keeps CAP_SYS_PTRACE).
+#[test]
+fn an_admins_setup_path_swapped_after_the_walk_does_not_reach_another_process_cwd() {
+    let env = TestEnv::new();
+    let Some(mut r) = Roles::new(&env) else {
+        return;
+    };
+    let victim = r.acc.user("v", None, &[]);
+    let d = r.daemon(&env, "");
+    let adir = r.admin_dir(&env);
+    let (_public, _sleeper, vpid) = victim_with_a_process_inside(&env, &victim);
+    let own = adir.join("own");
+    std::fs::create_dir_all(&own).unwrap();
+    let link = adir.join("r");
+    let tmp = adir.join("r.tmp");
+    std::os::unix::fs::symlink(&own, &link).unwrap();
+    // The admin flips the link as fast as they can (done here by the test, in their dir).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (stop, own, link, tmp) = (stop.clone(), own.clone(), link.clone(), tmp.clone());
+        let cwd = std::path::PathBuf::from(format!("/proc/{vpid}/cwd"));
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for t in [&own, &cwd] {
+                    let _ = std::fs::remove_file(&tmp);
+                    let _ = std::os::unix::fs::symlink(t, &tmp);
+                    let _ = std::fs::rename(&tmp, &link);
+                }
+            }
+        })
+    };
+    let leak = adir.join("leak");
+    let cmd = format!(
+        "pwd >> {0}; cat secret >> {0} 2>/dev/null; true",
+        leak.display()
+    );
+    register_as_admin(&r, &d, "flip", &link.display().to_string(), "", &cmd);
+    let mut got = String::new();
+    for _ in 0..30 {
+        op_as_admin(&r, &d, "flip", 0);
+        std::thread::sleep(Duration::from_millis(200));
+        got = std::fs::read_to_string(&leak).unwrap_or_default();
+        if got.contains("victim-secret") {
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    assert!(
+        !got.contains("victim-secret"),
+        "the admin's command started in another account's directory and read: {got:?}"
+    );
+}
+
+/// `GET /v1/logs` checks an admin's `log_path` as the admin, but resolves it as root first:
+/// a file under another account's 0700 directory answers "not readable by the process's
+/// account" when it exists and "No such file or directory" when it does not, so an admin
+/// learns which files exist there (what the pid files no longer tell).
+#[test]
+fn an_admins_log_path_does_not_tell_whether_a_file_exists_in_another_accounts_directory() {
+    let env = TestEnv::new();
+    let Some(mut r) = Roles::new(&env) else {
+        return;
+    };
+    let victim = r.acc.user("v", None, &[]);
+    let d = r.daemon(&env, "");
+    let adir = r.admin_dir(&env);
+    let private = env.path().join("victim");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::write(private.join("there.log"), "victim-log-7731\n").unwrap();
+    for p in [&private, &private.join("there.log")] {
+        nix::unistd::chown(
+            p.as_path(),
+            Some(nix::unistd::Uid::from_raw(victim.uid)),
+            Some(nix::unistd::Gid::from_raw(victim.gid)),
+        )
+        .unwrap();
+    }
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let sock = d.socket.display().to_string();
+    let mut seen = Vec::new();
+    for (name, file) in [("logthere", "there.log"), ("lognone", "none.log")] {
+        let spec = json!({
+            "identity": {"proc_name": name, "setup_path": adir.display().to_string(),
+                         "pid_path": "", "user": r.admin.name,
+                         "log_path": private.join(file).display().to_string()},
+            "control": {"start_cmd": "exec sleep 60"},
+            "monitor_policy": {"auto_type": 1, "start_check_secs": 1, "op_timeout": 10},
+        });
+        let (_, v, _) = call_as(
+            &r.cli,
+            &d,
+            &r.admin,
+            "register_proc_info",
+            &json!({"meta": meta(name), "hosts": [Daemon::host()], "spec": spec}),
+        );
+        assert_eq!(
+            v["data"][Daemon::key(NS, name)]["error_code"],
+            json!(0),
+            "{v}"
+        );
+        let (_, out, err) = run_as(
+            &r.admin,
+            &r.cli,
+            &[
+                "--socket",
+                &sock,
+                "--json",
+                "logs",
+                &format!("{NS}/{name}"),
+                "--source",
+                "log",
+            ],
+        );
+        assert!(!out.contains("victim-log"), "the log was shown: {out}");
+        seen.push(format!("{out}{err}").replace(file, "FILE"));
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "an existing and a missing file in another account's private directory read differently"
+    );
+}
