@@ -1660,3 +1660,62 @@ fn an_admins_log_path_does_not_tell_whether_a_file_exists_in_another_accounts_di
         "an existing and a missing file in another account's private directory read differently"
     );
 }
+
+/// The pool's walk before a job (which refuses `/proc/PID/...` links) looks the path up as
+/// root, symlinks included: a symlink of the admin's to `PRIVATE/NAME/../../../proc/1/cwd`
+/// answers "was not tried: it goes through /proc/1/cwd" when NAME exists under another
+/// account's 0700 directory (root's lstat finds it and the walk goes on) and "permission
+/// denied" when it does not (the walk stops, the admin's open fails): an existence oracle.
+#[test]
+fn the_pools_walk_does_not_tell_an_admin_whether_a_file_exists_in_another_accounts_directory() {
+    let env = TestEnv::new();
+    let Some(mut r) = Roles::new(&env) else {
+        return;
+    };
+    let victim = r.acc.user("v", None, &[]);
+    let d = r.daemon(&env, "");
+    let adir = r.admin_dir(&env);
+    let private = env.path().join("victim");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::write(private.join("there"), "x").unwrap();
+    nix::unistd::chown(
+        private.as_path(),
+        Some(nix::unistd::Uid::from_raw(victim.uid)),
+        Some(nix::unistd::Gid::from_raw(victim.gid)),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let ups = "../".repeat(private.components().count() + 1);
+    let mut seen = Vec::new();
+    for (name, file) in [("walkthere", "there"), ("walknone", "none")] {
+        let link = adir.join(name);
+        std::os::unix::fs::symlink(
+            format!("{}/{file}/{ups}proc/1/cwd", private.display()),
+            &link,
+        )
+        .unwrap();
+        register_as_admin(
+            &r,
+            &d,
+            name,
+            &link.display().to_string(),
+            "",
+            "exec sleep 60",
+        );
+        let res = op_as_admin(&r, &d, name, 0);
+        seen.push(
+            res["error_msg"]
+                .as_str()
+                .unwrap_or("")
+                .replace(name, "NAME"),
+        );
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "an existing and a missing file in another account's private directory read differently"
+    );
+}
