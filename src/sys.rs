@@ -831,7 +831,8 @@ pub fn as_account_fs<R>(who: &FsIdentity, f: impl FnOnce() -> R) -> io::Result<R
     }
     let saved = nix::unistd::getgroups().map_err(io::Error::from)?;
     let saved: Vec<libc::gid_t> = saved.into_iter().map(|g| g.as_raw()).collect();
-    let guard = FsRestore {
+    let mut guard = FsRestore {
+        caps: None,
         uid: fs_id(libc::SYS_setfsuid),
         gid: fs_id(libc::SYS_setfsgid),
         groups: saved,
@@ -847,9 +848,69 @@ pub fn as_account_fs<R>(who: &FsIdentity, f: impl FnOnce() -> R) -> io::Result<R
     if fs_id(libc::SYS_setfsgid) != who.gid || fs_id(libc::SYS_setfsuid) != who.uid {
         return Err(io::Error::from_raw_os_error(libc::EPERM));
     }
+    guard.caps = thread_caps_keep_only_setid();
     let r = f();
     drop(guard);
     Ok(r)
+}
+
+/// `struct __user_cap_header_struct` of capget(2)/capset(2).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// `struct __user_cap_data_struct` of capget(2)/capset(2) (two of them, version 3).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAP_VERSION_3: u32 = 0x2008_0522;
+const CAP_SETGID_BIT: u32 = 1 << 6;
+const CAP_SETUID_BIT: u32 = 1 << 7;
+
+/// Lower the calling thread's effective capabilities to CAP_SETUID and CAP_SETGID (what
+/// putting the ids back needs): a non-zero fsuid drops only the file-system ones, and
+/// CAP_SYS_PTRACE would still let the thread follow `/proc/PID/cwd`, `root` and `fd/N` of
+/// any process, which the account may not. Returns the sets to put back (`None`: capget
+/// failed, nothing changed).
+fn thread_caps_keep_only_setid() -> Option<[CapData; 2]> {
+    let mut h = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let mut d = [CapData::default(); 2];
+    // SAFETY: capget writes two `CapData` (version 3) for the calling thread (pid 0).
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut CapHeader, d.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    let old = d;
+    d[0].effective &= CAP_SETUID_BIT | CAP_SETGID_BIT;
+    d[1].effective = 0;
+    thread_caps_set(&d);
+    Some(old)
+}
+
+/// Set the calling thread's capability sets (capset acts on the calling thread alone); a
+/// thread whose capabilities cannot be set as wanted must not go on.
+fn thread_caps_set(d: &[CapData; 2]) {
+    let mut h = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    // SAFETY: capset reads two `CapData` (version 3) and changes only the calling thread.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut CapHeader, d.as_ptr()) };
+    if r != 0 {
+        eprintln!("procagentd: cannot set a thread's capabilities; aborting");
+        std::process::abort();
+    }
 }
 
 /// The calling thread's current fsuid (`SYS_setfsuid`) or fsgid (`SYS_setfsgid`): an id of
@@ -874,6 +935,8 @@ fn set_thread_groups(groups: &[u32]) -> io::Result<()> {
 
 /// Puts a thread's file-system identity back when dropped.
 struct FsRestore {
+    /// The thread's capability sets before they were lowered (put back first).
+    caps: Option<[CapData; 2]>,
     uid: u32,
     gid: u32,
     groups: Vec<libc::gid_t>,
@@ -881,6 +944,9 @@ struct FsRestore {
 
 impl Drop for FsRestore {
     fn drop(&mut self) {
+        if let Some(c) = self.caps.take() {
+            thread_caps_set(&c);
+        }
         // SAFETY: as in `as_account_fs`; ids the thread held a moment ago.
         unsafe {
             libc::syscall(libc::SYS_setfsuid, self.uid as libc::c_long);
@@ -1464,6 +1530,11 @@ mod account_fs_tests {
         let (err, inside, other) = std::thread::scope(|s| {
             s.spawn(|| {
                 as_account_fs(&who, || {
+                    // Not CAP_SYS_PTRACE either: /proc/1/cwd (root's) is not followed.
+                    assert!(
+                        std::fs::read_dir("/proc/1/cwd").is_err(),
+                        "/proc/1/cwd followed"
+                    );
                     let err = std::fs::read(closed.join("f")).unwrap_err().kind();
                     (err, creds_of(tid()), creds_of(main))
                 })
@@ -1485,6 +1556,19 @@ mod account_fs_tests {
             }));
             assert!(caught.is_err());
             assert_eq!(creds_of(tid()), before);
+            let capeff = |t: i32| {
+                std::fs::read_to_string(format!("/proc/self/task/{t}/status"))
+                    .unwrap()
+                    .lines()
+                    .find(|l| l.starts_with("CapEff:"))
+                    .unwrap()
+                    .to_string()
+            };
+            assert_eq!(
+                capeff(tid()),
+                capeff(main),
+                "capabilities not back after a panic"
+            );
             assert_eq!(std::fs::read(closed.join("f")).unwrap(), b"x");
         })
         .join()
