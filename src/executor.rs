@@ -15,9 +15,10 @@
 //! * Waiting: the reaper reports the shell's exit; on `op_timeout` the command's whole process
 //!   group (its session) is killed with SIGKILL.
 //! * Off the runtime: `setup_path` (a caller's path, perhaps on a hung mount) is opened as a
-//!   directory on the [`FsPool`], with the file-system identity of the account the command
-//!   runs as ([`sys::as_account_fs`]: root never opens a directory for an account that could
-//!   not enter it), and the child enters it with `fchdir` (no path lookup after the fork); the account lookup (NSS) and the fork run on the pool too, never on an async
+//!   directory on the [`FsPool`] with the file-system identity of the account the command
+//!   runs as ([`FsPool::run_as`]: root never looks a path up for an account that could not),
+//!   and the child enters it with `fchdir` once it is that account (no path lookup after
+//!   the fork); the account lookup (NSS) and the fork run on the pool too, never on an async
 //!   worker.
 
 use std::collections::BTreeMap;
@@ -115,6 +116,17 @@ pub fn resolve_account(name: &str) -> Result<Account, ExecError> {
         groups,
         home: u.dir.display().to_string(),
         shell: u.shell.display().to_string(),
+    })
+}
+
+/// The file-system identity the agent takes on to reach paths for `acct` (its `setup_path`,
+/// pid file, log files): `Some` when the agent runs as root and the account is another.
+pub fn fs_identity_of(acct: &Account) -> Option<sys::FsIdentity> {
+    let agent = nix::unistd::getuid().as_raw();
+    (agent == 0 && acct.uid != agent).then(|| sys::FsIdentity {
+        uid: acct.uid,
+        gid: acct.gid,
+        groups: acct.groups.clone(),
     })
 }
 
@@ -261,13 +273,14 @@ impl Executor {
             path: req.cwd.display().to_string(),
             reason,
         };
-        // Opened with the account's own permissions: a command never starts in a directory
-        // its account could not enter by itself.
-        let as_account = ident.fs_identity();
+        // Looked up with the account's own permissions (and entered as the account, after
+        // the switch): a command never starts in a directory its account could not enter.
+        let who = ident.fs_identity();
+        let who2 = who.clone();
         let dir = self
             .fs
-            .run(&req.cwd, crate::fspool::PROBE_DEADLINE, move || {
-                open_dir_as(as_account.as_ref(), &cwd)
+            .run_as(&req.cwd, who, crate::fspool::PROBE_DEADLINE, move || {
+                open_dir_as(who2.as_ref(), &cwd)
             })
             .await
             .map_err(|e| {

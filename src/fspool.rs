@@ -69,6 +69,8 @@ pub enum FsError {
     Saturated(usize),
     #[error("{what} failed inside the agent (the job panicked)")]
     Panicked { what: String },
+    #[error("{path} was not tried: the agent could not take on the account's identity ({reason})")]
+    Identity { path: String, reason: String },
 }
 
 impl FsError {
@@ -184,6 +186,8 @@ struct Queued {
     id: u64,
     key: Option<PathBuf>,
     mount: Option<PathBuf>,
+    /// The account whose file-system identity the walk runs with (`None`: the agent's own).
+    who: Option<crate::sys::FsIdentity>,
     job: Job,
 }
 
@@ -350,12 +354,32 @@ impl FsPool {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
+        self.run_as(path, None, deadline, f).await
+    }
+
+    /// [`FsPool::run`] for a path the agent reaches on behalf of the account `who` (when
+    /// `Some`): the walk that places the path on its mount runs with that account's fsuid,
+    /// fsgid and groups ([`crate::sys::as_account_fs`]), so that it neither reaches nor tells
+    /// of anything the account could not (a symlink inside another account's private
+    /// directory is not even seen). `f` runs as the agent: it takes on the account itself
+    /// for the file-system calls made on the account's behalf.
+    pub async fn run_as<T, F>(
+        &self,
+        path: &Path,
+        who: Option<crate::sys::FsIdentity>,
+        deadline: Duration,
+        f: F,
+    ) -> Result<T, FsError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
         let until = tokio::time::Instant::now() + deadline;
         let shown = || path.display().to_string();
         let mount = self.inner.mounts.mount_of(&lexical(path));
         let mut f = Some(f);
         let (id, rx) = loop {
-            let wait = match self.admit(path, &mount, &mut f)? {
+            let wait = match self.admit(path, &mount, &who, &mut f)? {
                 Admit::Queued(id, rx) => break (id, rx),
                 Admit::Wait(wait) => wait,
             };
@@ -399,7 +423,13 @@ impl FsPool {
     }
 
     /// Queue `f` on `path` unless its mount is hung or the path is busy.
-    fn admit<T, F>(&self, path: &Path, mount: &Path, f: &mut Option<F>) -> Result<Admit<T>, FsError>
+    fn admit<T, F>(
+        &self,
+        path: &Path,
+        mount: &Path,
+        who: &Option<crate::sys::FsIdentity>,
+        f: &mut Option<F>,
+    ) -> Result<Admit<T>, FsError>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
@@ -441,6 +471,7 @@ impl FsPool {
         let id = self.push(
             &mut st,
             Some((path.to_path_buf(), mount.to_path_buf())),
+            who.clone(),
             job(f, tx),
         );
         Ok(Admit::Queued(id, rx))
@@ -465,7 +496,7 @@ impl FsPool {
             if st.queued() >= self.inner.max_queue {
                 return Err(FsError::Saturated(st.queued()));
             }
-            self.push(&mut st, None, job(f, tx))
+            self.push(&mut st, None, None, job(f, tx))
         };
         let ticket = Ticket {
             pool: self.clone(),
@@ -511,7 +542,13 @@ impl FsPool {
     }
 
     /// Queue a job (keyed by its path and mount, or not) and see that a thread takes it.
-    fn push(&self, st: &mut State, key: Option<(PathBuf, PathBuf)>, job: Job) -> u64 {
+    fn push(
+        &self,
+        st: &mut State,
+        key: Option<(PathBuf, PathBuf)>,
+        who: Option<crate::sys::FsIdentity>,
+        job: Job,
+    ) -> u64 {
         st.next_id += 1;
         let id = st.next_id;
         match key {
@@ -519,12 +556,14 @@ impl FsPool {
                 id,
                 key: Some(path),
                 mount: Some(mount),
+                who,
                 job,
             }),
             None => st.unkeyed.push_back(Queued {
                 id,
                 key: None,
                 mount: None,
+                who,
                 job,
             }),
         }
@@ -684,10 +723,21 @@ impl FsPool {
                 }
                 drop(st);
                 // The path's real mount first: a symlink may lead to a mount that does not
-                // answer, which the lexical path does not show.
-                let walked = match &q.key {
-                    Some(path) => self.walk(q.id, path),
-                    None => Ok(()),
+                // answer, which the lexical path does not show. Walked as the account the job
+                // is for, so that the walk reaches (and tells of) only what it could.
+                let walked = match (&q.key, &q.who) {
+                    (Some(path), None) => self.walk(q.id, path),
+                    (Some(path), Some(who)) => {
+                        crate::sys::as_account_fs(who, || self.walk(q.id, path)).unwrap_or_else(
+                            |e| {
+                                Err(FsError::Identity {
+                                    path: path.display().to_string(),
+                                    reason: e.to_string(),
+                                })
+                            },
+                        )
+                    }
+                    (None, _) => Ok(()),
                 };
                 let job = match walked {
                     Ok(()) => Some(q.job),

@@ -291,8 +291,8 @@ impl SpawnIdentity {
 /// What a child does between the fork and the exec, prepared in the parent (no lookups,
 /// no allocation in the child): own session (so the agent can signal the whole tree and no
 /// terminal signal reaches it), its cgroup when not placed at creation, the oom shield
-/// reset, the working directory, umask, open-file limit, then supplementary groups, gid,
-/// uid in that order.
+/// reset, umask, open-file limit, then supplementary groups, gid, uid in that order, and
+/// last the working directory (entered as the account).
 pub struct ChildSetup {
     groups: Vec<libc::gid_t>,
     ids: Option<(libc::uid_t, libc::gid_t)>,
@@ -340,9 +340,6 @@ impl ChildSetup {
             nix::unistd::write(procs.as_ref(), b"0").map_err(io::Error::from)?;
         }
         nix::unistd::setsid().map_err(io::Error::from)?;
-        if let Some(dir) = &self.cwd {
-            nix::unistd::fchdir(dir.as_ref()).map_err(io::Error::from)?;
-        }
         // SAFETY: umask only sets this process's file mode creation mask.
         unsafe {
             libc::umask(self.mask.bits());
@@ -379,6 +376,11 @@ impl ChildSetup {
                 check(libc::syscall(libc::SYS_setresgid, gid, gid, gid))?;
                 check(libc::syscall(libc::SYS_setresuid, uid, uid, uid))?;
             }
+        }
+        // Entered as the account (after the switch): the kernel checks the account's
+        // search permission on the directory itself, as a `cd` by the account would.
+        if let Some(dir) = &self.cwd {
+            nix::unistd::fchdir(dir.as_ref()).map_err(io::Error::from)?;
         }
         Ok(())
     }
@@ -848,7 +850,9 @@ pub fn as_account_fs<R>(who: &FsIdentity, f: impl FnOnce() -> R) -> io::Result<R
     if fs_id(libc::SYS_setfsgid) != who.gid || fs_id(libc::SYS_setfsuid) != who.uid {
         return Err(io::Error::from_raw_os_error(libc::EPERM));
     }
-    guard.caps = thread_caps_keep_only_setid();
+    // Not CAP_SYS_PTRACE either (nor any other): with it the thread would follow
+    // `/proc/PID/cwd`, `root` and `fd/N` of any process, which the account may not.
+    guard.caps = Some(thread_caps_keep_only_setid()?);
     let r = f();
     drop(guard);
     Ok(r)
@@ -878,9 +882,9 @@ const CAP_SETUID_BIT: u32 = 1 << 7;
 /// Lower the calling thread's effective capabilities to CAP_SETUID and CAP_SETGID (what
 /// putting the ids back needs): a non-zero fsuid drops only the file-system ones, and
 /// CAP_SYS_PTRACE would still let the thread follow `/proc/PID/cwd`, `root` and `fd/N` of
-/// any process, which the account may not. Returns the sets to put back (`None`: capget
+/// any process, which the account may not. Returns the sets to put back (an error: capget
 /// failed, nothing changed).
-fn thread_caps_keep_only_setid() -> Option<[CapData; 2]> {
+fn thread_caps_keep_only_setid() -> io::Result<[CapData; 2]> {
     let mut h = CapHeader {
         version: CAP_VERSION_3,
         pid: 0,
@@ -889,13 +893,13 @@ fn thread_caps_keep_only_setid() -> Option<[CapData; 2]> {
     // SAFETY: capget writes two `CapData` (version 3) for the calling thread (pid 0).
     let r = unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut CapHeader, d.as_mut_ptr()) };
     if r != 0 {
-        return None;
+        return Err(io::Error::last_os_error());
     }
     let old = d;
     d[0].effective &= CAP_SETUID_BIT | CAP_SETGID_BIT;
     d[1].effective = 0;
     thread_caps_set(&d);
-    Some(old)
+    Ok(old)
 }
 
 /// Set the calling thread's capability sets (capset acts on the calling thread alone); a

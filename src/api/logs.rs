@@ -121,7 +121,23 @@ pub struct Opened {
 
 /// Open `path` for reading as described in the module docs: resolve it, walk the resolved
 /// path from `/` without following symlinks, check the account's permissions on the way.
+/// For an account other than the agent's, all of it is done with the account's own
+/// file-system identity ([`crate::sys::as_account_fs`]): the kernel's own checks (ACLs
+/// included) apply, and whether a file the account cannot reach exists is not told.
 pub fn open_checked(path: &Path, acct: Option<&Account>) -> Result<Opened, OpenError> {
+    match acct.map(crate::executor::fs_identity_of) {
+        Some(Some(who)) => crate::sys::as_account_fs(&who, || open_walked(path, acct))
+            .unwrap_or_else(|_| {
+                Err(OpenError::Denied(
+                    acct.map(|a| a.name.clone()).unwrap_or_default(),
+                ))
+            }),
+        _ => open_walked(path, acct),
+    }
+}
+
+/// [`open_checked`]'s walk, as whoever the calling thread is.
+fn open_walked(path: &Path, acct: Option<&Account>) -> Result<Opened, OpenError> {
     let io = |e: std::io::Error| OpenError::Io(e.to_string());
     let denied = || OpenError::Denied(acct.map(|a| a.name.clone()).unwrap_or_default());
     let real = std::fs::canonicalize(path).map_err(io)?;
@@ -285,6 +301,15 @@ fn notice_obj(source: &str, file: &Path, notice: impl Into<String>) -> Value {
         notice: Some(notice.into()),
         ..LogLine::default()
     })
+}
+
+/// [`dir_files`] listed with `acct`'s file-system identity (an account other than the
+/// agent's), as [`open_checked`] opens.
+fn dir_files_as(dir: &Path, acct: Option<&Account>) -> std::io::Result<Vec<(PathBuf, SystemTime)>> {
+    match acct.map(crate::executor::fs_identity_of) {
+        Some(Some(who)) => crate::sys::as_account_fs(&who, || dir_files(dir))?,
+        _ => dir_files(dir),
+    }
 }
 
 /// The regular files of a log directory to show, oldest first (see the module docs).
@@ -516,6 +541,7 @@ impl Sources {
     /// mount): run on the file-system pool.
     fn resolve(
         spec: &crate::spec::ProcSpec,
+        account: Result<Account, crate::executor::ExecError>,
         output: PathBuf,
         which: &str,
         out: &mut Vec<Value>,
@@ -523,7 +549,7 @@ impl Sources {
         // The account whose view of the file system bounds what is shown. The agent's own
         // account (root) needs no check; an account that no longer exists sees nothing.
         let agent_uid = nix::unistd::getuid().as_raw();
-        let acct = match crate::executor::resolve_account(&spec.account) {
+        let acct = match account {
             Ok(a) if a.uid == agent_uid || a.uid == 0 => None,
             Ok(a) => Some(a),
             Err(e) => {
@@ -553,7 +579,7 @@ impl Sources {
             let lp = PathBuf::from(&spec.log_path);
             match open_checked(&lp, acct.as_ref()) {
                 Ok(o) if o.dir => {
-                    match dir_files(&o.real) {
+                    match dir_files_as(&o.real, acct.as_ref()) {
                         Ok(list) => {
                             if list.is_empty() {
                                 out.push(notice_obj("log", &lp, "no log files in this directory"));
@@ -581,7 +607,9 @@ impl Sources {
     /// when small, from their end otherwise; files beyond the newest few leave).
     fn rescan(&mut self, out: &mut Vec<Value>) {
         let Some(dir) = &self.dir else { return };
-        let Ok(list) = dir_files(dir) else { return };
+        let Ok(list) = dir_files_as(dir, self.acct.as_ref()) else {
+            return;
+        };
         self.files
             .retain(|t| !t.in_dir || list.iter().any(|(p, _)| *p == t.path));
         for (p, _) in list {
@@ -673,14 +701,39 @@ pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
     let probe_key = probe_key(&spec, &engine.exec.output_path(&key));
     let output = engine.exec.output_path(&key);
     let which_s = which.to_string();
+    // The account first (NSS, on the pool): the pool walks the log path as that account.
+    let name = spec.account.clone();
+    let account = match engine
+        .fs
+        .run_unkeyed("resolving an account", Duration::from_secs(30), move || {
+            crate::executor::resolve_account(&name)
+        })
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            return ApiError::new(codes::UNAVAILABLE, format!("cannot read the logs: {e}"))
+                .into_response();
+        }
+    };
+    // (An account that no longer exists opens no log_path: see `Sources::resolve`.)
+    let who = account
+        .as_ref()
+        .ok()
+        .and_then(crate::executor::fs_identity_of);
     let res = engine
         .fs
-        .run(&probe_key, crate::fspool::PROBE_DEADLINE, move || {
-            let mut first = Vec::new();
-            let mut src = Sources::resolve(&spec, output, &which_s, &mut first);
-            src.initial(lines, &mut first);
-            (src, first)
-        })
+        .run_as(
+            &probe_key,
+            who.clone(),
+            crate::fspool::PROBE_DEADLINE,
+            move || {
+                let mut first = Vec::new();
+                let mut src = Sources::resolve(&spec, account, output, &which_s, &mut first);
+                src.initial(lines, &mut first);
+                (src, first)
+            },
+        )
         .await;
     let (src, first) = match res {
         Ok(v) => v,
@@ -696,6 +749,7 @@ pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
     let follower = Follower {
         fs: engine.fs.clone(),
         probe_key,
+        who,
         src: Some(src),
         last_scan: Instant::now(),
         last_sent: Instant::now(),
@@ -729,6 +783,8 @@ fn probe_key(spec: &crate::spec::ProcSpec, output: &Path) -> PathBuf {
 struct Follower {
     fs: crate::fspool::FsPool,
     probe_key: PathBuf,
+    /// The account the pool walks the log path as.
+    who: Option<crate::sys::FsIdentity>,
     /// `None` once the sources stopped answering (the stream then ends).
     src: Option<Sources>,
     last_scan: Instant,
@@ -747,14 +803,19 @@ impl Follower {
             }
             let r = self
                 .fs
-                .run(&self.probe_key, crate::fspool::PROBE_DEADLINE, move || {
-                    let mut out = Vec::new();
-                    if scan {
-                        src.rescan(&mut out);
-                    }
-                    src.poll(&mut out);
-                    (src, out)
-                })
+                .run_as(
+                    &self.probe_key,
+                    self.who.clone(),
+                    crate::fspool::PROBE_DEADLINE,
+                    move || {
+                        let mut out = Vec::new();
+                        if scan {
+                            src.rescan(&mut out);
+                        }
+                        src.poll(&mut out);
+                        (src, out)
+                    },
+                )
                 .await;
             let out = match r {
                 Ok((src, out)) => {

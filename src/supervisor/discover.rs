@@ -92,18 +92,28 @@ impl ClaimData {
             return Ok(a);
         }
         let a = crate::executor::resolve_account(&self.account).map_err(|e| e.to_string())?;
-        let agent = nix::unistd::getuid().as_raw();
-        let fs = (agent == 0 && a.uid != agent).then(|| crate::sys::FsIdentity {
-            uid: a.uid,
-            gid: a.gid,
-            groups: a.groups.clone(),
-        });
+        let fs = crate::executor::fs_identity_of(&a);
         Ok(self.acct.get_or_init(|| (a.uid, fs)))
+    }
+
+    /// Resolve the account on the pool (NSS) and return the identity the jobs on this
+    /// claim's pid file run with ([`crate::fspool::FsPool::run_as`]).
+    pub async fn fs_identity(
+        self: &Arc<Self>,
+        fs: &crate::fspool::FsPool,
+    ) -> Result<Option<crate::sys::FsIdentity>, String> {
+        let c = self.clone();
+        fs.run_unkeyed("resolving an account", Duration::from_secs(30), move || {
+            c.account().map(|a| a.1.clone())
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// Read the definition's pid file with its account's permissions (root never reads a
     /// pid file for an account that could not read it: neither its number nor whether it
-    /// exists is disclosed). Blocking; run it on the file-system pool.
+    /// exists is disclosed). Blocking; run it on the file-system pool, with `run_as` and
+    /// [`ClaimData::fs_identity`] so that the pool's walk is the account's too.
     pub fn read_pid_file(&self) -> Result<i32, crate::procinfo::PidFileError> {
         use crate::procinfo::{PidFileError, read_pid_file};
         let path = std::path::Path::new(&self.pid_path);
@@ -227,9 +237,14 @@ impl Engine {
             .flatten()
             .map(|p| p.display().to_string());
         let engine = self.clone();
+        let claim = Arc::new(claim);
+        let who = claim
+            .fs_identity(&self.fs)
+            .await
+            .map_err(|e| format!("cannot read the pid file: {e}"))?;
         let probe = self
             .fs
-            .run(&path, crate::fspool::PROBE_DEADLINE, move || {
+            .run_as(&path, who, crate::fspool::PROBE_DEADLINE, move || {
                 claim.probe(&engine, want_fd, setup_real)
             })
             .await

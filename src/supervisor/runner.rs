@@ -289,6 +289,10 @@ async fn find_fresh(engine: &Arc<Engine>, key: &ProcKey, min_ticks: u64, before:
     let Some(claim) = engine.claim_of(key) else {
         return Fresh::Nothing;
     };
+    let claim = Arc::new(claim);
+    let Ok(who) = claim.fs_identity(&engine.fs).await else {
+        return Fresh::Nothing;
+    };
     let before = before.to_vec();
     let want_fd = engine.detection == Detection::Pidfd;
     let e2 = engine.clone();
@@ -315,7 +319,7 @@ async fn find_fresh(engine: &Arc<Engine>, key: &ProcKey, min_ticks: u64, before:
     };
     engine
         .fs
-        .run(&path, crate::fspool::PROBE_DEADLINE, job)
+        .run_as(&path, who, crate::fspool::PROBE_DEADLINE, job)
         .await
         .unwrap_or(Fresh::Nothing)
 }
@@ -362,6 +366,10 @@ async fn end_stray(
     let Some(claim) = engine.claim_of(key) else {
         return String::new();
     };
+    let claim = Arc::new(claim);
+    let Ok(who) = claim.fs_identity(&engine.fs).await else {
+        return String::new();
+    };
     let e2 = engine.clone();
     let path = std::path::PathBuf::from(&spec.pid_path);
     let job = move || -> Option<(i32, String)> {
@@ -385,7 +393,7 @@ async fn end_stray(
     };
     let Ok(Some((pid, comm))) = engine
         .fs
-        .run(&path, crate::fspool::PROBE_DEADLINE, job)
+        .run_as(&path, who, crate::fspool::PROBE_DEADLINE, job)
         .await
     else {
         return String::new();
