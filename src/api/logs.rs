@@ -138,8 +138,15 @@ pub fn open_checked(path: &Path, acct: Option<&Account>) -> Result<Opened, OpenE
 
 /// [`open_checked`]'s walk, as whoever the calling thread is.
 fn open_walked(path: &Path, acct: Option<&Account>) -> Result<Opened, OpenError> {
-    let io = |e: std::io::Error| OpenError::Io(e.to_string());
     let denied = || OpenError::Denied(acct.map(|a| a.name.clone()).unwrap_or_default());
+    // Refused by the kernel (as the account) or by the mode bits: the same answer.
+    let io = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            denied()
+        } else {
+            OpenError::Io(e.to_string())
+        }
+    };
     let real = std::fs::canonicalize(path).map_err(io)?;
     let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let mut fd: OwnedFd = rustix::fs::open("/", flags | OFlags::DIRECTORY, Mode::empty())
