@@ -16,6 +16,7 @@
 //! object per line for streams: `events -f`, `logs`).
 
 pub mod define;
+pub mod follow;
 pub mod ps;
 pub mod render;
 pub mod top;
@@ -32,9 +33,9 @@ use crate::api::client::{Client, ClientError, decode_data};
 use crate::api::reload::ReloadReport;
 use crate::expr::Expression;
 use crate::proto::{
-    Envelope, Event, EventList, FLAG_RUNNING, Health, HostWire, LogLines, OpType, OperateMultiReq,
-    OperateProcReq, ProcDetail, ProcList, ProcsQuery, ReloadErrors, ReloadReq, TaskIdResp,
-    TaskList, TaskQuery, TaskResults, TasksQuery, codes,
+    Envelope, FLAG_RUNNING, Health, HostWire, OpType, OperateMultiReq, OperateProcReq, ProcDetail,
+    ProcList, ProcsQuery, ReloadErrors, ReloadReq, TaskIdResp, TaskList, TaskQuery, TaskResults,
+    TasksQuery, codes,
 };
 use crate::spec::ProcKey;
 
@@ -73,6 +74,10 @@ pub struct Cli {
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Show every column and every message whole, whatever the terminal's width (tables
+    /// are otherwise fitted to a terminal: columns dropped, messages shortened).
+    #[arg(long, global = true)]
+    pub wide: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -226,20 +231,9 @@ pub enum Command {
         #[arg(short = 'n', long, default_value_t = 100)]
         limit: usize,
     },
-    /// Show a process's logs: the captured output of its commands and its log_path.
-    Logs {
-        /// The process, as NAMESPACE/NAME.
-        process: String,
-        /// Keep following new lines.
-        #[arg(short, long)]
-        follow: bool,
-        /// Lines to show from the end of each file.
-        #[arg(short = 'n', long, default_value_t = 50)]
-        lines: usize,
-        /// Which logs: all, output (captured command output) or log (log_path).
-        #[arg(long, default_value = "all", value_parser = ["all", "output", "log"])]
-        source: String,
-    },
+    /// Show processes' logs: the captured output of their commands and their log_path
+    /// (several processes: each line prefixed with its process).
+    Logs(follow::LogsArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff): procagent(1), or a subcommand's page; with --dir, write
@@ -443,6 +437,7 @@ pub async fn run(cli: Cli) -> u8 {
 }
 
 async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
+    render::set_wide(cli.wide);
     match &cli.command {
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
@@ -548,9 +543,10 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
                     .await
                     .ok()
                     .and_then(|l| l.list.into_iter().next());
+                let width = render::term_width();
                 out(&render::fit(
-                    &render::task_table(&d, record.as_ref()),
-                    render::term_width(),
+                    &render::task_table(&d, record.as_ref(), width),
+                    width,
                 ));
             }
             Ok(task_exit(&d, None))
@@ -565,7 +561,8 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
                 print_json(&raw);
             } else {
                 let d: TaskList = decode_data("tasks", raw)?;
-                out(&render::fit(&render::tasks_table(&d), render::term_width()));
+                let width = render::term_width();
+                out(&render::fit(&render::tasks_table(&d, width), width));
             }
             Ok(exit::OK)
         }
@@ -588,7 +585,7 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             since,
             limit,
         } => {
-            events(
+            follow::events(
                 &client,
                 json_out,
                 *follow,
@@ -598,12 +595,7 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             )
             .await
         }
-        Command::Logs {
-            process,
-            follow,
-            lines,
-            source,
-        } => logs(&client, json_out, process, *follow, *lines, source).await,
+        Command::Logs(a) => follow::logs(&client, json_out, a).await,
         Command::Completions { .. } | Command::Man { .. } => Ok(exit::OK),
         Command::Call { api, body } => call_raw(&client, api, body).await,
     }
@@ -798,9 +790,10 @@ async fn status(
         {
             list.retain(|p| ex.matches(&p.namespace, &p.name));
         }
+        let width = render::term_width();
         out(&render::fit(
-            &render::status_table(&list, render::color_enabled()),
-            render::term_width(),
+            &render::status_table(&list, render::color_enabled(), width),
+            width,
         ));
         list
     };
@@ -1299,114 +1292,6 @@ async fn reload_config(client: &Client, json_out: bool, r: &ConfigRun) -> Result
         return Ok(task_exit(&results, Some(OpType::Restart)));
     }
     report_batch(false, OpType::Restart, &keys, &[task_id], &results)
-}
-
-async fn events(
-    client: &Client,
-    json_out: bool,
-    follow: bool,
-    process: Option<&str>,
-    since: Option<&str>,
-    limit: usize,
-) -> Result<u8, CliError> {
-    let mut path = format!("/v1/events?limit={limit}");
-    if let Some(p) = process {
-        parse_key(p)?;
-        path.push_str(&format!("&key={}", url_encode(p)));
-    }
-    if let Some(s) = since {
-        let d = humantime::parse_duration(s)
-            .map_err(|e| CliError::new(exit::USAGE, format!("--since {s:?}: {e}")))?;
-        let ms = crate::util::unix_millis() - d.as_millis() as i64;
-        path.push_str(&format!("&since_ms={ms}"));
-    }
-    if follow {
-        path.push_str("&follow=1");
-        let mut open = true;
-        let res = client
-            .stream_lines(&path, |line| {
-                let Ok(raw) = serde_json::from_slice::<Value>(line) else {
-                    return true; // keep-alive
-                };
-                open = if json_out {
-                    outln(&raw.to_string())
-                } else {
-                    match serde_json::from_value::<Event>(raw) {
-                        Ok(ev) => outln(&render::event_line(&ev)),
-                        Err(_) => true, // not an event (a newer agent's note): skipped
-                    }
-                };
-                open
-            })
-            .await;
-        return stream_end(res, open);
-    }
-    let raw = client.get_data(&path).await?;
-    if json_out {
-        print_json(&raw);
-    } else {
-        let d: EventList = decode_data("/v1/events", raw)?;
-        for ev in &d.events {
-            if !outln(&render::event_line(ev)) {
-                break;
-            }
-        }
-    }
-    Ok(exit::OK)
-}
-
-/// Exit code when a followed stream ends: the reader left (0), or the agent closed it or
-/// went away (69, said on stderr). Errors before the stream started keep their own code.
-fn stream_end(res: Result<(), ClientError>, reader_open: bool) -> Result<u8, CliError> {
-    match res {
-        Ok(()) if !reader_open => Ok(exit::OK),
-        Ok(()) => Err(CliError::new(
-            exit::UNAVAILABLE,
-            "the agent closed the stream",
-        )),
-        Err(ClientError::Http(e)) => Err(CliError::new(
-            exit::UNAVAILABLE,
-            format!("the agent closed the stream ({e})"),
-        )),
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn logs(
-    client: &Client,
-    json_out: bool,
-    process: &str,
-    follow: bool,
-    lines: usize,
-    source: &str,
-) -> Result<u8, CliError> {
-    parse_key(process)?;
-    let path = format!(
-        "/v1/logs?key={}&lines={lines}&source={source}{}",
-        url_encode(process),
-        if follow { "&follow=1" } else { "" }
-    );
-    let mut printer = render::LogPrinter::new(json_out);
-    if follow {
-        let mut open = true;
-        let res = client
-            .stream_lines(&path, |line| {
-                let Ok(v) = serde_json::from_slice::<Value>(line) else {
-                    return true; // keep-alive
-                };
-                open = printer.print(&v);
-                open
-            })
-            .await;
-        return stream_end(res, open);
-    }
-    let d: LogLines<Value> = client.get_typed(&path).await?;
-    for v in &d.lines {
-        if !printer.print(v) {
-            break;
-        }
-    }
-    Ok(exit::OK)
 }
 
 /// Percent-encode a query value.

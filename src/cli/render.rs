@@ -17,7 +17,115 @@ pub fn color_enabled() -> bool {
 /// The width of stdout when it is a terminal (None for pipes and files: scripts get whole
 /// lines).
 pub fn term_width() -> Option<usize> {
+    if WIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
     term_width_of(&std::io::stdout())
+}
+
+/// `--wide`: nothing is fitted to the terminal (every column, every message whole).
+static WIDE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set by `--wide`.
+pub fn set_wide(wide: bool) {
+    WIDE.store(wide, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `text` cut to `width` columns at a word boundary when one is near (else within the word),
+/// marked with `…`; whole when it fits.
+pub fn cut_words(text: &str, width: usize) -> String {
+    if display_width(text) <= width {
+        return text.to_string();
+    }
+    let mut used = 0;
+    let mut end = 0;
+    let mut last_space = None;
+    for (i, c) in text.char_indices() {
+        let w = display_width(c.encode_utf8(&mut [0; 4]));
+        if used + w > width.saturating_sub(1) {
+            break;
+        }
+        if c == ' ' {
+            last_space = Some(i);
+        }
+        used += w;
+        end = i + c.len_utf8();
+    }
+    let end = match last_space {
+        Some(sp) if display_width(&text[..sp]) * 2 >= width => sp,
+        _ => end,
+    };
+    format!("{}…", text[..end].trim_end())
+}
+
+/// Columns a shortened column keeps before other columns are dropped instead.
+const MIN_SHRUNK: usize = 24;
+
+/// Fit a table to `width` columns (`None`: leave it whole): while it would not fit even with
+/// column `shrink` shortened to [`MIN_SHRUNK`], drop the columns of `drop_order` (indices
+/// into `headers`, the least useful first); then shorten `shrink` (at word boundaries) to
+/// the room left. Returns the original index of
+/// every column kept, with the headers and rows kept.
+pub fn fit_table(
+    headers: &[&str],
+    rows: &[Vec<String>],
+    width: Option<usize>,
+    drop_order: &[usize],
+    shrink: usize,
+) -> (Vec<usize>, Vec<String>, Vec<Vec<String>>) {
+    let n = headers.len();
+    let col_width = |i: usize| {
+        rows.iter()
+            .filter_map(|r| r.get(i))
+            .map(|c| display_width(c))
+            .chain(std::iter::once(display_width(headers[i])))
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..n).map(col_width).collect();
+    let total = |kept: &[usize]| {
+        kept.iter().map(|i| widths[*i]).sum::<usize>() + 2 * kept.len().saturating_sub(1)
+    };
+    let mut kept: Vec<usize> = (0..n).collect();
+    let mut shrink_to = None;
+    if let Some(w) = width {
+        // What the shortened column can give up: all but MIN_SHRUNK columns of it.
+        let slack = |kept: &[usize]| {
+            if kept.contains(&shrink) {
+                widths[shrink].saturating_sub(MIN_SHRUNK.max(display_width(headers[shrink])))
+            } else {
+                0
+            }
+        };
+        for d in drop_order {
+            if total(&kept).saturating_sub(slack(&kept)) <= w {
+                break;
+            }
+            kept.retain(|i| i != d);
+        }
+        let over = total(&kept).saturating_sub(w);
+        if over > 0 && kept.contains(&shrink) {
+            shrink_to = Some(
+                widths[shrink]
+                    .saturating_sub(over)
+                    .max(display_width(headers[shrink])),
+            );
+        }
+    }
+    let cell = |i: usize, c: &str| match shrink_to {
+        Some(w) if i == shrink => cut_words(c, w),
+        _ => c.to_string(),
+    };
+    let h = kept.iter().map(|i| headers[*i].to_string()).collect();
+    let r = rows
+        .iter()
+        .map(|row| {
+            kept.iter()
+                .map(|i| cell(*i, row.get(*i).map(String::as_str).unwrap_or("")))
+                .collect()
+        })
+        .collect();
+    (kept, h, r)
 }
 
 /// The width of a terminal (None when `fd` is not one).
@@ -207,56 +315,108 @@ pub fn reload_report(d: &ReloadReport, color: bool) -> String {
     out
 }
 
-/// Prints log line objects: the text of each line, a `==> file <==` header when the file
-/// changes (as tail does for several files), notices on stderr; or (with `--json`) each
-/// object as the agent wrote it, one JSON line each.
+/// Prints log line objects. For one process: the text of each line, a `==> file <==` header
+/// when the file changes (as tail does for several files). For several: each line prefixed
+/// with its process (`demo/web | `, coloured on a terminal), no headers. Captured output
+/// lines start with the time the agent read them (`HH:MM:SS`, UTC) and stderr's are marked
+/// `err`. Notices go to stderr. With `--json`, each object as the agent wrote it, one JSON
+/// line each (with a `process` field when there are several).
 pub struct LogPrinter {
     json: bool,
+    /// The processes' names, when lines are prefixed with them.
+    labels: Option<Vec<String>>,
+    width: usize,
+    colour: bool,
     last_file: Option<String>,
 }
 
+/// Colours of process prefixes, in turn.
+const PREFIX_COLOURS: [&str; 6] = ["36", "33", "35", "32", "34", "96"];
+
 impl LogPrinter {
-    pub fn new(json: bool) -> LogPrinter {
+    pub fn new(json: bool, labels: Option<&[String]>) -> LogPrinter {
+        let width = labels
+            .map(|l| l.iter().map(|s| display_width(s)).max().unwrap_or(0))
+            .unwrap_or(0);
         LogPrinter {
             json,
+            labels: labels.map(<[String]>::to_vec),
+            width,
+            colour: color_enabled(),
             last_file: None,
         }
     }
 
-    /// Print one object as the agent wrote it (`raw`); false when stdout is gone. An
-    /// object that is not a log line is skipped in the human form.
-    pub fn print(&mut self, raw: &Value) -> bool {
+    /// Print one object of process `idx` as the agent wrote it (`raw`); false when stdout
+    /// is gone. An object that is not a log line is skipped in the human form.
+    pub fn print(&mut self, idx: usize, raw: &Value) -> bool {
         use std::io::Write;
         if self.json {
+            let mut raw = raw.clone();
+            if let (Some(labels), Some(o)) = (&self.labels, raw.as_object_mut()) {
+                let name = labels.get(idx).cloned().unwrap_or_default();
+                o.insert("process".into(), Value::String(name));
+            }
             let mut o = std::io::stdout().lock();
             return writeln!(o, "{raw}").and_then(|_| o.flush()).is_ok();
         }
         match serde_json::from_value::<LogLine>(raw.clone()) {
-            Ok(l) => self.print_line(&l),
+            Ok(l) => self.print_line(idx, &l),
             Err(_) => true,
         }
     }
 
     /// Print one line (or its notice, on stderr) for humans; false when stdout is gone.
-    pub fn print_line(&mut self, v: &LogLine) -> bool {
+    pub fn print_line(&mut self, idx: usize, v: &LogLine) -> bool {
         use std::io::Write;
-        let mut o = std::io::stdout().lock();
-        let file = v.file.clone();
+        let label = self.labels.as_ref().and_then(|l| l.get(idx)).cloned();
         if let Some(n) = &v.notice {
-            eprintln!("procagent: {} ({}): {n}", file, v.source);
+            match &label {
+                Some(p) => eprintln!("procagent: {p}: {} ({}): {n}", v.file, v.source),
+                None => eprintln!("procagent: {} ({}): {n}", v.file, v.source),
+            }
             return true;
         }
         let mut text = String::new();
-        if self.last_file.as_deref() != Some(file.as_str()) {
-            if self.last_file.is_some() {
-                text.push('\n');
+        match &label {
+            Some(p) => {
+                let pad = " ".repeat(self.width.saturating_sub(display_width(p)));
+                if self.colour {
+                    let c = PREFIX_COLOURS[idx % PREFIX_COLOURS.len()];
+                    text.push_str(&format!("\x1b[{c}m{p}\x1b[0m{pad} | "));
+                } else {
+                    text.push_str(&format!("{p}{pad} | "));
+                }
             }
-            text.push_str(&format!("==> {file} <==\n"));
-            self.last_file = Some(file);
+            None => {
+                if self.last_file.as_deref() != Some(v.file.as_str()) {
+                    if self.last_file.is_some() {
+                        text.push('\n');
+                    }
+                    text.push_str(&format!("==> {} <==\n", v.file));
+                    self.last_file = Some(v.file.clone());
+                }
+            }
         }
+        text.push_str(&self.stamp(v));
         text.push_str(v.line.as_deref().unwrap_or(""));
         text.push('\n');
+        let mut o = std::io::stdout().lock();
         o.write_all(text.as_bytes()).and_then(|_| o.flush()).is_ok()
+    }
+
+    /// `HH:MM:SS ` (the capture time) and the stderr mark of a captured line; empty for a
+    /// log_path line.
+    fn stamp(&self, v: &LogLine) -> String {
+        let Some(t) = v.time.as_deref() else {
+            return String::new();
+        };
+        let hms = t.get(11..19).unwrap_or(t);
+        match v.stream.as_deref() {
+            Some("err") if self.colour => format!("{hms} \x1b[31merr\x1b[0m "),
+            Some("err") => format!("{hms} err "),
+            _ => format!("{hms}     "),
+        }
     }
 }
 
@@ -392,10 +552,10 @@ fn status_message(p: &ProcDetail) -> String {
         if let Some(x) = &p.last_exit {
             m.push_str(&format!(", last run {x}"));
         }
-        return m.chars().take(160).collect();
+        return m;
     }
     if p.state != "backoff" {
-        return why.chars().take(80).collect();
+        return why.to_string();
     }
     let mut m = format!("failure {} in a row", p.consecutive_failures);
     if let Some(s) = p.next_restart_in {
@@ -408,11 +568,11 @@ fn status_message(p: &ProcDetail) -> String {
         m.push_str("; ");
         m.push_str(why);
     }
-    m.chars().take(160).collect()
+    m
 }
 
-/// The `status` table.
-pub fn status_table(list: &[ProcDetail], color: bool) -> String {
+/// The `status` table, fitted to `width` columns (a terminal's; `None`: whole).
+pub fn status_table(list: &[ProcDetail], color: bool, width: Option<usize>) -> String {
     let headers = [
         "PROCESS",
         "STATE",
@@ -454,8 +614,12 @@ pub fn status_table(list: &[ProcDetail], color: bool) -> String {
             ]
         })
         .collect();
+    // Narrow terminals: MANAGED, CPU%, RESTARTS, LAST EXIT, UPTIME, RSS, PID go first (in
+    // that order), then MESSAGE is shortened; rows never wrap.
+    let (kept, headers, rows) = fit_table(&headers, &rows, width, &[3, 6, 4, 8, 5, 7, 2], 9);
+    let h: Vec<&str> = headers.iter().map(String::as_str).collect();
     let paint = |col: usize, cell: &str| -> Option<&'static str> {
-        if col != 1 {
+        if kept.get(col) != Some(&1) {
             return None;
         }
         match cell {
@@ -467,49 +631,161 @@ pub fn status_table(list: &[ProcDetail], color: bool) -> String {
         }
     };
     if color {
-        table(&headers, &rows, Some(&paint))
+        table(&h, &rows, Some(&paint))
     } else {
-        table(&headers, &rows, None)
+        table(&h, &rows, None)
     }
 }
 
-/// A task's keyed results; `record` is the task as `tasks` lists it (for what each item
-/// did to its definition), when the agent gave it.
-pub fn task_table(d: &TaskResults, record: Option<&TaskView>) -> String {
+/// NAMESPACE/NAME of a result key (`cloud:supplier:ip:ns:name`, `agent_id:ns:name`, ...: the
+/// last two parts), or the key itself when it has no such parts.
+pub fn key_process(key: &str) -> String {
+    let mut parts = key.rsplitn(3, ':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(name), Some(ns), Some(_)) => format!("{ns}/{name}"),
+        _ => key.to_string(),
+    }
+}
+
+/// What a task did, in words: the operation's name (`restart`), or the API's for tasks that
+/// are not operations (`register`, `config apply`).
+pub fn task_op(api: &str, op_type: i64) -> String {
+    match (api, OpType::from_code(op_type)) {
+        (a, Some(op)) if a.starts_with("operate_proc") => op.name().to_string(),
+        ("register_proc_info", _) => "register".into(),
+        ("update_proc_info", _) => "update".into(),
+        ("unregister_proc_info", _) => "unregister".into(),
+        ("reload", _) => "config apply".into(),
+        (a, _) => a.to_string(),
+    }
+}
+
+/// Who asked for a task: the account of the connecting process (by name when it resolves),
+/// and the caller's own user name (`bk_username`) when it sent one.
+pub fn task_caller(t: &TaskView) -> String {
+    let account = t.peer_uid.map(|uid| {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| format!("uid {uid}"))
+    });
+    match (account, t.username.is_empty()) {
+        (Some(a), true) => a,
+        (Some(a), false) => format!("{a} ({})", t.username),
+        (None, false) => t.username.clone(),
+        (None, true) => "-".into(),
+    }
+}
+
+/// One item's result in words: `ok`, `already running`, `running` (not finished), or
+/// `failed (CODE)`.
+fn item_result(code: i64, op: Option<OpType>, msg: &str) -> String {
+    if code == crate::proto::codes::RUNNING {
+        return "running".into();
+    }
+    if let Some(said) = already(code, op, msg) {
+        return said;
+    }
+    if code == 0 {
+        "ok".into()
+    } else {
+        format!("failed ({code})")
+    }
+}
+
+/// A task's results, one row per process: what happened and the agent's message, whole
+/// (never cut: `fit` shortens rows to a terminal's width, never a pipe's). `record` is the
+/// task as `tasks` lists it (who asked, when, what it did to definitions), when the agent
+/// gave it.
+pub fn task_table(d: &TaskResults, record: Option<&TaskView>, width: Option<usize>) -> String {
+    let op = record.and_then(|t| OpType::from_code(t.op_type));
     let changes: std::collections::HashMap<&str, &str> = record
         .into_iter()
         .flat_map(|t| t.items.iter())
         .filter_map(|i| Some((i.key.as_str(), i.definition.as_deref()?)))
         .collect();
+    let mut out = String::new();
+    if let Some(t) = record {
+        out.push_str(&format!(
+            "{}: {} by {} at {}\n",
+            t.task_id,
+            task_op(&t.api, t.op_type),
+            task_caller(t),
+            time_of(t.created_ms),
+        ));
+    }
     let rows: Vec<Vec<String>> = d
         .iter()
         .map(|(k, v)| {
+            let mut msg = v.error_msg.clone();
+            if let Some(c) = changes.get(k.as_str()) {
+                msg = format!("{msg} [{c}]");
+            }
             vec![
-                k.clone(),
-                v.error_code.to_string(),
-                changes
-                    .get(k.as_str())
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                v.error_msg.chars().take(200).collect(),
+                key_process(k),
+                item_result(v.error_code, op, &v.error_msg),
+                msg,
             ]
         })
         .collect();
-    table(&["KEY", "CODE", "DEFINITION", "MESSAGE"], &rows, None)
+    let (_, h, rows) = fit_table(&["PROCESS", "RESULT", "MESSAGE"], &rows, width, &[], 2);
+    let h: Vec<&str> = h.iter().map(String::as_str).collect();
+    out.push_str(&table(&h, &rows, None));
+    out
 }
 
-/// Recent tasks.
-pub fn tasks_table(d: &TaskList) -> String {
-    let opt = |v: Option<String>| v.unwrap_or_default();
+/// A time in milliseconds since the epoch, as RFC 3339 UTC seconds.
+fn time_of(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Recent tasks: when, what, who asked, for which processes, and how it went; fitted to
+/// `width` (TIME, then CALLER dropped; RESULT shortened).
+pub fn tasks_table(d: &TaskList, width: Option<usize>) -> String {
     let rows: Vec<Vec<String>> = d
         .list
         .iter()
         .map(|t| {
-            let codes: Vec<String> = t
-                .items
-                .iter()
-                .map(|i| i.result.error_code.to_string())
-                .collect();
+            let op = OpType::from_code(t.op_type);
+            let mut procs: Vec<String> = Vec::new();
+            for i in &t.items {
+                let p = key_process(&i.key);
+                if !procs.contains(&p) {
+                    procs.push(p);
+                }
+            }
+            let shown = match procs.len() {
+                0 => "-".to_string(),
+                1 | 2 => procs.join(", "),
+                n => format!("{}, {} +{} more", procs[0], procs[1], n - 2),
+            };
+            let (mut ok, mut failed, mut running) = (0, 0, 0);
+            for i in &t.items {
+                match item_result(i.result.error_code, op, &i.result.error_msg).as_str() {
+                    "running" => running += 1,
+                    r if r.starts_with("failed") => failed += 1,
+                    _ => ok += 1,
+                }
+            }
+            let result = match (ok, failed, running) {
+                (_, 0, 0) => "ok".to_string(),
+                (0, f, 0) => {
+                    let codes: Vec<String> = t
+                        .items
+                        .iter()
+                        .map(|i| i.result.error_code.to_string())
+                        .collect();
+                    if f == 1 {
+                        format!("failed ({})", codes.join(","))
+                    } else {
+                        format!("{f} failed")
+                    }
+                }
+                (o, f, 0) => format!("{o} ok, {f} failed"),
+                (o, f, r) => format!("running ({o} ok, {f} failed, {r} to go)"),
+            };
             // What the items did to definitions, each distinct change once.
             let mut changes: Vec<&str> = Vec::new();
             for c in t.items.iter().filter_map(|i| i.definition.as_deref()) {
@@ -517,36 +793,30 @@ pub fn tasks_table(d: &TaskList) -> String {
                     changes.push(c);
                 }
             }
+            let result = if changes.is_empty() {
+                result
+            } else {
+                format!("{result}; {}", changes.join("; "))
+            };
             vec![
                 t.task_id.clone(),
-                t.api.clone(),
-                t.op_type.to_string(),
-                opt(t.peer_uid.map(|u| u.to_string())),
-                t.username.clone(),
-                t.items.len().to_string(),
-                codes.join(","),
-                if changes.is_empty() {
-                    "-".to_string()
-                } else {
-                    changes.join("; ")
-                },
+                time_of(t.created_ms),
+                task_op(&t.api, t.op_type),
+                task_caller(t),
+                shown,
+                result,
             ]
         })
         .collect();
-    table(
-        &[
-            "TASK",
-            "API",
-            "OP",
-            "UID",
-            "USER",
-            "ITEMS",
-            "CODES",
-            "DEFINITION",
-        ],
+    let (_, h, rows) = fit_table(
+        &["TASK", "TIME", "OP", "CALLER", "PROCESSES", "RESULT"],
         &rows,
-        None,
-    )
+        width,
+        &[1, 3],
+        5,
+    );
+    let h: Vec<&str> = h.iter().map(String::as_str).collect();
+    table(&h, &rows, None)
 }
 
 /// The agent's health as `key: value` lines (nested objects as `key.inner: value`), in
@@ -610,21 +880,90 @@ pub fn already(code: i64, op: Option<OpType>, msg: &str) -> Option<String> {
     Some("not running".to_string())
 }
 
-/// One event as a line.
-pub fn event_line(ev: &Event) -> String {
+/// Column widths of event lines: the kind's and the process's.
+#[derive(Debug, Clone, Copy)]
+pub struct EventColumns {
+    pub kind: usize,
+    pub key: usize,
+}
+
+impl EventColumns {
+    /// Widths for a stream whose events are not known ahead (`events -f`): room for every
+    /// kind the agent emits but the rarest, and for `key` (when one process is followed) or
+    /// a typical NAMESPACE/NAME.
+    pub fn streaming(key: Option<&str>) -> EventColumns {
+        EventColumns {
+            kind: 19,
+            key: key.map(display_width).unwrap_or(24),
+        }
+    }
+
+    /// Widths that fit every event of `events`.
+    pub fn fitting(events: &[Event]) -> EventColumns {
+        let kind = events.iter().map(|e| e.kind.len()).max().unwrap_or(0);
+        let key = events
+            .iter()
+            .map(|e| display_width(if e.key.is_empty() { "-" } else { &e.key }))
+            .max()
+            .unwrap_or(1);
+        EventColumns { kind, key }
+    }
+}
+
+/// One event as a line: time, kind, process (`-` for the agent's own), message, in aligned
+/// columns.
+pub fn event_line(ev: &Event, cols: &EventColumns) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ev.ts_ms.max(0) as u64);
+    let key = if ev.key.is_empty() { "-" } else { &ev.key };
+    let pad = " ".repeat(cols.key.saturating_sub(display_width(key)));
     format!(
-        "{} {:<14} {} {}",
+        "{} {:<kw$} {key}{pad} {}",
         humantime::format_rfc3339_millis(t),
         ev.kind,
-        if ev.key.is_empty() { "-" } else { &ev.key },
-        ev.message
+        ev.message,
+        kw = cols.kind,
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_are_cut_at_words_and_tables_fitted_by_dropping_columns() {
+        assert_eq!(
+            cut_words("start check failed: exited", 40),
+            "start check failed: exited"
+        );
+        assert_eq!(
+            cut_words("start check failed: exited 3", 16),
+            "start check…"
+        );
+        assert_eq!(cut_words("averyveryverylongword", 8), "averyve…");
+        let headers = ["NAME", "A", "B", "MESSAGE"];
+        let rows = vec![vec![
+            "demo/web".to_string(),
+            "aaaa".to_string(),
+            "bbbb".to_string(),
+            "the process exited with code 3".to_string(),
+        ]];
+        // Whole: nothing dropped.
+        let (kept, h, r) = fit_table(&headers, &rows, None, &[2, 1], 3);
+        assert_eq!(
+            (kept, h.len(), r[0][3].as_str()),
+            (vec![0, 1, 2, 3], 4, "the process exited with code 3")
+        );
+        // 40 columns: B goes, then the message is cut at a word.
+        let (kept, _, r) = fit_table(&headers, &rows, Some(40), &[2, 1], 3);
+        assert_eq!(kept, vec![0, 1, 3]);
+        let line = table(&["NAME", "A", "MESSAGE"], &r, None);
+        assert!(line.lines().all(|l| display_width(l) <= 40), "{line}");
+        assert!(
+            r[0][2].ends_with('…') && !r[0][2].ends_with(" …"),
+            "{:?}",
+            r[0][2]
+        );
+    }
 
     #[test]
     fn fit_cuts_to_the_width_ignoring_colour() {

@@ -274,7 +274,7 @@ impl Instance {
             };
             fx.push(Effect::Emit {
                 kind: "job_started",
-                message: format!("job_started (pid {pid})"),
+                message: format!("pid {pid}"),
                 data: serde_json::json!({"pid": pid}),
             });
             fx.push(Effect::Persist);
@@ -845,7 +845,7 @@ impl Instance {
         };
         fx.push(Effect::Emit {
             kind: what,
-            message: format!("{what} (pid {pid})"),
+            message: format!("pid {pid}"),
             data: serde_json::json!({"pid": pid}),
         });
         fx.push(Effect::Persist);
