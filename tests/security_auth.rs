@@ -1765,3 +1765,104 @@ fn the_pools_walk_does_not_tell_an_admin_whether_a_file_exists_in_another_accoun
         "an existing and a missing file in another account's private directory read differently"
     );
 }
+
+/// Discovery resolves `setup_path` as root (`std::fs::canonicalize`, for the ownership
+/// rule's "runs from its setup_path"): `PRIVATE/NAME/../../../ADMIN/run` resolves to the
+/// admin's own `run` directory when NAME is a directory inside another account's 0700
+/// directory, and not at all when it is missing. The admin's own process running in `run`,
+/// named by their own pid file, is then adopted (start answers 828) or not (the start fails
+/// on setup_path): a directory-existence oracle in a directory the admin cannot search.
+#[test]
+fn an_admins_setup_path_is_not_resolved_as_root_for_the_ownership_rule() {
+    let env = TestEnv::new();
+    let Some(mut r) = Roles::new(&env) else {
+        return;
+    };
+    let victim = r.acc.user("v", None, &[]);
+    let d = r.daemon(&env, "");
+    let adir = r.admin_dir(&env);
+    let private = env.path().join("victim");
+    std::fs::create_dir_all(private.join("there")).unwrap();
+    for p in [&private, &private.join("there")] {
+        nix::unistd::chown(
+            p.as_path(),
+            Some(nix::unistd::Uid::from_raw(victim.uid)),
+            Some(nix::unistd::Gid::from_raw(victim.gid)),
+        )
+        .unwrap();
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    }
+    // What the admin may do alone: not even look inside.
+    let (code, _, _) = run_as(
+        &r.admin,
+        "ls",
+        &[&private.join("there").display().to_string()],
+    );
+    assert_ne!(code, 0, "the admin can search the victim's directory");
+    let run = adir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    nix::unistd::chown(
+        run.as_path(),
+        Some(nix::unistd::Uid::from_raw(r.admin.uid)),
+        Some(nix::unistd::Gid::from_raw(r.admin.gid)),
+    )
+    .unwrap();
+    let ups = "../".repeat(private.components().count());
+    let rel = run
+        .display()
+        .to_string()
+        .trim_start_matches('/')
+        .to_string();
+    let mut seen = Vec::new();
+    let mut keep = Vec::new();
+    for (name, guess) in [("realthere", "there"), ("realnone", "none")] {
+        // The admin's own program, running in their own directory, named by their pid file.
+        let prog = adir.join(name);
+        std::fs::copy("/bin/sleep", &prog).unwrap();
+        let pidfile = adir.join(format!("{name}.pid"));
+        let script = format!(
+            "cd '{}' && echo $$ > '{}' && echo in && exec '{}' 600",
+            run.display(),
+            pidfile.display(),
+            prog.display()
+        );
+        let mut p = common::sec::AsUser::spawn(Some(&r.admin), "sh", &["-c", &script]);
+        assert_eq!(p.line("the admin's process", Duration::from_secs(10)), "in");
+        std::thread::sleep(Duration::from_millis(200));
+        keep.push(p);
+        let setup = format!("{}/{guess}/{ups}{rel}", private.display());
+        register_as_admin(
+            &r,
+            &d,
+            name,
+            &setup,
+            &pidfile.display().to_string(),
+            "exec sleep 60",
+        );
+        let res = op_as_admin(&r, &d, name, 0);
+        let events: std::collections::BTreeSet<String> = d
+            .events(&format!("{NS}/{name}"))
+            .iter()
+            .map(|e| {
+                format!("{} {}", e["kind"], e["message"])
+                    .replace(name, "NAME")
+                    .replace(guess, "GUESS")
+            })
+            .filter(|l| !l.contains("pid "))
+            .collect();
+        seen.push((
+            res["error_code"].clone(),
+            res["error_msg"]
+                .as_str()
+                .unwrap_or("")
+                .replace(name, "NAME")
+                .replace(guess, "GUESS"),
+            events,
+        ));
+    }
+    drop(keep);
+    assert_eq!(
+        seen[0], seen[1],
+        "a directory's existence inside another account's 0700 directory changed the answer"
+    );
+}
