@@ -227,21 +227,33 @@ impl Engine {
         let path = std::path::PathBuf::from(&claim.pid_path);
         let setup = std::path::PathBuf::from(&claim.setup_path);
         let s2 = setup.clone();
-        let setup_real = self
-            .fs
-            .run(&setup, crate::fspool::PROBE_DEADLINE, move || {
-                std::fs::canonicalize(&s2).ok()
-            })
-            .await
-            .ok()
-            .flatten()
-            .map(|p| p.display().to_string());
         let engine = self.clone();
         let claim = Arc::new(claim);
         let who = claim
             .fs_identity(&self.fs)
             .await
             .map_err(|e| format!("cannot read the pid file: {e}"))?;
+        // Resolved as the account too: root's canonical form of a path through another
+        // account's private directory (`PRIVATE/NAME/../..`) would tell, through the
+        // ownership rule's answer, whether NAME exists there.
+        let who2 = who.clone();
+        let setup_real = self
+            .fs
+            .run_as(
+                &setup,
+                who.clone(),
+                crate::fspool::PROBE_DEADLINE,
+                move || match &who2 {
+                    None => std::fs::canonicalize(&s2).ok(),
+                    Some(w) => crate::sys::as_account_fs(w, || std::fs::canonicalize(&s2).ok())
+                        .ok()
+                        .flatten(),
+                },
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|p| p.display().to_string());
         let probe = self
             .fs
             .run_as(&path, who, crate::fspool::PROBE_DEADLINE, move || {
