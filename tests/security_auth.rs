@@ -1866,3 +1866,97 @@ fn an_admins_setup_path_is_not_resolved_as_root_for_the_ownership_rule() {
         "a directory's existence inside another account's 0700 directory changed the answer"
     );
 }
+
+/// A followed `log_path` is checked for rotation with root's `stat` of the path (symlinks
+/// followed): once the admin swaps their own log file for a symlink into another account's
+/// 0700 directory, the stream says "file replaced (rotated)" (and then cannot open it) when
+/// the target exists there, and nothing at all when it does not: an existence oracle for
+/// any file the admin cannot reach.
+#[test]
+fn a_followed_log_path_swapped_for_a_symlink_does_not_tell_whether_a_file_exists() {
+    let env = TestEnv::new();
+    let Some(mut r) = Roles::new(&env) else {
+        return;
+    };
+    let victim = r.acc.user("v", None, &[]);
+    let d = r.daemon(&env, "");
+    let adir = r.admin_dir(&env);
+    let private = env.path().join("victim");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::write(private.join("there"), "victim-log-7731\n").unwrap();
+    for p in [&private, &private.join("there")] {
+        nix::unistd::chown(
+            p.as_path(),
+            Some(nix::unistd::Uid::from_raw(victim.uid)),
+            Some(nix::unistd::Gid::from_raw(victim.gid)),
+        )
+        .unwrap();
+    }
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let sock = d.socket.display().to_string();
+    let mut seen = Vec::new();
+    for (name, guess) in [("followthere", "there"), ("follownone", "none")] {
+        let log = adir.join(format!("{name}.log"));
+        std::fs::write(&log, "first line\n").unwrap();
+        nix::unistd::chown(
+            log.as_path(),
+            Some(nix::unistd::Uid::from_raw(r.admin.uid)),
+            Some(nix::unistd::Gid::from_raw(r.admin.gid)),
+        )
+        .unwrap();
+        let spec = json!({
+            "identity": {"proc_name": name, "setup_path": adir.display().to_string(),
+                         "pid_path": "", "user": r.admin.name,
+                         "log_path": log.display().to_string()},
+            "control": {"start_cmd": "exec sleep 60"},
+            "monitor_policy": {"auto_type": 1, "start_check_secs": 1, "op_timeout": 10},
+        });
+        let (_, v, _) = call_as(
+            &r.cli,
+            &d,
+            &r.admin,
+            "register_proc_info",
+            &json!({"meta": meta(name), "hosts": [Daemon::host()], "spec": spec}),
+        );
+        assert_eq!(
+            v["data"][Daemon::key(NS, name)]["error_code"],
+            json!(0),
+            "{v}"
+        );
+        let key = format!("{NS}/{name}");
+        let mut f = common::sec::AsUser::spawn(
+            Some(&r.admin),
+            &r.cli,
+            &[
+                "--socket", &sock, "--json", "logs", &key, "--source", "log", "--follow",
+            ],
+        );
+        let first = f.line("the followed log", Duration::from_secs(10));
+        assert!(first.contains("first line"), "{first}");
+        // The admin swaps their own log file for a symlink into the victim's directory.
+        let tmp = adir.join(format!("{name}.tmp"));
+        std::os::unix::fs::symlink(private.join(guess), &tmp).unwrap();
+        std::fs::rename(&tmp, &log).unwrap();
+        let mut got = Vec::new();
+        let end = std::time::Instant::now() + Duration::from_secs(4);
+        while let Some(l) = f.try_line(end.saturating_duration_since(std::time::Instant::now())) {
+            if !l.trim().is_empty() {
+                got.push(l.replace(name, "NAME").replace(guess, "GUESS"));
+            }
+        }
+        drop(f);
+        assert!(
+            !got.iter().any(|l| l.contains("victim-log")),
+            "the victim's file was shown: {got:?}"
+        );
+        seen.push(got);
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "an existing and a missing file in another account's private directory read differently"
+    );
+}

@@ -273,6 +273,11 @@ impl AsUser {
             .unwrap_or_else(|e| panic!("no output from {what} within {timeout:?}: {e}"))
     }
 
+    /// The next line it prints within `timeout`, if any.
+    pub fn try_line(&mut self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
     /// Write a line to its stdin.
     pub fn say(&mut self, text: &str) {
         if let Some(i) = self.child.stdin.as_mut() {
