@@ -519,15 +519,23 @@ impl Tracked {
     }
 
     /// Has the path been replaced by another file (rotation) or removed? Only acted on once
-    /// the old file has been read to its end.
-    fn rotated(&self) -> bool {
+    /// the old file has been read to its end. The path is looked up as the account (as it
+    /// is opened): root's `stat` of a path swapped for a symlink would tell whether its
+    /// target exists where the account cannot look.
+    fn rotated(&self, acct: Option<&Account>) -> bool {
         let Some(f) = &self.file else { return false };
         let fully_read = f.metadata().map(|m| m.len() <= self.offset).unwrap_or(true);
         if !fully_read {
             return false;
         }
         use std::os::unix::fs::MetadataExt;
-        match std::fs::metadata(&self.path) {
+        let acct = if self.agent_file { None } else { acct };
+        let stat = || std::fs::metadata(&self.path);
+        let m = match acct.map(crate::executor::fs_identity_of) {
+            Some(Some(who)) => crate::sys::as_account_fs(&who, stat).and_then(|r| r),
+            _ => stat(),
+        };
+        match m {
             Ok(m) => (m.dev(), m.ino()) != self.id,
             Err(_) => false,
         }
@@ -645,7 +653,7 @@ impl Sources {
     fn poll(&mut self, out: &mut Vec<Value>) {
         let acct = self.acct.clone();
         for t in &mut self.files {
-            if t.rotated() {
+            if t.rotated(acct.as_ref()) {
                 t.file = None;
                 t.offset = 0;
                 out.push(notice_obj(
