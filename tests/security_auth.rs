@@ -1960,3 +1960,80 @@ fn a_followed_log_path_swapped_for_a_symlink_does_not_tell_whether_a_file_exists
         "an existing and a missing file in another account's private directory read differently"
     );
 }
+
+/// A log directory's files are shown without following symlinks (module docs of
+/// `api/logs.rs`), but a listed file that is replaced is reopened by its path, resolved
+/// with `canonicalize`: the account that writes the log directory of a root definition (the
+/// service account its daemon drops to) swaps its log file for a symlink to a root-only
+/// file, and every follower (a read-only member included) is shown that file, read as root.
+#[test]
+fn a_followed_log_directory_file_swapped_for_a_symlink_is_not_read_through_it() {
+    let env = TestEnv::new();
+    let Some(mut r) = Roles::new(&env) else {
+        return;
+    };
+    let svc = r.acc.user("s", None, &[]);
+    let d = r.daemon(&env, "");
+    let logs = common::sec::owned_dir(&env, "svc-logs", &svc);
+    let log = logs.join("a.log");
+    std::fs::write(&log, "first line\n").unwrap();
+    nix::unistd::chown(
+        log.as_path(),
+        Some(nix::unistd::Uid::from_raw(svc.uid)),
+        Some(nix::unistd::Gid::from_raw(svc.gid)),
+    )
+    .unwrap();
+    let secret = env.path().join("root-only");
+    std::fs::write(&secret, "root-secret-4417\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // Root's definition (its own account), its log directory written by the service account.
+    let mut spec = daemon_spec(&env, "svcdir", json!({}));
+    spec["identity"]["log_path"] = json!(logs.display().to_string());
+    d.register(NS, "svcdir", spec);
+    let sock = d.socket.display().to_string();
+    let mut f = common::sec::AsUser::spawn(
+        Some(&r.reader),
+        &r.cli,
+        &[
+            "--socket",
+            &sock,
+            "logs",
+            &format!("{NS}/svcdir"),
+            "--source",
+            "log",
+            "--follow",
+        ],
+    );
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while let Some(l) = f.try_line(end.saturating_duration_since(std::time::Instant::now())) {
+        if l.contains("first line") {
+            break;
+        }
+    }
+    // The service account swaps its log file for a symlink (in its own directory).
+    let (code, _, err) = run_as(
+        &svc,
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "ln -s '{}' '{}/tmp' && mv -T '{}/tmp' '{}'",
+                secret.display(),
+                logs.display(),
+                logs.display(),
+                log.display()
+            ),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let mut got = Vec::new();
+    let end = std::time::Instant::now() + Duration::from_secs(4);
+    while let Some(l) = f.try_line(end.saturating_duration_since(std::time::Instant::now())) {
+        got.push(l);
+    }
+    drop(f);
+    assert!(
+        !got.iter().any(|l| l.contains("root-secret")),
+        "a root-only file was shown through a symlink swapped into the log directory: {got:?}"
+    );
+}
