@@ -125,19 +125,37 @@ pub struct Opened {
 /// file-system identity ([`crate::sys::as_account_fs`]): the kernel's own checks (ACLs
 /// included) apply, and whether a file the account cannot reach exists is not told.
 pub fn open_checked(path: &Path, acct: Option<&Account>) -> Result<Opened, OpenError> {
+    open_checked_as(path, acct, true)
+}
+
+/// [`open_checked`] for a file of a log directory: its last component is never followed
+/// (the directory's symlinks are not shown, also when one is swapped in after the listing).
+fn open_checked_in_dir(path: &Path, acct: Option<&Account>) -> Result<Opened, OpenError> {
+    open_checked_as(path, acct, false)
+}
+
+fn open_checked_as(
+    path: &Path,
+    acct: Option<&Account>,
+    follow_last: bool,
+) -> Result<Opened, OpenError> {
     match acct.map(crate::executor::fs_identity_of) {
-        Some(Some(who)) => crate::sys::as_account_fs(&who, || open_walked(path, acct))
+        Some(Some(who)) => crate::sys::as_account_fs(&who, || open_walked(path, acct, follow_last))
             .unwrap_or_else(|_| {
                 Err(OpenError::Denied(
                     acct.map(|a| a.name.clone()).unwrap_or_default(),
                 ))
             }),
-        _ => open_walked(path, acct),
+        _ => open_walked(path, acct, follow_last),
     }
 }
 
 /// [`open_checked`]'s walk, as whoever the calling thread is.
-fn open_walked(path: &Path, acct: Option<&Account>) -> Result<Opened, OpenError> {
+fn open_walked(
+    path: &Path,
+    acct: Option<&Account>,
+    follow_last: bool,
+) -> Result<Opened, OpenError> {
     let denied = || OpenError::Denied(acct.map(|a| a.name.clone()).unwrap_or_default());
     // Refused by the kernel (as the account) or by the mode bits: the same answer.
     let io = |e: std::io::Error| {
@@ -147,7 +165,10 @@ fn open_walked(path: &Path, acct: Option<&Account>) -> Result<Opened, OpenError>
             OpenError::Io(e.to_string())
         }
     };
-    let real = std::fs::canonicalize(path).map_err(io)?;
+    let real = match (follow_last, path.parent(), path.file_name()) {
+        (false, Some(parent), Some(name)) => std::fs::canonicalize(parent).map_err(io)?.join(name),
+        _ => std::fs::canonicalize(path).map_err(io)?,
+    };
     let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let mut fd: OwnedFd = rustix::fs::open("/", flags | OFlags::DIRECTORY, Mode::empty())
         .map_err(|e| io(e.into()))?;
@@ -401,7 +422,12 @@ impl Tracked {
         if missing {
             return;
         }
-        match open_checked(&self.path, acct) {
+        let opened = if self.in_dir {
+            open_checked_in_dir(&self.path, acct)
+        } else {
+            open_checked(&self.path, acct)
+        };
+        match opened {
             Ok(Opened {
                 file: Some(mut f),
                 dev,
