@@ -14,11 +14,14 @@
 //!   .lz4` skipped), the [`MAX_DIR_FILES`] most recently modified, oldest first.
 //!
 //! Reading with care: `log_path` comes from an authorized registration, but the agent runs as
-//! root and must not become a way to read other files. Each path is resolved once, then
-//! walked component by component from `/` with `O_NOFOLLOW` (a symlink swapped in
-//! afterwards fails the walk), and when the process runs as another account every directory
-//! on the way must be searchable and the file readable by that account (owner, group,
-//! other bits). Only regular files are read; at most [`TAIL_SCAN_BYTES`] from the end for
+//! root and must not become a way to read other files. Each path is resolved once, following
+//! only symlinks owned by root or by the process's account (a link another account swapped
+//! into a directory it may write leads nowhere; a log directory's own entries are never
+//! followed), then walked component by component from `/` with `O_NOFOLLOW` (a symlink
+//! swapped in afterwards fails the walk); when the process runs as another account all of
+//! it is done as that account ([`crate::sys::as_account_fs`]), and every directory on the way
+//! must be searchable and the file readable by it (owner, group, other bits, and the
+//! kernel's own checks). Only regular files are read; at most [`TAIL_SCAN_BYTES`] from the end for
 //! the initial lines, at most [`MAX_LINE`] bytes per line, at most [`READ_CHUNK`] per file
 //! per poll when following.
 //!
@@ -108,6 +111,10 @@ pub enum OpenError {
     Denied(String),
     #[error("not a regular file; not shown")]
     NotRegular,
+    #[error(
+        "goes through the symlink {0}, owned by uid {1} (neither root nor the process's account); not followed"
+    )]
+    NotTrusted(String, u32),
 }
 
 /// A checked, opened path: a regular file (`file`) or a directory (`dir` true).
@@ -150,6 +157,64 @@ fn open_checked_as(
     }
 }
 
+/// `path` made absolute and free of symlinks, following only the symlinks owned by a uid
+/// of `trusted` (at most 40); a symlink owned by anyone else is refused (`NotTrusted`).
+fn resolve_trusted(path: &Path, trusted: &[u32]) -> Result<PathBuf, OpenError> {
+    use std::collections::VecDeque;
+    use std::os::unix::fs::MetadataExt;
+    let denied_or_io = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            OpenError::Denied(String::new())
+        } else {
+            OpenError::Io(e.to_string())
+        }
+    };
+    let mut todo: VecDeque<std::ffi::OsString> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut cur = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(c) = todo.pop_front() {
+        if c == ".." {
+            cur.pop();
+            continue;
+        }
+        let next = cur.join(&c);
+        let meta = std::fs::symlink_metadata(&next).map_err(denied_or_io)?;
+        if !meta.file_type().is_symlink() {
+            cur = next;
+            continue;
+        }
+        if !trusted.contains(&meta.uid()) {
+            return Err(OpenError::NotTrusted(
+                next.display().to_string(),
+                meta.uid(),
+            ));
+        }
+        links += 1;
+        if links > 40 {
+            return Err(OpenError::Io("too many levels of symbolic links".into()));
+        }
+        let target = std::fs::read_link(&next).map_err(denied_or_io)?;
+        if target.is_absolute() {
+            cur = PathBuf::from("/");
+        }
+        for comp in target.components().rev() {
+            match comp {
+                Component::Normal(n) => todo.push_front(n.to_os_string()),
+                Component::ParentDir => todo.push_front("..".into()),
+                _ => {}
+            }
+        }
+    }
+    Ok(cur)
+}
+
 /// [`open_checked`]'s walk, as whoever the calling thread is.
 fn open_walked(
     path: &Path,
@@ -165,9 +230,19 @@ fn open_walked(
             OpenError::Io(e.to_string())
         }
     };
+    // Symlinks on the way are followed only when root or the process's own account made
+    // them: a link another account swapped into a directory it may write (a service
+    // account's log directory under a root definition) leads nowhere.
+    let trusted = [0, acct.map_or(0, |a| a.uid)];
+    let named = |e: OpenError| match e {
+        OpenError::Denied(_) => denied(),
+        other => other,
+    };
     let real = match (follow_last, path.parent(), path.file_name()) {
-        (false, Some(parent), Some(name)) => std::fs::canonicalize(parent).map_err(io)?.join(name),
-        _ => std::fs::canonicalize(path).map_err(io)?,
+        (false, Some(parent), Some(name)) => {
+            resolve_trusted(parent, &trusted).map_err(named)?.join(name)
+        }
+        _ => resolve_trusted(path, &trusted).map_err(named)?,
     };
     let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let mut fd: OwnedFd = rustix::fs::open("/", flags | OFlags::DIRECTORY, Mode::empty())
@@ -1007,6 +1082,49 @@ mod tests {
         t.poll(None, &mut out);
         assert_eq!(out[0]["line"], "three");
         assert_eq!(out[0]["stream"], "err");
+    }
+
+    /// A symlink another account made (in a directory it may write) is not followed; root's
+    /// and the process's own account's are.
+    #[test]
+    fn symlinks_of_other_accounts_are_not_followed() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to give a symlink another owner");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.log");
+        std::fs::write(&real, "x\n").unwrap();
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let other = nix::unistd::Uid::from_raw(54321);
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &link,
+            Some(other),
+            None,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        assert!(matches!(
+            open_checked(&link, None),
+            Err(OpenError::NotTrusted(_, 54321))
+        ));
+        // The same link through a directory symlink of that account: refused too.
+        let sub = dir.path().join("sub");
+        std::os::unix::fs::symlink(dir.path(), &sub).unwrap();
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &sub,
+            Some(other),
+            None,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        assert!(matches!(
+            open_checked(&sub.join("real.log"), None),
+            Err(OpenError::NotTrusted(_, 54321))
+        ));
     }
 
     #[test]
