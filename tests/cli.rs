@@ -1243,3 +1243,145 @@ fn tasks_task_and_events_read_as_words_and_tables_fit_the_terminal() {
     let big = run_pty(200, "");
     assert!(big.contains("MANAGED"), "{big}");
 }
+
+/// What the status table says of a process (its failure, why it is stopped) is the same
+/// after an agent restart: the message is stored with the process's state.
+#[test]
+fn status_messages_survive_an_agent_restart() {
+    let env = TestEnv::new();
+    let mut d = Daemon::start(&env, "");
+    let dir = env.path().display().to_string();
+    let (code, out, err) = d.cli(&[
+        "add",
+        "ops/failing",
+        "--start-cmd",
+        "echo cannot bind port 8080 >&2; exit 3",
+        "--setup-path",
+        &dir,
+        "--start-check-secs",
+        "1",
+        "--start",
+    ]);
+    assert_ne!(code, 0, "{out}{err}");
+    // Unmanaged again, so that no retry changes the message meanwhile.
+    let (code, out, err) = d.cli(&["unmanage", "ops/failing"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let before = d.detail(NS, "failing")["message"].clone();
+    assert!(
+        before.as_str().is_some_and(|m| m.contains("exit code 3")),
+        "{before}"
+    );
+    d.terminate();
+    let d = Daemon::start_with(&env, &d.config);
+    let after = d.detail(NS, "failing")["message"].clone();
+    assert_eq!(after, before, "the message changed across the restart");
+    let (code, out, err) = d.cli(&["status", "--wide"]);
+    assert!(code == 0 || code == 3, "{out}{err}");
+    assert!(out.contains("exit code 3"), "{out}");
+}
+
+/// `top` on a terminal (a pty through script(1)): it fits the terminal's width and height,
+/// shows UPTIME, re-sorts at once on a key and quits on `q` with status 0.
+#[test]
+fn top_in_a_terminal_takes_keys_and_fits_it() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skip: script(1) is missing; top's keys are not checked");
+        return;
+    }
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let dir = env.path().display().to_string();
+    for i in 0..12 {
+        let name = format!("ops/t{i:02}");
+        let (code, out, err) = d.cli(&[
+            "add",
+            &name,
+            "--start-cmd",
+            "exec sleep 300",
+            "--setup-path",
+            &dir,
+            "--start-check-secs",
+            "0",
+            "--start",
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let sock = d.socket.display().to_string();
+    let mut child = Command::new("script")
+        .args(["-qefc"])
+        .arg(format!(
+            "stty cols 70 rows 10; {CLI} --socket {sock} top -d 0.3"
+        ))
+        .arg("/dev/null")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let seen = Arc::new(Mutex::new(String::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s2.lock()
+                .expect("seen")
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let wait_text = |what: &str, needle: &str| {
+        wait_for(what, Duration::from_secs(20), || {
+            seen.lock().expect("seen").contains(needle).then_some(())
+        })
+    };
+    wait_text("the first frame", "sort: cpu");
+    {
+        use std::io::Write;
+        stdin.write_all(b"u").expect("key");
+        stdin.flush().expect("flush");
+    }
+    wait_text("a frame sorted by uptime", "sort: uptime");
+    {
+        use std::io::Write;
+        stdin.write_all(b"q").expect("key");
+        stdin.flush().expect("flush");
+    }
+    let st = wait_for("top quits on q", Duration::from_secs(20), || {
+        child.try_wait().ok().flatten()
+    });
+    assert_eq!(st.code(), Some(0));
+    let text = seen.lock().expect("seen").clone();
+    // Every line of every frame fits 70 columns; at most 10 lines a frame.
+    let plain: String = {
+        let mut out = String::new();
+        let mut esc = false;
+        for c in text.chars() {
+            if esc {
+                esc = !c.is_ascii_alphabetic();
+            } else if c == '\x1b' {
+                esc = true;
+                out.push('\n');
+            } else if c != '\r' {
+                out.push(c);
+            }
+        }
+        out
+    };
+    for l in plain.lines() {
+        assert!(
+            l.chars().count() <= 70,
+            "a line wider than the terminal: {l:?}"
+        );
+    }
+    assert!(
+        text.contains("more"),
+        "the rows that do not fit are counted: {plain}"
+    );
+    let _ = d.cli(&["stop", "ops/*"]);
+}

@@ -1,7 +1,10 @@
 //! `procagent top`: a live table of the processes with their latest resource figures,
 //! redrawn in place on a terminal (plain successive snapshots otherwise). Figures come from
 //! the agent's latest sample (`procs` API): `top` never reads `/proc` itself. The disk rate
-//! column is computed here, from the change of `disk` between two refreshes.
+//! column is computed here, from the change of `disk` between two refreshes. On a terminal
+//! the frame fits its width (columns dropped) and height (the rows that fit, then how many
+//! more), and keys act at once: `q` quits; `c`, `m`, `r`, `u`, `n` sort by cpu, memory,
+//! restarts, uptime, name.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -22,7 +25,38 @@ pub enum SortKey {
     Fd,
     Disk,
     Net,
+    Restarts,
+    Uptime,
     Name,
+}
+
+impl SortKey {
+    /// The key that picks this sort on a terminal, and its name.
+    fn of_key(c: u8) -> Option<SortKey> {
+        Some(match c {
+            b'c' | b'C' => SortKey::Cpu,
+            b'm' | b'M' => SortKey::Mem,
+            b'r' | b'R' => SortKey::Restarts,
+            b'u' | b'U' => SortKey::Uptime,
+            b'n' | b'N' => SortKey::Name,
+            b'f' | b'F' => SortKey::Fd,
+            b'd' | b'D' => SortKey::Disk,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SortKey::Cpu => "cpu",
+            SortKey::Mem => "mem",
+            SortKey::Fd => "fd",
+            SortKey::Disk => "disk",
+            SortKey::Net => "net",
+            SortKey::Restarts => "restarts",
+            SortKey::Uptime => "uptime",
+            SortKey::Name => "name",
+        }
+    }
 }
 
 /// Options of `procagent top`.
@@ -90,6 +124,8 @@ fn figure(p: &ProcDetail, sort: SortKey) -> f64 {
         SortKey::Fd => p.fd as f64,
         SortKey::Disk => p.disk as f64,
         SortKey::Net => p.net as f64,
+        SortKey::Restarts => p.restarts as f64,
+        SortKey::Uptime => p.uptime_secs.unwrap_or(-1) as f64,
         SortKey::Name => 0.0,
     }
 }
@@ -98,13 +134,16 @@ fn figure(p: &ProcDetail, sort: SortKey) -> f64 {
 pub type Prev = (HashMap<String, i64>, Instant);
 
 /// One frame: a header line and the table. `prev` gives the disk rate; `now` is the time of
-/// this snapshot.
+/// this snapshot; `size` (a terminal's columns and rows) fits the frame to it: columns are
+/// dropped (LIMIT, NET/S, DISK, DISK/S, FD, MEM%, PID, in that order) and only the rows that
+/// fit are shown, with a last line saying how many more and which keys do what.
 pub fn frame(
     list: &[ProcDetail],
     sort: SortKey,
     prev: Option<&Prev>,
     now: Instant,
     stamp: &str,
+    size: Option<(usize, usize)>,
 ) -> String {
     let mut rows: Vec<&ProcDetail> = list.iter().collect();
     match sort {
@@ -157,20 +196,118 @@ pub fn frame(
                 rate.map(|r| format!("{}/s", human_bytes(r)))
                     .unwrap_or_else(|| "-".into()),
                 fig(format!("{}/s", human_bytes(p.net.max(0) as f64))),
+                p.uptime_secs
+                    .filter(|_| running)
+                    .map(uptime)
+                    .unwrap_or_else(|| "-".into()),
                 p.restarts.to_string(),
                 p.limit_stops.to_string(),
             ]
         })
         .collect();
-    out.push_str(&render::table(
-        &[
-            "PROCESS", "STATE", "PID", "CPU%", "MEM%", "RSS", "FD", "DISK", "DISK/S", "NET/S",
-            "RESTARTS", "LIMIT",
-        ],
-        &table_rows,
-        None,
+    let headers = [
+        "PROCESS", "STATE", "PID", "CPU%", "MEM%", "RSS", "FD", "DISK", "DISK/S", "NET/S",
+        "UPTIME", "RESTARTS", "LIMIT",
+    ];
+    let Some((cols, lines)) = size else {
+        out.push_str(&render::table(&headers, &table_rows, None));
+        return out;
+    };
+    // Two lines for the header and the table's, one for the footer.
+    let room = lines.saturating_sub(3).max(1);
+    let more = table_rows.len().saturating_sub(room);
+    let shown = &table_rows[..table_rows.len().min(room)];
+    let (_, h, rows) = render::fit_table(
+        &headers,
+        shown,
+        Some(cols),
+        &[12, 9, 7, 8, 6, 4, 2],
+        usize::MAX,
+    );
+    let h: Vec<&str> = h.iter().map(String::as_str).collect();
+    out.push_str(&render::table(&h, &rows, None));
+    let more = if more > 0 {
+        format!("… {more} more  ")
+    } else {
+        String::new()
+    };
+    out.push_str(&format!(
+        "{more}sort: {}  keys: c cpu  m mem  r restarts  u uptime  n name  q quit\n",
+        sort.name()
     ));
-    out
+    render::fit(&out, Some(cols))
+}
+
+/// An uptime for humans: 45s, 12m, 3h12m, 2d4h.
+fn uptime(secs: i64) -> String {
+    let (d, h, m) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60);
+    if d > 0 {
+        format!("{d}d{h}h")
+    } else if h > 0 {
+        format!("{h}h{m:02}m")
+    } else if m > 0 {
+        format!("{m}m")
+    } else {
+        format!("{}s", secs.max(0))
+    }
+}
+
+/// A terminal's size (columns, rows), when stdout is one.
+fn term_size() -> Option<(usize, usize)> {
+    let out = std::io::stdout();
+    if !rustix::termios::isatty(&out) {
+        return None;
+    }
+    let w = rustix::termios::tcgetwinsize(&out).ok()?;
+    (w.ws_col > 0 && w.ws_row > 0).then(|| (usize::from(w.ws_col), usize::from(w.ws_row)))
+}
+
+/// The terminal's input without line buffering or echo while `top` runs (so a key acts at
+/// once); put back when dropped. `None` when stdin is not a terminal.
+struct RawInput {
+    saved: rustix::termios::Termios,
+}
+
+impl RawInput {
+    fn start() -> Option<RawInput> {
+        use rustix::termios::{LocalModes, OptionalActions, SpecialCodeIndex};
+        let stdin = std::io::stdin();
+        if !rustix::termios::isatty(&stdin) {
+            return None;
+        }
+        let saved = rustix::termios::tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        raw.local_modes -= LocalModes::ICANON | LocalModes::ECHO;
+        raw.special_codes[SpecialCodeIndex::VMIN] = 1;
+        raw.special_codes[SpecialCodeIndex::VTIME] = 0;
+        rustix::termios::tcsetattr(&stdin, OptionalActions::Now, &raw).ok()?;
+        Some(RawInput { saved })
+    }
+}
+
+impl Drop for RawInput {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Now,
+            &self.saved,
+        );
+    }
+}
+
+/// Keys pressed on the terminal, read by a thread of their own (a blocking read of stdin).
+fn keys() -> tokio::sync::mpsc::UnboundedReceiver<u8> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut b = [0u8; 1];
+        while let Ok(1) = std::io::stdin().read(&mut b) {
+            if tx.send(b[0]).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// A `top --json` snapshot: the time and the processes as the agent wrote them.
@@ -203,6 +340,11 @@ pub async fn run(client: &Client, json_out: bool, a: &TopArgs) -> Result<u8, Cli
         ));
     }
     let tty = std::io::stdout().is_terminal();
+    let mut sort = a.sort;
+    // Keys only while redrawing on a terminal (not for --once, --json or a pipe).
+    let interactive = tty && !json_out && limit.is_none();
+    let raw = interactive.then(RawInput::start).flatten();
+    let mut keys = raw.as_ref().map(|_| keys());
     let mut prev: Option<Prev> = None;
     let mut shown = 0u64;
     loop {
@@ -227,7 +369,12 @@ pub async fn run(client: &Client, json_out: bool, a: &TopArgs) -> Result<u8, Cli
             );
         } else {
             let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
-            let text = frame(&list, a.sort, prev.as_ref(), now, &stamp.to_string());
+            let size = if tty && render::term_width().is_some() {
+                term_size()
+            } else {
+                None
+            };
+            let text = frame(&list, sort, prev.as_ref(), now, &stamp.to_string(), size);
             if tty {
                 // Home, each line cleared to its end, then the rest of the screen cleared:
                 // redrawn in place without flicker.
@@ -249,9 +396,29 @@ pub async fn run(client: &Client, json_out: bool, a: &TopArgs) -> Result<u8, Cli
             return Ok(exit::OK);
         }
         prev = Some((list.iter().map(|p| (key_of(p), p.disk)).collect(), now));
-        tokio::select! {
-            _ = tokio::time::sleep(a.interval) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(exit::OK),
+        let next = tokio::time::Instant::now() + a.interval;
+        loop {
+            let key = async {
+                match keys.as_mut() {
+                    Some(k) => k.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => break,
+                _ = tokio::signal::ctrl_c() => return Ok(exit::OK),
+                k = key => match k {
+                    Some(b'q' | b'Q') => return Ok(exit::OK),
+                    Some(c) => {
+                        // A new sort redraws at once.
+                        if let Some(s) = SortKey::of_key(c) {
+                            sort = s;
+                            break;
+                        }
+                    }
+                    None => keys = None,
+                },
+            }
         }
     }
 }
@@ -288,7 +455,7 @@ mod tests {
             p("high", 99.0, 4096, 1),
             p("off", 0.0, 0, 2),
         ];
-        let f = frame(&list, SortKey::Cpu, None, t0, "T");
+        let f = frame(&list, SortKey::Cpu, None, t0, "T", None);
         let lines: Vec<&str> = f.lines().collect();
         assert!(
             lines[0].contains("processes 3  running 2  managed 3"),
@@ -309,10 +476,53 @@ mod tests {
             Some(&prev),
             t0 + Duration::from_secs(2),
             "T",
+            None,
         );
         let high = f.lines().find(|l| l.starts_with("ns/high")).unwrap();
         assert!(high.contains("2.0K/s"), "{high}");
         assert!(f.lines().nth(2).unwrap().starts_with("ns/high"), "{f}");
+    }
+
+    /// A small terminal: columns dropped, the rows that fit, how many more, the keys.
+    #[test]
+    fn a_frame_fits_the_terminal() {
+        let list: Vec<ProcDetail> = (0..30)
+            .map(|i| p(&format!("p{i:02}"), i as f64, 0, 1))
+            .collect();
+        let f = frame(
+            &list,
+            SortKey::Cpu,
+            None,
+            Instant::now(),
+            "T",
+            Some((60, 10)),
+        );
+        let lines: Vec<&str> = f.lines().collect();
+        assert_eq!(lines.len(), 10, "{f}");
+        assert!(lines.iter().all(|l| render::display_width(l) <= 60), "{f}");
+        assert!(
+            lines[1].starts_with("PROCESS") && !lines[1].contains("LIMIT"),
+            "{f}"
+        );
+        assert!(
+            lines[9].contains("23 more") && lines[9].contains("q quit"),
+            "{f}"
+        );
+        assert!(lines[2].starts_with("ns/p29"), "sorted by cpu: {f}");
+        let f = frame(
+            &list,
+            SortKey::Name,
+            None,
+            Instant::now(),
+            "T",
+            Some((200, 50)),
+        );
+        assert!(
+            f.contains("UPTIME") && f.contains("LIMIT") && !f.contains("more"),
+            "{f}"
+        );
+        assert_eq!(uptime(3700), "1h01m");
+        assert_eq!(SortKey::of_key(b'r'), Some(SortKey::Restarts));
     }
 
     #[test]

@@ -86,6 +86,10 @@ pub struct ProcState {
     /// The latest of those stops.
     #[serde(default)]
     pub last_limit: Option<LimitStop>,
+    /// What each instance's status says (its last failure, why it stopped), so that an
+    /// agent restart does not blank it; a process that runs again clears it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<String>,
 }
 
 impl Default for ProcState {
@@ -101,6 +105,7 @@ impl Default for ProcState {
             fatal: false,
             limit_stops: 0,
             last_limit: None,
+            messages: Vec::new(),
         }
     }
 }
@@ -189,7 +194,12 @@ impl Entry {
         if st.fatal {
             life.message = "given up after max_restarts failures in a row (before the agent restarted); start or manage it to try again".into();
         }
-        let lives = vec![life; n];
+        let mut lives = vec![life; n];
+        for (l, m) in lives.iter_mut().zip(&st.messages) {
+            if !m.is_empty() {
+                l.message = m.clone();
+            }
+        }
         let boot = crate::procinfo::boot_id();
         let recorded = st
             .instances
@@ -260,6 +270,15 @@ impl Entry {
             fatal: self.life.instances.iter().any(|i| i.state == State::Fatal),
             limit_stops: self.limit_stops,
             last_limit: self.last_limit.clone(),
+            messages: if self.life.instances.iter().all(|i| i.message.is_empty()) {
+                Vec::new()
+            } else {
+                self.life
+                    .instances
+                    .iter()
+                    .map(|i| i.message.clone())
+                    .collect()
+            },
         }
     }
 
