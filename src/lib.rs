@@ -24,7 +24,8 @@
 //!   (netlink sock_diag) and [`nettally`] the network figures of a process tree from it.
 //! * [`api`]: the HTTP/1.1 + JSON socket server, authorization, and the client.
 //! * [`cli`]: the `procagent` command.
-//! * [`daemon`]: [`daemon::run`], the entry point the binary and the tests share.
+//! * [`daemon`]: [`daemon::run`], the entry point the binary and the tests share;
+//!   [`daemon_cli`] the daemon's command line (also the source of procagentd(8)).
 //! * [`sys`]: the only module with `unsafe` (pidfds, pre_exec, subreaper).
 #![deny(unsafe_code)]
 
@@ -34,6 +35,7 @@ pub mod cgwatch;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod daemon_cli;
 pub mod events;
 pub mod executor;
 pub mod expr;

@@ -1,27 +1,12 @@
 //! `procagentd`: the agent daemon. Runs in the foreground (never forks itself); systemd or
 //! the operator's shell supervises it.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use procagent::daemon_cli::Args;
 use tracing_subscriber::EnvFilter;
-
-/// procagentd: supervise processes and serve GSE's process APIs on a unix socket.
-#[derive(Debug, Parser)]
-#[command(name = "procagentd", version, about)]
-struct Args {
-    /// The agent config (TOML).
-    #[arg(long, short, default_value = "/etc/procagent/agent.toml")]
-    config: PathBuf,
-    /// Check the config and exit.
-    #[arg(long)]
-    check: bool,
-    /// Run as the output keeper of this output directory (started by the agent itself).
-    #[arg(long, hide = true, value_name = "DIR")]
-    output_keeper: Option<PathBuf>,
-}
 
 /// Where the journal listens.
 const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";

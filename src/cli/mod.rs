@@ -1,6 +1,6 @@
 //! The operator CLI, `procagent`: status tables, operations that wait for their task (on one
 //! process or a selection), task results, events, logs, config reload, shell completions
-//! and the man page. It speaks the same socket API as every other caller; it never reads
+//! and the man pages. It speaks the same socket API as every other caller; it never reads
 //! the agent's files itself, so it works for a non-root operator in the admin or read-only
 //! group. Run as root (or as the agent's uid) without `--socket`, it talks to the agent's
 //! root socket when that exists, which no other uid can fill.
@@ -17,6 +17,7 @@
 
 pub mod define;
 pub mod follow;
+pub mod man;
 pub mod ps;
 pub mod render;
 pub mod top;
@@ -236,10 +237,11 @@ pub enum Command {
     Logs(follow::LogsArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff): procagent(1), or a subcommand's page; with --dir, write
-    /// every page (procagent.1, procagent-logs.1, ...) into a directory.
+    /// Print a man page (roff): procagent(1), a subcommand's page, procagentd(8) (`man
+    /// procagentd`) or agent.toml(5) (`man agent.toml`); with --dir, write procagent(1) and
+    /// every subcommand's page (procagent.1, procagent-logs.1, ...) into a directory.
     Man {
-        /// A subcommand whose page to print (e.g. logs).
+        /// A subcommand whose page to print (e.g. logs), or procagentd, or agent.toml.
         subcommand: Option<String>,
         /// Write all pages into this directory instead.
         #[arg(long, conflicts_with = "subcommand")]
@@ -446,7 +448,9 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
             out(&String::from_utf8_lossy(&buf));
             return Ok(exit::OK);
         }
-        Command::Man { subcommand, dir } => return man(subcommand.as_deref(), dir.as_deref()),
+        Command::Man { subcommand, dir } => {
+            return man::man(subcommand.as_deref(), dir.as_deref());
+        }
         _ => {}
     }
     let client = Client::new(socket_path(cli)?);
@@ -619,29 +623,6 @@ async fn call_raw(client: &Client, api: &str, body: &str) -> Result<u8, CliError
     } else {
         api_error(&env).code
     })
-}
-
-/// `procagent man`.
-fn man(subcommand: Option<&str>, dir: Option<&std::path::Path>) -> Result<u8, CliError> {
-    let fail = |e: std::io::Error| CliError::new(exit::FAILED, e.to_string());
-    if let Some(dir) = dir {
-        clap_mangen::generate_to(Cli::command(), dir).map_err(fail)?;
-        outln(&format!("man pages written to {}", dir.display()));
-        return Ok(exit::OK);
-    }
-    let mut cmd = Cli::command().disable_help_subcommand(true);
-    cmd.build();
-    let page = match subcommand {
-        None => cmd,
-        Some(name) => cmd
-            .find_subcommand(name)
-            .cloned()
-            .ok_or_else(|| CliError::new(exit::USAGE, format!("no subcommand {name:?}")))?,
-    };
-    let mut buf = Vec::new();
-    clap_mangen::Man::new(page).render(&mut buf).map_err(fail)?;
-    out(&String::from_utf8_lossy(&buf));
-    Ok(exit::OK)
 }
 
 /// A parsed `--expr`: GSEKit expressions for the namespace and the name.
