@@ -115,7 +115,7 @@ for page in "$root"/usr/share/man/man*/*.gz; do
 done
 bash -n "$root/usr/share/bash-completion/completions/procagent" || fail "the bash completion does not parse"
 grep -q '^#compdef procagent' "$root/usr/share/zsh/vendor-completions/_procagent" || fail "the zsh completion has no #compdef"
-grep -q '^complete -c procagent' "$root/usr/share/fish/vendor_completions.d/procagent.fish" || fail "the fish completion completes nothing"
+grep -q '^complete .*--command procagent .*COMPLETE=fish procagent' "$root/usr/share/fish/vendor_completions.d/procagent.fish" || fail "the fish completion does not call back into procagent"
 
 echo "== lintian"
 lintian --display-info --fail-on error,warning "$deb" || fail "lintian found errors or warnings (above)"

@@ -72,6 +72,12 @@ impl Client {
         }
     }
 
+    /// The same client with another deadline for each request.
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }

@@ -2,9 +2,12 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 fn main() -> ExitCode {
+    // `COMPLETE=SHELL procagent -- WORDS`: a completion request from a shell script that
+    // `procagent completions SHELL` printed; answered and exited here.
+    clap_complete::CompleteEnv::with_factory(procagent::cli::Cli::command).complete();
     let cli = procagent::cli::Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

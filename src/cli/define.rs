@@ -96,7 +96,8 @@ pub struct AddArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RemoveArgs {
     /// The processes: NAMESPACE/NAME, several, globs, or a unique bare NAME.
-    #[arg(value_name = "PROCESS", required = true)]
+    #[arg(value_name = "PROCESS", required = true,
+          add = clap_complete::engine::ArgValueCompleter::new(super::complete::process_names))]
     pub process: Vec<String>,
     /// Stop each process first (else it is left running, no longer watched).
     #[arg(long)]

@@ -21,7 +21,8 @@ use crate::spec::ProcKey;
 #[derive(Debug, Clone, Args)]
 pub struct LogsArgs {
     /// The processes: NAMESPACE/NAME, several, globs (`demo/*`), or a unique bare NAME.
-    #[arg(value_name = "PROCESS", required_unless_present = "all")]
+    #[arg(value_name = "PROCESS", required_unless_present = "all",
+          add = clap_complete::engine::ArgValueCompleter::new(super::complete::process_names))]
     pub process: Vec<String>,
     /// Every registered process.
     #[arg(long, conflicts_with = "process")]

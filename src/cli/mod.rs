@@ -15,6 +15,7 @@
 //! API's data instead, on every command that reads, as one JSON document (or one JSON
 //! object per line for streams: `events -f`, `logs`).
 
+pub mod complete;
 pub mod define;
 pub mod follow;
 pub mod man;
@@ -26,7 +27,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -88,7 +89,8 @@ pub struct Cli {
 pub struct Selector {
     /// The processes: NAMESPACE/NAME, several of them, globs (`*`, `?`) in either part
     /// (`demo/*`, `*/web`), or a bare NAME when one namespace alone has it.
-    #[arg(value_name = "PROCESS", conflicts_with_all = ["labels", "expr", "all"])]
+    #[arg(value_name = "PROCESS", conflicts_with_all = ["labels", "expr", "all"],
+          add = clap_complete::engine::ArgValueCompleter::new(complete::process_names))]
     pub process: Vec<String>,
     /// Every process with this label (KEY=VALUE); repeatable, all must match.
     #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
@@ -167,6 +169,7 @@ pub struct ReloadArgs {
 pub enum Command {
     /// Show processes (all, or one NAMESPACE/NAME, or a selection).
     Status {
+        #[arg(add = clap_complete::engine::ArgValueCompleter::new(complete::process_names))]
         process: Option<String>,
         /// Only processes with this label (KEY=VALUE), repeatable.
         #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
@@ -218,7 +221,8 @@ pub enum Command {
     /// Show the supervision event history.
     Events {
         /// Only this process (NAMESPACE/NAME), as for status and logs.
-        #[arg(value_name = "PROCESS", conflicts_with = "process")]
+        #[arg(value_name = "PROCESS", conflicts_with = "process",
+              add = clap_complete::engine::ArgValueCompleter::new(complete::process_names))]
         key: Option<String>,
         /// Keep following new events.
         #[arg(short, long)]
@@ -235,7 +239,8 @@ pub enum Command {
     /// Show processes' logs: the captured output of their commands and their log_path
     /// (several processes: each line prefixed with its process).
     Logs(follow::LogsArgs),
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell): it completes
+    /// subcommands, flags and registered process names by calling back into `procagent`.
     Completions { shell: clap_complete::Shell },
     /// Print a man page (roff): procagent(1), a subcommand's page, procagentd(8) (`man
     /// procagentd`) or agent.toml(5) (`man agent.toml`); with --dir, write procagent(1) and
@@ -442,10 +447,9 @@ async fn run_inner(cli: &Cli) -> Result<u8, CliError> {
     render::set_wide(cli.wide);
     match &cli.command {
         Command::Completions { shell } => {
-            let mut cmd = Cli::command();
-            let mut buf = Vec::new();
-            clap_complete::generate(*shell, &mut cmd, "procagent", &mut buf);
-            out(&String::from_utf8_lossy(&buf));
+            let script = complete::registration(*shell)
+                .map_err(|e| CliError::new(exit::FAILED, e.to_string()))?;
+            out(&script);
             return Ok(exit::OK);
         }
         Command::Man { subcommand, dir } => {
@@ -1362,6 +1366,7 @@ mod tests {
 
     #[test]
     fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
         Cli::command().debug_assert();
     }
 }

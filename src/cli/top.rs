@@ -78,6 +78,7 @@ pub struct TopArgs {
     #[arg(long)]
     pub namespace: Option<String>,
     /// Only this process (NAMESPACE/NAME).
+    #[arg(add = clap_complete::engine::ArgValueCompleter::new(super::complete::process_names))]
     pub process: Option<String>,
 }
 
