@@ -233,7 +233,7 @@ pub fn frame(
         String::new()
     };
     out.push_str(&format!(
-        "{more}sort: {}  keys: c cpu  m mem  r restarts  u uptime  n name  q quit\n",
+        "{more}sort: {}  q quit  c cpu  m mem  r restarts  u uptime  n name\n",
         sort.name()
     ));
     render::fit(&out, Some(cols))
