@@ -725,18 +725,26 @@ impl FsPool {
                 // The path's real mount first: a symlink may lead to a mount that does not
                 // answer, which the lexical path does not show. Walked as the account the job
                 // is for, so that the walk reaches (and tells of) only what it could.
+                // A panicking walk must not take the thread either (its slot and its path's
+                // in-flight mark would never be released).
+                let walk = |path: &Path| {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.walk(q.id, path)))
+                        .unwrap_or_else(|_| {
+                            tracing::error!("a file-system pool walk panicked");
+                            Err(FsError::Panicked {
+                                what: path.display().to_string(),
+                            })
+                        })
+                };
                 let walked = match (&q.key, &q.who) {
-                    (Some(path), None) => self.walk(q.id, path),
-                    (Some(path), Some(who)) => {
-                        crate::sys::as_account_fs(who, || self.walk(q.id, path)).unwrap_or_else(
-                            |e| {
-                                Err(FsError::Identity {
-                                    path: path.display().to_string(),
-                                    reason: e.to_string(),
-                                })
-                            },
-                        )
-                    }
+                    (Some(path), None) => walk(path),
+                    (Some(path), Some(who)) => crate::sys::as_account_fs(who, || walk(path))
+                        .unwrap_or_else(|e| {
+                            Err(FsError::Identity {
+                                path: path.display().to_string(),
+                                reason: e.to_string(),
+                            })
+                        }),
                     (None, _) => Ok(()),
                 };
                 let job = match walked {
@@ -938,6 +946,9 @@ mod tests {
 
     impl Mounts for Fake {
         fn mount_of(&self, path: &Path) -> PathBuf {
+            // `/boom` itself (a step of the walk of `/boom/...`, never a job's own path)
+            // panics: a walk that panics.
+            assert!(path != Path::new("/boom"), "a panicking mount lookup");
             path.components().take(2).collect()
         }
         fn check(&self, mount: &Path) {
@@ -1059,6 +1070,22 @@ mod tests {
                 assert!(!e.to_string().contains("hung"), "{e}");
             }
         }
+    }
+
+    /// A walk that panics answers Panicked and gives back its thread and its path: the same
+    /// path is tried again at once (not "still busy"), other work goes on.
+    #[tokio::test]
+    async fn a_panicking_walk_releases_its_thread_and_path() {
+        let (pool, _, _) = pool();
+        let p = Path::new("/boom/pid");
+        for _ in 0..6 {
+            assert!(matches!(
+                pool.run(p, ms(2000), || 1).await,
+                Err(FsError::Panicked { .. })
+            ));
+        }
+        assert_eq!(pool.run(Path::new("/x/a"), ms(500), || 7).await, Ok(7));
+        assert!(pool.stuck(Duration::ZERO).is_empty());
     }
 
     #[tokio::test]

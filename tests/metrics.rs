@@ -984,7 +984,7 @@ fn top_shows_a_table_and_json() {
         header,
         [
             "PROCESS", "STATE", "PID", "CPU%", "MEM%", "RSS", "FD", "DISK", "DISK/S", "NET/S",
-            "RESTARTS", "LIMIT"
+            "UPTIME", "RESTARTS", "LIMIT"
         ],
         "{out}"
     );

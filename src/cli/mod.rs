@@ -879,6 +879,44 @@ async fn operate_one(
 /// without a glob must be unique across namespaces. A name that matches nothing fails the
 /// whole command before anything is asked of the agent (exit 5), with the closest names.
 async fn resolve_names(client: &Client, names: &[String]) -> Result<Vec<ProcKey>, CliError> {
+    // Exact NAMESPACE/NAMEs (the usual case) are each asked for alone: on a host of
+    // thousands of processes that is a small answer, not the whole list. The whole list is
+    // fetched only for globs, bare names, and a name that is not registered (its closest).
+    let exact: Option<Vec<ProcKey>> = names
+        .iter()
+        .map(|n| {
+            let (ns, name) = n.split_once('/')?;
+            let plain = !n.contains(['*', '?', '[']) && !ns.is_empty() && !name.is_empty();
+            plain.then(|| ProcKey::new(ns, name))
+        })
+        .collect();
+    if let Some(keys) = exact {
+        let mut found = Vec::new();
+        for k in &keys {
+            let q = ProcsQuery {
+                namespace: k.namespace.clone(),
+                name: k.name.clone(),
+                brief: true,
+                ..ProcsQuery::default()
+            };
+            let hit = client
+                .call_typed::<_, ProcList<ProcDetail>>("procs", &q)
+                .await?
+                .list
+                .iter()
+                .any(|p| p.namespace == k.namespace && p.name == k.name);
+            if !hit {
+                found.clear();
+                break;
+            }
+            if !found.contains(k) {
+                found.push(k.clone());
+            }
+        }
+        if found.len() == keys.iter().collect::<std::collections::HashSet<_>>().len() {
+            return Ok(found);
+        }
+    }
     let q = ProcsQuery {
         brief: true,
         ..ProcsQuery::default()
