@@ -377,7 +377,7 @@ pa_tasks_done() {
 pa_healthy() { curl -sf --unix-socket "$1" http://agent/v1/healthz >/dev/null 2>&1; }
 
 run_procagent_config() {
-  local n=$1 d=$TMP/pa-config-$1 pid t0 t1 rss pss cpu st stj fds med p95
+  local n=$1 d=$TMP/pa-config-$1 pid t0 t1 rss pss cpu st stj fds med p95 p
   mkdir -p "$d/stamps" "$d/pids"
   pa_config "$d" "$n" >"$d/agent.toml"
   log "procagent (config) N=$n: starting"
@@ -410,7 +410,56 @@ run_procagent_config() {
     "$(kib_to_mib "$rss") MiB (PSS $(kib_to_mib "$pss"))" "$cpu s" "$med ms" "$p95 ms"
   PA_LOG_LINES=$(wc -l <"$d/agent.log")
   PA_WARN=$(grep -c -E 'WARN|ERROR' "$d/agent.log" || true)
-  kill_tree "$pid"
+  pa_sync_page "$d" "$n" "$pid"
+  pa_readopt "$d" "$n" "$pid"
+  kill_tree "$PA_PID"
+  # The output keeper outlives an agent: the first agent's, taken before the restart.
+  for p in $(cat "$d/own"); do if ours "$p"; then kill -KILL "$p" 2>/dev/null || true; fi; done
+}
+
+# sync_proc_status pages of N (median of STATUS_RUNS) and the daemon's RSS before and after:
+# pa_sync_page DIR N PID
+pa_sync_page() {
+  local d=$1 n=$2 pid=$3 before after med i t0 t1 page
+  page=$n
+  [ "$page" -le 1000 ] || page=1000
+  before=$(status_kb "$pid" VmRSS)
+  med=$(for i in $(seq 1 "$STATUS_RUNS"); do
+    t0=$EPOCHREALTIME
+    curl -sf --unix-socket "$d/run/agent.sock" http://agent/v1/sync_proc_status \
+      -d "{\"meta\":{\"namespace\":\"bench\"},\"page\":{\"start\":0,\"limit\":$page}}" >"$TMP/sync.out" ||
+      die "sync_proc_status failed"
+    t1=$EPOCHREALTIME
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", (b - a) * 1000 }'
+  done | stats | awk '{ print $1 }')
+  after=$(status_kb "$pid" VmRSS)
+  PA_SYNC="sync_proc_status page of $page: $med ms median; daemon RSS $(kib_to_mib "$before") -> $(kib_to_mib "$after") MiB"
+  log "procagent (config) N=$n: $PA_SYNC"
+}
+
+# Re-adoption: SIGTERM the agent, start it again; the time until every worker is reported
+# running again, and that none was started anew (no new first stamps): pa_readopt DIR N PID
+pa_readopt() {
+  local d=$1 n=$2 pid=$3 stamps_before t0 t1 running i
+  stamps_before=$(cat "$d/stamps"/* | wc -l)
+  kill -TERM "$pid"
+  for i in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  "$MONO" exec "$d/t0-readopt" "$PROCAGENTD" --config "$d/agent.toml" 2>>"$d/agent.log" &
+  PA_PID=$!
+  ROOTS+=("$PA_PID")
+  running=0
+  for i in $(seq 1 $((600 + n))); do
+    if pa_healthy "$d/run/agent.sock"; then
+      running=$("$PROCAGENT" --socket "$d/run/agent.sock" status 2>/dev/null | grep -c ' running ' || true)
+      [ "$running" -ge "$n" ] && break
+    fi
+    sleep 0.05
+  done
+  t1=$("$MONO" now)
+  t0=$(cat "$d/t0-readopt")
+  [ "$running" -ge "$n" ] || die "re-adoption: $running of $n running"
+  PA_READOPT="re-adoption after an agent restart: all $n running again $(ns_to_s $((t1 - t0))) s after its start; workers started anew: $(($(cat "$d/stamps"/* | wc -l) - stamps_before))"
+  log "procagent (config) N=$n: $PA_READOPT"
 }
 
 run_procagent_api() {
@@ -589,7 +638,7 @@ MACHINE="$(nproc) CPUs, MemTotal $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 104
 OUT=$TMP/tables.md
 : >"$OUT"
 for n in $N_LIST; do
-  ROWS=() DETAILS=() PA_FDS='' SD_FDS='' PA_LOG_LINES='' PA_WARN=''
+  ROWS=() DETAILS=() PA_FDS='' SD_FDS='' PA_LOG_LINES='' PA_WARN='' PA_SYNC='' PA_READOPT=''
   T_N=$SECONDS
   log "=== N=$n (load average $(cut -d' ' -f1-3 /proc/loadavg))"
   for phase in ${PHASES:-procagent-config procagent-api supervisord runit}; do
@@ -609,6 +658,7 @@ for n in $N_LIST; do
     printf '%s\n' "${ROWS[@]}"
     echo
     echo "procagentd descriptors per process: ${PA_FDS:-–}; supervisord holds ${SD_FDS:-–} descriptors."
+    echo "procagent (config): ${PA_SYNC:-–}; ${PA_READOPT:-–}."
     echo "procagentd log (config case): ${PA_LOG_LINES:-–} lines, ${PA_WARN:-–} WARN/ERROR. This size took $((SECONDS - T_N)) s;" \
       "load average at its end $(cut -d' ' -f1-3 /proc/loadavg)."
     echo

@@ -1242,26 +1242,9 @@ fn an_admins_paths_are_reached_with_the_admins_own_permissions() {
     let victim = r.acc.user("v", None, &[]);
     let d = r.daemon(&env, "");
     let adir = r.admin_dir(&env);
-    // The victim's private directory, with a world-readable directory and files inside.
-    let private = env.path().join("victim");
-    let public = private.join("pub");
-    std::fs::create_dir_all(&public).unwrap();
-    std::fs::write(public.join("secret"), "victim-secret-5521\n").unwrap();
-    std::fs::write(public.join("real.pid"), format!("{}\n", std::process::id())).unwrap();
-    for (p, mode) in [
-        (&private, 0o700),
-        (&public, 0o755),
-        (&public.join("secret"), 0o644),
-        (&public.join("real.pid"), 0o644),
-    ] {
-        nix::unistd::chown(
-            p.as_path(),
-            Some(nix::unistd::Uid::from_raw(victim.uid)),
-            Some(nix::unistd::Gid::from_raw(victim.gid)),
-        )
-        .unwrap();
-        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
-    }
+    // The victim's private directory, with a world-readable directory and files inside
+    // (and a process of the victim's there, which this test does not need).
+    let (public, _victims_process, _) = victim_with_a_process_inside(&env, &victim);
     let leak = adir.join("leak");
     let register = |name: &str, setup: &std::path::Path, pid_path: &str, cmd: &str| {
         let spec = json!({
@@ -1320,13 +1303,7 @@ fn an_admins_paths_are_reached_with_the_admins_own_permissions() {
     // fine, but entered as the admin, so the command does not start there.
     let closed = env.path().join("victim-closed");
     std::fs::create_dir(&closed).unwrap();
-    nix::unistd::chown(
-        closed.as_path(),
-        Some(nix::unistd::Uid::from_raw(victim.uid)),
-        Some(nix::unistd::Gid::from_raw(victim.gid)),
-    )
-    .unwrap();
-    std::fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    give_to(&victim, &[(&closed, 0o700)]);
     let inside = adir.join("inside");
     register(
         "enter",
@@ -1394,6 +1371,20 @@ fn an_admins_paths_are_reached_with_the_admins_own_permissions() {
     );
 }
 
+/// Give `entries` (path, mode) to `user`: owner, group and mode.
+fn give_to(user: &User, entries: &[(&std::path::Path, u32)]) {
+    for (p, mode) in entries {
+        nix::unistd::chown(
+            *p,
+            Some(nix::unistd::Uid::from_raw(user.uid)),
+            Some(nix::unistd::Gid::from_raw(user.gid)),
+        )
+        .expect("chown");
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(*mode))
+            .expect("chmod");
+    }
+}
+
 /// Another account's private corner for the path tests: `env/victim` (0700, the victim's)
 /// holding `pub` (0755) with `secret` and `real.pid` (0644), and a process of the victim's
 /// (killed when the returned handle drops) whose working directory is `pub`: what the
@@ -1408,21 +1399,15 @@ fn victim_with_a_process_inside(
     std::fs::write(public.join("secret"), "victim-secret-5521\n").expect("victim setup");
     std::fs::write(public.join("real.pid"), format!("{}\n", std::process::id()))
         .expect("victim setup");
-    for (p, mode) in [
-        (&private, 0o700),
-        (&public, 0o755),
-        (&public.join("secret"), 0o644),
-        (&public.join("real.pid"), 0o644),
-    ] {
-        nix::unistd::chown(
-            p.as_path(),
-            Some(nix::unistd::Uid::from_raw(victim.uid)),
-            Some(nix::unistd::Gid::from_raw(victim.gid)),
-        )
-        .expect("victim setup");
-        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode))
-            .expect("victim setup");
-    }
+    give_to(
+        victim,
+        &[
+            (&private, 0o700),
+            (&public, 0o755),
+            (&public.join("secret"), 0o644),
+            (&public.join("real.pid"), 0o644),
+        ],
+    );
     let script = format!("cd '{}' && echo in && exec sleep 600", public.display());
     let mut sleeper = common::sec::AsUser::spawn(Some(victim), "sh", &["-c", &script]);
     assert_eq!(
@@ -1783,15 +1768,10 @@ fn an_admins_setup_path_is_not_resolved_as_root_for_the_ownership_rule() {
     let adir = r.admin_dir(&env);
     let private = env.path().join("victim");
     std::fs::create_dir_all(private.join("there")).unwrap();
-    for p in [&private, &private.join("there")] {
-        nix::unistd::chown(
-            p.as_path(),
-            Some(nix::unistd::Uid::from_raw(victim.uid)),
-            Some(nix::unistd::Gid::from_raw(victim.gid)),
-        )
-        .unwrap();
-        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    }
+    give_to(
+        &victim,
+        &[(&private, 0o700), (&private.join("there"), 0o700)],
+    );
     // What the admin may do alone: not even look inside.
     let (code, _, _) = run_as(
         &r.admin,
