@@ -420,7 +420,7 @@ run_procagent_config() {
 # sync_proc_status pages of N (median of STATUS_RUNS) and the daemon's RSS before and after:
 # pa_sync_page DIR N PID
 pa_sync_page() {
-  local d=$1 n=$2 pid=$3 before after med i t0 t1 page
+  local d=$1 n=$2 pid=$3 before after later med i t0 t1 page
   page=$n
   [ "$page" -le 1000 ] || page=1000
   before=$(status_kb "$pid" VmRSS)
@@ -433,7 +433,9 @@ pa_sync_page() {
     awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", (b - a) * 1000 }'
   done | stats | awk '{ print $1 }')
   after=$(status_kb "$pid" VmRSS)
-  PA_SYNC="sync_proc_status page of $page: $med ms median; daemon RSS $(kib_to_mib "$before") -> $(kib_to_mib "$after") MiB"
+  sleep 3
+  later=$(status_kb "$pid" VmRSS)
+  PA_SYNC="sync_proc_status page of $page: $med ms median; daemon RSS $(kib_to_mib "$before") MiB before, $(kib_to_mib "$after") just after, $(kib_to_mib "$later") 3 s later"
   log "procagent (config) N=$n: $PA_SYNC"
 }
 

@@ -194,6 +194,7 @@ pub fn envelope(
     };
     let body = serde_json::to_vec(&env)
         .unwrap_or_else(|_| b"{\"result\":false,\"code\":1000500}".to_vec());
+    large_answer(body.len());
     let mut r = (http, [("content-type", "application/json")], body).into_response();
     if !result {
         r.extensions_mut().insert(Refused {
@@ -471,14 +472,39 @@ async fn dispatch(
     };
     match handlers::call_authorized(&st.engine, &api, &body, &access).await {
         Ok(handlers::Answer::Data(data)) => ok(data),
-        Ok(handlers::Answer::Encoded(bytes)) => (
-            StatusCode::OK,
-            [("content-type", "application/json")],
-            bytes,
-        )
-            .into_response(),
+        Ok(handlers::Answer::Encoded(bytes)) => {
+            large_answer(bytes.len());
+            (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                bytes,
+            )
+                .into_response()
+        }
         Err(e) => e.into_response(),
     }
+}
+
+/// Answers at least this large leave enough freed memory behind to be worth giving back.
+const LARGE_ANSWER: usize = 256 << 10;
+
+/// Set when a large answer was made: the supervisor's housekeeping ticks then give the
+/// memory it freed back to the kernel ([`crate::sys::trim_heap`]; [`take_trim_due`]), at
+/// the next two ticks (the first may come before the answer is sent and its buffers freed).
+static TRIM_DUE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn large_answer(len: usize) {
+    if len >= LARGE_ANSWER {
+        TRIM_DUE.store(2, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether a trim is due at this tick (a large answer was made in the last two).
+pub fn take_trim_due() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    TRIM_DUE
+        .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 /// Read a request body of at most `limit` bytes.

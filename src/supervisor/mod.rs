@@ -350,7 +350,8 @@ impl Engine {
     }
 
     /// Housekeeping each tick: adopt processes started outside the agent, poll exits (poll
-    /// mode), run the health checks that are due, prune old history.
+    /// mode), run the health checks that are due, give free heap memory back, prune old
+    /// history.
     fn housekeeping(self: &Arc<Self>, tick: u64) {
         self.discover_untracked();
         if self.detection == Detection::Poll {
@@ -360,6 +361,11 @@ impl Engine {
         // The first tick comes at once: leftovers of keys no longer known are removed at start.
         if tick == 1 || tick.is_multiple_of(300) {
             self.prune_cgroups();
+        }
+        // Memory a large answer left free goes back to the kernel (glibc keeps it): once it
+        // is sent, at the next tick.
+        if crate::api::take_trim_due() {
+            tokio::task::spawn_blocking(crate::sys::trim_heap);
         }
         if tick.is_multiple_of(3600) {
             let st = &self.config.store;
