@@ -1036,9 +1036,23 @@ fn status_of_a_process_started_outside_the_agent_runs_no_version_cmd() {
         "outside",
         json!({"version_cmd": format!("echo 1.0; touch {marker}")}),
     );
-    d.register(NS, "outside", spec);
-    // Started by someone else: the pid file names a live `outside`.
+    // The registration looks at the pid file in the background; it names this test (not an
+    // `outside`), so that look ends with a `not_adopted` event, awaited before the process
+    // is started outside the agent (else that look could come after and adopt it).
     let pidfile = env.p("outside.pid");
+    std::fs::write(&pidfile, format!("{}\n", std::process::id())).unwrap();
+    d.register(NS, "outside", spec);
+    wait_for(
+        "the registration's look at the pid file",
+        Duration::from_secs(30),
+        || {
+            d.events(&format!("{NS}/outside"))
+                .iter()
+                .any(|e| e["kind"] == json!("not_adopted"))
+                .then_some(())
+        },
+    );
+    // Started by someone else: the pid file names a live `outside`.
     let st = std::process::Command::new("sh")
         .arg("-c")
         .arg(env.daemon_start_cmd("outside", &pidfile))
