@@ -579,15 +579,10 @@ fn spawn_direct(
 /// Open `setup_path` as a directory for the child's `fchdir`, as the account the command runs
 /// as (`None`: the agent's own), so that root never opens a way in for it.
 fn open_dir_as(account: Option<&sys::FsIdentity>, path: &Path) -> Result<OwnedFd, ExecError> {
-    match account {
-        None => open_dir(path),
-        Some(who) => sys::as_account_fs(who, || open_dir(path)).map_err(|e| {
-            ExecError::SetupPathUnavailable {
-                path: path.display().to_string(),
-                reason: format!("cannot take on the account's file-system identity: {e}"),
-            }
-        })?,
-    }
+    sys::as_account_fs(account, || open_dir(path)).map_err(|e| ExecError::SetupPathUnavailable {
+        path: path.display().to_string(),
+        reason: format!("cannot take on the account's file-system identity: {e}"),
+    })?
 }
 
 /// Open `setup_path` as a directory (`O_PATH`, no side effects) for the child's `fchdir`.

@@ -826,8 +826,12 @@ pub struct FsIdentity {
 /// thread of the agent). A non-zero fsuid also drops the file-system capabilities
 /// (`CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH`, ...) from the thread's effective set; setting
 /// it back to 0 raises them again. Needs `CAP_SETUID`/`CAP_SETGID` (an agent running as
-/// root); the error when the switch did not take, before `f` runs.
-pub fn as_account_fs<R>(who: &FsIdentity, f: impl FnOnce() -> R) -> io::Result<R> {
+/// root); the error when the switch did not take, before `f` runs. `None` (the agent's own
+/// identity) runs `f` as it is.
+pub fn as_account_fs<R>(who: Option<&FsIdentity>, f: impl FnOnce() -> R) -> io::Result<R> {
+    let Some(who) = who else {
+        return Ok(f());
+    };
     if who.uid == u32::MAX || who.gid == u32::MAX {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
@@ -1547,7 +1551,7 @@ mod account_fs_tests {
         let before = creds_of(main);
         let (err, inside, other) = std::thread::scope(|s| {
             s.spawn(|| {
-                as_account_fs(&who, || {
+                as_account_fs(Some(&who), || {
                     // Not CAP_SYS_PTRACE either: /proc/1/cwd (root's) is not followed.
                     assert!(
                         std::fs::read_dir("/proc/1/cwd").is_err(),
@@ -1570,7 +1574,7 @@ mod account_fs_tests {
         // The same thread gets root's identity back, also after a panic.
         std::thread::spawn(move || {
             let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                as_account_fs(&who, || panic!("inside"))
+                as_account_fs(Some(&who), || panic!("inside"))
             }));
             assert!(caught.is_err());
             assert_eq!(creds_of(tid()), before);
@@ -1596,6 +1600,7 @@ mod account_fs_tests {
             gid: 1,
             groups: vec![],
         };
-        assert!(as_account_fs(&invalid, || ()).is_err());
+        assert!(as_account_fs(Some(&invalid), || ()).is_err());
+        assert_eq!(as_account_fs(None, || 5).ok(), Some(5));
     }
 }

@@ -146,15 +146,19 @@ fn open_checked_as(
     acct: Option<&Account>,
     follow_last: bool,
 ) -> Result<Opened, OpenError> {
-    match acct.map(crate::executor::fs_identity_of) {
-        Some(Some(who)) => crate::sys::as_account_fs(&who, || open_walked(path, acct, follow_last))
-            .unwrap_or_else(|_| {
-                Err(OpenError::Denied(
-                    acct.map(|a| a.name.clone()).unwrap_or_default(),
-                ))
-            }),
-        _ => open_walked(path, acct, follow_last),
-    }
+    crate::sys::as_account_fs(identity(acct).as_ref(), || {
+        open_walked(path, acct, follow_last)
+    })
+    .unwrap_or_else(|_| {
+        Err(OpenError::Denied(
+            acct.map(|a| a.name.clone()).unwrap_or_default(),
+        ))
+    })
+}
+
+/// The file-system identity files are reached with for `acct` (`None`: the agent's own).
+fn identity(acct: Option<&Account>) -> Option<crate::sys::FsIdentity> {
+    acct.and_then(crate::executor::fs_identity_of)
 }
 
 /// `path` made absolute and free of symlinks, following only the symlinks owned by a uid
@@ -409,10 +413,7 @@ fn notice_obj(source: &str, file: &Path, notice: impl Into<String>) -> Value {
 /// [`dir_files`] listed with `acct`'s file-system identity (an account other than the
 /// agent's), as [`open_checked`] opens.
 fn dir_files_as(dir: &Path, acct: Option<&Account>) -> std::io::Result<Vec<(PathBuf, SystemTime)>> {
-    match acct.map(crate::executor::fs_identity_of) {
-        Some(Some(who)) => crate::sys::as_account_fs(&who, || dir_files(dir))?,
-        _ => dir_files(dir),
-    }
+    crate::sys::as_account_fs(identity(acct).as_ref(), || dir_files(dir))?
 }
 
 /// The regular files of a log directory to show, oldest first (see the module docs).
@@ -631,11 +632,9 @@ impl Tracked {
         }
         use std::os::unix::fs::MetadataExt;
         let acct = if self.agent_file { None } else { acct };
-        let stat = || std::fs::metadata(&self.path);
-        let m = match acct.map(crate::executor::fs_identity_of) {
-            Some(Some(who)) => crate::sys::as_account_fs(&who, stat).and_then(|r| r),
-            _ => stat(),
-        };
+        let m =
+            crate::sys::as_account_fs(identity(acct).as_ref(), || std::fs::metadata(&self.path))
+                .and_then(|r| r);
         match m {
             Ok(m) => (m.dev(), m.ino()) != self.id,
             Err(_) => false,
@@ -833,10 +832,7 @@ pub async fn handler(State(st): State<AppState>, req: Request) -> Response {
         }
     };
     // (An account that no longer exists opens no log_path: see `Sources::resolve`.)
-    let who = account
-        .as_ref()
-        .ok()
-        .and_then(crate::executor::fs_identity_of);
+    let who = identity(account.as_ref().ok());
     let res = engine
         .fs
         .run_as(

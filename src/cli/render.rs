@@ -73,6 +73,12 @@ pub fn fit_table(
     drop_order: &[usize],
     shrink: usize,
 ) -> (Vec<usize>, Vec<String>, Vec<Vec<String>>) {
+    // Measured as they will be shown (see `table`).
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect();
+    let rows = &rows;
     let n = headers.len();
     let col_width = |i: usize| {
         rows.iter()
@@ -445,11 +451,40 @@ pub fn display_width(s: &str) -> usize {
         .sum()
 }
 
+/// `s` with its control characters shown rather than obeyed: caret notation for the C0
+/// controls and DEL (`^[` for ESC, `^M` for CR), `?` for the C1 controls. Messages, events
+/// and caller names come from managed processes' output and callers' own fields: on an
+/// operator's terminal an escape sequence among them would retitle the window, move the
+/// cursor over other lines or write the clipboard.
+pub fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c as u32 {
+            0..=0x1f | 0x7f => {
+                out.push('^');
+                out.push(char::from((c as u8) ^ 0x40));
+            }
+            0x80..=0x9f => out.push('?'),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
 /// Chooses an ANSI colour code for a (column, cell).
 pub type Painter<'a> = &'a dyn Fn(usize, &str) -> Option<&'static str>;
 
 /// An aligned table. `paint` maps (column, cell) to an ANSI colour code when colour is on.
+/// Cells are shown [`printable`].
 pub fn table(headers: &[&str], rows: &[Vec<String>], paint: Option<Painter<'_>>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| display_width(h)).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -670,10 +705,11 @@ pub fn task_caller(t: &TaskView) -> String {
             .map(|u| u.name)
             .unwrap_or_else(|| format!("uid {uid}"))
     });
-    match (account, t.username.is_empty()) {
+    let user = printable(&t.username);
+    match (account, user.is_empty()) {
         (Some(a), true) => a,
-        (Some(a), false) => format!("{a} ({})", t.username),
-        (None, false) => t.username.clone(),
+        (Some(a), false) => format!("{a} ({user})"),
+        (None, false) => user,
         (None, true) => "-".into(),
     }
 }
@@ -849,7 +885,7 @@ pub fn op_summary(key: &ProcKey, op: OpType, task_id: &str, d: &TaskResults) -> 
     let mut out = String::new();
     for v in d.values() {
         let code = v.error_code;
-        let msg = &v.error_msg;
+        let msg = &printable(&v.error_msg);
         if let Some(said) = already(code, Some(op), msg) {
             out.push_str(&format!("{key}: {said}\n"));
         } else if code == 0 {
@@ -914,13 +950,13 @@ impl EventColumns {
 /// columns.
 pub fn event_line(ev: &Event, cols: &EventColumns) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ev.ts_ms.max(0) as u64);
-    let key = if ev.key.is_empty() { "-" } else { &ev.key };
-    let pad = " ".repeat(cols.key.saturating_sub(display_width(key)));
+    let key = printable(if ev.key.is_empty() { "-" } else { &ev.key });
+    let pad = " ".repeat(cols.key.saturating_sub(display_width(&key)));
     format!(
         "{} {:<kw$} {key}{pad} {}",
         humantime::format_rfc3339_millis(t),
-        ev.kind,
-        ev.message,
+        printable(&ev.kind),
+        printable(&ev.message),
         kw = cols.kind,
     )
 }
@@ -1003,5 +1039,53 @@ mod tests {
             display_width(lines[1].split('x').next().unwrap()),
             display_width(lines[2].split('y').next().unwrap())
         );
+    }
+
+    /// Security: a managed account's start/health output lands in a process's message and
+    /// an event's message verbatim; `status` and `events` show its control characters
+    /// (OSC title/clipboard writes, cursor moves, carriage returns that overwrite the line)
+    /// instead of sending them to the operator's terminal.
+    #[test]
+    fn security_managed_output_reaches_the_terminal_without_its_control_characters() {
+        let evil = "start check failed; output: \x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J\rok";
+        let p = ProcDetail {
+            namespace: "a".into(),
+            name: "esc".into(),
+            state: "stopped".into(),
+            message: evil.into(),
+            ..ProcDetail::default()
+        };
+        let t = status_table(&[p], false, None);
+        assert!(
+            !t.chars().any(|c| c.is_control() && c != '\n'),
+            "status table carries control characters: {t:?}"
+        );
+        let ev = Event {
+            id: 1,
+            ts_ms: 0,
+            key: "a/esc".into(),
+            kind: "start_failed".into(),
+            message: evil.into(),
+            data: serde_json::Value::Null,
+        };
+        let line = event_line(&ev, &EventColumns::streaming(None));
+        assert!(
+            !line.chars().any(|c| c.is_control()),
+            "event line carries control characters: {line:?}"
+        );
+    }
+
+    /// Security: `bk_username` is the caller's own text (any admin, 128 chars): `tasks` and
+    /// `task` show it in CALLER without its control characters, so `\r\x1b[2K` cannot make
+    /// an admin's task read as root's on the operator's terminal.
+    #[test]
+    fn security_a_callers_bk_username_reaches_the_terminal_without_control_characters() {
+        let t = TaskView {
+            peer_uid: Some(0),
+            username: "\x1b]0;owned\x07\x1b[2K\rroot".into(),
+            ..TaskView::default()
+        };
+        let c = task_caller(&t);
+        assert!(!c.chars().any(|c| c.is_control()), "caller cell: {c:?}");
     }
 }

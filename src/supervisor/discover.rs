@@ -121,11 +121,9 @@ impl ClaimData {
             path: self.pid_path.clone(),
             reason,
         };
-        match &self.account().map_err(unreadable)?.1 {
-            None => read_pid_file(path),
-            Some(who) => crate::sys::as_account_fs(who, || read_pid_file(path))
-                .map_err(|e| unreadable(format!("cannot take on the account's identity: {e}")))?,
-        }
+        let who = self.account().map_err(unreadable)?.1.as_ref();
+        crate::sys::as_account_fs(who, || read_pid_file(path))
+            .map_err(|e| unreadable(format!("cannot take on the account's identity: {e}")))?
     }
 
     /// Attach to `pid` under the ownership rule. Blocking; run it on the file-system pool.
@@ -243,11 +241,10 @@ impl Engine {
                 &setup,
                 who.clone(),
                 crate::fspool::PROBE_DEADLINE,
-                move || match &who2 {
-                    None => std::fs::canonicalize(&s2).ok(),
-                    Some(w) => crate::sys::as_account_fs(w, || std::fs::canonicalize(&s2).ok())
+                move || {
+                    crate::sys::as_account_fs(who2.as_ref(), || std::fs::canonicalize(&s2).ok())
                         .ok()
-                        .flatten(),
+                        .flatten()
                 },
             )
             .await
