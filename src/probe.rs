@@ -33,11 +33,17 @@
 //! its whole tree ([`crate::cgroup::figures`]).
 //!
 //! # Cost
-//! For each instance the sampler keeps four handles open across passes (`/proc/PID`, its
-//! `stat`, its `io` and its main thread's `children` file), so a pass is one `pread` of
-//! `stat`, one of `io`, one of `children` (a single-threaded process) and one `stat` of the
-//! `fd` directory (whose size is the descriptor count) per instance: opening the files
-//! costs several times more than reading them. The start time is checked on every read, and
+//! For each instance the sampler keeps five handles open across passes (`/proc/PID`, its
+//! `stat`, its `io`, its main thread's `children` and `schedstat` files), so a full reading
+//! is one `pread` of `stat`, one of `io`, one of `children` (a single-threaded process) and
+//! one `stat` of the `fd` directory (whose size is the descriptor count) per instance:
+//! opening the files costs several times more than reading them. A single-threaded
+//! instance without children whose `schedstat` (time on a cpu, times scheduled) has not
+//! moved since its latest full reading did not run, so its figures stand and its pass is
+//! that one `pread`; it is read in full again as soon as it runs, and at least every
+//! [`FULL_READ_PASSES`] passes (what can change without it running: memory reclaimed from
+//! it, an orphan handed to it as a subreaper, a descriptor table it shares). Processes that
+//! wake up between passes (most daemons' timers do) are read in full every pass. The start time is checked on every read, and
 //! a handle to a process that has exited cannot read a newer process with the same pid, so
 //! figures never mix two processes. The handles are kept for at most [`handle_budget`]
 //! instances (derived from the descriptor limit); others are opened and closed each pass.
@@ -407,6 +413,9 @@ pub struct Handles {
     /// Its main thread's `children` file (the network figures' tree walk), where the kernel
     /// has one.
     children: Option<OwnedFd>,
+    /// Its main thread's `schedstat` (time on a cpu, in ns, and times scheduled): whether a
+    /// single-threaded process ran at all since the previous pass ([`Quiet`]).
+    schedstat: Option<OwnedFd>,
 }
 
 impl Handles {
@@ -440,16 +449,31 @@ impl Handles {
             Mode::empty(),
         )
         .ok();
+        let schedstat = rustix::fs::openat(
+            &dir,
+            c"schedstat",
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok();
         Some(Handles {
             dir,
             stat,
             io,
             children,
+            schedstat,
         })
     }
 
     /// Descriptors these handles hold.
-    pub const FDS: usize = 4;
+    pub const FDS: usize = 5;
+
+    /// The main thread's time on a cpu (ns) and times scheduled, `None` when unreadable or
+    /// when the kernel keeps no such figures (it then shows zeros).
+    pub fn ran(&self, buf: &mut Vec<u8>) -> Option<(u64, u64)> {
+        pread_all(self.schedstat.as_ref()?, buf).ok()?;
+        parse_schedstat(buf)
+    }
 }
 
 /// Read a whole single-record `/proc` file (`stat`, `io`) from offset 0: such files are
@@ -470,6 +494,16 @@ fn pread_all(fd: &OwnedFd, buf: &mut Vec<u8>) -> std::io::Result<()> {
         }
         size *= 2;
     }
+}
+
+/// `/proc/PID/schedstat`: "RUNTIME_NS RUN_DELAY_NS TIMES_SCHEDULED"; the first and the last,
+/// `None` for zeros (a kernel without scheduler statistics) or another shape.
+pub fn parse_schedstat(text: &[u8]) -> Option<(u64, u64)> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut f = text.split_ascii_whitespace();
+    let runtime = f.next()?.parse::<u64>().ok()?;
+    let pcount = f.nth(1)?.parse::<u64>().ok()?;
+    (runtime > 0 || pcount > 0).then_some((runtime, pcount))
 }
 
 /// Read the counters of the process behind `h` if it still has start time `starttime`
@@ -592,7 +626,10 @@ struct TreeWalk<'a> {
 impl TreeWalk<'_> {
     /// The sockets of the process behind `dir` (identity `id`, `fds` descriptors), listed
     /// anew only when needed (module docs), added to `out`.
-    fn member(&mut self, dir: &OwnedFd, id: (i32, u64), fds: u64, out: &mut Vec<u64>) {
+    ///
+    /// `quiet`: the process has not run since the previous pass ([`Quiet`]), so its
+    /// descriptors cannot have been replaced under the same count: no periodic listing.
+    fn member(&mut self, dir: &OwnedFd, id: (i32, u64), fds: u64, quiet: bool, out: &mut Vec<u64>) {
         if let Some(m) = self.seen.get(&id) {
             if m.inet.len() <= self.budget {
                 self.budget -= m.inet.len();
@@ -606,7 +643,7 @@ impl TreeWalk<'_> {
             Some(m) => {
                 fds == 0
                     || m.fds != fds
-                    || (self.passes + id.0 as u64).is_multiple_of(NET_RESCAN_PASSES)
+                    || (!quiet && (self.passes + id.0 as u64).is_multiple_of(NET_RESCAN_PASSES))
                     || self
                         .table
                         .is_some_and(|t| m.inet.iter().any(|i| !t.contains_key(i)))
@@ -638,7 +675,8 @@ impl TreeWalk<'_> {
         self.seen.insert(id, MemberMemo { fds, sockets, inet });
     }
 
-    /// The sockets of `root`'s descendants (not `root` itself), by parent links.
+    /// The sockets of `root`'s descendants (not `root` itself), by parent links. Returns
+    /// the number of its children.
     fn descendants(
         &mut self,
         root: &Handles,
@@ -646,7 +684,7 @@ impl TreeWalk<'_> {
         root_threads: i64,
         visited: &mut HashSet<i32>,
         out: &mut Vec<u64>,
-    ) {
+    ) -> usize {
         let (root_dir, root_children, root) = (&root.dir, &root.children, pid);
         let mut todo: Vec<(i32, Option<u64>)> = if self.walk_children {
             let mut kids = Vec::new();
@@ -666,9 +704,10 @@ impl TreeWalk<'_> {
                 .map(|s| (s.pid, Some(s.starttime)))
                 .collect()
         };
+        let children = todo.len();
         while let Some((pid, start)) = todo.pop() {
             if visited.len() >= MAX_TREE {
-                return;
+                return children;
             }
             if !visited.insert(pid) {
                 continue;
@@ -679,7 +718,7 @@ impl TreeWalk<'_> {
             if start.is_some_and(|s| s != st.starttime) {
                 continue;
             }
-            self.member(&dir, (pid, st.starttime), fds, out);
+            self.member(&dir, (pid, st.starttime), fds, false, out);
             if start.is_none() {
                 todo.extend(
                     children_of(&dir, pid, st.threads, &mut self.buf)
@@ -688,6 +727,7 @@ impl TreeWalk<'_> {
                 );
             }
         }
+        children
     }
 
     /// The sockets of every process of the cgroups `dirs` (containment: the whole tree).
@@ -706,7 +746,7 @@ impl TreeWalk<'_> {
                     continue;
                 }
                 if let Some((dir, st, fds)) = open_member(pid, &mut self.buf) {
-                    self.member(&dir, (pid, st.starttime), fds, out);
+                    self.member(&dir, (pid, st.starttime), fds, false, out);
                 }
             }
         }
@@ -720,7 +760,28 @@ struct Memo {
     at: Instant,
     /// Kept open while within the budget.
     handles: Option<Handles>,
+    /// The latest full reading, while the process may be skipped when it did not run.
+    quiet: Option<Quiet>,
 }
+
+/// A process that has not run since its latest full reading has the same figures: a
+/// single-threaded process without children whose `schedstat` (time on a cpu, times
+/// scheduled) did not move cannot have used cpu, touched memory, done I/O, opened a
+/// descriptor or forked, so its pass is that one small read instead of `stat`, `io`, the
+/// descriptor count and its children. What can change without it running (memory reclaimed
+/// from it, an orphan given to it as a subreaper, a descriptor table shared with another
+/// process) shows at the next full reading, at most [`FULL_READ_PASSES`] passes later.
+#[derive(Debug, Clone, Copy)]
+struct Quiet {
+    raw: Raw,
+    /// `schedstat` (runtime ns, times scheduled), read just before that full reading.
+    ran: (u64, u64),
+    /// Passes since it.
+    skipped: u64,
+}
+
+/// An instance that does not run is read in full at least every this many passes.
+pub const FULL_READ_PASSES: u64 = 10;
 
 /// The sampler's state between passes: previous readings and scratch buffers.
 pub struct Sampler {
@@ -742,6 +803,8 @@ pub struct Sampler {
     dumps: u64,
     /// Trees are walked through `task/*/children` (else through a scan of every process).
     walk_children: bool,
+    /// Instances read in full so far (the others were skipped: [`Quiet`]).
+    full_reads: u64,
 }
 
 impl Sampler {
@@ -764,7 +827,14 @@ impl Sampler {
             dump_failed: false,
             dumps: 0,
             walk_children: children_files(),
+            full_reads: 0,
         }
+    }
+
+    /// Instances read in full since the sampler started (each pass reads every instance
+    /// either in full or, when it did not run, by its `schedstat` alone).
+    pub fn full_reads(&self) -> u64 {
+        self.full_reads
     }
 
     /// Instances whose handles are kept open now.
@@ -823,21 +893,50 @@ impl Sampler {
             walk.budget = MAX_TREE_FDS;
             for &(pid, start) in &t.instances {
                 let mut old = self.memo.remove(&(pid, start));
-                let handles = match old.as_mut().and_then(|m| m.handles.take()) {
-                    Some(h) => Some(h),
-                    None => Handles::open(pid),
+                let (handles, held) = match old.as_mut().and_then(|m| m.handles.take()) {
+                    Some(h) => (Some(h), true),
+                    None => (Handles::open(pid), false),
                 };
                 let Some(handles) = handles else {
                     continue;
                 };
-                let Some(raw) = read_raw(&handles, start, &mut self.buf) else {
-                    // Gone (or another process): its handles are closed here.
-                    continue;
+                // Read before the full reading, so that anything it does after this read
+                // shows at the next pass. Only handles kept since that reading are known
+                // to be the same process without one (a pid opened anew may be reused).
+                let ran = handles.ran(&mut self.buf);
+                let still = old
+                    .as_ref()
+                    .and_then(|m| m.quiet)
+                    .filter(|q| held && ran == Some(q.ran) && q.skipped + 1 < FULL_READ_PASSES);
+                let (raw, quiet) = match still {
+                    Some(q) => (
+                        q.raw,
+                        Some(Quiet {
+                            skipped: q.skipped + 1,
+                            ..q
+                        }),
+                    ),
+                    None => {
+                        self.full_reads += 1;
+                        let Some(raw) = read_raw(&handles, start, &mut self.buf) else {
+                            // Gone (or another process): its handles are closed here.
+                            continue;
+                        };
+                        (raw, None)
+                    }
                 };
+                let mut children = 0;
                 if visited.insert(pid) {
-                    walk.member(&handles.dir, (pid, start), raw.fds, &mut tree_sockets);
-                    if t.cgroups.is_empty() {
-                        walk.descendants(
+                    let id = (pid, start);
+                    walk.member(
+                        &handles.dir,
+                        id,
+                        raw.fds,
+                        quiet.is_some(),
+                        &mut tree_sockets,
+                    );
+                    if t.cgroups.is_empty() && quiet.is_none() {
+                        children = walk.descendants(
                             &handles,
                             pid,
                             raw.threads,
@@ -846,6 +945,15 @@ impl Sampler {
                         );
                     }
                 }
+                // A full reading: the next pass may skip it if it does not run.
+                let quiet = quiet.or_else(|| {
+                    let ran = ran.filter(|_| raw.threads == 1 && children == 0)?;
+                    Some(Quiet {
+                        raw,
+                        ran,
+                        skipped: 0,
+                    })
+                });
                 any = true;
                 read += 1;
                 s.pids += 1;
@@ -866,6 +974,7 @@ impl Sampler {
                         cpu_ticks: raw.cpu_ticks,
                         at: now,
                         handles: keep.then_some(handles),
+                        quiet,
                     },
                 );
                 s.rss_bytes = s.rss_bytes.saturating_add(raw.rss_bytes);
@@ -1385,6 +1494,106 @@ mod tests {
         let _ = s.pass(&targets, Instant::now(), 3);
         assert_eq!(s.open_handles(), 0);
         assert!(handle_budget() > 0);
+    }
+
+    /// A process that has not run since the previous pass costs one `schedstat` read and
+    /// keeps its figures; once it runs (here: opens a descriptor) the next pass reads it in
+    /// full and shows the change; and it is read in full at least every
+    /// [`FULL_READ_PASSES`] passes however idle it stays.
+    #[test]
+    fn a_process_that_did_not_run_is_read_in_full_only_when_it_ran_or_every_tenth_pass() {
+        use std::io::Write;
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("read a; exec 7</dev/null; read b")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("sh");
+        let pid = child.id() as i32;
+        let start = crate::procinfo::read_stat(pid).expect("stat").starttime;
+        let targets = vec![Target {
+            key: ProcKey::new("t", "quiet"),
+            instances: vec![(pid, start)],
+            cgroups: Vec::new(),
+        }];
+        let host = HostFigures {
+            mem_total_bytes: 1 << 30,
+            cpus: 2,
+        };
+        let finish = |mut child: std::process::Child| {
+            let _ = child.kill();
+            let _ = child.wait();
+        };
+        if Handles::open(pid)
+            .and_then(|h| h.ran(&mut Vec::new()))
+            .is_none()
+        {
+            eprintln!("skipped: this kernel keeps no /proc/PID/schedstat figures");
+            return finish(child);
+        }
+        let mut s = Sampler::with_budget(host, 16);
+        // Passes until one skips it (the shell has reached its `read`), and its figures.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let before = loop {
+            let full = s.full_reads();
+            let (out, _) = s.pass(&targets, Instant::now(), 1);
+            if s.full_reads() == full {
+                break out[0].clone().expect("a sample");
+            }
+            assert!(Instant::now() < deadline, "the shell never stopped running");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Skipped, it keeps its figures.
+        let full = s.full_reads();
+        let (out, _) = s.pass(&targets, Instant::now(), 2);
+        let again = out[0].clone().expect("a sample");
+        assert_eq!(s.full_reads(), full, "an idle process is skipped");
+        assert_eq!(
+            (again.fd, again.rss_bytes, again.cpu_usage),
+            (before.fd, before.rss_bytes, 0.0)
+        );
+        // It runs and opens a descriptor: the next pass reads it in full.
+        child
+            .stdin
+            .as_mut()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("write");
+        let fd7 = format!("/proc/{pid}/fd/7");
+        while std::fs::symlink_metadata(&fd7).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the shell never opened its descriptor"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (out, _) = s.pass(&targets, Instant::now(), 3);
+        assert_eq!(
+            s.full_reads(),
+            full + 1,
+            "a process that ran is read in full"
+        );
+        assert_eq!(out[0].as_ref().expect("a sample").fd, before.fd + 1);
+        // However idle, at most FULL_READ_PASSES - 1 passes in a row skip it.
+        let mut skipped_in_a_row = 0;
+        let mut longest = 0;
+        for i in 0..(3 * FULL_READ_PASSES) {
+            let full = s.full_reads();
+            s.pass(&targets, Instant::now(), 4 + i as i64);
+            if s.full_reads() == full {
+                skipped_in_a_row += 1;
+                longest = longest.max(skipped_in_a_row);
+            } else {
+                skipped_in_a_row = 0;
+            }
+        }
+        assert!(longest >= 1, "the idle shell was never skipped");
+        assert!(
+            longest < FULL_READ_PASSES,
+            "{longest} passes in a row skipped it"
+        );
+        finish(child);
     }
 
     /// The network figures cover the whole tree: a socket made by a process and shared with

@@ -219,13 +219,12 @@ impl Engine {
 
     /// What the sampler reads: every process with running instances.
     pub fn sample_targets(&self) -> Vec<Target> {
-        let now = Instant::now();
         self.reg()
             .entries
             .values()
             .filter(|e| !e.tracked.is_empty())
             .map(|e| {
-                let instances = ProcView::of(e, now).instances;
+                let instances = e.running_instances();
                 let cgroups = match self.cgroups.tree() {
                     Some(tree) => instances
                         .iter()

@@ -304,6 +304,19 @@ impl Entry {
             .collect()
     }
 
+    /// The running instances, main first: (pid, start time), each once.
+    pub fn running_instances(&self) -> Vec<(i32, u64)> {
+        let mut instances: Vec<(i32, u64)> = self
+            .life
+            .instances
+            .iter()
+            .filter_map(|i| i.state.pid())
+            .filter_map(|pid| self.tracked.get(&pid).map(|t| (pid, t.identity.starttime)))
+            .collect();
+        instances.dedup();
+        instances
+    }
+
     /// Which instance a pid is the process of.
     pub fn instance_of(&self, pid: i32) -> Option<usize> {
         self.life

@@ -52,12 +52,7 @@ pub struct ProcView {
 impl ProcView {
     pub fn of(e: &Entry, now: Instant) -> ProcView {
         let lives = &e.life.instances;
-        let mut instances: Vec<(i32, u64)> = lives
-            .iter()
-            .filter_map(|i| i.state.pid())
-            .filter_map(|pid| e.tracked.get(&pid).map(|t| (pid, t.identity.starttime)))
-            .collect();
-        instances.dedup();
+        let instances = e.running_instances();
         let running = !instances.is_empty();
         // The process's state: running when an instance runs, else the first held or the
         // first instance's.
