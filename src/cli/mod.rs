@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::api::client::{Client, ClientError, decode_data};
 use crate::api::reload::ReloadReport;
@@ -427,6 +428,27 @@ fn print_json<T: Serialize + ?Sized>(v: &T) {
     outln(&serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
+/// Print `v`, which holds the agent's own text of entries ([`RawValue`]), indented as
+/// [`print_json`] does but streamed: no `Value` tree of a thousand entries.
+fn print_json_raw<T: Serialize + ?Sized>(v: &T) {
+    outln(&pretty_raw(v));
+}
+
+/// `v` as indented JSON text, streamed through (see [`print_json_raw`]); empty if it cannot
+/// be serialized.
+fn pretty_raw<T: Serialize + ?Sized>(v: &T) -> String {
+    let Ok(compact) = serde_json::to_vec(v) else {
+        return String::new();
+    };
+    let mut pretty = Vec::with_capacity(compact.len() * 2);
+    let mut de = serde_json::Deserializer::from_slice(&compact);
+    let mut ser = serde_json::Serializer::pretty(&mut pretty);
+    match serde_transcode::transcode(&mut de, &mut ser) {
+        Ok(()) => String::from_utf8(pretty).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 /// Print a JSON document on one line (see [`print_json`]).
 fn print_json_line<T: Serialize + ?Sized>(v: &T) -> bool {
     outln(&serde_json::to_value(v).unwrap_or_default().to_string())
@@ -674,17 +696,20 @@ impl KeyExpr {
 /// A `procs` entry: as the agent wrote it (what `--json` prints) and as its type.
 #[derive(Debug, Clone)]
 pub struct Listed {
-    pub raw: Value,
+    pub raw: Box<RawValue>,
     pub proc: ProcDetail,
 }
 
 /// `procs` with this filter, each entry also read as its type.
 async fn procs(client: &Client, q: &ProcsQuery) -> Result<Vec<Listed>, CliError> {
-    let d: ProcList<Value> = client.call_typed("procs", q).await?;
+    let d: ProcList<Box<RawValue>> = client.call_typed("procs", q).await?;
     d.list
         .into_iter()
         .map(|raw| {
-            let proc = decode_data("procs", raw.clone())?;
+            let proc = serde_json::from_str(raw.get()).map_err(|e| ClientError::Shape {
+                what: "procs".to_string(),
+                error: e.to_string(),
+            })?;
             Ok(Listed { raw, proc })
         })
         .collect()
@@ -750,7 +775,7 @@ async fn status(
             }
             None => select(client, labels, expr).await?,
         };
-        print_json(&ProcList {
+        print_json_raw(&ProcList {
             count: list.len(),
             list: list.iter().map(|p| &p.raw).collect(),
         });

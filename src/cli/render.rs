@@ -74,9 +74,9 @@ pub fn fit_table(
     shrink: usize,
 ) -> (Vec<usize>, Vec<String>, Vec<Vec<String>>) {
     // Measured as they will be shown (see `table`).
-    let rows: Vec<Vec<String>> = rows
+    let rows: Vec<Vec<std::borrow::Cow<'_, str>>> = rows
         .iter()
-        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .map(|r| r.iter().map(|c| printable_cow(c)).collect())
         .collect();
     let rows = &rows;
     let n = headers.len();
@@ -127,7 +127,7 @@ pub fn fit_table(
         .iter()
         .map(|row| {
             kept.iter()
-                .map(|i| cell(*i, row.get(*i).map(String::as_str).unwrap_or("")))
+                .map(|i| cell(*i, row.get(*i).map_or("", |c| c.as_ref())))
                 .collect()
         })
         .collect();
@@ -157,7 +157,12 @@ pub fn fit(text: &str, width: Option<usize>) -> String {
             Some(b) => (b, "\n"),
             None => (line, ""),
         };
-        if display_width(&strip_ansi(body)) <= width {
+        let shown = if body.contains('\x1b') {
+            display_width(&strip_ansi(body))
+        } else {
+            display_width(body)
+        };
+        if shown <= width {
             out.push_str(line);
             continue;
         }
@@ -428,6 +433,10 @@ impl LogPrinter {
 
 /// Columns a string takes on a terminal: East Asian wide characters count two.
 pub fn display_width(s: &str) -> usize {
+    // Printable ASCII (nearly every cell): one column a byte.
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return s.len();
+    }
     s.chars()
         .map(|c| {
             let u = c as u32;
@@ -457,8 +466,14 @@ pub fn display_width(s: &str) -> usize {
 /// operator's terminal an escape sequence among them would retitle the window, move the
 /// cursor over other lines or write the clipboard.
 pub fn printable(s: &str) -> String {
+    printable_cow(s).into_owned()
+}
+
+/// [`printable`], borrowing `s` when it has nothing to show differently (the common case:
+/// a table of a thousand rows then copies none of its cells).
+pub fn printable_cow(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.chars().any(char::is_control) {
-        return s.to_string();
+        return std::borrow::Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
@@ -471,7 +486,7 @@ pub fn printable(s: &str) -> String {
             _ => out.push(c),
         }
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// Chooses an ANSI colour code for a (column, cell).
@@ -480,49 +495,62 @@ pub type Painter<'a> = &'a dyn Fn(usize, &str) -> Option<&'static str>;
 /// An aligned table. `paint` maps (column, cell) to an ANSI colour code when colour is on.
 /// Cells are shown [`printable`].
 pub fn table(headers: &[&str], rows: &[Vec<String>], paint: Option<Painter<'_>>) -> String {
-    let rows: Vec<Vec<String>> = rows
+    // Each cell as shown and its width, measured once.
+    let rows: Vec<Vec<(std::borrow::Cow<'_, str>, usize)>> = rows
         .iter()
-        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .map(|r| {
+            r.iter()
+                .map(|c| {
+                    let c = printable_cow(c);
+                    let w = display_width(&c);
+                    (c, w)
+                })
+                .collect()
+        })
         .collect();
-    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| display_width(h)).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
+    for r in &rows {
+        for (i, (_, w)) in r.iter().enumerate() {
             if i < widths.len() {
-                widths[i] = widths[i].max(display_width(c));
+                widths[i] = widths[i].max(*w);
             }
         }
     }
-    let mut out = String::new();
-    let line = |cells: Vec<(String, Option<&'static str>)>, out: &mut String| {
-        let n = cells.len();
-        for (i, (c, color)) in cells.into_iter().enumerate() {
-            let pad = widths[i].saturating_sub(display_width(&c));
-            match color {
-                Some(code) => out.push_str(&format!("\x1b[{code}m{c}\x1b[0m")),
-                None => out.push_str(&c),
+    let line_len = widths.iter().sum::<usize>() + 2 * widths.len() + 1;
+    let mut out = String::with_capacity(line_len * (rows.len() + 1));
+    // One cell of a line of `n`, then the padding to the next column.
+    let cell = |out: &mut String, i: usize, n: usize, c: &str, w: usize, color: Option<&str>| {
+        match color {
+            Some(code) => {
+                out.push_str("\x1b[");
+                out.push_str(code);
+                out.push('m');
+                out.push_str(c);
+                out.push_str("\x1b[0m");
             }
-            if i + 1 < n {
-                out.push_str(&" ".repeat(pad + 2));
-            }
+            None => out.push_str(c),
+        }
+        if i + 1 < n {
+            let pad = widths.get(i).map_or(0, |wi| wi.saturating_sub(w)) + 2;
+            out.extend(std::iter::repeat_n(' ', pad));
+        }
+    };
+    for (i, h) in headers.iter().enumerate() {
+        cell(
+            &mut out,
+            i,
+            headers.len(),
+            h,
+            display_width(h),
+            paint.map(|_| "1"),
+        );
+    }
+    out.push('\n');
+    for r in &rows {
+        for (i, (c, w)) in r.iter().enumerate() {
+            cell(&mut out, i, r.len(), c, *w, paint.and_then(|p| p(i, c)));
         }
         out.push('\n');
-    };
-    line(
-        headers
-            .iter()
-            .map(|h| (h.to_string(), paint.map(|_| "1")))
-            .collect(),
-        &mut out,
-    );
-    for r in rows {
-        line(
-            r.iter()
-                .enumerate()
-                .map(|(i, c)| (c.clone(), paint.and_then(|p| p(i, c))))
-                .collect(),
-            &mut out,
-        );
     }
     out
 }

@@ -11,10 +11,10 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::{CliError, exit, parse_key, render};
-use crate::api::client::{Client, decode_data};
+use crate::api::client::{Client, ClientError};
 use crate::proto::{FLAG_RUNNING, ProcDetail, ProcList, ProcsQuery};
 
 /// Column to sort by.
@@ -315,7 +315,7 @@ fn keys() -> tokio::sync::mpsc::UnboundedReceiver<u8> {
 #[derive(Debug, serde::Serialize)]
 struct Snapshot {
     time: i64,
-    list: Vec<Value>,
+    list: Vec<Box<RawValue>>,
 }
 
 /// Run `procagent top`.
@@ -349,12 +349,17 @@ pub async fn run(client: &Client, json_out: bool, a: &TopArgs) -> Result<u8, Cli
     let mut prev: Option<Prev> = None;
     let mut shown = 0u64;
     loop {
-        let d: ProcList<Value> = client.call_typed("procs", &q).await?;
+        let d: ProcList<Box<RawValue>> = client.call_typed("procs", &q).await?;
         let now = Instant::now();
         let list: Vec<ProcDetail> = d
             .list
             .iter()
-            .map(|v| decode_data("procs", v.clone()))
+            .map(|v| {
+                serde_json::from_str(v.get()).map_err(|e| ClientError::Shape {
+                    what: "procs".to_string(),
+                    error: e.to_string(),
+                })
+            })
             .collect::<Result<_, _>>()?;
         let mut out = std::io::stdout().lock();
         if json_out {
@@ -362,12 +367,7 @@ pub async fn run(client: &Client, json_out: bool, a: &TopArgs) -> Result<u8, Cli
                 time: crate::util::unix_now(),
                 list: d.list,
             };
-            let snap = serde_json::to_value(&snap).unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "{}",
-                serde_json::to_string_pretty(&snap).unwrap_or_default()
-            );
+            let _ = writeln!(out, "{}", super::pretty_raw(&snap));
         } else {
             let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
             let size = if tty && render::term_width().is_some() {
