@@ -119,6 +119,70 @@ pub struct Tracked {
     pub attached_at: Instant,
 }
 
+/// A few values by pid, in pid order: a definition tracks one process per instance, most
+/// often one. A `BTreeMap` allocates a node for eleven entries even for one (about 1 KiB
+/// with a [`Tracked`], a MiB for a thousand definitions); this holds exactly its entries.
+#[derive(Debug)]
+pub struct PidMap<V> {
+    entries: Vec<(i32, V)>,
+}
+
+impl<V> Default for PidMap<V> {
+    fn default() -> Self {
+        PidMap {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<V> PidMap<V> {
+    fn find(&self, pid: i32) -> Result<usize, usize> {
+        self.entries.binary_search_by_key(&pid, |(p, _)| *p)
+    }
+
+    pub fn get(&self, pid: &i32) -> Option<&V> {
+        self.find(*pid).ok().map(|i| &self.entries[i].1)
+    }
+
+    pub fn contains_key(&self, pid: &i32) -> bool {
+        self.find(*pid).is_ok()
+    }
+
+    /// Insert or replace; returns the value it replaced.
+    pub fn insert(&mut self, pid: i32, v: V) -> Option<V> {
+        match self.find(pid) {
+            Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, v)),
+            Err(i) => {
+                self.entries.insert(i, (pid, v));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, pid: &i32) -> Option<V> {
+        let i = self.find(*pid).ok()?;
+        Some(self.entries.remove(i).1)
+    }
+
+    /// The pids, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &i32> {
+        self.entries.iter().map(|(p, _)| p)
+    }
+
+    /// The values, in pid order.
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.entries.iter().map(|(_, v)| v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 impl Drop for Tracked {
     fn drop(&mut self) {
         if let Some(w) = self.watcher.take() {
@@ -151,7 +215,7 @@ pub struct Entry {
     /// An intent being committed (what the store will hold once it lands).
     pub pending_intent: Option<Intent>,
     /// The tracked processes, by pid.
-    pub tracked: BTreeMap<i32, Tracked>,
+    pub tracked: PidMap<Tracked>,
     /// The identities recorded before this agent started, still to be re-adopted.
     pub to_readopt: Vec<Instance>,
     pub last_start_time: i64,
@@ -219,7 +283,7 @@ impl Entry {
             invalid: None,
             life,
             pending_intent: None,
-            tracked: BTreeMap::new(),
+            tracked: PidMap::default(),
             to_readopt: st.instances.clone(),
             last_start_time: st.last_start_time,
             last_exit: st.last_exit,
@@ -379,5 +443,28 @@ impl Registry {
             self.pids.remove(pid);
         }
         Some(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PidMap;
+
+    /// PidMap behaves as the ordered map it replaced: insert replaces and returns the old
+    /// value, remove takes one, keys and values come in pid order.
+    #[test]
+    fn pid_map_is_an_ordered_map() {
+        let mut m = PidMap::default();
+        assert!(m.is_empty());
+        for (pid, v) in [(30, "c"), (10, "a"), (20, "b")] {
+            assert_eq!(m.insert(pid, v), None);
+        }
+        assert_eq!(m.insert(20, "B"), Some("b"));
+        assert_eq!(m.keys().copied().collect::<Vec<_>>(), vec![10, 20, 30]);
+        assert_eq!(m.values().copied().collect::<Vec<_>>(), vec!["a", "B", "c"]);
+        assert_eq!((m.get(&20), m.get(&25)), (Some(&"B"), None));
+        assert!(m.contains_key(&30) && !m.contains_key(&31));
+        assert_eq!((m.remove(&10), m.remove(&10)), (Some("a"), None));
+        assert_eq!(m.len(), 2);
     }
 }
