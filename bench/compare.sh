@@ -9,7 +9,9 @@
 # default target/release/procagentd; the CLI is the procagent next to it, or PROCAGENT),
 # IDLE (seconds of the idle CPU window, 30), SETTLE (seconds before RSS and idle CPU, 10),
 # KILLS (restart samples, 20), LOG_LEVEL (procagentd's, default its own default "info"),
-# PHASES (default "procagent-config procagent-api supervisord runit": which to run),
+# PHASES (default "procagent-config procagent-churn procagent-api supervisord runit": which
+# to run), CHURN_CRASH and CHURN_HEALTH (the churn phase's crash-looping and failing-health
+# definitions, 10 and 10), CRASH_AFTER_MS (how long a crash-looper lives, 1500),
 # KEEP=1 keeps the temporary directory.
 #
 # The worker's first instruction reads CLOCK_MONOTONIC; it appends "<ns> <pid>" to the file
@@ -23,7 +25,22 @@
 #   CPU         utime + stime of those processes over IDLE s of idleness after SETTLE s;
 #   restart     kill -9 of KILLS different workers, one at a time, at least 1 s apart: from
 #               just before kill(2) to the replacement's first stamp; median and p95;
-#   fds         descriptors of the procagentd process divided by N.
+#   fds         descriptors of the procagentd process divided by N; and (config phase) the
+#               same descriptors by kind, from their /proc/PID/fd links: pidfd, pipe, socket,
+#               epoll, other anon_inode, /proc files (the sampler's kept handles, by name),
+#               /dev, regular files; per kind in all and per supervised process; the output
+#               keeper's too.
+# The churn phase (procagent-churn): the config phase's N idle workers plus CHURN_CRASH
+# crash-looping and CHURN_HEALTH failing-health definitions (namespace "churn", every
+# [supervisor] setting its default: backoff 1 s doubling to 1 m, reset after 30 s,
+# health_interval 10 s, health_failures 3; no max_restarts, so never given up), then after
+# SETTLE s the agent's own processes (the daemon and its keeper, not what it starts) over
+# IDLE s: their CPU against the config phase's idle CPU of the same N in the same run, RSS /
+# PSS, the CPU of the children they reaped (cutime + cstime: crash-loopers, health_cmd
+# shells), descriptors before and after, log lines written, and what happened in the window:
+# crash-loop starts (their stamps) and restarts (status --json), health_cmd failures and
+# liveness restarts (events), events by kind, states at its end. Its restart columns are
+# the crash-loopers' own: from a crash-looper's exit stamp to its replacement's first stamp.
 # Installs runit (apt, binaries only: no service is enabled) and supervisor (pip, pinned
 # below) when missing. Root is expected (apt, smaps_rollup of every process).
 set -euo pipefail
@@ -41,7 +58,16 @@ SETTLE=${SETTLE:-10}
 KILLS=${KILLS:-20}
 LOG_LEVEL=${LOG_LEVEL:-info}
 STATUS_RUNS=5
-CMDLINE="N=\"$N_LIST\" IDLE=$IDLE SETTLE=$SETTLE KILLS=$KILLS PROCAGENTD=$PROCAGENTD bash bench/compare.sh"
+# The command line, with the knobs of the phases that were given.
+CMDLINE="N=\"$N_LIST\" IDLE=$IDLE SETTLE=$SETTLE KILLS=$KILLS"
+for v in PHASES CHURN_CRASH CHURN_HEALTH CRASH_AFTER_MS; do
+  if [ -n "${!v:-}" ]; then CMDLINE="$CMDLINE $v=\"${!v}\""; fi
+done
+PHASE_LIST=${PHASES:-procagent-config procagent-churn procagent-api supervisord runit}
+CHURN_CRASH=${CHURN_CRASH:-10}
+CHURN_HEALTH=${CHURN_HEALTH:-10}
+CRASH_AFTER_MS=${CRASH_AFTER_MS:-1500}
+CMDLINE="$CMDLINE PROCAGENTD=$PROCAGENTD bash bench/compare.sh"
 
 DIAG=()         # a command run when a step fails, to show the supervisor's view
 die() {
@@ -198,9 +224,37 @@ int main(int argc, char **argv) {
     return 2;
 }
 EOC
+cat >"$TMP/bin/crasher.c" <<'EOC'
+/* crasher STAMPFILE MS: appends "<ns> <pid>" (CLOCK_MONOTONIC, first instruction) to
+ * STAMPFILE, lives MS ms, appends "<ns> <pid> exit" and exits with status 1. */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+static void stamp(const char *path, const char *tail) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    char line[80];
+    int n = snprintf(line, sizeof line, "%lld %d%s\n",
+                     (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec, (int)getpid(), tail);
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd >= 0) { if (write(fd, line, n) != n) _exit(2); close(fd); }
+}
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    stamp(argv[1], "");
+    long ms = atol(argv[2]);
+    struct timespec d = { ms / 1000, (ms % 1000) * 1000000L };
+    while (nanosleep(&d, &d) != 0) {}
+    stamp(argv[1], " exit");
+    return 1;
+}
+EOC
 gcc -O2 -o "$TMP/bin/worker" "$TMP/bin/worker.c" || die "gcc worker.c"
 gcc -O2 -o "$TMP/bin/mono" "$TMP/bin/mono.c" || die "gcc mono.c"
-WORKER=$TMP/bin/worker MONO=$TMP/bin/mono
+gcc -O2 -o "$TMP/bin/crasher" "$TMP/bin/crasher.c" || die "gcc crasher.c"
+WORKER=$TMP/bin/worker MONO=$TMP/bin/mono CRASHER=$TMP/bin/crasher
 CLK_TCK=$(getconf CLK_TCK)
 
 # ---------------------------------------------------------------- measuring helpers
@@ -223,6 +277,14 @@ stamp_spread() {
   awk 'FNR == 1 { print $1 }' "$1"/* | sort -n | awk -v t0="$2" '{ v[NR] = $1 }
     END { printf "first stamps after launch: 10%% %.2f s, 50%% %.2f s, 90%% %.2f s, last %.2f s",
       (v[int(NR * .1) + 1] - t0) / 1e9, (v[int(NR * .5) + 1] - t0) / 1e9, (v[int(NR * .9) + 1] - t0) / 1e9, (v[NR] - t0) / 1e9 }'
+}
+# How many runs started from A to B (ns), by the first stamps in FILES:
+# starts_between A B FILES...
+starts_between() {
+  local a=$1 b=$2
+  shift 2
+  if [ ! -e "${1:-}" ]; then echo 0 && return 0; fi   # no file (an unmatched glob)
+  awk -v a="$a" -v b="$b" 'NF == 2 && $1 >= a && $1 <= b { c++ } END { print c + 0 }' "$@"
 }
 # The largest mappings of PID by RSS (smaps, grouped by name): "name MiB, ...".
 smaps_top() {
@@ -317,6 +379,80 @@ idle_cpu() {
   awk -v d=$((b - a)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", d / hz }'
 }
 
+# "PID COMM TICKS ..." on one line, for each pid on stdin (utime + stime, 0 once gone).
+ticks_each() {
+  local p v out=()
+  while read -r p; do
+    v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0)
+    out+=("$p" "$(cat "/proc/$p/comm" 2>/dev/null || echo gone)" "${v:-0}")
+  done
+  echo "${out[*]}"
+}
+
+# utime + stime of the reaped children (cutime + cstime) in ticks, summed over the pids on
+# stdin.
+child_ticks_of() {
+  local p t=0 v
+  while read -r p; do
+    v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $14 + $15 }' || echo 0)
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+
+# ROOT and its descendants that run the binary ROOT runs (the agent's daemon and its output
+# keeper; not the processes it starts, nor its commands' shells).
+agent_pids() {
+  local root=$1 exe p
+  exe=$(readlink "/proc/$root/exe") || die "pid $root is gone"
+  echo "$root"
+  for p in $(descendants "$root"); do
+    [ "$(readlink "/proc/$p/exe" 2>/dev/null)" = "$exe" ] && echo "$p"
+  done
+  return 0
+}
+
+# How many descriptors PID holds. (A descriptor closed during the walk makes find fail:
+# not an error here, nor below.)
+ndesc() { { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null || true; } | wc -l; }
+
+# The descriptors of PID by kind, from their /proc/PID/fd links, largest first, in brackets
+# per supervised process (when N > 0): fd_kinds PID N. Kinds: pidfd, pipe, socket, epoll,
+# anon_inode:[NAME] (eventfd, timerfd, signalfd, ...), /proc files by their path with the
+# pids as N (the sampler's kept handles), /dev, regular files (named by basename).
+fd_kinds() {
+  { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 -printf '%l\n' 2>/dev/null || true; } | awk -v n="$2" '
+    {
+      t = $0
+      if (t == "") k = "unreadable"
+      else if (t ~ /pidfd/) k = "pidfd"
+      else if (t ~ /^pipe:/) k = "pipe"
+      else if (t ~ /^socket:/) k = "socket"
+      else if (t == "anon_inode:[eventpoll]") k = "epoll"
+      else if (t ~ /^anon_inode:/) k = t
+      else if (t ~ /^\/proc\//) { k = t; gsub(/\/[0-9]+/, "/N", k) }
+      else if (t ~ /^\/dev\//) k = "/dev"
+      else {
+        k = "file"; f = t; sub(/.*\//, "", f)
+        if (!(f in seen) && nf < 6) { seen[f] = 1; nf++; names = names (names == "" ? "" : ", ") f }
+        else if (!(f in seen)) more = 1
+      }
+      c[k]++; all++
+    }
+    END {
+      for (k in c) keys[++m] = k
+      for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++)
+        if (c[keys[j]] > c[keys[i]]) { x = keys[i]; keys[i] = keys[j]; keys[j] = x }
+      printf "%d in all:", all
+      for (i = 1; i <= m; i++) {
+        k = keys[i]
+        printf "%s %d %s", (i > 1 ? "," : ""), c[k], k
+        if (k == "file") printf " (%s%s)", names, (more ? ", ..." : "")
+        if (n > 0) printf " [%.2f]", c[k] / n
+      }
+    }'
+}
+
 # Show what the supervisor's own processes are (to the log).
 show_pids() { log "$1 processes: $(ps -o pid=,rss=,args= -p "$(paste -sd, "$2")" | tr -s ' ' | paste -sd ';')"; }
 
@@ -399,10 +535,15 @@ run_procagent_config() {
   read -r rss pss < <(mem_of <"$d/own")
   log "procagent (config) N=$n: idle CPU over ${IDLE} s"
   cpu=$(idle_cpu "$d/own")
+  PA_CPU=$cpu
   st=$(time_status "$n" 'bench/p[0-9]+' "$PROCAGENT" --socket "$d/run/agent.sock" status)
   stj=$(time_status "$n" '"name": ?"p[0-9]+"' "$PROCAGENT" --socket "$d/run/agent.sock" status --json)
   fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 | wc -l)
   PA_FDS=$(awk -v f="$fds" -v n="$n" 'BEGIN { printf "%.2f (%d in all)", f / n, f }')
+  DETAILS+=("procagentd descriptors by kind [per supervised process]: $(fd_kinds "$pid" "$n")")
+  for p in $(tail -n +2 "$d/own"); do
+    DETAILS+=("$(cat "/proc/$p/comm" 2>/dev/null || echo '?') (pid $p) descriptors by kind: $(fd_kinds "$p" 0)")
+  done
   log "procagent (config) N=$n: $KILLS restarts"
   restarts "$d/stamps" "$n" "$d/restarts"
   read -r med p95 < <(stats <"$d/restarts")
@@ -414,7 +555,7 @@ run_procagent_config() {
   pa_readopt "$d" "$n" "$pid"
   kill_tree "$PA_PID"
   # The output keeper outlives an agent: the first agent's, taken before the restart.
-  for p in $(cat "$d/own"); do if ours "$p"; then kill -KILL "$p" 2>/dev/null || true; fi; done
+  while read -r p; do if ours "$p"; then kill -KILL "$p" 2>/dev/null || true; fi; done <"$d/own"
 }
 
 # sync_proc_status pages of N (median of STATUS_RUNS) and the daemon's RSS before and after:
@@ -462,6 +603,172 @@ pa_readopt() {
   [ "$running" -ge "$n" ] || die "re-adoption: $running of $n running"
   PA_READOPT="re-adoption after an agent restart: all $n running again $(ns_to_s $((t1 - t0))) s after its start; workers started anew: $(($(cat "$d/stamps"/* | wc -l) - stamps_before))"
   log "procagent (config) N=$n: $PA_READOPT"
+}
+
+# ---------------------------------------------------------------- procagent under churn
+# The churn definitions (namespace "churn"), to append to pa_config's: pa_churn DIR
+#
+# Crash-looping, as an operator meets it: a service that comes up and dies again, over and
+# over (it crashes at its first request, or finds its config bad after starting). Here it
+# passes its start check (start_check_secs = 1) and exits with status 1 CRASH_AFTER_MS
+# (1.5 s) after its start. The agent counts such a run as healthy (it passed its check and
+# lasted 1 s), so it restarts it at once, every time: no backoff, never given up, about one
+# start per 1.5 s per definition for as long as the agent runs. That is the steady churn
+# measured. A process that dies at once (CRASH_AFTER_MS under 1000: within its start check)
+# is a start failure instead, and backs off 1, 2, 4, ... s up to 1 m (not fatal: no
+# max_restarts): attempts at about 0, 1, 3, 7, 15, 31, 63 s, then one a minute, little to
+# measure; set CRASH_AFTER_MS=0 to see it (its restart columns are then the backoff delays).
+# Failing health: the idle worker with health_cmd = "exit 1" (a shell per check), checked
+# every health_interval (10 s); the third failure in a row is a liveness failure: stopped,
+# and started again after a backoff (1 s, 2 s, ...: a run ends before backoff_reset, so the
+# count keeps growing, to 1 m after about 4 minutes; no check runs while it waits).
+pa_churn() {
+  local d=$1 i
+  for i in $(seq 1 "$CHURN_CRASH"); do
+    cat <<EOT
+
+[[process]]
+namespace = "churn"
+name = "crash$i"
+setup_path = "$d"
+proc_name = "crasher"
+start_cmd = "exec $CRASHER $d/crash/stamps/c$i $CRASH_AFTER_MS"
+start_check_secs = 1
+autostart = true
+EOT
+  done
+  for i in $(seq 1 "$CHURN_HEALTH"); do
+    cat <<EOT
+
+[[process]]
+namespace = "churn"
+name = "unhealthy$i"
+setup_path = "$d"
+proc_name = "worker"
+pid_path = "$d/pids/u$i.pid"
+start_cmd = "echo \$\$ > $d/pids/u$i.pid && exec $WORKER $d/unhealthy/stamps/u$i"
+health_cmd = "exit 1"
+start_check_secs = 1
+autostart = true
+EOT
+  done
+}
+
+# What happened to the definitions between two `status --json` and in the events after an
+# id, up to a unix time in ms, one figure a line: pa_churn_counts BEFORE AFTER EVENTS UNTIL_MS
+# (restarts of the crash-loopers, of the failing-health ones, of the idle workers; health_cmd
+# failures; liveness restarts; events by kind; states at the end; the failing-health ones'
+# largest backoff delay and failures in a row at the end).
+pa_churn_counts() {
+  "$PY" - "$@" <<'EOP'
+import collections, json, sys
+before, after, events, until = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+def procs(path):
+    d = json.load(open(path))
+    return {(p["namespace"], p["name"]): p for p in d["list"]}
+def group(key):
+    ns, name = key
+    if ns != "churn":
+        return "idle"
+    return "crash" if name.startswith("crash") else "unhealthy"
+b, a = procs(before), procs(after)
+restarts = collections.Counter()
+states = collections.defaultdict(collections.Counter)
+delay = failures = 0
+for k, p in a.items():
+    g = group(k)
+    restarts[g] += p.get("restarts", 0) - b.get(k, {}).get("restarts", 0)
+    states[g][p.get("state", "?")] += 1
+    if g == "unhealthy":
+        delay = max(delay, p.get("restart_delay_secs") or 0)
+        failures = max(failures, p.get("consecutive_failures") or 0)
+d = json.load(open(events))
+evs = [e for e in d.get("data", d)["events"] if e.get("ts_ms", 0) <= until]
+kinds = collections.Counter(e["kind"] for e in evs)
+print(restarts["crash"]); print(restarts["unhealthy"]); print(restarts["idle"])
+print(kinds["health_check_failed"]); print(kinds["health_failed"])
+print(", ".join("%s %d" % kv for kv in kinds.most_common()) or "none")
+print("; ".join("%s: %s" % (g, ", ".join("%s %d" % kv for kv in sorted(states[g].items())))
+                for g in ("crash", "unhealthy", "idle") if states[g]))
+print("%.1f" % delay); print(failures)
+EOP
+}
+
+# The last event's id (0 when none): pa_last_event SOCKET
+pa_last_event() {
+  curl -sf --unix-socket "$1" 'http://agent/v1/events?limit=1' |
+    "$PY" -c 'import json, sys; d = json.load(sys.stdin); e = d.get("data", d)["events"]; print(e[-1]["id"] if e else 0)'
+}
+
+run_procagent_churn() {
+  local n=$1 d=$TMP/pa-churn-$1 nc=$CHURN_CRASH nh=$CHURN_HEALTH pid rss pss rss1 pss1 p
+  local e0 fd0 fd1 log0 log1 t_a t_b wall_b a b ca cb cpu split ccpu starts ustarts istarts med p95 more
+  local r_crash r_unh r_idle hfail liveness kinds states delay fails label
+  mkdir -p "$d/stamps" "$d/pids" "$d/crash/stamps" "$d/unhealthy/stamps"
+  { pa_config "$d" "$n"; pa_churn "$d"; } >"$d/agent.toml"
+  label="procagent (config, churn: $nc crash-looping, $nh failing health)"
+  log "$label N=$n: starting"
+  "$PROCAGENTD" --config "$d/agent.toml" 2>"$d/agent.log" &
+  pid=$!
+  ROOTS+=("$pid")
+  DIAG=(pa_diag "$d")
+  wait_for $((120 + n / 5)) "procagent (churn) N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
+  wait_for 60 "procagent (churn): $nh failing-health workers' first stamps" stamps_written "$d/unhealthy/stamps" "$nh"
+  wait_for 60 "procagent (churn): $nc crash-loopers' first stamps" stamps_written "$d/crash/stamps" "$nc"
+  wait_for 30 "procagent (churn) N=$n: healthz" pa_healthy "$d/run/agent.sock"
+  log "procagent (churn) N=$n: all started; settling ${SETTLE} s"
+  sleep "$SETTLE"
+  agent_pids "$pid" >"$d/own"
+  show_pids "procagent (churn)" "$d/own"
+  read -r rss pss < <(mem_of <"$d/own")
+  "$PROCAGENT" --socket "$d/run/agent.sock" status --json >"$d/before.json" || die "procagent (churn): status --json"
+  e0=$(pa_last_event "$d/run/agent.sock") || die "procagent (churn): events"
+  fd0=$(ndesc "$pid") log0=$(wc -l <"$d/agent.log")
+  log "procagent (churn) N=$n: CPU over ${IDLE} s of churn"
+  t_a=$("$MONO" now)
+  a=$(ticks_each <"$d/own") ca=$(child_ticks_of <"$d/own")
+  sleep "$IDLE"
+  b=$(ticks_each <"$d/own") cb=$(child_ticks_of <"$d/own")
+  t_b=$("$MONO" now) wall_b=$(date +%s%3N)
+  fd1=$(ndesc "$pid") log1=$(wc -l <"$d/agent.log")
+  read -r rss1 pss1 < <(mem_of <"$d/own")
+  "$PROCAGENT" --socket "$d/run/agent.sock" status --json >"$d/after.json" || die "procagent (churn): status --json"
+  curl -sf --unix-socket "$d/run/agent.sock" "http://agent/v1/events?limit=100000&after=$e0" >"$d/events.json" ||
+    die "procagent (churn): events"
+  # Per process (its comm), and in all.
+  split=$(printf '%s\n%s\n' "$a" "$b" | awk -v hz="$CLK_TCK" 'NR == 1 { n = split($0, x, " ") }
+    NR == 2 { split($0, y, " "); for (i = 1; i <= n; i += 3) printf "%s%s %.2f s", (i > 1 ? ", " : ""), x[i + 1], (y[i + 2] - x[i + 2]) / hz }')
+  cpu=$(printf '%s\n%s\n' "$a" "$b" | awk -v hz="$CLK_TCK" '{ t[NR] = 0; n = split($0, x, " "); for (i = 3; i <= n; i += 3) t[NR] += x[i] }
+    END { printf "%.2f", (t[2] - t[1]) / hz }')
+  ccpu=$(awk -v d=$((cb - ca)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", d / hz }')
+  { read -r r_crash; read -r r_unh; read -r r_idle; read -r hfail; read -r liveness
+    read -r kinds; read -r states; read -r delay; read -r fails; } < <(pa_churn_counts "$d/before.json" "$d/after.json" "$d/events.json" "$wall_b")
+  # Starts in the window, from the stamps (first lines of each run), and the crash-loopers'
+  # restart latency: from a run's exit stamp to the next run's first stamp.
+  starts=$(starts_between "$t_a" "$t_b" "$d"/crash/stamps/*)
+  ustarts=$(starts_between "$t_a" "$t_b" "$d"/unhealthy/stamps/*)
+  istarts=$(($(cat "$d"/stamps/* | wc -l) - n))
+  : >"$d/restarts"
+  if [ "$nc" -gt 0 ]; then
+    awk -v a="$t_a" -v b="$t_b" 'FNR == 1 { ex = "" }
+      NF == 2 { if (ex != "" && $1 >= a && $1 <= b) printf "%.3f\n", ($1 - ex) / 1e6; ex = "" }
+      NF >= 3 { ex = $1 }' "$d"/crash/stamps/* >"$d/restarts"
+  fi
+  read -r med p95 < <(stats <"$d/restarts")
+  more=''
+  if [ -n "$PA_CPU" ]; then
+    more=$(awk -v c="$cpu" -v i="$PA_CPU" -v s=$((starts + ustarts + hfail)) 'BEGIN {
+      printf " (the config phase, N idle only, in this run: %.2f s; the churn adds %.2f s", i, c - i
+      if (s > 0) printf ", %.1f ms per start or health check", (c - i) * 1000 / s
+      printf ")" }')
+  fi
+  if [ "$med" = - ]; then med=– p95=–; else med="$med ms" p95="$p95 ms"; fi
+  row "$label" "–" "–" "$(kib_to_mib "$rss") MiB (PSS $(kib_to_mib "$pss"))" "$cpu s${PA_CPU:+ (config: $PA_CPU s)}" "$med" "$p95"
+  DETAILS+=("$label over ${IDLE} s: the agent's CPU $cpu s ($split)$more; the children it reaped (crash-loopers, health_cmd shells) $ccpu s; crash-loopers started $starts times (their stamps; status restarts +$r_crash), from a run's exit to the next run's first stamp median $med, p95 $p95; health_cmd failed $hfail times, $liveness liveness restarts (the failing-health ones started $ustarts times; status restarts +$r_unh); the $n idle workers restarted $r_idle times ($istarts starts since the agent's start)")
+  DETAILS+=("procagent (churn) at the end of the window: states $states; the failing-health ones' backoff delay up to $delay s, up to $fails failures in a row; RSS $(kib_to_mib "$rss1") MiB (PSS $(kib_to_mib "$pss1")); procagentd descriptors $fd0 before the window, $fd1 after; $((log1 - log0)) log lines in the window; events in the window by kind: $kinds")
+  DETAILS+=("procagentd under churn, descriptors by kind [per supervised process, N + $((nc + nh))]: $(fd_kinds "$pid" $((n + nc + nh)))")
+  kill_tree "$pid"
+  while read -r p; do if ours "$p"; then kill -KILL "$p" 2>/dev/null || true; fi; done <"$d/own"
 }
 
 run_procagent_api() {
@@ -640,13 +947,14 @@ MACHINE="$(nproc) CPUs, MemTotal $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 104
 OUT=$TMP/tables.md
 : >"$OUT"
 for n in $N_LIST; do
-  ROWS=() DETAILS=() PA_FDS='' SD_FDS='' PA_LOG_LINES='' PA_WARN='' PA_SYNC='' PA_READOPT=''
+  ROWS=() DETAILS=() PA_FDS='' SD_FDS='' PA_LOG_LINES='' PA_WARN='' PA_SYNC='' PA_READOPT='' PA_CPU=''
   T_N=$SECONDS
   log "=== N=$n (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-  for phase in ${PHASES:-procagent-config procagent-api supervisord runit}; do
+  for phase in $PHASE_LIST; do
     DIAG=()
     case $phase in
       procagent-config) run_procagent_config "$n" ;;
+      procagent-churn) run_procagent_churn "$n" ;;
       procagent-api) run_procagent_api "$n" ;;
       supervisord) run_supervisord "$n" ;;
       runit) run_runit "$n" ;;
