@@ -197,6 +197,8 @@ pub struct Config {
     pub api: ApiConfig,
     pub metrics: MetricsConfig,
     pub store: StoreConfig,
+    /// The `[[process]]` tables. The daemon takes them out when it applies them at start
+    /// (the registry holds them from then on): the engine's copy of the config has none.
     pub processes: Vec<ProcessConfig>,
     /// How relative paths of `[[process]]` tables were resolved, one line each (what
     /// `procagentd --check` prints beside "ok").

@@ -153,6 +153,8 @@ impl<V> PidMap<V> {
         match self.find(pid) {
             Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, v)),
             Err(i) => {
+                // Exactly one more (a Vec would make room for four at its first insert).
+                self.entries.reserve_exact(1);
                 self.entries.insert(i, (pid, v));
                 None
             }
