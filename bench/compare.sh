@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Side by side (issue 16): procagent, supervisord and runit supervising N copies of one tiny C
-# worker, in one run on this machine, and a markdown table of the figures.
+# Side by side (issue 16): procagent, supervisord, runit and a floor supervising N copies of one
+# tiny C worker, in one run on this machine, and a markdown table of the figures.
 #
 #   bash bench/compare.sh                      # N="100 1000", IDLE=30
 #   N=100 IDLE=30 PROCAGENTD=/path/to/procagentd bash bench/compare.sh
@@ -9,8 +9,8 @@
 # default target/release/procagentd; the CLI is the procagent next to it, or PROCAGENT),
 # IDLE (seconds of the idle CPU window, 30), SETTLE (seconds before RSS and idle CPU, 10),
 # KILLS (restart samples, 20), LOG_LEVEL (procagentd's, default its own default "info"),
-# PHASES (default "procagent-config procagent-churn procagent-api supervisord runit": which
-# to run), CHURN_CRASH and CHURN_HEALTH (the churn phase's crash-looping and failing-health
+# PHASES (default "procagent-config procagent-churn procagent-api supervisord runit floor":
+# which to run), CHURN_CRASH and CHURN_HEALTH (the churn phase's crash-looping and failing-health
 # definitions, 10 and 10), CRASH_AFTER_MS (how long a crash-looper lives, 1500),
 # KEEP=1 keeps the temporary directory.
 #
@@ -30,6 +30,14 @@
 #               epoll, other anon_inode, /proc files (the sampler's kept handles, by name),
 #               /dev, regular files; per kind in all and per supervised process; the output
 #               keeper's too.
+# The floor phase (floor): issue 16's floor, a C supervisor compiled here (bin/floor N DIR)
+# that posix_spawns, for worker I, the very command procagent runs (/bin/sh -c "echo $$ >
+# DIR/pids/pI.pid && exec WORKER DIR/stamps/pI", in DIR), then loops on waitpid(-1) and
+# spawns whichever died again at once; nothing else. Measured as above (start-all from just
+# before its exec, RSS / PSS and CPU of the floor process, restart); no status. Stopped with
+# SIGTERM (it exits 0 and leaves its workers, killed by pid and checked gone). After each
+# table: procagent (config)'s restart median and p95 divided by the floor's (issue 16's
+# targets: 2x and 3x). Only the agent's own children: no phase here runs a pid-file daemon.
 # The churn phase (procagent-churn): the config phase's N idle workers plus CHURN_CRASH
 # crash-looping and CHURN_HEALTH failing-health definitions (namespace "churn", every
 # [supervisor] setting its default: backoff 1 s doubling to 1 m, reset after 30 s,
@@ -63,7 +71,7 @@ CMDLINE="N=\"$N_LIST\" IDLE=$IDLE SETTLE=$SETTLE KILLS=$KILLS"
 for v in PHASES CHURN_CRASH CHURN_HEALTH CRASH_AFTER_MS; do
   if [ -n "${!v:-}" ]; then CMDLINE="$CMDLINE $v=\"${!v}\""; fi
 done
-PHASE_LIST=${PHASES:-procagent-config procagent-churn procagent-api supervisord runit}
+PHASE_LIST=${PHASES:-procagent-config procagent-churn procagent-api supervisord runit floor}
 CHURN_CRASH=${CHURN_CRASH:-10}
 CHURN_HEALTH=${CHURN_HEALTH:-10}
 CRASH_AFTER_MS=${CRASH_AFTER_MS:-1500}
@@ -251,10 +259,76 @@ int main(int argc, char **argv) {
     return 1;
 }
 EOC
+# The floor of issue 16: the least a supervisor can do to restart its children.
+cat >"$TMP/bin/floor.c" <<'EOC'
+/* floor N DIR: posix_spawn N children, child I (1..N) running exactly what procagent runs for
+ * worker I, /bin/sh -c "echo $$ > DIR/pids/pI.pid && exec WORKER DIR/stamps/pI" (WORKER
+ * compiled in), in DIR (procagent enters setup_path = DIR); then waitpid(-1) and spawn
+ * whichever child died again, at once, the same way. Nothing else: the commands are built
+ * once, before the first spawn; no attributes (the children inherit this process's
+ * descriptors, environment and session); nothing written but errors. SIGTERM: exit 0 at once
+ * (the children are left to the harness, which kills them by pid). */
+#include <errno.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+extern char **environ;
+static void on_term(int sig) { (void)sig; _exit(0); }
+static char **cmds;
+static pid_t *pids;
+static void spawn(int i) {
+    char *argv[] = { "/bin/sh", "-c", cmds[i], NULL };
+    int e;
+    while ((e = posix_spawn(&pids[i], "/bin/sh", NULL, NULL, argv, environ)) != 0) {
+        fprintf(stderr, "floor: posix_spawn p%d: %s (again in 100 ms)\n", i + 1, strerror(e));
+        struct timespec d = { 0, 100000000L };
+        nanosleep(&d, NULL);
+    }
+}
+int main(int argc, char **argv) {
+    if (argc != 3 || atoi(argv[1]) < 1 || argv[2][0] != '/') {
+        fprintf(stderr, "usage: floor N DIR (DIR absolute)\n");
+        return 2;
+    }
+    int n = atoi(argv[1]);
+    const char *dir = argv[2];
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_term;
+    sigaction(SIGTERM, &sa, NULL);
+    if (chdir(dir) != 0) { perror(dir); return 1; }
+    cmds = calloc(n, sizeof *cmds);
+    pids = calloc(n, sizeof *pids);
+    if (!cmds || !pids) { perror("calloc"); return 1; }
+    for (int i = 0; i < n; i++) {
+        const char *fmt = "echo $$ > %s/pids/p%d.pid && exec %s %s/stamps/p%d";
+        int len = snprintf(NULL, 0, fmt, dir, i + 1, WORKER_PATH, dir, i + 1);
+        if (len < 0 || !(cmds[i] = malloc(len + 1))) { perror("malloc"); return 1; }
+        snprintf(cmds[i], len + 1, fmt, dir, i + 1, WORKER_PATH, dir, i + 1);
+    }
+    for (int i = 0; i < n; i++) spawn(i);
+    for (;;) {
+        pid_t p = waitpid(-1, NULL, 0);
+        if (p < 0) {
+            if (errno == EINTR) continue;
+            perror("floor: waitpid");
+            return 1;
+        }
+        for (int i = 0; i < n; i++)
+            if (pids[i] == p) { spawn(i); break; }
+    }
+}
+EOC
 gcc -O2 -o "$TMP/bin/worker" "$TMP/bin/worker.c" || die "gcc worker.c"
 gcc -O2 -o "$TMP/bin/mono" "$TMP/bin/mono.c" || die "gcc mono.c"
 gcc -O2 -o "$TMP/bin/crasher" "$TMP/bin/crasher.c" || die "gcc crasher.c"
-WORKER=$TMP/bin/worker MONO=$TMP/bin/mono CRASHER=$TMP/bin/crasher
+gcc -O2 -DWORKER_PATH="\"$TMP/bin/worker\"" -o "$TMP/bin/floor" "$TMP/bin/floor.c" || die "gcc floor.c"
+WORKER=$TMP/bin/worker MONO=$TMP/bin/mono CRASHER=$TMP/bin/crasher FLOOR=$TMP/bin/floor
 CLK_TCK=$(getconf CLK_TCK)
 
 # ---------------------------------------------------------------- measuring helpers
@@ -547,6 +621,7 @@ run_procagent_config() {
   log "procagent (config) N=$n: $KILLS restarts"
   restarts "$d/stamps" "$n" "$d/restarts"
   read -r med p95 < <(stats <"$d/restarts")
+  PA_MED=$med PA_P95=$p95
   row "procagent (config)" "$PA_START s" "$st ms (--json $stj ms)" \
     "$(kib_to_mib "$rss") MiB (PSS $(kib_to_mib "$pss"))" "$cpu s" "$med ms" "$p95 ms"
   PA_LOG_LINES=$(wc -l <"$d/agent.log")
@@ -937,6 +1012,76 @@ run_runit() {
   kill_tree "$pid"
 }
 
+# ---------------------------------------------------------------- the floor
+# Issue 16's floor: bin/floor (above), waitpid + posix_spawn of the same command procagent
+# runs, the workers its own children. Measured as the others; its status cell is empty (it
+# has no status), and at its end it is stopped with SIGTERM (it must exit 0, leaving its
+# workers), then its workers are killed by pid and checked gone.
+run_floor() {
+  local n=$1 d=$TMP/floor-$1 pid t0 t1 rss pss cpu med p95 victims p st rc started left r keep
+  mkdir -p "$d/stamps" "$d/pids"
+  log "floor N=$n: starting"
+  "$MONO" exec "$d/t0" "$FLOOR" "$n" "$d" >"$d/floor.log" 2>&1 &
+  pid=$!
+  ROOTS+=("$pid")
+  DIAG=(tail -n 5 "$d/floor.log")
+  wait_for $((120 + n / 5)) "floor N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
+  t0=$(cat "$d/t0") t1=$(last_first_stamp "$d/stamps")
+  FL_START=$(ns_to_s $((t1 - t0)))
+  DETAILS+=("floor: $(stamp_spread "$d/stamps" "$t0")")
+  log "floor N=$n: start-all $FL_START s; settling ${SETTLE} s"
+  sleep "$SETTLE"
+  own_pids "$pid" >"$d/own"
+  show_pids floor "$d/own"
+  read -r rss pss < <(mem_of <"$d/own")
+  log "floor N=$n: idle CPU over ${IDLE} s"
+  cpu=$(idle_cpu "$d/own")
+  log "floor N=$n: $KILLS restarts"
+  restarts "$d/stamps" "$n" "$d/restarts"
+  read -r med p95 < <(stats <"$d/restarts")
+  FL_MED=$med FL_P95=$p95
+  row "floor (C: waitpid + posix_spawn, same sh command)" "$FL_START s" "–" \
+    "$(kib_to_mib "$rss") MiB (PSS $(kib_to_mib "$pss"))" "$cpu s" "$med ms" "$p95 ms"
+  # Stop it: SIGTERM, up to 5 s to exit (gone, or a zombie: exited, not yet waited for), its
+  # status.
+  victims=$(descendants "$pid")
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    st=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1 || true)
+    [ -z "$st" ] || [ "$st" = Z ] && break
+    sleep 0.05
+  done
+  if [ -n "$st" ] && [ "$st" != Z ]; then
+    log "floor N=$n: still running 5 s after SIGTERM; killed"
+    DETAILS+=("floor: did NOT exit on SIGTERM within 5 s (killed)")
+    kill_tree "$pid"
+  else
+    rc=0
+    wait "$pid" || rc=$?
+    [ "$rc" = 0 ] || DETAILS+=("floor: exited with status $rc on SIGTERM (expected 0)")
+  fi
+  # Reaped: its pid is no longer ours to kill (cleanup's kill_tree would take a reused pid).
+  keep=()
+  for r in "${ROOTS[@]}"; do [ "$r" = "$pid" ] || keep+=("$r"); done
+  ROOTS=("${keep[@]}")
+  # Its workers (the tree taken before the SIGTERM, and every pid its stamps name), by pid;
+  # then none of them may be left.
+  for p in $victims $(awk '{ print $2 }' "$d"/stamps/*); do
+    if ours "$p"; then kill -KILL "$p" 2>/dev/null || true; fi
+  done
+  started=$(cat "$d"/stamps/* | wc -l)
+  for _ in $(seq 1 100); do
+    left=$(awk '{ print $2 }' "$d"/stamps/* | while read -r p; do if ours "$p"; then echo "$p"; fi; done | paste -sd' ')
+    [ -z "$left" ] && break
+    sleep 0.05
+  done
+  [ -z "$left" ] || die "floor N=$n: workers left after the phase: $left"
+  log "floor N=$n: stopped (SIGTERM: status ${rc:-killed}); its $started workers are all gone"
+}
+
+# "R.Rx" for A / B (ms figures as stats prints them), "–" when either is missing or B is 0.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || a == "" || b == "" || b + 0 == 0) print "–"; else printf "%.1fx\n", a / b }'; }
+
 # ---------------------------------------------------------------- run
 STARTED=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
 T_BEGIN=$SECONDS
@@ -948,6 +1093,7 @@ OUT=$TMP/tables.md
 : >"$OUT"
 for n in $N_LIST; do
   ROWS=() DETAILS=() PA_FDS='' SD_FDS='' PA_LOG_LINES='' PA_WARN='' PA_SYNC='' PA_READOPT='' PA_CPU=''
+  PA_MED='' PA_P95='' FL_MED='' FL_P95=''
   T_N=$SECONDS
   log "=== N=$n (load average $(cut -d' ' -f1-3 /proc/loadavg))"
   for phase in $PHASE_LIST; do
@@ -958,6 +1104,7 @@ for n in $N_LIST; do
       procagent-api) run_procagent_api "$n" ;;
       supervisord) run_supervisord "$n" ;;
       runit) run_runit "$n" ;;
+      floor) run_floor "$n" ;;
       *) die "unknown phase $phase" ;;
     esac
   done
@@ -967,6 +1114,15 @@ for n in $N_LIST; do
     echo "|---|---|---|---|---|---|---|"
     printf '%s\n' "${ROWS[@]}"
     echo
+    # Issue 16's target against the floor: only for the agent's own children. This script has
+    # no pid-file daemon case (each procagent phase's worker is the agent's child, its pid file
+    # naming that child); bench/restart_latency.sh measures the daemon case, without a floor.
+    if [ -n "$PA_MED" ] && [ -n "$FL_MED" ]; then
+      echo "procagent (config) restart against the floor (its own children; no pid-file daemon case here):" \
+        "median $(ratio "$PA_MED" "$FL_MED") the floor (target 2x), p95 $(ratio "$PA_P95" "$FL_P95") (target 3x)."
+    else
+      echo "procagent (config) restart against the floor: – (needs the phases procagent-config and floor)."
+    fi
     echo "procagentd descriptors per process: ${PA_FDS:-–}; supervisord holds ${SD_FDS:-–} descriptors."
     echo "procagent (config): ${PA_SYNC:-–}; ${PA_READOPT:-–}."
     echo "procagentd log (config case): ${PA_LOG_LINES:-–} lines, ${PA_WARN:-–} WARN/ERROR. This size took $((SECONDS - T_N)) s;" \
