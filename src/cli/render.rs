@@ -679,7 +679,16 @@ pub fn status_table(list: &[ProcDetail], color: bool, width: Option<usize>) -> S
         .collect();
     // Narrow terminals: MANAGED, CPU%, RESTARTS, LAST EXIT, UPTIME, RSS, PID go first (in
     // that order), then MESSAGE is shortened; rows never wrap.
-    let (kept, headers, rows) = fit_table(&headers, &rows, width, &[3, 6, 4, 8, 5, 7, 2], 9);
+    // Without a width there is nothing to fit: every column, every cell as it is (no copy
+    // of a thousand rows).
+    let (kept, headers, rows) = match width {
+        Some(_) => fit_table(&headers, &rows, width, &[3, 6, 4, 8, 5, 7, 2], 9),
+        None => (
+            (0..headers.len()).collect(),
+            headers.iter().map(|h| h.to_string()).collect(),
+            rows,
+        ),
+    };
     let h: Vec<&str> = headers.iter().map(String::as_str).collect();
     let paint = |col: usize, cell: &str| -> Option<&'static str> {
         if kept.get(col) != Some(&1) {
