@@ -383,15 +383,18 @@ mem_of() {
   done
   echo "$rss $pss"
 }
-# utime + stime in ticks summed over the pids on stdin (fields after the ")" of the comm).
-ticks_of() {
+# Fields A + B of /proc/PID/stat (counted after the ")" of the comm) summed over the pids on
+# stdin: stat_sum A B.
+stat_sum() {
   local p t=0 v
   while read -r p; do
-    v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0)
+    v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk -v a="$1" -v b="$2" '{ print $a + $b }' || echo 0)
     t=$((t + ${v:-0}))
   done
   echo "$t"
 }
+# utime + stime in ticks summed over the pids on stdin.
+ticks_of() { stat_sum 12 13; }
 kib_to_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 # Median wall time in ms of STATUS_RUNS runs of CMD, checking each listed at least N rows
@@ -465,14 +468,7 @@ ticks_each() {
 
 # utime + stime of the reaped children (cutime + cstime) in ticks, summed over the pids on
 # stdin.
-child_ticks_of() {
-  local p t=0 v
-  while read -r p; do
-    v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $14 + $15 }' || echo 0)
-    t=$((t + ${v:-0}))
-  done
-  echo "$t"
-}
+child_ticks_of() { stat_sum 14 15; }
 
 # ROOT and its descendants that run the binary ROOT runs (the agent's daemon and its output
 # keeper; not the processes it starts, nor its commands' shells).

@@ -540,16 +540,17 @@ pub fn read_raw(h: &Handles, starttime: u64, buf: &mut Vec<u8>) -> Option<Raw> {
     Some(raw)
 }
 
-/// How many instances the sampler may keep [`Handles`] open for: a quarter of what the
-/// descriptor limit leaves after a reserve (each instance also costs the agent a pidfd), so
-/// the sampler never starves the rest of the agent. Instances beyond it are read by opening
-/// the files each pass.
+/// How many instances the sampler may keep [`Handles`] open for: as many as the descriptor
+/// limit holds after a reserve, counting with each instance's handles what else the agent
+/// holds for it (a pidfd, and the two read ends of its captured output), so that the
+/// sampler never starves the rest of the agent. Instances beyond it are read by opening the
+/// files each pass.
 pub fn handle_budget() -> usize {
     let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(1 << 20)
         .min(1 << 20) as usize;
-    soft.saturating_sub(512) / (Handles::FDS + 1)
+    soft.saturating_sub(512) / (Handles::FDS + 3)
 }
 
 // ---------------------------------------------------------------------------------------
