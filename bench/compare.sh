@@ -529,6 +529,26 @@ show_pids() { log "$1 processes: $(ps -o pid=,rss=,args= -p "$(paste -sd, "$2")"
 ROWS=() DETAILS=()
 row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 |"); }
 
+# After a supervisor PID was launched on N workers whose stamps go to DIR/stamps: wait for
+# all first stamps, record the start-all (START, s) and its spread under LABEL, settle, list
+# its own processes in DIR/own, run SHOW_CMD..., then measure RSS and PSS (kB) and the CPU
+# over IDLE s (RSS, PSS, CPU): started_and_idle LABEL N DIR PID SHOW_CMD...
+started_and_idle() {
+  local label=$1 n=$2 d=$3 pid=$4 t0 t1
+  shift 4
+  wait_for $((120 + n / 5)) "$label N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
+  t0=$(cat "$d/t0") t1=$(last_first_stamp "$d/stamps")
+  START=$(ns_to_s $((t1 - t0)))
+  DETAILS+=("$label: $(stamp_spread "$d/stamps" "$t0")")
+  log "$label N=$n: start-all $START s; settling ${SETTLE} s"
+  sleep "$SETTLE"
+  own_pids "$pid" >"$d/own"
+  "$@"
+  read -r RSS PSS < <(mem_of <"$d/own")
+  log "$label N=$n: idle CPU over ${IDLE} s"
+  CPU=$(idle_cpu "$d/own")
+}
+
 # ---------------------------------------------------------------- procagent
 pa_config() { # pa_config DIR N
   local d=$1 n=$2 i
@@ -951,17 +971,8 @@ EOT
   "$MONO" exec "$d/t0" "$PY" -m supervisor.supervisord -c "$d/supervisord.conf" >"$d/stdout.log" 2>&1 &
   pid=$!
   ROOTS+=("$pid")
-  wait_for $((120 + n / 5)) "supervisord N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
-  t0=$(cat "$d/t0") t1=$(last_first_stamp "$d/stamps")
-  SD_START=$(ns_to_s $((t1 - t0)))
-  DETAILS+=("supervisord: $(stamp_spread "$d/stamps" "$t0")")
-  log "supervisord N=$n: start-all $SD_START s; settling ${SETTLE} s"
-  sleep "$SETTLE"
-  own_pids "$pid" >"$d/own"
-  show_pids supervisord "$d/own"
-  read -r rss pss < <(mem_of <"$d/own")
-  log "supervisord N=$n: idle CPU over ${IDLE} s"
-  cpu=$(idle_cpu "$d/own")
+  started_and_idle supervisord "$n" "$d" "$pid" show_pids supervisord "$d/own"
+  SD_START=$START rss=$RSS pss=$PSS cpu=$CPU
   st=$(time_status "$n" 'RUNNING' "$PY" -m supervisor.supervisorctl -c "$d/supervisord.conf" status)
   log "supervisord N=$n: $KILLS restarts"
   restarts "$d/stamps" "$n" "$d/restarts"
@@ -975,6 +986,8 @@ EOT
 # ---------------------------------------------------------------- runit
 sv_loop() { local s; for s in "$1"/*; do "$SV" status "$s"; done; }
 
+runit_own() { log "runit processes: $(wc -l <"$1") (runsvdir + runsv)"; }
+
 run_runit() {
   local n=$1 d=$TMP/rn-$1 pid t0 t1 i rss pss cpu st stl med p95
   mkdir -p "$d/stamps" "$d/service"
@@ -987,17 +1000,8 @@ run_runit() {
   "$MONO" exec "$d/t0" "$RUNSVDIR" "$d/service" >"$d/runsvdir.log" 2>&1 &
   pid=$!
   ROOTS+=("$pid")
-  wait_for $((120 + n / 5)) "runit N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
-  t0=$(cat "$d/t0") t1=$(last_first_stamp "$d/stamps")
-  RN_START=$(ns_to_s $((t1 - t0)))
-  DETAILS+=("runit: $(stamp_spread "$d/stamps" "$t0")")
-  log "runit N=$n: start-all $RN_START s; settling ${SETTLE} s"
-  sleep "$SETTLE"
-  own_pids "$pid" >"$d/own"
-  log "runit processes: $(wc -l <"$d/own") (runsvdir + runsv)"
-  read -r rss pss < <(mem_of <"$d/own")
-  log "runit N=$n: idle CPU over ${IDLE} s"
-  cpu=$(idle_cpu "$d/own")
+  started_and_idle runit "$n" "$d" "$pid" runit_own "$d/own"
+  RN_START=$START rss=$RSS pss=$PSS cpu=$CPU
   st=$(time_status "$n" '^run: ' "$SV" status "$d"/service/*)
   stl=$(time_status "$n" '^run: ' sv_loop "$d/service")
   log "runit N=$n: $KILLS restarts"
@@ -1021,17 +1025,8 @@ run_floor() {
   pid=$!
   ROOTS+=("$pid")
   DIAG=(tail -n 5 "$d/floor.log")
-  wait_for $((120 + n / 5)) "floor N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
-  t0=$(cat "$d/t0") t1=$(last_first_stamp "$d/stamps")
-  FL_START=$(ns_to_s $((t1 - t0)))
-  DETAILS+=("floor: $(stamp_spread "$d/stamps" "$t0")")
-  log "floor N=$n: start-all $FL_START s; settling ${SETTLE} s"
-  sleep "$SETTLE"
-  own_pids "$pid" >"$d/own"
-  show_pids floor "$d/own"
-  read -r rss pss < <(mem_of <"$d/own")
-  log "floor N=$n: idle CPU over ${IDLE} s"
-  cpu=$(idle_cpu "$d/own")
+  started_and_idle floor "$n" "$d" "$pid" show_pids floor "$d/own"
+  FL_START=$START rss=$RSS pss=$PSS cpu=$CPU
   log "floor N=$n: $KILLS restarts"
   restarts "$d/stamps" "$n" "$d/restarts"
   read -r med p95 < <(stats <"$d/restarts")

@@ -47,6 +47,14 @@ pub fn decode_data<T: DeserializeOwned>(what: &str, data: Value) -> Result<T, Cl
     })
 }
 
+/// Decode JSON text (an entry the agent wrote) into its typed shape, as [`decode_data`].
+pub fn decode_text<T: DeserializeOwned>(what: &str, text: &str) -> Result<T, ClientError> {
+    serde_json::from_str(text).map_err(|e| ClientError::Shape {
+        what: what.to_string(),
+        error: e.to_string(),
+    })
+}
+
 /// The `data` of a successful envelope (`null` when it has none); a refusal as
 /// [`ClientError::Refused`].
 pub fn envelope_data(env: Envelope<Value>) -> Result<Value, ClientError> {
@@ -216,10 +224,7 @@ impl Client {
                     return Ok(data);
                 }
                 // No data (or null): what `T` makes of null.
-                return serde_json::from_str("null").map_err(|e| ClientError::Shape {
-                    what: what.to_string(),
-                    error: e.to_string(),
-                });
+                return decode_text(what, "null");
             }
             Ok(_) => None,
             Err(e) => Some(e),

@@ -32,7 +32,7 @@ use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::api::client::{Client, ClientError, decode_data};
+use crate::api::client::{Client, ClientError, decode_data, decode_text};
 use crate::api::reload::ReloadReport;
 use crate::expr::Expression;
 use crate::proto::{
@@ -706,10 +706,7 @@ async fn procs(client: &Client, q: &ProcsQuery) -> Result<Vec<Listed>, CliError>
     d.list
         .into_iter()
         .map(|raw| {
-            let proc = serde_json::from_str(raw.get()).map_err(|e| ClientError::Shape {
-                what: "procs".to_string(),
-                error: e.to_string(),
-            })?;
+            let proc = decode_text("procs", raw.get())?;
             Ok(Listed { raw, proc })
         })
         .collect()

@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 use serde_json::value::RawValue;
 
 use super::{CliError, exit, parse_key, render};
-use crate::api::client::{Client, ClientError};
+use crate::api::client::{Client, decode_text};
 use crate::proto::{FLAG_RUNNING, ProcDetail, ProcList, ProcsQuery};
 
 /// Column to sort by.
@@ -354,12 +354,7 @@ pub async fn run(client: &Client, json_out: bool, a: &TopArgs) -> Result<u8, Cli
         let list: Vec<ProcDetail> = d
             .list
             .iter()
-            .map(|v| {
-                serde_json::from_str(v.get()).map_err(|e| ClientError::Shape {
-                    what: "procs".to_string(),
-                    error: e.to_string(),
-                })
-            })
+            .map(|v| decode_text("procs", v.get()))
             .collect::<Result<_, _>>()?;
         let mut out = std::io::stdout().lock();
         if json_out {
