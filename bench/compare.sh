@@ -565,19 +565,26 @@ bk_cloud_id = 0
 bk_supplier_id = 0
 EOT
   for i in $(seq 1 "$n"); do
-    cat <<EOT
+    pa_worker "$d" bench "p$i" "$d/pids/p$i.pid" "$d/stamps/p$i"
+  done
+}
+
+# One worker's [[process]] table (managed, its pid in PIDFILE, first stamps in STAMPFILE),
+# with EXTRA lines: pa_worker DIR NAMESPACE NAME PIDFILE STAMPFILE [EXTRA]
+pa_worker() {
+  cat <<EOT
 
 [[process]]
-namespace = "bench"
-name = "p$i"
-setup_path = "$d"
+namespace = "$2"
+name = "$3"
+setup_path = "$1"
 proc_name = "worker"
-pid_path = "$d/pids/p$i.pid"
-start_cmd = "echo \$\$ > $d/pids/p$i.pid && exec $WORKER $d/stamps/p$i"
-start_check_secs = 1
+pid_path = "$4"
+start_cmd = "echo \$\$ > $4 && exec $WORKER $5"
+${6:+$6
+}start_check_secs = 1
 autostart = true
 EOT
-  done
 }
 
 # What a procagent sees, for a failed step: its states counted, stamps written, its log's end.
@@ -729,19 +736,7 @@ autostart = true
 EOT
   done
   for i in $(seq 1 "$CHURN_HEALTH"); do
-    cat <<EOT
-
-[[process]]
-namespace = "churn"
-name = "unhealthy$i"
-setup_path = "$d"
-proc_name = "worker"
-pid_path = "$d/pids/u$i.pid"
-start_cmd = "echo \$\$ > $d/pids/u$i.pid && exec $WORKER $d/unhealthy/stamps/u$i"
-health_cmd = "exit 1"
-start_check_secs = 1
-autostart = true
-EOT
+    pa_worker "$d" churn "unhealthy$i" "$d/pids/u$i.pid" "$d/unhealthy/stamps/u$i" 'health_cmd = "exit 1"'
   done
 }
 
