@@ -65,6 +65,7 @@ fn main() {
             key: ProcKey::new("bench", format!("p{i}")),
             instances: vec![(pid, st.starttime)],
             cgroups: Vec::new(),
+            limited: false,
         });
     }
     let mut sampler = Sampler::new(HostFigures::read());

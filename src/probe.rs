@@ -42,8 +42,11 @@
 //! moved since its latest full reading did not run, so its figures stand and its pass is
 //! that one `pread`; it is read in full again as soon as it runs, and at least every
 //! [`FULL_READ_PASSES`] passes (what can change without it running: memory reclaimed from
-//! it, an orphan handed to it as a subreaper, a descriptor table it shares). Processes that
-//! wake up between passes (most daemons' timers do) are read in full every pass. The start time is checked on every read, and
+//! it, an orphan handed to it as a subreaper, a descriptor table it shares, its memory
+//! grown by a process sharing it, `CLONE_VM`, or writing into it, `process_vm_writev`).
+//! Instances of a definition with a cpu or memory limit are read in full every pass, so
+//! that every sample the limits count is a new observation. Processes that wake up between
+//! passes (most daemons' timers do) are read in full every pass. The start time is checked on every read, and
 //! a handle to a process that has exited cannot read a newer process with the same pid, so
 //! figures never mix two processes. The handles are kept for at most [`handle_budget`]
 //! instances (derived from the descriptor limit); others are opened and closed each pass.
@@ -564,6 +567,9 @@ pub struct Target {
     /// Containment on: the cgroup of each running instance. Its figures (the whole tree)
     /// replace the main processes' where the kernel has them (module docs).
     pub cgroups: Vec<std::path::PathBuf>,
+    /// The definition has a cpu or memory limit: its instances are read in full every pass
+    /// (never [`Quiet`]), so that each sample the limits count is a new observation.
+    pub limited: bool,
 }
 
 /// A process's descriptors are listed for sockets at least every this many passes
@@ -905,10 +911,9 @@ impl Sampler {
                 // shows at the next pass. Only handles kept since that reading are known
                 // to be the same process without one (a pid opened anew may be reused).
                 let ran = handles.ran(&mut self.buf);
-                let still = old
-                    .as_ref()
-                    .and_then(|m| m.quiet)
-                    .filter(|q| held && ran == Some(q.ran) && q.skipped + 1 < FULL_READ_PASSES);
+                let still = old.as_ref().and_then(|m| m.quiet).filter(|q| {
+                    held && !t.limited && ran == Some(q.ran) && q.skipped + 1 < FULL_READ_PASSES
+                });
                 let (raw, quiet) = match still {
                     Some(q) => (
                         q.raw,
@@ -1376,21 +1381,25 @@ mod tests {
             key: ProcKey::new("t", "me"),
             instances: vec![(me, st.starttime)],
             cgroups: Vec::new(),
+            limited: false,
         };
         let one = Target {
             key: ProcKey::new("t", "one"),
             instances: vec![(cpid, cst.starttime)],
             cgroups: Vec::new(),
+            limited: false,
         };
         let two = Target {
             key: ProcKey::new("t", "two"),
             instances: vec![(cpid, cst.starttime), (cpid, cst.starttime)],
             cgroups: Vec::new(),
+            limited: false,
         };
         let gone = Target {
             key: ProcKey::new("t", "gone"),
             instances: vec![(cpid, cst.starttime + 1)],
             cgroups: Vec::new(),
+            limited: false,
         };
         let (a, n) = s.pass(std::slice::from_ref(&me_t), Instant::now(), 1);
         assert_eq!(n, 1);
@@ -1464,6 +1473,7 @@ mod tests {
                         crate::procinfo::read_stat(pid).expect("stat").starttime,
                     )],
                     cgroups: Vec::new(),
+                    limited: false,
                 }
             })
             .collect();
@@ -1517,6 +1527,7 @@ mod tests {
             key: ProcKey::new("t", "quiet"),
             instances: vec![(pid, start)],
             cgroups: Vec::new(),
+            limited: false,
         }];
         let host = HostFigures {
             mem_total_bytes: 1 << 30,
@@ -1594,6 +1605,22 @@ mod tests {
             longest < FULL_READ_PASSES,
             "{longest} passes in a row skipped it"
         );
+        // With a cpu or memory limit every pass reads it in full: each sample the limits
+        // count is a new observation.
+        let limited = vec![Target {
+            limited: true,
+            ..targets[0].clone()
+        }];
+        let mut s = Sampler::with_budget(host, 16);
+        for i in 0..FULL_READ_PASSES {
+            let full = s.full_reads();
+            s.pass(&limited, Instant::now(), 100 + i as i64);
+            assert_eq!(
+                s.full_reads(),
+                full + 1,
+                "pass {i} of a limited process skipped it"
+            );
+        }
         finish(child);
     }
 
@@ -1648,6 +1675,7 @@ mod tests {
                     crate::procinfo::read_stat(pid).expect("stat").starttime,
                 )],
                 cgroups: Vec::new(),
+                limited: false,
             };
             let mut s = Sampler::new(HostFigures {
                 mem_total_bytes: 1 << 30,
@@ -1738,6 +1766,7 @@ mod tests {
                     crate::procinfo::read_stat(pid).expect("stat").starttime,
                 )],
                 cgroups: Vec::new(),
+                limited: false,
             }
         };
         let quiet = |cmd: &mut std::process::Command| {
@@ -1816,6 +1845,7 @@ mod tests {
                 key: ProcKey::new("t", "shared"),
                 instances: vec![(pid, st.starttime)],
                 cgroups: Vec::new(),
+                limited: false,
             };
             // The first pass finds the sockets; the dump that places them comes with the
             // next one.

@@ -237,6 +237,7 @@ impl Engine {
                     key: e.def.key.clone(),
                     instances,
                     cgroups,
+                    limited: e.def.spec.cpu_lmt > 0.0 || e.def.spec.mem_lmt > 0.0,
                 }
             })
             .collect()
