@@ -222,6 +222,11 @@ struct State {
     in_flight: HashMap<PathBuf, InFlight>,
     mounts: HashMap<PathBuf, MountState>,
     checks: usize,
+    /// Threads waiting for work on the condition variable.
+    waiting: usize,
+    /// Times a waiting thread woke and found no job it could start (a measure of wasted
+    /// wake-ups; see [`FsPool::kick`]).
+    idle_wakes: u64,
     /// Jobs that were not run because the walk to their path met a hung mount: why.
     refused: HashMap<u64, FsError>,
 }
@@ -680,7 +685,8 @@ impl FsPool {
         }
     }
 
-    /// Start threads for the jobs that may start and have no idle thread.
+    /// Start threads for the jobs that may start and have no idle thread, and wake as many
+    /// waiting threads as there are such jobs.
     fn kick(&self, st: &mut State) {
         let (u, k) = self.startable(st);
         let want = u + k;
@@ -702,7 +708,13 @@ impl FsPool {
                 }
             }
         }
-        self.inner.work.notify_all();
+        // One waiting thread per job that may start, never all of them: every thread woken
+        // takes the lock, and sixteen of them waking for one job on a two-core host cost
+        // milliseconds per job (every start and restart makes several). A thread that is
+        // not waiting (busy, or just started) looks for work before it waits again.
+        for _ in 0..want.min(st.waiting) {
+            self.inner.work.notify_one();
+        }
     }
 
     fn worker(&self) {
@@ -774,15 +786,20 @@ impl FsPool {
                 st = self.lock();
                 continue;
             }
+            st.waiting += 1;
             let (guard, timeout) = self
                 .inner
                 .work
                 .wait_timeout(st, self.inner.idle_exit)
                 .unwrap_or_else(|e| e.into_inner());
             st = guard;
-            if timeout.timed_out() && self.startable(&st) == (0, 0) {
-                st.threads -= 1;
-                return;
+            st.waiting -= 1;
+            if self.startable(&st) == (0, 0) {
+                if timeout.timed_out() {
+                    st.threads -= 1;
+                    return;
+                }
+                st.idle_wakes += 1;
             }
         }
     }
@@ -1311,6 +1328,50 @@ mod tests {
             assert_eq!(h.await.unwrap(), Ok(()));
         }
         assert_eq!(max.load(Ordering::SeqCst), 1, "one job per path at a time");
+    }
+
+    /// A job wakes one idle thread, not all of them: with sixteen idle threads on two cores,
+    /// waking every one for each job (they all wake, fight for the lock, find nothing and
+    /// sleep again) cost milliseconds per job, on every start and restart.
+    #[tokio::test]
+    async fn a_job_wakes_one_idle_thread_not_all() {
+        let (pool, gate, _) = {
+            let gate = Gate::default();
+            let fake = Arc::new(Fake {
+                gate: gate.clone(),
+                checks: AtomicUsize::new(0),
+            });
+            (FsPool::build(16, 64, fake, ms(100)), gate, ())
+        };
+        // Twelve threads (the unkeyed share of 16), all busy at once, then all idle.
+        let mut busy = Vec::new();
+        for i in 0..12 {
+            let (p, g) = (pool.clone(), gate.clone());
+            busy.push(tokio::spawn(async move {
+                p.run_unkeyed(&format!("j{i}"), Duration::from_secs(30), move || g.wait())
+                    .await
+            }));
+        }
+        until("twelve running", || pool.lock().running.len() == 12).await;
+        gate.open();
+        for b in busy {
+            assert_eq!(b.await.unwrap(), Ok(()));
+        }
+        until("twelve waiting", || pool.lock().waiting == 12).await;
+        let before = pool.lock().idle_wakes;
+        let jobs = 50;
+        for _ in 0..jobs {
+            assert_eq!(
+                pool.run_unkeyed("one", Duration::from_secs(30), || ())
+                    .await,
+                Ok(())
+            );
+        }
+        let wakes = pool.lock().idle_wakes - before;
+        assert!(
+            wakes <= jobs + 5,
+            "{jobs} jobs one after another woke idle threads {wakes} times"
+        );
     }
 
     #[tokio::test]
