@@ -76,6 +76,10 @@ fn main() -> ExitCode {
     if let Some(dir) = &args.output_keeper {
         return output_keeper(dir);
     }
+    // First, while the agent holds only its standard descriptors: the low numbers its
+    // commands receive their files through (a command then never copies the thousands of
+    // descriptors the agent holds; see procagent::sys::reserve_spawn_slots).
+    let slots = procagent::sys::reserve_spawn_slots();
     let cfg = match procagent::config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -98,6 +102,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&cfg);
+    if let Err(e) = slots {
+        tracing::warn!(error = %e, "no descriptor slots reserved: each command gets a copy of every descriptor of the agent (slower starts)");
+    }
     match real_main(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
