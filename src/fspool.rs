@@ -1343,7 +1343,7 @@ mod tests {
             });
             (FsPool::build(16, 64, fake, ms(100)), gate, ())
         };
-        // Twelve threads (the unkeyed share of 16), all busy at once, then all idle.
+        // Twelve threads, all busy at once, then all idle.
         let mut busy = Vec::new();
         for i in 0..12 {
             let (p, g) = (pool.clone(), gate.clone());

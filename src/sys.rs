@@ -548,31 +548,45 @@ const UNSHARE_FAILED: i32 = 1 << 30;
 /// the exec of `/bin/sh`, most of a restart. Instead the child is created *sharing* the
 /// table (`CLONE_FILES`) while its parent thread waits (`CLONE_VFORK`), the files it needs
 /// are placed in this spawn's group of slots, all below [`SpawnSlots::below`], and the
-/// child's first syscall, `close_range(below, ~0, CLOSE_RANGE_UNSHARE)`, gives it a private
-/// table holding only the descriptors below that number (Linux 5.9+; the kernel copies
-/// only those): the agent's first few (close-on-exec) and the slots. Every slot is a
-/// close-on-exec copy of `/dev/null` between spawns.
+/// child's first syscall on descriptors, `close_range(below, ~0, CLOSE_RANGE_UNSHARE)`,
+/// gives it a private table of the descriptors below that number only (Linux 5.9+; the
+/// kernel copies a table in words of 64 descriptors, so the bound is a multiple of 64,
+/// padded with more `/dev/null` copies): the agent's first few (close-on-exec) and the
+/// slots. Every slot is a close-on-exec copy of `/dev/null` between spawns.
+///
+/// Two kernel bugs of this path are kept out: a bound that is not a multiple of 64 made
+/// kernels before 5.18 (d888c83fcec7) copy descriptors between the bound and the end of its
+/// word without marking them open, so the exec never closed them (the padding); and kernels
+/// without 9a2fa1472083 (CVE-2024-45025, August 2024) copied the "word full" marks of the
+/// words above the bound, so a command that opened more than the bound's worth of files
+/// was handed numbers thousands higher (and EMFILE under a normal limit). The reservation
+/// tries that very case in a child ([`unshare_works`]) and uses no slots where it fails.
 struct SpawnSlots {
-    fds: Vec<libc::c_int>,
+    fds: Vec<OwnedFd>,
     /// A `/dev/null` the slots are reset to.
     idle: OwnedFd,
-    /// One above the highest slot.
+    /// A multiple of 64 above every slot.
     below: libc::c_int,
     free: std::sync::Mutex<Vec<usize>>,
+    /// The `/dev/null` copies between the highest slot and `below`, held only to keep the
+    /// agent's own descriptors above the bound.
+    _pad: Vec<OwnedFd>,
 }
 
 static SLOTS: std::sync::OnceLock<SpawnSlots> = std::sync::OnceLock::new();
-/// Set when a child could not take its private table (a kernel before 5.9, a seccomp
-/// filter): slots are not used again.
+/// Set when slots cannot be used: the reservation's trial failed, or a child's unshare was
+/// refused as unsupported (ENOSYS, EINVAL, EPERM: a kernel before 5.9, a seccomp filter).
 static SLOTS_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Reserve the descriptor slots [`spawn_command`] hands a command its files through (see
 /// [`SpawnSlots`]). Call it once, first thing (the slots take the lowest free numbers, and
 /// the fewer descriptors below them the less each child copies); later calls do nothing.
-/// Without it, children are created with a copy of the whole table, as before.
-pub fn reserve_spawn_slots() -> io::Result<()> {
+/// Without it, children are created with a copy of the whole table, as before. `Ok(false)`:
+/// reserved, but this kernel failed the trial, so no slot is used.
+pub fn reserve_spawn_slots() -> io::Result<bool> {
+    let off = || !SLOTS_OFF.load(std::sync::atomic::Ordering::Relaxed);
     if SLOTS.get().is_some() {
-        return Ok(());
+        return Ok(off());
     }
     let idle = rustix::fs::open(
         "/dev/null",
@@ -583,25 +597,105 @@ pub fn reserve_spawn_slots() -> io::Result<()> {
     for _ in 0..SLOT_FDS * SLOT_GROUPS {
         // Above the standard descriptors: a child's dup2 onto 0, 1 and 2 must never
         // overwrite a slot it has yet to read.
-        let fd = rustix::io::fcntl_dupfd_cloexec(&idle, 3)?;
-        // Kept for the life of the process, by number.
-        fds.push(std::os::fd::IntoRawFd::into_raw_fd(fd));
+        fds.push(rustix::io::fcntl_dupfd_cloexec(&idle, 3)?);
     }
-    let below = fds.iter().copied().max().unwrap_or(2) + 1;
+    let mut below = fds.iter().map(|f| f.as_raw_fd()).max().unwrap_or(2) + 1;
+    let mut pad = Vec::new();
+    while below % 64 != 0 {
+        let fd = rustix::io::fcntl_dupfd_cloexec(&idle, 3)?;
+        below = below.max(fd.as_raw_fd() + 1);
+        pad.push(fd);
+    }
+    let works = unshare_works(&idle, fds[0].as_raw_fd(), below);
     let slots = SpawnSlots {
         fds,
         idle,
         below,
         free: std::sync::Mutex::new((0..SLOT_GROUPS).collect()),
+        _pad: pad,
     };
-    if let Err(extra) = SLOTS.set(slots) {
-        // Reserved meanwhile by another thread: these are not needed.
-        for fd in extra.fds {
-            // SAFETY: descriptors opened above and known to nothing else.
-            drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    // Reserved meanwhile by another thread: these are dropped (closed) here.
+    if SLOTS.set(slots).is_ok() && !works {
+        SLOTS_OFF.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(off())
+}
+
+/// Whether a child created sharing this table (`CLONE_FILES | CLONE_VFORK`) gets, from
+/// `close_range(below, ~0, CLOSE_RANGE_UNSHARE)`, a private table whose lowest free number
+/// at or above `below` is `below` itself while the 64 descriptors above the bound are all
+/// open here (the case CVE-2024-45025's kernels get wrong). The child answers through a pipe
+/// whose write end sits in `slot` (below the bound); no answer (the unshare refused, a
+/// seccomp filter that kills, no clone3) is a no. Blocking for a fork of the agent: call it
+/// once, at the start, while the agent is small.
+fn unshare_works(idle: &OwnedFd, slot: libc::c_int, below: libc::c_int) -> bool {
+    let Ok((r, w)) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) else {
+        return false;
+    };
+    // The word above the bound full, for the trial: new /dev/null copies at the lowest free
+    // numbers from the bound on (only numbers the kernel hands out: another thread's
+    // descriptors there are left alone and count as open) until one lands past the word.
+    let mut full = Vec::new();
+    loop {
+        let Ok(fd) = rustix::io::fcntl_dupfd_cloexec(idle, below) else {
+            return false;
+        };
+        if fd.as_raw_fd() >= below + 64 {
+            break;
+        }
+        full.push(fd);
+    }
+    // SAFETY: dup3 onto a slot reserved by the caller and used by nothing yet.
+    if unsafe { libc::dup3(w.as_raw_fd(), slot, libc::O_CLOEXEC) } < 0 {
+        return false;
+    }
+    let mut clone = CloneArgs {
+        flags: (libc::CLONE_FILES | libc::CLONE_VFORK) as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM is a fork; this thread waits (CLONE_VFORK) until the
+    // child has exited. The child makes only raw syscalls on integers (async-signal-safe),
+    // then _exit: it never returns into Rust code of this process.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut clone as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid == 0 {
+        // SAFETY: in the child; see above.
+        unsafe {
+            let unshared = libc::syscall(
+                libc::SYS_close_range,
+                below as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_UNSHARE,
+            ) == 0;
+            if unshared && libc::fcntl(slot, libc::F_DUPFD_CLOEXEC, below) == below {
+                libc::write(slot, b"1".as_ptr().cast(), 1);
+            }
+            libc::_exit(0);
         }
     }
-    Ok(())
+    // SAFETY: the slot back to /dev/null (the child has exited: it was a vfork).
+    unsafe {
+        libc::dup3(idle.as_raw_fd(), slot, libc::O_CLOEXEC);
+    }
+    drop(full);
+    drop(w);
+    if pid < 0 {
+        return false;
+    }
+    let mut status = 0;
+    // SAFETY: waitpid on the child made above, status a local. Another reaper of this
+    // process may have collected it first (ECHILD): the answer is in the pipe anyway.
+    unsafe {
+        libc::waitpid(pid as libc::pid_t, &mut status, 0);
+    }
+    let mut b = [0u8; 1];
+    matches!(rustix::io::read(&r, &mut b), Ok(1)) && b[0] == b'1'
 }
 
 /// A group of slots held by one spawn; reset to `/dev/null` and given back when dropped.
@@ -623,7 +717,7 @@ impl SpawnSlots {
 
 impl SlotLease {
     fn fd(&self, k: usize) -> libc::c_int {
-        self.slots.fds[self.group * SLOT_FDS + k]
+        self.slots.fds[self.group * SLOT_FDS + k].as_raw_fd()
     }
 
     /// Put a close-on-exec copy of `src` in slot `k`; its number.
@@ -678,6 +772,18 @@ pub fn spawn_command(
     setup: &ChildSetup,
     cgroup: Option<BorrowedFd<'_>>,
 ) -> Result<i32, CloneError> {
+    spawn_with(argv, envp, stdio, setup, cgroup, true)
+}
+
+/// [`spawn_command`], through a group of slots when `slots` and one is free.
+fn spawn_with(
+    argv: &[std::ffi::CString],
+    envp: &[std::ffi::CString],
+    stdio: [BorrowedFd<'_>; 3],
+    setup: &ChildSetup,
+    cgroup: Option<BorrowedFd<'_>>,
+    slots: bool,
+) -> Result<i32, CloneError> {
     let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_p.push(std::ptr::null());
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
@@ -709,7 +815,8 @@ pub fn spawn_command(
         unshare_below: -1,
     };
     // The child's files through this spawn's slots, when one is free (see SpawnSlots).
-    let lease = SpawnSlots::lease();
+    let lease = if slots { SpawnSlots::lease() } else { None };
+    let leased = lease.is_some();
     let mut flags = cgroup_flags;
     if let Some(l) = &lease {
         for (k, fd) in stdio.iter().enumerate() {
@@ -734,16 +841,21 @@ pub fn spawn_command(
     let r = fork_child(&mut args, lease.as_ref(), flags, cgroup_fd);
     drop(lease);
     match r {
-        Err(CloneError::Child(e)) if e.raw_os_error().is_some_and(|c| c & UNSHARE_FAILED != 0) => {
-            // This kernel (or a seccomp filter) refuses close_range's unshare: the child
-            // exited before touching anything; from now on children copy the whole table.
+        Err(CloneError::Child(e))
+            if leased && e.raw_os_error().is_some_and(|c| c & UNSHARE_FAILED != 0) =>
+        {
+            // The child could not take its private table and exited before touching
+            // anything. Unsupported here (a kernel before 5.9, a seccomp filter): from now on
+            // children copy the whole table. Anything else (ENOMEM, EMFILE): this once.
             let errno = e.raw_os_error().unwrap_or(0) & !UNSHARE_FAILED;
-            tracing::warn!(
-                error = %io::Error::from_raw_os_error(errno),
-                "close_range(CLOSE_RANGE_UNSHARE) unavailable: commands get a copy of every descriptor of the agent"
-            );
-            SLOTS_OFF.store(true, std::sync::atomic::Ordering::Relaxed);
-            spawn_command(argv, envp, stdio_fds(&stdio), setup, cgroup)
+            if [libc::ENOSYS, libc::EINVAL, libc::EPERM].contains(&errno) {
+                tracing::warn!(
+                    error = %io::Error::from_raw_os_error(errno),
+                    "close_range(CLOSE_RANGE_UNSHARE) refused: commands get a copy of every descriptor of the agent"
+                );
+                SLOTS_OFF.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            spawn_with(argv, envp, stdio_fds(&stdio), setup, cgroup, false)
         }
         r => r,
     }
@@ -751,7 +863,7 @@ pub fn spawn_command(
 
 /// Borrow descriptor numbers that the caller of [`spawn_command`] keeps open.
 fn stdio_fds<'a>(fds: &'a [libc::c_int; 3]) -> [BorrowedFd<'a>; 3] {
-    // SAFETY: the numbers come from the `BorrowedFd`s `spawn_command` was given, which
+    // SAFETY: the numbers come from the `BorrowedFd`s `spawn_with` was given, which
     // outlive its call (and so this retry within it).
     fds.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
 }
@@ -1450,6 +1562,38 @@ mod vfork_tests {
         v
     }
 
+    /// The reservation's trial: yes on this kernel (when it has the fixes), and no when the
+    /// child's answer cannot come (its pipe end above the bound is not in its private table):
+    /// the trial answers only what the child saw.
+    #[test]
+    fn the_unshare_trial_answers_what_the_child_saw() {
+        let idle = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        let low = rustix::io::fcntl_dupfd_cloexec(&idle, 3).unwrap();
+        let bound = (low.as_raw_fd() / 64 + 1) * 64;
+        let release = rustix::system::uname()
+            .release()
+            .to_string_lossy()
+            .into_owned();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        if (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 11) {
+            assert!(
+                unshare_works(&idle, low.as_raw_fd(), bound),
+                "Linux {release}"
+            );
+        } else {
+            eprintln!("not asserting the trial's yes on Linux {release} (before 6.11)");
+        }
+        let high = rustix::io::fcntl_dupfd_cloexec(&idle, bound + 200).unwrap();
+        assert!(!unshare_works(&idle, high.as_raw_fd(), bound));
+    }
+
     /// This process's descriptors without close-on-exec.
     fn inheritable_fds() -> Vec<i32> {
         std::fs::read_dir("/proc/self/fd")
@@ -1473,7 +1617,25 @@ mod vfork_tests {
     /// /dev/null again afterwards (no pipe end of a command is kept in them).
     #[test]
     fn a_command_gets_a_small_descriptor_table_of_its_own() {
-        reserve_spawn_slots().unwrap();
+        if !reserve_spawn_slots().unwrap() {
+            // Mainline has had both fixes since 6.11: there the trial must pass.
+            let release = rustix::system::uname()
+                .release()
+                .to_string_lossy()
+                .into_owned();
+            let mut v = release
+                .split(['.', '-'])
+                .map(|p| p.parse::<u32>().unwrap_or(0));
+            let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+            assert!(
+                (major, minor) < (6, 11),
+                "the trial of close_range(CLOSE_RANGE_UNSHARE) failed on Linux {release}"
+            );
+            eprintln!(
+                "skipping: this kernel failed the trial of close_range(CLOSE_RANGE_UNSHARE), so no slot is used"
+            );
+            return;
+        }
         let many: Vec<OwnedFd> = (0..3000)
             .map(|_| {
                 rustix::fs::open(
@@ -1542,9 +1704,14 @@ mod vfork_tests {
         drop(many);
         let slots = SLOTS.get().unwrap();
         let idle = rustix::fs::fstat(&slots.idle).unwrap();
-        for &fd in &slots.fds {
-            // SAFETY: a slot, open for the life of the process.
-            let st = rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) }).unwrap();
+        assert_eq!(
+            slots.below % 64,
+            0,
+            "the bound is a whole number of 64-descriptor words"
+        );
+        for fd in &slots.fds {
+            assert!(fd.as_raw_fd() < slots.below);
+            let st = rustix::fs::fstat(fd).unwrap();
             assert_eq!(
                 (st.st_dev, st.st_ino, st.st_rdev),
                 (idle.st_dev, idle.st_ino, idle.st_rdev)

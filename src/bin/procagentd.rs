@@ -102,8 +102,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&cfg);
-    if let Err(e) = slots {
-        tracing::warn!(error = %e, "no descriptor slots reserved: each command gets a copy of every descriptor of the agent (slower starts)");
+    match slots {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "this kernel failed the trial of close_range(CLOSE_RANGE_UNSHARE) (before 5.9, or without the fix for CVE-2024-45025): each command gets a copy of every descriptor of the agent (slower starts)"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "no descriptor slots reserved: each command gets a copy of every descriptor of the agent (slower starts)")
+        }
     }
     match real_main(cfg) {
         Ok(()) => ExitCode::SUCCESS,
