@@ -263,7 +263,7 @@ impl Engine {
             self.store.put_state_bg(&key, e.state_json());
         }
         if created {
-            self.discover_untracked();
+            self.discover_one(&key);
         } else {
             // Containment: running instances get a changed limit now.
             self.reapply_limits(&key);

@@ -304,20 +304,46 @@ impl Engine {
             let mut reg = self.reg();
             reg.entries
                 .values_mut()
-                .filter(|e| {
-                    e.tracked.is_empty()
-                        && !e.discovering
-                        && e.invalid.is_none()
-                        && !e.def.spec.pid_path.is_empty()
-                        && e.idle_instance().is_some()
-                        && !e.life.busy()
-                })
+                .filter(|e| Self::discovery_due(e))
                 .map(|e| {
                     e.discovering = true;
                     e.def.key.clone()
                 })
                 .collect()
         };
+        self.discover_in_background(due);
+    }
+
+    /// [`Engine::discover_untracked`] for `key` alone (a definition just registered: the
+    /// others are housekeeping's, which looks at each of them every sweep anyway).
+    pub fn discover_one(self: &Arc<Self>, key: &ProcKey) {
+        let due = {
+            let mut reg = self.reg();
+            match reg.get_mut(key) {
+                Some(e) if Self::discovery_due(e) => {
+                    e.discovering = true;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if due {
+            self.discover_in_background(vec![key.clone()]);
+        }
+    }
+
+    /// Whether `e` wants a pid-file discovery now.
+    fn discovery_due(e: &Entry) -> bool {
+        e.tracked.is_empty()
+            && !e.discovering
+            && e.invalid.is_none()
+            && !e.def.spec.pid_path.is_empty()
+            && e.idle_instance().is_some()
+            && !e.life.busy()
+    }
+
+    /// Discover each of `due` (marked `discovering`) in a task of its own.
+    fn discover_in_background(self: &Arc<Self>, due: Vec<ProcKey>) {
         for key in due {
             let engine = self.clone();
             tokio::spawn(async move {
