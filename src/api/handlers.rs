@@ -138,7 +138,16 @@ pub async fn call_authorized(
         }
         "get_proc_status" => super::status::get_proc_status(engine, body, KeyStyle::V1),
         "get_proc_status_v2" => super::status::get_proc_status(engine, body, KeyStyle::V2),
-        "sync_proc_status" => super::status::sync_proc_status(engine, body),
+        // Encoded in one go off the async workers, as `procs` is.
+        "sync_proc_status" => {
+            let (e, b) = (Arc::clone(engine), body.to_vec());
+            return tokio::task::spawn_blocking(move || {
+                super::status::sync_proc_status_encoded(&e, &b)
+            })
+            .await
+            .map_err(|e| ApiError::new(codes::INTERNAL, format!("sync_proc_status: {e}")))?
+            .map(Answer::Encoded);
+        }
         "register_proc_info" => {
             super::register::register(engine, body, access, PutMode::Register, api).await
         }
