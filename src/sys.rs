@@ -657,13 +657,7 @@ fn unshare_works(idle: &OwnedFd, slot: libc::c_int, below: libc::c_int) -> bool 
     // SAFETY: clone3 without CLONE_VM is a fork; this thread waits (CLONE_VFORK) until the
     // child has exited. The child makes only raw syscalls on integers (async-signal-safe),
     // then _exit: it never returns into Rust code of this process.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut clone as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    let pid = unsafe { fork_clone3(&mut clone) };
     if pid == 0 {
         // SAFETY: in the child; see above.
         unsafe {
@@ -861,6 +855,23 @@ fn spawn_with(
     }
 }
 
+/// `clone3(clone)` as a fork (no `CLONE_VM`, no stack): the child's pid, 0 in the child,
+/// -1 with errno set.
+///
+/// # Safety
+/// `clone` must not ask for `CLONE_VM`; in the child (0) only async-signal-safe code may run
+/// (the agent is multi-threaded), ending in an exec or `_exit`.
+unsafe fn fork_clone3(clone: &mut CloneArgs) -> libc::c_long {
+    // SAFETY: see the function's contract.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            clone as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    }
+}
+
 /// Borrow descriptor numbers that the caller of [`spawn_command`] keeps open.
 fn stdio_fds<'a>(fds: &'a [libc::c_int; 3]) -> [BorrowedFd<'a>; 3] {
     // SAFETY: the numbers come from the `BorrowedFd`s `spawn_with` was given, which
@@ -1049,13 +1060,7 @@ fn fork_child(
     // SAFETY: clone3 without CLONE_VM or a stack is a fork: the child gets a copy of this
     // address space with one thread. In the child only `exec_child` runs, which makes direct
     // syscalls on values prepared above and never returns.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut clone as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    let pid = unsafe { fork_clone3(&mut clone) };
     if pid < 0 {
         return Err(CloneError::Clone(io::Error::last_os_error()));
     }
@@ -1562,6 +1567,20 @@ mod vfork_tests {
         v
     }
 
+    /// This kernel's release, and whether it is 6.11 or later (mainline has had both fixes
+    /// the slots' trial looks for since then: there the trial must pass).
+    fn linux_with_unshare_fixes() -> (String, bool) {
+        let release = rustix::system::uname()
+            .release()
+            .to_string_lossy()
+            .into_owned();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let fixed = (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 11);
+        (release, fixed)
+    }
+
     /// The reservation's trial: yes on this kernel (when it has the fixes), and no when the
     /// child's answer cannot come (its pipe end above the bound is not in its private table):
     /// the trial answers only what the child saw.
@@ -1575,14 +1594,8 @@ mod vfork_tests {
         .unwrap();
         let low = rustix::io::fcntl_dupfd_cloexec(&idle, 3).unwrap();
         let bound = (low.as_raw_fd() / 64 + 1) * 64;
-        let release = rustix::system::uname()
-            .release()
-            .to_string_lossy()
-            .into_owned();
-        let mut v = release
-            .split(['.', '-'])
-            .map(|p| p.parse::<u32>().unwrap_or(0));
-        if (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 11) {
+        let (release, fixed) = linux_with_unshare_fixes();
+        if fixed {
             assert!(
                 unshare_works(&idle, low.as_raw_fd(), bound),
                 "Linux {release}"
@@ -1618,17 +1631,9 @@ mod vfork_tests {
     #[test]
     fn a_command_gets_a_small_descriptor_table_of_its_own() {
         if !reserve_spawn_slots().unwrap() {
-            // Mainline has had both fixes since 6.11: there the trial must pass.
-            let release = rustix::system::uname()
-                .release()
-                .to_string_lossy()
-                .into_owned();
-            let mut v = release
-                .split(['.', '-'])
-                .map(|p| p.parse::<u32>().unwrap_or(0));
-            let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+            let (release, fixed) = linux_with_unshare_fixes();
             assert!(
-                (major, minor) < (6, 11),
+                !fixed,
                 "the trial of close_range(CLOSE_RANGE_UNSHARE) failed on Linux {release}"
             );
             eprintln!(
