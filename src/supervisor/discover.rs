@@ -296,9 +296,14 @@ impl Engine {
             Probe::Nothing => Ok(false),
         }
     }
+}
 
+/// At most this many pid-file discoveries start per housekeeping sweep.
+pub const DISCOVERIES_PER_SWEEP: usize = 64;
+
+impl Engine {
     /// Start a background pid-file discovery for every process that has none in flight (at
-    /// start, and from housekeeping).
+    /// the agent's start; housekeeping takes them in turn).
     pub fn discover_untracked(self: &Arc<Self>) {
         let due: Vec<ProcKey> = {
             let mut reg = self.reg();
@@ -310,6 +315,34 @@ impl Engine {
                     e.def.key.clone()
                 })
                 .collect()
+        };
+        self.discover_in_background(due);
+    }
+
+    /// Housekeeping's share of [`Engine::discover_untracked`]: at most
+    /// [`DISCOVERIES_PER_SWEEP`] discoveries start per sweep, round-robin over the due
+    /// processes (each one is a few pool jobs: the account, the setup_path, the pid file).
+    /// Every sweep looking at every stopped process was 35 % of a core, idle, with a
+    /// thousand registered processes stopped; now a process started outside the agent while
+    /// its definition is stopped is found within ceil(stopped / 64) sweeps.
+    pub fn discover_untracked_in_turn(self: &Arc<Self>) {
+        let due = {
+            let mut reg = self.reg();
+            let due = super::registry::round_robin(
+                &reg.entries,
+                reg.discovered_last.as_ref(),
+                DISCOVERIES_PER_SWEEP,
+                Self::discovery_due,
+            );
+            for k in &due {
+                if let Some(e) = reg.entries.get_mut(k) {
+                    e.discovering = true;
+                }
+            }
+            if let Some(last) = due.last() {
+                reg.discovered_last = Some(last.clone());
+            }
+            due
         };
         self.discover_in_background(due);
     }

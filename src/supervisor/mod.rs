@@ -353,7 +353,7 @@ impl Engine {
     /// mode), run the health checks that are due, give free heap memory back, prune old
     /// history.
     fn housekeeping(self: &Arc<Self>, tick: u64) {
-        self.discover_untracked();
+        self.discover_untracked_in_turn();
         if self.detection == Detection::Poll {
             self.poll_exits();
         }

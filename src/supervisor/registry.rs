@@ -402,6 +402,32 @@ impl Entry {
 pub struct Registry {
     pub entries: BTreeMap<ProcKey, Entry>,
     pids: HashMap<i32, ProcKey>,
+    /// The last key housekeeping's pid-file discovery started ([`round_robin`]'s cursor).
+    pub discovered_last: Option<ProcKey>,
+}
+
+/// Up to `budget` keys of `map` whose value is `due`, in key order from just after `after`
+/// round to it again (`after` itself last), so that successive calls with the last key
+/// returned each time visit every due key in turn however many there are.
+pub fn round_robin<V>(
+    map: &BTreeMap<ProcKey, V>,
+    after: Option<&ProcKey>,
+    budget: usize,
+    due: impl Fn(&V) -> bool,
+) -> Vec<ProcKey> {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let ordered: Box<dyn Iterator<Item = (&ProcKey, &V)>> = match after {
+        Some(k) => Box::new(
+            map.range::<ProcKey, _>((Excluded(k), Unbounded))
+                .chain(map.range::<ProcKey, _>((Unbounded, Included(k)))),
+        ),
+        None => Box::new(map.iter()),
+    };
+    ordered
+        .filter(|(_, v)| due(v))
+        .take(budget)
+        .map(|(k, _)| k.clone())
+        .collect()
 }
 
 impl Registry {
@@ -450,10 +476,47 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
-    use super::PidMap;
+    use super::{BTreeMap, PidMap, ProcKey, round_robin};
 
     /// PidMap behaves as the ordered map it replaced: insert replaces and returns the old
     /// value, remove takes one, keys and values come in pid order.
+    #[test]
+    fn round_robin_visits_every_due_key_in_turn() {
+        let k = |n: &str| ProcKey {
+            namespace: "ns".into(),
+            name: n.into(),
+        };
+        // a..f; b and e not due.
+        let map: BTreeMap<ProcKey, bool> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|n| (k(n), *n != "b" && *n != "e"))
+            .collect();
+        let names = |v: Vec<ProcKey>| v.into_iter().map(|k| k.name).collect::<Vec<_>>();
+        let cases: &[(Option<&str>, usize, &[&str])] = &[
+            (None, 2, &["a", "c"]),
+            (Some("c"), 2, &["d", "f"]),
+            (Some("f"), 2, &["a", "c"]),
+            // The cursor itself comes last; a key no longer in the map still places it.
+            (Some("d"), 10, &["f", "a", "c", "d"]),
+            (Some("cc"), 3, &["d", "f", "a"]),
+            (Some("z"), 1, &["a"]),
+            (None, 0, &[]),
+        ];
+        for (after, budget, want) in cases {
+            let got = round_robin(&map, after.map(k).as_ref(), *budget, |d| *d);
+            assert_eq!(names(got), *want, "after {after:?}, budget {budget}");
+        }
+        // Successive calls from the last key returned visit all four due keys every two.
+        let mut cursor: Option<ProcKey> = None;
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let got = round_robin(&map, cursor.as_ref(), 2, |d| *d);
+            cursor = got.last().cloned();
+            seen.extend(names(got));
+        }
+        assert_eq!(seen, ["a", "c", "d", "f", "a", "c", "d", "f"]);
+    }
+
     #[test]
     fn pid_map_is_an_ordered_map() {
         let mut m = PidMap::default();
