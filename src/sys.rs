@@ -584,9 +584,9 @@ static SLOTS_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 /// Without it, children are created with a copy of the whole table, as before. `Ok(false)`:
 /// reserved, but this kernel failed the trial, so no slot is used.
 pub fn reserve_spawn_slots() -> io::Result<bool> {
-    let off = || !SLOTS_OFF.load(std::sync::atomic::Ordering::Relaxed);
+    let in_use = || !SLOTS_OFF.load(std::sync::atomic::Ordering::Relaxed);
     if SLOTS.get().is_some() {
-        return Ok(off());
+        return Ok(in_use());
     }
     let idle = rustix::fs::open(
         "/dev/null",
@@ -618,7 +618,7 @@ pub fn reserve_spawn_slots() -> io::Result<bool> {
     if SLOTS.set(slots).is_ok() && !works {
         SLOTS_OFF.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    Ok(off())
+    Ok(in_use())
 }
 
 /// Whether a child created sharing this table (`CLONE_FILES | CLONE_VFORK`) gets, from
@@ -673,10 +673,8 @@ fn unshare_works(idle: &OwnedFd, slot: libc::c_int, below: libc::c_int) -> bool 
             libc::_exit(0);
         }
     }
-    // SAFETY: the slot back to /dev/null (the child has exited: it was a vfork).
-    unsafe {
-        libc::dup3(idle.as_raw_fd(), slot, libc::O_CLOEXEC);
-    }
+    // The child has exited (it was a vfork).
+    reset_slot(idle, slot);
     drop(full);
     drop(w);
     if pid < 0 {
@@ -726,15 +724,22 @@ impl SlotLease {
     }
 }
 
+/// Put `idle` (/dev/null) back in `slot`: the copy the slot held (a pipe end, a
+/// directory) is closed. Only for a slot whose user is done with it (its lease's, or the
+/// trial's, child has its own table).
+fn reset_slot(idle: &OwnedFd, slot: libc::c_int) {
+    // SAFETY: dup3 onto a reserved slot number (always open: the call replaces its file and
+    // cannot fail with EMFILE); a failure would leave the copy open until the slot's next
+    // use.
+    unsafe {
+        libc::dup3(idle.as_raw_fd(), slot, libc::O_CLOEXEC);
+    }
+}
+
 impl Drop for SlotLease {
     fn drop(&mut self) {
         for k in 0..SLOT_FDS {
-            // SAFETY: as in `put`: the slot's copy (a pipe end, a directory) is closed and the
-            // slot holds /dev/null again. A failure (EMFILE cannot happen: the number is in
-            // use) would leave the copy open until the slot's next use.
-            unsafe {
-                libc::dup3(self.slots.idle.as_raw_fd(), self.fd(k), libc::O_CLOEXEC);
-            }
+            reset_slot(&self.slots.idle, self.fd(k));
         }
         self.slots
             .free
@@ -1070,12 +1075,9 @@ fn fork_child(
     }
     drop(err_w);
     if let Some(l) = lease {
-        // The slot's copy of the write end too, or the read below would never see its end.
-        // SAFETY: dup3 of the idle /dev/null onto a slot this lease holds; the child (which
-        // has exec'd or exited: CLONE_VFORK) has its own table.
-        unsafe {
-            libc::dup3(l.slots.idle.as_raw_fd(), l.fd(5), libc::O_CLOEXEC);
-        }
+        // The slot's copy of the write end too, or the read below would never see its end
+        // (the child, exec'd or exited: CLONE_VFORK, has its own table).
+        reset_slot(&l.slots.idle, l.fd(5));
     }
     let mut buf = [0u8; 4];
     let mut got = 0;

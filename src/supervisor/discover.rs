@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::registry::{Entry, Instance};
+use super::registry::{Entry, Instance, Registry};
 use super::{Detection, Engine, ownership, watch};
 use crate::spec::ProcKey;
 
@@ -305,18 +305,9 @@ impl Engine {
     /// Start a background pid-file discovery for every process that has none in flight (at
     /// the agent's start; housekeeping takes them in turn).
     pub fn discover_untracked(self: &Arc<Self>) {
-        let due: Vec<ProcKey> = {
-            let mut reg = self.reg();
-            reg.entries
-                .values_mut()
-                .filter(|e| Self::discovery_due(e))
-                .map(|e| {
-                    e.discovering = true;
-                    e.def.key.clone()
-                })
-                .collect()
-        };
-        self.discover_in_background(due);
+        self.discover_picked(|reg| {
+            super::registry::round_robin(&reg.entries, None, usize::MAX, Self::discovery_due)
+        });
     }
 
     /// Housekeeping's share of [`Engine::discover_untracked`]: at most
@@ -326,43 +317,30 @@ impl Engine {
     /// thousand registered processes stopped; now a process started outside the agent while
     /// its definition is stopped is found within ceil(stopped / 64) sweeps.
     pub fn discover_untracked_in_turn(self: &Arc<Self>) {
-        let due = {
-            let mut reg = self.reg();
+        self.discover_picked(|reg| {
             let due = super::registry::round_robin(
                 &reg.entries,
                 reg.discovered_last.as_ref(),
                 DISCOVERIES_PER_SWEEP,
                 Self::discovery_due,
             );
-            for k in &due {
-                if let Some(e) = reg.entries.get_mut(k) {
-                    e.discovering = true;
-                }
-            }
             if let Some(last) = due.last() {
                 reg.discovered_last = Some(last.clone());
             }
             due
-        };
-        self.discover_in_background(due);
+        });
     }
 
     /// [`Engine::discover_untracked`] for `key` alone (a definition just registered: the
-    /// others are housekeeping's, which looks at each of them every sweep anyway).
+    /// others are housekeeping's, which takes them in turn).
     pub fn discover_one(self: &Arc<Self>, key: &ProcKey) {
-        let due = {
-            let mut reg = self.reg();
-            match reg.get_mut(key) {
-                Some(e) if Self::discovery_due(e) => {
-                    e.discovering = true;
-                    true
-                }
-                _ => false,
-            }
-        };
-        if due {
-            self.discover_in_background(vec![key.clone()]);
-        }
+        self.discover_picked(|reg| {
+            reg.get(key)
+                .filter(|e| Self::discovery_due(e))
+                .map(|_| key.clone())
+                .into_iter()
+                .collect()
+        });
     }
 
     /// Whether `e` wants a pid-file discovery now.
@@ -375,8 +353,19 @@ impl Engine {
             && !e.life.busy()
     }
 
-    /// Discover each of `due` (marked `discovering`) in a task of its own.
-    fn discover_in_background(self: &Arc<Self>, due: Vec<ProcKey>) {
+    /// Mark the processes `pick` names (under the registry's lock) `discovering`, then
+    /// discover each in a task of its own.
+    fn discover_picked(self: &Arc<Self>, pick: impl FnOnce(&mut Registry) -> Vec<ProcKey>) {
+        let due = {
+            let mut reg = self.reg();
+            let due = pick(&mut reg);
+            for k in &due {
+                if let Some(e) = reg.get_mut(k) {
+                    e.discovering = true;
+                }
+            }
+            due
+        };
         for key in due {
             let engine = self.clone();
             tokio::spawn(async move {

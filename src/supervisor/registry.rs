@@ -478,8 +478,8 @@ impl Registry {
 mod tests {
     use super::{BTreeMap, PidMap, ProcKey, round_robin};
 
-    /// PidMap behaves as the ordered map it replaced: insert replaces and returns the old
-    /// value, remove takes one, keys and values come in pid order.
+    /// round_robin takes due keys from just after its cursor, wraps round, ends at the
+    /// cursor, and stops at its budget.
     #[test]
     fn round_robin_visits_every_due_key_in_turn() {
         let k = |n: &str| ProcKey {
@@ -517,6 +517,8 @@ mod tests {
         assert_eq!(seen, ["a", "c", "d", "f", "a", "c", "d", "f"]);
     }
 
+    /// PidMap behaves as the ordered map it replaced: insert replaces and returns the old
+    /// value, remove takes one, keys and values come in pid order.
     #[test]
     fn pid_map_is_an_ordered_map() {
         let mut m = PidMap::default();
