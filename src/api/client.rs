@@ -6,11 +6,59 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::proto::Envelope;
+
+/// An answer as it came: its HTTP status and body, read by [`Answer::data`].
+#[derive(Debug)]
+pub struct Answer {
+    /// The API or path asked, for messages.
+    what: String,
+    status: u16,
+    body: Bytes,
+}
+
+impl Answer {
+    /// The answer to `what` (an API or a path), as it came.
+    pub fn new(what: impl Into<String>, status: u16, body: Bytes) -> Answer {
+        Answer {
+            what: what.into(),
+            status,
+            body,
+        }
+    }
+
+    /// The envelope's `data` as `T`, read from the body's text in one pass (`T` may borrow
+    /// from it); a refusal as [`ClientError::Refused`]. Only when that pass fails is the
+    /// body read again, to tell a refusal or another shape from a body that is no envelope.
+    pub fn data<'a, T: Deserialize<'a>>(&'a self) -> Result<T, ClientError> {
+        let shape = match serde_json::from_slice::<Envelope<T>>(&self.body) {
+            Ok(env) if env.result => {
+                if let Some(data) = env.data {
+                    return Ok(data);
+                }
+                // No data (or null): what `T` makes of null.
+                return serde_json::from_str("null").map_err(|e| ClientError::Shape {
+                    what: self.what.clone(),
+                    error: e.to_string(),
+                });
+            }
+            Ok(_) => None,
+            Err(e) => Some(e),
+        };
+        let env = Client::decode(self.status, &self.body)?;
+        match shape {
+            Some(e) if env.result => Err(ClientError::Shape {
+                what: self.what.clone(),
+                error: e.to_string(),
+            }),
+            _ => Err(ClientError::Refused(Box::new(env))),
+        }
+    }
+}
 
 /// Client failures.
 #[derive(Debug, thiserror::Error)]
@@ -200,43 +248,25 @@ impl Client {
         api: &str,
         req: &Req,
     ) -> Result<Resp, ClientError> {
-        let (status, bytes) = self
+        self.call_answer(api, req).await?.data()
+    }
+
+    /// `POST /v1/<api>` with a typed request: the whole answer, for `data` read into types
+    /// that borrow from its text ([`Answer::data`]; e.g. `&RawValue` entries that are printed
+    /// as they are, never copied).
+    pub async fn call_answer<Req: Serialize + ?Sized>(
+        &self,
+        api: &str,
+        req: &Req,
+    ) -> Result<Answer, ClientError> {
+        let (status, body) = self
             .raw_bytes(
                 "POST",
                 &format!("/v1/{api}"),
                 Some(serde_json::to_vec(req).unwrap_or_default()),
             )
             .await?;
-        Self::decode_typed(api, status, &bytes)
-    }
-
-    /// An answer's `data` as `T`, read from the body's text in one pass; a refusal as
-    /// [`ClientError::Refused`]. Only when that pass fails is the body read again, to tell
-    /// a refusal or another shape from a body that is no envelope.
-    fn decode_typed<T: DeserializeOwned>(
-        what: &str,
-        status: u16,
-        body: &[u8],
-    ) -> Result<T, ClientError> {
-        let shape = match serde_json::from_slice::<Envelope<T>>(body) {
-            Ok(env) if env.result => {
-                if let Some(data) = env.data {
-                    return Ok(data);
-                }
-                // No data (or null): what `T` makes of null.
-                return decode_text(what, "null");
-            }
-            Ok(_) => None,
-            Err(e) => Some(e),
-        };
-        let env = Self::decode(status, body)?;
-        match shape {
-            Some(e) if env.result => Err(ClientError::Shape {
-                what: what.to_string(),
-                error: e.to_string(),
-            }),
-            _ => Err(ClientError::Refused(Box::new(env))),
-        }
+        Ok(Answer::new(api, status, body))
     }
 
     /// `GET path`: the answer's `data` as the agent wrote it.
@@ -246,8 +276,8 @@ impl Client {
 
     /// `GET path`, its `data` decoded as `Resp` (as [`Client::call_typed`]).
     pub async fn get_typed<Resp: DeserializeOwned>(&self, path: &str) -> Result<Resp, ClientError> {
-        let (status, bytes) = self.raw_bytes("GET", path, None).await?;
-        Self::decode_typed(path, status, &bytes)
+        let (status, body) = self.raw_bytes("GET", path, None).await?;
+        Answer::new(path, status, body).data()
     }
 
     /// `GET path` and hand each line of the streamed body to `on_line` until it returns

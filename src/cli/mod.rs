@@ -28,11 +28,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::api::client::{Client, ClientError, decode_data, decode_text};
+use crate::api::client::{Answer, Client, ClientError, decode_data, decode_text};
 use crate::api::reload::ReloadReport;
 use crate::expr::Expression;
 use crate::proto::{
@@ -428,14 +428,8 @@ fn print_json<T: Serialize + ?Sized>(v: &T) {
     outln(&serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
-/// Print `v`, which holds the agent's own text of entries ([`RawValue`]), indented as
-/// [`print_json`] does but streamed: no `Value` tree of a thousand entries.
-fn print_json_raw<T: Serialize + ?Sized>(v: &T) {
-    outln(&pretty_raw(v));
-}
-
-/// `v` as indented JSON text, streamed through (see [`print_json_raw`]); empty if it cannot
-/// be serialized.
+/// `v`, which may hold the agent's own text of entries ([`RawValue`]), as indented JSON text,
+/// streamed through (no `Value` tree of it); empty if it cannot be serialized.
 fn pretty_raw<T: Serialize + ?Sized>(v: &T) -> String {
     let Ok(compact) = serde_json::to_vec(v) else {
         return String::new();
@@ -693,23 +687,64 @@ impl KeyExpr {
     }
 }
 
-/// A `procs` entry: as the agent wrote it (what `--json` prints) and as its type.
-#[derive(Debug, Clone)]
-pub struct Listed {
-    pub raw: Box<RawValue>,
-    pub proc: ProcDetail,
+/// What the CLI reads of a `procs` entry beyond printing it: whom it names (for `--expr`)
+/// and its state (for `status`'s exit code). The rest of the entry is skipped unread.
+#[derive(Debug, Deserialize)]
+struct EntryState {
+    namespace: String,
+    name: String,
+    status: i64,
+    state: String,
 }
 
-/// `procs` with this filter, each entry also read as its type.
-async fn procs(client: &Client, q: &ProcsQuery) -> Result<Vec<Listed>, CliError> {
-    let d: ProcList<Box<RawValue>> = client.call_typed("procs", q).await?;
-    d.list
-        .into_iter()
-        .map(|raw| {
-            let proc = decode_text("procs", raw.get())?;
-            Ok(Listed { raw, proc })
-        })
-        .collect()
+/// `data` of a `procs` answer, its entries left as the agent's text.
+#[derive(Deserialize)]
+struct RawProcList<'a> {
+    #[serde(borrow)]
+    list: Vec<&'a RawValue>,
+}
+
+/// The entries of a `procs` answer, as the agent's text (borrowed from the answer), that
+/// `ex` (if any) matches.
+fn listed<'a>(answer: &'a Answer, ex: Option<&KeyExpr>) -> Result<Vec<&'a RawValue>, CliError> {
+    let list = answer.data::<RawProcList<'a>>()?.list;
+    let Some(ex) = ex else {
+        return Ok(list);
+    };
+    let mut kept = Vec::with_capacity(list.len());
+    for raw in list {
+        let e = entry_state(raw)?;
+        if ex.matches(&e.namespace, &e.name) {
+            kept.push(raw);
+        }
+    }
+    Ok(kept)
+}
+
+fn entry_state(raw: &RawValue) -> Result<EntryState, CliError> {
+    Ok(decode_text("procs", raw.get())?)
+}
+
+/// An entry printed indented at its place in the document, transcoded from the agent's
+/// text as it is written out (no copy of it, no tree of it).
+struct Indented<'a>(&'a RawValue);
+
+impl Serialize for Indented<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut de = serde_json::Deserializer::from_str(self.0.get());
+        serde_transcode::transcode(&mut de, s)
+    }
+}
+
+/// `status --json`'s document, `{"count": .., "list": [..]}` indented, written to `w`.
+fn write_listed(w: &mut impl Write, list: &[&RawValue]) -> std::io::Result<()> {
+    let doc = ProcList {
+        count: list.len(),
+        list: list.iter().map(|raw| Indented(raw)).collect(),
+    };
+    serde_json::to_writer_pretty(&mut *w, &doc)?;
+    w.write_all(b"\n")?;
+    w.flush()
 }
 
 /// `--label` selectors, checked to be KEY=VALUE.
@@ -732,23 +767,23 @@ fn parse_expr(expr: Option<&str>) -> Result<Option<KeyExpr>, CliError> {
         .map_err(|e| CliError::new(exit::USAGE, e))
 }
 
-/// The registered processes (their `procs` entries) that match labels and an expression.
+/// The keys of the registered processes that match labels and an expression.
 async fn select(
     client: &Client,
     labels: &[String],
     expr: Option<&str>,
-) -> Result<Vec<Listed>, CliError> {
-    let labels = check_labels(labels)?;
-    let ex = parse_expr(expr)?;
+) -> Result<Vec<ProcKey>, CliError> {
     let q = ProcsQuery {
-        labels,
+        labels: check_labels(labels)?,
+        brief: true,
         ..ProcsQuery::default()
     };
-    let mut list = procs(client, &q).await?;
-    if let Some(ex) = ex {
-        list.retain(|p| ex.matches(&p.proc.namespace, &p.proc.name));
-    }
-    Ok(list)
+    let ex = parse_expr(expr)?;
+    let answer = client.call_answer("procs", &q).await?;
+    listed(&answer, ex.as_ref())?
+        .into_iter()
+        .map(|raw| entry_state(raw).map(|e| ProcKey::new(e.namespace, e.name)))
+        .collect()
 }
 
 async fn status(
@@ -758,43 +793,41 @@ async fn status(
     labels: &[String],
     expr: Option<&str>,
 ) -> Result<u8, CliError> {
-    let procs: Vec<ProcDetail> = if json_out {
-        let list = match process {
-            Some(p) => {
-                let k = parse_key(p)?;
-                let q = ProcsQuery {
-                    namespace: k.namespace,
-                    name: k.name,
-                    labels: labels.to_vec(),
-                    brief: false,
-                };
-                procs(client, &q).await?
-            }
-            None => select(client, labels, expr).await?,
-        };
-        print_json_raw(&ProcList {
-            count: list.len(),
-            list: list.iter().map(|p| &p.raw).collect(),
-        });
-        list.into_iter().map(|p| p.proc).collect()
-    } else {
-        // The table needs no definitions: brief entries, decoded straight into their type.
-        let mut q = ProcsQuery {
-            labels: check_labels(labels)?,
-            brief: true,
-            ..ProcsQuery::default()
-        };
-        if let Some(p) = process {
+    // The table needs no definitions: brief entries, decoded straight into their type;
+    // `--json` prints whole entries as the agent wrote them.
+    let mut q = ProcsQuery {
+        labels: check_labels(labels)?,
+        brief: !json_out,
+        ..ProcsQuery::default()
+    };
+    let mut ex = None;
+    match process {
+        Some(p) => {
             let k = parse_key(p)?;
             (q.namespace, q.name) = (k.namespace, k.name);
         }
+        None => ex = parse_expr(expr)?,
+    }
+    let states: Vec<(i64, String)> = if json_out {
+        let answer = client.call_answer("procs", &q).await?;
+        let list = listed(&answer, ex.as_ref())?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+        // A closed stdout (`| head`) ends the listing quietly, as `out` does.
+        let _ = write_listed(&mut w, &list);
+        // Only one process's states decide the exit code.
+        match process {
+            Some(_) => list
+                .into_iter()
+                .map(|raw| entry_state(raw).map(|e| (e.status, e.state)))
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        }
+    } else {
         let mut list = client
             .call_typed::<_, ProcList<ProcDetail>>("procs", &q)
             .await?
             .list;
-        if process.is_none()
-            && let Some(ex) = parse_expr(expr)?
-        {
+        if let Some(ex) = &ex {
             list.retain(|p| ex.matches(&p.namespace, &p.name));
         }
         let width = render::term_width();
@@ -802,19 +835,19 @@ async fn status(
             &render::status_table(&list, render::color_enabled(), width),
             width,
         ));
-        list
+        list.into_iter().map(|p| (p.status, p.state)).collect()
     };
     if let Some(p) = process {
-        if procs.is_empty() {
+        if states.is_empty() {
             return Err(CliError::new(
                 exit::NOT_REGISTERED,
                 format!("{p} is not registered"),
             ));
         }
         // A periodic job between runs is where it should be (waiting), not down.
-        if procs
+        if states
             .iter()
-            .all(|p| p.status != FLAG_RUNNING && p.state != "waiting")
+            .all(|(status, state)| *status != FLAG_RUNNING && state != "waiting")
         {
             return Ok(exit::NOT_RUNNING);
         }
@@ -834,11 +867,7 @@ async fn my_host(client: &Client) -> Result<HostWire, CliError> {
 
 async fn operate(client: &Client, json_out: bool, a: &OpArgs, op: OpType) -> Result<u8, CliError> {
     if a.select.is_batch() {
-        let list = select(client, &a.select.labels, a.select.expr.as_deref()).await?;
-        let keys = list
-            .iter()
-            .map(|p| ProcKey::new(p.proc.namespace.clone(), p.proc.name.clone()))
-            .collect();
+        let keys = select(client, &a.select.labels, a.select.expr.as_deref()).await?;
         return operate_many(client, json_out, a, op, keys).await;
     }
     if a.select.process.is_empty() {
@@ -1422,6 +1451,66 @@ mod tests {
             code_ok(829, Some(Stop)) && code_ok(829, Some(Kill)) && code_ok(829, Some(Undelegate))
         );
         assert!(!code_ok(829, Some(Start)));
+    }
+
+    /// A `procs` answer of three entries, as the agent writes it (compact, nested values).
+    fn procs_answer() -> Answer {
+        let entry = |ns: &str, name: &str, status: i64| {
+            serde_json::json!({"namespace": ns, "name": name, "status": status,
+                "state": if status == 1 { "running" } else { "stopped" },
+                "labels": {"tier": "web", "n": [1, 2.5, null]}, "spec": {"env": {"A": "b\"c"}},
+                "pids": [], "message": "ünïcode \u{1F600}"})
+        };
+        let body = serde_json::json!({"result": true, "code": 0, "message": "success",
+            "data": {"count": 3, "list": [entry("web", "a", 1), entry("web", "b", 2),
+                entry("db", "a", 2)]}, "request_id": "r"});
+        Answer::new("procs", 200, serde_json::to_vec(&body).unwrap().into())
+    }
+
+    #[test]
+    fn status_json_prints_the_agents_entries_indented_as_a_json_tree_would() {
+        let answer = procs_answer();
+        let data: Value = answer.data().unwrap();
+        let written = |ex: Option<&KeyExpr>| {
+            let mut w = Vec::new();
+            write_listed(&mut w, &listed(&answer, ex).unwrap()).unwrap();
+            String::from_utf8(w).unwrap()
+        };
+        // Everything: the document a JSON tree of `data` prints, keys in the agent's order.
+        assert_eq!(
+            written(None),
+            format!("{}\n", serde_json::to_string_pretty(&data).unwrap())
+        );
+        // A selection: the count and the list are of what was kept.
+        let ex = KeyExpr::parse("web/*").unwrap();
+        let mut kept = data.clone();
+        kept["count"] = 2.into();
+        kept["list"].as_array_mut().unwrap().truncate(2);
+        assert_eq!(
+            written(Some(&ex)),
+            format!("{}\n", serde_json::to_string_pretty(&kept).unwrap())
+        );
+        // What the exit code reads of an entry.
+        let e = entry_state(listed(&answer, None).unwrap()[1]).unwrap();
+        assert_eq!(
+            (
+                e.namespace.as_str(),
+                e.name.as_str(),
+                e.status,
+                e.state.as_str()
+            ),
+            ("web", "b", 2, "stopped")
+        );
+    }
+
+    #[test]
+    fn a_refused_procs_answer_is_an_error_not_an_empty_list() {
+        let body = br#"{"result":false,"code":1000403,"message":"not allowed","data":null}"#;
+        let answer = Answer::new("procs", 403, body.to_vec().into());
+        assert!(matches!(
+            listed(&answer, None),
+            Err(e) if e.message.contains("not allowed")
+        ));
     }
 
     #[test]
