@@ -15,7 +15,9 @@
 //! * registration of owned descriptors (pidfds, inotify) with tokio's reactor;
 //! * the boot-time clock, to compare with `/proc/PID/stat` start times;
 //! * [`as_account_fs`]: the calling thread alone takes on an account's file-system identity
-//!   (fsuid, fsgid, supplementary groups) while the agent opens a path on its behalf.
+//!   (fsuid, fsgid, supplementary groups) while the agent opens a path on its behalf;
+//! * the allocators' settings: jemalloc's ([`JEMALLOC_CONF`], read back by
+//!   [`allocator_settings`]) and glibc's, which the C code (SQLite, NSS) still allocates from.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` note. The crate root denies `unsafe_code`; this
 //! module alone allows it.
@@ -1325,9 +1327,61 @@ impl Drop for FsRestore {
     }
 }
 
+/// jemalloc's settings (procagentd's global allocator), read by jemalloc when it starts,
+/// before `main`: one arena and no per-thread caches, freed pages given back after about a
+/// second without waiting in a second ("muzzy") stage. The agent's threads are few and
+/// mostly idle; measured at N = 1000 (docs/performance.md), jemalloc's defaults (an arena
+/// per thread group, thread caches) kept 24 MiB PSS as glibc did, and these 19-20 MiB: the
+/// thread caches alone held about 4 MiB.
+const JEMALLOC_SETTINGS: &std::ffi::CStr =
+    c"narenas:1,tcache:false,dirty_decay_ms:1000,muzzy_decay_ms:0";
+
+/// The `malloc_conf` symbol jemalloc looks for (under the `_rjem_` prefix of the sys crate),
+/// pointing at [`JEMALLOC_SETTINGS`].
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static JEMALLOC_CONF: Option<&'static std::ffi::c_char> =
+    // SAFETY: the pointer is that of a 'static NUL-terminated literal; jemalloc only reads
+    // the C string behind it.
+    Some(unsafe { &*JEMALLOC_SETTINGS.as_ptr() });
+
+/// jemalloc's option `opt.NAME` as it runs with it (`T`: the option's C type), or None if
+/// it has no such option of that size.
+fn jemalloc_opt<T: Copy + Default>(name: &std::ffi::CStr) -> Option<T> {
+    let mut value = T::default();
+    let mut len = std::mem::size_of::<T>();
+    // SAFETY: `name` is NUL-terminated; `value` and `len` describe a buffer of `len` bytes,
+    // which mallctl fills only when the option's size is `len` (EINVAL otherwise); no new
+    // value is given (null, 0).
+    let r = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            name.as_ptr(),
+            (&raw mut value).cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    (r == 0 && len == std::mem::size_of::<T>()).then_some(value)
+}
+
+/// The settings jemalloc runs with, read back from it (for the agent's start-up log; the
+/// reference to [`JEMALLOC_CONF`] also keeps that symbol in the binary).
+pub fn allocator_settings() -> String {
+    let _ = &JEMALLOC_CONF;
+    let show = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+    format!(
+        "jemalloc: narenas {}, tcache {}, dirty_decay_ms {}, muzzy_decay_ms {}",
+        show(jemalloc_opt::<u32>(c"opt.narenas").map(|v| v.to_string())),
+        show(jemalloc_opt::<u8>(c"opt.tcache").map(|v| (v != 0).to_string())),
+        show(jemalloc_opt::<isize>(c"opt.dirty_decay_ms").map(|v| v.to_string())),
+        show(jemalloc_opt::<isize>(c"opt.muzzy_decay_ms").map(|v| v.to_string())),
+    )
+}
+
 /// Limit glibc's malloc to two arenas (instead of eight per core): the agent's threads
 /// are few and mostly idle, and each extra arena kept a few hundred KiB to MiBs of freed
-/// memory resident (about 3 MiB of RSS at a thousand processes, bench/compare.sh). A no-op
+/// memory resident (about 3 MiB of RSS at a thousand processes, bench/compare.sh, when the
+/// agent's own allocations went there too; now only the C code's do: SQLite, NSS). A no-op
 /// with another libc. Call before any thread starts.
 pub fn limit_malloc_arenas() {
     #[cfg(target_env = "gnu")]
@@ -1338,12 +1392,25 @@ pub fn limit_malloc_arenas() {
     }
 }
 
-/// Give the allocator's free memory back to the kernel (`malloc_trim(0)`: free pages in the
-/// middle of every arena too, not only at its top). glibc keeps freed memory for reuse, so a
-/// large answer (a `sync_proc_status` page of a thousand processes) would leave several MiB
-/// of RSS behind. Blocking for a moment: call it off the async workers. A no-op with another
-/// libc.
+/// Give the allocators' free memory back to the kernel: jemalloc's unused dirty pages of
+/// every arena at once (`arena.<all>.purge`; it would within about a second anyway,
+/// [`JEMALLOC_SETTINGS`]) and glibc's (`malloc_trim(0)`: free pages in the middle of every
+/// arena too, not only at its top; what the C code freed). A large answer (a
+/// `sync_proc_status` page of a thousand processes) would leave several MiB of RSS behind.
+/// Blocking for a moment: call it off the async workers.
 pub fn trim_heap() {
+    // MALLCTL_ARENAS_ALL (4096): every arena.
+    // SAFETY: a NUL-terminated name, no value read or written; purging only returns pages
+    // jemalloc holds unused.
+    unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"arena.4096.purge".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        );
+    }
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns memory that is free in the allocator to the kernel;
     // no memory in use is touched.
@@ -2111,5 +2178,22 @@ mod account_fs_tests {
         };
         assert!(as_account_fs(Some(&invalid), || ()).is_err());
         assert_eq!(as_account_fs(None, || 5).ok(), Some(5));
+    }
+}
+
+#[cfg(test)]
+mod allocator_tests {
+    use super::*;
+
+    #[test]
+    fn jemalloc_runs_with_the_settings_the_agent_gives_it() {
+        assert_eq!(
+            allocator_settings(),
+            "jemalloc: narenas 1, tcache false, dirty_decay_ms 1000, muzzy_decay_ms 0"
+        );
+        // A purge of every arena is a known command (it would answer an error otherwise,
+        // and trim_heap would give nothing back).
+        trim_heap();
+        assert_eq!(jemalloc_opt::<u8>(c"opt.no_such_option"), None);
     }
 }

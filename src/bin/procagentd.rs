@@ -8,6 +8,11 @@ use clap::Parser;
 use procagent::daemon_cli::Args;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc, set up by `procagent::sys::JEMALLOC_CONF` (one arena, no thread caches): the
+/// agent's heap stays near what it holds (docs/performance.md, "Memory").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Where the journal listens.
 const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&cfg);
+    tracing::debug!("allocator: {}", procagent::sys::allocator_settings());
     match slots {
         Ok(true) => {}
         Ok(false) => tracing::warn!(
