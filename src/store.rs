@@ -455,6 +455,12 @@ impl Store {
         self.send_wait(Op::InsertTask(task)).await
     }
 
+    /// Record a task without waiting: it is committed with the writer's next batch
+    /// (background: kept and retried while the disk refuses it).
+    pub fn insert_task_bg(&self, task: TaskRecord) {
+        self.send_bg(Op::InsertTask(task));
+    }
+
     /// Record the task of an operation that must act on a full disk (urgent, as
     /// [`Self::put_state_urgent`]).
     pub async fn insert_task_urgent(&self, task: TaskRecord) -> Result<(), StoreError> {

@@ -106,6 +106,21 @@ impl TaskBook {
         } else {
             self.store.insert_task(task.clone()).await?;
         }
+        self.remember(task);
+        Ok(())
+    }
+
+    /// Record the finished task of a synchronous request (register, update, unregister),
+    /// whose change is already committed: in memory at once, durably in the writer's next
+    /// commit (a background write, kept and retried while the disk refuses it), so that the
+    /// answer does not wait for a second commit after its definition's.
+    pub fn record_finished(&self, task: TaskRecord) {
+        self.store.insert_task_bg(task.clone());
+        self.remember(task);
+    }
+
+    /// Keep a task in the in-memory history (the most recent `cap`).
+    fn remember(&self, task: TaskRecord) {
         let mut b = self.lock();
         b.order.push_back(task.task_id.clone());
         b.tasks.insert(task.task_id.clone(), task);
@@ -114,7 +129,6 @@ impl TaskBook {
                 b.tasks.remove(&old);
             }
         }
-        Ok(())
     }
 
     /// Set an item's result, durably first: a poller never sees a result that a crash could
@@ -219,6 +233,33 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_finished_request_is_listed_at_once_and_committed_with_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let (store, _) = Store::open(&db, 10, 10, 0).unwrap();
+        let book = TaskBook::new(store.clone(), 10, Vec::new());
+        let mut t = task(&[-1]);
+        t.api = "register_proc_info".into();
+        t.finished_ms = Some(5);
+        t.items[0].result = Some(KeyResult::ok(""));
+        t.items[0].definition = Some("registered".into());
+        book.record_finished(t.clone());
+        // Listed before anything is committed: the caller's answer may come first.
+        assert_eq!(book.recent(10).len(), 1);
+        // The next write the agent waits for commits it too (or before it).
+        let k = crate::spec::ProcKey::new("ns", "a");
+        store.put_definition(&k, "{}".into()).await.unwrap();
+        let stored = store.read_task("GSETASK:1").unwrap().expect("committed");
+        assert_eq!(stored.items[0].definition.as_deref(), Some("registered"));
+        drop((book, store));
+        // After a restart it is a finished task, not one an agent's end interrupted.
+        let (_s, loaded) = Store::open(&db, 10, 10, 0).unwrap();
+        assert_eq!(loaded.tasks.len(), 1);
+        assert_eq!(loaded.tasks[0].finished_ms, Some(5));
+        assert_eq!(loaded.tasks[0].items[0].result, Some(KeyResult::ok("")));
     }
 
     #[test]

@@ -41,14 +41,9 @@ pub(crate) struct Keyed {
 }
 
 /// Record a synchronous mutating request (register, update, unregister) in the task
-/// history, each key with the change it made.
-pub(crate) async fn audit(
-    engine: &Engine,
-    api: &str,
-    results: &[Keyed],
-    access: &Access,
-    user: String,
-) {
+/// history, each key with the change it made (committed after the change, without the
+/// answer waiting for it: [`crate::tasks::Tasks::record_finished`]).
+pub(crate) fn audit(engine: &Engine, api: &str, results: &[Keyed], access: &Access, user: String) {
     let items = results
         .iter()
         .map(|k| TaskItemRecord {
@@ -61,9 +56,7 @@ pub(crate) async fn audit(
         })
         .collect();
     let rec = record(engine.tasks.next_id(), api, -1, access, user, items, true);
-    if let Err(e) = engine.tasks.create(rec).await {
-        tracing::error!(error = %e, api, "cannot record the request in the task history");
-    }
+    engine.tasks.record_finished(rec);
 }
 
 /// The key style of a synchronous request: v1 (with the supplier) when a host names one.
@@ -138,7 +131,7 @@ pub(crate) async fn register(
         }
     })
     .await;
-    audit(engine, api, &results, access, username(body)).await;
+    audit(engine, api, &results, access, username(body));
     Ok(keyed(results))
 }
 
@@ -183,7 +176,6 @@ pub(crate) async fn unregister(
         &results,
         access,
         username(body),
-    )
-    .await;
+    );
     Ok(keyed(results))
 }
