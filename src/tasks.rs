@@ -111,12 +111,19 @@ impl TaskBook {
     }
 
     /// Record the finished task of a synchronous request (register, update, unregister),
-    /// whose change is already committed: in memory at once, durably in the writer's next
-    /// commit (a background write, kept and retried while the disk refuses it), so that the
-    /// answer does not wait for a second commit after its definition's.
-    pub fn record_finished(&self, task: TaskRecord) {
+    /// whose change is already committed: while the store commits, in memory at once and
+    /// durably in the writer's next commit (a background write), so that the answer does
+    /// not wait for a second commit after its definition's. While it refuses commits (a
+    /// full disk), as [`TaskBook::create`] does, waited for: a refused record is not kept
+    /// for the retry, so requests made meanwhile cannot grow the writer's retry queue,
+    /// which keeps every background write but events.
+    pub async fn record_finished(&self, task: TaskRecord) -> Result<(), StoreError> {
+        if !self.store.writable() {
+            return self.create(task).await;
+        }
         self.store.insert_task_bg(task.clone());
         self.remember(task);
+        Ok(())
     }
 
     /// Keep a task in the in-memory history (the most recent `cap`).
@@ -246,7 +253,7 @@ mod tests {
         t.finished_ms = Some(5);
         t.items[0].result = Some(KeyResult::ok(""));
         t.items[0].definition = Some("registered".into());
-        book.record_finished(t.clone());
+        book.record_finished(t.clone()).await.unwrap();
         // Listed before anything is committed: the caller's answer may come first.
         assert_eq!(book.recent(10).len(), 1);
         // The next write the agent waits for commits it too (or before it).

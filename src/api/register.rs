@@ -42,8 +42,14 @@ pub(crate) struct Keyed {
 
 /// Record a synchronous mutating request (register, update, unregister) in the task
 /// history, each key with the change it made (committed after the change, without the
-/// answer waiting for it: [`crate::tasks::Tasks::record_finished`]).
-pub(crate) fn audit(engine: &Engine, api: &str, results: &[Keyed], access: &Access, user: String) {
+/// answer waiting for it while the store commits: [`crate::tasks::TaskBook::record_finished`]).
+pub(crate) async fn audit(
+    engine: &Engine,
+    api: &str,
+    results: &[Keyed],
+    access: &Access,
+    user: String,
+) {
     let items = results
         .iter()
         .map(|k| TaskItemRecord {
@@ -56,7 +62,9 @@ pub(crate) fn audit(engine: &Engine, api: &str, results: &[Keyed], access: &Acce
         })
         .collect();
     let rec = record(engine.tasks.next_id(), api, -1, access, user, items, true);
-    engine.tasks.record_finished(rec);
+    if let Err(e) = engine.tasks.record_finished(rec).await {
+        tracing::error!(error = %e, api, "cannot record the request in the task history");
+    }
 }
 
 /// The key style of a synchronous request: v1 (with the supplier) when a host names one.
@@ -131,7 +139,7 @@ pub(crate) async fn register(
         }
     })
     .await;
-    audit(engine, api, &results, access, username(body));
+    audit(engine, api, &results, access, username(body)).await;
     Ok(keyed(results))
 }
 
@@ -176,6 +184,7 @@ pub(crate) async fn unregister(
         &results,
         access,
         username(body),
-    );
+    )
+    .await;
     Ok(keyed(results))
 }
