@@ -41,10 +41,7 @@ impl Answer {
                     return Ok(data);
                 }
                 // No data (or null): what `T` makes of null.
-                return serde_json::from_str("null").map_err(|e| ClientError::Shape {
-                    what: self.what.clone(),
-                    error: e.to_string(),
-                });
+                return decode_text(&self.what, "null");
             }
             Ok(_) => None,
             Err(e) => Some(e),
@@ -96,7 +93,7 @@ pub fn decode_data<T: DeserializeOwned>(what: &str, data: Value) -> Result<T, Cl
 }
 
 /// Decode JSON text (an entry the agent wrote) into its typed shape, as [`decode_data`].
-pub fn decode_text<T: DeserializeOwned>(what: &str, text: &str) -> Result<T, ClientError> {
+pub fn decode_text<'a, T: Deserialize<'a>>(what: &str, text: &'a str) -> Result<T, ClientError> {
     serde_json::from_str(text).map_err(|e| ClientError::Shape {
         what: what.to_string(),
         error: e.to_string(),
