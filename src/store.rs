@@ -16,7 +16,9 @@
 //! reserve ([`crate::reserve`]) and commits it at once, together with every older write
 //! except events (so no older state can later overwrite it). While the reserve is spent,
 //! only urgent writes are attempted; other changes are refused and background writes wait
-//! until the reserve could be created again. An urgent write that still fails is kept and
+//! until the reserve could be created again. Audit records (the finished tasks of synchronous
+//! requests, [`Store::try_insert_audit`]) never come along: at most [`AUDIT_SLOTS`] of them are
+//! on their way without their request waiting, and none may spend the reserve. An urgent write that still fails is kept and
 //! retried like a background one, and its caller learns that it is not durable yet
 //! ([`StoreError::Queued`]).
 //!
@@ -115,6 +117,9 @@ enum Op {
     DeleteDefinition(ProcKey),
     PutState(ProcKey, String),
     InsertTask(TaskRecord),
+    /// The finished record of a synchronous request (applied as [`Op::InsertTask`]): an audit
+    /// entry, which never takes the reserve's space (see [`may_use_reserve`]).
+    InsertAudit(TaskRecord),
     FinishItem {
         task_id: String,
         idx: usize,
@@ -150,7 +155,16 @@ struct Msg {
     op: Op,
     reply: Option<oneshot::Sender<Result<(), StoreError>>>,
     class: Class,
+    /// For an audit record sent without waiting: one of [`AUDIT_SLOTS`], given back when the
+    /// writer is done with the message (committed, or moved to its retry queue).
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
+
+/// Audit records that may be on their way to the writer at once without their request
+/// waiting ([`Store::try_insert_audit`]). Past it, requests wait for their record's commit:
+/// while a commit hangs (a stalled disk), requests that write nothing else cannot pile up
+/// records on the channel, and so in the retry queue when that commit fails.
+pub const AUDIT_SLOTS: usize = 64;
 
 /// Everything loaded at start.
 #[derive(Debug, Default)]
@@ -173,6 +187,7 @@ pub struct Store {
     dirty: Arc<Mutex<Dirty>>,
     reader: Arc<Mutex<Connection>>,
     writable: Arc<AtomicBool>,
+    audit_slots: Arc<tokio::sync::Semaphore>,
     path: PathBuf,
 }
 
@@ -316,6 +331,7 @@ impl Store {
                 dirty,
                 reader: Arc::new(Mutex::new(reader)),
                 writable,
+                audit_slots: Arc::new(tokio::sync::Semaphore::new(AUDIT_SLOTS)),
                 path: path.to_path_buf(),
             },
             loaded,
@@ -348,6 +364,7 @@ impl Store {
                 op,
                 reply: Some(tx),
                 class,
+                _slot: None,
             })
             .is_ok();
         async move {
@@ -363,6 +380,7 @@ impl Store {
             op,
             reply: None,
             class: Class::Background,
+            _slot: None,
         };
         if self.tx.send(msg).is_err() {
             tracing::error!("state store is closed; a background write was dropped");
@@ -455,10 +473,25 @@ impl Store {
         self.send_wait(Op::InsertTask(task)).await
     }
 
-    /// Record a task without waiting: it is committed with the writer's next batch
-    /// (background: kept and retried while the disk refuses it).
-    pub fn insert_task_bg(&self, task: TaskRecord) {
-        self.send_bg(Op::InsertTask(task));
+    /// Record a finished task (an audit record) without waiting: it is committed with the
+    /// writer's next batch (background: kept and retried while the disk refuses it, never
+    /// with the reserve's space). Gives the task back (`Some`) when [`AUDIT_SLOTS`] records
+    /// are already on their way: the caller then waits for its commit ([`Self::insert_task`]).
+    #[must_use = "a task given back was not recorded"]
+    pub fn try_insert_audit(&self, task: TaskRecord) -> Option<TaskRecord> {
+        let Ok(slot) = self.audit_slots.clone().try_acquire_owned() else {
+            return Some(task);
+        };
+        let msg = Msg {
+            op: Op::InsertAudit(task),
+            reply: None,
+            class: Class::Background,
+            _slot: Some(slot),
+        };
+        if self.tx.send(msg).is_err() {
+            tracing::error!("state store is closed; an audit record was dropped");
+        }
+        None
     }
 
     /// Record the task of an operation that must act on a full disk (urgent, as
@@ -608,7 +641,7 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
                 params![k.namespace, k.name, json],
             )?;
         }
-        Op::InsertTask(t) => {
+        Op::InsertTask(t) | Op::InsertAudit(t) => {
             conn.execute(
                 "INSERT OR REPLACE INTO tasks (task_id, created_ms, finished_ms, api, op_type, peer_uid, peer_pid, username)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -840,20 +873,17 @@ fn writer_loop(
             continue;
         }
         // An urgent write with the reserve's space: everything older comes along (so that no
-        // older state lands after it), events and refusable changes do not.
-        let keep_events: Vec<Op> = retry
+        // older state lands after it); events, audit records and refusable changes do not.
+        let kept: Vec<Op> = retry
             .iter()
-            .filter(|op| matches!(op, Op::InsertEvent(_)))
+            .filter(|op| !may_use_reserve(op))
             .cloned()
             .collect();
-        let mut ops: Vec<&Op> = retry
-            .iter()
-            .filter(|op| !matches!(op, Op::InsertEvent(_)))
-            .collect();
+        let mut ops: Vec<&Op> = retry.iter().filter(|op| may_use_reserve(op)).collect();
         ops.extend(
             batch
                 .iter()
-                .filter(|m| m.class != Class::Wait && !matches!(m.op, Op::InsertEvent(_)))
+                .filter(|m| m.class != Class::Wait && may_use_reserve(&m.op))
                 .map(|m| &m.op),
         );
         match commit_batch(&mut conn, &ops) {
@@ -862,7 +892,7 @@ fn writer_loop(
                     committed = ops.len(),
                     "urgent writes committed into the state directory's reserve"
                 );
-                retry = keep_events;
+                retry = kept;
                 for m in batch {
                     match m.class {
                         Class::Wait => {
@@ -872,7 +902,7 @@ fn writer_loop(
                                 )));
                             }
                         }
-                        _ if matches!(m.op, Op::InsertEvent(_)) => retry.push(m.op),
+                        _ if !may_use_reserve(&m.op) => retry.push(m.op),
                         _ => {
                             if let Some(r) = m.reply {
                                 let _ = r.send(Ok(()));
@@ -887,6 +917,14 @@ fn writer_loop(
             }
         }
     }
+}
+
+/// May `op` be committed with the reserve's space, beside an urgent write? Everything a later
+/// write could depend on, so that no older state lands after it; not events nor audit records
+/// (finished tasks, which nothing later updates): they wait for the disk, and an admin's
+/// requests that write nothing else cannot spend the reserve through them.
+fn may_use_reserve(op: &Op) -> bool {
+    !matches!(op, Op::InsertEvent(_) | Op::InsertAudit(_))
 }
 
 /// Record that commits fail (health says degraded until the next full commit).
@@ -912,6 +950,7 @@ fn take_dirty(rx: &mpsc::Receiver<Msg>, dirty: &Mutex<Dirty>, batch: &mut Vec<Ms
         op: Op::PutState(k, json),
         reply: None,
         class: Class::Background,
+        _slot: None,
     }));
 }
 
@@ -1170,6 +1209,35 @@ mod tests {
                 (b, "{\"v\":3}".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn only_what_a_later_write_may_depend_on_takes_the_reserve() {
+        let k = ProcKey::new("ns", "a");
+        for op in [
+            Op::PutState(k.clone(), "{}".into()),
+            Op::PutDefinition(k.clone(), "{}".into(), None),
+            Op::DeleteDefinition(k.clone()),
+            Op::InsertTask(task("GSETASK:1")),
+            Op::FinishItem {
+                task_id: "GSETASK:1".into(),
+                idx: 0,
+                result: KeyResult::ok(""),
+            },
+        ] {
+            assert!(may_use_reserve(&op), "{op:?}");
+        }
+        let ev = Event {
+            id: 1,
+            ts_ms: 1,
+            key: "ns/a".into(),
+            kind: "started".into(),
+            message: String::new(),
+            data: serde_json::Value::Null,
+        };
+        for op in [Op::InsertAudit(task("GSETASK:2")), Op::InsertEvent(ev)] {
+            assert!(!may_use_reserve(&op), "{op:?}");
+        }
     }
 
     #[test]
