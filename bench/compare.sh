@@ -9,8 +9,8 @@
 # default target/release/procagentd; the CLI is the procagent next to it, or PROCAGENT),
 # IDLE (seconds of the idle CPU window, 30), SETTLE (seconds before RSS and idle CPU, 10),
 # KILLS (restart samples, 20), LOG_LEVEL (procagentd's, default its own default "info"),
-# PHASES (default "procagent-config procagent-churn procagent-api supervisord runit floor":
-# which to run), CHURN_CRASH and CHURN_HEALTH (the churn phase's crash-looping and failing-health
+# PHASES (default "procagent-config procagent-contained procagent-churn procagent-api supervisord
+# runit floor": which to run), CHURN_CRASH and CHURN_HEALTH (the churn phase's crash-looping and failing-health
 # definitions, 10 and 10), CRASH_AFTER_MS (how long a crash-looper lives, 1500),
 # KEEP=1 keeps the temporary directory.
 #
@@ -49,6 +49,13 @@
 # crash-loop starts (their stamps) and restarts (status --json), health_cmd failures and
 # liveness restarts (events), events by kind, states at its end. Its restart columns are
 # the crash-loopers' own: from a crash-looper's exit stamp to its replacement's first stamp.
+# The contained phase (procagent-contained): the config phase again with containment on,
+# `cgroup_root` = a subtree this run creates below the cgroup v2 mount (procagent-bench-PID-N,
+# killed and removed after the phase and at exit): every command is created in a cgroup of its
+# own, stopped with cgroup.kill, sampled from its cgroup's files. The config phase is
+# containment as this host runs it by default ("auto": off without systemd). Without v2
+# controllers the limits are not applied (the agent's containment log line says which
+# controllers it has; it goes into the details). No sync page or re-adoption here.
 # Installs runit (apt, binaries only: no service is enabled) and supervisor (pip, pinned
 # below) when missing. Root is expected (apt, smaps_rollup of every process).
 set -euo pipefail
@@ -71,7 +78,7 @@ CMDLINE="N=\"$N_LIST\" IDLE=$IDLE SETTLE=$SETTLE KILLS=$KILLS"
 for v in PHASES CHURN_CRASH CHURN_HEALTH CRASH_AFTER_MS; do
   if [ -n "${!v:-}" ]; then CMDLINE="$CMDLINE $v=\"${!v}\""; fi
 done
-PHASE_LIST=${PHASES:-procagent-config procagent-churn procagent-api supervisord runit floor}
+PHASE_LIST=${PHASES:-procagent-config procagent-contained procagent-churn procagent-api supervisord runit floor}
 CHURN_CRASH=${CHURN_CRASH:-10}
 CHURN_HEALTH=${CHURN_HEALTH:-10}
 CRASH_AFTER_MS=${CRASH_AFTER_MS:-1500}
@@ -92,6 +99,7 @@ command -v curl >/dev/null || die "curl is needed"
 # ---------------------------------------------------------------- cleanup (by pid only)
 TMP=$(mktemp -d /tmp/pa-compare.XXXXXX)
 ROOTS=()       # pids of supervisors launched by this script (procagentd, supervisord, runsvdir)
+CGROUPS=()     # cgroup v2 subtrees created by this script (the contained phase), removed at exit
 
 # Is PID one of ours: its command line, executable or working directory names $TMP?
 ours() {
@@ -151,6 +159,7 @@ cleanup() {
   for r in $(stamp_pids); do
     if ours "$r"; then kill -KILL "$r" 2>/dev/null || true; fi
   done
+  for r in "${CGROUPS[@]}"; do cg_remove "$r"; done
   if [ "${KEEP:-0}" = 1 ]; then log "kept $TMP"; else rm -rf "$TMP"; fi
   exit $rc
 }
@@ -609,51 +618,97 @@ pa_tasks_done() {
 
 pa_healthy() { curl -sf --unix-socket "$1" http://agent/v1/healthz >/dev/null 2>&1; }
 
+# A cgroup v2 subtree of this run's own for the contained phase (printed), or why not (status 1).
+cg_subtree() {
+  local mnt cg
+  mnt=$(awk '$9 == "cgroup2" { print $5; exit }' /proc/self/mountinfo)
+  [ -n "$mnt" ] || { echo "no cgroup v2 hierarchy is mounted"; return 1; }
+  cg=$mnt/procagent-bench-$$-$1
+  mkdir "$cg" 2>/dev/null || { echo "cannot create a cgroup below $mnt"; return 1; }
+  echo "$cg"
+}
+
+# Kill what is left in a cgroup subtree of this run's and remove it, deepest first.
+cg_remove() {
+  local d
+  [ -d "$1" ] || return 0
+  echo 1 >"$1/cgroup.kill" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    grep -q '^populated 0' "$1/cgroup.events" 2>/dev/null && break
+    sleep 0.05
+  done
+  find "$1" -depth -type d | while read -r d; do rmdir "$d" 2>/dev/null || true; done
+  [ ! -d "$1" ] || log "could not remove the cgroup $1"
+}
+
+# run_procagent_config N [contained]: the agent with N [[process]] tables, containment off as
+# this host's default ("auto" finds no systemd here), or on (contained: cgroup_root = a subtree
+# of this run's own below the v2 mount, removed after; limits need controllers, which this
+# host's v2 mount may not have: the phase logs what the agent reports).
 run_procagent_config() {
-  local n=$1 d=$TMP/pa-config-$1 pid t0 t1 rss pss cpu st stj fds med p95 p
+  local n=$1 mode=${2:-} d=$TMP/pa-config-$1 label="procagent (config)" cg='' start pid t0 t1 rss pss cpu st stj fds med p95 p
+  if [ "$mode" = contained ]; then
+    d=$TMP/pa-contained-$n label="procagent (contained)"
+    if ! cg=$(cg_subtree "$n"); then
+      log "$label N=$n: not measured ($cg)"
+      row "$label" "not measured: $cg" – – – – –
+      return 0
+    fi
+    CGROUPS+=("$cg")
+  fi
   mkdir -p "$d/stamps" "$d/pids"
   pa_config "$d" "$n" >"$d/agent.toml"
-  log "procagent (config) N=$n: starting"
+  if [ -n "$cg" ]; then printf '\n[supervisor]\ncgroup_root = "%s"\n' "$cg" >>"$d/agent.toml"; fi
+  log "$label N=$n: starting"
   "$MONO" exec "$d/t0" "$PROCAGENTD" --config "$d/agent.toml" 2>"$d/agent.log" &
   pid=$!
   ROOTS+=("$pid")
   DIAG=(pa_diag "$d")
-  wait_for $((120 + n / 5)) "procagent (config) N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
+  wait_for $((120 + n / 5)) "$label N=$n: all $n workers' first stamps" stamps_written "$d/stamps" "$n"
   t0=$(cat "$d/t0") t1=$(last_first_stamp "$d/stamps")
-  PA_START=$(ns_to_s $((t1 - t0)))
-  DETAILS+=("procagent (config): $(stamp_spread "$d/stamps" "$t0")")
-  log "procagent (config) N=$n: start-all $PA_START s; settling ${SETTLE} s"
-  wait_for 30 "procagent (config) N=$n: healthz" pa_healthy "$d/run/agent.sock"
+  start=$(ns_to_s $((t1 - t0)))
+  DETAILS+=("$label: $(stamp_spread "$d/stamps" "$t0")")
+  log "$label N=$n: start-all $start s; settling ${SETTLE} s"
+  if [ -n "$cg" ]; then
+    DETAILS+=("$label: $(grep -o 'containment=.*' "$d/agent.log" | head -1); cgroups below $cg after start-all: $(find "$cg" -mindepth 1 -type d | wc -l)")
+  fi
+  wait_for 30 "$label N=$n: healthz" pa_healthy "$d/run/agent.sock"
   sleep "$SETTLE"
   own_pids "$pid" >"$d/own"
   show_pids procagent "$d/own"
-  DETAILS+=("procagentd after settle: $(awk '$1 == "Threads:" { print $2 }' "/proc/$pid/status") threads, VmHWM $(status_kb "$pid" VmHWM) kB; largest mappings by RSS: $(smaps_top "$pid")")
+  DETAILS+=("procagentd ($label) after settle: $(awk '$1 == "Threads:" { print $2 }' "/proc/$pid/status") threads, VmHWM $(status_kb "$pid" VmHWM) kB; largest mappings by RSS: $(smaps_top "$pid")")
   DETAILS+=("its processes: $(ps -o pid=,rss=,args= -p "$(paste -sd, "$d/own")" | awk '{ printf "%s%s (%s, RSS %.1f MiB)", (NR > 1 ? "; " : ""), $3, $1, $2 / 1024 }')")
   read -r rss pss < <(mem_of <"$d/own")
-  log "procagent (config) N=$n: idle CPU over ${IDLE} s"
+  log "$label N=$n: idle CPU over ${IDLE} s"
   cpu=$(idle_cpu "$d/own")
-  PA_CPU=$cpu
   st=$(time_status "$n" 'bench/p[0-9]+' "$PROCAGENT" --socket "$d/run/agent.sock" status)
   stj=$(time_status "$n" '"name": ?"p[0-9]+"' "$PROCAGENT" --socket "$d/run/agent.sock" status --json)
   fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 | wc -l)
-  PA_FDS=$(awk -v f="$fds" -v n="$n" 'BEGIN { printf "%.2f (%d in all)", f / n, f }')
-  DETAILS+=("procagentd descriptors by kind [per supervised process]: $(fd_kinds "$pid" "$n")")
+  fds=$(awk -v f="$fds" -v n="$n" 'BEGIN { printf "%.2f (%d in all)", f / n, f }')
+  DETAILS+=("procagentd ($label) descriptors by kind [per supervised process]: $(fd_kinds "$pid" "$n")")
   for p in $(tail -n +2 "$d/own"); do
     DETAILS+=("$(cat "/proc/$p/comm" 2>/dev/null || echo '?') (pid $p) descriptors by kind: $(fd_kinds "$p" 0)")
   done
-  log "procagent (config) N=$n: $KILLS restarts"
+  log "$label N=$n: $KILLS restarts"
   restarts "$d/stamps" "$n" "$d/restarts"
   read -r med p95 < <(stats <"$d/restarts")
-  PA_MED=$med PA_P95=$p95
-  row "procagent (config)" "$PA_START s" "$st ms (--json $stj ms)" \
+  row "$label" "$start s" "$st ms (--json $stj ms)" \
     "$(kib_to_mib "$rss") MiB (PSS $(kib_to_mib "$pss"))" "$cpu s" "$med ms" "$p95 ms"
-  PA_LOG_LINES=$(wc -l <"$d/agent.log")
-  PA_WARN=$(grep -c -E 'WARN|ERROR' "$d/agent.log" || true)
-  pa_sync_page "$d" "$n" "$pid"
-  pa_readopt "$d" "$n" "$pid"
-  kill_tree "$PA_PID"
+  if [ -z "$cg" ]; then
+    PA_START=$start PA_CPU=$cpu PA_FDS=$fds PA_MED=$med PA_P95=$p95
+    PA_LOG_LINES=$(wc -l <"$d/agent.log")
+    PA_WARN=$(grep -c -E 'WARN|ERROR' "$d/agent.log" || true)
+    pa_sync_page "$d" "$n" "$pid"
+    pa_readopt "$d" "$n" "$pid"
+    kill_tree "$PA_PID"
+  else
+    PC_FDS=$fds PC_MED=$med PC_P95=$p95
+    PC_WARN=$(grep -c -E 'WARN|ERROR' "$d/agent.log" || true)
+    kill_tree "$pid"
+  fi
   # The output keeper outlives an agent: the first agent's, taken before the restart.
   while read -r p; do if ours "$p"; then kill -KILL "$p" 2>/dev/null || true; fi; done <"$d/own"
+  if [ -n "$cg" ]; then cg_remove "$cg"; fi
 }
 
 # sync_proc_status pages of N (median of STATUS_RUNS) and the daemon's RSS before and after:
@@ -1079,13 +1134,14 @@ OUT=$TMP/tables.md
 : >"$OUT"
 for n in $N_LIST; do
   ROWS=() DETAILS=() PA_FDS='' SD_FDS='' PA_LOG_LINES='' PA_WARN='' PA_SYNC='' PA_READOPT='' PA_CPU=''
-  PA_MED='' PA_P95='' FL_MED='' FL_P95=''
+  PA_MED='' PA_P95='' FL_MED='' FL_P95='' PC_MED='' PC_P95='' PC_FDS='' PC_WARN=''
   T_N=$SECONDS
   log "=== N=$n (load average $(cut -d' ' -f1-3 /proc/loadavg))"
   for phase in $PHASE_LIST; do
     DIAG=()
     case $phase in
       procagent-config) run_procagent_config "$n" ;;
+      procagent-contained) run_procagent_config "$n" contained ;;
       procagent-churn) run_procagent_churn "$n" ;;
       procagent-api) run_procagent_api "$n" ;;
       supervisord) run_supervisord "$n" ;;
@@ -1109,7 +1165,10 @@ for n in $N_LIST; do
     else
       echo "procagent (config) restart against the floor: – (needs the phases procagent-config and floor)."
     fi
-    echo "procagentd descriptors per process: ${PA_FDS:-–}; supervisord holds ${SD_FDS:-–} descriptors."
+    if [ -n "$PC_MED" ] && [ -n "$FL_MED" ]; then
+      echo "procagent (contained) restart against the floor: median $(ratio "$PC_MED" "$FL_MED"), p95 $(ratio "$PC_P95" "$FL_P95")."
+    fi
+    echo "procagentd descriptors per process: ${PA_FDS:-–} (contained: ${PC_FDS:-–}, ${PC_WARN:-–} WARN/ERROR log lines); supervisord holds ${SD_FDS:-–} descriptors."
     echo "procagent (config): ${PA_SYNC:-–}; ${PA_READOPT:-–}."
     echo "procagentd log (config case): ${PA_LOG_LINES:-–} lines, ${PA_WARN:-–} WARN/ERROR. This size took $((SECONDS - T_N)) s;" \
       "load average at its end $(cut -d' ' -f1-3 /proc/loadavg)."
