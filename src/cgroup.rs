@@ -471,14 +471,16 @@ pub fn parse_pressure_some_avg10(text: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Read the figures of cgroup `dir`. Blocking (small reads of the cgroup file system).
-pub fn figures(dir: &Path) -> Figures {
+/// The figures of cgroup `dir` besides its cpu, which the caller read (`cpu_usec`, from its
+/// `cpu.stat`), given the number of processes its `cgroup.procs` listed (`procs`), used where
+/// the pids controller is off. Blocking (small reads of the cgroup file system).
+pub fn figures(dir: &Path, cpu_usec: Option<u64>, procs: usize) -> Figures {
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
     let num = |f: &str| read(f).and_then(|t| t.trim().parse::<u64>().ok());
     Figures {
-        cpu_usec: read("cpu.stat").and_then(|t| parse_cpu_usage(&t)),
+        cpu_usec,
         memory_bytes: num("memory.current"),
-        pids: num("pids.current").unwrap_or_else(|| procs(dir).len() as u64),
+        pids: num("pids.current").unwrap_or(procs as u64),
         io_bytes: read("io.stat").map(|t| parse_io_bytes(&t)),
         psi_cpu: read("cpu.pressure").and_then(|t| parse_pressure_some_avg10(&t)),
         psi_memory: read("memory.pressure").and_then(|t| parse_pressure_some_avg10(&t)),

@@ -51,6 +51,14 @@
 //! figures never mix two processes. The handles are kept for at most [`handle_budget`]
 //! instances (derived from the descriptor limit); others are opened and closed each pass.
 //!
+//! With containment each instance's cgroup is read too, and the same way: its `cpu.stat` is
+//! kept open (within the same budget) and read first; when its `usage_usec` has not moved,
+//! nothing in the cgroup ran, and its latest full reading (`cgroup.procs`, `memory.current`,
+//! `pids.current`, `io.stat`, the three pressure files, each opened by path) stands, for at
+//! most [`FULL_READ_PASSES`] passes, unless that reading showed pressure or the definition
+//! has a limit (`CgroupMemo` says what can change unseen). Opening a cgroup file walks its
+//! whole path, so this is what a contained idle host costs: a `pread` per instance a pass.
+//!
 //! The network figures add, per pass, one `sock_diag` dump (every TCP and UDP socket of the
 //! host's namespace, at most [`crate::sockdiag::MAX_SOCKETS`]; only while some tree held a
 //! socket at its last listing, so a socket that appears is counted from the next pass) and,
@@ -543,17 +551,18 @@ pub fn read_raw(h: &Handles, starttime: u64, buf: &mut Vec<u8>) -> Option<Raw> {
     Some(raw)
 }
 
-/// How many instances the sampler may keep [`Handles`] open for: as many as the descriptor
-/// limit holds after a reserve, counting with each instance's handles what else the agent
-/// holds for it (a pidfd, and the two read ends of its captured output), so that the
-/// sampler never starves the rest of the agent. Instances beyond it are read by opening the
-/// files each pass.
+/// How many instances the sampler may keep [`Handles`] open for (and, with containment, as
+/// many instance cgroups' `cpu.stat`): as many as the descriptor limit holds after a
+/// reserve, counting with each instance's handles what else the agent holds for it (a pidfd,
+/// the two read ends of its captured output, its cgroup's `cpu.stat`), so that the sampler
+/// never starves the rest of the agent. Instances beyond it are read by opening the files
+/// each pass.
 pub fn handle_budget() -> usize {
     let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(1 << 20)
         .min(1 << 20) as usize;
-    soft.saturating_sub(512) / (Handles::FDS + 3)
+    soft.saturating_sub(512) / (Handles::FDS + 4)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -737,24 +746,18 @@ impl TreeWalk<'_> {
         children
     }
 
-    /// The sockets of every process of the cgroups `dirs` (containment: the whole tree).
-    fn cgroup_members(
-        &mut self,
-        dirs: &[std::path::PathBuf],
-        visited: &mut HashSet<i32>,
-        out: &mut Vec<u64>,
-    ) {
-        for d in dirs {
-            for pid in crate::cgroup::procs(d) {
-                if visited.len() >= MAX_TREE {
-                    return;
-                }
-                if !visited.insert(pid) {
-                    continue;
-                }
-                if let Some((dir, st, fds)) = open_member(pid, &mut self.buf) {
-                    self.member(&dir, (pid, st.starttime), fds, false, out);
-                }
+    /// The sockets of processes `pids`, those of a definition's cgroups (containment: the
+    /// whole tree).
+    fn cgroup_members(&mut self, pids: &[i32], visited: &mut HashSet<i32>, out: &mut Vec<u64>) {
+        for &pid in pids {
+            if visited.len() >= MAX_TREE {
+                return;
+            }
+            if !visited.insert(pid) {
+                continue;
+            }
+            if let Some((dir, st, fds)) = open_member(pid, &mut self.buf) {
+                self.member(&dir, (pid, st.starttime), fds, false, out);
             }
         }
     }
@@ -798,8 +801,8 @@ pub struct Sampler {
     ticks_per_sec: u64,
     passes: u64,
     budget: usize,
-    /// The previous `cpu.stat` reading of each instance cgroup, and when.
-    cgroup_cpu: HashMap<std::path::PathBuf, (u64, Instant)>,
+    /// Each instance cgroup's latest readings (containment).
+    cgroups: HashMap<std::path::PathBuf, CgroupMemo>,
     /// The sockets of each process of the trees, at the previous pass.
     members: HashMap<(i32, u64), MemberMemo>,
     /// The network figures of each definition, at the previous pass.
@@ -812,6 +815,8 @@ pub struct Sampler {
     walk_children: bool,
     /// Instances read in full so far (the others were skipped: [`Quiet`]).
     full_reads: u64,
+    /// Instance cgroups read in full so far (the others by their `cpu.stat` alone).
+    cgroup_full_reads: u64,
 }
 
 impl Sampler {
@@ -828,13 +833,14 @@ impl Sampler {
             ticks_per_sec: crate::procinfo::ticks_per_second(),
             passes: 0,
             budget,
-            cgroup_cpu: HashMap::new(),
+            cgroups: HashMap::new(),
             members: HashMap::new(),
             nets: HashMap::new(),
             dump_failed: false,
             dumps: 0,
             walk_children: children_files(),
             full_reads: 0,
+            cgroup_full_reads: 0,
         }
     }
 
@@ -842,6 +848,21 @@ impl Sampler {
     /// either in full or, when it did not run, by its `schedstat` alone).
     pub fn full_reads(&self) -> u64 {
         self.full_reads
+    }
+
+    /// Instance cgroups read in full since the sampler started (containment: each pass
+    /// reads every instance cgroup either in full or, when nothing in it ran, by its
+    /// `cpu.stat` alone).
+    pub fn cgroup_full_reads(&self) -> u64 {
+        self.cgroup_full_reads
+    }
+
+    /// Instance cgroups whose `cpu.stat` is kept open now.
+    pub fn open_cgroup_handles(&self) -> usize {
+        self.cgroups
+            .values()
+            .filter(|m| m.cpu_stat.is_some())
+            .count()
     }
 
     /// Instances whose handles are kept open now.
@@ -888,7 +909,9 @@ impl Sampler {
         let mut out = Vec::with_capacity(targets.len());
         let mut read = 0;
         let mut kept = 0;
+        let mut kept_cgroups = 0;
         let mut cg_seen = HashMap::new();
+        let mut members = Vec::new();
         for t in targets {
             let mut s = Sample {
                 at: at_unix,
@@ -994,23 +1017,29 @@ impl Sampler {
                 continue;
             }
             if !t.cgroups.is_empty() {
-                walk.cgroup_members(&t.cgroups, &mut visited, &mut tree_sockets);
+                members.clear();
+                self.cgroup_figures(
+                    t,
+                    now,
+                    &mut s,
+                    &mut cg_seen,
+                    &mut kept_cgroups,
+                    &mut members,
+                );
+                walk.cgroup_members(&members, &mut visited, &mut tree_sockets);
             }
             let memo = old_nets
                 .remove(&t.key)
                 .filter(|m| m.instances == t.instances);
             let memo = net_figures(memo, t, table.as_ref(), &tree_sockets, now, &mut s);
             self.nets.insert(t.key.clone(), memo);
-            if !t.cgroups.is_empty() {
-                self.cgroup_figures(t, now, &mut s, &mut cg_seen);
-            }
             s.mem_usage = s.rss_bytes as f64 / self.host.mem_total_bytes.max(1) as f64 * 100.0;
             s.cpu_usage = (s.cpu_usage * 100.0).round() / 100.0;
             s.mem_usage = (s.mem_usage * 100.0).round() / 100.0;
             out.push(Some(s));
         }
         self.memo = seen;
-        self.cgroup_cpu = cg_seen;
+        self.cgroups = cg_seen;
         self.members = walk.seen;
         (out, read)
     }
@@ -1040,13 +1069,19 @@ impl Sampler {
     /// the main processes' where the kernel has them: cpu from `cpu.stat` (the first pass of
     /// a cgroup reads 0, as a new process does), memory from `memory.current`, disk from
     /// `io.stat`, the number of processes, and the pressure stall figures (the highest over
-    /// the instances).
+    /// the instances). The processes the cgroups hold are added to `members`.
+    ///
+    /// A cgroup whose `usage_usec` has not moved since the previous pass held nothing that
+    /// ran, so its latest full reading stands ([`CgroupMemo`]), and its pass is that one read
+    /// (through its `cpu.stat` kept open, within the handle budget: a `pread`, no path walk).
     fn cgroup_figures(
         &mut self,
         t: &Target,
         now: Instant,
         s: &mut Sample,
-        seen: &mut HashMap<std::path::PathBuf, (u64, Instant)>,
+        seen: &mut HashMap<std::path::PathBuf, CgroupMemo>,
+        kept: &mut usize,
+        members: &mut Vec<i32>,
     ) {
         let (mut cpu, mut cpu_known, mut mem, mut pids) = (0.0, false, None::<u64>, 0);
         let mut io = None::<u64>;
@@ -1055,18 +1090,40 @@ impl Sampler {
             (x, y) => x.or(y),
         };
         for dir in &t.cgroups {
-            let f = crate::cgroup::figures(dir);
-            pids += f.pids;
-            if let Some(u) = f.cpu_usec {
-                cpu_known = true;
-                if let Some(&(prev, at)) = self.cgroup_cpu.get(dir) {
-                    let elapsed = now.saturating_duration_since(at).as_micros();
-                    if u >= prev && elapsed > 0 {
-                        cpu += (u - prev) as f64 / elapsed as f64 * 100.0;
+            let mut old = self.cgroups.remove(dir);
+            let handle = old.as_mut().and_then(|m| m.cpu_stat.take());
+            let (usec, handle) = cgroup_usage(dir, handle, &mut self.buf);
+            if let (Some(u), Some(m)) = (usec, &old) {
+                let elapsed = now.saturating_duration_since(m.at).as_micros();
+                if let Some(prev) = m.usec.filter(|&p| u >= p && elapsed > 0) {
+                    cpu += (u - prev) as f64 / elapsed as f64 * 100.0;
+                }
+            }
+            let quiet = old.as_ref().is_some_and(|m| m.still(t, usec));
+            let mut memo = match old {
+                Some(m) if quiet => CgroupMemo {
+                    usec,
+                    at: now,
+                    skipped: m.skipped + 1,
+                    ..m
+                },
+                _ => {
+                    self.cgroup_full_reads += 1;
+                    let procs = crate::cgroup::procs(dir);
+                    CgroupMemo {
+                        cpu_stat: None,
+                        usec,
+                        at: now,
+                        instances: t.instances.clone(),
+                        figures: crate::cgroup::figures(dir, usec, procs.len()),
+                        procs,
+                        skipped: 0,
                     }
                 }
-                seen.insert(dir.clone(), (u, now));
-            }
+            };
+            let f = memo.figures;
+            cpu_known |= f.cpu_usec.is_some();
+            pids += f.pids;
             if let Some(m) = f.memory_bytes {
                 mem = Some(mem.unwrap_or(0).saturating_add(m));
             }
@@ -1076,6 +1133,11 @@ impl Sampler {
             s.psi_cpu = max(s.psi_cpu, f.psi_cpu);
             s.psi_memory = max(s.psi_memory, f.psi_memory);
             s.psi_io = max(s.psi_io, f.psi_io);
+            members.extend_from_slice(&memo.procs);
+            let keep = *kept < self.budget;
+            *kept += usize::from(keep);
+            memo.cpu_stat = handle.filter(|_| keep);
+            seen.insert(dir.clone(), memo);
         }
         if cpu_known {
             s.cpu_usage = cpu;
@@ -1088,6 +1150,80 @@ impl Sampler {
         }
         s.pids = pids;
         s.from_cgroup = true;
+    }
+}
+
+/// What the sampler remembers of one instance cgroup between passes (containment).
+///
+/// Nothing in a cgroup whose `cpu.stat` `usage_usec` did not move ran since, so nothing in
+/// it forked, exited, allocated, did I/O or opened a socket: its latest full reading
+/// stands. What can change without anything in it running shows at the next full
+/// reading, at most [`FULL_READ_PASSES`] passes later: memory reclaimed from it, a process
+/// moved into it from outside, and a stall that began just before that reading (a cgroup
+/// whose reading showed any pressure is read in full every pass). Cgroups of a definition
+/// with a cpu or memory limit are read in full every pass, as its processes are.
+#[derive(Debug)]
+struct CgroupMemo {
+    /// Its `cpu.stat`, kept open while within the handle budget.
+    cpu_stat: Option<OwnedFd>,
+    /// `usage_usec` at `at` (the latest pass).
+    usec: Option<u64>,
+    at: Instant,
+    /// The definition's instances at the latest full reading: other instances (a restart)
+    /// are read in full.
+    instances: Vec<(i32, u64)>,
+    /// The latest full reading: the figures, and the processes `cgroup.procs` listed.
+    figures: crate::cgroup::Figures,
+    procs: Vec<i32>,
+    /// Passes since it.
+    skipped: u64,
+}
+
+impl CgroupMemo {
+    /// May the latest full reading stand for this pass of `t`, whose `cpu.stat` now reads
+    /// `usec`?
+    fn still(&self, t: &Target, usec: Option<u64>) -> bool {
+        let f = &self.figures;
+        let calm = [f.psi_cpu, f.psi_memory, f.psi_io]
+            .iter()
+            .all(|p| p.unwrap_or(0.0) == 0.0);
+        !t.limited
+            && calm
+            && usec.is_some()
+            && usec == self.usec
+            && self.instances == t.instances
+            && self.skipped + 1 < FULL_READ_PASSES
+    }
+}
+
+/// `usage_usec` of cgroup `dir`'s `cpu.stat`, read through `kept` (its handle from the
+/// previous pass) or a handle opened now, and the handle (`None` when it cannot be opened).
+/// A kept handle of a cgroup removed since fails (`ENODEV`), and the path is opened anew:
+/// a cgroup made again there is another one. Blocking.
+fn cgroup_usage(
+    dir: &std::path::Path,
+    kept: Option<OwnedFd>,
+    buf: &mut Vec<u8>,
+) -> (Option<u64>, Option<OwnedFd>) {
+    let usage = |buf: &[u8]| {
+        std::str::from_utf8(buf)
+            .ok()
+            .and_then(crate::cgroup::parse_cpu_usage)
+    };
+    if let Some(fd) = kept.filter(|fd| pread_all(fd, buf).is_ok()) {
+        return (usage(buf), Some(fd));
+    }
+    let Ok(fd) = rustix::fs::openat(
+        rustix::fs::CWD,
+        dir.join("cpu.stat"),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return (None, None);
+    };
+    match pread_all(&fd, buf) {
+        Ok(()) => (usage(buf), Some(fd)),
+        Err(_) => (None, None),
     }
 }
 
@@ -1622,6 +1758,180 @@ mod tests {
             );
         }
         finish(child);
+    }
+
+    /// A cgroup of this test's own below the cgroup v2 mount (root), killed and removed
+    /// when dropped; `None` with the reason printed where it cannot be made.
+    struct TestCgroup(std::path::PathBuf);
+
+    impl TestCgroup {
+        fn make(name: &str) -> Option<TestCgroup> {
+            let skip = |why: String| {
+                eprintln!("skipped: {why}");
+                None
+            };
+            if !rustix::process::geteuid().is_root() {
+                return skip("needs root".into());
+            }
+            let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+            let Some(mount) = crate::cgroup::v2_mount(&info) else {
+                return skip("no cgroup v2 mount".into());
+            };
+            let dir = mount.join(format!(
+                "procagent-test-probe-{}-{name}",
+                std::process::id()
+            ));
+            match std::fs::create_dir(&dir) {
+                Ok(()) if dir.join("cgroup.kill").exists() => Some(TestCgroup(dir)),
+                Ok(()) => {
+                    let _ = std::fs::remove_dir(&dir);
+                    skip("cgroup.kill is not supported".into())
+                }
+                Err(e) => skip(format!("{}: {e}", dir.display())),
+            }
+        }
+
+        /// Start `sh -c script` and move it in; its pid and start time.
+        fn spawn(&self, script: &str) -> (std::process::Child, (i32, u64)) {
+            let child = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .expect("sh");
+            let pid = child.id() as i32;
+            std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).expect("move in");
+            let start = crate::procinfo::read_stat(pid).expect("stat").starttime;
+            (child, (pid, start))
+        }
+
+        /// Kill what it holds and wait (bounded) until it is empty.
+        fn empty(&self) {
+            let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while crate::cgroup::populated(&self.0) == Some(true) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    impl Drop for TestCgroup {
+        fn drop(&mut self) {
+            self.empty();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    /// Containment: a cgroup in which nothing ran since the previous pass costs one read of
+    /// its kept `cpu.stat` and keeps its figures; one in which something ran (here: a second
+    /// process moved in and spinning) is read in full at the next pass and shows it; however
+    /// idle, it is read in full at least every [`FULL_READ_PASSES`] passes; with a limit,
+    /// every pass. A cgroup removed and made again at the same path is read anew.
+    #[test]
+    fn an_idle_cgroup_is_read_by_its_cpu_stat_alone_and_in_full_when_it_ran() {
+        let Some(cg) = TestCgroup::make("quiet") else {
+            return;
+        };
+        let (mut idle, id) = cg.spawn("exec sleep 100");
+        let target = |instances: Vec<(i32, u64)>, limited: bool| Target {
+            key: ProcKey::new("t", "contained"),
+            instances,
+            cgroups: vec![cg.0.clone()],
+            limited,
+        };
+        let targets = vec![target(vec![id], false)];
+        let host = HostFigures {
+            mem_total_bytes: 1 << 30,
+            cpus: 2,
+        };
+        let mut s = Sampler::with_budget(host, 16);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let before = loop {
+            let full = s.cgroup_full_reads();
+            let (out, _) = s.pass(&targets, Instant::now(), 1);
+            if s.cgroup_full_reads() == full {
+                break out[0].clone().expect("a sample");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cgroup never stopped running"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(before.from_cgroup);
+        assert_eq!((before.pids, before.cpu_usage), (1, 0.0));
+        assert_eq!(s.open_cgroup_handles(), 1, "its cpu.stat is kept open");
+        // However idle, at most FULL_READ_PASSES - 1 passes in a row skip it.
+        let (mut in_a_row, mut longest) = (0, 0);
+        for i in 0..(3 * FULL_READ_PASSES) {
+            let full = s.cgroup_full_reads();
+            let (out, _) = s.pass(&targets, Instant::now(), 2 + i as i64);
+            assert_eq!(out[0].as_ref().map(|o| o.pids), Some(1));
+            if s.cgroup_full_reads() == full {
+                in_a_row += 1;
+                longest = longest.max(in_a_row);
+            } else {
+                in_a_row = 0;
+            }
+        }
+        assert!(longest >= 1, "the idle cgroup was never skipped");
+        assert!(
+            longest < FULL_READ_PASSES,
+            "{longest} passes in a row skipped it"
+        );
+        // Something else in it runs: the next pass reads it in full.
+        let (mut busy, _) = cg.spawn("while :; do :; done");
+        std::thread::sleep(Duration::from_millis(50));
+        let full = s.cgroup_full_reads();
+        let (out, _) = s.pass(&targets, Instant::now(), 100);
+        assert_eq!(
+            s.cgroup_full_reads(),
+            full + 1,
+            "a cgroup that ran is read in full"
+        );
+        let busy_sample = out[0].clone().expect("a sample");
+        assert_eq!(busy_sample.pids, 2, "{busy_sample:?}");
+        let _ = busy.kill();
+        let _ = busy.wait();
+        // With a limit, every pass reads it in full.
+        let limited = vec![target(vec![id], true)];
+        for i in 0..FULL_READ_PASSES {
+            let full = s.cgroup_full_reads();
+            s.pass(&limited, Instant::now(), 200 + i as i64);
+            assert_eq!(
+                s.cgroup_full_reads(),
+                full + 1,
+                "pass {i} of a limited cgroup skipped it"
+            );
+        }
+        // Without a kept handle (no budget) the figures are the same.
+        let mut none = Sampler::with_budget(host, 0);
+        let (out, _) = none.pass(&targets, Instant::now(), 300);
+        assert_eq!(
+            out[0].as_ref().map(|o| (o.pids, o.from_cgroup)),
+            Some((1, true))
+        );
+        assert_eq!(none.open_cgroup_handles(), 0);
+        // Removed and made again: the kept handle reads a removed cgroup, so the path is opened
+        // anew and the new cgroup's process counted.
+        let spun = s.cgroups[&cg.0].usec.expect("usage read");
+        cg.empty();
+        let _ = idle.wait();
+        std::fs::remove_dir(&cg.0).expect("rmdir");
+        std::fs::create_dir(&cg.0).expect("mkdir");
+        let (mut again, id2) = cg.spawn("exec sleep 100");
+        let (out, _) = s.pass(&[target(vec![id2], false)], Instant::now(), 400);
+        assert_eq!(out[0].as_ref().map(|o| o.pids), Some(1));
+        assert_eq!(s.open_cgroup_handles(), 1);
+        let usec = s.cgroups[&cg.0]
+            .usec
+            .expect("the new cgroup's cpu.stat read");
+        assert!(
+            usec < spun,
+            "{usec} usec: the removed cgroup's figures ({spun} usec) read"
+        );
+        cg.empty();
+        let _ = again.wait();
     }
 
     /// The network figures cover the whole tree: a socket made by a process and shared with
