@@ -471,21 +471,172 @@ pub fn parse_pressure_some_avg10(text: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The figures of cgroup `dir` besides its cpu, which the caller read (`cpu_usec`, from its
-/// `cpu.stat`), given the number of processes its `cgroup.procs` listed (`procs`), used where
-/// the pids controller is off. Blocking (small reads of the cgroup file system).
-pub fn figures(dir: &Path, cpu_usec: Option<u64>, procs: usize) -> Figures {
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
-    let num = |f: &str| read(f).and_then(|t| t.trim().parse::<u64>().ok());
-    Figures {
-        cpu_usec,
-        memory_bytes: num("memory.current"),
-        pids: num("pids.current").unwrap_or(procs as u64),
-        io_bytes: read("io.stat").map(|t| parse_io_bytes(&t)),
-        psi_cpu: read("cpu.pressure").and_then(|t| parse_pressure_some_avg10(&t)),
-        psi_memory: read("memory.pressure").and_then(|t| parse_pressure_some_avg10(&t)),
-        psi_io: read("io.pressure").and_then(|t| parse_pressure_some_avg10(&t)),
+/// Which of the optional figure files a process cgroup has: those of the controllers
+/// enabled for it. Without a controller its files do not exist, and a lookup that fails
+/// costs as much as one that succeeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FigureFiles {
+    /// `memory.current` (memory controller).
+    pub memory: bool,
+    /// `pids.current` (pids controller; else the processes are counted from `cgroup.procs`).
+    pub pids: bool,
+    /// `io.stat` (io controller).
+    pub io: bool,
+}
+
+impl FigureFiles {
+    /// Try every file (a cgroup whose controllers are not known).
+    pub const ALL: FigureFiles = FigureFiles {
+        memory: true,
+        pids: true,
+        io: true,
+    };
+
+    /// The files of the controllers `enabled` (a [`Tree`]'s).
+    pub fn of(enabled: &[String]) -> FigureFiles {
+        let on = |c: &str| enabled.iter().any(|e| e == c);
+        FigureFiles {
+            memory: on("memory"),
+            pids: on("pids"),
+            io: on("io"),
+        }
     }
+}
+
+/// A full reading of cgroup `dir`: the first `max_procs` processes `cgroup.procs` lists
+/// (sorted), and the figures besides its cpu, which the caller read (`cpu_usec`, from its
+/// `cpu.stat`); of the optional files only those `files` names are tried. Every file is
+/// opened relative to one handle of the directory, so the path is walked once. `None` when
+/// the directory cannot be opened (removed) or a file that exists cannot be read. Blocking
+/// (small reads of the cgroup file system; `cgroup.procs` is read in pieces, so a cgroup of
+/// any size costs no more memory than `max_procs`).
+pub fn full_reading(
+    dir: &Path,
+    cpu_usec: Option<u64>,
+    files: FigureFiles,
+    max_procs: usize,
+) -> Option<(Vec<i32>, Figures)> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::openat(
+        rustix::fs::CWD,
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut text = Vec::with_capacity(4096);
+    let (mut procs, listed) = read_procs(&fd, max_procs, &mut text).ok()?;
+    procs.sort_unstable();
+    let mut num = |name, on| {
+        read_at(&fd, name, on, &mut text).map(|t| t.and_then(|t| t.trim().parse::<u64>().ok()))
+    };
+    let memory_bytes = num(c"memory.current", files.memory).ok()?;
+    let pids = num(c"pids.current", files.pids).ok()?.unwrap_or(listed);
+    let mut pressure =
+        |name| read_at(&fd, name, true, &mut text).map(|t| t.and_then(parse_pressure_some_avg10));
+    let psi_cpu = pressure(c"cpu.pressure").ok()?;
+    let psi_memory = pressure(c"memory.pressure").ok()?;
+    let psi_io = pressure(c"io.pressure").ok()?;
+    let io_bytes = read_at(&fd, c"io.stat", files.io, &mut text)
+        .ok()?
+        .map(parse_io_bytes);
+    let figures = Figures {
+        cpu_usec,
+        memory_bytes,
+        pids,
+        io_bytes,
+        psi_cpu,
+        psi_memory,
+        psi_io,
+    };
+    Some((procs, figures))
+}
+
+/// The first `max` pids of the `cgroup.procs` of the directory behind `dir`, and how many
+/// it lists in all, read in pieces through `buf`.
+fn read_procs(
+    dir: &std::os::fd::OwnedFd,
+    max: usize,
+    buf: &mut Vec<u8>,
+) -> rustix::io::Result<(Vec<i32>, u64)> {
+    let f = rustix::fs::openat(
+        dir,
+        c"cgroup.procs",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let (mut pids, mut listed, mut current) = (Vec::new(), 0u64, None::<i32>);
+    buf.clear();
+    buf.resize(16 << 10, 0);
+    loop {
+        let n = match rustix::io::read(&f, &mut buf[..]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e),
+        };
+        for &b in &buf[..n] {
+            match b {
+                b'0'..=b'9' => {
+                    let d = i32::from(b - b'0');
+                    current = Some(current.unwrap_or(0).saturating_mul(10).saturating_add(d));
+                }
+                _ => {
+                    if let Some(p) = current.take() {
+                        listed += 1;
+                        if pids.len() < max {
+                            pids.push(p);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(p) = current {
+        listed += 1;
+        if pids.len() < max {
+            pids.push(p);
+        }
+    }
+    Ok((pids, listed))
+}
+
+/// The text of file `name` of the directory behind `dir`, into `text`: `Ok(None)` when `on`
+/// is false or the file does not exist, an error when it exists but cannot be read. Read by
+/// plain `read`s into the reused buffer (no `statx` for a size hint, which a cgroup file
+/// does not give anyway), at most 64 KiB (these files are a few lines).
+fn read_at<'a>(
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::CStr,
+    on: bool,
+    text: &'a mut Vec<u8>,
+) -> rustix::io::Result<Option<&'a str>> {
+    if !on {
+        return Ok(None);
+    }
+    let f = match rustix::fs::openat(
+        dir,
+        name,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) {
+        Ok(f) => f,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    text.clear();
+    text.resize(64 << 10, 0);
+    let mut len = 0;
+    while len < text.len() {
+        match rustix::io::read(&f, &mut text[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    text.truncate(len);
+    Ok(std::str::from_utf8(text).ok())
 }
 
 /// Remove the cgroups below `tree`'s `procs` whose process directory is not in `known`, once
@@ -746,6 +897,61 @@ mod tests {
             Limits::of(f64::NAN, f64::INFINITY, GIB, 2, 10.0, true),
             Limits::default()
         );
+    }
+
+    /// A full reading tries only the files of the enabled controllers (others count as
+    /// absent, and the processes are counted from `cgroup.procs`), and reads each file
+    /// through the directory's handle.
+    #[test]
+    fn a_full_reading_reads_the_files_of_the_enabled_controllers_only() {
+        let d = tempfile::tempdir().unwrap();
+        for (f, text) in [
+            ("cgroup.procs", "12\n34\n"),
+            ("memory.current", "4096\n"),
+            ("pids.current", "7\n"),
+            ("io.stat", "8:0 rbytes=10 wbytes=5 rios=1 wios=1\n"),
+            (
+                "cpu.pressure",
+                "some avg10=1.50 avg60=0.00 avg300=0.00 total=9\n",
+            ),
+            (
+                "io.pressure",
+                "some avg10=0.25 avg60=0.00 avg300=0.00 total=1\n",
+            ),
+        ] {
+            std::fs::write(d.path().join(f), text).unwrap();
+        }
+        let (procs, f) = full_reading(d.path(), Some(3), FigureFiles::ALL, 10).unwrap();
+        assert_eq!(procs, vec![12, 34]);
+        let want = Figures {
+            cpu_usec: Some(3),
+            memory_bytes: Some(4096),
+            pids: 7,
+            io_bytes: Some(15),
+            psi_cpu: Some(1.5),
+            psi_memory: None,
+            psi_io: Some(0.25),
+        };
+        assert_eq!(f, want);
+        let none = FigureFiles::of(&["cpu".to_string()]);
+        let (_, f) = full_reading(d.path(), None, none, 10).unwrap();
+        assert_eq!(
+            (f.memory_bytes, f.pids, f.io_bytes, f.psi_cpu),
+            (None, 2, None, Some(1.5))
+        );
+        assert_eq!(
+            FigureFiles::of(&["memory".into(), "pids".into(), "io".into()]),
+            FigureFiles::ALL
+        );
+        assert!(full_reading(&d.path().join("gone"), None, FigureFiles::ALL, 10).is_none());
+        // The processes past the most kept are counted all the same.
+        std::fs::write(d.path().join("cgroup.procs"), "9\n3\n5\n7").unwrap();
+        let (procs, f) = full_reading(d.path(), None, none, 2).unwrap();
+        assert_eq!((procs, f.pids), (vec![3, 9], 4));
+        // A file that exists but cannot be read fails the reading (not a reading of zeros).
+        std::fs::remove_file(d.path().join("cpu.pressure")).unwrap();
+        std::fs::create_dir(d.path().join("cpu.pressure")).unwrap();
+        assert!(full_reading(d.path(), None, none, 10).is_none());
     }
 
     #[test]

@@ -51,13 +51,17 @@
 //! figures never mix two processes. The handles are kept for at most [`handle_budget`]
 //! instances (derived from the descriptor limit); others are opened and closed each pass.
 //!
-//! With containment each instance's cgroup is read too, and the same way: its `cpu.stat` is
-//! kept open (within the same budget) and read first; when its `usage_usec` has not moved,
-//! nothing in the cgroup ran, and its latest full reading (`cgroup.procs`, `memory.current`,
-//! `pids.current`, `io.stat`, the three pressure files, each opened by path) stands, for at
-//! most [`FULL_READ_PASSES`] passes, unless that reading showed pressure or the definition
-//! has a limit (`CgroupMemo` says what can change unseen). Opening a cgroup file walks its
-//! whole path, so this is what a contained idle host costs: a `pread` per instance a pass.
+//! With containment each instance's cgroup is read too, first, and the same way: its
+//! `cpu.stat` is kept open (within the same budget) and read; when its `usage_usec` has not
+//! moved, nothing in the cgroup ran, and its latest full reading stands, for at most
+//! [`FULL_READ_PASSES`] passes, unless that reading showed pressure or the definition has a
+//! limit (`CgroupMemo` says what can change unseen). Nor is an instance that was in such a
+//! cgroup read (not even its `schedstat`): it did not run. A full reading opens the cgroup's
+//! directory once and, relative to it, `cgroup.procs`, the three pressure files and those
+//! of the controllers enabled (`memory.current`, `pids.current`, `io.stat`): opening a
+//! cgroup file by path walks every component of it, several times the cost of reading it.
+//! So a contained idle host costs what an uncontained one does, a `pread` per instance a
+//! pass, plus the full readings.
 //!
 //! The network figures add, per pass, one `sock_diag` dump (every TCP and UDP socket of the
 //! host's namespace, at most [`crate::sockdiag::MAX_SOCKETS`]; only while some tree held a
@@ -801,8 +805,8 @@ pub struct Sampler {
     ticks_per_sec: u64,
     passes: u64,
     budget: usize,
-    /// Each instance cgroup's latest readings (containment).
-    cgroups: HashMap<std::path::PathBuf, CgroupMemo>,
+    /// Each instance cgroup's latest readings (containment), by path.
+    cgroups: HashMap<std::ffi::OsString, CgroupMemo>,
     /// The sockets of each process of the trees, at the previous pass.
     members: HashMap<(i32, u64), MemberMemo>,
     /// The network figures of each definition, at the previous pass.
@@ -817,6 +821,8 @@ pub struct Sampler {
     full_reads: u64,
     /// Instance cgroups read in full so far (the others by their `cpu.stat` alone).
     cgroup_full_reads: u64,
+    /// The optional files a full reading of a cgroup tries.
+    cgroup_files: crate::cgroup::FigureFiles,
 }
 
 impl Sampler {
@@ -841,6 +847,16 @@ impl Sampler {
             walk_children: children_files(),
             full_reads: 0,
             cgroup_full_reads: 0,
+            cgroup_files: crate::cgroup::FigureFiles::ALL,
+        }
+    }
+
+    /// The optional files (those of the controllers enabled for the processes' cgroups) a
+    /// full reading of a cgroup tries; every one by default.
+    pub fn with_cgroup_files(self, files: crate::cgroup::FigureFiles) -> Sampler {
+        Sampler {
+            cgroup_files: files,
+            ..self
         }
     }
 
@@ -910,8 +926,7 @@ impl Sampler {
         let mut read = 0;
         let mut kept = 0;
         let mut kept_cgroups = 0;
-        let mut cg_seen = HashMap::new();
-        let mut members = Vec::new();
+        let (mut members, mut idle) = (Vec::new(), Vec::new());
         for t in targets {
             let mut s = Sample {
                 at: at_unix,
@@ -921,6 +936,13 @@ impl Sampler {
             let mut tree_sockets = Vec::new();
             let mut visited = HashSet::new();
             walk.budget = MAX_TREE_FDS;
+            // Containment: the cgroups first, whose readings tell which instances did not
+            // run; their figures replace the instances' after them.
+            members.clear();
+            idle.clear();
+            let cgroups = (!t.cgroups.is_empty())
+                .then(|| self.read_cgroups(t, now, &mut kept_cgroups, &mut members, &mut idle));
+            idle.sort_unstable();
             for &(pid, start) in &t.instances {
                 let mut old = self.memo.remove(&(pid, start));
                 let (handles, held) = match old.as_mut().and_then(|m| m.handles.take()) {
@@ -930,13 +952,22 @@ impl Sampler {
                 let Some(handles) = handles else {
                     continue;
                 };
-                // Read before the full reading, so that anything it does after this read
-                // shows at the next pass. Only handles kept since that reading are known
-                // to be the same process without one (a pid opened anew may be reused).
-                let ran = handles.ran(&mut self.buf);
-                let still = old.as_ref().and_then(|m| m.quiet).filter(|q| {
-                    held && !t.limited && ran == Some(q.ran) && q.skipped + 1 < FULL_READ_PASSES
-                });
+                // Only handles kept since the latest full reading are known to be the same
+                // process without one (a pid opened anew may be reused).
+                let prev = old
+                    .as_ref()
+                    .and_then(|m| m.quiet)
+                    .filter(|q| held && !t.limited && q.skipped + 1 < FULL_READ_PASSES);
+                // Nothing in its cgroup ran since the previous pass, and it was in it: it did
+                // not run either. Else its `schedstat`, read before the full reading, so that
+                // anything it does after this read shows at the next pass.
+                let cgroup_idle = prev.is_some() && idle.binary_search(&pid).is_ok();
+                let ran = if cgroup_idle {
+                    None
+                } else {
+                    handles.ran(&mut self.buf)
+                };
+                let still = prev.filter(|q| cgroup_idle || ran == Some(q.ran));
                 let (raw, quiet) = match still {
                     Some(q) => (
                         q.raw,
@@ -1016,16 +1047,8 @@ impl Sampler {
                 out.push(None);
                 continue;
             }
-            if !t.cgroups.is_empty() {
-                members.clear();
-                self.cgroup_figures(
-                    t,
-                    now,
-                    &mut s,
-                    &mut cg_seen,
-                    &mut kept_cgroups,
-                    &mut members,
-                );
+            if let Some(c) = cgroups {
+                c.apply(&mut s);
                 walk.cgroup_members(&members, &mut visited, &mut tree_sockets);
             }
             let memo = old_nets
@@ -1039,7 +1062,9 @@ impl Sampler {
             out.push(Some(s));
         }
         self.memo = seen;
-        self.cgroups = cg_seen;
+        // Cgroups of instances gone (or no longer sampled) go, with their handles.
+        let pass = self.passes;
+        self.cgroups.retain(|_, m| m.pass == pass);
         self.members = walk.seen;
         (out, read)
     }
@@ -1065,103 +1090,147 @@ impl Sampler {
         }
     }
 
-    /// Containment: the figures of `t`'s instance cgroups (the whole tree of each) replace
-    /// the main processes' where the kernel has them: cpu from `cpu.stat` (the first pass of
-    /// a cgroup reads 0, as a new process does), memory from `memory.current`, disk from
-    /// `io.stat`, the number of processes, and the pressure stall figures (the highest over
-    /// the instances). The processes the cgroups hold are added to `members`.
+    /// Containment: read `t`'s instance cgroups (the whole tree of each), whose figures
+    /// ([`CgroupTotals`]) replace the main processes' where the kernel has them. The
+    /// processes the cgroups hold (at most [`MAX_TREE`] of each) are added to `members`, and
+    /// `t`'s instances listed in a cgroup in which nothing ran since the previous pass to
+    /// `idle`; `kept` counts the handles kept so far in this pass.
     ///
     /// A cgroup whose `usage_usec` has not moved since the previous pass held nothing that
     /// ran, so its latest full reading stands ([`CgroupMemo`]), and its pass is that one read
     /// (through its `cpu.stat` kept open, within the handle budget: a `pread`, no path walk).
-    fn cgroup_figures(
+    fn read_cgroups(
         &mut self,
         t: &Target,
         now: Instant,
-        s: &mut Sample,
-        seen: &mut HashMap<std::path::PathBuf, CgroupMemo>,
         kept: &mut usize,
         members: &mut Vec<i32>,
-    ) {
-        let (mut cpu, mut cpu_known, mut mem, mut pids) = (0.0, false, None::<u64>, 0);
-        let mut io = None::<u64>;
+        idle: &mut Vec<i32>,
+    ) -> CgroupTotals {
+        let mut sum = CgroupTotals::default();
         let max = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(x), Some(y)) => Some(x.max(y)),
             (x, y) => x.or(y),
         };
         for dir in &t.cgroups {
-            let mut old = self.cgroups.remove(dir);
-            let handle = old.as_mut().and_then(|m| m.cpu_stat.take());
-            let (usec, handle) = cgroup_usage(dir, handle, &mut self.buf);
-            if let (Some(u), Some(m)) = (usec, &old) {
-                let elapsed = now.saturating_duration_since(m.at).as_micros();
-                if let Some(prev) = m.usec.filter(|&p| u >= p && elapsed > 0) {
-                    cpu += (u - prev) as f64 / elapsed as f64 * 100.0;
-                }
+            let key = dir.as_os_str();
+            let known = self.cgroups.contains_key(key);
+            if !known {
+                self.cgroups.insert(key.to_owned(), CgroupMemo::new(now));
             }
-            let quiet = old.as_ref().is_some_and(|m| m.still(t, usec));
-            let mut memo = match old {
-                Some(m) if quiet => CgroupMemo {
-                    usec,
-                    at: now,
-                    skipped: m.skipped + 1,
-                    ..m
-                },
-                _ => {
-                    self.cgroup_full_reads += 1;
-                    let procs = crate::cgroup::procs(dir);
-                    CgroupMemo {
-                        cpu_stat: None,
-                        usec,
-                        at: now,
-                        instances: t.instances.clone(),
-                        figures: crate::cgroup::figures(dir, usec, procs.len()),
-                        procs,
-                        skipped: 0,
-                    }
-                }
+            let Some(m) = self.cgroups.get_mut(key) else {
+                continue;
             };
-            let f = memo.figures;
-            cpu_known |= f.cpu_usec.is_some();
-            pids += f.pids;
-            if let Some(m) = f.memory_bytes {
-                mem = Some(mem.unwrap_or(0).saturating_add(m));
+            m.pass = self.passes;
+            let (usec, handle) = cgroup_usage(dir, m.cpu_stat.take(), &mut self.buf);
+            let ran = match (usec, m.usec) {
+                (Some(u), Some(prev)) if known => {
+                    let elapsed = now.saturating_duration_since(m.at).as_micros();
+                    if u >= prev && elapsed > 0 {
+                        sum.cpu += (u - prev) as f64 / elapsed as f64 * 100.0;
+                    }
+                    u != prev
+                }
+                _ => true,
+            };
+            (m.usec, m.at) = (usec, now);
+            if !ran && m.still(t) {
+                m.skipped += 1;
+            } else {
+                self.cgroup_full_reads += 1;
+                let reading = crate::cgroup::full_reading(dir, usec, self.cgroup_files, MAX_TREE);
+                if reading.is_none() {
+                    // Gone, or a file could not be read: nothing stands for the next pass.
+                    m.usec = None;
+                }
+                let (procs, figures) = reading.unwrap_or_default();
+                if m.instances != t.instances {
+                    m.instances.clone_from(&t.instances);
+                }
+                m.figures = crate::cgroup::Figures {
+                    cpu_usec: usec,
+                    ..figures
+                };
+                (m.procs, m.skipped) = (procs, 0);
+            }
+            let f = m.figures;
+            sum.cpu_known |= f.cpu_usec.is_some();
+            sum.pids += f.pids;
+            if let Some(b) = f.memory_bytes {
+                sum.memory = Some(sum.memory.unwrap_or(0).saturating_add(b));
             }
             if let Some(b) = f.io_bytes {
-                io = Some(io.unwrap_or(0).saturating_add(b));
+                sum.io = Some(sum.io.unwrap_or(0).saturating_add(b));
             }
-            s.psi_cpu = max(s.psi_cpu, f.psi_cpu);
-            s.psi_memory = max(s.psi_memory, f.psi_memory);
-            s.psi_io = max(s.psi_io, f.psi_io);
-            members.extend_from_slice(&memo.procs);
+            sum.psi_cpu = max(sum.psi_cpu, f.psi_cpu);
+            sum.psi_memory = max(sum.psi_memory, f.psi_memory);
+            sum.psi_io = max(sum.psi_io, f.psi_io);
+            members.extend_from_slice(&m.procs);
+            if !ran {
+                idle.extend(
+                    t.instances
+                        .iter()
+                        .map(|&(pid, _)| pid)
+                        .filter(|pid| m.procs.binary_search(pid).is_ok()),
+                );
+            }
             let keep = *kept < self.budget;
             *kept += usize::from(keep);
-            memo.cpu_stat = handle.filter(|_| keep);
-            seen.insert(dir.clone(), memo);
+            m.cpu_stat = handle.filter(|_| keep);
         }
-        if cpu_known {
-            s.cpu_usage = cpu;
+        sum
+    }
+}
+
+/// The figures of a definition's instance cgroups in one pass (containment): cpu from
+/// `cpu.stat` (the first pass of a cgroup reads 0, as a new process does), memory from
+/// `memory.current`, disk from `io.stat`, the number of processes, and the pressure stall
+/// figures (the highest over the instances).
+#[derive(Debug, Default, Clone, Copy)]
+struct CgroupTotals {
+    cpu: f64,
+    cpu_known: bool,
+    memory: Option<u64>,
+    io: Option<u64>,
+    pids: u64,
+    psi_cpu: Option<f64>,
+    psi_memory: Option<f64>,
+    psi_io: Option<f64>,
+}
+
+impl CgroupTotals {
+    /// Replace the instances' figures in `s` with these, where the kernel has them.
+    fn apply(self, s: &mut Sample) {
+        if self.cpu_known {
+            s.cpu_usage = self.cpu;
         }
-        if let Some(m) = mem {
+        if let Some(m) = self.memory {
             s.rss_bytes = m;
         }
-        if let Some(b) = io {
+        if let Some(b) = self.io {
             s.disk = b.min(i64::MAX as u64) as i64;
         }
-        s.pids = pids;
+        s.pids = self.pids;
+        (s.psi_cpu, s.psi_memory, s.psi_io) = (self.psi_cpu, self.psi_memory, self.psi_io);
         s.from_cgroup = true;
     }
 }
 
 /// What the sampler remembers of one instance cgroup between passes (containment).
 ///
-/// Nothing in a cgroup whose `cpu.stat` `usage_usec` did not move ran since, so nothing in
-/// it forked, exited, allocated, did I/O or opened a socket: its latest full reading
-/// stands. What can change without anything in it running shows at the next full
-/// reading, at most [`FULL_READ_PASSES`] passes later: memory reclaimed from it, a process
-/// moved into it from outside, and a stall that began just before that reading (a cgroup
-/// whose reading showed any pressure is read in full every pass). Cgroups of a definition
-/// with a cpu or memory limit are read in full every pass, as its processes are.
+/// Nothing in a cgroup whose `cpu.stat` `usage_usec` did not move ran since (for as long
+/// as a microsecond), so nothing in it forked, exited, allocated, did I/O or opened a
+/// socket: its latest full reading stands. What can change without anything in it running
+/// shows at the next full reading, at most [`FULL_READ_PASSES`] passes later: memory
+/// reclaimed from it or charged to it by the kernel for it (socket buffers of data that
+/// arrives), writeback of its dirty pages by the kernel's flusher threads (charged to its
+/// `io.stat`), a stall that began just before that reading (a cgroup whose reading showed
+/// any pressure is read in full every pass), and a process moved into or out of it by
+/// whoever may write the cgroup files (root: the agent's cgroups are its own; a process
+/// moved out and running elsewhere is not read, as its instance was listed in an idle
+/// cgroup, until then). A reading that failed (a file there but unreadable) does not
+/// stand: the next pass reads the cgroup in full again. Cgroups of a definition with a cpu
+/// or memory limit are read in full every pass, as its processes are.
 #[derive(Debug)]
 struct CgroupMemo {
     /// Its `cpu.stat`, kept open while within the handle budget.
@@ -1177,20 +1246,35 @@ struct CgroupMemo {
     procs: Vec<i32>,
     /// Passes since it.
     skipped: u64,
+    /// The latest pass that read it.
+    pass: u64,
 }
 
 impl CgroupMemo {
-    /// May the latest full reading stand for this pass of `t`, whose `cpu.stat` now reads
-    /// `usec`?
-    fn still(&self, t: &Target, usec: Option<u64>) -> bool {
+    /// A cgroup not read yet.
+    fn new(now: Instant) -> CgroupMemo {
+        CgroupMemo {
+            cpu_stat: None,
+            usec: None,
+            at: now,
+            instances: Vec::new(),
+            figures: crate::cgroup::Figures::default(),
+            procs: Vec::new(),
+            skipped: 0,
+            pass: 0,
+        }
+    }
+
+    /// May the latest full reading stand for this pass of `t`, nothing in the cgroup having
+    /// run since the previous pass?
+    fn still(&self, t: &Target) -> bool {
         let f = &self.figures;
         let calm = [f.psi_cpu, f.psi_memory, f.psi_io]
             .iter()
             .all(|p| p.unwrap_or(0.0) == 0.0);
         !t.limited
             && calm
-            && usec.is_some()
-            && usec == self.usec
+            && self.usec.is_some()
             && self.instances == t.instances
             && self.skipped + 1 < FULL_READ_PASSES
     }
@@ -1317,7 +1401,16 @@ pub fn sample_once(engine: &Arc<Engine>, sampler: &mut Sampler) -> PassReport {
 /// reads on a blocking thread.
 pub async fn run_sampler(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let host = HostFigures::read();
-    let mut sampler = Some(Sampler::new(host));
+    // Containment: a full reading of a cgroup tries only the files of the controllers the
+    // agent enabled for the processes' cgroups.
+    let files = engine
+        .cgroups
+        .tree()
+        .map_or(crate::cgroup::FigureFiles::ALL, |t| {
+            crate::cgroup::FigureFiles::of(&t.enabled)
+        });
+    let new = move || Sampler::new(host).with_cgroup_files(files);
+    let mut sampler = Some(new());
     let mut tick = tokio::time::interval(engine.config.metrics.sample_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1326,7 +1419,7 @@ pub async fn run_sampler(engine: Arc<Engine>, mut shutdown: tokio::sync::watch::
             _ = shutdown.changed() => break,
         }
         let e = engine.clone();
-        let mut s = sampler.take().unwrap_or_else(|| Sampler::new(host));
+        let mut s = sampler.take().unwrap_or_else(new);
         match tokio::task::spawn_blocking(move || {
             sample_once(&e, &mut s);
             s
@@ -1914,7 +2007,7 @@ mod tests {
         assert_eq!(none.open_cgroup_handles(), 0);
         // Removed and made again: the kept handle reads a removed cgroup, so the path is opened
         // anew and the new cgroup's process counted.
-        let spun = s.cgroups[&cg.0].usec.expect("usage read");
+        let spun = s.cgroups[cg.0.as_os_str()].usec.expect("usage read");
         cg.empty();
         let _ = idle.wait();
         std::fs::remove_dir(&cg.0).expect("rmdir");
@@ -1923,7 +2016,7 @@ mod tests {
         let (out, _) = s.pass(&[target(vec![id2], false)], Instant::now(), 400);
         assert_eq!(out[0].as_ref().map(|o| o.pids), Some(1));
         assert_eq!(s.open_cgroup_handles(), 1);
-        let usec = s.cgroups[&cg.0]
+        let usec = s.cgroups[cg.0.as_os_str()]
             .usec
             .expect("the new cgroup's cpu.stat read");
         assert!(
@@ -1932,6 +2025,85 @@ mod tests {
         );
         cg.empty();
         let _ = again.wait();
+    }
+
+    /// Containment: an instance in a cgroup in which nothing ran is not read (its cgroup's
+    /// `cpu.stat` says it did not run); once it runs (here: opens a descriptor) the next pass
+    /// reads it in full and shows the change. An instance that is not in its cgroup (an
+    /// adopted process left where it was) is read by its own `schedstat`.
+    #[test]
+    fn an_instance_in_an_idle_cgroup_is_read_in_full_once_it_runs() {
+        use std::io::Write;
+        let Some(cg) = TestCgroup::make("instance") else {
+            return;
+        };
+        let host = HostFigures {
+            mem_total_bytes: 1 << 30,
+            cpus: 2,
+        };
+        let shell = |inside: bool| {
+            let child = std::process::Command::new("sh")
+                .arg("-c")
+                .arg("read a; exec 7</dev/null; read b")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("sh");
+            let pid = child.id() as i32;
+            if inside {
+                std::fs::write(cg.0.join("cgroup.procs"), pid.to_string()).expect("move in");
+            }
+            let start = crate::procinfo::read_stat(pid).expect("stat").starttime;
+            (child, (pid, start))
+        };
+        // The one in the cgroup first (it stays idle in it while the other is checked).
+        let (mut inside, id_in) = shell(true);
+        let (mut outside, id_out) = shell(false);
+        for (child, id) in [(&mut inside, id_in), (&mut outside, id_out)] {
+            let targets = vec![Target {
+                key: ProcKey::new("t", "in-cgroup"),
+                instances: vec![id],
+                cgroups: vec![cg.0.clone()],
+                limited: false,
+            }];
+            let mut s = Sampler::with_budget(host, 16);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let before = loop {
+                let (full, cg_full) = (s.full_reads(), s.cgroup_full_reads());
+                let (out, _) = s.pass(&targets, Instant::now(), 1);
+                if (s.full_reads(), s.cgroup_full_reads()) == (full, cg_full) {
+                    break out[0].clone().expect("a sample");
+                }
+                assert!(Instant::now() < deadline, "the shell never stopped running");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            child
+                .stdin
+                .as_mut()
+                .expect("stdin")
+                .write_all(b"go\n")
+                .expect("write");
+            let fd7 = format!("/proc/{}/fd/7", id.0);
+            while std::fs::symlink_metadata(&fd7).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the shell never opened its descriptor"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let full = s.full_reads();
+            let (out, _) = s.pass(&targets, Instant::now(), 2);
+            assert_eq!(
+                s.full_reads(),
+                full + 1,
+                "an instance that ran is read in full"
+            );
+            assert_eq!(out[0].as_ref().expect("a sample").fd, before.fd + 1);
+        }
+        for c in [&mut inside, &mut outside] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// The network figures cover the whole tree: a socket made by a process and shared with
