@@ -1015,11 +1015,20 @@ fn load_all(
     let ids: Vec<String> = stmt
         .query_map(params![recent_tasks as i64], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    for id in ids.iter().rev() {
-        if let Some(t) = read_task(conn, id)? {
-            out.tasks.push(t);
+    // Newest first, until the history's byte bound (the book would drop the rest at once;
+    // reading them all first could take far more memory than the bound, at every start).
+    let mut bytes = 0;
+    for id in &ids {
+        let Some(t) = read_task(conn, id)? else {
+            continue;
+        };
+        bytes += crate::tasks::record_bytes(&t);
+        if bytes > crate::tasks::BOOK_BYTES && !out.tasks.is_empty() {
+            break;
         }
+        out.tasks.push(t);
     }
+    out.tasks.reverse();
     let mut evs = read_events_desc(conn, recent_events)?;
     evs.reverse();
     out.events = evs;
@@ -1209,6 +1218,29 @@ mod tests {
                 (b, "{\"v\":3}".to_string())
             ]
         );
+    }
+
+    /// At start the task history is read newest first only up to the in-memory history's
+    /// byte bound, not all of it and then trimmed.
+    #[tokio::test]
+    async fn a_start_reads_the_newest_tasks_up_to_the_history_byte_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let big = crate::tasks::BOOK_BYTES / 3;
+        {
+            let (s, _) = Store::open(&db, 100, 100, 0).unwrap();
+            for n in 0..5 {
+                let mut t = task(&format!("GSETASK:{n}"));
+                t.created_ms = 1000 + n;
+                t.finished_ms = Some(2000);
+                t.items[0].result = Some(KeyResult::ok("x".repeat(big)));
+                s.insert_task(t).await.unwrap();
+            }
+            s.flush().await.unwrap();
+        }
+        let (_, loaded) = Store::open(&db, 100, 100, 0).unwrap();
+        let ids: Vec<&str> = loaded.tasks.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, ["GSETASK:3", "GSETASK:4"], "the newest, oldest first");
     }
 
     #[test]

@@ -59,7 +59,7 @@ fn item_bytes(i: &TaskItemRecord) -> usize {
 
 /// Roughly what a held record occupies: its strings, its id twice (map key and order), its
 /// items.
-fn record_bytes(t: &TaskRecord) -> usize {
+pub(crate) fn record_bytes(t: &TaskRecord) -> usize {
     std::mem::size_of::<TaskRecord>()
         + 2 * t.task_id.len()
         + t.api.len()
@@ -127,10 +127,23 @@ impl TaskBook {
         self.trim(b);
     }
 
-    /// Drop the oldest records past the count or the byte bound (the newest is always kept).
+    /// Drop the oldest finished records past the count or the byte bound (the newest is
+    /// always kept). A running task is never dropped: its results and its end are written
+    /// through its held record (and its urgency read from it), and running tasks are as few
+    /// as the operations in flight.
     fn trim(&self, b: &mut Book) {
+        let mut from = 0;
         while b.order.len() > self.cap || (b.bytes > self.cap_bytes && b.order.len() > 1) {
-            let Some(old) = b.order.pop_front() else {
+            // The oldest finished one (or one no longer held), past the running ones.
+            let Some(at) = (from..b.order.len().saturating_sub(1)).find(|&i| {
+                b.tasks
+                    .get(&b.order[i])
+                    .is_none_or(|t| t.finished_ms.is_some())
+            }) else {
+                break;
+            };
+            from = at;
+            let Some(old) = b.order.remove(at) else {
                 break;
             };
             if let Some(t) = b.tasks.remove(&old) {
@@ -456,6 +469,41 @@ mod tests {
         assert!(held_bytes(&book) <= 10_000);
         assert_eq!(book.recent(1000)[0].task_id, "GSETASK:100");
         assert_eq!(book.recent(1000).len(), 1, "older records made room");
+    }
+
+    /// The bounds drop finished tasks only: a running one stays held however large the
+    /// newer ones are, so its results and its end reach the store (and its urgency stays).
+    #[tokio::test]
+    async fn a_running_task_is_never_dropped_from_memory_by_the_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("state.db"), 10, 10, 0).unwrap();
+        let mut book = TaskBook::new(store.clone(), 5, Vec::new());
+        book.cap_bytes = 10_000;
+        let mut running = task(&[1, 1]);
+        running.task_id = "GSETASK:100".into();
+        book.create(running).await.unwrap();
+        for n in 0..10 {
+            let mut t = finished(n);
+            t.items[0].result = Some(KeyResult::ok("x".repeat(3000)));
+            book.record_finished(t).await.unwrap();
+        }
+        let held: Vec<String> = book.recent(1000).into_iter().map(|t| t.task_id).collect();
+        assert!(held.contains(&"GSETASK:100".to_string()), "{held:?}");
+        assert!(held.len() <= 5, "{held:?}");
+        for idx in 0..2 {
+            book.finish_item("GSETASK:100", idx, KeyResult::ok("done"))
+                .await;
+        }
+        store.flush().await.unwrap();
+        let t = book.get("GSETASK:100").await.expect("the task");
+        assert!(t.finished_ms.is_some(), "{t:?}");
+        assert!(t.items.iter().all(|i| i.result.is_some()));
+        // Finished now, it goes as the oldest once newer tasks need the room.
+        for n in 20..30 {
+            book.record_finished(finished(n)).await.unwrap();
+        }
+        let held: Vec<String> = book.recent(1000).into_iter().map(|t| t.task_id).collect();
+        assert!(!held.contains(&"GSETASK:100".to_string()), "{held:?}");
     }
 
     #[test]
