@@ -198,6 +198,13 @@ fn full_state_dir_stop_kill_and_unmanage_still_act() {
         &json!({"meta": {"namespace": NS, "name": "s1"}, "op_type": 7, "hosts": [Daemon::host()]}),
     );
     assert_eq!(r["code"], json!(1_000_503), "{r}");
+    // A stop of a process that is not registered acts on nothing: refused like the start, so
+    // such requests can neither fill the retry queue nor spend the reserve.
+    let r = d.call(
+        "operate_proc",
+        &json!({"meta": {"namespace": NS, "name": "nobody"}, "op_type": 1, "hosts": [Daemon::host()]}),
+    );
+    assert_eq!(r["code"], json!(1_000_503), "{r}");
     // stop: acts, and its intent is durable (committed into the released reserve).
     let r = d.op(NS, "s1", 1);
     assert_eq!(r["error_code"], json!(0), "{r}");

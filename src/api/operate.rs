@@ -187,13 +187,33 @@ pub fn plan_items(
         .into_iter()
         .map(|(rk, t)| {
             let me = is_me(engine, t);
+            // Another host's, or (but for a status query, whose answer carries the time it
+            // was taken) a process that is not registered, with no spec sent to register it:
+            // answered now. Such an item acts on nothing (so, on a full disk, it cannot make
+            // its task urgent: `tasks::acts_on_full_disk`).
+            let immediate = if !me {
+                Some(not_me(engine, t))
+            } else if inline.is_none() && op != OpType::Status && engine.spec_of(key).is_none() {
+                let unknown = crate::supervisor::handle::Operated {
+                    result: Ok(crate::supervisor::lifecycle::Outcome::NotRegistered),
+                    not_durable: None,
+                    view: None,
+                };
+                Some(super::wire::key_result(key, op, &unknown, &engine.host))
+            } else {
+                None
+            };
             Plan {
                 result_key: rk,
                 target: t.item_host(),
                 key: Some(key.clone()),
                 op,
-                immediate: if me { None } else { Some(not_me(engine, t)) },
-                work: Work::Operate(if me { inline.clone() } else { None }),
+                work: Work::Operate(if me && immediate.is_none() {
+                    inline.clone()
+                } else {
+                    None
+                }),
+                immediate,
             }
         })
         .collect()
