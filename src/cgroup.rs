@@ -93,11 +93,17 @@ pub fn v2_path(proc_cgroup: &str) -> Option<String> {
 /// other byte `%XX`; so the escaping is injective, never empty, never `.`-led and never a
 /// kernel file name. Longer than 200 bytes (a cgroup name is at most 255): the first 160
 /// escaped bytes, `~`, and 32 hex digits of SHA-256 over the raw part.
-pub fn escape(part: &str) -> String {
+pub fn escape(part: &str) -> std::borrow::Cow<'_, str> {
     use std::fmt::Write as _;
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+    // The common case, a name of plain characters, is itself (the sampler builds each
+    // instance's path every pass).
+    if !part.is_empty() && part.len() <= 200 && part.bytes().all(plain) {
+        return std::borrow::Cow::Borrowed(part);
+    }
     let mut out = String::new();
     for b in part.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+        if plain(b) {
             out.push(b as char);
         } else {
             let _ = write!(out, "%{b:02X}");
@@ -119,21 +125,39 @@ pub fn escape(part: &str) -> String {
             let _ = write!(out, "{b:02x}");
         }
     }
-    out
+    out.into()
 }
 
 impl Tree {
     /// The directory of `key`'s cgroups.
     pub fn process_dir(&self, key: &ProcKey) -> PathBuf {
-        self.root
-            .join("procs")
-            .join(escape(&key.namespace))
-            .join(escape(&key.name))
+        self.dir_of(key, None)
     }
 
     /// Instance `i`'s cgroup.
     pub fn instance(&self, key: &ProcKey, i: usize) -> PathBuf {
-        self.process_dir(key).join(i.to_string())
+        self.dir_of(key, Some(i))
+    }
+
+    /// `key`'s directory, or its instance `i`'s, built in one allocation.
+    fn dir_of(&self, key: &ProcKey, i: Option<usize>) -> PathBuf {
+        use std::fmt::Write as _;
+        let (ns, name) = (escape(&key.namespace), escape(&key.name));
+        let root = self.root.as_os_str();
+        let mut tail = String::with_capacity(ns.len() + name.len() + 30);
+        let _ = write!(tail, "/procs/{ns}/{name}");
+        if let Some(i) = i {
+            let _ = write!(tail, "/{i}");
+        }
+        let mut p = std::ffi::OsString::with_capacity(root.len() + tail.len());
+        p.push(root);
+        // One separator (the root is a path like any other: it may end in one).
+        let tail = match root.as_encoded_bytes().last() {
+            Some(b'/') => &tail[1..],
+            _ => &tail[..],
+        };
+        p.push(tail);
+        PathBuf::from(p)
     }
 
     /// The control leaf: where `key`'s stop, reload, health and version commands run.
@@ -868,6 +892,29 @@ mod tests {
             PathBuf::from("/sys/fs/cgroup/unified/test/procs/ns/web%2E1/control")
         );
         assert!(t.ensure(Path::new("/sys/fs/cgroup/unified/other")).is_err());
+        // The same bytes as the paths joined part by part, a root ending in `/` included.
+        let slash = Tree {
+            root: PathBuf::from("/sys/fs/cgroup/unified/test/"),
+            ..t.clone()
+        };
+        for k in [
+            ProcKey::new("ns", "plain-1"),
+            ProcKey::new("", "a/b"),
+            k.clone(),
+        ] {
+            let joined = t
+                .root
+                .join("procs")
+                .join(&*escape(&k.namespace))
+                .join(&*escape(&k.name));
+            for tree in [&t, &slash] {
+                assert_eq!(tree.process_dir(&k).as_os_str(), joined.as_os_str());
+                assert_eq!(
+                    tree.instance(&k, 12).as_os_str(),
+                    joined.join("12").as_os_str()
+                );
+            }
+        }
     }
 
     #[test]
