@@ -1817,18 +1817,11 @@ mod tests {
         );
         assert_eq!(out[0].as_ref().expect("a sample").fd, before.fd + 1);
         // However idle, at most FULL_READ_PASSES - 1 passes in a row skip it.
-        let mut skipped_in_a_row = 0;
-        let mut longest = 0;
-        for i in 0..(3 * FULL_READ_PASSES) {
+        let longest = longest_skipped_run(|i| {
             let full = s.full_reads();
-            s.pass(&targets, Instant::now(), 4 + i as i64);
-            if s.full_reads() == full {
-                skipped_in_a_row += 1;
-                longest = longest.max(skipped_in_a_row);
-            } else {
-                skipped_in_a_row = 0;
-            }
-        }
+            s.pass(&targets, Instant::now(), 4 + i);
+            s.full_reads() == full
+        });
         assert!(longest >= 1, "the idle shell was never skipped");
         assert!(
             longest < FULL_READ_PASSES,
@@ -1851,6 +1844,21 @@ mod tests {
             );
         }
         finish(child);
+    }
+
+    /// Over `3 * FULL_READ_PASSES` passes (`pass(i)` runs the i-th and says whether it
+    /// skipped the full reading), the longest run of skipped ones.
+    fn longest_skipped_run(mut pass: impl FnMut(i64) -> bool) -> u64 {
+        let (mut in_a_row, mut longest) = (0, 0);
+        for i in 0..(3 * FULL_READ_PASSES) {
+            if pass(i as i64) {
+                in_a_row += 1;
+                longest = longest.max(in_a_row);
+            } else {
+                in_a_row = 0;
+            }
+        }
+        longest
     }
 
     /// A cgroup of this test's own below the cgroup v2 mount (root), killed and removed
@@ -1955,18 +1963,12 @@ mod tests {
         assert_eq!((before.pids, before.cpu_usage), (1, 0.0));
         assert_eq!(s.open_cgroup_handles(), 1, "its cpu.stat is kept open");
         // However idle, at most FULL_READ_PASSES - 1 passes in a row skip it.
-        let (mut in_a_row, mut longest) = (0, 0);
-        for i in 0..(3 * FULL_READ_PASSES) {
+        let longest = longest_skipped_run(|i| {
             let full = s.cgroup_full_reads();
-            let (out, _) = s.pass(&targets, Instant::now(), 2 + i as i64);
+            let (out, _) = s.pass(&targets, Instant::now(), 2 + i);
             assert_eq!(out[0].as_ref().map(|o| o.pids), Some(1));
-            if s.cgroup_full_reads() == full {
-                in_a_row += 1;
-                longest = longest.max(in_a_row);
-            } else {
-                in_a_row = 0;
-            }
-        }
+            s.cgroup_full_reads() == full
+        });
         assert!(longest >= 1, "the idle cgroup was never skipped");
         assert!(
             longest < FULL_READ_PASSES,
