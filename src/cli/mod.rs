@@ -823,10 +823,9 @@ async fn status(
             None => Vec::new(),
         }
     } else {
-        let mut list = client
-            .call_typed::<_, ProcList<ProcDetail>>("procs", &q)
-            .await?
-            .list;
+        // Only what the table shows is read, its strings borrowed from the answer.
+        let answer = client.call_answer("procs", &q).await?;
+        let mut list = answer.data::<ProcList<crate::proto::StatusRow<'_>>>()?.list;
         if let Some(ex) = &ex {
             list.retain(|p| ex.matches(&p.namespace, &p.name));
         }
@@ -835,7 +834,9 @@ async fn status(
             &render::status_table(&list, render::color_enabled(), width),
             width,
         ));
-        list.into_iter().map(|p| (p.status, p.state)).collect()
+        list.into_iter()
+            .map(|p| (p.status, p.state.into_owned()))
+            .collect()
     };
     if let Some(p) = process {
         if states.is_empty() {

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use serde_json::Value;
 
 use crate::api::reload::ReloadReport;
-use crate::proto::{Event, Health, LogLine, OpType, ProcDetail, TaskList, TaskResults, TaskView};
+use crate::proto::{Event, Health, LogLine, OpType, StatusRow, TaskList, TaskResults, TaskView};
 use crate::spec::ProcKey;
 
 /// Colour when stdout is a terminal and NO_COLOR is unset.
@@ -581,13 +581,13 @@ fn dur(secs: i64) -> String {
 
 /// The LAST EXIT cell of a process that is not running: how it ended and how long ago
 /// (`exit 3, 5m ago`, `SIGKILL, 2s ago`); `-` while it runs or before any exit.
-fn last_exit_cell(p: &ProcDetail, now: i64) -> String {
+fn last_exit_cell(p: &StatusRow<'_>, now: i64) -> String {
     match &p.last_exit_brief {
         Some(how) if p.pids.is_empty() => {
             if p.last_exit_time > 0 {
                 format!("{how}, {} ago", dur((now - p.last_exit_time).max(0)))
             } else {
-                how.clone()
+                how.to_string()
             }
         }
         _ => "-".into(),
@@ -596,11 +596,11 @@ fn last_exit_cell(p: &ProcDetail, now: i64) -> String {
 
 /// The MESSAGE cell: a process in backoff says it is a crash loop (failures in a row, when the
 /// next attempt comes, the last exit) before why.
-fn status_message(p: &ProcDetail) -> String {
+fn status_message(p: &StatusRow<'_>) -> String {
     let why = if p.message == p.state {
         ""
     } else {
-        p.message.as_str()
+        &*p.message
     };
     if p.state == "waiting" {
         // A periodic job between runs: when the next one comes, and how the last one ended.
@@ -635,7 +635,7 @@ fn status_message(p: &ProcDetail) -> String {
 }
 
 /// The `status` table, fitted to `width` columns (a terminal's; `None`: whole).
-pub fn status_table(list: &[ProcDetail], color: bool, width: Option<usize>) -> String {
+pub fn status_table(list: &[StatusRow<'_>], color: bool, width: Option<usize>) -> String {
     let headers = [
         "PROCESS",
         "STATE",
@@ -657,7 +657,7 @@ pub fn status_table(list: &[ProcDetail], color: bool, width: Option<usize>) -> S
             let pids: Vec<String> = p.pids.iter().map(i64::to_string).collect();
             vec![
                 format!("{}/{}", p.namespace, p.name),
-                p.state.clone(),
+                p.state.to_string(),
                 if pids.is_empty() {
                     "-".into()
                 } else {
@@ -1085,14 +1085,18 @@ mod tests {
     #[test]
     fn security_managed_output_reaches_the_terminal_without_its_control_characters() {
         let evil = "start check failed; output: \x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J\rok";
-        let p = ProcDetail {
+        let p = crate::proto::ProcDetail {
             namespace: "a".into(),
             name: "esc".into(),
             state: "stopped".into(),
             message: evil.into(),
-            ..ProcDetail::default()
+            ..crate::proto::ProcDetail::default()
         };
-        let t = status_table(&[p], false, None);
+        // As the CLI reads it: the entry's wire form, its escapes decoded.
+        let wire = serde_json::to_string(&p).unwrap();
+        let row: StatusRow<'_> = serde_json::from_str(&wire).unwrap();
+        assert_eq!(row.message, evil);
+        let t = status_table(&[row], false, None);
         assert!(
             !t.chars().any(|c| c.is_control() && c != '\n'),
             "status table carries control characters: {t:?}"
