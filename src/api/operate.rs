@@ -183,25 +183,27 @@ pub fn plan_items(
     op: OpType,
     inline: Option<(ProcSpec, Labels)>,
 ) -> Vec<Plan> {
+    // A process that is not registered, with no spec sent to register it, is answered now
+    // on this host (but for a status query, whose answer carries the time it was taken), as
+    // another host's is: such an item acts on nothing (so, on a full disk, it cannot make
+    // its task urgent: `tasks::acts_on_full_disk`).
+    let unknown =
+        (inline.is_none() && op != OpType::Status && !engine.is_registered(key)).then(|| {
+            let answer = crate::supervisor::handle::Operated {
+                result: Ok(crate::supervisor::lifecycle::Outcome::NotRegistered),
+                not_durable: None,
+                view: None,
+            };
+            super::wire::key_result(key, op, &answer, &engine.host)
+        });
     distinct_targets(tg, style, key)
         .into_iter()
         .map(|(rk, t)| {
             let me = is_me(engine, t);
-            // Another host's, or (but for a status query, whose answer carries the time it
-            // was taken) a process that is not registered, with no spec sent to register it:
-            // answered now. Such an item acts on nothing (so, on a full disk, it cannot make
-            // its task urgent: `tasks::acts_on_full_disk`).
-            let immediate = if !me {
-                Some(not_me(engine, t))
-            } else if inline.is_none() && op != OpType::Status && engine.spec_of(key).is_none() {
-                let unknown = crate::supervisor::handle::Operated {
-                    result: Ok(crate::supervisor::lifecycle::Outcome::NotRegistered),
-                    not_durable: None,
-                    view: None,
-                };
-                Some(super::wire::key_result(key, op, &unknown, &engine.host))
+            let immediate = if me {
+                unknown.clone()
             } else {
-                None
+                Some(not_me(engine, t))
             };
             Plan {
                 result_key: rk,

@@ -67,6 +67,11 @@ impl Engine {
         self.reg().get(key).map(|e| ProcView::of(e, Instant::now()))
     }
 
+    /// Is `key` registered?
+    pub fn is_registered(&self, key: &ProcKey) -> bool {
+        self.reg().get(key).is_some()
+    }
+
     /// A copy of a process's spec.
     pub fn spec_of(&self, key: &ProcKey) -> Option<ProcSpec> {
         self.reg().get(key).map(|e| e.def.spec.clone())
