@@ -346,8 +346,16 @@ impl Placement {
 
 /// The pids in cgroup `dir` (empty when it does not exist). Blocking.
 pub fn procs(dir: &Path) -> Vec<i32> {
-    std::fs::read_to_string(dir.join("cgroup.procs"))
-        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    let Ok(f) = rustix::fs::openat(
+        rustix::fs::CWD,
+        dir.join("cgroup.procs"),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) else {
+        return Vec::new();
+    };
+    read_procs(&f, usize::MAX, &mut Vec::new())
+        .map(|(pids, _)| pids)
         .unwrap_or_default()
 }
 
@@ -528,15 +536,14 @@ impl FigureFiles {
 }
 
 /// A full reading of cgroup `dir`: the first `max_procs` processes `cgroup.procs` lists
-/// (sorted), and the figures besides its cpu, which the caller read (`cpu_usec`, from its
-/// `cpu.stat`); of the optional files only those `files` names are tried. Every file is
+/// (sorted), and the figures besides its cpu (`cpu_usec` is left `None`: the caller reads
+/// `cpu.stat` on its own); of the optional files only those `files` names are tried. Every file is
 /// opened relative to one handle of the directory, so the path is walked once. `None` when
 /// the directory cannot be opened (removed) or a file that exists cannot be read. Blocking
 /// (small reads of the cgroup file system; `cgroup.procs` is read in pieces, so a cgroup of
 /// any size costs no more memory than `max_procs`).
 pub fn full_reading(
     dir: &Path,
-    cpu_usec: Option<u64>,
     files: FigureFiles,
     max_procs: usize,
 ) -> Option<(Vec<i32>, Figures)> {
@@ -549,7 +556,14 @@ pub fn full_reading(
     )
     .ok()?;
     let mut text = Vec::with_capacity(4096);
-    let (mut procs, listed) = read_procs(&fd, max_procs, &mut text).ok()?;
+    let procs_file = rustix::fs::openat(
+        &fd,
+        c"cgroup.procs",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let (mut procs, listed) = read_procs(&procs_file, max_procs, &mut text).ok()?;
     procs.sort_unstable();
     let mut num = |name, on| {
         read_at(&fd, name, on, &mut text).map(|t| t.and_then(|t| t.trim().parse::<u64>().ok()))
@@ -565,7 +579,7 @@ pub fn full_reading(
         .ok()?
         .map(parse_io_bytes);
     let figures = Figures {
-        cpu_usec,
+        cpu_usec: None,
         memory_bytes,
         pids,
         io_bytes,
@@ -576,24 +590,18 @@ pub fn full_reading(
     Some((procs, figures))
 }
 
-/// The first `max` pids of the `cgroup.procs` of the directory behind `dir`, and how many
-/// it lists in all, read in pieces through `buf`.
+/// The first `max` pids a `cgroup.procs` file `f` lists, and how many it lists in all,
+/// read in pieces through `buf`.
 fn read_procs(
-    dir: &std::os::fd::OwnedFd,
+    f: &std::os::fd::OwnedFd,
     max: usize,
     buf: &mut Vec<u8>,
 ) -> rustix::io::Result<(Vec<i32>, u64)> {
-    let f = rustix::fs::openat(
-        dir,
-        c"cgroup.procs",
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )?;
     let (mut pids, mut listed, mut current) = (Vec::new(), 0u64, None::<i32>);
     buf.clear();
     buf.resize(16 << 10, 0);
     loop {
-        let n = match rustix::io::read(&f, &mut buf[..]) {
+        let n = match rustix::io::read(f, &mut buf[..]) {
             Ok(0) => break,
             Ok(n) => n,
             Err(rustix::io::Errno::INTR) => continue,
@@ -968,10 +976,10 @@ mod tests {
         ] {
             std::fs::write(d.path().join(f), text).unwrap();
         }
-        let (procs, f) = full_reading(d.path(), Some(3), FigureFiles::ALL, 10).unwrap();
+        let (procs, f) = full_reading(d.path(), FigureFiles::ALL, 10).unwrap();
         assert_eq!(procs, vec![12, 34]);
         let want = Figures {
-            cpu_usec: Some(3),
+            cpu_usec: None,
             memory_bytes: Some(4096),
             pids: 7,
             io_bytes: Some(15),
@@ -981,7 +989,7 @@ mod tests {
         };
         assert_eq!(f, want);
         let none = FigureFiles::of(&["cpu".to_string()]);
-        let (_, f) = full_reading(d.path(), None, none, 10).unwrap();
+        let (_, f) = full_reading(d.path(), none, 10).unwrap();
         assert_eq!(
             (f.memory_bytes, f.pids, f.io_bytes, f.psi_cpu),
             (None, 2, None, Some(1.5))
@@ -990,15 +998,21 @@ mod tests {
             FigureFiles::of(&["memory".into(), "pids".into(), "io".into()]),
             FigureFiles::ALL
         );
-        assert!(full_reading(&d.path().join("gone"), None, FigureFiles::ALL, 10).is_none());
+        assert!(full_reading(&d.path().join("gone"), FigureFiles::ALL, 10).is_none());
         // The processes past the most kept are counted all the same.
         std::fs::write(d.path().join("cgroup.procs"), "9\n3\n5\n7").unwrap();
-        let (procs, f) = full_reading(d.path(), None, none, 2).unwrap();
+        let (procs, f) = full_reading(d.path(), none, 2).unwrap();
         assert_eq!((procs, f.pids), (vec![3, 9], 4));
+        assert_eq!(
+            super::procs(d.path()),
+            vec![9, 3, 5, 7],
+            "every one, as listed"
+        );
+        assert!(super::procs(&d.path().join("gone")).is_empty());
         // A file that exists but cannot be read fails the reading (not a reading of zeros).
         std::fs::remove_file(d.path().join("cpu.pressure")).unwrap();
         std::fs::create_dir(d.path().join("cpu.pressure")).unwrap();
-        assert!(full_reading(d.path(), None, none, 10).is_none());
+        assert!(full_reading(d.path(), none, 10).is_none());
     }
 
     #[test]

@@ -1114,8 +1114,7 @@ impl Sampler {
         };
         for dir in &t.cgroups {
             let key = dir.as_os_str();
-            let known = self.cgroups.contains_key(key);
-            if !known {
+            if !self.cgroups.contains_key(key) {
                 self.cgroups.insert(key.to_owned(), CgroupMemo::new(now));
             }
             let Some(m) = self.cgroups.get_mut(key) else {
@@ -1124,7 +1123,7 @@ impl Sampler {
             m.pass = self.passes;
             let (usec, handle) = cgroup_usage(dir, m.cpu_stat.take(), &mut self.buf);
             let ran = match (usec, m.usec) {
-                (Some(u), Some(prev)) if known => {
+                (Some(u), Some(prev)) => {
                     let elapsed = now.saturating_duration_since(m.at).as_micros();
                     if u >= prev && elapsed > 0 {
                         sum.cpu += (u - prev) as f64 / elapsed as f64 * 100.0;
@@ -1138,7 +1137,7 @@ impl Sampler {
                 m.skipped += 1;
             } else {
                 self.cgroup_full_reads += 1;
-                let reading = crate::cgroup::full_reading(dir, usec, self.cgroup_files, MAX_TREE);
+                let reading = crate::cgroup::full_reading(dir, self.cgroup_files, MAX_TREE);
                 if reading.is_none() {
                     // Gone, or a file could not be read: nothing stands for the next pass.
                     m.usec = None;
@@ -1742,14 +1741,7 @@ mod tests {
     /// [`FULL_READ_PASSES`] passes however idle it stays.
     #[test]
     fn a_process_that_did_not_run_is_read_in_full_only_when_it_ran_or_every_tenth_pass() {
-        use std::io::Write;
-        let mut child = std::process::Command::new("sh")
-            .arg("-c")
-            .arg("read a; exec 7</dev/null; read b")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("sh");
+        let mut child = descriptor_shell();
         let pid = child.id() as i32;
         let start = crate::procinfo::read_stat(pid).expect("stat").starttime;
         let targets = vec![Target {
@@ -1776,15 +1768,8 @@ mod tests {
         let mut s = Sampler::with_budget(host, 16);
         // Passes until one skips it (the shell has reached its `read`), and its figures.
         let deadline = Instant::now() + Duration::from_secs(10);
-        let before = loop {
-            let full = s.full_reads();
-            let (out, _) = s.pass(&targets, Instant::now(), 1);
-            if s.full_reads() == full {
-                break out[0].clone().expect("a sample");
-            }
-            assert!(Instant::now() < deadline, "the shell never stopped running");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let before =
+            pass_until_skipped(&mut s, &targets, Sampler::full_reads, deadline, "the shell");
         // Skipped, it keeps its figures.
         let full = s.full_reads();
         let (out, _) = s.pass(&targets, Instant::now(), 2);
@@ -1795,20 +1780,7 @@ mod tests {
             (before.fd, before.rss_bytes, 0.0)
         );
         // It runs and opens a descriptor: the next pass reads it in full.
-        child
-            .stdin
-            .as_mut()
-            .expect("stdin")
-            .write_all(b"go\n")
-            .expect("write");
-        let fd7 = format!("/proc/{pid}/fd/7");
-        while std::fs::symlink_metadata(&fd7).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the shell never opened its descriptor"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        open_descriptor_7(&mut child, deadline);
         let (out, _) = s.pass(&targets, Instant::now(), 3);
         assert_eq!(
             s.full_reads(),
@@ -1844,6 +1816,58 @@ mod tests {
             );
         }
         finish(child);
+    }
+
+    /// A shell that waits for a line on its stdin, then opens descriptor 7 and waits again.
+    fn descriptor_shell() -> std::process::Child {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg("read a; exec 7</dev/null; read b")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("sh")
+    }
+
+    /// Let a [`descriptor_shell`] go on, and wait (until `deadline`) until it holds its
+    /// descriptor 7.
+    fn open_descriptor_7(child: &mut std::process::Child, deadline: Instant) {
+        use std::io::Write;
+        child
+            .stdin
+            .as_mut()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("write");
+        let fd7 = format!("/proc/{}/fd/7", child.id());
+        while std::fs::symlink_metadata(&fd7).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the shell never opened its descriptor"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Passes over `targets`, 20 ms apart, until one in which `count` (of full readings)
+    /// does not move (the processes stopped running; `what` did not, by `deadline`): its
+    /// sample of the first target.
+    fn pass_until_skipped<K: PartialEq>(
+        s: &mut Sampler,
+        targets: &[Target],
+        count: impl Fn(&Sampler) -> K,
+        deadline: Instant,
+        what: &str,
+    ) -> Sample {
+        loop {
+            let before = count(s);
+            let (out, _) = s.pass(targets, Instant::now(), 1);
+            if count(s) == before {
+                return out[0].clone().expect("a sample");
+            }
+            assert!(Instant::now() < deadline, "{what} never stopped running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Over `3 * FULL_READ_PASSES` passes (`pass(i)` runs the i-th and says whether it
@@ -1947,18 +1971,13 @@ mod tests {
         };
         let mut s = Sampler::with_budget(host, 16);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let before = loop {
-            let full = s.cgroup_full_reads();
-            let (out, _) = s.pass(&targets, Instant::now(), 1);
-            if s.cgroup_full_reads() == full {
-                break out[0].clone().expect("a sample");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the cgroup never stopped running"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let before = pass_until_skipped(
+            &mut s,
+            &targets,
+            Sampler::cgroup_full_reads,
+            deadline,
+            "the cgroup",
+        );
         assert!(before.from_cgroup);
         assert_eq!((before.pids, before.cpu_usage), (1, 0.0));
         assert_eq!(s.open_cgroup_handles(), 1, "its cpu.stat is kept open");
@@ -2035,7 +2054,6 @@ mod tests {
     /// adopted process left where it was) is read by its own `schedstat`.
     #[test]
     fn an_instance_in_an_idle_cgroup_is_read_in_full_once_it_runs() {
-        use std::io::Write;
         let Some(cg) = TestCgroup::make("instance") else {
             return;
         };
@@ -2044,13 +2062,7 @@ mod tests {
             cpus: 2,
         };
         let shell = |inside: bool| {
-            let child = std::process::Command::new("sh")
-                .arg("-c")
-                .arg("read a; exec 7</dev/null; read b")
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("sh");
+            let child = descriptor_shell();
             let pid = child.id() as i32;
             if inside {
                 std::fs::write(cg.0.join("cgroup.procs"), pid.to_string()).expect("move in");
@@ -2070,29 +2082,9 @@ mod tests {
             }];
             let mut s = Sampler::with_budget(host, 16);
             let deadline = Instant::now() + Duration::from_secs(10);
-            let before = loop {
-                let (full, cg_full) = (s.full_reads(), s.cgroup_full_reads());
-                let (out, _) = s.pass(&targets, Instant::now(), 1);
-                if (s.full_reads(), s.cgroup_full_reads()) == (full, cg_full) {
-                    break out[0].clone().expect("a sample");
-                }
-                assert!(Instant::now() < deadline, "the shell never stopped running");
-                std::thread::sleep(Duration::from_millis(20));
-            };
-            child
-                .stdin
-                .as_mut()
-                .expect("stdin")
-                .write_all(b"go\n")
-                .expect("write");
-            let fd7 = format!("/proc/{}/fd/7", id.0);
-            while std::fs::symlink_metadata(&fd7).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "the shell never opened its descriptor"
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            let both = |s: &Sampler| (s.full_reads(), s.cgroup_full_reads());
+            let before = pass_until_skipped(&mut s, &targets, both, deadline, "the shell");
+            open_descriptor_7(child, deadline);
             let full = s.full_reads();
             let (out, _) = s.pass(&targets, Instant::now(), 2);
             assert_eq!(

@@ -378,6 +378,13 @@ mod tests {
         t
     }
 
+    /// [`finished`] with a result of 3000 bytes.
+    fn large(n: usize) -> TaskRecord {
+        let mut t = finished(n);
+        t.items[0].result = Some(KeyResult::ok("x".repeat(3000)));
+        t
+    }
+
     #[tokio::test]
     async fn while_a_commit_hangs_requests_past_the_audit_slots_wait_for_their_record() {
         let dir = tempfile::tempdir().unwrap();
@@ -444,9 +451,7 @@ mod tests {
         let mut book = TaskBook::new(store.clone(), 1000, Vec::new());
         book.cap_bytes = 10_000;
         for n in 0..10 {
-            let mut t = finished(n);
-            t.items[0].result = Some(KeyResult::ok("x".repeat(3000)));
-            book.record_finished(t).await.unwrap();
+            book.record_finished(large(n)).await.unwrap();
             assert!(held_bytes(&book) <= 10_000);
         }
         let held = book.recent(1000);
@@ -483,9 +488,7 @@ mod tests {
         running.task_id = "GSETASK:100".into();
         book.create(running).await.unwrap();
         for n in 0..10 {
-            let mut t = finished(n);
-            t.items[0].result = Some(KeyResult::ok("x".repeat(3000)));
-            book.record_finished(t).await.unwrap();
+            book.record_finished(large(n)).await.unwrap();
         }
         let held: Vec<String> = book.recent(1000).into_iter().map(|t| t.task_id).collect();
         assert!(held.contains(&"GSETASK:100".to_string()), "{held:?}");
