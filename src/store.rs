@@ -1028,7 +1028,25 @@ fn load_all(
         }
         out.tasks.push(t);
     }
-    out.tasks.reverse();
+    // And every task still running when the agent stopped, however old: the book closes
+    // each as interrupted (as few as the operations that were in flight, each closed once).
+    let mut stmt = conn.prepare(
+        "SELECT task_id FROM tasks WHERE finished_ms IS NULL ORDER BY created_ms DESC, task_id DESC",
+    )?;
+    let running: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in running {
+        if out.tasks.iter().any(|t| t.task_id == id) {
+            continue;
+        }
+        if let Some(t) = read_task(conn, &id)? {
+            out.tasks.push(t);
+        }
+    }
+    // Oldest first, as the book keeps them.
+    out.tasks
+        .sort_by(|a, b| (a.created_ms, &a.task_id).cmp(&(b.created_ms, &b.task_id)));
     let mut evs = read_events_desc(conn, recent_events)?;
     evs.reverse();
     out.events = evs;
@@ -1241,6 +1259,37 @@ mod tests {
         let (_, loaded) = Store::open(&db, 100, 100, 0).unwrap();
         let ids: Vec<&str> = loaded.tasks.iter().map(|t| t.task_id.as_str()).collect();
         assert_eq!(ids, ["GSETASK:3", "GSETASK:4"], "the newest, oldest first");
+    }
+
+    /// A task still running when the agent stopped is read at start however old it is
+    /// (past the byte bound, past the count), so that the book closes it as interrupted:
+    /// none stays "processing" for ever.
+    #[tokio::test]
+    async fn a_start_reads_every_unfinished_task_however_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let big = crate::tasks::BOOK_BYTES / 3;
+        {
+            let (s, _) = Store::open(&db, 100, 100, 0).unwrap();
+            s.insert_task(task("GSETASK:0")).await.unwrap();
+            for n in 1..6 {
+                let mut t = task(&format!("GSETASK:{n}"));
+                t.created_ms = 1000 + n;
+                t.finished_ms = Some(2000);
+                t.items[0].result = Some(KeyResult::ok("x".repeat(big)));
+                s.insert_task(t).await.unwrap();
+            }
+            s.flush().await.unwrap();
+        }
+        for recent in [100, 2] {
+            let (_, loaded) = Store::open(&db, recent, 100, 0).unwrap();
+            let ids: Vec<&str> = loaded.tasks.iter().map(|t| t.task_id.as_str()).collect();
+            assert_eq!(
+                ids,
+                ["GSETASK:0", "GSETASK:4", "GSETASK:5"],
+                "recent {recent}"
+            );
+        }
     }
 
     #[test]
