@@ -969,6 +969,23 @@ fn operate_process_start_stop_round_trip_defined_only_inline() {
     );
 }
 
+/// op_type 4 (unmanage) never registers a process: for one that is not registered its
+/// answer says so (851), with GSEKit's identity of the process, and nothing is registered.
+#[test]
+fn operate_process_unmanage_of_an_unregistered_process_says_it_never_registers() {
+    let env = TestEnv::new();
+    let d = Daemon::start(&env, "");
+    let prog = "v2never";
+    let name = format!("{prog}@{}", env.path().display());
+    let key = v2_key(0, "127.0.0.1", "operate_process", &name);
+    let task = v2(&d, 4, json!([v2_info(&env, prog, json!({}))]));
+    let r = d.wait_task_v2(&task, &key);
+    assert_eq!(r["error_code"], json!(851), "{r}");
+    let msg = r["error_msg"].as_str().unwrap_or_default();
+    assert!(msg.contains("op_type 4 never registers a process"), "{r}");
+    assert!(keys_in(&d, "operate_process").is_empty());
+}
+
 #[test]
 fn operate_process_register_updates_and_shares_the_meta_registry() {
     let env = TestEnv::new();

@@ -555,7 +555,13 @@ pub async fn operate_process(
                 for mut p in
                     crate::api::operate::plan_items(engine, &tg, KeyStyle::V2, &r.key, op, inline)
                 {
-                    if never_registered && p.immediate.is_none() {
+                    // This host's item (plan_items answers it as not registered): said
+                    // in GSEKit's terms.
+                    let here = p
+                        .immediate
+                        .as_ref()
+                        .is_none_or(|i| i.error_code == codes::NOT_REGISTERED);
+                    if never_registered && here {
                         p.immediate = Some(KeyResult::err(
                             codes::NOT_REGISTERED,
                             format!(
