@@ -1138,10 +1138,13 @@ impl Sampler {
             } else {
                 self.cgroup_full_reads += 1;
                 let reading = crate::cgroup::full_reading(dir, self.cgroup_files, MAX_TREE);
-                if reading.is_none() {
-                    // Gone, or a file could not be read: nothing stands for the next pass.
-                    m.usec = None;
-                }
+                // Gone, or a file could not be read: nothing of it stands for the next pass
+                // (read in full again), while the cpu, read on its own, still counts.
+                let skipped = if reading.is_some() {
+                    0
+                } else {
+                    FULL_READ_PASSES
+                };
                 let (procs, figures) = reading.unwrap_or_default();
                 if m.instances != t.instances {
                     m.instances.clone_from(&t.instances);
@@ -1150,7 +1153,7 @@ impl Sampler {
                     cpu_usec: usec,
                     ..figures
                 };
-                (m.procs, m.skipped) = (procs, 0);
+                (m.procs, m.skipped) = (procs, skipped);
             }
             let f = m.figures;
             sum.cpu_known |= f.cpu_usec.is_some();
@@ -2046,6 +2049,48 @@ mod tests {
         );
         cg.empty();
         let _ = again.wait();
+    }
+
+    /// Containment: a full reading that failed (here: a pressure file that cannot be read)
+    /// does not stand (the next pass reads the cgroup in full again, though its cpu did not
+    /// move) and does not stop the cpu from counting. A directory of files stands for the
+    /// cgroup.
+    #[test]
+    fn a_failed_cgroup_reading_is_read_again_and_the_cpu_still_counts() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("cgroup.procs"), "").unwrap();
+        std::fs::create_dir(d.path().join("cpu.pressure")).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        let start = crate::procinfo::read_stat(pid).expect("stat").starttime;
+        let targets = vec![Target {
+            key: ProcKey::new("t", "unreadable"),
+            instances: vec![(pid, start)],
+            cgroups: vec![d.path().to_path_buf()],
+            limited: false,
+        }];
+        let host = HostFigures {
+            mem_total_bytes: 1 << 30,
+            cpus: 2,
+        };
+        let mut s = Sampler::with_budget(host, 16);
+        let t0 = Instant::now();
+        let usage = |u: u64| std::fs::write(d.path().join("cpu.stat"), format!("usage_usec {u}\n"));
+        usage(1_000).unwrap();
+        s.pass(&targets, t0, 1);
+        usage(301_000).unwrap();
+        let (out, _) = s.pass(&targets, t0 + Duration::from_secs(1), 2);
+        let cpu = out[0].as_ref().expect("a sample").cpu_usage;
+        assert!((cpu - 30.0).abs() < 0.01, "{cpu}");
+        let full = s.cgroup_full_reads();
+        s.pass(&targets, t0 + Duration::from_secs(2), 3);
+        assert_eq!(s.cgroup_full_reads(), full + 1, "a failed reading stood");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Containment: an instance in a cgroup in which nothing ran is not read (its cgroup's
